@@ -1,0 +1,115 @@
+"""MountConfig: everything needed to serve one layer stack, validated before anything is mounted.
+
+Both front ends (``layerfs mount`` and ``mount.layerfs``) build a MountConfig and hand it to
+``layerfs.mount.serve``. Validation happens here so that a bad configuration is refused with a
+clear message before any directory is written or any mount is made.
+
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from layerfs.errors import LayerfsError
+
+
+@dataclass(frozen=True, slots=True)
+class IdMapping:
+    """One ``uidmapping``/``gidmapping`` range: container id -> host id, ``count`` ids long."""
+
+    inner: int
+    outer: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    """A validated description of one mount.
+
+    ``lowers`` is ordered topmost first, as in overlayfs' ``lowerdir=A:B:C``. With no ``upper``
+    the stack is read-only. All paths are absolute and normalised by ``validate()``.
+    """
+
+    lowers: tuple[str, ...]
+    mountpoint: str
+    upper: str | None = None
+    workdir: str | None = None
+    foreground: bool = False
+    debug: bool = False
+    allow_other: bool | None = None  # None: on when running as root
+    fsname: str = "layerfs"
+    volatile: bool = False  # skip fsync of copy-ups (as overlayfs "volatile")
+    fsync: bool = True  # honour fsync requests (fuse-overlayfs "fsync=0" turns them off)
+    uid_mappings: tuple[IdMapping, ...] = ()
+    gid_mappings: tuple[IdMapping, ...] = ()
+    squash_to_uid: int | None = None
+    squash_to_gid: int | None = None
+    log_file: str | None = None
+    extra_fuse_options: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    def validate(self) -> MountConfig:
+        """Check every directory and their relations; return a normalised copy or raise."""
+        if not self.lowers:
+            raise LayerfsError("no lower layer given (lowerdir is empty)")
+        lowers = tuple(_existing_dir(p, "lower layer") for p in self.lowers)
+        upper = _existing_dir(self.upper, "upper directory") if self.upper else None
+        workdir = self.workdir
+        if upper is None and workdir:
+            raise LayerfsError("a workdir needs an upper directory")
+        if upper is not None:
+            if workdir is None:
+                raise LayerfsError("an upper directory needs a workdir (--workdir / workdir=)")
+            workdir = _existing_dir(workdir, "workdir")
+            if os.stat(workdir).st_dev != os.stat(upper).st_dev:
+                raise LayerfsError(
+                    f"workdir {workdir} is not on the same filesystem as upper {upper}"
+                )
+            if _overlaps(upper, workdir):
+                raise LayerfsError(f"upper {upper} and workdir {workdir} overlap")
+            for low in lowers:
+                if _overlaps(upper, low):
+                    raise LayerfsError(f"upper {upper} and lower {low} overlap")
+                if _overlaps(workdir, low):
+                    raise LayerfsError(f"workdir {workdir} and lower {low} overlap")
+        mnt = _existing_dir(self.mountpoint, "mount point")
+        if os.path.ismount(mnt) and not _is_stale(mnt):
+            raise LayerfsError(f"mount point {mnt} is already a mount")
+        for layer in (*lowers, *([upper] if upper else [])):
+            if _overlaps(layer, mnt):
+                raise LayerfsError(f"mount point {mnt} overlaps layer {layer}")
+        return dataclasses.replace(self, lowers=lowers, upper=upper, workdir=workdir,
+                                   mountpoint=mnt)
+
+
+def _existing_dir(path: str, what: str) -> str:
+    if not path:
+        raise LayerfsError(f"empty path given for {what}")
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise LayerfsError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise LayerfsError(f"{what} {path}: {e.strerror}") from None
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise LayerfsError(f"{what} {path} is not a directory")
+    return real
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def _is_stale(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return True
+    return False
