@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine (as root) to build, test and run layerfs.
+#
+# Idempotent: each step is skipped when it is already done, so a second run takes seconds.
+#   1. apt packages (apt-get update only when something is missing)
+#   2. /dev/fuse (modprobe fuse when it is missing)
+#   3. .venv in the repo, with `pip install -e '.[dev]'` (redone only when pyproject.toml,
+#      the Python version or this script's pip step changes)
+#
+# Environment: LAYERFS_SKIP_APT=1 skips step 1 (for machines set up by other means).
+set -euo pipefail
+
+# Every Debian package the project needs: build (pyfuse3 compiles against libfuse3), run, test,
+# benchmark. One list: add to it here.
+APT_PACKAGES=(
+    # build and run
+    fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev
+    # tests and tools
+    attr kmod fuse-overlayfs
+    podman runc crun skopeo umoci uidmap slirp4netns
+    fio debootstrap busybox-static
+)
+
+# Minimum Python for the venv (pyproject: requires-python >= 3.11).
+MIN_PYTHON=(3 11)
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root for: $* (run as root or install sudo)"
+    fi
+}
+
+# --- 1. apt packages -----------------------------------------------------------------------
+missing_packages() {
+    # dpkg-query prints one status line per known package; unknown ones go to stderr.
+    local installed
+    installed=$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${APT_PACKAGES[@]}" 2>/dev/null \
+        | awk '$2 == "installed" { print $1 }') || true
+    local p
+    for p in "${APT_PACKAGES[@]}"; do
+        grep -qxF "$p" <<<"$installed" || printf '%s\n' "$p"
+    done
+}
+
+install_packages() {
+    local missing
+    mapfile -t missing < <(missing_packages)
+    if [ ${#missing[@]} -eq 0 ]; then
+        say "apt packages: all ${#APT_PACKAGES[@]} installed"
+        return
+    fi
+    say "apt packages missing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Recommends are installed: podman needs some of them (catatonit, netavark, ...) to run.
+    local apt_opts=(-y -q -o Dpkg::Use-Pty=0)
+    # Update the lists first when they are absent or more than a day old; otherwise try the
+    # install as is and update only if it fails (a package not in the lists, a stale mirror).
+    local lists_fresh=0
+    if compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null \
+        && [ -n "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit)" ]; then
+        lists_fresh=1
+    fi
+    if [ "$lists_fresh" -eq 0 ]; then
+        say "apt-get update"
+        as_root apt-get update -q </dev/null
+        as_root apt-get install "${apt_opts[@]}" "${missing[@]}" </dev/null
+    elif ! as_root apt-get install "${apt_opts[@]}" "${missing[@]}" </dev/null; then
+        say "install failed with the current lists: apt-get update and retry"
+        as_root apt-get update -q </dev/null
+        as_root apt-get install "${apt_opts[@]}" "${missing[@]}" </dev/null
+    fi
+    mapfile -t missing < <(missing_packages)
+    [ ${#missing[@]} -eq 0 ] || die "still missing after apt-get install: ${missing[*]}"
+    say "apt packages: installed"
+}
+
+if [ "${LAYERFS_SKIP_APT:-0}" = 1 ]; then
+    say "apt packages: skipped (LAYERFS_SKIP_APT=1)"
+else
+    install_packages
+fi
+
+# --- 2. /dev/fuse --------------------------------------------------------------------------
+if [ -c /dev/fuse ]; then
+    say "/dev/fuse: present"
+else
+    say "/dev/fuse missing: modprobe fuse"
+    as_root modprobe fuse || say "modprobe fuse failed (module built in, or not allowed here)"
+    if [ ! -c /dev/fuse ] && grep -qw fuse /proc/filesystems; then
+        # The driver is there but no device node (a minimal /dev): create it, as udev would.
+        as_root mknod -m 0666 /dev/fuse c 10 229 || true
+    fi
+    [ -c /dev/fuse ] || die "/dev/fuse is still missing: FUSE is not available on this machine"
+    say "/dev/fuse: ready"
+fi
+
+# --- 3. Python venv ------------------------------------------------------------------------
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null 2>&1 || die "$python not found on PATH"
+"$python" -c "import sys; sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]}))" \
+    || die "$("$python" -V 2>&1) is too old: layerfs needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]}"
+
+venv=$repo/.venv
+stamp=$venv/.layerfs-setup-stamp
+
+# What the installed venv depends on: the project metadata, the interpreter and the pip step.
+want_stamp=$( { cat pyproject.toml; "$python" -c 'import sys; print(sys.version)';
+                echo "pip-step-v1"; } | sha256sum | cut -d' ' -f1)
+
+venv_ok() {
+    [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import sys' >/dev/null 2>&1
+}
+
+if ! venv_ok; then
+    [ -e "$venv" ] && say "removing broken venv $venv"
+    rm -rf "$venv"
+    say "creating venv with $("$python" -V 2>&1) at .venv"
+    "$python" -m venv "$venv"
+fi
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want_stamp" ] \
+    && [ -x "$venv/bin/layerfs" ] && [ -x "$venv/bin/pytest" ]; then
+    say "venv: up to date"
+else
+    say "pip install -e '.[dev]' (pyfuse3 builds against libfuse3-dev)"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    "$venv/bin/python" -m pip install -q -e '.[dev]' </dev/null
+    "$venv/bin/python" -c 'import pyfuse3, trio, xxhash' \
+        || die "the venv cannot import pyfuse3/trio/xxhash after install"
+    printf '%s\n' "$want_stamp" >"$stamp"
+    say "venv: installed"
+fi
+
+say "done"
