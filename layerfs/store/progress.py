@@ -1,0 +1,56 @@
+"""Progress lines for long imports, commits and verifies, shown only on a terminal.
+
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    """A one-line, self-overwriting byte counter on ``stream`` when it is a terminal.
+
+    Silent otherwise (pipes, tests, logs), so scripted output stays clean.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self.enabled = self._stream.isatty() if enabled is None else enabled
+        self._label = ""
+        self._total = 0
+        self._last = 0.0
+        self._shown = False
+
+    def start(self, label: str, total: int = 0) -> None:
+        self._label, self._total, self._last = label, total, 0.0
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.2:
+            return
+        self._last = now
+        text = f"{self._label}: {_mib(done)}"
+        if self._total:
+            text += f" / {_mib(self._total)} ({100 * done // max(self._total, 1)}%)"
+        self._stream.write("\r\x1b[K" + text)
+        self._stream.flush()
+        self._shown = True
+
+    def finish(self, message: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+        if message:
+            self._stream.write(message + "\n")
+        self._stream.flush()
+        self._shown = False
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -1,0 +1,569 @@
+"""The layer store: a directory of extracted layers (by diffID), blobs, image records and tags.
+
+Layout (STORE defaults to $LAYERFS_STORE or /var/lib/layerfs)::
+
+    STORE/lock                      flock: one writer at a time
+    STORE/blobs/sha256/HEX          manifests, configs, compressed layer blobs, as received
+    STORE/layers/HEX/diff/          the extracted layer (HEX = diffID), an overlay lower
+    STORE/layers/HEX/layer.json     diffID, tar size, entry count, creation time
+    STORE/layers/HEX/files.jsonl    per-file xxh3 manifest (see verify.py)
+    STORE/images/HEX.json           image record (HEX = manifest digest): layers, platform
+    STORE/tags.json                 tag -> manifest digest
+    STORE/tmp/                      staging: everything is built here, then renamed in
+
+Invariants:
+- A layer or blob is visible under layers/ or blobs/ only once verified: imports build in a
+  staging directory inside the store and rename into place; failures remove the staging dir.
+- Reference counts are derived from the image records (a layer's count = records naming it),
+  so a crash can leave at worst an unreferenced layer, which the next ``rm`` collects; never
+  a record that names a missing layer.
+- Writers hold the lock; readers (ls, inspect, lowers) rely on atomic renames only.
+
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from layerfs.errors import LayerfsError
+from layerfs.store import oci, verify
+from layerfs.store.digest import DigestError, parse_digest
+from layerfs.store.extract import extract_blob
+from layerfs.store.progress import Progress
+
+DEFAULT_STORE = "/var/lib/layerfs"
+
+
+def default_store() -> str:
+    """The store directory when no ``--store`` is given."""
+    return os.environ.get("LAYERFS_STORE") or DEFAULT_STORE
+
+
+class StoreError(LayerfsError):
+    """A store operation that cannot be done (unknown reference, ambiguous prefix, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRef:
+    """One layer of an image: its compressed blob and the diffID it decompresses to."""
+
+    digest: str
+    media_type: str
+    size: int
+    diff_id: str
+
+    def descriptor(self) -> oci.Descriptor:
+        return oci.Descriptor(self.media_type, self.digest, self.size)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """An image in the store: its manifest, config and layers (bottom first)."""
+
+    manifest_digest: str
+    manifest_size: int
+    manifest_media_type: str
+    config_digest: str
+    layers: tuple[LayerRef, ...]
+    platform: str
+    created: str
+    source: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "manifest_digest": self.manifest_digest,
+            "manifest_size": self.manifest_size,
+            "manifest_media_type": self.manifest_media_type,
+            "config_digest": self.config_digest,
+            "layers": [
+                {
+                    "digest": x.digest,
+                    "mediaType": x.media_type,
+                    "size": x.size,
+                    "diff_id": x.diff_id,
+                }
+                for x in self.layers
+            ],
+            "platform": self.platform,
+            "created": self.created,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, object]) -> ImageRecord:
+        layers = obj["layers"]
+        assert isinstance(layers, list)
+        return cls(
+            manifest_digest=str(obj["manifest_digest"]),
+            manifest_size=int(str(obj["manifest_size"])),
+            manifest_media_type=str(obj["manifest_media_type"]),
+            config_digest=str(obj["config_digest"]),
+            layers=tuple(
+                LayerRef(str(x["digest"]), str(x["mediaType"]), int(x["size"]), str(x["diff_id"]))
+                for x in layers
+            ),
+            platform=str(obj["platform"]),
+            created=str(obj["created"]),
+            source=str(obj["source"]),
+        )
+
+    @property
+    def diff_ids(self) -> tuple[str, ...]:
+        return tuple(x.diff_id for x in self.layers)
+
+
+@dataclass(frozen=True, slots=True)
+class StagedLayer:
+    """A layer to ingest: its descriptor, diffID, and how to open its blob."""
+
+    desc: oci.Descriptor
+    diff_id: str
+    open_blob: Callable[[], BinaryIO]
+
+
+class Store:
+    """One layer store directory. Create it with ``Store(path)`` (directories made on demand)."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_store())
+        self.blobs_dir = os.path.join(self.root, "blobs", "sha256")
+        self.layers_dir = os.path.join(self.root, "layers")
+        self.images_dir = os.path.join(self.root, "images")
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self.tags_path = os.path.join(self.root, "tags.json")
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.blobs_dir, parse_digest(digest))
+
+    def layer_path(self, diff_id: str) -> str:
+        return os.path.join(self.layers_dir, parse_digest(diff_id))
+
+    def layer_root(self, diff_id: str) -> str:
+        """The extracted tree of a layer: the directory to use as an overlay lower."""
+        return os.path.join(self.layer_path(diff_id), "diff")
+
+    def has_layer(self, diff_id: str) -> bool:
+        return os.path.isdir(self.layer_root(diff_id))
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.isfile(self.blob_path(digest))
+
+    def read_blob(self, digest: str) -> bytes:
+        with open(self.blob_path(digest), "rb") as f:
+            return f.read()
+
+    # -- locking and staging ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's writer lock; on entry, sweep staging left by crashed writers."""
+        for d in (self.blobs_dir, self.layers_dir, self.images_dir, self.tmp_dir):
+            os.makedirs(d, exist_ok=True)
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # Holding the lock means no other writer is live: all of tmp/ is debris.
+            for name in os.listdir(self.tmp_dir):
+                _remove(os.path.join(self.tmp_dir, name))
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[str]:
+        """A fresh directory inside the store (same filesystem, so renames are atomic)."""
+        path = os.path.join(self.tmp_dir, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        os.makedirs(os.path.join(path, "blobs"))
+        os.makedirs(os.path.join(path, "layers"))
+        try:
+            yield path
+        finally:
+            _remove(path)
+
+    # -- import ----------------------------------------------------------------------------
+
+    def import_layout(
+        self,
+        layout_ref: str,
+        *,
+        platform: oci.Platform | None = None,
+        tags: tuple[str, ...] | None = None,
+        progress: Progress | None = None,
+    ) -> ImageRecord:
+        """Import one image from an OCI layout (``DIR[:TAG]``), verifying every digest.
+
+        Tags default to the layout's ref name. Nothing is left behind on failure.
+        """
+        path, tag = oci.split_layout_ref(layout_ref)
+        layout = oci.Layout(path)
+        img = layout.resolve(tag, platform or oci.Platform.host())
+        if tags is None:
+            tags = (tag,) if tag else _ref_names(layout, img.manifest_desc.digest)
+
+        def opener(d: oci.Descriptor) -> Callable[[], BinaryIO]:
+            def open_blob() -> BinaryIO:
+                try:
+                    return open(layout.blob_path(d.digest), "rb")
+                except FileNotFoundError:
+                    raise oci.OciError(f"layer blob {d.digest} is missing from {path}") from None
+
+            return open_blob
+
+        staged = [
+            StagedLayer(d, diff_id, opener(d))
+            for d, diff_id in zip(img.layers, img.diff_ids, strict=True)
+        ]
+        with self.locked():
+            return self.ingest(
+                staged,
+                manifest=(img.manifest_desc, img.manifest_bytes),
+                config=(img.config_desc.digest, img.config_bytes, img.config),
+                source=os.path.abspath(path) + (f":{tag}" if tag else ""),
+                tags=tags,
+                progress=progress,
+            )
+
+    def ingest(
+        self,
+        layers: list[StagedLayer],
+        *,
+        manifest: tuple[oci.Descriptor, bytes],
+        config: tuple[str, bytes, dict[str, object]],
+        source: str,
+        tags: tuple[str, ...],
+        progress: Progress | None = None,
+    ) -> ImageRecord:
+        """Verify and extract ``layers``, then publish blobs, layers, record and tags.
+
+        The caller holds the lock. ``manifest`` and ``config`` bytes are already verified
+        against their digests by the caller (they were read through a descriptor or built).
+        """
+        known = self._blob_diff_ids()
+        manifest_desc, manifest_bytes = manifest
+        config_digest, config_bytes, config_obj = config
+        with self.staging() as st:
+            staged_layers: set[str] = set()
+            for i, layer in enumerate(layers):
+                self._stage_layer(st, layer, known, staged_layers, i, len(layers), progress)
+            for digest, data in (
+                (manifest_desc.digest, manifest_bytes),
+                (config_digest, config_bytes),
+            ):
+                if not self.has_blob(digest):
+                    _write_file(os.path.join(st, "blobs", parse_digest(digest)), data)
+            _syncfs(st)
+            # Publish: blobs and layers first, the record that names them last.
+            for name in os.listdir(os.path.join(st, "blobs")):
+                os.replace(os.path.join(st, "blobs", name), os.path.join(self.blobs_dir, name))
+            for name in os.listdir(os.path.join(st, "layers")):
+                dst = os.path.join(self.layers_dir, name)
+                if not os.path.exists(dst):
+                    os.rename(os.path.join(st, "layers", name), dst)
+            record = ImageRecord(
+                manifest_digest=manifest_desc.digest,
+                manifest_size=manifest_desc.size,
+                manifest_media_type=manifest_desc.media_type,
+                config_digest=config_digest,
+                layers=tuple(
+                    LayerRef(x.desc.digest, x.desc.media_type, x.desc.size, x.diff_id)
+                    for x in layers
+                ),
+                platform=_config_platform(config_obj),
+                created=_now(),
+                source=source,
+            )
+            rec_path = os.path.join(self.images_dir, parse_digest(record.manifest_digest) + ".json")
+            if os.path.exists(rec_path):
+                record = self._load_record(rec_path)  # re-import: keep the first record
+            else:
+                _write_json(rec_path, record.to_json())
+            current = self.tags()
+            current.update(dict.fromkeys(tags, record.manifest_digest))
+            _write_json(self.tags_path, current)
+        return record
+
+    def _stage_layer(
+        self,
+        st: str,
+        layer: StagedLayer,
+        known: dict[str, str],
+        staged_layers: set[str],
+        index: int,
+        count: int,
+        progress: Progress | None,
+    ) -> None:
+        desc, diff_id = layer.desc, layer.diff_id
+        compression = oci.LAYER_TYPES.get(desc.media_type)
+        if compression is None:
+            raise oci.OciError(f"layer {desc.digest}: unknown media type {desc.media_type!r}")
+        if desc.digest in known:
+            if known[desc.digest] != diff_id:
+                raise DigestError(
+                    f"layer {desc.digest}: the config says diffID {diff_id}, but this blob's "
+                    f"diffID is {known[desc.digest]}"
+                )
+            if self.has_layer(diff_id) or diff_id in staged_layers:
+                return
+        have_layer = self.has_layer(diff_id) or diff_id in staged_layers
+        blob_copy = os.path.join(st, "blobs", parse_digest(desc.digest))
+        layer_dir = os.path.join(st, "layers", parse_digest(diff_id))
+        dest = None if have_layer else os.path.join(layer_dir, "diff")
+        if dest is not None:
+            os.makedirs(dest)
+        if progress is not None:
+            progress.start(f"layer {index + 1}/{count} {desc.digest[7:19]}", desc.size)
+        copy_fd = None
+        if not self.has_blob(desc.digest) and not os.path.exists(blob_copy):
+            copy_fd = os.open(blob_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            with layer.open_blob() as blob:
+                stats = extract_blob(
+                    blob,
+                    compression,
+                    digest=desc.digest,
+                    size=desc.size,
+                    diff_id=diff_id,
+                    dest=dest,
+                    blob_copy_fd=copy_fd,
+                    progress=progress.update if progress is not None else None,
+                )
+        finally:
+            if copy_fd is not None:
+                os.close(copy_fd)
+        known[desc.digest] = diff_id
+        if dest is None:
+            return
+        if progress is not None:
+            progress.start(f"layer {index + 1}/{count} manifest", stats.file_bytes)
+        entries = verify.write_manifest(
+            dest,
+            os.path.join(layer_dir, "files.jsonl"),
+            progress.update if progress is not None else None,
+        )
+        _write_json(
+            os.path.join(layer_dir, "layer.json"),
+            {
+                "diff_id": diff_id,
+                "tar_size": stats.tar_bytes,
+                "file_bytes": stats.file_bytes,
+                "entries": entries,
+                "whiteouts": stats.whiteouts,
+                "opaques": stats.opaques,
+                "created": _now(),
+            },
+        )
+        staged_layers.add(diff_id)
+        if progress is not None:
+            progress.finish()
+
+    def _blob_diff_ids(self) -> dict[str, str]:
+        """Compressed-blob digest -> diffID, as proved by earlier imports."""
+        out: dict[str, str] = {}
+        for rec in self.images():
+            for layer in rec.layers:
+                out[layer.digest] = layer.diff_id
+        return out
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def tags(self) -> dict[str, str]:
+        try:
+            with open(self.tags_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
+    def images(self) -> list[ImageRecord]:
+        try:
+            names = sorted(os.listdir(self.images_dir))
+        except FileNotFoundError:
+            return []
+        return [
+            self._load_record(os.path.join(self.images_dir, n))
+            for n in names
+            if n.endswith(".json")
+        ]
+
+    def _load_record(self, path: str) -> ImageRecord:
+        with open(path, encoding="utf-8") as f:
+            return ImageRecord.from_json(json.load(f))
+
+    def resolve(self, ref: str) -> ImageRecord:
+        """Find an image by tag, ``NAME`` (meaning ``NAME:latest``), digest or digest prefix."""
+        tags = self.tags()
+        digest = tags.get(ref) or (
+            tags.get(ref + ":latest") if ":" not in ref.rsplit("/", 1)[-1] else None
+        )
+        records = {r.manifest_digest: r for r in self.images()}
+        if digest is not None and digest in records:
+            return records[digest]
+        prefix = ref.removeprefix("sha256:")
+        if len(prefix) >= 4 and all(c in "0123456789abcdef" for c in prefix):
+            found = [r for d, r in records.items() if d[7:].startswith(prefix)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise StoreError(f"image reference {ref!r} is ambiguous ({len(found)} images)")
+        raise StoreError(f"no image {ref!r} in store {self.root}")
+
+    def tags_of(self, digest: str) -> list[str]:
+        return sorted(t for t, d in self.tags().items() if d == digest)
+
+    def lowers(self, ref: str) -> list[str]:
+        """The layer directories of an image as overlay lowers, topmost first."""
+        rec = self.resolve(ref)
+        dirs = [self.layer_root(d) for d in reversed(rec.diff_ids)]
+        for d in dirs:
+            if not os.path.isdir(d):
+                raise StoreError(f"image {ref!r}: layer directory {d} is missing")
+        return dirs
+
+    def layer_info(self, diff_id: str) -> dict[str, object]:
+        with open(os.path.join(self.layer_path(diff_id), "layer.json"), encoding="utf-8") as f:
+            info: dict[str, object] = json.load(f)
+        return info
+
+    def layer_users(self) -> dict[str, int]:
+        """diffID -> number of images that use the layer (its reference count)."""
+        counts: dict[str, int] = {}
+        for rec in self.images():
+            for d in set(rec.diff_ids):
+                counts[d] = counts.get(d, 0) + 1
+        return counts
+
+    def verify(self, ref: str, progress: Progress | None = None) -> dict[str, list[verify.Problem]]:
+        """Check every layer of an image against its xxh3 manifest; diffID -> problems."""
+        rec = self.resolve(ref)
+        out: dict[str, list[verify.Problem]] = {}
+        for i, d in enumerate(dict.fromkeys(rec.diff_ids)):
+            if progress is not None:
+                progress.start(f"verify layer {i + 1}/{len(rec.layers)}", 0)
+            manifest = os.path.join(self.layer_path(d), "files.jsonl")
+            if not os.path.isfile(manifest):
+                out[d] = [verify.Problem("missing", self.layer_path(d), "layer or manifest")]
+                continue
+            out[d] = verify.verify_tree(
+                self.layer_root(d), manifest, progress.update if progress is not None else None
+            )
+            if progress is not None:
+                progress.finish()
+        return out
+
+    # -- tags and removal ------------------------------------------------------------------
+
+    def tag(self, ref: str, new_tag: str) -> None:
+        with self.locked():
+            rec = self.resolve(ref)
+            tags = self.tags()
+            tags[new_tag] = rec.manifest_digest
+            _write_json(self.tags_path, tags)
+
+    def remove(self, ref: str) -> list[str]:
+        """Remove an image (or just the tag, if the image has other tags); collect garbage.
+
+        Returns the diffIDs of the layers freed.
+        """
+        with self.locked():
+            rec = self.resolve(ref)
+            tags = self.tags()
+            mine = [t for t, d in tags.items() if d == rec.manifest_digest]
+            if ref in mine and len(mine) > 1:
+                del tags[ref]
+                _write_json(self.tags_path, tags)
+                return []
+            for t in mine:
+                del tags[t]
+            _write_json(self.tags_path, tags)
+            os.unlink(os.path.join(self.images_dir, parse_digest(rec.manifest_digest) + ".json"))
+            return self._collect()
+
+    def _collect(self) -> list[str]:
+        """Delete layers and blobs no image record names. The caller holds the lock."""
+        used_layers: set[str] = set()
+        used_blobs: set[str] = set()
+        for rec in self.images():
+            used_layers.update(parse_digest(d) for d in rec.diff_ids)
+            used_blobs.update(parse_digest(x.digest) for x in rec.layers)
+            used_blobs.add(parse_digest(rec.manifest_digest))
+            used_blobs.add(parse_digest(rec.config_digest))
+        freed = []
+        for name in os.listdir(self.layers_dir):
+            if name not in used_layers:
+                # Rename first, so the layer disappears at once, then delete at leisure.
+                doomed = os.path.join(self.tmp_dir, f"rm-{name}")
+                os.rename(os.path.join(self.layers_dir, name), doomed)
+                _remove(doomed)
+                freed.append("sha256:" + name)
+        for name in os.listdir(self.blobs_dir):
+            if name not in used_blobs:
+                os.unlink(os.path.join(self.blobs_dir, name))
+        return sorted(freed)
+
+
+def _ref_names(layout: oci.Layout, manifest_digest: str) -> tuple[str, ...]:
+    del manifest_digest  # the tag names the top-level entry, which may be an index
+    names = []
+    entries = layout.index().get("manifests")
+    if isinstance(entries, list) and len(entries) == 1 and isinstance(entries[0], dict):
+        ann = entries[0].get("annotations")
+        if isinstance(ann, dict) and isinstance(ann.get(oci.REF_NAME), str):
+            names.append(str(ann[oci.REF_NAME]))
+    return tuple(names)
+
+
+def _config_platform(config: dict[str, object]) -> str:
+    parts = [config.get("os"), config.get("architecture"), config.get("variant")]
+    return "/".join(str(p) for p in parts if p)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _write_file(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: object) -> None:
+    _write_file(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: str) -> None:
+    """Flush the store's filesystem once per import, rather than fsync per extracted file."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
