@@ -1,0 +1,120 @@
+"""Entry point of ``mount.layerfs``: parse argv, build a MountConfig, hand it to layerfs.mount.
+
+The process contract (what podman and mount(8) rely on): exit 0 only once the mount is live at
+MERGED; on any error print ``mount.layerfs: <message>`` to stderr, exit 1 and leave nothing
+mounted. ``layerfs.mount.serve`` detaches the daemon from stdin/stdout/stderr, so a caller that
+reads our stderr to EOF returns as soon as we exit.
+
+This runs on every container start, diff and commit: ``layerfs.mount`` (and with it pyfuse3 and
+trio) is imported only when a mount is really made, never for --version, --help or a bad
+command line.
+
+Must not import at module level: pyfuse3, trio, layerfs.mount.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from layerfs.errors import LayerfsError
+from mount_helper.argv import PROG, USAGE, UsageError, parse_argv
+
+# mount(8) looks for /sbin/mount.<type> (util-linux FS_SEARCH_PATH is /sbin:/sbin/fs.d:/sbin/fs)
+# and runs it as "mount.<type> SOURCE MERGED -o OPTS"; both FUSE type prefixes are covered.
+HELPER_NAMES = ("mount.fuse.layerfs", "mount.fuse3.layerfs")
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run ``mount.layerfs`` with ``argv`` (default: sys.argv[1:]); return the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if prog is None:
+        prog = sys.argv[0] if sys.argv and sys.argv[0] else PROG
+    try:
+        inv = parse_argv(argv, prog)
+    except UsageError as e:
+        _err(f"{e}\nTry '{PROG} --help'.")
+        return 1
+
+    if inv.action == "version":
+        from layerfs import __version__
+
+        print(f"{PROG}: version {__version__}")
+        return 0
+    if inv.action == "help":
+        print(USAGE, end="")
+        return 0
+    if inv.action == "install":
+        return install_mount_helper(inv.install_dir or "/sbin")
+
+    from mount_helper.options import build_config
+
+    try:
+        config = build_config(inv, os.getcwd())
+        for warning in config.warnings:
+            _err(f"warning: {warning}")
+        # Validate before importing the engine: bad input fails fast, without pyfuse3/trio.
+        config = config.validate()
+        if inv.fake:
+            return 0  # mount(8) -f: check everything, mount nothing
+        from layerfs.mount import serve
+
+        serve(config)
+    except LayerfsError as e:
+        _err(str(e))
+        return 1
+    except KeyboardInterrupt:  # foreground mode, stopped from the terminal
+        return 130
+    return 0
+
+
+def install_mount_helper(directory: str) -> int:
+    """Link ``DIRECTORY/mount.fuse.layerfs`` (and the fuse3 name) to this program.
+
+    That is the one step that makes ``mount -t fuse.layerfs overlay MERGED -o ...`` and fstab
+    lines of type ``fuse.layerfs`` work. The links are replaced atomically when they exist.
+    """
+    target = _program_path()
+    if target is None:
+        _err("cannot find the mount.layerfs program to link to (is it on PATH?)")
+        return 1
+    for name in HELPER_NAMES:
+        link = os.path.join(directory, name)
+        tmp = f"{link}.tmp{os.getpid()}"
+        try:
+            os.symlink(target, tmp)
+            os.replace(tmp, link)
+        except OSError as e:
+            _err(f"cannot create {link}: {e.strerror}")
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            return 1
+        print(f"{link} -> {target}")
+    return 0
+
+
+def _program_path() -> str | None:
+    """The absolute path of the ``mount.layerfs`` executable that is running (or on PATH)."""
+    me = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(me) == PROG and os.access(me, os.X_OK):
+        return me
+    import shutil
+
+    found = shutil.which(PROG)
+    if found is None:
+        # Beside the interpreter: the console script of the venv we run in.
+        candidate = os.path.join(os.path.dirname(sys.executable), PROG)
+        found = candidate if os.access(candidate, os.X_OK) else None
+    return os.path.abspath(found) if found else None
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The option table: how each -o option lands in MountConfig (no mounts, no directory checks)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from layerfs.config import IdMapping, MountConfig
+from layerfs.errors import LayerfsError
+from mount_helper.argv import escape_path, parse_argv
+from mount_helper.options import build_config
+
+CWD = "/var/lib/containers/storage/overlay"
+
+
+def cfg(*option_strings: str, mnt: str = "/m", euid: int = 0) -> MountConfig:
+    argv: list[str] = []
+    for o in option_strings:
+        argv += ["-o", o]
+    return build_config(parse_argv([*argv, mnt]), CWD, euid=euid)
+
+
+def test_containers_storage_relative_lowers() -> None:
+    # Older containers/storage: lowerdir=l/<26 chars>:..., run with cmd.Dir = the driver home.
+    c = cfg("lowerdir=l/ABC:l/DEF,upperdir=ID/diff,workdir=ID/work", mnt="ID/merged")
+    assert c.lowers == (f"{CWD}/l/ABC", f"{CWD}/l/DEF")
+    assert c.upper == f"{CWD}/ID/diff"
+    assert c.workdir == f"{CWD}/ID/work"
+    assert c.mountpoint == f"{CWD}/ID/merged"
+    assert c.warnings == ()
+
+
+def test_containers_storage_full_label() -> None:
+    # What overlay.go builds for a rootless container with an SELinux label and a userns.
+    label = (
+        "lowerdir=/s/l/A:/s/l/B,upperdir=/s/ID/diff,workdir=/s/ID/work,nodev,"
+        'context="system_u:object_r:container_file_t:s0:c1,c2",'
+        "uidmapping=0:1000:1:1:100000:65536,gidmapping=0:1000:1:1:100000:65536"
+    )
+    c = cfg(label)
+    assert c.lowers == ("/s/l/A", "/s/l/B")
+    want = (IdMapping(0, 1000, 1), IdMapping(1, 100000, 65536))
+    assert c.uid_mappings == want
+    assert c.gid_mappings == want
+    assert "nodev" in c.extra_fuse_options
+    assert c.warnings == ()
+
+
+def test_squash_options_and_xattr_permissions() -> None:
+    c = cfg("lowerdir=/a,upperdir=/u,workdir=/w,squash_to_uid=1000,squash_to_gid=1001")
+    assert (c.squash_to_uid, c.squash_to_gid) == (1000, 1001)
+    c = cfg("lowerdir=/a,xattr_permissions=2")
+    assert any("xattr_permissions=2" in w for w in c.warnings)
+    assert cfg("lowerdir=/a,xattr_permissions=0").warnings == ()
+
+
+def test_squash_to_root_yields_to_explicit_ids() -> None:
+    assert (cfg("lowerdir=/a,squash_to_root").squash_to_uid, 0) == (0, 0)
+    c = cfg("lowerdir=/a,squash_to_root,squash_to_uid=7")
+    assert (c.squash_to_uid, c.squash_to_gid) == (7, 0)
+
+
+def test_mapping_in_man_page_comma_form() -> None:
+    c = cfg("lowerdir=/a,uidmapping=0:1000:1,1:100000:65536,gidmapping=0:10:5")
+    assert c.uid_mappings == (IdMapping(0, 1000, 1), IdMapping(1, 100000, 65536))
+    assert c.gid_mappings == (IdMapping(0, 10, 5),)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "uidmapping=0:1000",
+        "uidmapping=a:b:c",
+        "gidmapping=0:1:0",
+        "uidmapping",
+        "squash_to_uid=-1",
+        "squash_to_gid=root",
+        "fsync=2",
+        "lowerdir=/a::/b",
+        "lowerdir=/a:",
+        "lowerdir=",
+        "upperdir=",
+    ],
+)
+def test_malformed_values_are_errors(bad: str) -> None:
+    with pytest.raises(LayerfsError):
+        cfg("lowerdir=/x," + bad if not bad.startswith("lowerdir") else bad)
+
+
+def test_missing_lowerdir() -> None:
+    with pytest.raises(LayerfsError, match="lowerdir"):
+        cfg("upperdir=/u,workdir=/w")
+
+
+def test_read_only_stack_without_upper() -> None:
+    c = cfg("lowerdir=/a:/b")
+    assert (c.upper, c.workdir) == (None, None)
+
+
+def test_ro_with_upper_mounts_upper_read_only_on_top() -> None:
+    c = cfg("lowerdir=/a:/b,upperdir=/u,workdir=/w,ro")
+    assert c.lowers == ("/u", "/a", "/b")
+    assert (c.upper, c.workdir) == (None, None)
+    assert "ro" in c.extra_fuse_options
+    # last of ro/rw wins, as in libfuse
+    assert cfg("lowerdir=/a,upperdir=/u,workdir=/w,ro", "rw").upper == "/u"
+
+
+def test_workdir_without_upper_is_dropped_with_a_warning() -> None:
+    c = cfg("lowerdir=/a,workdir=/w")
+    assert c.workdir is None
+    assert any("workdir" in w for w in c.warnings)
+
+
+def test_volatile_and_fsync() -> None:
+    c = cfg("lowerdir=/a,volatile")
+    assert c.volatile and not c.fsync
+    assert not cfg("lowerdir=/a,fsync=0").fsync
+    assert cfg("lowerdir=/a,fsync=1").fsync
+
+
+def test_lowerdir_plus_appends() -> None:
+    c = cfg("lowerdir+=/a,lowerdir+=b")
+    assert c.lowers == ("/a", f"{CWD}/b")
+
+
+def test_escaped_and_quoted_paths() -> None:
+    c = cfg(r"lowerdir=/a\:1:/b\,2,upperdir=" + '"/u,3"' + r",workdir=/w\\x")
+    assert c.lowers == ("/a:1", "/b,2")
+    assert c.upper == "/u,3"
+    assert c.workdir == "/w\\x"
+
+
+def test_non_utf8_paths_survive() -> None:
+    weird = os.fsdecode(b"/layers/\xff\xfe")
+    c = cfg("lowerdir=" + escape_path(weird))
+    assert os.fsencode(c.lowers[0]) == b"/layers/\xff\xfe"
+
+
+def test_generic_mount_options_are_silent() -> None:
+    generic = (
+        "rw,dev,suid,exec,auto,nouser,async,defaults,nofail,_netdev,noauto,user,users,"
+        "x-systemd.automount,X-mount.mkdir=0755,comment=systemd.x,relatime,lazytime,"
+        "default_permissions,allow_root,noacl,static_nlink,context=abc,timeout=2,"
+        "redirect_dir=off,metacopy=off,index=off,xino=auto,userxattr"
+    )
+    c = cfg("lowerdir=/a," + generic)
+    assert c.warnings == ()
+
+
+def test_unknown_options_warn_but_never_fail() -> None:
+    c = cfg("lowerdir=/a,frobnicate,speed=11,metacopy=on")
+    assert len(c.warnings) == 3
+    assert any("frobnicate" in w for w in c.warnings)
+    assert any("speed=11" in w for w in c.warnings)
+    assert any("metacopy=on" in w for w in c.warnings)
+
+
+def test_fuse_flags_defaults_follow_fuse_overlayfs() -> None:
+    assert set(cfg("lowerdir=/a", euid=0).extra_fuse_options) == {"noatime", "suid"}
+    assert set(cfg("lowerdir=/a", euid=1000).extra_fuse_options) == {"noatime"}
+    flags = cfg("lowerdir=/a,nosuid,atime,noexec,nodev", euid=0).extra_fuse_options
+    assert set(flags) == {"nosuid", "atime", "noexec", "nodev"}
+
+
+def test_allow_other_debug_fsname_log() -> None:
+    c = cfg("lowerdir=/a,allow_other,fsname=ctr1,log=layerfs.log")
+    assert c.allow_other is True
+    assert c.fsname == "ctr1"
+    assert c.log_file == f"{CWD}/layerfs.log"
+    c = cfg("lowerdir=/a,debug")
+    assert c.debug and c.foreground
+
+
+def test_last_lowerdir_wins() -> None:
+    assert cfg("lowerdir=/a", "lowerdir=/b").lowers == ("/b",)
