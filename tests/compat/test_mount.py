@@ -1,0 +1,293 @@
+"""Real mounts through mount.layerfs, called exactly as its callers call it.
+
+* containers/storage (drivers/overlay/overlay.go): ``PROGRAM -o LABEL TARGET`` with cmd.Dir =
+  the driver home, lowerdirs through the ``l/<id>`` symlinks (relative in older releases,
+  absolute in newer ones), stdout to /dev/null, stderr a pipe read to EOF, exit 0 = live mount.
+* mount.fuse3 (libfuse util/mount.fuse.c): ``mount.fuse3 'PROG#SOURCE' MNT -o OPTS``, which
+  runs ``PROG SOURCE MNT -o OPTS,dev,suid`` through /bin/sh.
+* mount(8) (util-linux libmount exec_helper): ``mount -t fuse.layerfs SOURCE MNT -o OPTS`` and
+  an fstab line run ``/sbin/mount.fuse.layerfs SOURCE MNT -o OPTS``. Tested in a private mount
+  namespace with a scratch /usr/sbin holding only that helper, so the host's /sbin is untouched.
+
+fuse-overlayfs runs the same tests as a stand-in: it proves the harness, and that layerfs
+behaves as the program it replaces. After every unmount no daemon may be left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import (
+    daemon_pids,
+    engine_missing,
+    helper_command,
+    helper_env,
+    is_mounted,
+    reap,
+    unmount,
+    wait_no_daemon,
+)
+
+pytestmark = pytest.mark.fuse
+
+TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class Program:
+    """A mount program under test and the FUSE type name it answers to (fuse.NAME)."""
+
+    name: str
+    exe: str
+
+
+@pytest.fixture(params=["layerfs", "fuse-overlayfs"])
+def program(request: pytest.FixtureRequest) -> Program:
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("needs /dev/fuse and fusermount3 (apt-get install fuse3)")
+    if request.param == "fuse-overlayfs":
+        exe = shutil.which("fuse-overlayfs")
+        if exe is None:
+            pytest.skip("fuse-overlayfs not installed (apt-get install fuse-overlayfs)")
+        return Program("fuse-overlayfs", exe)
+    if why := engine_missing():
+        pytest.skip(f"layerfs cannot mount yet: {why}")
+    cmd = helper_command()
+    if len(cmd) != 1:
+        pytest.skip("mount.layerfs console script not installed (pip install -e .)")
+    return Program("layerfs", cmd[0])
+
+
+@dataclass
+class Storage:
+    """A containers/storage overlay driver home with two image layers and one container."""
+
+    home: Path
+    layer_links: tuple[str, str]  # l/<id> of the top and bottom layers
+    container: str
+
+    @property
+    def merged(self) -> Path:
+        return self.home / self.container / "merged"
+
+    @property
+    def diff(self) -> Path:
+        return self.home / self.container / "diff"
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    home = tmp_path / "overlay"
+    (home / "l").mkdir(parents=True)
+    layers = {"TOPLAYER0000000000000000AA": "1111", "BOTLAYER0000000000000000BB": "2222"}
+    for link, layer_id in layers.items():
+        (home / layer_id / "diff").mkdir(parents=True)
+        (home / "l" / link).symlink_to(f"../{layer_id}/diff")
+    top, bottom = home / "1111" / "diff", home / "2222" / "diff"
+    (top / "etc").mkdir()
+    (top / "etc" / "os-release").write_text("top\n")
+    (bottom / "etc").mkdir()
+    (bottom / "etc" / "os-release").write_text("bottom\n")
+    (bottom / "etc" / "hostname").write_text("base\n")
+    (bottom / "bin").mkdir()
+    (bottom / "bin" / "sh").write_text("#!shell\n")
+    for sub in ("diff", "work", "merged"):
+        (home / "ctr" / sub).mkdir(parents=True)
+    top_link, bottom_link = (f"l/{k}" for k in layers)
+    st = Storage(home, (top_link, bottom_link), "ctr")
+    try:
+        yield st
+    finally:
+        reap(st.merged)
+
+
+def run_like_containers_storage(
+    program: Program, storage: Storage, label: str, target: str
+) -> tuple[int, str, float]:
+    """exec(mountProgram, "-o", label, target), Dir = home, Stderr = a buffer, stdout unset."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [program.exe, "-o", label, target],
+        cwd=storage.home,
+        env=helper_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Reading stderr to EOF must end when the program exits: a daemon that kept the pipe
+        # open would hang podman here.
+        _, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{program.name}: stderr still open {TIMEOUT}s after the exec")
+    return proc.returncode, err.decode(errors="replace"), time.perf_counter() - start
+
+
+def check_merged_view(merged: Path) -> None:
+    assert (merged / "etc" / "os-release").read_text() == "top\n"
+    assert (merged / "etc" / "hostname").read_text() == "base\n"
+    assert sorted(os.listdir(merged / "etc")) == ["hostname", "os-release"]
+    assert (merged / "bin" / "sh").read_text() == "#!shell\n"
+
+
+def unmount_and_check_exit(merged: Path) -> None:
+    r = subprocess.run(["fusermount3", "-u", str(merged)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(merged)
+    assert wait_no_daemon(merged) == [], "daemon still running after fusermount3 -u"
+
+
+@pytest.mark.parametrize("paths", ["relative", "absolute"])
+def test_containers_storage_invocation(program: Program, storage: Storage, paths: str) -> None:
+    top, bottom = storage.layer_links
+    ctr = storage.container
+    if paths == "absolute":
+        h = storage.home
+        label = f"lowerdir={h}/{top}:{h}/{bottom},upperdir={h}/{ctr}/diff,workdir={h}/{ctr}/work"
+        target = str(storage.merged)
+    else:
+        label = f"lowerdir={top}:{bottom},upperdir={ctr}/diff,workdir={ctr}/work"
+        target = f"{ctr}/merged"
+    # the mountopt default and the SELinux label podman appends (comma inside the quotes)
+    label += ',nodev,context="system_u:object_r:container_file_t:s0:c1,c2"'
+    rc, err, took = run_like_containers_storage(program, storage, label, target)
+    assert rc == 0, err
+    print(f"{program.name}: exec to live mount {took * 1000:.0f} ms")
+    assert is_mounted(storage.merged)  # live when the program exits, not later
+    check_merged_view(storage.merged)
+
+    (storage.merged / "etc" / "hostname").write_text("ctr\n")
+    (storage.merged / "new").write_text("new\n")
+    os.unlink(storage.merged / "bin" / "sh")
+    unmount_and_check_exit(storage.merged)
+    assert (storage.diff / "new").read_text() == "new\n"
+
+    # A new daemon on the same upper right after the unmount sees what the old one wrote.
+    rc, err, _ = run_like_containers_storage(program, storage, label, target)
+    assert rc == 0, err
+    assert (storage.merged / "etc" / "hostname").read_text() == "ctr\n"
+    assert (storage.merged / "new").read_text() == "new\n"
+    assert not (storage.merged / "bin" / "sh").exists()
+    assert (storage.merged / "etc" / "os-release").read_text() == "top\n"
+    unmount_and_check_exit(storage.merged)
+
+
+def test_containers_storage_read_only(program: Program, storage: Storage) -> None:
+    # overlay.go, read-only layer mount: lowerdir=<diff>:<lowers> and no upperdir.
+    top, bottom = storage.layer_links
+    rc, err, _ = run_like_containers_storage(
+        program, storage, f"lowerdir={top}:{bottom},ro", f"{storage.container}/merged"
+    )
+    assert rc == 0, err
+    check_merged_view(storage.merged)
+    with pytest.raises(OSError):
+        (storage.merged / "x").write_text("x")
+    unmount_and_check_exit(storage.merged)
+
+
+def test_lazy_unmount_ends_the_daemon(program: Program, storage: Storage) -> None:
+    top, bottom = storage.layer_links
+    label = f"lowerdir={top}:{bottom}"
+    rc, err, _ = run_like_containers_storage(program, storage, label, f"{storage.container}/merged")
+    assert rc == 0, err
+    fd = os.open(storage.merged / "etc", os.O_RDONLY)  # keep the mount busy
+    try:
+        r = subprocess.run(["fusermount3", "-u", "-z", str(storage.merged)], capture_output=True)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(storage.merged)
+    finally:
+        os.close(fd)
+    assert wait_no_daemon(storage.merged) == []
+
+
+def test_mount_fuse3_form(program: Program, storage: Storage, tmp_path: Path) -> None:
+    # mount -t fuse 'PROG#overlay' MNT runs mount.fuse3 like this; PROG comes from PATH.
+    if shutil.which("mount.fuse3") is None:
+        pytest.skip("mount.fuse3 not installed (apt-get install fuse3)")
+    top, bottom = storage.layer_links
+    h, ctr = storage.home, storage.container
+    opts = f"lowerdir={h}/{top}:{h}/{bottom},upperdir={h}/{ctr}/diff,workdir={h}/{ctr}/work"
+    env = helper_env()
+    env["PATH"] = os.path.dirname(program.exe) + os.pathsep + env.get("PATH", "")
+    prog = os.path.basename(program.exe)
+    r = subprocess.run(
+        ["mount.fuse3", f"{prog}#overlay", str(storage.merged), "-o", opts],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    check_merged_view(storage.merged)
+    unmount_and_check_exit(storage.merged)
+
+
+def test_source_mountpoint_shape(program: Program, storage: Storage) -> None:
+    # What mount.fuse3 execs for containerd's fuse3 mounts: PROG overlay MNT -o OPTS.
+    top, bottom = storage.layer_links
+    h = storage.home
+    opts = f"rw,lowerdir={h}/{top}:{h}/{bottom},dev,suid"
+    r = subprocess.run(
+        [program.exe, "overlay", str(storage.merged), "-o", opts],
+        env=helper_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    check_merged_view(storage.merged)
+    unmount_and_check_exit(storage.merged)
+
+
+NAMESPACE_SCRIPT = r"""
+set -eu
+mount --bind "$SBIN" /usr/sbin
+# 1. mount -t fuse.NAME SOURCE MNT -o OPTS
+mount -t "fuse.$NAME" overlay "$MNT" -o "$OPTS"
+cat "$MNT/etc/os-release" "$MNT/etc/hostname"
+fusermount3 -u "$MNT"
+# 2. an fstab line, mounted by its mount point
+printf 'overlay %s fuse.%s %s,nofail,x-systemd.requires=foo 0 0\n' "$MNT" "$NAME" "$OPTS" \
+    > "$FSTAB"
+mount -T "$FSTAB" "$MNT"
+cat "$MNT/etc/os-release"
+grep -c " $MNT " /proc/self/mountinfo
+fusermount3 -u "$MNT"
+echo done
+"""
+
+
+def test_mount8_type_and_fstab(program: Program, storage: Storage, tmp_path: Path) -> None:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare (util-linux) for a private mount namespace")
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    # What `mount.layerfs --install-mount-helper` puts into /sbin (= /usr/sbin on Debian).
+    (sbin / f"mount.fuse.{program.name}").symlink_to(program.exe)
+    top, bottom = storage.layer_links
+    h = storage.home
+    env = helper_env()
+    env.update(
+        SBIN=str(sbin),
+        NAME=program.name,
+        MNT=str(storage.merged),
+        OPTS=f"lowerdir={h}/{top}:{h}/{bottom}",
+        FSTAB=str(tmp_path / "fstab"),
+    )
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["top", "base", "top", "1", "done"], r.stdout + r.stderr
+    assert wait_no_daemon(storage.merged) == []
+
+
+def test_no_leftovers(storage: Storage) -> None:
+    # The fixtures' teardown guarantees it; this documents the check used above.
+    unmount(storage.merged)
+    assert daemon_pids(storage.merged) == []
