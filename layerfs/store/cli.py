@@ -1,0 +1,286 @@
+"""Command line for the layer store: ``layerfs image ...``, ``layerfs diff``, ``layerfs commit``.
+
+``register()`` adds the subcommands to the main ``layerfs`` parser; ``main()`` runs them
+standalone (``python -m layerfs.store.cli``). ``lowers_for_image()`` is what
+``layerfs mount --image REF`` calls. Argument parsing and printing only.
+
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from layerfs.errors import LayerfsError
+from layerfs.store import oci
+from layerfs.store.progress import Progress
+from layerfs.store.store import Store, default_store
+
+
+def lowers_for_image(ref: str, store: str | None) -> list[str]:
+    """The layer directories of image ``ref`` in ``store`` (default store if None),
+    topmost first: the ``lowerdir`` list for mounting it."""
+    return Store(store).lowers(ref)
+
+
+def _store_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help=f"layer store directory (default $LAYERFS_STORE or {default_store()})",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``image``, ``diff`` and ``commit`` to a ``layerfs`` subcommand parser."""
+    image = subparsers.add_parser("image", help="manage images in the layer store")
+    isub = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+
+    p = isub.add_parser("import", help="import an image from an OCI layout DIR[:TAG]")
+    _store_opt(p)
+    p.add_argument("layout", metavar="OCI_LAYOUT[:TAG]")
+    p.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
+    p.add_argument(
+        "--tag", action="append", dest="tags", metavar="NAME", help="tag in the store (repeatable)"
+    )
+    p.set_defaults(func=_cmd_import)
+
+    p = isub.add_parser("ls", help="list images with sizes and shared layers")
+    _store_opt(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_ls)
+
+    p = isub.add_parser("rm", help="remove images (or tags); free layers no image uses")
+    _store_opt(p)
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.set_defaults(func=_cmd_rm)
+
+    p = isub.add_parser("inspect", help="show an image's record, config and layers as JSON")
+    _store_opt(p)
+    p.add_argument("ref", metavar="REF")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = isub.add_parser("verify", help="check extracted layers against their xxh3 manifests")
+    _store_opt(p)
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.set_defaults(func=_cmd_verify)
+
+    p = isub.add_parser("tag", help="add a tag to an image")
+    _store_opt(p)
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("tag", metavar="NEW")
+    p.set_defaults(func=_cmd_tag)
+
+    p = isub.add_parser("export", help="write an image to an OCI layout DIR[:TAG]")
+    _store_opt(p)
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("layout", metavar="OCI_LAYOUT[:TAG]")
+    p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser("diff", help="list a container's changes (A/C/D) from its upper")
+    _store_opt(p)
+    p.add_argument("upper", metavar="UPPER")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--image", metavar="REF", help="the image the upper sits on (tells A from C)")
+    g.add_argument("--lowers", metavar="L1:L2", help="lower directories, topmost first")
+    p.set_defaults(func=_cmd_diff)
+
+    p = subparsers.add_parser("commit", help="write an upper as a new image layer")
+    _store_opt(p)
+    p.add_argument("upper", metavar="UPPER")
+    p.add_argument("--image", required=True, metavar="REF", help="the image the upper sits on")
+    p.add_argument(
+        "--tag", required=True, action="append", dest="tags", metavar="NEW", help="new tag"
+    )
+    p.add_argument("--into", metavar="OCI_LAYOUT", help="also write the image to this layout")
+    p.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip")
+    p.add_argument("--message", "-m", help="history comment")
+    p.add_argument("--author", help="config author")
+    p.set_defaults(func=_cmd_commit)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    platform = oci.Platform.parse(args.platform) if args.platform else None
+    tags = tuple(args.tags) if args.tags else None
+    rec = store.import_layout(args.layout, platform=platform, tags=tags, progress=Progress())
+    names = store.tags_of(rec.manifest_digest)
+    print(f"{rec.manifest_digest} {' '.join(names)}".rstrip())
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    users = store.layer_users()
+    rows = []
+    for rec in store.images():
+        size = 0
+        for d in dict.fromkeys(rec.diff_ids):
+            try:
+                size += int(str(store.layer_info(d).get("tar_size", 0)))
+            except FileNotFoundError:
+                pass
+        shared = sum(1 for d in dict.fromkeys(rec.diff_ids) if users.get(d, 0) > 1)
+        rows.append(
+            {
+                "tags": store.tags_of(rec.manifest_digest),
+                "digest": rec.manifest_digest,
+                "layers": len(rec.layers),
+                "shared_layers": shared,
+                "size": size,
+                "platform": rec.platform,
+                "created": rec.created,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'TAG':<32} {'DIGEST':<19} {'LAYERS':>6} {'SHARED':>6} {'SIZE':>10}  PLATFORM")
+    for r in rows:
+        tags = r["tags"] or ["<none>"]
+        assert isinstance(tags, list)
+        for t in tags:
+            print(
+                f"{t:<32} {str(r['digest'])[7:19]:<19} {r['layers']:>6} {r['shared_layers']:>6} "
+                f"{_size(int(str(r['size']))):>10}  {r['platform']}"
+            )
+    return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    for ref in args.refs:
+        freed = store.remove(ref)
+        print(f"removed {ref}" + (f" (freed {len(freed)} layers)" if freed else ""))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    rec = store.resolve(args.ref)
+    users = store.layer_users()
+    layers = []
+    for x in rec.layers:
+        info: dict[str, object] = {
+            "digest": x.digest,
+            "mediaType": x.media_type,
+            "size": x.size,
+            "diff_id": x.diff_id,
+        }
+        info["path"] = store.layer_root(x.diff_id)
+        info["images_using"] = users.get(x.diff_id, 0)
+        try:
+            info.update({k: v for k, v in store.layer_info(x.diff_id).items() if k not in info})
+        except FileNotFoundError:
+            info["missing"] = True
+        layers.append(info)
+    out = {
+        **rec.to_json(),
+        "tags": store.tags_of(rec.manifest_digest),
+        "layers": layers,
+        "config": json.loads(store.read_blob(rec.config_digest)),
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    status = 0
+    for ref in args.refs:
+        result = store.verify(ref, progress=Progress())
+        bad = {d: p for d, p in result.items() if p}
+        for d, problems in bad.items():
+            for prob in problems:
+                print(f"{ref}: layer {d[7:19]}: {prob}")
+        if bad:
+            status = 1
+        else:
+            print(f"{ref}: ok ({len(result)} layers)")
+    return status
+
+
+def _cmd_tag(args: argparse.Namespace) -> int:
+    Store(args.store).tag(args.ref, args.tag)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from layerfs.store.commit import export_layout
+
+    store = Store(args.store)
+    rec = store.resolve(args.ref)
+    path, _, tag = args.layout.partition(":")
+    names = store.tags_of(rec.manifest_digest)
+    export_layout(store, rec, path, tag or (names[0] if names else None))
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from layerfs.store.diff import changes
+
+    lowers: list[str] | None = None
+    if args.image:
+        lowers = Store(args.store).lowers(args.image)
+    elif args.lowers:
+        lowers = args.lowers.split(":")
+    for change in changes(args.upper, lowers):
+        sys.stdout.write(str(change) + "\n")
+    return 0
+
+
+def _cmd_commit(args: argparse.Namespace) -> int:
+    from layerfs.store.commit import commit
+
+    store = Store(args.store)
+    rec = commit(
+        store,
+        args.upper,
+        args.image,
+        tuple(args.tags),
+        into=args.into,
+        compression=args.compression,
+        message=args.message,
+        author=args.author,
+        progress=Progress(),
+    )
+    print(f"{rec.manifest_digest} {' '.join(store.tags_of(rec.manifest_digest))}".rstrip())
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n //= 1024
+    return str(n)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed store subcommand, turning store errors into one-line messages."""
+    try:
+        rc: int = args.func(args)
+    except LayerfsError as e:
+        print(f"layerfs: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"layerfs: error: {e}", file=sys.stderr)
+        return 1
+    return rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m layerfs.store.cli image ls`` and so on."""
+    parser = argparse.ArgumentParser(prog="layerfs", description="layerfs layer store")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""``layerfs diff``: a container's changes as A/C/D lines, read from its upper directory.
+
+The upper of an overlay is the diff, so the walk covers the upper only: its cost is
+proportional to the changes, not to the image. Lowers are consulted per upper entry (one
+lookup each) to tell an addition (A) from a change (C); without lowers every upper entry is
+reported as A. The rules follow containers/storage's overlay changes (Docker's ``changes``):
+- a whiteout is D; a name hidden by an opaque upper directory is D (this reads that one
+  lower directory);
+- a directory present below with the same mode, size and mtime is not a change by itself,
+  but the parent of any A or D is reported C.
+
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from layerfs.store.extract import WH_OPAQUE, WH_PREFIX
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Change:
+    """One line of ``layerfs diff``: ``kind`` is A, C or D; ``path`` is absolute, as bytes."""
+
+    path: bytes
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {os.fsdecode(self.path)}"
+
+
+def changes(upper: str, lowers: list[str] | None = None) -> list[Change]:
+    """Return the changes recorded in ``upper`` relative to ``lowers`` (topmost first)."""
+    with _Lowers(lowers or []) as low:
+        fd = os.open(upper, _DIR_FLAGS)
+        try:
+            out: list[Change] = []
+            changed_dirs: set[bytes] = set()
+            _walk(fd, [], low, out, changed_dirs)
+        finally:
+            os.close(fd)
+    return sorted(set(out))
+
+
+def _walk(
+    dfd: int, parts: list[bytes], low: _Lowers, out: list[Change], changed_dirs: set[bytes]
+) -> None:
+    names = sorted(os.fsencode(n) for n in os.listdir(dfd))
+    for name in names:
+        if name == WH_OPAQUE:
+            continue
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        xattrs = _xattr_names(dfd, name)
+        if name.startswith(WH_PREFIX):
+            _record(out, changed_dirs, [*parts, name[len(WH_PREFIX) :]], "D")
+            continue
+        if (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) or (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == 0
+            and any(x in xattrs for x in WHITEOUT_XATTRS)
+        ):
+            _record(out, changed_dirs, [*parts, name], "D")
+            continue
+        path = [*parts, name]
+        below = low.lookup(path)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        kind = "A"
+        if below is not None:
+            # A directory that only holds changes is not itself a change.
+            same = is_dir and stat.S_ISDIR(below.st_mode) and _same_dir(st, below)
+            kind = "" if same else "C"
+        if kind:
+            _record(out, changed_dirs, path, kind)
+        if is_dir:
+            changed_dirs.add(_abs(path))
+            cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                if below is not None and _is_opaque(cfd):
+                    upper_names = {os.fsencode(n) for n in os.listdir(cfd)}
+                    for child in low.children(path):
+                        if child not in upper_names:
+                            _record(out, changed_dirs, [*path, child], "D")
+                _walk(cfd, path, low, out, changed_dirs)
+            finally:
+                os.close(cfd)
+
+
+def _record(out: list[Change], changed_dirs: set[bytes], path: list[bytes], kind: str) -> None:
+    out.append(Change(_abs(path), kind))
+    if kind in ("A", "D") and len(path) > 1:
+        parent = _abs(path[:-1])
+        if parent not in changed_dirs:
+            out.append(Change(parent, "C"))
+            changed_dirs.add(parent)
+
+
+def _same_dir(a: os.stat_result, b: os.stat_result) -> bool:
+    return (
+        a.st_size == b.st_size
+        and a.st_mode == b.st_mode
+        and a.st_mtime_ns // 1_000_000_000 == b.st_mtime_ns // 1_000_000_000
+    )
+
+
+def _abs(parts: list[bytes]) -> bytes:
+    return b"/" + b"/".join(parts)
+
+
+def _xattr_names(dfd: int, name: bytes) -> list[str]:
+    try:
+        return os.listxattr(b"/proc/self/fd/%d/%s" % (dfd, name), follow_symlinks=False)
+    except OSError:
+        return []
+
+
+def _is_opaque(fd: int) -> bool:
+    for x in OPAQUE_XATTRS:
+        with contextlib.suppress(OSError):
+            if os.getxattr(fd, x) == b"y":
+                return True
+    try:
+        os.stat(WH_OPAQUE, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class _Lowers:
+    """Overlay lookups in a read-only lower stack, relative to each layer's root fd."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.fds: list[int] = []
+
+    def __enter__(self) -> _Lowers:
+        try:
+            for p in self.paths:
+                self.fds.append(os.open(p, _DIR_FLAGS))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def _dirs(self, parts: list[bytes]) -> Iterator[int]:
+        """Yield an fd of the directory ``parts`` in each lower that contributes to the
+        merged directory, topmost first (the caller closes nothing: fds are closed here)."""
+        for root in self.fds:
+            fd = os.dup(root)
+            stop = False
+            ok = True
+            try:
+                for comp in parts:
+                    try:
+                        nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        ok = False
+                        # A non-directory or whiteout here hides the name in layers below.
+                        stop = _exists(fd, comp) or _exists(fd, WH_PREFIX + comp)
+                        break
+                    os.close(fd)
+                    fd = nfd
+                    if _is_opaque(fd):
+                        stop = True
+                if ok:
+                    yield fd
+            finally:
+                os.close(fd)
+            if stop:
+                return
+
+    def lookup(self, parts: list[bytes]) -> os.stat_result | None:
+        """stat of ``parts`` as the lower stack shows it, or None if it does not exist."""
+        for dfd in self._dirs(parts[:-1]):
+            name = parts[-1]
+            if _exists(dfd, WH_PREFIX + name):
+                return None
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                return None
+            return st
+        return None
+
+    def children(self, parts: list[bytes]) -> list[bytes]:
+        """The names in the merged lower directory ``parts``."""
+        seen: set[bytes] = set()
+        hidden: set[bytes] = set()
+        for dfd in self._dirs(parts):
+            for n in os.listdir(dfd):
+                b = os.fsencode(n)
+                if b == WH_OPAQUE:
+                    continue
+                if b.startswith(WH_PREFIX):
+                    hidden.add(b[len(WH_PREFIX) :])
+                    continue
+                if b in seen or b in hidden:
+                    continue
+                st = os.stat(b, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    hidden.add(b)
+                else:
+                    seen.add(b)
+        return sorted(seen)
+
+
+def _exists(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
