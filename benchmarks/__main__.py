@@ -1,0 +1,129 @@
+"""Command line: ``python -m benchmarks run|list|dataset|table`` (see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from benchmarks import harness
+from benchmarks.dataset import DEFAULT_DATA_DIR, load_or_build
+from benchmarks.model import SIZES
+from benchmarks.scenarios import all_scenarios
+from benchmarks.targets import ALL_TARGETS, make_targets
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--size", choices=list(SIZES), default="tiny")
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help=f"where data sets are built and cached (default {DEFAULT_DATA_DIR})",
+        )
+        p.add_argument("--rebuild", action="store_true", help="rebuild the data set")
+
+    r = sub.add_parser("run", help="run the benchmarks and print the table")
+    common(r)
+    r.add_argument(
+        "--targets",
+        type=_csv,
+        default=None,
+        help=f"comma-separated, from {','.join(ALL_TARGETS)} (default: all available)",
+    )
+    r.add_argument(
+        "--rounds", type=int, default=None, help="rounds (default: 1 for tiny, 3 otherwise)"
+    )
+    r.add_argument(
+        "--only",
+        type=_csv,
+        default=None,
+        help="comma-separated scenario names or prefixes (see `list`)",
+    )
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file (default benchmarks/results/<date>-<size>.json)",
+    )
+    r.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the check that every target shows the native tree",
+    )
+    r.add_argument("--layerfs-cmd", default=None, help="the layerfs command (default: found)")
+    r.add_argument("--layerfs-opts", default="", help="-o options for layerfs mounts")
+
+    d = sub.add_parser("dataset", help="build (or show) the data set only")
+    common(d)
+
+    ls = sub.add_parser("list", help="list the scenarios")
+    ls.add_argument("--size", choices=list(SIZES), default="full")
+
+    t = sub.add_parser("table", help="print the table of a results JSON file")
+    t.add_argument("file", type=Path)
+
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        for sc in all_scenarios():
+            if args.size in sc.sizes:
+                flags = ",".join(f for f, on in (("cold", sc.cold), ("writes", sc.writable)) if on)
+                print(f"{sc.name:22s} {flags:12s} {sc.summary}")
+        return 0
+
+    if args.cmd == "table":
+        data = json.loads(args.file.read_text())
+        res = harness.results_from_json(data)
+        print(harness.render_table(res))
+        errs = harness.render_errors(res)
+        if errs:
+            print("\nErrors:\n" + errs)
+        return 0
+
+    if os.geteuid() != 0:
+        print(
+            "warning: not root: kernel overlayfs, chroot and cache drops need root", file=sys.stderr
+        )
+    ds = load_or_build(args.data_dir, args.size, rebuild=args.rebuild)
+    if args.cmd == "dataset":
+        print(json.dumps({"path": str(ds.root), **ds.meta}, indent=2))
+        return 0
+
+    names = args.targets or ALL_TARGETS
+    targets = make_targets(names, args.layerfs_cmd, args.layerfs_opts)
+    usable = []
+    for tg in targets:
+        why = tg.unavailable()
+        if why:
+            print(f"target {tg.name}: unavailable ({why})", file=sys.stderr)
+            if args.targets:
+                return 2
+        else:
+            usable.append(tg)
+    rounds = args.rounds or ds.params.rounds
+    out = args.out or harness.default_out(args.size)
+    res = harness.run_benchmarks(
+        ds, usable, rounds=rounds, only=args.only, out=out, check=not args.no_check
+    )
+    print()
+    print(harness.render_table(res))
+    errs = harness.render_errors(res)
+    if errs:
+        print("\nErrors:\n" + errs)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""The run loop: for each round, for each scenario, each target in turn (the order rotates so
+no target always goes first) gets a fresh mount, the scenario runs in a forked child (so a
+hung FUSE daemon can be aborted without hanging the harness), and the mount is taken down.
+Results: median and p95 per metric and target, a table of ratios to kernel overlayfs, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import dataset as dataset_mod
+from benchmarks.dataset import Dataset
+from benchmarks.model import Measurement, Mounted, Scenario, Skip
+from benchmarks.scenarios import MODULES, all_scenarios
+from benchmarks.system import (
+    can_drop_caches,
+    drop_caches,
+    force_unmount,
+    fuse_abort,
+    is_mountpoint,
+    machine_info,
+)
+from benchmarks.targets import Target
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCHEMA = 1
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Cell:
+    """What one target did on one scenario, over all rounds."""
+
+    metrics: dict[str, Measurement] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+    def add(self, m: Measurement) -> None:
+        if m.metric in self.metrics:
+            self.metrics[m.metric].samples.extend(m.samples)
+        else:
+            self.metrics[m.metric] = Measurement(m.metric, list(m.samples), m.unit)
+
+
+@dataclass
+class Results:
+    size: str
+    rounds: int
+    targets: list[str]
+    scenarios: list[Scenario]
+    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)  # (scenario, target)
+    info: dict[str, object] = field(default_factory=dict)
+
+    def cell(self, scenario: str, target: str) -> Cell:
+        return self.cells.setdefault((scenario, target), Cell())
+
+    def rows(self) -> list[tuple[Scenario, str, str]]:
+        """(scenario, metric, unit) in table order; a scenario without any metric yet gets
+        one row under its own name."""
+        out = []
+        for sc in self.scenarios:
+            seen: dict[str, str] = {}
+            for t in self.targets:
+                for name, m in self.cell(sc.name, t).metrics.items():
+                    seen.setdefault(name, m.unit)
+            if not seen:
+                seen[sc.name] = "s"
+            out.extend((sc, name, unit) for name, unit in seen.items())
+        return out
+
+
+def p95(samples: list[float]) -> float:
+    s = sorted(samples)
+    if len(s) == 1:
+        return s[0]
+    # Nearest-rank on the sorted samples (with 3 samples that is the largest).
+    return s[min(len(s) - 1, max(0, round(0.95 * len(s) + 0.5) - 1))]
+
+
+def summarise(samples: list[float]) -> dict[str, float | int]:
+    return {"median": statistics.median(samples), "p95": p95(samples), "n": len(samples)}
+
+
+# --- running one scenario on one target -------------------------------------------------------
+
+
+def run_in_child(sc: Scenario, mnt: Mounted, timeout: float) -> list[Measurement]:
+    """Run ``sc.run(mnt)`` in a forked child; abort the FUSE connection if it hangs."""
+    rfd, wfd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(rfd)
+        os.setpgid(0, 0)
+        try:
+            payload: dict[str, object] = {"ok": [m.to_json() for m in sc.run(mnt)]}
+        except Skip as e:
+            payload = {"skip": str(e)}
+        except BaseException as e:
+            tb = traceback.extract_tb(e.__traceback__)
+            where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+            payload = {"error": f"{type(e).__name__}: {e}{where}"}
+        data = json.dumps(payload).encode()
+        with os.fdopen(wfd, "wb") as f:
+            f.write(data)
+        os._exit(0)
+    os.close(wfd)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    with os.fdopen(rfd, "rb", buffering=0) as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([f], [], [], min(left, 1.0))
+            if ready:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    if timed_out:
+        fuse_abort(mnt.fuse_conn)  # unblocks the child if it waits on a hung daemon
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        raise TimeoutError(f"no result after {timeout:.0f} s (killed)")
+    os.waitpid(pid, 0)
+    if not chunks:
+        raise RuntimeError("the scenario process died without a result")
+    payload = json.loads(b"".join(chunks))
+    if "skip" in payload:
+        raise Skip(payload["skip"])
+    if "error" in payload:
+        raise RuntimeError(payload["error"])
+    return [Measurement.from_json(m) for m in payload["ok"]]
+
+
+class Runner:
+    def __init__(self, ds: Dataset, targets: list[Target], workroot: Path, *, cold_ok: bool):
+        self.ds = ds
+        self.targets = targets
+        self.workroot = workroot
+        self.cold_ok = cold_ok
+        self.n = 0
+
+    def once(self, target: Target, sc: Scenario, cell: Cell) -> str:
+        """One fresh mount, one run. Returns a short status for the progress line."""
+        self.n += 1
+        work = self.workroot / f"{self.n:05d}-{target.name}"
+        work.mkdir(parents=True)
+        mnt: Mounted | None = None
+        status = ""
+        try:
+            mnt = target.mount(self.ds, sc, work)
+            if sc.writable:
+                os.sync()  # the native copy's writeback must not land inside the timing
+            if sc.cold and self.cold_ok:
+                drop_caches(3)
+            for m in run_in_child(sc, mnt, self.ds.params.timeout):
+                cell.add(m)
+                status += f" {m.metric}={fmt_value(m.samples[-1], m.unit)}"
+        except Skip as e:
+            cell.skipped = str(e)
+            status = f" skipped: {e}"
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            cell.errors.append(msg)
+            status = f" ERROR {msg[:300]}"
+        finally:
+            if mnt is not None and mnt.path != self.ds.stack_native(sc.stack):
+                try:
+                    target.umount(mnt)
+                except Exception as e:
+                    cell.errors.append(f"umount: {e}")
+                    status += f" (umount ERROR {str(e)[:200]})"
+            if sc.writable:
+                os.sync()  # write-back of this run must not land in the next one
+            self.cleanup(work)
+        return status
+
+    def cleanup(self, work: Path) -> None:
+        mnt = work / "mnt"
+        if is_mountpoint(mnt):
+            force_unmount(mnt, None)
+        if is_mountpoint(mnt):
+            say(f"  warning: {mnt} is still mounted; leaving {work} in place")
+            return
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+
+    def check_tree(self, target: Target, stack: str) -> str:
+        """Compare the mounted tree's names, types and sizes with the native reference."""
+        probe = Scenario(f"check-{stack}", "tree check", lambda m: [], stack=stack)
+        work = self.workroot / f"check-{stack}-{target.name}"
+        work.mkdir(parents=True)
+        mnt: Mounted | None = None
+        try:
+            mnt = target.mount(self.ds, probe, work)
+            got = dataset_mod.tree_listing(mnt.path)
+        except Exception as e:
+            return f"error: {e}"
+        finally:
+            if mnt is not None and target.name != "native":
+                try:
+                    target.umount(mnt)
+                except Exception as e:
+                    say(f"  umount after check: {e}")
+            self.cleanup(work)
+        want = self.ds.tree_listing(stack)
+        if got == want:
+            return "ok"
+        extra = sorted(set(got) - set(want))
+        missing = sorted(set(want) - set(got))
+        return (
+            f"MISMATCH: {len(extra)} unexpected, {len(missing)} missing; "
+            f"e.g. +{extra[:3]} -{missing[:3]}"
+        )
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def select_scenarios(ds: Dataset, only: list[str] | None) -> list[Scenario]:
+    chosen = []
+    for sc in all_scenarios():
+        if ds.params.name not in sc.sizes:
+            continue
+        if only and not any(sc.name.startswith(o) for o in only):
+            continue
+        chosen.append(sc)
+    if only and not chosen:
+        names = ", ".join(s.name for s in all_scenarios())
+        raise SystemExit(f"--only {only} matches no scenario; known: {names}")
+    return chosen
+
+
+def run_benchmarks(
+    ds: Dataset,
+    targets: list[Target],
+    *,
+    rounds: int,
+    only: list[str] | None,
+    out: Path,
+    check: bool,
+) -> Results:
+    scenarios = select_scenarios(ds, only)
+    for mod in MODULES:
+        mod.prepare(ds)
+    cold_ok = can_drop_caches()
+    res = Results(ds.params.name, rounds, [t.name for t in targets], scenarios)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    res.info = {
+        "schema": SCHEMA,
+        "started": started,
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+        "machine": machine_info(ds.root),
+        "cache_drop": "echo 3 > /proc/sys/vm/drop_caches before cold runs"
+        if cold_ok
+        else "unavailable: cold runs are not cold",
+        "dataset": {"path": str(ds.root), **ds.meta},
+        "target_info": {},
+    }
+    workroot = ds.root.parent / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    workroot.mkdir(parents=True)
+    runner = Runner(ds, targets, workroot, cold_ok=cold_ok)
+    target_info: dict[str, dict[str, object]] = {}
+    for t in targets:
+        info: dict[str, object] = {"version": t.version()}
+        if check:
+            stacks = ["base", f"s{max(ds.params.stack_depths)}"]
+            for stack in stacks:
+                info[f"tree_check_{stack}"] = verdict = runner.check_tree(t, stack)
+                say(f"tree check {t.name:15s} {stack:5s} {verdict}")
+        target_info[t.name] = info
+    res.info["target_info"] = target_info
+    say(
+        f"{len(scenarios)} scenarios x {len(targets)} targets x {rounds} rounds; work in {workroot}"
+    )
+    try:
+        for r in range(rounds):
+            for i, sc in enumerate(scenarios):
+                reason = sc.requires(ds) if sc.requires else None
+                if reason:
+                    for t in targets:
+                        res.cell(sc.name, t.name).skipped = reason
+                    if r == 0:
+                        say(f"[{r + 1}/{rounds}] {sc.name:22s} skipped: {reason}")
+                    continue
+                shift = (r + i) % len(targets)
+                for t in targets[shift:] + targets[:shift]:
+                    status = runner.once(t, sc, res.cell(sc.name, t.name))
+                    say(f"[{r + 1}/{rounds}] {sc.name:22s} {t.name:15s}{status}")
+            write_json(res, out, finished=False)
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+        with_parent = workroot.parent
+        if with_parent.exists() and not any(with_parent.iterdir()):
+            with_parent.rmdir()
+    res.info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json(res, out, finished=True)
+    return res
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def to_json(res: Results) -> dict[str, object]:
+    rows = []
+    for sc, metric, unit in res.rows():
+        per_target: dict[str, object] = {}
+        for t in res.targets:
+            cell = res.cell(sc.name, t)
+            entry: dict[str, object] = {}
+            m = cell.metrics.get(metric)
+            if m and m.samples:
+                entry.update(samples=m.samples, **summarise(m.samples))
+            if cell.errors:
+                entry["errors"] = cell.errors
+            if cell.skipped:
+                entry["skipped"] = cell.skipped
+            per_target[t] = entry
+        ratios = {}
+        for t in res.targets:
+            r = ratio(res, sc, metric, t, "kernel")
+            if t != "kernel" and r is not None:
+                ratios[f"{t}/kernel"] = r
+        rows.append(
+            {
+                "scenario": sc.name,
+                "metric": metric,
+                "unit": unit,
+                "summary": sc.summary,
+                "targets": per_target,
+                "ratios": ratios,
+            }
+        )
+    return {
+        **res.info,
+        "size": res.size,
+        "rounds": res.rounds,
+        "targets": res.targets,
+        "results": rows,
+    }
+
+
+def write_json(res: Results, out: Path, *, finished: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    data = to_json(res)
+    data["complete"] = finished
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(out)
+
+
+def median_of(res: Results, sc: Scenario, metric: str, target: str) -> float | None:
+    if target not in res.targets:
+        return None
+    m = res.cell(sc.name, target).metrics.get(metric)
+    return statistics.median(m.samples) if m and m.samples else None
+
+
+def ratio(res: Results, sc: Scenario, metric: str, target: str, base: str) -> float | None:
+    a, b = median_of(res, sc, metric, target), median_of(res, sc, metric, base)
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def fmt_value(v: float, unit: str) -> str:
+    if unit != "s":
+        return f"{v:.1f} {unit}"
+    if v < 1e-3:
+        return f"{v * 1e6:.0f} µs"
+    if v < 1:
+        return f"{v * 1e3:.1f} ms"
+    return f"{v:.2f} s"
+
+
+TABLE_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
+
+
+def render_table(res: Results) -> str:
+    """The Markdown table: absolute medians per target, then the ratios to kernel overlayfs."""
+    head = ["scenario", *TABLE_TARGETS, "fuse-ovl/kernel", "layerfs/kernel"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sc, metric, unit in res.rows():
+        cells = [metric]
+        for t in TABLE_TARGETS:
+            if t not in res.targets:
+                cells.append("n/a")
+                continue
+            cell = res.cell(sc.name, t)
+            med = median_of(res, sc, metric, t)
+            if med is not None:
+                cells.append(fmt_value(med, unit) + (" (err)" if cell.errors else ""))
+            elif cell.errors:
+                cells.append("ERR")
+            elif cell.skipped:
+                cells.append("skip")
+            else:
+                cells.append("-")
+        for t in ("fuse-overlayfs", "layerfs"):
+            r = ratio(res, sc, metric, t, "kernel")
+            cells.append(f"{r:.2f}x" if r is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_errors(res: Results) -> str:
+    out = []
+    for (scn, t), cell in res.cells.items():
+        for e in dict.fromkeys(cell.errors):
+            out.append(f"- {scn} / {t}: {e}")
+    return "\n".join(out)
+
+
+def results_from_json(data: dict[str, object]) -> Results:
+    """Rebuild enough of a Results from a JSON file to render its table."""
+    rows = data["results"]
+    assert isinstance(rows, list)
+    targets = data["targets"]
+    assert isinstance(targets, list)
+    scen: dict[str, Scenario] = {}
+    res = Results(str(data["size"]), int(str(data["rounds"])), [str(t) for t in targets], [])
+    for row in rows:
+        name = row["scenario"]
+        if name not in scen:
+            scen[name] = Scenario(name, row.get("summary", ""), lambda m: [])
+            res.scenarios.append(scen[name])
+        for t, entry in row["targets"].items():
+            cell = res.cell(name, t)
+            if "samples" in entry:
+                cell.add(Measurement(row["metric"], entry["samples"], row["unit"]))
+            cell.errors = list(entry.get("errors", []))
+            cell.skipped = entry.get("skipped")
+    return res
+
+
+def default_out(size: str) -> Path:
+    return RESULTS_DIR / f"{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}-{size}.json"

@@ -1,0 +1,59 @@
+"""Mount latency (exec of the mount command until the root answers a stat) and the FUSE
+daemon's memory: idle, after a walk of the whole tree, and after the kernel forgets the
+inodes (``echo 2 > /proc/sys/vm/drop_caches`` sends FORGET for every cached inode)."""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.dataset import Dataset
+from benchmarks.model import SIZES, Measurement, Mounted, Scenario, Skip
+from benchmarks.system import drop_caches, rss_mib, timed
+
+DEEPEST = max(SIZES["full"].stack_depths)
+
+
+def prepare(dataset: Dataset) -> None:
+    pass
+
+
+def mount_time(mnt: Mounted) -> list[Measurement]:
+    if mnt.mount_seconds is None:
+        raise Skip("nothing to mount")
+    name = "mount" if mnt.stack == "base" else f"mount {mnt.stack[1:]} layers"
+    return [Measurement(name, [mnt.mount_seconds])]
+
+
+def rss(mnt: Mounted) -> list[Measurement]:
+    if mnt.pid is None:
+        raise Skip("no daemon")
+    idle = rss_mib(mnt.pid)
+    timed(["find", str(mnt.path), "-printf", r"%s\n"])
+    walked = rss_mib(mnt.pid)
+    drop_caches(2)
+    time.sleep(2)  # FORGETs are queued; give the daemon time to process them
+    forgot = rss_mib(mnt.pid)
+    return [
+        Measurement("daemon RSS idle", [idle], "MiB"),
+        Measurement("daemon RSS after walk", [walked], "MiB"),
+        Measurement("daemon RSS after forget", [forgot], "MiB"),
+    ]
+
+
+def _need_stack(ds: Dataset) -> str | None:
+    return None if DEEPEST in ds.params.stack_depths else f"no {DEEPEST}-layer stack"
+
+
+SCENARIOS = [
+    Scenario("mount", "mount command exec to a live root (3 layers + upper)", mount_time),
+    Scenario(
+        f"mount-{DEEPEST}",
+        f"mount time of the {DEEPEST}-layer stack",
+        mount_time,
+        stack=f"s{DEEPEST}",
+        requires=_need_stack,
+    ),
+    Scenario(
+        "rss", "daemon VmRSS: idle, after find over the tree, after drop_caches=2", rss, cold=True
+    ),
+]

@@ -1,0 +1,194 @@
+"""Process and kernel helpers: timed commands, cache drops, daemon lookup, machine facts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+class CommandError(RuntimeError):
+    """An external command failed; the message carries its stderr."""
+
+
+def run(
+    cmd: list[str],
+    *,
+    cwd: Path | str | None = None,
+    timeout: float | None = None,
+    stdout: int | None = subprocess.DEVNULL,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``cmd``, raising CommandError with its stderr when it fails."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, timeout=timeout, stdout=stdout, stderr=subprocess.PIPE, check=False
+    )
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()[-800:]
+        raise CommandError(
+            f"{' '.join(cmd[:4])}{' ...' if len(cmd) > 4 else ''}: exit {proc.returncode}: {err}"
+        )
+    return proc
+
+
+def timed(cmd: list[str], *, cwd: Path | str | None = None, timeout: float | None = None) -> float:
+    """Run ``cmd`` and return its wall-clock seconds (stdout goes to /dev/null)."""
+    t0 = time.perf_counter_ns()
+    run(cmd, cwd=cwd, timeout=timeout)
+    return (time.perf_counter_ns() - t0) / 1e9
+
+
+def sync() -> None:
+    os.sync()
+
+
+def drop_caches(level: int = 3) -> bool:
+    """Write back dirty pages, then drop clean caches (3: pages + dentries/inodes, 2: the
+    latter only). Returns False where the kernel refuses (not root, read-only /proc/sys)."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text(f"{level}\n")
+    except OSError:
+        return False
+    return True
+
+
+def can_drop_caches() -> bool:
+    try:
+        with DROP_CACHES.open("w") as f:
+            f.write("1\n")
+    except OSError:
+        return False
+    return True
+
+
+def find_daemon(mountpoint: Path) -> int | None:
+    """The pid of the process whose argv names ``mountpoint`` (the FUSE daemon), if any.
+
+    Mountpoints are unique per mount in this harness, so only the daemon carries one in its
+    argv while nothing else runs."""
+    want = os.fsencode(str(mountpoint))
+    me = os.getpid()
+    found: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in argv:
+            found.append(int(entry.name))
+    return min(found) if found else None
+
+
+def rss_mib(pid: int) -> float:
+    """VmRSS of ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    return not pid_alive(pid)
+
+
+def is_mountpoint(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def fuse_abort(conn: int | None) -> None:
+    """Abort a FUSE connection (unsticks processes blocked on a hung daemon)."""
+    if conn is None:
+        return
+    with contextlib.suppress(OSError):
+        Path(f"/sys/fs/fuse/connections/{conn}/abort").write_text("1\n")
+
+
+def force_unmount(path: Path, conn: int | None) -> None:
+    """Last resort after a failed unmount: abort the connection and detach lazily."""
+    fuse_abort(conn)
+    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        if not is_mountpoint(path):
+            return
+        if shutil.which(cmd[0]):
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    text = (out.stdout or out.stderr).decode(errors="replace").strip()
+    return text.splitlines()[0] if text else "unavailable"
+
+
+def command_version(cmd: list[str]) -> str:
+    return _first_line(cmd)
+
+
+def filesystem_of(path: Path) -> str:
+    """fstype and mount options of the filesystem holding ``path`` (from findmnt)."""
+    try:
+        out = subprocess.run(
+            ["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "-T", str(path)],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        return out.stdout.decode().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine_info(data_dir: Path) -> dict[str, object]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    return {
+        "kernel": platform.release(),
+        "kernel_version": platform.version(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "layer_filesystem": filesystem_of(data_dir),
+        "python": sys.version.split()[0],
+        "fio": command_version(["fio", "--version"]) if shutil.which("fio") else None,
+        "loadavg_at_start": os.getloadavg(),
+    }

@@ -1,0 +1,248 @@
+"""The filesystems compared: native (a plain directory), kernel overlayfs, fuse-overlayfs and
+layerfs. Each mount is fresh: a new mountpoint, an empty upper and workdir; the lowers of the
+data set are shared read-only. Mounts are made through each tool's command line, in a
+subprocess, so the harness never imports pyfuse3 nor shares a process with a daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.dataset import Dataset
+from benchmarks.model import Mounted, Scenario
+from benchmarks.system import (
+    CommandError,
+    command_version,
+    find_daemon,
+    force_unmount,
+    is_mountpoint,
+    run,
+    wait_pid_gone,
+)
+
+MOUNT_TIMEOUT = 120.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Target:
+    """One filesystem under test."""
+
+    name = ""
+    fuse = False
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run here, or None."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    def mount(self, ds: Dataset, scenario: Scenario, work: Path) -> Mounted:
+        raise NotImplementedError
+
+    def umount(self, mnt: Mounted) -> None:
+        raise NotImplementedError
+
+
+class Native(Target):
+    """The merged tree as a plain directory on the layers' filesystem: the floor."""
+
+    name = "native"
+
+    def version(self) -> str:
+        return "plain directory"
+
+    def mount(self, ds: Dataset, scenario: Scenario, work: Path) -> Mounted:
+        src = ds.stack_native(scenario.stack)
+        if not scenario.writable:
+            return Mounted(self.name, src, ds, scenario.stack)
+        # Writes get a private copy of the tree; the big file only when the scenario uses it,
+        # as copying it costs seconds.
+        copy = work / "native"
+        copy.mkdir()
+        entries = [str(p) for p in sorted(src.iterdir()) if p.name != "big"]
+        run(["cp", "-a", *entries, str(copy)])
+        if (src / "big").is_dir():
+            (copy / "big").mkdir()
+            shutil.copystat(src / "big", copy / "big")
+            if scenario.native_big:
+                run(["cp", "-a", str(src / ds.big_rel), str(copy / "big")])
+        return Mounted(self.name, copy, ds, scenario.stack)
+
+    def umount(self, mnt: Mounted) -> None:
+        pass  # the harness removes the work directory
+
+
+class _Overlay(Target):
+    """Shared mount plumbing of the overlay targets."""
+
+    def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
+        raise NotImplementedError
+
+    def mount(self, ds: Dataset, scenario: Scenario, work: Path) -> Mounted:
+        upper, workdir, mnt = work / "upper", work / "work", work / "mnt"
+        for d in (upper, workdir, mnt):
+            d.mkdir()
+        cwd = ds.stack_dir(scenario.stack)
+        lowers = ":".join(ds.stack_lowers(scenario.stack))
+        cmd = self.mount_cmd(lowers, upper, workdir, mnt)
+        t0 = time.perf_counter_ns()
+        run(cmd, cwd=cwd, timeout=MOUNT_TIMEOUT)
+        # "Live" = the root answers a stat through the new mount.
+        st = os.stat(mnt)
+        seconds = (time.perf_counter_ns() - t0) / 1e9
+        if not is_mountpoint(mnt):
+            raise CommandError(f"{cmd[0]} returned but {mnt} is not a mountpoint")
+        pid = find_daemon(mnt) if self.fuse else None
+        return Mounted(
+            self.name,
+            mnt,
+            ds,
+            scenario.stack,
+            pid=pid,
+            mount_seconds=seconds,
+            fuse_conn=st.st_dev if self.fuse else None,
+        )
+
+    def unmount_cmds(self, mnt: Path) -> list[list[str]]:
+        return [["umount", str(mnt)]]
+
+    def umount(self, mnt: Mounted) -> None:
+        errors = []
+        for cmd in self.unmount_cmds(mnt.path):
+            try:
+                run(cmd, timeout=MOUNT_TIMEOUT)
+                break
+            except (CommandError, subprocess.TimeoutExpired) as e:
+                errors.append(str(e))
+        if is_mountpoint(mnt.path):
+            force_unmount(mnt.path, mnt.fuse_conn)
+        # The daemon must exit by itself once unmounted; don't let a straggler run on into
+        # the next measurement.
+        if mnt.pid is not None and not wait_pid_gone(mnt.pid, 30):
+            errors.append(f"daemon {mnt.pid} still running 30 s after unmount: killed")
+            os.kill(mnt.pid, signal.SIGKILL)
+            wait_pid_gone(mnt.pid, 10)
+        if errors and (is_mountpoint(mnt.path) or len(errors) == len(self.unmount_cmds(mnt.path))):
+            raise CommandError("; ".join(errors))
+
+
+class Kernel(_Overlay):
+    name = "kernel"
+
+    def unavailable(self) -> str | None:
+        if os.geteuid() != 0:
+            return "needs root"
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            return "no overlay in /proc/filesystems"
+        return None
+
+    def version(self) -> str:
+        return f"overlayfs, Linux {os.uname().release}"
+
+    def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
+        opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir}"
+        return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
+
+
+class FuseOverlayfs(_Overlay):
+    name = "fuse-overlayfs"
+    fuse = True
+
+    def unavailable(self) -> str | None:
+        if not shutil.which("fuse-overlayfs"):
+            return "fuse-overlayfs not installed"
+        if not Path("/dev/fuse").exists():
+            return "no /dev/fuse"
+        return None
+
+    def version(self) -> str:
+        out = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True, check=False)
+        for line in (out.stdout + out.stderr).decode(errors="replace").splitlines():
+            if line.startswith("fuse-overlayfs"):
+                return line.strip()
+        return "unknown"
+
+    def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
+        opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir}"
+        return ["fuse-overlayfs", "-o", opts, str(mnt)]
+
+    def unmount_cmds(self, mnt: Path) -> list[list[str]]:
+        return [["fusermount3", "-u", str(mnt)], ["umount", str(mnt)]]
+
+
+def layerfs_command() -> str | None:
+    """The ``layerfs`` console script: beside this interpreter, in the repo's venv, on PATH."""
+    for cand in (
+        Path(sys.executable).parent / "layerfs",
+        REPO / ".venv/bin/layerfs",
+        Path("/work/venv/bin/layerfs"),
+    ):
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return shutil.which("layerfs")
+
+
+class Layerfs(_Overlay):
+    name = "layerfs"
+    fuse = True
+
+    def __init__(self, command: str | None = None, options: str = "") -> None:
+        self.command = command or layerfs_command()
+        self.options = options
+
+    def unavailable(self) -> str | None:
+        if not self.command:
+            return "layerfs command not found (pip install -e the repo)"
+        if not Path("/dev/fuse").exists():
+            return "no /dev/fuse"
+        return None
+
+    def version(self) -> str:
+        assert self.command
+        ver = command_version([self.command, "--version"])
+        try:
+            rev = (
+                subprocess.run(
+                    ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                    capture_output=True,
+                    check=True,
+                )
+                .stdout.decode()
+                .strip()
+            )
+        except (OSError, subprocess.CalledProcessError):
+            rev = "?"
+        return f"{ver} (git {rev})"
+
+    def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
+        assert self.command
+        cmd = [self.command, "mount", lowers, str(upper), str(mnt), "--workdir", str(workdir)]
+        if self.options:
+            cmd += ["-o", self.options]
+        return cmd
+
+    def unmount_cmds(self, mnt: Path) -> list[list[str]]:
+        assert self.command
+        return [[self.command, "umount", str(mnt)], ["fusermount3", "-u", str(mnt)]]
+
+
+ALL_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
+
+
+def make_targets(names: list[str], layerfs_cmd: str | None, layerfs_opts: str) -> list[Target]:
+    table: dict[str, Target] = {
+        "native": Native(),
+        "kernel": Kernel(),
+        "fuse-overlayfs": FuseOverlayfs(),
+        "layerfs": Layerfs(layerfs_cmd, layerfs_opts),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown target(s) {unknown}; choose from {ALL_TARGETS}")
+    return [table[n] for n in names]
