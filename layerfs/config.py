@@ -81,8 +81,9 @@ class MountConfig:
         for layer in (*lowers, *([upper] if upper else [])):
             if _overlaps(layer, mnt):
                 raise LayerfsError(f"mount point {mnt} overlaps layer {layer}")
-        return dataclasses.replace(self, lowers=lowers, upper=upper, workdir=workdir,
-                                   mountpoint=mnt)
+        return dataclasses.replace(
+            self, lowers=lowers, upper=upper, workdir=workdir, mountpoint=mnt
+        )
 
 
 def _existing_dir(path: str, what: str) -> str:

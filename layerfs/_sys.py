@@ -1,0 +1,238 @@
+"""The sharp syscalls: dirfd-relative access that never follows symlinks, and bulk data moves.
+
+Every access to a layer goes through here, relative to an open directory fd and one name at a
+time, so nothing in a layer (a symlink, a `..`) can make the daemon touch a file outside it.
+Every mutation of the upper is traced at DEBUG (the kernel's ``ovl_do_*`` wrappers).
+
+Kernel analogue: fs/overlayfs/overlayfs.h (ovl_do_*), copy_up.c (ovl_copy_up_file).
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+
+log = logging.getLogger(__name__)
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+FICLONE = 0x40049409
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+CHUNK = 1 << 20  # copy-up granularity, as OVL_COPY_UP_CHUNK_SIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def check_name(name: bytes) -> None:
+    """Refuse a name that is not a single path component (defence in depth)."""
+    if not name or b"/" in name or name in (b".", b"..") or b"\0" in name:
+        raise OSError(errno.EINVAL, "invalid name")
+    if len(name) > 255:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+
+
+def proc_path(dirfd: int, name: bytes = b"") -> bytes:
+    """Return a path naming NAME inside the directory DIRFD, for calls that take no dir_fd.
+
+    The kernel resolves ``/proc/self/fd/N`` to the directory itself, so the only component
+    walked is NAME, and callers pass ``follow_symlinks=False``.
+    """
+    if name:
+        return b"/proc/self/fd/%d/%s" % (dirfd, name)
+    return b"/proc/self/fd/%d" % dirfd
+
+
+def lstat_at(dirfd: int, name: bytes) -> os.stat_result:
+    return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+
+def lstat_at_or_none(dirfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def open_dir_at(dirfd: int, name: bytes) -> int:
+    return os.open(name, O_DIR, dir_fd=dirfd)
+
+
+def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
+    """Open NAME in DIRFD without following a symlink; a FIFO or device is opened non-blocking."""
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def readlink_at(dirfd: int, name: bytes) -> bytes:
+    return os.readlink(name, dir_fd=dirfd)
+
+
+def getxattr_at(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
+    """Return the value of ATTR on NAME (not followed), or None when it is absent/unsupported."""
+    try:
+        return os.getxattr(proc_path(dirfd, name), attr, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+def listxattr_at(dirfd: int, name: bytes) -> list[bytes]:
+    try:
+        names = os.listxattr(proc_path(dirfd, name), follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:
+            return []
+        raise
+    return [os.fsencode(n) for n in names]
+
+
+def setxattr_at(dirfd: int, name: bytes, attr: bytes, value: bytes, flags: int = 0) -> None:
+    log.debug("setxattr %s %s", os.fsdecode(name), os.fsdecode(attr))
+    os.setxattr(proc_path(dirfd, name), attr, value, flags, follow_symlinks=False)
+
+
+def removexattr_at(dirfd: int, name: bytes, attr: bytes) -> None:
+    log.debug("removexattr %s %s", os.fsdecode(name), os.fsdecode(attr))
+    os.removexattr(proc_path(dirfd, name), attr, follow_symlinks=False)
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:
+    log.debug("rename %s -> %s flags=%d", os.fsdecode(old), os.fsdecode(new), flags)
+    if flags == 0:
+        os.rename(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
+        return
+    if _renameat2(olddirfd, old, newdirfd, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def mkdir_at(dirfd: int, name: bytes, mode: int) -> None:
+    log.debug("mkdir %s", os.fsdecode(name))
+    os.mkdir(name, mode, dir_fd=dirfd)
+
+
+def mknod_at(dirfd: int, name: bytes, mode: int, rdev: int = 0) -> None:
+    log.debug("mknod %s %o", os.fsdecode(name), mode)
+    os.mknod(name, mode, rdev, dir_fd=dirfd)
+
+
+def symlink_at(target: bytes, dirfd: int, name: bytes) -> None:
+    log.debug("symlink %s", os.fsdecode(name))
+    os.symlink(target, name, dir_fd=dirfd)
+
+
+def link_at(olddirfd: int, old: bytes, newdirfd: int, new: bytes) -> None:
+    log.debug("link %s -> %s", os.fsdecode(old), os.fsdecode(new))
+    os.link(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd, follow_symlinks=False)
+
+
+def unlink_at(dirfd: int, name: bytes) -> None:
+    log.debug("unlink %s", os.fsdecode(name))
+    os.unlink(name, dir_fd=dirfd)
+
+
+def rmdir_at(dirfd: int, name: bytes) -> None:
+    log.debug("rmdir %s", os.fsdecode(name))
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def chown_at(dirfd: int, name: bytes, uid: int, gid: int) -> None:
+    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def chmod_at(dirfd: int, name: bytes, mode: int) -> None:
+    """chmod NAME; symlinks have no mode of their own on Linux, so they are left alone."""
+    st = lstat_at(dirfd, name)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    os.chmod(name, mode, dir_fd=dirfd)  # not a symlink: the kernel will not follow anything
+
+
+def utime_at(dirfd: int, name: bytes, atime_ns: int, mtime_ns: int) -> None:
+    os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dirfd, follow_symlinks=False)
+
+
+def remove_tree_at(dirfd: int, name: bytes) -> None:
+    """Remove NAME and everything below it, never following symlinks (workdir cleanup)."""
+    st = lstat_at_or_none(dirfd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        unlink_at(dirfd, name)
+        return
+    fd = open_dir_at(dirfd, name)
+    try:
+        for child in os.listdir(fd):
+            remove_tree_at(fd, os.fsencode(child))
+    finally:
+        os.close(fd)
+    rmdir_at(dirfd, name)
+
+
+def copy_data(src: int, dst: int, length: int) -> str:
+    """Copy LENGTH bytes from SRC to DST keeping holes; return the method used.
+
+    Ladder (ovl_copy_up_file): FICLONE shares extents where the filesystem can reflink; else
+    copy_file_range moves data inside the kernel, region by region between SEEK_DATA and
+    SEEK_HOLE so that holes stay holes; else sendfile for filesystems without either.
+    """
+    if length == 0:
+        return "empty"
+    try:
+        if length == os.fstat(src).st_size:
+            fcntl.ioctl(dst, FICLONE, src)
+            return "reflink"
+    except OSError as e:
+        if e.errno not in (
+            errno.EOPNOTSUPP,
+            errno.EXDEV,
+            errno.EINVAL,
+            errno.ENOTTY,
+            errno.EBADF,
+            errno.ENOSYS,
+            errno.EPERM,
+        ):
+            raise
+    os.ftruncate(dst, length)  # the holes of the copy, and its final size
+    method = "copy_file_range"
+    pos = 0
+    while pos < length:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            if e.errno != errno.EINVAL:
+                raise
+            data = pos  # no SEEK_DATA support: treat everything as data
+        if data >= length:
+            break
+        try:
+            hole = min(os.lseek(src, data, os.SEEK_HOLE), length)
+        except OSError:
+            hole = length
+        off = data
+        while off < hole:
+            n = min(CHUNK * 64, hole - off)
+            try:
+                done = os.copy_file_range(src, dst, n, off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                method = "sendfile"
+                os.lseek(dst, off, os.SEEK_SET)
+                done = os.sendfile(dst, src, off, n)
+            if done == 0:  # the source shrank under us: lowers are immutable, so say so
+                raise OSError(errno.EIO, "short read during copy-up")
+            off += done
+        pos = hole
+    return method

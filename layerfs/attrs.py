@@ -1,0 +1,66 @@
+"""Value types the engine hands to its front ends: attributes of a merged object, the caller.
+
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: the credentials new objects are created with."""
+
+    uid: int = 0
+    gid: int = 0
+    umask: int = 0o022
+    pid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """The attributes of a merged object, as users see them (st_ino is ours)."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blksize: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def from_stat(cls, ino: int, st: os.stat_result, nlink: int | None = None) -> Attr:
+        return cls(
+            ino,
+            st.st_mode,
+            st.st_nlink if nlink is None else nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev,
+            st.st_size,
+            st.st_blksize,
+            st.st_blocks,
+            st.st_atime_ns,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """The changes of one setattr request; None means unchanged."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None

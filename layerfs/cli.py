@@ -1,0 +1,184 @@
+"""The ``layerfs`` command: argument parsing only; the work is in layerfs.mount and the store.
+
+layerfs mount LOWER1[:LOWER2...] [UPPER] MERGED [--workdir W] [-o OPTS] [-f] [--debug]
+layerfs umount MERGED
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from layerfs import __version__
+from layerfs.config import MountConfig
+from layerfs.errors import LayerfsError
+
+KNOWN_OPTIONS = {
+    "allow_other",
+    "noallow_other",
+    "volatile",
+    "fsync",
+    "ro",
+    "rw",
+    "dev",
+    "suid",
+    "nodev",
+    "nosuid",
+    "exec",
+    "noexec",
+}
+
+
+def default_workdir(upper: str) -> str:
+    """The workdir used when none is given: a hidden sibling of UPPER (same filesystem)."""
+    upper = os.path.abspath(upper.rstrip("/"))
+    return os.path.join(os.path.dirname(upper), f".{os.path.basename(upper)}.layerfs-work")
+
+
+def split_lowers(spec: str) -> tuple[str, ...]:
+    """Split LOWER1:LOWER2 (``\\:`` escapes a colon in a path, as in overlayfs)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(spec):
+        c = spec[i]
+        if c == "\\" and i + 1 < len(spec):
+            cur.append(spec[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    if any(not p for p in parts):
+        raise LayerfsError(f"empty entry in lower layer list {spec!r}")
+    return tuple(parts)
+
+
+def _mount_config(args: argparse.Namespace) -> MountConfig:
+    paths: list[str] = args.paths
+    if len(paths) == 2:
+        lowers_spec, upper, merged = paths[0], None, paths[1]
+    elif len(paths) == 3:
+        lowers_spec, upper, merged = paths
+    else:
+        raise LayerfsError("usage: layerfs mount LOWER1[:LOWER2...] [UPPER] MERGED")
+    lowers = split_lowers(lowers_spec)
+    workdir = args.workdir
+    if upper is not None and workdir is None:
+        # Check everything else first: bad input must leave nothing behind.
+        MountConfig(lowers=lowers, mountpoint=merged).validate()
+        if not os.path.isdir(upper):
+            raise LayerfsError(f"upper directory {upper} does not exist")
+        workdir = default_workdir(upper)
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+    warnings: list[str] = []
+    kw: dict[str, object] = {}
+    extra: list[str] = []
+    for opt in filter(None, ",".join(args.options or []).split(",")):
+        key, _, value = opt.partition("=")
+        if key == "allow_other":
+            kw["allow_other"] = True
+        elif key == "noallow_other":
+            kw["allow_other"] = False
+        elif key == "volatile":
+            kw["volatile"] = True
+        elif key == "fsync":
+            kw["fsync"] = value != "0"
+        elif key in ("rw", "dev", "suid", "exec"):
+            pass
+        elif key in ("nodev", "nosuid", "noexec", "ro"):
+            extra.append(key)
+        else:
+            warnings.append(f"unknown option {opt!r} ignored")
+    for w in warnings:
+        print(f"layerfs: warning: {w}", file=sys.stderr)
+    return MountConfig(
+        lowers=lowers,
+        upper=upper,
+        workdir=workdir,
+        mountpoint=merged,
+        foreground=args.foreground,
+        debug=args.debug,
+        log_file=args.log_file,
+        extra_fuse_options=tuple(extra),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from layerfs.mount import serve
+
+    if args.image:
+        from layerfs.store.cli import lowers_for_image
+
+        upper_merged = args.paths
+        if len(upper_merged) != 2:
+            raise LayerfsError("usage: layerfs mount --image REF UPPER MERGED")
+        lowers = lowers_for_image(args.image, args.store)
+        args.paths = [":".join(p.replace(":", "\\:") for p in lowers), *upper_merged]
+    serve(_mount_config(args))
+    return 0
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from layerfs.mount import umount
+
+    umount(args.mountpoint)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerfs", description="Copy-on-write layered filesystem.")
+    p.add_argument("--version", action="version", version=f"layerfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mount", help="mount a layer stack")
+    m.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="LOWER1[:LOWER2...] [UPPER] MERGED (LOWER1 is the topmost lower)",
+    )
+    m.add_argument("--workdir", help="work directory on the upper's filesystem")
+    m.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPTS",
+        help="comma-separated options (allow_other, volatile, fsync=0, ro...)",
+    )
+    m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    m.add_argument("--debug", action="store_true", help="trace requests (implies logging)")
+    m.add_argument("--log-file", help="log here instead of syslog once detached")
+    m.add_argument("--image", help="mount an image from the layer store (REF)")
+    m.add_argument("--store", help="layer store directory")
+    m.set_defaults(func=_cmd_mount)
+    u = sub.add_parser("umount", help="unmount a layerfs mount")
+    u.add_argument("mountpoint")
+    u.set_defaults(func=_cmd_umount)
+    try:
+        from layerfs.store.cli import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LayerfsError as e:
+        print(f"layerfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

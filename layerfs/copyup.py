@@ -1,0 +1,162 @@
+"""Copy-up: give a lower object a copy in the upper before its first change.
+
+Parents go first (directories: metadata only, never their contents). Every copy is built in
+WORKDIR/work under a temporary name, completed (data, owner, mode, xattrs, times, fsync) and only
+then renamed into place, so a crash leaves either the lower view or the whole copy, never a
+partial file in the upper. Data moves inside the kernel (reflink, else copy_file_range around
+holes) on a worker thread, so other requests keep being served. A per-node lock with a
+double-checked "already copied up" test makes racing opens copy once.
+
+Kernel analogue: fs/overlayfs/copy_up.c (ovl_copy_up_one, ovl_copy_up_file, ovl_set_attr).
+Must not import: pyfuse3.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import stat
+
+import trio
+
+from layerfs import _sys, xattrs
+from layerfs.inodes import InodeTable, Node
+from layerfs.layers import LayerStack
+from layerfs.locks import KeyedLock
+
+log = logging.getLogger(__name__)
+
+THREAD_THRESHOLD = 1 << 20  # below this a copy is faster inline than a thread round trip
+
+
+class CopyUp:
+    """The copy-up engine of one mount."""
+
+    def __init__(self, stack: LayerStack, table: InodeTable, *, fsync: bool = True) -> None:
+        self.stack = stack
+        self.table = table
+        self.fsync = fsync
+        self.locks = KeyedLock()
+        self.limiter = trio.CapacityLimiter(2)
+        self._names = itertools.count()
+        self.stats = {"files": 0, "dirs": 0, "bytes": 0, "reflink": 0}
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self.stats)
+
+    def tmp_name(self) -> bytes:
+        return b"#lfs.%d.%d" % (os.getpid(), next(self._names))
+
+    async def copy_up(self, node: Node, *, data_len: int | None = None) -> None:
+        """Make NODE exist in the upper (no-op when it does). DATA_LEN caps the data copied.
+
+        DATA_LEN is for a truncating open or truncate(2): bytes past the new size are never
+        copied.
+        """
+        if node.upper:
+            return
+        if self.stack.upper is None:
+            raise OSError(30, "read-only stack")  # EROFS
+        parent = node.parent
+        if parent is not None and not parent.upper:
+            await self.copy_up(parent)
+        async with self.locks.hold(node.key):
+            if node.upper:  # another request copied it while we waited
+                return
+            await self._copy_up_locked(node, data_len)
+
+    async def _copy_up_locked(self, node: Node, data_len: int | None) -> None:
+        assert self.stack.upper is not None and node.parent is not None
+        layer, lpath = node.lowers[0]
+        ldir = os.dup(layer.dirfd(lpath[:-1]))
+        lname = lpath[-1]
+        upath = node.path()
+        udir = os.dup(self.stack.upper.dirfd(upath[:-1]))
+        work = self.stack.work_fd
+        tmp = self.tmp_name()
+        try:
+            st = _sys.lstat_at(ldir, lname)
+            pst = os.fstat(udir)
+            if stat.S_ISREG(st.st_mode):
+                await self._build_file(ldir, lname, st, work, tmp, data_len)
+            else:
+                if stat.S_ISDIR(st.st_mode):
+                    _sys.mkdir_at(work, tmp, 0o700)
+                elif stat.S_ISLNK(st.st_mode):
+                    _sys.symlink_at(_sys.readlink_at(ldir, lname), work, tmp)
+                else:
+                    _sys.mknod_at(work, tmp, st.st_mode, st.st_rdev)
+                copy_metadata(ldir, lname, st, work, tmp)
+            try:
+                _sys.renameat2(work, tmp, udir, upath[-1], _sys.RENAME_NOREPLACE)
+            except OSError:
+                _sys.remove_tree_at(work, tmp)
+                raise
+            # Restore the parent's times (best effort), as ovl_copy_up_one does.
+            os.utime(udir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+            ust = _sys.lstat_at(udir, upath[-1])
+        except BaseException:
+            _sys.remove_tree_at(work, tmp)
+            raise
+        finally:
+            os.close(ldir)
+            os.close(udir)
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+            # st_ino survives copy-up (OVL_CONST_INO); a lower hard link is broken instead.
+            self.table.origin_of[(ust.st_dev, ust.st_ino)] = node.key
+        node.upper = True
+        self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "files"] += 1
+        log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
+
+    async def _build_file(
+        self,
+        ldir: int,
+        lname: bytes,
+        st: os.stat_result,
+        work: int,
+        tmp: bytes,
+        data_len: int | None,
+    ) -> None:
+        length = st.st_size if data_len is None else min(st.st_size, data_len)
+        src = _sys.open_at(ldir, lname, os.O_RDONLY)
+        try:
+            dst = _sys.open_at(work, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if length > THREAD_THRESHOLD:
+                    method = await trio.to_thread.run_sync(
+                        _sys.copy_data, src, dst, length, limiter=self.limiter
+                    )
+                else:
+                    method = _sys.copy_data(src, dst, length)
+                self.stats["bytes"] += length
+                if method == "reflink":
+                    self.stats["reflink"] += 1
+                copy_metadata(ldir, lname, st, work, tmp)
+                if self.fsync:
+                    await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+
+def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:
+    """Give DNAME the owner, mode, xattrs and times of SNAME (whose lstat is ST).
+
+    Order matters: chown clears setuid/setgid and security.capability, so it goes first; then
+    mode, then xattrs, then times (any change above bumps them).
+    """
+    _sys.chown_at(ddir, dname, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dname, stat.S_IMODE(st.st_mode), dir_fd=ddir)
+    for attr in xattrs.copy_up_set(_sys.listxattr_at(sdir, sname)):
+        value = _sys.getxattr_at(sdir, sname, attr)
+        if value is not None:
+            try:
+                _sys.setxattr_at(ddir, dname, attr, value)
+            except OSError as e:
+                if e.errno not in (95, 1):  # EOPNOTSUPP/EPERM: the upper cannot hold it
+                    raise
+                log.warning("copy-up: xattr %s not kept: %s", os.fsdecode(attr), e.strerror)
+    _sys.utime_at(ddir, dname, st.st_atime_ns, st.st_mtime_ns)

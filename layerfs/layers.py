@@ -1,0 +1,208 @@
+"""The layer stack: one open root fd per layer, cached directory fds, cached lower listings.
+
+Lowers are immutable while mounted (as with overlayfs), so a lower directory is listed once and
+its listing kept: a lookup in a lower is then a dict probe, not a syscall. The upper changes only
+through us; its directory fds are cached by merged path and dropped when a rename or rmdir
+moves the path.
+
+Kernel analogue: fs/overlayfs/super.c (ovl_get_layers), ovl_entry.h (struct ovl_layer).
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from layerfs import _sys, whiteout, xattrs
+
+Path = tuple[bytes, ...]
+
+
+@dataclass(slots=True)
+class Listing:
+    """One real directory's entries, as far as the merge needs them.
+
+    Whiteouts of every dialect are decoded here once: ``entries`` holds only real objects.
+    """
+
+    entries: dict[bytes, bool]  # name -> is a directory (markers and whiteouts excluded)
+    # Names this directory hides in the layers below. A NAME beside a .wh.NAME (an OCI layer
+    # that deleted and re-added NAME) is an entry first: entries win over whiteouts.
+    whiteouts: frozenset[bytes]
+    opaque: bool
+
+
+class Layer:
+    """One layer: a root directory fd and a cache of open directory fds below it."""
+
+    def __init__(self, path: str, index: int, *, writable: bool, fd_cache: int = 512) -> None:
+        self.path = path
+        self.index = index  # 0 = upper when there is one; lowers follow, topmost first
+        self.writable = writable
+        self.root_fd = os.open(path, _sys.O_DIR)
+        self.dev = os.fstat(self.root_fd).st_dev
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._fd_cache = fd_cache
+        self._listings: OrderedDict[Path, Listing] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"Layer({self.path!r}, index={self.index})"
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        os.close(self.root_fd)
+
+    def dirfd(self, path: Path) -> int:
+        """Return a cached fd of directory PATH, walked one component at a time, no symlinks.
+
+        The fd stays valid until the next call that may evict it; callers that keep an fd
+        across an await (copy-up) must ``os.dup`` it.
+        """
+        if not path:
+            return self.root_fd
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        parent = self.dirfd(path[:-1])
+        fd = _sys.open_dir_at(parent, path[-1])
+        self._fds[path] = fd
+        if len(self._fds) > self._fd_cache:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def forget_prefix(self, path: Path) -> None:
+        """Drop cached fds at PATH and below (after a rename or rmdir in the upper)."""
+        n = len(path)
+        for key in [k for k in self._fds if k[:n] == path]:
+            os.close(self._fds.pop(key))
+        for key in [k for k in self._listings if k[:n] == path]:
+            del self._listings[key]
+
+    def listing(self, path: Path) -> Listing:
+        """Return the (cached) listing of lower directory PATH."""
+        cached = self._listings.get(path)
+        if cached is not None:
+            self._listings.move_to_end(path)
+            return cached
+        listing = self.read_listing(path)
+        if not self.writable:
+            self._listings[path] = listing
+            if len(self._listings) > 4096:
+                self._listings.popitem(last=False)
+        return listing
+
+    def read_listing(self, path: Path) -> Listing:
+        fd = self.dirfd(path)
+        return read_listing(fd)
+
+
+def read_listing(fd: int) -> Listing:
+    """List directory FD, decoding whiteouts and the opaque marker in every dialect.
+
+    An xattr whiteout (zero-size file with ``overlay.whiteout``) is honoured only in a directory
+    marked ``overlay.opaque=x``, as the kernel does, so ordinary files cost no getxattr.
+    """
+    entries: dict[bytes, bool] = {}
+    wh: set[bytes] = set()
+    opaque = False
+    maybe_x: list[bytes] = []
+    with os.scandir(fd) as it:
+        for e in it:
+            name = os.fsencode(e.name)
+            if name.startswith(whiteout.WH_PREFIX):
+                if name == whiteout.OPQ_MARKER:
+                    opaque = True
+                else:
+                    wh.add(name[len(whiteout.WH_PREFIX) :])
+                continue
+            if e.is_dir(follow_symlinks=False):
+                entries[name] = True
+                continue
+            if not (e.is_file(follow_symlinks=False) or e.is_symlink()):
+                st = _sys.lstat_at(fd, name)
+                if whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
+                    wh.add(name)
+                    continue
+            elif e.is_file(follow_symlinks=False):
+                maybe_x.append(name)
+            entries[name] = False
+    opq = [_fgetxattr(fd, a) for a in xattrs.OPAQUE]
+    if any(v is not None and v.startswith(b"y") for v in opq):
+        opaque = True
+    if any(v is not None and v.startswith(b"x") for v in opq):
+        for name in maybe_x:
+            st = _sys.lstat_at(fd, name)
+            if whiteout.is_whiteout_at(fd, name, st.st_mode, st.st_rdev, st.st_size):
+                del entries[name]
+                wh.add(name)
+    return Listing(entries, frozenset(wh), opaque)
+
+
+def _fgetxattr(fd: int, attr: bytes) -> bytes | None:
+    try:
+        return os.getxattr(fd, attr)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+class LayerStack:
+    """The upper (optional) and the lowers, topmost first; the workdir fd for atomic builds."""
+
+    def __init__(self, lowers: tuple[str, ...], upper: str | None, workdir: str | None) -> None:
+        self.upper: Layer | None = None
+        self.lowers: list[Layer] = []
+        self.work_fd = -1
+        try:
+            if upper is not None:
+                self.upper = Layer(upper, 0, writable=True)
+            base = 1 if upper is not None else 0
+            for i, path in enumerate(lowers):
+                self.lowers.append(Layer(path, base + i, writable=False))
+            if upper is not None and workdir is not None:
+                self.work_fd = _prepare_workdir(workdir)
+        except BaseException:
+            self.close()
+            raise
+        devs: list[int] = []
+        for layer in self.layers():
+            if layer.dev not in devs:
+                devs.append(layer.dev)
+        self.devs = devs
+
+    def layers(self) -> list[Layer]:
+        return ([self.upper] if self.upper else []) + self.lowers
+
+    def close(self) -> None:
+        for layer in self.layers():
+            layer.close()
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
+            self.work_fd = -1
+
+
+def _prepare_workdir(workdir: str) -> int:
+    """Open WORKDIR/work (as the kernel names it), emptied of what a crash left behind."""
+    wfd = os.open(workdir, _sys.O_DIR)
+    try:
+        st = _sys.lstat_at_or_none(wfd, b"work")
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            _sys.unlink_at(wfd, b"work")
+            st = None
+        if st is None:
+            _sys.mkdir_at(wfd, b"work", 0o700)
+        fd = _sys.open_dir_at(wfd, b"work")
+    finally:
+        os.close(wfd)
+    for name in os.listdir(fd):
+        _sys.remove_tree_at(fd, os.fsencode(name))
+    return fd

@@ -1,0 +1,187 @@
+"""Resolve one name in a merged directory to its real objects across the layers.
+
+A name resolves to the topmost layer that has it; a whiteout hides it and everything below; a
+directory merges with same-named directories below it until one is opaque; a non-directory
+hides everything below it (and a directory hides a non-directory below). An upper directory
+renamed by us carries a redirect to where its lower part lives (kernel ``redirect_dir``).
+
+Kernel analogue: fs/overlayfs/namei.c (ovl_lookup, ovl_lookup_layer, ovl_lower_positive).
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from layerfs import _sys, whiteout, xattrs
+from layerfs.inodes import InodeTable, Node
+from layerfs.layers import Layer, LayerStack, Path
+
+
+@dataclass(slots=True)
+class Resolution:
+    """Where a merged name lives: the top real object and what lies below it."""
+
+    st: os.stat_result  # lstat of the top real object
+    upper: bool  # the top object is in the upper
+    lowers: list[tuple[Layer, Path]]  # origin (non-dir) or merged lower dirs (dir)
+    lower_positive: bool  # some lower shows this name: removing it needs a whiteout
+    origin_nlink: int = 1  # nlink of the lower origin (hard links break on copy-up)
+
+    origin: tuple[int, int] | None = None  # (st_dev, st_ino) of the first lower object
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    def key(self) -> tuple[int, int]:
+        """The real identity that decides the inode number (see inodes.py)."""
+        if self.origin is not None and (self.is_dir or not self.upper):
+            return self.origin
+        return (self.st.st_dev, self.st.st_ino)
+
+
+def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
+    """Return (opaque, redirect) of upper directory NAME with one listxattr in the common case."""
+    names = set(_sys.listxattr_at(fd, name))
+    opaque = False
+    for attr in xattrs.OPAQUE:
+        if attr in names:
+            value = _sys.getxattr_at(fd, name, attr)
+            opaque = opaque or (value is not None and value.startswith(b"y"))
+    redirect = None
+    for attr in xattrs.REDIRECT:
+        if attr in names:
+            redirect = _sys.getxattr_at(fd, name, attr)
+            break
+    if not opaque:
+        # fuse-overlayfs marks opaque upper dirs with a visible .wh..wh..opq file as well
+        try:
+            child = _sys.open_dir_at(fd, name)
+        except OSError:
+            return opaque, redirect
+        try:
+            opaque = _sys.lstat_at_or_none(child, whiteout.OPQ_MARKER) is not None
+        finally:
+            os.close(child)
+    return opaque, redirect
+
+
+def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
+    """Resolve NAME in the merged directory PARENT; None when the name does not exist."""
+    ppath = parent.path()
+    upper_st: os.stat_result | None = None
+    search: list[tuple[Layer, Path]] = parent.lowers
+    lname = name
+    stop_lowers = False
+    if parent.upper and stack.upper is not None:
+        ufd = stack.upper.dirfd(ppath)
+        st = _sys.lstat_at_or_none(ufd, name)
+        if st is not None:
+            if whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
+                return None
+            upper_st = st
+            if stat.S_ISDIR(st.st_mode):
+                opaque, redirect = upper_dir_flags(ufd, name)
+                if opaque:
+                    stop_lowers = True
+                elif redirect:
+                    search, lname = _redirected(stack, parent, redirect)
+        elif _sys.lstat_at_or_none(ufd, whiteout.WH_PREFIX + name) is not None:
+            return None  # .wh.NAME whiteout, as fuse-overlayfs writes where mknod is refused
+
+    lowers: list[tuple[Layer, Path]] = []
+    positive = False
+    origin_nlink = 1
+    origin: tuple[int, int] | None = None
+    top_st = upper_st
+    if not stop_lowers:
+        for layer, dpath in search:
+            listing = layer.listing(dpath)
+            is_dir = listing.entries.get(lname)
+            if is_dir is None:
+                if lname in listing.whiteouts:
+                    break
+                continue
+            positive = True
+            if upper_st is not None and not stat.S_ISDIR(upper_st.st_mode):
+                break  # an upper non-dir: the lowers only tell whether a whiteout is needed
+            child = (*dpath, lname)
+            if not is_dir:
+                if top_st is None:
+                    top_st = _sys.lstat_at(layer.dirfd(dpath), lname)
+                    origin_nlink = top_st.st_nlink
+                    origin = (top_st.st_dev, top_st.st_ino)
+                    lowers.append((layer, child))
+                break  # a non-directory ends the merge (and hides nothing above it)
+            if origin is None:
+                st = _sys.lstat_at(layer.dirfd(dpath), lname)
+                origin = (st.st_dev, st.st_ino)
+                top_st = top_st or st
+            lowers.append((layer, child))
+            if layer.listing(child).opaque:
+                break
+    if top_st is None:
+        return None
+    if search is not parent.lowers:  # redirected: whiteout needs are decided by NAME here
+        positive = lower_positive(stack, parent, name)
+    return Resolution(top_st, upper_st is not None, lowers, positive, origin_nlink, origin)
+
+
+def _redirected(
+    stack: LayerStack, parent: Node, redirect: bytes
+) -> tuple[list[tuple[Layer, Path]], bytes]:
+    """Where the lower part of a renamed directory lives: (search dirs, name to look up)."""
+    if redirect.startswith(b"/"):
+        parts = tuple(p for p in redirect.split(b"/") if p)
+        if not parts:
+            return [], b""
+        dirs: list[tuple[Layer, Path]] = []
+        for layer in stack.lowers:
+            try:
+                layer.dirfd(parts[:-1])
+            except OSError:
+                continue
+            dirs.append((layer, parts[:-1]))
+        return dirs, parts[-1]
+    return parent.lowers, redirect
+
+
+def lower_positive(stack: LayerStack, parent: Node, name: bytes) -> bool:
+    """True if some lower layer below PARENT shows NAME (so removing it needs a whiteout)."""
+    for layer, dpath in parent.lowers:
+        listing = layer.listing(dpath)
+        if name in listing.entries:
+            return True
+        if name in listing.whiteouts:
+            return False
+    return False
+
+
+def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> Node:
+    """Return the Node for the object RES found as NAME in PARENT, creating it on first sight.
+
+    A known node is refreshed (it may have been copied up, or renamed by us); a second name of
+    a hard link becomes an alias of the same node.
+    """
+    key = res.key()
+    if res.upper and not res.is_dir:
+        key = table.origin_of.get(key, key)
+    node = table.find(key)
+    if node is None:
+        node = Node(key, res.is_dir, parent, name, res.upper, res.lowers)
+        return table.add(node, table.ino_for(key))
+    if node.parent is not parent or node.name != name:
+        if node.is_dir:
+            node.parent, node.name = parent, name
+        else:
+            aliases = node.aliases if node.aliases is not None else [(node.parent, node.name)]
+            if (parent, name) not in aliases:
+                aliases.append((parent, name))
+            node.aliases = aliases
+    node.upper = node.upper or res.upper
+    if not node.lowers and res.lowers:
+        node.lowers = res.lowers
+    return node

@@ -1,0 +1,201 @@
+"""Serve a MountConfig: open the layers, mount, detach, and exit when the mount goes away.
+
+The order is fixed by pyfuse3 and by container engines: layer fds are opened and the mount is
+made *before* trio or any thread starts (a fork after that is unsafe); the caller returns only
+once the mount is live (a readiness pipe carries "ok" or the error), and the detached daemon
+holds none of the caller's stdin/stdout/stderr (podman reads stderr to EOF). When the kernel
+ends the session (``fusermount3 -u``, ``umount -l``) ``pyfuse3.main`` returns and the daemon
+exits; SIGTERM/SIGINT unmount; SIGHUP is ignored.
+
+Must not import: mount_helper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+
+from layerfs.config import MountConfig
+from layerfs.errors import LayerfsError
+
+log = logging.getLogger("layerfs")
+
+
+def serve(config: MountConfig) -> None:
+    """Validate CONFIG and serve it; return once the mount is live (or, in the foreground,
+    once it is gone). Raise LayerfsError with a one-line reason when it cannot be mounted."""
+    config = config.validate()
+    if not os.path.exists("/dev/fuse"):
+        raise LayerfsError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if config.allow_other and os.geteuid() != 0 and not _user_allow_other():
+        raise LayerfsError("allow_other needs root or user_allow_other in /etc/fuse.conf")
+    if config.foreground:
+        _setup_logging(config, detached=False)
+        overlay = _open(config)
+        _mount(overlay)
+        _run(overlay)
+        return
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # first child: new session, then the daemon proper
+        os.close(rfd)
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _daemon(config, wfd)
+        except BaseException as e:  # report anything to the waiting caller
+            with contextlib.suppress(OSError):
+                os.write(wfd, b"error: " + str(e).encode(errors="replace"))
+        os._exit(1)
+    os.close(wfd)
+    os.waitpid(pid, 0)
+    with os.fdopen(rfd, "rb") as r:
+        status = r.read()
+    if status != b"ok":
+        msg = status.decode(errors="replace").removeprefix("error: ").strip()
+        raise LayerfsError(msg or "the daemon died before the mount was live")
+
+
+def _daemon(config: MountConfig, ready_fd: int) -> None:
+    """The detached daemon: mount, signal readiness, let go of the caller's stdio, serve."""
+    os.chdir("/")
+    try:
+        overlay = _open(config)
+        _mount(overlay)
+    except LayerfsError as e:
+        os.write(ready_fd, b"error: " + str(e).encode())
+        os._exit(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    _setup_logging(config, detached=True)
+    os.write(ready_fd, b"ok")
+    os.close(ready_fd)
+    code = _run(overlay)
+    os._exit(code)
+
+
+def _open(config: MountConfig):  # type: ignore[no-untyped-def]
+    from layerfs.overlay import Overlay
+
+    try:
+        return Overlay(config)
+    except OSError as e:
+        raise LayerfsError(f"cannot open layers: {e.strerror}: {e.filename or ''}") from None
+
+
+def _mount(overlay) -> None:  # type: ignore[no-untyped-def]
+    import pyfuse3
+
+    from layerfs.ops import Operations, fuse_options
+
+    ops = Operations(overlay)
+    try:
+        pyfuse3.init(ops, overlay.config.mountpoint, fuse_options(overlay))
+    except RuntimeError as e:
+        raise LayerfsError(f"cannot mount {overlay.config.mountpoint}: {e}") from None
+
+
+def _run(overlay) -> int:  # type: ignore[no-untyped-def]
+    import pyfuse3
+    import trio
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    unmount = False
+
+    async def main() -> None:
+        nonlocal unmount
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                nonlocal unmount
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        unmount = True
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(watch_signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    code = 0
+    try:
+        trio.run(main)
+    except BaseException:
+        log.exception("daemon failed")
+        code = 1
+        unmount = True
+    finally:
+        try:
+            pyfuse3.close(unmount=unmount)
+        except Exception:
+            log.exception("close failed")
+        overlay.close()
+    if unmount:
+        _lazy_unmount(overlay.config.mountpoint)
+    return code
+
+
+def _lazy_unmount(mountpoint: str) -> None:
+    if os.path.ismount(mountpoint):
+        subprocess.run(
+            ["fusermount3", "-u", "-z", mountpoint],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def _setup_logging(config: MountConfig, *, detached: bool) -> None:
+    level = logging.DEBUG if config.debug else logging.WARNING
+    handler: logging.Handler
+    if config.log_file:
+        handler = logging.FileHandler(config.log_file)
+    elif not detached:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(
+        logging.Formatter("layerfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not config.debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def umount(mountpoint: str) -> None:
+    """Unmount MOUNTPOINT; a stale mount (daemon gone) is detached lazily."""
+    path = os.path.abspath(mountpoint)
+    try:
+        os.stat(path)
+        stale = False
+    except OSError:
+        stale = True
+    if not stale and not os.path.ismount(path):
+        raise LayerfsError(f"{mountpoint} is not a mount point")
+    cmd = ["fusermount3", "-u"] + (["-z"] if stale else []) + [path]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        r2 = subprocess.run(["umount", "-l", path], capture_output=True, text=True, check=False)
+        if r2.returncode != 0:
+            raise LayerfsError(f"cannot unmount {mountpoint}: {r.stderr.strip()}")

@@ -1,0 +1,423 @@
+"""Namespace changes: create, mkdir, mknod, symlink, link, unlink, rmdir, rename.
+
+Every change lands in the upper in kernel overlayfs' format: a removed name that a lower still
+shows becomes a whiteout (char 0/0, or ``.wh.NAME`` where mknod is refused); a directory made
+where a whiteout stood is opaque; a renamed directory with lower contents carries an absolute
+``overlay.redirect`` to them. Objects replacing a whiteout are built in the workdir and swapped
+in with one rename, so a crash never leaves a half-made name.
+
+Kernel analogue: fs/overlayfs/dir.c (ovl_create_object, ovl_do_remove, ovl_rename).
+Must not import: pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+
+from layerfs import _sys, whiteout, xattrs
+from layerfs.attrs import Caller
+from layerfs.copyup import CopyUp
+from layerfs.inodes import InodeTable, Node
+from layerfs.layers import LayerStack
+from layerfs.lookup import Resolution, node_for, resolve
+from layerfs.readdir import merged_names
+
+log = logging.getLogger(__name__)
+
+
+class Namespace:
+    """Namespace operations of one mount."""
+
+    def __init__(self, stack: LayerStack, table: InodeTable, copyup: CopyUp) -> None:
+        self.stack = stack
+        self.table = table
+        self.copyup = copyup
+        self.mknod_whiteouts = True  # cleared when the upper refuses mknod (then .wh.NAME)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _upper_dir(self, node: Node) -> int:
+        assert self.stack.upper is not None
+        return self.stack.upper.dirfd(node.path())
+
+    def _resolve(self, parent: Node, name: bytes) -> Resolution | None:
+        _sys.check_name(name)
+        return resolve(self.stack, parent, name)
+
+    def _existing(self, parent: Node, name: bytes) -> tuple[Resolution, Node]:
+        res = self._resolve(parent, name)
+        if res is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        return res, node_for(self.table, parent, name, res)
+
+    def _writable(self) -> None:
+        if self.stack.upper is None:
+            raise OSError(errno.EROFS, "read-only stack")
+
+    def _whiteout_state(self, udir: int, name: bytes) -> str:
+        """What the upper holds at NAME when the merged view shows nothing: none/char/oci."""
+        st = _sys.lstat_at_or_none(udir, name)
+        if st is not None:
+            if whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
+                return "char"
+            raise OSError(errno.EEXIST, "exists in upper")
+        if _sys.lstat_at_or_none(udir, whiteout.WH_PREFIX + name) is not None:
+            return "oci"
+        return "none"
+
+    def _make_whiteout(self, dirfd: int, name: bytes) -> bool:
+        """Create a char 0/0 whiteout NAME in DIRFD; False if mknod is refused (use .wh.)."""
+        if self.mknod_whiteouts:
+            try:
+                _sys.mknod_at(dirfd, name, stat.S_IFCHR, 0)
+                return True
+            except PermissionError:
+                self.mknod_whiteouts = False
+                log.warning("upper refuses mknod: writing .wh. whiteouts instead")
+        return False
+
+    def _whiteout_name(self, udir: int, name: bytes) -> None:
+        """Hide NAME (absent from the upper) from the lowers."""
+        if not self._make_whiteout(udir, name):
+            fd = _sys.open_at(udir, whiteout.WH_PREFIX + name, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+
+    def _replace_with_whiteout(self, udir: int, name: bytes) -> None:
+        """Atomically turn upper object NAME into a whiteout; clean the old object away."""
+        work = self.stack.work_fd
+        tmp = self.copyup.tmp_name()
+        if self._make_whiteout(work, tmp):
+            _sys.renameat2(work, tmp, udir, name, _sys.RENAME_EXCHANGE)
+            _sys.remove_tree_at(work, tmp)
+        else:
+            _sys.renameat2(udir, name, work, tmp)
+            _sys.remove_tree_at(work, tmp)
+            self._whiteout_name(udir, name)
+
+    def _place(self, udir: int, name: bytes, build: Callable[[int, bytes], None]) -> bool:
+        """Create NAME in upper dir UDIR with BUILD(dirfd, name); return True if over a whiteout.
+
+        Without a whiteout the object is made in place (as ovl_create_upper). Over one, it is
+        built in the workdir and swapped in with one rename (ovl_create_over_whiteout).
+        """
+        state = self._whiteout_state(udir, name)
+        if state == "none":
+            build(udir, name)
+            return False
+        work = self.stack.work_fd
+        tmp = self.copyup.tmp_name()
+        build(work, tmp)
+        try:
+            if state == "char":
+                _sys.renameat2(work, tmp, udir, name, _sys.RENAME_EXCHANGE)
+                _sys.unlink_at(work, tmp)
+            else:
+                _sys.renameat2(work, tmp, udir, name, _sys.RENAME_NOREPLACE)
+                _sys.unlink_at(udir, whiteout.WH_PREFIX + name)
+        except BaseException:
+            _sys.remove_tree_at(work, tmp)
+            raise
+        return True
+
+    @staticmethod
+    def _owner(
+        parent_st: os.stat_result, caller: Caller, is_dir: bool, mode: int
+    ) -> tuple[int, int, int]:
+        """uid, gid and mode of a new object: a setgid directory hands down its group."""
+        gid = caller.gid
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        elif is_dir:
+            mode &= ~stat.S_ISGID
+        return caller.uid, gid, mode
+
+    def _finish_new(self, parent: Node, name: bytes) -> Node:
+        parent.version += 1
+        res = resolve(self.stack, parent, name)
+        assert res is not None
+        node = node_for(self.table, parent, name, res)
+        node.upper = True
+        return node
+
+    async def _prepare_parent(self, parent: Node, name: bytes) -> int:
+        self._writable()
+        _sys.check_name(name)
+        if resolve(self.stack, parent, name) is not None:
+            raise OSError(errno.EEXIST, "exists")
+        await self.copyup.copy_up(parent)
+        return self._upper_dir(parent)
+
+    # -- creation ----------------------------------------------------------------------------
+
+    async def create(
+        self, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[Node, int]:
+        """Create regular file NAME; return its node and an fd opened with FLAGS."""
+        udir = await self._prepare_parent(parent, name)
+        uid, gid, mode = self._owner(os.fstat(udir), caller, False, mode & ~caller.umask)
+        fds: list[int] = []
+
+        def build(dirfd: int, n: bytes) -> None:
+            fd = _sys.open_at(dirfd, n, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fds.append(fd)
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+
+        try:
+            self._place(udir, name, build)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        # The kernel enforces the caller's access mode on its own file; ours stays O_RDWR.
+        return self._finish_new(parent, name), fds[0]
+
+    async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
+        udir = await self._prepare_parent(parent, name)
+        uid, gid, mode = self._owner(os.fstat(udir), caller, True, mode & ~caller.umask)
+        over = self._whiteout_state(udir, name) != "none"
+
+        def build(dirfd: int, n: bytes) -> None:
+            _sys.mkdir_at(dirfd, n, 0o700)
+            if over:  # whatever the whiteout hid must stay hidden under the new directory
+                _sys.setxattr_at(dirfd, n, xattrs.OPAQUE_W, b"y")
+            _sys.chown_at(dirfd, n, uid, gid)
+            os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
+
+        self._place(udir, name, build)
+        return self._finish_new(parent, name)
+
+    async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+        udir = await self._prepare_parent(parent, name)
+        uid, gid, mode = self._owner(os.fstat(udir), caller, False, mode & ~caller.umask)
+
+        def build(dirfd: int, n: bytes) -> None:
+            _sys.mknod_at(dirfd, n, stat.S_IFMT(mode) | 0o600, rdev)
+            _sys.chown_at(dirfd, n, uid, gid)
+            os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
+
+        self._place(udir, name, build)
+        return self._finish_new(parent, name)
+
+    async def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+        udir = await self._prepare_parent(parent, name)
+        uid, gid, _ = self._owner(os.fstat(udir), caller, False, 0)
+
+        def build(dirfd: int, n: bytes) -> None:
+            _sys.symlink_at(target, dirfd, n)
+            _sys.chown_at(dirfd, n, uid, gid)
+
+        self._place(udir, name, build)
+        return self._finish_new(parent, name)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard link to a directory")
+        udir = await self._prepare_parent(parent, name)
+        await self.copyup.copy_up(node)
+        src = node.path()
+        sdir = self._upper_dir_of(src)
+        self._place(udir, name, lambda d, n: _sys.link_at(sdir, src[-1], d, n))
+        parent.version += 1
+        res = resolve(self.stack, parent, name)
+        assert res is not None
+        return node_for(self.table, parent, name, res)
+
+    def _upper_dir_of(self, path: tuple[bytes, ...]) -> int:
+        assert self.stack.upper is not None
+        return self.stack.upper.dirfd(path[:-1])
+
+    # -- removal -----------------------------------------------------------------------------
+
+    async def unlink(self, parent: Node, name: bytes) -> Node:
+        self._writable()
+        res, node = self._existing(parent, name)
+        if res.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        await self.copyup.copy_up(parent)
+        udir = self._upper_dir(parent)
+        if res.upper:
+            if res.lower_positive:
+                self._replace_with_whiteout(udir, name)
+            else:
+                _sys.unlink_at(udir, name)
+        else:
+            self._whiteout_name(udir, name)
+        parent.version += 1
+        drop_name(node, parent, name)
+        return node
+
+    async def rmdir(self, parent: Node, name: bytes) -> Node:
+        self._writable()
+        res, node = self._existing(parent, name)
+        if not res.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if merged_names(self.stack, node):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        await self.copyup.copy_up(parent)
+        udir = self._upper_dir(parent)
+        assert self.stack.upper is not None
+        path = node.path()
+        if res.upper:
+            if res.lower_positive:
+                self._replace_with_whiteout(udir, name)
+            else:
+                work = self.stack.work_fd
+                tmp = self.copyup.tmp_name()
+                _sys.renameat2(udir, name, work, tmp)  # it may still hold stale whiteouts
+                _sys.remove_tree_at(work, tmp)
+        else:
+            self._whiteout_name(udir, name)
+        self.stack.upper.forget_prefix(path)
+        parent.version += 1
+        drop_name(node, parent, name)
+        return node
+
+    # -- rename ------------------------------------------------------------------------------
+
+    async def rename(self, p1: Node, n1: bytes, p2: Node, n2: bytes, flags: int) -> Node | None:
+        """Rename; return the node that NAME2 named before, if it was replaced."""
+        self._writable()
+        assert self.stack.upper is not None
+        src_res, src = self._existing(p1, n1)
+        _sys.check_name(n2)
+        dst_res = resolve(self.stack, p2, n2)
+        dst = node_for(self.table, p2, n2, dst_res) if dst_res is not None else None
+        if dst is src:
+            return None
+        exchange = bool(flags & _sys.RENAME_EXCHANGE)
+        if flags & _sys.RENAME_NOREPLACE and dst_res is not None:
+            raise OSError(errno.EEXIST, "target exists")
+        if exchange and dst_res is None:
+            raise OSError(errno.ENOENT, "nothing to exchange with")
+        if dst_res is not None and not exchange:
+            if src_res.is_dir and not dst_res.is_dir:
+                raise OSError(errno.ENOTDIR, "target is not a directory")
+            if not src_res.is_dir and dst_res.is_dir:
+                raise OSError(errno.EISDIR, "target is a directory")
+            if dst_res.is_dir and dst is not None and merged_names(self.stack, dst):
+                raise OSError(errno.ENOTEMPTY, "target directory not empty")
+        if src_res.is_dir and _is_ancestor(src, p2):
+            raise OSError(errno.EINVAL, "cannot move a directory into itself")
+
+        await self.copyup.copy_up(p1)
+        await self.copyup.copy_up(p2)
+        await self.copyup.copy_up(src)
+        if exchange and dst is not None:
+            await self.copyup.copy_up(dst)
+        d1, d2 = self._upper_dir(p1), self._upper_dir(p2)
+        old_path = src.path()
+
+        if exchange:
+            assert dst is not None and dst_res is not None
+            self._set_redirect(src, src_res, p2, n2)
+            self._set_redirect(dst, dst_res, p1, n1)
+            _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_EXCHANGE)
+            self.stack.upper.forget_prefix(old_path)
+            self.stack.upper.forget_prefix(dst.path())
+            _swap_names(src, p1, n1, dst, p2, n2)
+            p1.version += 1
+            p2.version += 1
+            return None
+
+        if src_res.is_dir:
+            self._set_redirect(src, src_res, p2, n2)
+            if not src.lowers and (
+                (dst_res is not None and dst_res.lower_positive)
+                or (dst_res is None and self._hidden_below(p2, n2))
+            ):
+                # a pure upper dir landing on a name the lowers still hold must hide them
+                _sys.setxattr_at(d1, n1, xattrs.OPAQUE_W, b"y")
+        if dst_res is not None and dst_res.upper and dst_res.is_dir:
+            # an empty merged target may still hold whiteouts: move it away first
+            work = self.stack.work_fd
+            tmp = self.copyup.tmp_name()
+            _sys.renameat2(d2, n2, work, tmp)
+            _sys.remove_tree_at(work, tmp)
+        state = self._whiteout_state(d2, n2) if dst_res is None or not dst_res.upper else "none"
+        if state == "char" and src_res.is_dir:
+            _sys.unlink_at(d2, n2)  # a directory cannot be renamed over a char device
+        elif state == "oci":
+            _sys.unlink_at(d2, whiteout.WH_PREFIX + n2)
+        need_whiteout = src_res.lower_positive
+        if need_whiteout and self.mknod_whiteouts:
+            try:
+                _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_WHITEOUT)
+                need_whiteout = False
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                _sys.renameat2(d1, n1, d2, n2)
+        else:
+            _sys.renameat2(d1, n1, d2, n2)
+        if need_whiteout:
+            self._whiteout_name(d1, n1)
+        self.stack.upper.forget_prefix(old_path)
+        if dst is not None:
+            self.stack.upper.forget_prefix(dst.path())
+            drop_name(dst, p2, n2)
+        move_name(src, p1, n1, p2, n2)
+        p1.version += 1
+        p2.version += 1
+        return dst
+
+    def _hidden_below(self, parent: Node, name: bytes) -> bool:
+        """True if a lower below PARENT holds NAME (hidden now by a whiteout in the upper)."""
+        for layer, dpath in parent.lowers:
+            listing = layer.listing(dpath)
+            if name in listing.entries:
+                return True
+            if name in listing.whiteouts:
+                return False
+        return False
+
+    def _set_redirect(self, node: Node, res: Resolution, p2: Node, n2: bytes) -> None:
+        """Point a moved directory at its lower part with an absolute redirect (redirect_dir)."""
+        if not res.is_dir or not node.lowers:
+            return
+        target = b"/" + b"/".join(node.lowers[0][1])
+        if node.path() == (*p2.path(), n2) and target == b"/" + b"/".join(node.path()):
+            return
+        udir = self._upper_dir_of(node.path())
+        _sys.setxattr_at(udir, node.path()[-1], xattrs.REDIRECT_W, target)
+
+
+def _is_ancestor(node: Node, other: Node) -> bool:
+    n: Node | None = other
+    while n is not None:
+        if n is node:
+            return True
+        n = n.parent
+    return False
+
+
+def drop_name(node: Node, parent: Node, name: bytes) -> None:
+    """Forget that NAME in PARENT names NODE (unlink, or replaced by a rename)."""
+    if node.aliases:
+        node.aliases = [a for a in node.aliases if a != (parent, name)]
+        if node.aliases and (node.parent, node.name) == (parent, name):
+            node.parent, node.name = node.aliases[0]
+        if len(node.aliases) <= 1:
+            node.aliases = None
+        if node.aliases is None and (node.parent, node.name) != (parent, name):
+            return
+    if (node.parent, node.name) == (parent, name):
+        node.name = b""  # unlinked: reachable only through open handles now
+
+
+def move_name(node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
+    if node.aliases:
+        node.aliases = [(p2, n2) if a == (p1, n1) else a for a in node.aliases]
+    if (node.parent, node.name) == (p1, n1) or node.is_dir:
+        node.parent, node.name = p2, n2
+
+
+def _swap_names(a: Node, p1: Node, n1: bytes, b: Node, p2: Node, n2: bytes) -> None:
+    move_name(a, p1, n1, p2, n2)
+    move_name(b, p2, n2, p1, n1)

@@ -1,0 +1,301 @@
+"""The pyfuse3 adapter: translate each request, call the Overlay, translate the answer.
+
+Thin on purpose: a routing table. OSError becomes FUSEError with its errno; anything else is a
+bug, logged with its traceback and answered with EIO; the daemon never dies on a request.
+
+Kernel caching (DESIGN.md, performance levers): lowers are immutable and every change goes
+through us, so entries, attributes and negative lookups are cached for a long time, and lower
+file contents stay in the page cache across opens (keep_cache).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import pyfuse3
+
+from layerfs.attrs import Attr, Caller, SetAttr
+from layerfs.overlay import Overlay
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 3600.0  # seconds the kernel may trust an entry or an attribute
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errors(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return cast(F, wrapper)
+
+
+def _entry(a: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = pyfuse3.InodeT(a.ino)
+    e.generation = 0
+    e.entry_timeout = TIMEOUT
+    e.attr_timeout = TIMEOUT
+    e.st_mode = pyfuse3.ModeT(a.mode)
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_rdev = a.rdev
+    e.st_size = a.size
+    e.st_blksize = a.blksize
+    e.st_blocks = a.blocks
+    e.st_atime_ns = a.atime_ns
+    e.st_mtime_ns = a.mtime_ns
+    e.st_ctime_ns = a.ctime_ns
+    return e
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers over one Overlay."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, overlay: Overlay) -> None:
+        super().__init__()
+        self.fs = overlay
+
+    @_errors
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            return _entry(self.fs.lookup(parent_inode, name))
+        except FileNotFoundError:
+            neg = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the negative entry
+            neg.entry_timeout = TIMEOUT
+            return neg
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        try:
+            self.fs.forget([(int(i), n) for i, n in inode_list])
+        except Exception:
+            log.exception("forget failed")
+
+    @_errors
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(self.fs.getattr(inode))
+
+    @_errors
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        ch = SetAttr(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return _entry(await self.fs.setattr(inode, ch, fh))
+
+    @_errors
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @_errors
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.mknod(parent_inode, name, mode, rdev, _caller(ctx)))
+
+    @_errors
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.mkdir(parent_inode, name, mode, _caller(ctx)))
+
+    @_errors
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @_errors
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        target: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.symlink(parent_inode, name, target, _caller(ctx)))
+
+    @_errors
+    async def rename(
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: bytes,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: bytes,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return _entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @_errors
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        fh = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+
+    @_errors
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, _caller(ctx))
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), _entry(attr)
+
+    @_errors
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        return await self.fs.files.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        return await self.fs.files.write(fh, off, buf)
+
+    @_errors
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+    @_errors
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self.fs.release(fh)
+
+    @_errors
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.fs.files.fsync(fh, datasync)
+
+    @_errors
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        return pyfuse3.FileHandleT(self.fs.opendir(inode))
+
+    @_errors
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        for name, node, attr, nxt in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, _entry(attr), nxt):
+                break
+            if name not in (b".", b".."):
+                node.nlookup += 1  # readdirplus: the kernel now holds a reference
+
+    @_errors
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self.fs.releasedir(fh)
+
+    @_errors
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        pass
+
+    @_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        v = self.fs.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize, s.f_frsize = v.f_bsize, v.f_frsize
+        s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
+        s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
+        s.f_namemax = v.f_namemax
+        return s
+
+    @_errors
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[bytes]:
+        return self.fs.listxattr(inode)
+
+    @_errors
+    async def setxattr(
+        self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.setxattr(inode, name, value)
+
+    @_errors
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.removexattr(inode, name)
+
+
+def fuse_options(overlay: Overlay) -> set[str]:
+    """The mount options: kernel permission checks, dev/suid for a container rootfs."""
+    cfg = overlay.config
+    opts = {"default_permissions", "dev", "suid", f"fsname={cfg.fsname}", "subtype=layerfs"}
+    allow_other = cfg.allow_other if cfg.allow_other is not None else os.geteuid() == 0
+    if allow_other:
+        opts.add("allow_other")
+    if overlay.stack.upper is None:
+        opts.add("ro")
+    opts.update(cfg.extra_fuse_options)
+    return opts

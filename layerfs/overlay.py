@@ -1,0 +1,304 @@
+"""The Overlay facade: one method per filesystem operation, in engine types (no pyfuse3).
+
+It owns the layer stack, the inode table, the copy-up engine, the namespace and file tables,
+and answers each request from them. Errors are OSError with an errno; the adapter maps them.
+
+Caveats (deliberate divergences from kernel overlayfs):
+- Copy-up writes no ``overlay.origin``/``impure`` xattrs: inode numbers of copied-up files are
+  kept for the life of the mount, not across remounts (kernel: across remounts too).
+- The root directory's st_ino is 1 (FUSE's root node id), not the lower root's.
+
+Kernel analogue: fs/overlayfs/inode.c (ovl_getattr, ovl_setattr, ovl_xattr_*), super.c.
+Must not import: pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+
+from layerfs import _sys, xattrs
+from layerfs.attrs import Attr, Caller, SetAttr
+from layerfs.config import MountConfig
+from layerfs.copyup import CopyUp
+from layerfs.files import Files
+from layerfs.inodes import ROOT_INO, InodeTable, Node
+from layerfs.layers import LayerStack
+from layerfs.lookup import node_for, resolve
+from layerfs.namespace import Namespace
+from layerfs.readdir import DirHandle, merged_names
+
+log = logging.getLogger(__name__)
+
+
+class Overlay:
+    """A mounted layer stack, served by the methods below."""
+
+    def __init__(self, config: MountConfig) -> None:
+        self.config = config
+        self.stack = LayerStack(config.lowers, config.upper, config.workdir)
+        self.table = InodeTable(self.stack.devs)
+        self.copyup = CopyUp(self.stack, self.table, fsync=not config.volatile)
+        self.ns = Namespace(self.stack, self.table, self.copyup)
+        self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
+        self.dirs: dict[int, DirHandle] = {}
+        self._dir_ids = 0
+        self.root = self._make_root()
+
+    def _make_root(self) -> Node:
+        top = self.stack.lowers[0] if self.stack.lowers else self.stack.upper
+        assert top is not None
+        st = os.fstat(top.root_fd)
+        lowers = []
+        for layer in self.stack.lowers:
+            lowers.append((layer, ()))
+            if layer.listing(()).opaque:
+                break
+        root = Node((st.st_dev, st.st_ino), True, None, b"", self.stack.upper is not None, lowers)
+        root.nlookup = 1
+        return self.table.add(root, ROOT_INO)
+
+    def close(self) -> None:
+        for fh in list(self.files.handles):
+            self.files.release(fh)
+        self.stack.close()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            **self.table.statistics(),
+            **{f"copyup_{k}": v for k, v in self.copyup.statistics().items()},
+            **self.files.statistics(),
+            "open_dirs": len(self.dirs),
+        }
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def _lstat(self, node: Node) -> os.stat_result:
+        try:
+            dirfd, name = self.files.real_location(node)
+        except OSError:
+            st = self.files.fstat(node)
+            if st is None:
+                raise
+            return st
+        if not name:
+            return os.fstat(dirfd)
+        return _sys.lstat_at(dirfd, name)
+
+    def attr(self, node: Node, st: os.stat_result | None = None) -> Attr:
+        if st is None:
+            st = self._lstat(node)
+        nlink = 1 if node.merged else None  # merged dirs read nlink 1, as in ovl_getattr
+        return Attr.from_stat(self.table.ino_of(node), st, nlink)
+
+    def getattr(self, ino: int) -> Attr:
+        return self.attr(self.table.get(ino))
+
+    def lookup(self, parent_ino: int, name: bytes) -> Attr:
+        """Resolve NAME and count a lookup on its node (pyfuse3's lookup contract)."""
+        parent = self.table.get(parent_ino)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            if not parent.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            _sys.check_name(name)
+            res = resolve(self.stack, parent, name)
+            if res is None:
+                raise OSError(errno.ENOENT, "no such entry")
+            node = node_for(self.table, parent, name, res)
+            node.nlookup += 1
+            return self.attr(node, res.st)
+        node.nlookup += 1
+        return self.attr(node)
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, n in items:
+            self.table.forget(ino, n)
+
+    def counted(self, node: Node) -> Attr:
+        """Count a lookup on a node just created and return its attributes."""
+        node.nlookup += 1
+        return self.attr(node)
+
+    async def setattr(self, ino: int, ch: SetAttr, fh: int | None) -> Attr:
+        node = self.table.get(ino)
+        if self.stack.upper is None:
+            raise OSError(errno.EROFS, "read-only stack")
+        if fh is not None and ch.size is not None:
+            h = self.files.get(fh)
+            os.ftruncate(h.fd, ch.size)
+        elif ch.size is not None:
+            if node.is_dir:
+                raise OSError(errno.EISDIR, "is a directory")
+            await self.copyup.copy_up(node, data_len=ch.size)
+        else:
+            await self.copyup.copy_up(node)
+        dirfd, name = self.files.real_location(node)
+        if ch.size is not None and fh is None:
+            fd = _sys.open_at(dirfd, name, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, ch.size)
+            finally:
+                os.close(fd)
+        target = name or b"."
+        if ch.uid is not None or ch.gid is not None:
+            uid = -1 if ch.uid is None else ch.uid
+            gid = -1 if ch.gid is None else ch.gid
+            os.chown(target, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+        if ch.mode is not None:
+            _sys.chmod_at(dirfd, target, stat.S_IMODE(ch.mode))
+        if ch.atime_ns is not None or ch.mtime_ns is not None:
+            st = _sys.lstat_at(dirfd, target)
+            atime = st.st_atime_ns if ch.atime_ns is None else ch.atime_ns
+            mtime = st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns
+            _sys.utime_at(dirfd, target, atime, mtime)
+        return self.attr(node)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.table.get(ino)
+        dirfd, name = self.files.real_location(node)
+        return _sys.readlink_at(dirfd, name)
+
+    def statfs(self) -> os.statvfs_result:
+        layer = self.stack.upper or self.stack.lowers[0]
+        return os.statvfs(_sys.proc_path(layer.root_fd))
+
+    # -- files -------------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self.table.get(ino)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        return await self.files.open(node, flags)
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Attr]:
+        parent = self.table.get(parent_ino)
+        node, fd = await self.ns.create(parent, name, mode, flags, caller)
+        fh = self.files.add(fd, node, True, True)
+        return fh, self.counted(node)
+
+    def release(self, fh: int) -> None:
+        self.files.release(fh)
+
+    # -- namespace ---------------------------------------------------------------------------
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        node = await self.ns.mkdir(self.table.get(parent_ino), name, mode, caller)
+        return self.counted(node)
+
+    async def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, caller: Caller
+    ) -> Attr:
+        node = await self.ns.mknod(self.table.get(parent_ino), name, mode, rdev, caller)
+        return self.counted(node)
+
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        node = await self.ns.symlink(self.table.get(parent_ino), name, target, caller)
+        return self.counted(node)
+
+    async def link(self, ino: int, parent_ino: int, name: bytes) -> Attr:
+        node = await self.ns.link(self.table.get(ino), self.table.get(parent_ino), name)
+        return self.counted(node)
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        await self.ns.unlink(self.table.get(parent_ino), name)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        await self.ns.rmdir(self.table.get(parent_ino), name)
+
+    async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
+        await self.ns.rename(self.table.get(p1), n1, self.table.get(p2), n2, flags)
+
+    # -- directories -------------------------------------------------------------------------
+
+    def opendir(self, ino: int) -> int:
+        node = self.table.get(ino)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        self._dir_ids += 1
+        self.dirs[self._dir_ids] = DirHandle(node, self._snapshot(node))
+        node.opens += 1
+        return self._dir_ids
+
+    def _snapshot(self, node: Node) -> list[bytes]:
+        return [b".", b"..", *merged_names(self.stack, node)]
+
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Node, Attr, int]]:
+        """Yield (name, node, attr, next offset) from offset START of the handle's snapshot.
+
+        The caller counts a lookup (``counted_entry``) for each entry the kernel accepted,
+        except ``.`` and ``..``, for which the kernel takes none.
+        """
+        dh = self.dirs.get(fh)
+        if dh is None:
+            raise OSError(errno.EBADF, "bad directory handle")
+        node = dh.node
+        if start == 0 and dh.version != node.version:
+            dh.names = self._snapshot(node)
+            dh.version = node.version
+        for i in range(start, len(dh.names)):
+            name = dh.names[i]
+            if name == b".":
+                yield name, node, self.attr(node), i + 1
+                continue
+            if name == b"..":
+                parent = node.parent or node
+                yield name, parent, self.attr(parent), i + 1
+                continue
+            try:
+                res = resolve(self.stack, node, name)
+            except OSError:
+                continue
+            if res is None:
+                continue  # removed since the snapshot
+            child = node_for(self.table, node, name, res)
+            yield name, child, self.attr(child, res.st), i + 1
+
+    def releasedir(self, fh: int) -> None:
+        dh = self.dirs.pop(fh, None)
+        if dh is not None:
+            dh.node.opens -= 1
+            self.table.release(dh.node)
+
+    # -- xattrs ------------------------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if xattrs.is_private(name):
+            raise OSError(errno.ENODATA, "no such attribute")
+        dirfd, real = self.files.real_location(self.table.get(ino))
+        return os.getxattr(_sys.proc_path(dirfd, real), name, follow_symlinks=False)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        dirfd, real = self.files.real_location(self.table.get(ino))
+        return xattrs.visible(_sys.listxattr_at(dirfd, real))
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if xattrs.is_private(name):
+            raise OSError(errno.EPERM, "overlay-private attribute")
+        node = await self._copied_up(ino)
+        dirfd, real = self.files.real_location(node)
+        os.setxattr(_sys.proc_path(dirfd, real), name, value, follow_symlinks=False)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        if xattrs.is_private(name):
+            raise OSError(errno.ENODATA, "no such attribute")
+        node = self.table.get(ino)
+        self.getxattr(ino, name)  # ENODATA before any copy-up
+        node = await self._copied_up(ino)
+        dirfd, real = self.files.real_location(node)
+        os.removexattr(_sys.proc_path(dirfd, real), name, follow_symlinks=False)
+
+    async def _copied_up(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if self.stack.upper is None:
+            raise OSError(errno.EROFS, "read-only stack")
+        await self.copyup.copy_up(node)
+        return node
