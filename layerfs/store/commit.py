@@ -88,7 +88,7 @@ def write_layer_blob(
         inner = HashingWriter(cast(BinaryIO, comp))
         buffered = io.BufferedWriter(cast(io.RawIOBase, inner), buffer_size=1 << 20)
         with tarfile.open(
-            fileobj=buffered, mode="w", format=tarfile.PAX_FORMAT, errors="surrogateescape"
+            fileobj=buffered, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
         ) as tf:
             walker = _UpperWalker(tf, progress)
             walker.run(upper)

@@ -81,7 +81,8 @@ def _walk(
         if kind:
             _record(out, changed_dirs, path, kind)
         if is_dir:
-            changed_dirs.add(_abs(path))
+            if kind:
+                changed_dirs.add(_abs(path))
             cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             try:
                 if below is not None and _is_opaque(cfd):
