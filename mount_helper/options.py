@@ -158,6 +158,8 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
     if upper is None and workdir is not None:
         st.warnings.append("workdir is ignored without an upperdir (read-only mount)")
         workdir = None
+    if upper is None:
+        st.flags["ro"] = True  # a stack without an upper cannot be mounted rw
 
     squash_uid, squash_gid = st.squash_to_uid, st.squash_to_gid
     if st.squash_to_root:

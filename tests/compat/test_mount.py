@@ -243,6 +243,39 @@ def test_source_mountpoint_shape(program: Program, storage: Storage) -> None:
     unmount_and_check_exit(storage.merged)
 
 
+def mount_flags(mnt: Path) -> set[str]:
+    """The per-mount options of ``mnt`` (field 6 of /proc/self/mountinfo)."""
+    want = os.fsencode(os.path.realpath(mnt))
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[4] == want:
+                return set(fields[5].decode().split(","))
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected", "absent"),
+    [
+        # containers/storage's default mountopt is "nodev"
+        ("nodev,nosuid,noexec", {"nodev", "nosuid", "noexec"}, set()),
+        ("dev,suid", set(), {"nodev", "nosuid"}),
+    ],
+)
+def test_mount_flags_follow_options(
+    program: Program, storage: Storage, given: str, expected: set[str], absent: set[str]
+) -> None:
+    top, bottom = storage.layer_links
+    ctr = storage.container
+    label = f"lowerdir={top}:{bottom},upperdir={ctr}/diff,workdir={ctr}/work,{given}"
+    rc, err, _ = run_like_containers_storage(program, storage, label, f"{ctr}/merged")
+    assert rc == 0, err
+    flags = mount_flags(storage.merged)
+    assert expected <= flags, flags
+    assert not absent & flags, flags
+    unmount_and_check_exit(storage.merged)
+
+
 NAMESPACE_SCRIPT = r"""
 set -eu
 mount --bind "$SBIN" /usr/sbin

@@ -96,6 +96,9 @@ def test_missing_lowerdir() -> None:
 def test_read_only_stack_without_upper() -> None:
     c = cfg("lowerdir=/a:/b")
     assert (c.upper, c.workdir) == (None, None)
+    # mount.fuse3 passes "rw"; a stack without an upper is still mounted read-only
+    assert "ro" in cfg("rw,lowerdir=/a").extra_fuse_options
+    assert "rw" not in cfg("rw,lowerdir=/a").extra_fuse_options
 
 
 def test_ro_with_upper_mounts_upper_read_only_on_top() -> None:
@@ -158,9 +161,10 @@ def test_unknown_options_warn_but_never_fail() -> None:
 
 
 def test_fuse_flags_defaults_follow_fuse_overlayfs() -> None:
-    assert set(cfg("lowerdir=/a", euid=0).extra_fuse_options) == {"noatime", "suid"}
-    assert set(cfg("lowerdir=/a", euid=1000).extra_fuse_options) == {"noatime"}
-    flags = cfg("lowerdir=/a,nosuid,atime,noexec,nodev", euid=0).extra_fuse_options
+    rw = "lowerdir=/a,upperdir=/u,workdir=/w"
+    assert set(cfg(rw, euid=0).extra_fuse_options) == {"noatime", "suid"}
+    assert set(cfg(rw, euid=1000).extra_fuse_options) == {"noatime"}
+    flags = cfg(rw + ",nosuid,atime,noexec,nodev", euid=0).extra_fuse_options
     assert set(flags) == {"nosuid", "atime", "noexec", "nodev"}
 
 
