@@ -179,3 +179,23 @@ def test_allow_other_debug_fsname_log() -> None:
 
 def test_last_lowerdir_wins() -> None:
     assert cfg("lowerdir=/a", "lowerdir=/b").lowers == ("/b",)
+
+
+def test_podman_4_3_golden_argv() -> None:
+    # Recorded from podman 4.3.1 (Debian 12) `podman run --rm` with mountopt = "nodev": the
+    # driver turns nodev into a mount flag and passes only the data part, plus "volatile".
+    home = "/g/overlay"
+    ctr = f"{home}/3ed6ab02756a9235b3ec25def1a0674c72293eb9094af16be7171eb282ad686a"
+    argv = [
+        "-o",
+        f"lowerdir={home}/l/W34UXANTCA7CHPMMDIUYERJWTO,upperdir={ctr}/diff,workdir={ctr}/work,"
+        "volatile",
+        f"{ctr}/merged",
+    ]
+    c = build_config(parse_argv(argv), home, euid=0)
+    assert c.lowers == (f"{home}/l/W34UXANTCA7CHPMMDIUYERJWTO",)
+    assert (c.upper, c.workdir, c.mountpoint) == (f"{ctr}/diff", f"{ctr}/work", f"{ctr}/merged")
+    assert c.volatile and not c.fsync
+    assert c.warnings == ()
+    # `podman info` runs the program with --version alone
+    assert parse_argv(["--version"]).action == "version"
