@@ -21,8 +21,9 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class Attr:
-    """The attributes of a merged object, as users see them (st_ino is ours)."""
+    """The attributes of a merged object: its node id, and its stat as users see it."""
 
+    id: int
     ino: int
     mode: int
     nlink: int
@@ -37,8 +38,9 @@ class Attr:
     ctime_ns: int
 
     @classmethod
-    def from_stat(cls, ino: int, st: os.stat_result, nlink: int | None = None) -> Attr:
+    def from_stat(cls, node_id: int, ino: int, st: os.stat_result, nlink: int | None) -> Attr:
         return cls(
+            node_id,
             ino,
             st.st_mode,
             st.st_nlink if nlink is None else nlink,

@@ -62,9 +62,8 @@ class CopyUp:
         if parent is not None and not parent.upper:
             await self.copy_up(parent)
         async with self.locks.hold(node.key):
-            if node.upper:  # another request copied it while we waited
-                return
-            await self._copy_up_locked(node, data_len)
+            if not already_copied_up(node):  # another request may have copied it meanwhile
+                await self._copy_up_locked(node, data_len)
 
     async def _copy_up_locked(self, node: Node, data_len: int | None) -> None:
         assert self.stack.upper is not None and node.parent is not None
@@ -102,9 +101,11 @@ class CopyUp:
         finally:
             os.close(ldir)
             os.close(udir)
-        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-            # st_ino survives copy-up (OVL_CONST_INO); a lower hard link is broken instead.
-            self.table.origin_of[(ust.st_dev, ust.st_ino)] = node.key
+        if not stat.S_ISDIR(st.st_mode):
+            if st.st_nlink > 1:
+                node.origin = None  # the copy-up broke a lower hard link: show the upper's ino
+            # st_ino survives copy-up (OVL_CONST_INO), also once the kernel forgot the node
+            self.table.copied_up[(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
         node.upper = True
         self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "files"] += 1
         log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
@@ -139,6 +140,11 @@ class CopyUp:
                 os.close(dst)
         finally:
             os.close(src)
+
+
+def already_copied_up(node: Node) -> bool:
+    """Re-read after waiting for the node's lock (ovl_already_copied_up)."""
+    return node.upper
 
 
 def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:

@@ -1,20 +1,28 @@
-"""The inode table: merged objects (Nodes), their stable inode numbers and lookup counts.
+"""The inode table: merged objects (Nodes), their FUSE node ids, st_ino and lookup counts.
 
-st_ino (which pyfuse3 also uses as the FUSE node id) follows kernel overlayfs: the real inode
-number of the object's origin, i.e. the topmost lower for a merged directory or a lower file, the
-upper for a pure-upper object, and still the lower's after a copy-up (OVL_CONST_INO), except for
-lower hard links, whose copy-up breaks the link as with ``index=off``. When the layers sit on
-several filesystems, the layer's filesystem index goes into the top bits (xino-style).
+Two numbers per object, as in the FUSE protocol: the node id the kernel uses to name it to us
+(a counter, never reused), and the st_ino users see, which follows kernel overlayfs:
+- a directory shows its topmost lower directory's inode number (the upper's if it has none);
+- a lower file shows the lower's number, and keeps it when copied up (OVL_CONST_INO), except a
+  file whose lower had several links: its copy-up breaks the link, as with ``index=off``, and
+  it shows the upper's number from then on;
+- a pure upper object shows the upper's number.
+With layers on several filesystems, the filesystem's index goes into the top bits (xino).
 
-Lookup counts follow pyfuse3's contract: +1 per lookup/create/readdirplus entry, -n per forget;
-a node leaves the table at zero unless a handle keeps it open.
+Identity (which node a lookup returns) is the real object: two names of one upper inode are
+one node (a hard link). Lower hard links in a writable stack are one node *per name*, since a
+copy-up through one name must not change what the others show (kernel ``index=off``).
 
-Kernel analogue: fs/overlayfs/inode.c (ovl_get_inode, ovl_map_ino), export.c.
+Lookup counts follow pyfuse3's contract: +1 per lookup/create/readdirplus entry, -n per
+forget; a node leaves the table at zero unless an open handle keeps it.
+
+Kernel analogue: fs/overlayfs/inode.c (ovl_get_inode, ovl_map_ino), util.c.
 Must not import: pyfuse3, trio.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -23,28 +31,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = 1
+ROOT_ID = 1
 XINO_SHIFT = 56
+
+Key = tuple[int, int] | tuple[int, int, int, bytes]
 
 
 class Node:
     """One object of the merged view.
 
-    ``parent``/``name`` is a current name of the object (directories have exactly one; a hard
-    link has several, all in ``aliases``). ``upper`` says whether the object has been copied up
-    or created in the upper, where its path is the merged path. ``lowers`` are the real lower
-    objects: the origin for a non-directory, the merged stack (down to an opaque one) for a
-    directory.
+    ``parent``/``name`` is a current name of the object (a directory has exactly one; a hard
+    link has several, listed in ``aliases`` once a second one was seen; ``name`` is empty once
+    the last one is gone). ``upper``: the object exists in the upper, at its merged path.
+    ``lowers``: the real lower objects, the origin for a non-directory, the merged stack (down
+    to an opaque one) for a directory. ``origin``: the (st_dev, st_ino) that st_ino shows,
+    when it comes from a lower (see the module docstring).
     """
 
     __slots__ = (
         "aliases",
+        "id",
         "is_dir",
         "key",
         "lowers",
         "name",
         "nlookup",
         "opens",
+        "origin",
         "parent",
         "upper",
         "version",
@@ -52,23 +65,26 @@ class Node:
 
     def __init__(
         self,
-        key: tuple[int, int],
+        key: Key,
         is_dir: bool,
         parent: Node | None,
         name: bytes,
         upper: bool,
         lowers: list[tuple[Layer, Path]],
+        origin: tuple[int, int] | None,
     ) -> None:
+        self.id = 0
         self.key = key
         self.is_dir = is_dir
         self.parent = parent
         self.name = name
         self.upper = upper
         self.lowers = lowers
+        self.origin = origin
         self.nlookup = 0
         self.opens = 0
         self.version = 0  # bumped on every change of a directory's entries
-        self.aliases: list[tuple[Node, bytes]] | None = None  # only for hard links seen twice
+        self.aliases: list[tuple[Node, bytes]] | None = None
 
     def path(self) -> Path:
         parts: list[bytes] = []
@@ -86,74 +102,56 @@ class Node:
 
 
 class InodeTable:
-    """Maps inode numbers and real identities to Nodes; counts lookups."""
+    """Maps node ids and real identities to Nodes; counts lookups; computes st_ino."""
 
-    def __init__(self, devs: list[int]) -> None:
+    def __init__(self, devs: list[int], *, writable: bool) -> None:
         self._devs = devs
+        self.writable = writable  # a stack with an upper: lower hard links are per name
         self.nodes: dict[int, Node] = {}
-        self._by_key: dict[tuple[int, int], int] = {}
-        self._next_private = (1 << 63) + 1
-        self.origin_of: dict[tuple[int, int], tuple[int, int]] = {}  # upper key -> lower key
+        self._by_key: dict[Key, Node] = {}
+        self._ids = itertools.count(ROOT_ID + 1)
+        # upper (st_dev, st_ino) of a file copied up in this mount -> its node's key, so that a
+        # node forgotten and looked up again keeps its identity and st_ino
+        self.copied_up: dict[tuple[int, int], tuple[Key, tuple[int, int] | None]] = {}
 
     def statistics(self) -> dict[str, int]:
-        return {"nodes": len(self.nodes), "copied_up": len(self.origin_of)}
+        return {"nodes": len(self.nodes), "copied_up": len(self.copied_up)}
 
-    def ino_for(self, key: tuple[int, int]) -> int:
-        """Map a real (st_dev, st_ino) to the inode number shown to users."""
-        ino = self._by_key.get(key)
-        if ino is not None:
+    def st_ino(self, dev: int, ino: int) -> int:
+        """Map a real (st_dev, st_ino) to the st_ino users see (xino-style when several fs)."""
+        if len(self._devs) <= 1 or dev == self._devs[0]:
             return ino
-        dev, real = key
         fsid = self._devs.index(dev) if dev in self._devs else len(self._devs)
-        if fsid == 0 and real != ROOT_INO:
-            ino = real
-        elif real < (1 << XINO_SHIFT) and fsid < 127:
-            ino = real | (fsid << XINO_SHIFT)
-        else:
-            ino = self._private_ino()
-        if ino in self.nodes and self.nodes[ino].key != key:
-            ino = self._private_ino()  # never give two live objects one number
-        return ino
+        if ino < (1 << XINO_SHIFT) and fsid < 128:
+            return ino | (fsid << XINO_SHIFT)
+        return ino  # does not fit: show it unmapped rather than invent a number
 
-    def _private_ino(self) -> int:
-        ino = self._next_private
-        self._next_private += 1
-        return ino
-
-    def get(self, ino: int) -> Node:
-        node = self.nodes.get(ino)
+    def get(self, node_id: int) -> Node:
+        node = self.nodes.get(node_id)
         if node is None:
-            raise OSError(2, "stale inode")  # ENOENT: the kernel asked for a forgotten node
+            raise OSError(2, "stale node id")  # the kernel asked for a forgotten node
         return node
 
-    def find(self, key: tuple[int, int]) -> Node | None:
-        ino = self._by_key.get(key)
-        return self.nodes.get(ino) if ino is not None else None
+    def find(self, key: Key) -> Node | None:
+        return self._by_key.get(key)
 
-    def add(self, node: Node, ino: int) -> Node:
-        self.nodes[ino] = node
-        self._by_key[node.key] = ino
+    def add(self, node: Node, node_id: int | None = None) -> Node:
+        node.id = next(self._ids) if node_id is None else node_id
+        self.nodes[node.id] = node
+        self._by_key[node.key] = node
         return node
 
-    def ino_of(self, node: Node) -> int:
-        return self._by_key[node.key]
-
-    def forget(self, ino: int, n: int) -> None:
-        node = self.nodes.get(ino)
+    def forget(self, node_id: int, n: int) -> None:
+        node = self.nodes.get(node_id)
         if node is None:
             return
         node.nlookup -= n
-        if node.nlookup <= 0 and node.opens == 0 and ino != ROOT_INO:
-            self.drop(ino)
+        self.release(node)
 
     def release(self, node: Node) -> None:
-        """Drop NODE once it has neither lookups nor open handles (after a release)."""
-        if node.opens <= 0 and node.nlookup <= 0:
-            ino = self._by_key.get(node.key)
-            if ino is not None and ino != ROOT_INO and self.nodes.get(ino) is node:
-                self.drop(ino)
-
-    def drop(self, ino: int) -> None:
-        node = self.nodes.pop(ino, None)
-        if node is not None and self._by_key.get(node.key) == ino:
-            del self._by_key[node.key]
+        """Drop NODE once it has neither lookups nor open handles."""
+        if node.opens <= 0 and node.nlookup <= 0 and node.id != ROOT_ID:
+            if self.nodes.get(node.id) is node:
+                del self.nodes[node.id]
+            if self._by_key.get(node.key) is node:
+                del self._by_key[node.key]

@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from layerfs import _sys, whiteout, xattrs
-from layerfs.inodes import InodeTable, Node
+from layerfs.inodes import InodeTable, Key, Node
 from layerfs.layers import Layer, LayerStack, Path
 
 
@@ -35,12 +35,6 @@ class Resolution:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.st.st_mode)
-
-    def key(self) -> tuple[int, int]:
-        """The real identity that decides the inode number (see inodes.py)."""
-        if self.origin is not None and (self.is_dir or not self.upper):
-            return self.origin
-        return (self.st.st_dev, self.st.st_ino)
 
 
 def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
@@ -75,7 +69,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     upper_st: os.stat_result | None = None
     search: list[tuple[Layer, Path]] = parent.lowers
     lname = name
-    stop_lowers = False
+    stop_lowers = redirected = False
     if parent.upper and stack.upper is not None:
         ufd = stack.upper.dirfd(ppath)
         st = _sys.lstat_at_or_none(ufd, name)
@@ -89,6 +83,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                     stop_lowers = True
                 elif redirect:
                     search, lname = _redirected(stack, parent, redirect)
+                    redirected = True
         elif _sys.lstat_at_or_none(ufd, whiteout.WH_PREFIX + name) is not None:
             return None  # .wh.NAME whiteout, as fuse-overlayfs writes where mknod is refused
 
@@ -125,7 +120,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 break
     if top_st is None:
         return None
-    if search is not parent.lowers:  # redirected: whiteout needs are decided by NAME here
+    if redirected:  # whether removing NAME needs a whiteout depends on NAME, not the target
         positive = lower_positive(stack, parent, name)
     return Resolution(top_st, upper_st is not None, lowers, positive, origin_nlink, origin)
 
@@ -164,20 +159,30 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     """Return the Node for the object RES found as NAME in PARENT, creating it on first sight.
 
     A known node is refreshed (it may have been copied up, or renamed by us); a second name of
-    a hard link becomes an alias of the same node.
+    an upper hard link becomes an alias of the same node. See inodes.py for identities.
     """
-    key = res.key()
-    if res.upper and not res.is_dir:
-        key = table.origin_of.get(key, key)
+    real = (res.st.st_dev, res.st.st_ino)
+    key: Key
+    origin = res.origin
+    if res.is_dir:
+        key = origin or real
+    elif res.upper:
+        key, origin = table.copied_up.get(real, (real, None))
+    elif res.origin_nlink > 1 and table.writable:
+        key = (real[0], real[1], parent.id, name)  # one node per name (index=off)
+    else:
+        key = real
     node = table.find(key)
     if node is None:
-        node = Node(key, res.is_dir, parent, name, res.upper, res.lowers)
-        return table.add(node, table.ino_for(key))
+        node = Node(key, res.is_dir, parent, name, res.upper, res.lowers, origin)
+        return table.add(node)
     if node.parent is not parent or node.name != name:
-        if node.is_dir:
+        if node.is_dir or not node.name:
             node.parent, node.name = parent, name
         else:
-            aliases = node.aliases if node.aliases is not None else [(node.parent, node.name)]
+            aliases = node.aliases
+            if aliases is None:
+                aliases = [(node.parent, node.name)] if node.parent is not None else []
             if (parent, name) not in aliases:
                 aliases.append((parent, name))
             node.aliases = aliases

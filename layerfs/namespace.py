@@ -181,11 +181,13 @@ class Namespace:
     async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
         udir = await self._prepare_parent(parent, name)
         uid, gid, mode = self._owner(os.fstat(udir), caller, True, mode & ~caller.umask)
-        over = self._whiteout_state(udir, name) != "none"
+        # Over a whiteout, what it hid must stay hidden; in a merged parent, the kernel marks
+        # every new directory opaque too (ovl_create_upper: "just an optimization").
+        opaque = self._whiteout_state(udir, name) != "none" or bool(parent.lowers)
 
         def build(dirfd: int, n: bytes) -> None:
             _sys.mkdir_at(dirfd, n, 0o700)
-            if over:  # whatever the whiteout hid must stay hidden under the new directory
+            if opaque:
                 _sys.setxattr_at(dirfd, n, xattrs.OPAQUE_W, b"y")
             _sys.chown_at(dirfd, n, uid, gid)
             os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
@@ -316,8 +318,8 @@ class Namespace:
 
         if exchange:
             assert dst is not None and dst_res is not None
-            self._set_redirect(src, src_res, p2, n2)
-            self._set_redirect(dst, dst_res, p1, n1)
+            self._set_redirect(src, src_res, p1, p2)
+            self._set_redirect(dst, dst_res, p2, p1)
             _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_EXCHANGE)
             self.stack.upper.forget_prefix(old_path)
             self.stack.upper.forget_prefix(dst.path())
@@ -327,7 +329,7 @@ class Namespace:
             return None
 
         if src_res.is_dir:
-            self._set_redirect(src, src_res, p2, n2)
+            self._set_redirect(src, src_res, p1, p2)
             if not src.lowers and (
                 (dst_res is not None and dst_res.lower_positive)
                 or (dst_res is None and self._hidden_below(p2, n2))
@@ -377,15 +379,22 @@ class Namespace:
                 return False
         return False
 
-    def _set_redirect(self, node: Node, res: Resolution, p2: Node, n2: bytes) -> None:
-        """Point a moved directory at its lower part with an absolute redirect (redirect_dir)."""
+    def _set_redirect(self, node: Node, res: Resolution, p1: Node, p2: Node) -> None:
+        """Point a moved directory at its lower part (redirect_dir), as ovl_set_redirect does.
+
+        Within one parent the redirect is the old name (relative); across parents it is the
+        absolute path of the lower directory. A directory without lowers needs none.
+        """
         if not res.is_dir or not node.lowers:
             return
-        target = b"/" + b"/".join(node.lowers[0][1])
-        if node.path() == (*p2.path(), n2) and target == b"/" + b"/".join(node.path()):
+        path = node.path()
+        udir = self._upper_dir_of(path)
+        existing = whiteout.redirect_of(udir, path[-1])
+        samedir = p1 is p2
+        if existing and (samedir or existing.startswith(b"/")):
             return
-        udir = self._upper_dir_of(node.path())
-        _sys.setxattr_at(udir, node.path()[-1], xattrs.REDIRECT_W, target)
+        value = path[-1] if samedir else b"/" + b"/".join(node.lowers[0][1])
+        _sys.setxattr_at(udir, path[-1], xattrs.REDIRECT_W, value)
 
 
 def _is_ancestor(node: Node, other: Node) -> bool:

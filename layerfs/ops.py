@@ -10,6 +10,7 @@ file contents stay in the page cache across opens (keep_cache).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -45,9 +46,39 @@ def _errors(fn: F) -> F:
     return cast(F, wrapper)
 
 
+def _probe_st_ino_offset() -> int | None:
+    """Find where EntryAttributes keeps stat's st_ino apart from the node id, or None.
+
+    The FUSE protocol carries a node id and the st_ino users see as two fields; pyfuse3's
+    ``st_ino`` setter writes both. Overlayfs semantics need them apart (names of a lower hard
+    link are separate nodes that show one st_ino), so we write the stat field ourselves, at an
+    offset found and verified here; when the layout is not the expected one, st_ino is simply
+    the node id.
+    """
+    e = pyfuse3.EntryAttributes()
+    magic, nlink = 0x5A17_1A7E_0BAD_F00D, 0x3C
+    e.st_ino = pyfuse3.InodeT(magic)
+    e.st_nlink = nlink
+    base = id(e)
+    for off in range(16, 64, 8):
+        if (
+            ctypes.c_uint64.from_address(base + off).value == magic
+            and ctypes.c_uint64.from_address(base + off + 8).value == nlink
+        ):
+            return off
+    return None
+
+
+_ST_INO_OFFSET = _probe_st_ino_offset()
+if _ST_INO_OFFSET is None:
+    log.warning("pyfuse3 layout not recognised: st_ino will be the FUSE node id")
+
+
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
-    e.st_ino = pyfuse3.InodeT(a.ino)
+    e.st_ino = pyfuse3.InodeT(a.id)
+    if _ST_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(e) + _ST_INO_OFFSET).value = a.ino
     e.generation = 0
     e.entry_timeout = TIMEOUT
     e.attr_timeout = TIMEOUT

@@ -6,7 +6,6 @@ and answers each request from them. Errors are OSError with an errno; the adapte
 Caveats (deliberate divergences from kernel overlayfs):
 - Copy-up writes no ``overlay.origin``/``impure`` xattrs: inode numbers of copied-up files are
   kept for the life of the mount, not across remounts (kernel: across remounts too).
-- The root directory's st_ino is 1 (FUSE's root node id), not the lower root's.
 
 Kernel analogue: fs/overlayfs/inode.c (ovl_getattr, ovl_setattr, ovl_xattr_*), super.c.
 Must not import: pyfuse3.
@@ -25,8 +24,8 @@ from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp
 from layerfs.files import Files
-from layerfs.inodes import ROOT_INO, InodeTable, Node
-from layerfs.layers import LayerStack
+from layerfs.inodes import ROOT_ID, InodeTable, Node
+from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import node_for, resolve
 from layerfs.namespace import Namespace
 from layerfs.readdir import DirHandle, merged_names
@@ -40,7 +39,7 @@ class Overlay:
     def __init__(self, config: MountConfig) -> None:
         self.config = config
         self.stack = LayerStack(config.lowers, config.upper, config.workdir)
-        self.table = InodeTable(self.stack.devs)
+        self.table = InodeTable(self.stack.devs, writable=self.stack.upper is not None)
         self.copyup = CopyUp(self.stack, self.table, fsync=not config.volatile)
         self.ns = Namespace(self.stack, self.table, self.copyup)
         self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
@@ -52,14 +51,15 @@ class Overlay:
         top = self.stack.lowers[0] if self.stack.lowers else self.stack.upper
         assert top is not None
         st = os.fstat(top.root_fd)
-        lowers = []
+        lowers: list[tuple[Layer, Path]] = []
         for layer in self.stack.lowers:
             lowers.append((layer, ()))
             if layer.listing(()).opaque:
                 break
-        root = Node((st.st_dev, st.st_ino), True, None, b"", self.stack.upper is not None, lowers)
+        key = (st.st_dev, st.st_ino)
+        root = Node(key, True, None, b"", self.stack.upper is not None, lowers, key)
         root.nlookup = 1
-        return self.table.add(root, ROOT_INO)
+        return self.table.add(root, ROOT_ID)
 
     def close(self) -> None:
         for fh in list(self.files.handles):
@@ -92,7 +92,8 @@ class Overlay:
         if st is None:
             st = self._lstat(node)
         nlink = 1 if node.merged else None  # merged dirs read nlink 1, as in ovl_getattr
-        return Attr.from_stat(self.table.ino_of(node), st, nlink)
+        dev, ino = node.origin or (st.st_dev, st.st_ino)
+        return Attr.from_stat(node.id, self.table.st_ino(dev, ino), st, nlink)
 
     def getattr(self, ino: int) -> Attr:
         return self.attr(self.table.get(ino))

@@ -10,9 +10,10 @@ Must not import: pyfuse3, trio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from layerfs.errors import LayerfsError
 from layerfs.store import oci
@@ -47,39 +48,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--tag", action="append", dest="tags", metavar="NAME", help="tag in the store (repeatable)"
     )
-    p.set_defaults(func=_cmd_import)
+    p.set_defaults(func=_guard(_cmd_import))
 
     p = isub.add_parser("ls", help="list images with sizes and shared layers")
     _store_opt(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_cmd_ls)
+    p.set_defaults(func=_guard(_cmd_ls))
 
     p = isub.add_parser("rm", help="remove images (or tags); free layers no image uses")
     _store_opt(p)
     p.add_argument("refs", nargs="+", metavar="REF")
-    p.set_defaults(func=_cmd_rm)
+    p.set_defaults(func=_guard(_cmd_rm))
 
     p = isub.add_parser("inspect", help="show an image's record, config and layers as JSON")
     _store_opt(p)
     p.add_argument("ref", metavar="REF")
-    p.set_defaults(func=_cmd_inspect)
+    p.set_defaults(func=_guard(_cmd_inspect))
 
     p = isub.add_parser("verify", help="check extracted layers against their xxh3 manifests")
     _store_opt(p)
     p.add_argument("refs", nargs="+", metavar="REF")
-    p.set_defaults(func=_cmd_verify)
+    p.set_defaults(func=_guard(_cmd_verify))
 
     p = isub.add_parser("tag", help="add a tag to an image")
     _store_opt(p)
     p.add_argument("ref", metavar="REF")
     p.add_argument("tag", metavar="NEW")
-    p.set_defaults(func=_cmd_tag)
+    p.set_defaults(func=_guard(_cmd_tag))
 
     p = isub.add_parser("export", help="write an image to an OCI layout DIR[:TAG]")
     _store_opt(p)
     p.add_argument("ref", metavar="REF")
     p.add_argument("layout", metavar="OCI_LAYOUT[:TAG]")
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=_guard(_cmd_export))
 
     p = subparsers.add_parser("diff", help="list a container's changes (A/C/D) from its upper")
     _store_opt(p)
@@ -87,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     g = p.add_mutually_exclusive_group()
     g.add_argument("--image", metavar="REF", help="the image the upper sits on (tells A from C)")
     g.add_argument("--lowers", metavar="L1:L2", help="lower directories, topmost first")
-    p.set_defaults(func=_cmd_diff)
+    p.set_defaults(func=_guard(_cmd_diff))
 
     p = subparsers.add_parser("commit", help="write an upper as a new image layer")
     _store_opt(p)
@@ -100,7 +101,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip")
     p.add_argument("--message", "-m", help="history comment")
     p.add_argument("--author", help="config author")
-    p.set_defaults(func=_cmd_commit)
+    p.set_defaults(func=_guard(_cmd_commit))
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report OS errors (permission, missing file, full disk) as LayerfsError: one line, no
+    traceback, whichever front end runs the command."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except OSError as e:
+            raise LayerfsError(str(e)) from None
+
+    return run
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -265,10 +280,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rc: int = args.func(args)
     except LayerfsError as e:
-        print(f"layerfs: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"layerfs: error: {e}", file=sys.stderr)
+        print(f"layerfs: {e}", file=sys.stderr)
         return 1
     return rc
 
