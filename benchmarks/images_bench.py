@@ -1,0 +1,202 @@
+"""Image import and commit throughput: layerfs's layer store against umoci on the same image.
+
+    python -m benchmarks.images_bench [--size-mb 64] [--repeat 3] [--source DIR] [--json OUT]
+
+One rootfs (generated, or a copy of ``--source``) is packed by ``umoci repack`` into an OCI
+layout; then, each repeat:
+- import:  ``umoci unpack`` vs ``layerfs image import`` (verify digests, extract, xxh3 manifest)
+- commit:  ``umoci repack`` of the whole tree as a new layer vs ``layerfs commit`` of an upper
+  holding the same tree (tar + gzip + digests, then ingest the new layer into the store);
+  ``layerfs commit (blob only)`` is the tar+gzip part alone, the part umoci repack also does.
+Throughput is the tree's file bytes divided by the wall time (median of the repeats); ratios are
+against umoci. Standalone: needs umoci (Debian package) and root (owners are preserved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from layerfs.store.commit import commit, write_layer_blob
+from layerfs.store.store import Store
+
+
+def make_tree(root: Path, size_mb: int, seed: int = 7) -> int:
+    """A rootfs-like tree: many small files in nested dirs plus a few large ones."""
+    rng = random.Random(seed)
+    target = size_mb << 20
+    big = target // 2
+    written = 0
+    root.mkdir(parents=True)
+    for i in range(4):
+        d = root / "usr/lib/big"
+        d.mkdir(parents=True, exist_ok=True)
+        n = big // 4
+        (d / f"blob{i}.so").write_bytes(rng.randbytes(n // 2) + bytes(n - n // 2))
+        written += n
+    i = 0
+    while written < target:
+        d = root / "usr/share" / f"pkg{i // 40}" / f"sub{i % 5}"
+        d.mkdir(parents=True, exist_ok=True)
+        n = rng.randint(512, 16384)
+        # Half random, half text-like: compresses somewhat, as real files do.
+        (d / f"file{i}.txt").write_bytes(rng.randbytes(n // 2) + b"layerfs " * (n // 16))
+        written += n // 2 + 8 * (n // 16)
+        if i % 50 == 0:
+            os.symlink(f"file{i}.txt", d / f"link{i}")
+        i += 1
+    return tree_bytes(root)
+
+
+def tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            st = os.lstat(os.path.join(dirpath, f))
+            if not os.path.islink(os.path.join(dirpath, f)):
+                total += st.st_size
+    return total
+
+
+def run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e9
+
+
+def drop(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.images_bench")
+    ap.add_argument("--size-mb", type=int, default=64, help="generated tree size (default 64)")
+    ap.add_argument("--source", help="use a copy of this directory as the rootfs instead")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--tmp", help="scratch directory (default: system temp)")
+    args = ap.parse_args(argv)
+    if shutil.which("umoci") is None:
+        print("umoci not installed (apt-get install umoci)", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="images-bench-", dir=args.tmp) as tmp_s:
+        tmp = Path(tmp_s)
+        tree = tmp / "tree"
+        if args.source:
+            shutil.copytree(args.source, tree, symlinks=True)
+            nbytes = tree_bytes(tree)
+        else:
+            nbytes = make_tree(tree, args.size_mb)
+        layout = tmp / "oci"
+        run(["umoci", "init", "--layout", str(layout)])
+        run(["umoci", "new", "--image", f"{layout}:empty"])
+
+        times: dict[str, list[float]] = {}
+
+        def add(name: str, seconds: float) -> None:
+            times.setdefault(name, []).append(seconds)
+
+        for rep in range(args.repeat):
+            # umoci repack: the tree as one new layer on the empty image.
+            bundle = tmp / f"bundle{rep}"
+            run(["umoci", "unpack", "--image", f"{layout}:empty", str(bundle)])
+            os.rmdir(bundle / "rootfs")
+            shutil.copytree(tree, bundle / "rootfs", symlinks=True)
+            tag = f"img{rep}"
+            add(
+                "umoci repack",
+                timed(
+                    lambda b=bundle, t=tag: run(
+                        ["umoci", "repack", "--image", f"{layout}:{t}", str(b)]
+                    )
+                ),
+            )
+            drop(bundle)
+
+            out = tmp / f"unpacked{rep}"
+            add(
+                "umoci unpack",
+                timed(
+                    lambda o=out, t=tag: run(
+                        ["umoci", "unpack", "--image", f"{layout}:{t}", str(o)]
+                    )
+                ),
+            )
+            drop(out)
+
+            store = Store(str(tmp / f"store{rep}"))
+            add("layerfs import", timed(lambda s=store, t=tag: s.import_layout(f"{layout}:{t}")))
+
+            upper = tmp / f"upper{rep}"
+            shutil.copytree(tree, upper, symlinks=True)
+            store.import_layout(f"{layout}:empty")
+            add(
+                "layerfs commit (blob only)",
+                timed(lambda u=upper, r=rep: write_layer_blob(str(u), str(tmp / f"blob{r}"))),
+            )
+            os.unlink(tmp / f"blob{rep}")
+            add(
+                "layerfs commit",
+                timed(lambda s=store, u=upper: commit(s, str(u), "empty", ("committed",))),
+            )
+            drop(upper)
+            drop(Path(store.root))
+
+    mb = nbytes / (1 << 20)
+    rows = []
+    base = {
+        "import": statistics.median(times["umoci unpack"]),
+        "commit": statistics.median(times["umoci repack"]),
+    }
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        kind = "import" if name in ("umoci unpack", "layerfs import") else "commit"
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "median_s": med,
+                "mb_per_s": mb / med,
+                "vs_umoci": base[kind] / med,
+                "runs": ts,
+            }
+        )
+    print(f"tree: {mb:.1f} MiB of file data, {args.repeat} repeats, median wall time")
+    print(f"{'step':<28} {'seconds':>8} {'MiB/s':>8} {'x umoci':>8}")
+    for r in sorted(rows, key=lambda r: (r["kind"], r["name"])):
+        print(f"{r['name']:<28} {r['median_s']:>8.2f} {r['mb_per_s']:>8.1f} {r['vs_umoci']:>8.2f}")
+    if args.json:
+        meta = {
+            "benchmark": "images",
+            "tree_mib": mb,
+            "repeat": args.repeat,
+            "kernel": platform.release(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "umoci": subprocess.run(
+                ["umoci", "--version"], capture_output=True, text=True
+            ).stdout.strip(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
