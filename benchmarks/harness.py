@@ -17,6 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks import dataset as dataset_mod
 from benchmarks.dataset import Dataset
@@ -34,6 +35,7 @@ from benchmarks.targets import Target
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
+MAX_TIMEOUTS = 3
 
 
 def say(msg: str) -> None:
@@ -70,7 +72,7 @@ class Results:
     def rows(self) -> list[tuple[Scenario, str, str]]:
         """(scenario, metric, unit) in table order; a scenario without any metric yet gets
         one row under its own name."""
-        out = []
+        out: list[tuple[Scenario, str, str]] = []
         for sc in self.scenarios:
             seen: dict[str, str] = {}
             for t in self.targets:
@@ -145,12 +147,12 @@ def run_in_child(sc: Scenario, mnt: Mounted, timeout: float) -> list[Measurement
     os.waitpid(pid, 0)
     if not chunks:
         raise RuntimeError("the scenario process died without a result")
-    payload = json.loads(b"".join(chunks))
-    if "skip" in payload:
-        raise Skip(payload["skip"])
-    if "error" in payload:
-        raise RuntimeError(payload["error"])
-    return [Measurement.from_json(m) for m in payload["ok"]]
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    if "skip" in result:
+        raise Skip(result["skip"])
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return [Measurement.from_json(m) for m in result["ok"]]
 
 
 class Runner:
@@ -160,6 +162,7 @@ class Runner:
         self.workroot = workroot
         self.cold_ok = cold_ok
         self.n = 0
+        self.timeouts: dict[str, int] = {}  # a target that hangs this often is given up
 
     def once(self, target: Target, sc: Scenario, cell: Cell) -> str:
         """One fresh mount, one run. Returns a short status for the progress line."""
@@ -183,6 +186,8 @@ class Runner:
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             cell.errors.append(msg)
+            if isinstance(e, TimeoutError | subprocess.TimeoutExpired):
+                self.timeouts[target.name] = self.timeouts.get(target.name, 0) + 1
             status = f" ERROR {msg[:300]}"
         finally:
             if mnt is not None and mnt.path != self.ds.stack_native(sc.stack):
@@ -305,7 +310,11 @@ def run_benchmarks(
                     continue
                 shift = (r + i) % len(targets)
                 for t in targets[shift:] + targets[:shift]:
-                    status = runner.once(t, sc, res.cell(sc.name, t.name))
+                    cell = res.cell(sc.name, t.name)
+                    if runner.timeouts.get(t.name, 0) >= MAX_TIMEOUTS:
+                        cell.errors.append(f"not run: {MAX_TIMEOUTS} timeouts earlier")
+                        continue
+                    status = runner.once(t, sc, cell)
                     say(f"[{r + 1}/{rounds}] {sc.name:22s} {t.name:15s}{status}")
             write_json(res, out, finished=False)
     finally:

@@ -56,7 +56,7 @@ SIZES: dict[str, SizeParams] = {
         rand_reads=200,
         warm_repeats=2,
         rounds=1,
-        timeout=120,
+        timeout=60,
     ),
     "small": SizeParams(
         name="small",

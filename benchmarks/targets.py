@@ -113,22 +113,25 @@ class _Overlay(Target):
         return [["umount", str(mnt)]]
 
     def umount(self, mnt: Mounted) -> None:
-        errors = []
+        errors: list[str] = []
+        done = False
         for cmd in self.unmount_cmds(mnt.path):
             try:
                 run(cmd, timeout=MOUNT_TIMEOUT)
+                done = True
                 break
             except (CommandError, subprocess.TimeoutExpired) as e:
                 errors.append(str(e))
-        if is_mountpoint(mnt.path):
+        if not done or is_mountpoint(mnt.path):
             force_unmount(mnt.path, mnt.fuse_conn)
         # The daemon must exit by itself once unmounted; don't let a straggler run on into
         # the next measurement.
         if mnt.pid is not None and not wait_pid_gone(mnt.pid, 30):
             errors.append(f"daemon {mnt.pid} still running 30 s after unmount: killed")
+            done = False
             os.kill(mnt.pid, signal.SIGKILL)
             wait_pid_gone(mnt.pid, 10)
-        if errors and (is_mountpoint(mnt.path) or len(errors) == len(self.unmount_cmds(mnt.path))):
+        if not done:
             raise CommandError("; ".join(errors))
 
 

@@ -5,6 +5,7 @@ cold lookup of a bottom file misses in every layer above it first."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from benchmarks.dataset import Dataset
 from benchmarks.model import SIZES, Scenario
@@ -37,7 +38,7 @@ def stack_run(mnt: Mounted) -> list[Measurement]:
     ]
 
 
-def _requires(depth: int):  # type: ignore[no-untyped-def]
+def _requires(depth: int) -> Callable[[Dataset], str | None]:
     def check(ds: Dataset) -> str | None:
         return None if depth in ds.params.stack_depths else f"no {depth}-layer stack"
 
