@@ -1,0 +1,70 @@
+"""Capability probes, hypothesis profile, and the ``subject`` fixture (from tests/support)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+# tests/support is imported as ``support`` in every pytest import mode.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support.mounts import SUBJECTS, Subject, layerfs_available
+
+settings.register_profile(
+    "layerfs",
+    max_examples=int(os.environ.get("LAYERFS_HYPOTHESIS_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+    print_blob=True,
+    # Every example mounts two filesystems: shrinking can take many minutes, so it is opt-in.
+    phases=[
+        p for p in Phase if p is not Phase.shrink or os.environ.get("LAYERFS_HYPOTHESIS_SHRINK")
+    ],
+)
+settings.load_profile("layerfs")
+
+
+def fuse_skip_reason() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 not installed (apt-get install fuse3)"
+    return None
+
+
+def kernel_overlay_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel overlayfs reference needs root"
+    with open("/proc/filesystems") as fh:
+        if "overlay" not in fh.read():
+            return "kernel has no overlay filesystem (modprobe overlay)"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    fuse, kernel = fuse_skip_reason(), kernel_overlay_skip_reason()
+    for item in items:
+        if fuse and item.get_closest_marker("fuse"):
+            item.add_marker(pytest.mark.skip(reason=fuse))
+        if kernel and item.get_closest_marker("kernel_overlay"):
+            item.add_marker(pytest.mark.skip(reason=kernel))
+
+
+@pytest.fixture(params=["layerfs", "fuse-overlayfs"])
+def subject(request: pytest.FixtureRequest) -> Subject:
+    """The filesystem under test; fuse-overlayfs is the stand-in that proves the harness."""
+    name: str = request.param
+    if name == "layerfs" and (why := layerfs_available()):
+        pytest.skip(f"layerfs cannot mount yet: {why}")
+    if name == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
+        pytest.skip("fuse-overlayfs not installed (apt-get install fuse-overlayfs)")
+    return SUBJECTS[name]

@@ -1,0 +1,1 @@
+"""Shared test support: declarative layer stacks, mounts, snapshots and operation scripts."""

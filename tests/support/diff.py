@@ -1,0 +1,84 @@
+"""Differential harness: one spec, two identical stacks, the subject and the kernel side by side."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .layerspec import DEFAULT_MTIME_NS, LayerSpec, StackOptions
+from .mounts import KERNEL, SUBJECTS, Layout, Mounted, Subject
+from .snapshot import assert_same, inode_problems, private_xattr_leaks, snapshot
+
+SUBJECT_QUIRKS = {name: sub.quirks for name, sub in SUBJECTS.items()}
+
+
+@dataclass
+class Pair:
+    """The subject's and the kernel's copies of one stack."""
+
+    subject: Subject
+    subj: Layout
+    ref: Layout
+
+    @classmethod
+    def create(cls, tmp: Path, subject: Subject, spec: LayerSpec, *, upper: bool = True) -> Pair:
+        root = Path(tempfile.mkdtemp(dir=tmp, prefix="pair-"))
+        subj = Layout.create(root / "s", len(spec.layers), upper=upper)
+        ref = Layout.create(root / "k", len(spec.layers), upper=upper)
+        spec.materialize(subj.lowers)
+        spec.to_kernel_form().materialize(ref.lowers)
+        for layout in (subj, ref):
+            if layout.upper is not None:
+                # The upper root is what both mounts show as the root: same mtime for both.
+                os.utime(layout.upper, ns=(DEFAULT_MTIME_NS, DEFAULT_MTIME_NS))
+        return cls(subject, subj, ref)
+
+    @contextlib.contextmanager
+    def mounted(self) -> Iterator[tuple[Mounted, Mounted]]:
+        with self.ref.mount(KERNEL) as k, self.subj.mount(self.subject) as s:
+            yield s, k
+
+
+def check_merged(s: Mounted, k: Mounted, *, since_ns: int | None = None, what: str = "") -> None:
+    """Compare the subject's merged tree with the kernel's, plus in-mount inode checks."""
+    ref, got = snapshot(k.mnt), snapshot(s.mnt)
+    problems = inode_problems(s.mnt) + private_xattr_leaks(got)
+    assert not problems, f"{what}: " + "\n".join(problems)
+    assert_same(ref, got, since_ns=since_ns, ignore=ignored_fields(s), what=what or s.name)
+
+
+def ignored_fields(s: Mounted | Subject) -> frozenset[str]:
+    """Snapshot fields not compared for a subject: only its known, documented quirks."""
+    quirks = s.quirks if isinstance(s, Subject) else SUBJECT_QUIRKS.get(s.name, frozenset())
+    table = {"dir-nlink": "dir_nlink", "hidden-hardlink-nlink": "file_nlink"}
+    return frozenset(field for quirk, field in table.items() if quirk in quirks)
+
+
+def expect_quirks(request: pytest.FixtureRequest, subject: Subject, needs: Iterable[str]) -> None:
+    """Mark the test a strict xfail when the subject has a known quirk the scenario needs."""
+    hit = sorted(set(needs) & subject.quirks)
+    if hit:
+        request.node.add_marker(
+            pytest.mark.xfail(strict=True, reason=f"{subject.name} known difference: {hit}")
+        )
+
+
+def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
+    """Generated-stack options that avoid the subject's known quirks."""
+    base = StackOptions(**kw)  # type: ignore[arg-type]
+    return StackOptions(
+        whiteouts=tuple(w for w in base.whiteouts if f"whiteout:{w}" not in subject.quirks),
+        opaques=tuple(o for o in base.opaques if f"opaque:{o}" not in subject.quirks),
+        hardlinks=base.hardlinks,
+        specials=base.specials,
+        odd_names=base.odd_names,
+        xattrs=base.xattrs,
+        min_layers=base.min_layers,
+        max_layers=base.max_layers,
+    )

@@ -1,0 +1,328 @@
+"""Mount the subjects and the kernel reference; always unmount, lazily when the first try fails.
+
+Each ``mount_*`` is a context manager taking ``(lowers, upper, work, mnt)`` with ``lowers``
+topmost first and ``upper``/``work`` None for a read-only stack. FUSE subjects run in the
+foreground in a subprocess (pyfuse3 allows one session per process, and a test touching its own
+mount from the loop thread would deadlock); their stderr goes to a log file that must not
+contain a traceback or an ERROR line, and the daemon must exit by itself after the unmount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MOUNT_TIMEOUT = 30.0
+EXIT_TIMEOUT = 20.0
+
+PathLike = str | os.PathLike[str]
+MountFn = Callable[..., contextlib.AbstractContextManager["Mounted"]]
+
+
+@dataclass
+class Mounted:
+    """A live mount: where it is, and for FUSE subjects the daemon and its log."""
+
+    mnt: Path
+    name: str
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+# --- mount table ---------------------------------------------------------------------------
+
+
+def _unescape(field_: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field_)
+
+
+def mountpoints() -> list[bytes]:
+    """Mount points of this mount namespace, as /proc/self/mountinfo lists them."""
+    with open("/proc/self/mountinfo", "rb") as fh:
+        return [_unescape(line.split()[4]) for line in fh]
+
+
+def is_mounted(mnt: PathLike) -> bool:
+    return os.fsencode(os.path.realpath(mnt)) in mountpoints()
+
+
+def _wait_for_mount(mnt: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not is_mounted(mnt):
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"daemon exited with {proc.returncode} before mounting {mnt}:\n"
+                + log.read_text(errors="replace")
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"{mnt} not mounted after {MOUNT_TIMEOUT}s:\n" + log.read_text(errors="replace")
+            )
+        time.sleep(0.02)
+
+
+def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+
+
+def unmount_fuse(mnt: PathLike) -> list[str]:
+    """fusermount3 -u, then -u -z when that fails; returns what went wrong."""
+    if not is_mounted(mnt):
+        return []
+    r = _run(["fusermount3", "-u", os.fspath(mnt)])
+    if r.returncode == 0:
+        return []
+    problems = [f"fusermount3 -u {mnt} failed: {r.stderr.strip()}"]
+    r = _run(["fusermount3", "-u", "-z", os.fspath(mnt)])
+    if r.returncode != 0:
+        problems.append(f"fusermount3 -u -z failed: {r.stderr.strip()}")
+    return problems
+
+
+def unmount_kernel(mnt: PathLike) -> list[str]:
+    if not is_mounted(mnt):
+        return []
+    r = _run(["umount", os.fspath(mnt)])
+    if r.returncode == 0:
+        return []
+    problems = [f"umount {mnt} failed: {r.stderr.strip()}"]
+    r = _run(["umount", "-l", os.fspath(mnt)])
+    if r.returncode != 0:
+        problems.append(f"umount -l failed: {r.stderr.strip()}")
+    return problems
+
+
+# --- daemon logs ---------------------------------------------------------------------------
+
+_BAD_LOG = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b")
+
+
+def log_problems(log: Path) -> list[str]:
+    """Lines of a daemon log that fail a test (checklogs-style guard)."""
+    if not log.exists():
+        return []
+    text = log.read_text(errors="replace")
+    if _BAD_LOG.search(text):
+        return [f"daemon log {log} has errors:\n{text[-4000:]}"]
+    return []
+
+
+# --- FUSE subjects -------------------------------------------------------------------------
+
+
+def layerfs_command() -> list[str]:
+    exe = shutil.which("layerfs")
+    if exe:
+        return [exe]
+    venv_exe = Path(sys.executable).with_name("layerfs")
+    if venv_exe.exists():
+        return [os.fspath(venv_exe)]
+    return [sys.executable, "-m", "layerfs.cli"]
+
+
+def layerfs_available() -> str | None:
+    """None when the layerfs CLI can mount; else the reason it cannot (for a skip)."""
+    for mod in ("layerfs.cli", "layerfs.mount"):
+        try:
+            if importlib.util.find_spec(mod) is None:
+                return f"{mod} does not exist yet"
+        except ImportError as e:
+            return f"{mod}: {e}"
+    return None
+
+
+@contextlib.contextmanager
+def _fuse_daemon(name: str, cmd: list[str], mnt: Path, log: Path) -> Iterator[Mounted]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    m = Mounted(mnt, name, proc, log)
+    failed = False
+    try:
+        _wait_for_mount(mnt, proc, log)
+        yield m
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        m.problems += unmount_fuse(mnt)
+        try:
+            proc.wait(timeout=EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            m.problems.append(f"{name} daemon still running {EXIT_TIMEOUT}s after unmount")
+            proc.kill()
+            proc.wait()
+        if failed:
+            # A short pause so a dying daemon's last words reach the log for the report.
+            time.sleep(0.2)
+        m.problems += log_problems(log)
+    if m.problems and not failed:
+        raise AssertionError("\n".join(m.problems))
+
+
+def _log_path(mnt: Path, name: str) -> Path:
+    fd, p = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=mnt.parent)
+    os.close(fd)
+    return Path(p)
+
+
+@contextlib.contextmanager
+def mount_layerfs(
+    lowers: Sequence[PathLike],
+    upper: PathLike | None,
+    work: PathLike | None,
+    mnt: PathLike,
+    *,
+    options: Sequence[str] = (),
+) -> Iterator[Mounted]:
+    mnt = Path(mnt)
+    cmd = [*layerfs_command(), "mount", ":".join(os.fspath(p) for p in lowers)]
+    if upper is not None:
+        cmd.append(os.fspath(upper))
+    cmd.append(os.fspath(mnt))
+    if work is not None:
+        cmd += ["--workdir", os.fspath(work)]
+    if options:
+        cmd += ["-o", ",".join(options)]
+    cmd.append("-f")
+    with _fuse_daemon("layerfs", cmd, mnt, _log_path(mnt, "layerfs")) as m:
+        yield m
+
+
+@contextlib.contextmanager
+def mount_fuse_overlayfs(
+    lowers: Sequence[PathLike],
+    upper: PathLike | None,
+    work: PathLike | None,
+    mnt: PathLike,
+    *,
+    options: Sequence[str] = (),
+) -> Iterator[Mounted]:
+    mnt = Path(mnt)
+    opts = ["lowerdir=" + ":".join(os.fspath(p) for p in lowers)]
+    if upper is not None:
+        opts += [f"upperdir={os.fspath(upper)}", f"workdir={os.fspath(work or '')}"]
+    opts += list(options)
+    cmd = ["fuse-overlayfs", "-f", "-o", ",".join(opts), os.fspath(mnt)]
+    with _fuse_daemon("fuse-overlayfs", cmd, mnt, _log_path(mnt, "fuse-overlayfs")) as m:
+        yield m
+
+
+# --- kernel reference ----------------------------------------------------------------------
+
+KERNEL_OPTIONS = ("redirect_dir=on", "index=off", "metacopy=off")
+
+
+@contextlib.contextmanager
+def mount_kernel(
+    lowers: Sequence[PathLike],
+    upper: PathLike | None,
+    work: PathLike | None,
+    mnt: PathLike,
+    *,
+    options: Sequence[str] = (),
+) -> Iterator[Mounted]:
+    mnt = Path(mnt)
+    lower_list = [os.fspath(p) for p in lowers]
+    with contextlib.ExitStack() as stack:
+        if upper is None and len(lower_list) == 1:
+            # The kernel wants 2 lowers for a read-only overlay: add an empty bottom layer.
+            empty = stack.enter_context(tempfile.TemporaryDirectory(dir=mnt.parent))
+            lower_list.append(empty)
+        opts = ["lowerdir=" + ":".join(lower_list)]
+        if upper is not None:
+            opts += [f"upperdir={os.fspath(upper)}", f"workdir={os.fspath(work or '')}"]
+        opts += [*KERNEL_OPTIONS, *options]
+        r = _run(["mount", "-t", "overlay", "overlay", "-o", ",".join(opts), os.fspath(mnt)])
+        if r.returncode != 0:
+            raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} ({opts})")
+        m = Mounted(mnt, "kernel")
+        failed = False
+        try:
+            yield m
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            m.problems += unmount_kernel(mnt)
+        if m.problems and not failed:
+            raise AssertionError("\n".join(m.problems))
+
+
+# --- subjects ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A filesystem under test: how to mount it, and its known differences from the kernel.
+
+    ``quirks`` names behaviours in which the subject is known to differ from kernel overlayfs;
+    scenarios that need one are strict xfails for that subject and generated stacks avoid them.
+    layerfs has no quirks: every difference is a bug to report.
+    """
+
+    name: str
+    mount: MountFn
+    quirks: frozenset[str] = frozenset()
+
+
+# Found with this suite against fuse-overlayfs 1.10 (see docs/testing.md for reproducers).
+FUSE_OVERLAYFS_QUIRKS = frozenset(
+    {
+        "whiteout:xattr",  # xattr whiteouts are shown as empty files
+        "whiteout:user_xattr",
+        "opaque:root",  # an opaque xattr on a lower layer's root hides the layers below
+        "hardlink-copyup",  # copy-up of one name shows through the other names
+        "hidden-hardlink-nlink",  # nlink of a lower hard link with a hidden name: 1, kernel 2
+        "dir-nlink",  # merged directories report real link counts, the kernel reports 1
+    }
+)
+
+SUBJECTS: dict[str, Subject] = {
+    "layerfs": Subject("layerfs", mount_layerfs),
+    "fuse-overlayfs": Subject("fuse-overlayfs", mount_fuse_overlayfs, FUSE_OVERLAYFS_QUIRKS),
+}
+KERNEL = Subject("kernel", mount_kernel)
+
+
+@dataclass
+class Layout:
+    """The directories of one filesystem instance under a test's tmp dir."""
+
+    root: Path
+    lowers: list[Path]
+    upper: Path | None
+    work: Path | None
+    mnt: Path
+
+    @classmethod
+    def create(cls, root: Path, n_lowers: int, *, upper: bool = True) -> Layout:
+        root.mkdir(parents=True)
+        lowers = [root / f"lower{i}" for i in range(n_lowers)]
+        for p in lowers:
+            p.mkdir()
+        up = root / "upper" if upper else None
+        work = root / "work" if upper else None
+        for p in (up, work):
+            if p is not None:
+                p.mkdir()
+        mnt = root / "merged"
+        mnt.mkdir()
+        return cls(root, lowers, up, work, mnt)
+
+    def mount(self, subject: Subject, **kw: object) -> contextlib.AbstractContextManager[Mounted]:
+        return subject.mount(self.lowers, self.upper, self.work, self.mnt, **kw)

@@ -1,0 +1,228 @@
+"""Operation scripts: the same list of operations applied to two mounts, results compared.
+
+An operation is a tuple ``(name, *args)`` with bytes paths relative to the mount root.
+``apply(root, op)`` returns ``("ok", value)`` or ``("err", "ENOENT")``; values are chosen to be
+comparable across two filesystems (never inode numbers, never "now" timestamps).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Callable, Sequence
+
+from .snapshot import digest, kind
+
+Op = tuple[object, ...]
+Result = tuple[str, object]
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+
+
+def renameat2(src: bytes, dst: bytes, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _stat_value(st: os.stat_result) -> tuple[object, ...]:
+    k = kind(st.st_mode)
+    return (
+        k,
+        oct(stat.S_IMODE(st.st_mode)),
+        st.st_uid,
+        st.st_gid,
+        None if k == "dir" else st.st_size,
+        st.st_nlink,
+    )
+
+
+def _write(p: bytes, offset: int, data: bytes) -> object:
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _create(p: bytes, data: bytes, mode: int = 0o644) -> object:
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        return _stat_value(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def _read(p: bytes) -> object:
+    with open(p, "rb") as fh:
+        return digest(fh.read())
+
+
+def _rmtree(p: bytes) -> None:
+    st = os.lstat(p)
+    if stat.S_ISDIR(st.st_mode):
+        for name in os.listdir(p):
+            _rmtree(p + b"/" + name)
+        os.rmdir(p)
+    else:
+        os.unlink(p)
+
+
+def _unlink_open(p: bytes, data: bytes) -> object:
+    """Open, unlink, then write and read through the handle; nlink of the open file."""
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.unlink(p)
+        gone = not os.path.lexists(p)
+        os.pwrite(fd, data, 0)
+        back = os.pread(fd, len(data), 0)
+        return (gone, back == data, os.fstat(fd).st_nlink)
+    finally:
+        os.close(fd)
+
+
+def _listdir(p: bytes) -> object:
+    return sorted(os.listdir(p))
+
+
+def _mkdir(p: bytes, mode: int = 0o755) -> object:
+    os.mkdir(p, mode)
+    return _stat_value(os.lstat(p))
+
+
+def _mknod_fifo(p: bytes, mode: int = 0o644) -> object:
+    os.mkfifo(p, mode)
+    return _stat_value(os.lstat(p))
+
+
+def _symlink(target: bytes, p: bytes) -> object:
+    os.symlink(target, p)
+    return os.readlink(p)
+
+
+def _link(src: bytes, dst: bytes) -> object:
+    os.link(src, dst, follow_symlinks=False)
+    return (os.lstat(src).st_nlink, os.lstat(dst).st_nlink)
+
+
+def _hardlink_probe(a: bytes, b: bytes, data: bytes) -> object:
+    """Write through name ``a``, read through ``b``: what each name shows, and nlinks."""
+    _write(a, 0, data)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return (
+            digest(fa.read()),
+            digest(fb.read()),
+            os.lstat(a).st_nlink,
+            os.lstat(b).st_nlink,
+            os.lstat(a).st_ino == os.lstat(b).st_ino,
+        )
+
+
+def _truncate(p: bytes, size: int) -> object:
+    os.truncate(p, size)
+    return os.lstat(p).st_size
+
+
+def _utime(p: bytes, ns: int) -> object:
+    os.utime(p, ns=(ns, ns), follow_symlinks=False)
+    return os.lstat(p).st_mtime_ns
+
+
+def _setxattr(p: bytes, name: bytes, value: bytes) -> object:
+    os.setxattr(p, name, value, follow_symlinks=False)
+    return os.getxattr(p, name, follow_symlinks=False)
+
+
+def _removexattr(p: bytes, name: bytes) -> object:
+    os.removexattr(p, name, follow_symlinks=False)
+    return sorted(os.listxattr(p, follow_symlinks=False))
+
+
+def _chmod(p: bytes, mode: int) -> object:
+    os.chmod(p, mode)
+    return oct(stat.S_IMODE(os.lstat(p).st_mode))
+
+
+def _chown(p: bytes, uid: int, gid: int) -> object:
+    os.chown(p, uid, gid, follow_symlinks=False)
+    return _stat_value(os.lstat(p))
+
+
+def _rename(src: bytes, dst: bytes, flags: int = 0) -> object:
+    if flags:
+        renameat2(src, dst, flags)
+    else:
+        os.rename(src, dst)
+    return _stat_value(os.lstat(dst))
+
+
+def _append(p: bytes, data: bytes) -> object:
+    with open(p, "ab") as fh:
+        fh.write(data)
+    return os.lstat(p).st_size
+
+
+# name -> (function, which positional args are paths)
+OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
+    "stat": (lambda p: _stat_value(os.lstat(p)), (0,)),
+    "read": (_read, (0,)),
+    "readlink": (os.readlink, (0,)),
+    "listdir": (_listdir, (0,)),
+    "listxattr": (lambda p: sorted(os.listxattr(p, follow_symlinks=False)), (0,)),
+    "getxattr": (lambda p, n: os.getxattr(p, n, follow_symlinks=False), (0,)),
+    "write": (_write, (0,)),
+    "append": (_append, (0,)),
+    "truncate": (_truncate, (0,)),
+    "chmod": (_chmod, (0,)),
+    "chown": (_chown, (0,)),
+    "utime": (_utime, (0,)),
+    "setxattr": (_setxattr, (0,)),
+    "removexattr": (_removexattr, (0,)),
+    "create": (_create, (0,)),
+    "unlink": (lambda p: os.unlink(p), (0,)),
+    "mkdir": (_mkdir, (0,)),
+    "rmdir": (lambda p: os.rmdir(p), (0,)),
+    "rmtree": (_rmtree, (0,)),
+    "rename": (_rename, (0, 1)),
+    "link": (_link, (0, 1)),
+    "symlink": (_symlink, (1,)),
+    "mkfifo": (_mknod_fifo, (0,)),
+    "unlink_open": (_unlink_open, (0,)),
+    "hardlink_probe": (_hardlink_probe, (0, 1)),
+}
+
+
+def apply(root: str | os.PathLike[str], op: Op) -> Result:
+    """Run one operation below ``root``; never raises for an OSError."""
+    name, *args = op
+    fn, path_args = OPS[str(name)]
+    base = os.fsencode(root)
+    real = [
+        base + b"/" + a if i in path_args and isinstance(a, bytes) else a
+        for i, a in enumerate(args)
+    ]
+    try:
+        return ("ok", fn(*real))
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno or 0, str(e.errno)))
+
+
+def apply_all(root: str | os.PathLike[str], script: Sequence[Op]) -> list[Result]:
+    return [apply(root, op) for op in script]
+
+
+def compare_results(
+    script: Sequence[Op], expected: Sequence[Result], actual: Sequence[Result]
+) -> list[str]:
+    return [
+        f"op {i} {op!r}: kernel={e!r} subject={a!r}"
+        for i, (op, e, a) in enumerate(zip(script, expected, actual, strict=True))
+        if e != a
+    ]
