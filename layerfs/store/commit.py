@@ -7,8 +7,10 @@ the directory plus ``.wh..wh..opq``; ``.wh.*`` files already in the upper (the f
 pass through unchanged. Overlay-private xattrs are not exported. The tar is PAX with
 nanosecond mtimes and ``SCHILY.xattr.*``; hard links within the upper stay hard links.
 
-Caveat: an upper written with overlayfs' metacopy or redirect_dir features holds files whose
-data or names live in a lower; such an upper is refused rather than committed wrongly.
+A directory renamed in the container (overlay ``redirect`` xattr) is written whole under its
+new name, from the image's lowers, since a tar has no "rename". Caveat: an upper written with
+overlayfs' metacopy feature holds files whose data lives in a lower; it is refused rather
+than committed wrongly.
 
 Must not import: pyfuse3, trio.
 """
@@ -30,6 +32,7 @@ from typing import IO, BinaryIO, cast
 
 from layerfs.errors import LayerfsError
 from layerfs.store import oci
+from layerfs.store.diff import LowerStack, redirect_target
 from layerfs.store.digest import HashingWriter, parse_digest, sha256_bytes
 from layerfs.store.extract import PRIVATE_XATTR_PREFIXES, WH_OPAQUE, WH_PREFIX
 from layerfs.store.progress import Progress
@@ -38,12 +41,7 @@ from layerfs.store.store import ImageRecord, StagedLayer, Store
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
-UNSUPPORTED_XATTRS = (
-    "trusted.overlay.metacopy",
-    "trusted.overlay.redirect",
-    "user.overlay.metacopy",
-    "user.overlay.redirect",
-)
+UNSUPPORTED_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
 
 
 class CommitError(LayerfsError):
@@ -68,8 +66,12 @@ def write_layer_blob(
     out_path: str,
     compression: str = "gzip",
     progress: Callable[[int], None] | None = None,
+    lowers: list[str] | None = None,
 ) -> LayerBlob:
-    """Write the upper at ``upper`` as a (compressed) OCI layer tar at ``out_path``."""
+    """Write the upper at ``upper`` as a (compressed) OCI layer tar at ``out_path``.
+
+    ``lowers`` (topmost first) are needed only when the upper holds renamed directories.
+    """
     if compression not in oci.LAYER_MEDIA_TYPE:
         raise CommitError(f"unknown compression {compression!r} (gzip, zstd, none)")
     with open(out_path, "xb") as raw:
@@ -87,10 +89,13 @@ def write_layer_blob(
             comp = cast(IO[bytes], outer)
         inner = HashingWriter(cast(BinaryIO, comp))
         buffered = io.BufferedWriter(cast(io.RawIOBase, inner), buffer_size=1 << 20)
-        with tarfile.open(
-            fileobj=buffered, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
-        ) as tf:
-            walker = _UpperWalker(tf, progress)
+        with (
+            tarfile.open(
+                fileobj=buffered, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
+            ) as tf,
+            LowerStack(lowers or []) as low,
+        ):
+            walker = _UpperWalker(tf, progress, low if lowers is not None else None)
             walker.run(upper)
         buffered.flush()
         if compression != "none":
@@ -109,11 +114,23 @@ def write_layer_blob(
 
 
 class _UpperWalker:
-    """Walks an upper with directory fds (never following symlinks) and writes tar entries."""
+    """Walks an upper with directory fds (never following symlinks) and writes tar entries.
 
-    def __init__(self, tf: tarfile.TarFile, progress: Callable[[int], None] | None) -> None:
+    A directory renamed in the container carries an overlay redirect: its lower part lives
+    under another name. A tar cannot say "moved", so such a directory is written whole: marked
+    opaque, with the merged contents of its lower part (``lowers``) under the new name, and
+    the upper's changes applied; every directory below it is written merged too.
+    """
+
+    def __init__(
+        self,
+        tf: tarfile.TarFile,
+        progress: Callable[[int], None] | None,
+        lowers: LowerStack | None,
+    ) -> None:
         self.tf = tf
         self.progress = progress
+        self.lowers = lowers
         self.entries = 0
         self.bytes = 0
         self.links: dict[tuple[int, int], str] = {}
@@ -121,12 +138,17 @@ class _UpperWalker:
     def run(self, upper: str) -> None:
         fd = os.open(upper, _DIR_FLAGS)
         try:
-            self._dir(fd, b"")
+            self._dir(fd, b"", [], materialize=False)
         finally:
             os.close(fd)
 
-    def _dir(self, dfd: int, prefix: bytes) -> None:
+    def _dir(
+        self, dfd: int, prefix: bytes, lower: list[bytes] | None, *, materialize: bool
+    ) -> None:
+        """Write upper directory ``dfd`` (tar path ``prefix``); ``lower`` is where its lower
+        part lives; with ``materialize`` the lower part is written too (see the class doc)."""
         names = sorted(os.fsencode(n) for n in os.listdir(dfd))
+        covered: set[bytes] = set()
         for name in names:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             path = prefix + name
@@ -134,54 +156,108 @@ class _UpperWalker:
             bad = [x for x in xattrs if x in UNSUPPORTED_XATTRS]
             if bad:
                 raise CommitError(
-                    f"{os.fsdecode(path)}: has {bad[0]} "
-                    "(metacopy/redirect uppers are not supported)"
+                    f"{os.fsdecode(path)}: has {bad[0]} (metacopy uppers are not supported)"
                 )
+            if name == WH_OPAQUE or name.startswith(WH_PREFIX):
+                # Already OCI form (fuse-overlayfs' fallback); below an opaque materialised
+                # directory a whiteout has nothing left to hide.
+                covered.add(name[len(WH_PREFIX) :] if name != WH_OPAQUE else name)
+                if not materialize:
+                    self._upper_entry(dfd, name, path, st, {})
+                continue
+            covered.add(name)
             if _is_whiteout(st, xattrs):
-                ti = self._info(prefix + WH_PREFIX + name, st, {})
-                ti.type, ti.size, ti.mode = tarfile.REGTYPE, 0, 0o644
-                self._add(ti)
+                if not materialize:
+                    ti = self._info(prefix + WH_PREFIX + name, st, {})
+                    ti.type, ti.size, ti.mode = tarfile.REGTYPE, 0, 0o644
+                    self._add(ti)
                 continue
             public = {k: v for k, v in xattrs.items() if not k.startswith(PRIVATE_XATTR_PREFIXES)}
+            if not stat.S_ISDIR(st.st_mode):
+                self._upper_entry(dfd, name, path, st, public)
+                continue
             ti = self._info(path, st, public)
-            if stat.S_ISDIR(st.st_mode):
-                ti.type = tarfile.DIRTYPE
+            ti.type = tarfile.DIRTYPE
+            self._add(ti)
+            opaque = any(xattrs.get(k) == b"y" for k in OPAQUE_XATTRS)
+            redirect = None if opaque else redirect_target(dfd, name, lower)
+            if redirect is not None and self.lowers is None:
+                raise CommitError(f"{os.fsdecode(path)}: a renamed directory needs the lowers")
+            child_lower = (
+                None if opaque else redirect or (None if lower is None else [*lower, name])
+            )
+            cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                if (
+                    (opaque or redirect is not None)
+                    and not materialize
+                    and not _exists(cfd, WH_OPAQUE)
+                ):
+                    op = self._info(path + b"/" + WH_OPAQUE, st, {})
+                    op.type, op.size, op.mode = tarfile.REGTYPE, 0, 0o644
+                    self._add(op)
+                self._dir(
+                    cfd, path + b"/", child_lower, materialize=materialize or redirect is not None
+                )
+            finally:
+                os.close(cfd)
+        if materialize and lower is not None and self.lowers is not None:
+            for name in self.lowers.children(lower):
+                if name not in covered:
+                    self._lower_entry([*lower, name], prefix + name)
+
+    def _lower_entry(self, parts: list[bytes], path: bytes) -> None:
+        """Write the lower stack's object at ``parts`` (a whole merged subtree) as ``path``."""
+        assert self.lowers is not None
+        found = self.lowers.locate(parts)
+        if found is None:
+            return
+        index, st = found
+        pfd = self.lowers.open_dir(index, parts[:-1])
+        try:
+            name = parts[-1]
+            xattrs = _xattrs(pfd, name)
+            public = {k: v for k, v in xattrs.items() if not k.startswith(PRIVATE_XATTR_PREFIXES)}
+            if not stat.S_ISDIR(st.st_mode):
+                self._upper_entry(pfd, name, path, st, public)
+                return
+        finally:
+            os.close(pfd)
+        ti = self._info(path, st, public)
+        ti.type = tarfile.DIRTYPE
+        self._add(ti)
+        for child in self.lowers.children(parts):
+            self._lower_entry([*parts, child], path + b"/" + child)
+
+    def _upper_entry(
+        self, dfd: int, name: bytes, path: bytes, st: os.stat_result, xattrs: dict[str, bytes]
+    ) -> None:
+        """Write one non-directory found at ``name`` in directory ``dfd``."""
+        ti = self._info(path, st, xattrs)
+        if stat.S_ISREG(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.links:
+                ti.type, ti.size, ti.linkname = tarfile.LNKTYPE, 0, self.links[key]
                 self._add(ti)
-                cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                try:
-                    if any(xattrs.get(k) == b"y" for k in OPAQUE_XATTRS) and not _exists(
-                        cfd, WH_OPAQUE
-                    ):
-                        op = self._info(path + b"/" + WH_OPAQUE, st, {})
-                        op.type, op.size, op.mode = tarfile.REGTYPE, 0, 0o644
-                        self._add(op)
-                    self._dir(cfd, path + b"/")
-                finally:
-                    os.close(cfd)
-            elif stat.S_ISREG(st.st_mode):
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in self.links:
-                    ti.type, ti.size, ti.linkname = tarfile.LNKTYPE, 0, self.links[key]
-                    self._add(ti)
-                    continue
-                if st.st_nlink > 1:
-                    self.links[key] = ti.name
-                ti.type, ti.size = tarfile.REGTYPE, st.st_size
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                with os.fdopen(fd, "rb") as f:
-                    self._add(ti, f)
-                self.bytes += st.st_size
-            elif stat.S_ISLNK(st.st_mode):
-                ti.type, ti.linkname = tarfile.SYMTYPE, os.fsdecode(os.readlink(name, dir_fd=dfd))
-                self._add(ti)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                ti.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
-                ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-                self._add(ti)
-            elif stat.S_ISFIFO(st.st_mode):
-                ti.type = tarfile.FIFOTYPE
-                self._add(ti)
-            # Sockets are not representable in a tar; like tar itself, skip them.
+                return
+            if st.st_nlink > 1:
+                self.links[key] = ti.name
+            ti.type, ti.size = tarfile.REGTYPE, st.st_size
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            with os.fdopen(fd, "rb") as f:
+                self._add(ti, f)
+            self.bytes += st.st_size
+        elif stat.S_ISLNK(st.st_mode):
+            ti.type, ti.linkname = tarfile.SYMTYPE, os.fsdecode(os.readlink(name, dir_fd=dfd))
+            self._add(ti)
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            ti.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+            ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            self._add(ti)
+        elif stat.S_ISFIFO(st.st_mode):
+            ti.type = tarfile.FIFOTYPE
+            self._add(ti)
+        # Sockets are not representable in a tar; like tar itself, skip them.
 
     def _info(self, path: bytes, st: os.stat_result, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(os.fsdecode(path))
@@ -280,6 +356,7 @@ def commit(
                 os.path.join(st, "layer.blob"),
                 compression,
                 progress.update if progress is not None else None,
+                lowers=store.lowers(base_ref),
             )
             if progress is not None:
                 progress.finish()

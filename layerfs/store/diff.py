@@ -40,20 +40,27 @@ class Change:
 
 def changes(upper: str, lowers: list[str] | None = None) -> list[Change]:
     """Return the changes recorded in ``upper`` relative to ``lowers`` (topmost first)."""
-    with _Lowers(lowers or []) as low:
+    with LowerStack(lowers or []) as low:
         fd = os.open(upper, _DIR_FLAGS)
         try:
             out: list[Change] = []
             changed_dirs: set[bytes] = set()
-            _walk(fd, [], low, out, changed_dirs)
+            _walk(fd, [], [], low, out, changed_dirs)
         finally:
             os.close(fd)
     return sorted(set(out))
 
 
 def _walk(
-    dfd: int, parts: list[bytes], low: _Lowers, out: list[Change], changed_dirs: set[bytes]
+    dfd: int,
+    parts: list[bytes],
+    lower_parts: list[bytes] | None,
+    low: LowerStack,
+    out: list[Change],
+    changed_dirs: set[bytes],
 ) -> None:
+    """Walk the upper directory ``parts``; its lower part lives at ``lower_parts`` (which
+    differs from ``parts`` below a renamed, redirected directory; None: no lower part)."""
     names = sorted(os.fsencode(n) for n in os.listdir(dfd))
     for name in names:
         if name == WH_OPAQUE:
@@ -63,18 +70,21 @@ def _walk(
         if name.startswith(WH_PREFIX):
             _record(out, changed_dirs, [*parts, name[len(WH_PREFIX) :]], "D")
             continue
+        xattr_whiteout = any(x in xattrs for x in WHITEOUT_XATTRS)
         if (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) or (
-            stat.S_ISREG(st.st_mode)
-            and st.st_size == 0
-            and any(x in xattrs for x in WHITEOUT_XATTRS)
+            stat.S_ISREG(st.st_mode) and st.st_size == 0 and xattr_whiteout
         ):
             _record(out, changed_dirs, [*parts, name], "D")
             continue
         path = [*parts, name]
-        below = low.lookup(path)
+        child_lower = None if lower_parts is None else [*lower_parts, name]
+        below = low.lookup(child_lower) if child_lower is not None else None
         is_dir = stat.S_ISDIR(st.st_mode)
+        redirect = redirect_target(dfd, name, lower_parts) if is_dir else None
         kind = "A"
-        if below is not None:
+        if redirect is not None:
+            kind = "A"  # a renamed directory: new here, whatever it holds from below
+        elif below is not None:
             # A directory that only holds changes is not itself a change.
             same = is_dir and stat.S_ISDIR(below.st_mode) and _same_dir(st, below)
             kind = "" if same else "C"
@@ -85,14 +95,40 @@ def _walk(
                 changed_dirs.add(_abs(path))
             cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             try:
-                if below is not None and _is_opaque(cfd):
+                opaque = _is_opaque(cfd)
+                if below is not None and opaque and child_lower is not None:
                     upper_names = {os.fsencode(n) for n in os.listdir(cfd)}
-                    for child in low.children(path):
+                    for child in low.children(child_lower):
                         if child not in upper_names:
                             _record(out, changed_dirs, [*path, child], "D")
-                _walk(cfd, path, low, out, changed_dirs)
+                if opaque:
+                    child_lower = None
+                elif redirect is not None:
+                    child_lower = redirect
+                _walk(cfd, path, child_lower, low, out, changed_dirs)
             finally:
                 os.close(cfd)
+
+
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+
+
+def redirect_target(dfd: int, name: bytes, lower_parts: list[bytes] | None) -> list[bytes] | None:
+    """Where the lower part of upper directory ``name`` lives, if it carries an overlay
+    redirect (a renamed directory): absolute from the root, or a name in the parent's lower
+    directory ``lower_parts``. None when it has no redirect."""
+    path = b"/proc/self/fd/%d/%s" % (dfd, name)
+    for x in REDIRECT_XATTRS:
+        try:
+            value = os.getxattr(path, x, follow_symlinks=False)
+        except OSError:
+            continue
+        if value.startswith(b"/"):
+            return [p for p in value.split(b"/") if p]
+        if lower_parts is None or not value or b"/" in value:
+            return None
+        return [*lower_parts, value]
+    return None
 
 
 def _record(out: list[Change], changed_dirs: set[bytes], path: list[bytes], kind: str) -> None:
@@ -135,14 +171,14 @@ def _is_opaque(fd: int) -> bool:
     return True
 
 
-class _Lowers:
+class LowerStack:
     """Overlay lookups in a read-only lower stack, relative to each layer's root fd."""
 
     def __init__(self, paths: list[str]) -> None:
         self.paths = paths
         self.fds: list[int] = []
 
-    def __enter__(self) -> _Lowers:
+    def __enter__(self) -> LowerStack:
         try:
             for p in self.paths:
                 self.fds.append(os.open(p, _DIR_FLAGS))
@@ -156,10 +192,10 @@ class _Lowers:
             os.close(fd)
         self.fds = []
 
-    def _dirs(self, parts: list[bytes]) -> Iterator[int]:
-        """Yield an fd of the directory ``parts`` in each lower that contributes to the
-        merged directory, topmost first (the caller closes nothing: fds are closed here)."""
-        for root in self.fds:
+    def _dirs(self, parts: list[bytes]) -> Iterator[tuple[int, int]]:
+        """Yield (layer index, directory fd) for each lower whose directory ``parts``
+        contributes to the merged directory, topmost first. The fds are closed here."""
+        for index, root in enumerate(self.fds):
             fd = os.dup(root)
             stop = False
             ok = True
@@ -177,15 +213,15 @@ class _Lowers:
                     if _is_opaque(fd):
                         stop = True
                 if ok:
-                    yield fd
+                    yield index, fd
             finally:
                 os.close(fd)
             if stop:
                 return
 
-    def lookup(self, parts: list[bytes]) -> os.stat_result | None:
-        """stat of ``parts`` as the lower stack shows it, or None if it does not exist."""
-        for dfd in self._dirs(parts[:-1]):
+    def locate(self, parts: list[bytes]) -> tuple[int, os.stat_result] | None:
+        """(layer index, stat) of ``parts`` as the lower stack shows it, or None."""
+        for index, dfd in self._dirs(parts[:-1]):
             name = parts[-1]
             if _exists(dfd, WH_PREFIX + name):
                 return None
@@ -195,14 +231,32 @@ class _Lowers:
                 continue
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 return None
-            return st
+            return index, st
         return None
+
+    def lookup(self, parts: list[bytes]) -> os.stat_result | None:
+        """stat of ``parts`` as the lower stack shows it, or None if it does not exist."""
+        found = self.locate(parts)
+        return None if found is None else found[1]
+
+    def open_dir(self, index: int, parts: list[bytes]) -> int:
+        """Open directory ``parts`` of lower ``index`` (never through a symlink); caller closes."""
+        fd = os.dup(self.fds[index])
+        try:
+            for comp in parts:
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def children(self, parts: list[bytes]) -> list[bytes]:
         """The names in the merged lower directory ``parts``."""
         seen: set[bytes] = set()
         hidden: set[bytes] = set()
-        for dfd in self._dirs(parts):
+        for _index, dfd in self._dirs(parts):
             for n in os.listdir(dfd):
                 b = os.fsencode(n)
                 if b == WH_OPAQUE:
