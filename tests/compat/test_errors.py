@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import daemon_pids, helper_command, helper_env, is_mounted
+from compat.helpers import daemon_pids, helper_command, helper_env, is_mounted
 
 import layerfs
 
@@ -20,15 +20,6 @@ def run(args: list[str], cwd: Path | None = None, argv0: list[str] | None = None
         cmd, cwd=cwd, env=helper_env(), stdin=subprocess.DEVNULL, capture_output=True,
         text=True, timeout=60, check=False,
     )  # fmt: skip
-
-
-@pytest.fixture
-def layers(tmp_path: Path) -> dict[str, Path]:
-    d = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
-    for p in d.values():
-        p.mkdir()
-    (d["lower"] / "f").write_text("x")
-    return d
 
 
 def assert_failed_cleanly(r: subprocess.CompletedProcess[str], mnt: Path, *words: str) -> None:

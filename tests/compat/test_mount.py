@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
+from compat.helpers import (
     daemon_pids,
     engine_missing,
     helper_command,

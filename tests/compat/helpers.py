@@ -1,0 +1,105 @@
+"""Helpers for the mount.layerfs compatibility tests: how to run the helper, and mount hygiene.
+
+Imported as ``compat.helpers`` (tests/ is on sys.path, see tests/conftest.py), so it works
+in every pytest import mode.
+
+Every mount a test makes is unmounted in a ``finally`` (fusermount3 -u, then -u -z), and a test
+that mounts checks afterwards that no daemon is left whose command line names its mount point.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def helper_command() -> list[str]:
+    """The installed ``mount.layerfs`` console script, else the module run by this Python."""
+    exe = Path(sys.executable).with_name("mount.layerfs")
+    if exe.exists():
+        return [os.fspath(exe)]
+    found = shutil.which("mount.layerfs")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "mount_helper.main"]
+
+
+def helper_env() -> dict[str, str]:
+    """The environment for the helper: our checkout first on PYTHONPATH (for ``-m`` runs)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.fspath(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def engine_missing() -> str | None:
+    """Why layerfs cannot mount yet (layerfs.mount not written), or None."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("layerfs.mount") is None:
+            return "layerfs.mount does not exist yet"
+    except ImportError as e:
+        return f"layerfs.mount: {e}"
+    return None
+
+
+def _unescape(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+
+
+def is_mounted(mnt: str | os.PathLike[str]) -> bool:
+    """Whether ``mnt`` is a mount point in this mount namespace (/proc/self/mountinfo)."""
+    want = os.fsencode(os.path.realpath(mnt))
+    with open("/proc/self/mountinfo", "rb") as fh:
+        return any(_unescape(line.split()[4]) == want for line in fh)
+
+
+def unmount(mnt: str | os.PathLike[str]) -> None:
+    """Unmount a FUSE mount if it is there: fusermount3 -u, then a lazy unmount."""
+    if not is_mounted(mnt):
+        return
+    r = subprocess.run(["fusermount3", "-u", os.fspath(mnt)], capture_output=True, check=False)
+    if r.returncode != 0 and is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", os.fspath(mnt)], check=False)
+
+
+def daemon_pids(mnt: str | os.PathLike[str]) -> list[int]:
+    """Pids (not ours) whose command line contains the mount point path."""
+    needle = os.fsencode(os.fspath(mnt))
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        if needle in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def wait_no_daemon(mnt: str | os.PathLike[str], timeout: float = 20.0) -> list[int]:
+    """Wait until no process names ``mnt``; return the pids still there at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (pids := daemon_pids(mnt)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
+def reap(mnt: str | os.PathLike[str]) -> None:
+    """Teardown: unmount, then kill daemons of this test's mount that did not exit."""
+    unmount(mnt)
+    for pid in wait_no_daemon(mnt, timeout=5.0):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
