@@ -35,6 +35,8 @@ from compat.helpers import (
     wait_no_daemon,
 )
 
+from mount_helper.argv import escape_path
+
 pytestmark = pytest.mark.fuse
 
 TIMEOUT = 60
@@ -241,6 +243,36 @@ def test_source_mountpoint_shape(program: Program, storage: Storage) -> None:
     assert r.returncode == 0, r.stderr
     check_merged_view(storage.merged)
     unmount_and_check_exit(storage.merged)
+
+
+def test_escaped_and_non_utf8_paths(program: Program, tmp_path: Path) -> None:
+    if program.name == "fuse-overlayfs":
+        pytest.skip("fuse-overlayfs splits lowerdir on every ':' (no '\\:' escape)")
+    base = os.fsencode(tmp_path)
+    lower = base + b"/low,er:1 \xff"
+    upper, work, merged = base + b"/up\\per", base + b'/wo"rk', base + b"/merged"
+    for p in (lower, upper, work, merged):
+        os.mkdir(p)
+    with open(lower + b"/f", "w") as fh:
+        fh.write("hi\n")
+    opts = ",".join(
+        f"{name}={escape_path(os.fsdecode(p))}"
+        for name, p in (("lowerdir", lower), ("upperdir", upper), ("workdir", work))
+    )
+    try:
+        r = subprocess.run(
+            [program.exe, "-o", opts, os.fsdecode(merged)], env=helper_env(),
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        with open(merged + b"/f") as fh:
+            assert fh.read() == "hi\n"
+        with open(merged + b"/g", "w") as fh:
+            fh.write("g")
+        unmount_and_check_exit(Path(os.fsdecode(merged)))
+        assert os.path.exists(upper + b"/g")
+    finally:
+        reap(os.fsdecode(merged))
 
 
 def mount_flags(mnt: Path) -> set[str]:
