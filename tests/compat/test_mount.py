@@ -230,6 +230,27 @@ def test_mount_fuse3_form(program: Program, storage: Storage, tmp_path: Path) ->
     unmount_and_check_exit(storage.merged)
 
 
+def test_containerd_mount_helper_form(program: Program, storage: Storage) -> None:
+    # containerd mount_linux.go mountWithHelper: mount.fuse3 SOURCE TARGET -o O1 -o O2 ...
+    # -t NAME (the type minus "fuse3."), output read with CombinedOutput (to EOF).
+    if shutil.which("mount.fuse3") is None:
+        pytest.skip("mount.fuse3 not installed (apt-get install fuse3)")
+    top, bottom = storage.layer_links
+    h, ctr = storage.home, storage.container
+    env = helper_env()
+    env["PATH"] = os.path.dirname(program.exe) + os.pathsep + env.get("PATH", "")
+    args = ["overlay", str(storage.merged), "-o", f"lowerdir={h}/{top}:{h}/{bottom}"]
+    args += ["-o", f"upperdir={h}/{ctr}/diff", "-o", f"workdir={h}/{ctr}/work"]
+    args += ["-t", os.path.basename(program.exe)]
+    r = subprocess.run(
+        ["mount.fuse3", *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout
+    check_merged_view(storage.merged)
+    unmount_and_check_exit(storage.merged)
+
+
 def test_source_mountpoint_shape(program: Program, storage: Storage) -> None:
     # What mount.fuse3 execs for containerd's fuse3 mounts: PROG overlay MNT -o OPTS.
     top, bottom = storage.layer_links
