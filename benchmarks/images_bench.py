@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from layerfs.store.commit import commit, write_layer_blob
@@ -119,41 +120,31 @@ def main(argv: list[str] | None = None) -> int:
             os.rmdir(bundle / "rootfs")
             shutil.copytree(tree, bundle / "rootfs", symlinks=True)
             tag = f"img{rep}"
+            umoci_img = f"{layout}:{tag}"
             add(
                 "umoci repack",
-                timed(
-                    lambda b=bundle, t=tag: run(
-                        ["umoci", "repack", "--image", f"{layout}:{t}", str(b)]
-                    )
-                ),
+                timed(partial(run, ["umoci", "repack", "--image", umoci_img, str(bundle)])),
             )
             drop(bundle)
 
             out = tmp / f"unpacked{rep}"
             add(
                 "umoci unpack",
-                timed(
-                    lambda o=out, t=tag: run(
-                        ["umoci", "unpack", "--image", f"{layout}:{t}", str(o)]
-                    )
-                ),
+                timed(partial(run, ["umoci", "unpack", "--image", umoci_img, str(out)])),
             )
             drop(out)
 
             store = Store(str(tmp / f"store{rep}"))
-            add("layerfs import", timed(lambda s=store, t=tag: s.import_layout(f"{layout}:{t}")))
+            add("layerfs import", timed(partial(store.import_layout, umoci_img)))
 
             upper = tmp / f"upper{rep}"
             shutil.copytree(tree, upper, symlinks=True)
             store.import_layout(f"{layout}:empty")
+            blob = str(tmp / f"blob{rep}")
+            add("layerfs commit (blob only)", timed(partial(write_layer_blob, str(upper), blob)))
+            os.unlink(blob)
             add(
-                "layerfs commit (blob only)",
-                timed(lambda u=upper, r=rep: write_layer_blob(str(u), str(tmp / f"blob{r}"))),
-            )
-            os.unlink(tmp / f"blob{rep}")
-            add(
-                "layerfs commit",
-                timed(lambda s=store, u=upper: commit(s, str(u), "empty", ("committed",))),
+                "layerfs commit", timed(partial(commit, store, str(upper), "empty", ("committed",)))
             )
             drop(upper)
             drop(Path(store.root))

@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def add_index_entry(layout: Path, desc: dict[str, object], tag: str | None) -> N
 
 def write_image(
     layout: Path,
-    layers: list[list[E] | bytes],
+    layers: Sequence[list[E] | bytes],
     *,
     tag: str | None = "latest",
     compression: str = "gzip",

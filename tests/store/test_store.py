@@ -20,7 +20,7 @@ BASE = [E("etc", "d", mode=0o755), E("etc/os-release", data=b"ID=test\n")]
 
 def _blob(layout: Path, desc: dict[str, object], index: int) -> Path:
     manifest = json.loads((layout / "blobs/sha256" / str(desc["digest"])[7:]).read_bytes())
-    return layout / "blobs/sha256" / manifest["layers"][index]["digest"][7:]
+    return layout / "blobs/sha256" / str(manifest["layers"][index]["digest"])[7:]
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
