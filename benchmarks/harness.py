@@ -93,7 +93,12 @@ def p95(samples: list[float]) -> float:
 
 
 def summarise(samples: list[float]) -> dict[str, float | int]:
-    return {"median": statistics.median(samples), "p95": p95(samples), "n": len(samples)}
+    return {
+        "median": statistics.median(samples),
+        "p95": p95(samples),
+        "min": min(samples),
+        "n": len(samples),
+    }
 
 
 # --- running one scenario on one target -------------------------------------------------------
