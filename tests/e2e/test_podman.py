@@ -15,7 +15,7 @@ import pytest
 
 from .conftest import BASE_TREE
 from .oci_image import d, f, layer_tar, opq, wh, write_layout
-from .podman_env import SETTLE_TIMEOUT, PodmanEnv, settle
+from .podman_env import SETTLE_TIMEOUT, PodmanEnv, mounts_under, settle
 
 pytestmark = [
     pytest.mark.podman,
@@ -368,6 +368,11 @@ def test_five_containers_at_once_are_isolated(pm: PodmanEnv) -> None:
     try:
         for i, name in enumerate(names):
             wait_for_file(pm, name, f"/base/mine-{i}", f"{i}\n")
+        # Each container's root is a mount of the program under test, not something else
+        # containers/storage fell back to.
+        merged = [t for mp, t in mounts_under(pm.graphroot) if mp.endswith("/merged")]
+        fstype = "overlay" if program_name(pm) == "kernel-overlay" else "fuse"
+        assert len(merged) == len(names) and all(t.startswith(fstype) for t in merged), merged
         for i, name in enumerate(names):
             script = "ls /base | tr '\\n' ' '; echo; ls /base/olddir | tr '\\n' ' '; echo;"
             script += " cat /base/mod.txt"
