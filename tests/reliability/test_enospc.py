@@ -1,0 +1,113 @@
+"""A full upper filesystem (issue 3): ENOSPC reaches the writer, the daemon lives on, the lower
+view stays intact, and nothing partial is left in the upper or the workdir.
+
+The upper and workdir share an 8 MiB tmpfs; the lower (elsewhere) has a 32 MiB file that cannot
+be copied up into it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from ._helpers import layerfs_daemon, tmpfs
+
+pytestmark = [pytest.mark.fuse]
+
+BIG = 32 << 20
+
+
+def _digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 << 20):
+            h.update(chunk)
+    out: str = h.hexdigest()
+    return out
+
+
+def _upper_files(upper: Path) -> dict[str, int]:
+    return {
+        os.path.relpath(os.path.join(d, n), upper): os.lstat(os.path.join(d, n)).st_size
+        for d, _dirs, files in os.walk(upper)
+        for n in files
+    }
+
+
+def test_full_upper_gives_enospc_and_keeps_serving(tmp_path: Path) -> None:
+    lower = tmp_path / "lower"
+    (lower / "dir").mkdir(parents=True)
+    (lower / "dir" / "big").write_bytes(os.urandom(BIG))
+    (lower / "small").write_bytes(b"small lower file\n")
+    lower_digest = _digest(lower / "dir" / "big")
+    mnt = tmp_path / "merged"
+    mnt.mkdir()
+    with tmpfs(tmp_path / "small-fs", "8m") as fs:
+        upper, work = fs / "upper", fs / "work"
+        upper.mkdir()
+        work.mkdir()
+        with layerfs_daemon([lower], upper, work, mnt) as d:
+            # 1. Copy-up of a file larger than the upper filesystem.
+            err = None
+            try:
+                fd = os.open(mnt / "dir" / "big", os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, b"x")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                err = e.errno
+            assert err == errno.ENOSPC, f"expected ENOSPC, got {err and errno.errorcode[err]}"
+            assert d.alive(), d.log_text()
+            assert os.listdir(work / "work") == [], "a failed copy-up left its temp file"
+            assert "big" not in os.listdir(upper / "dir") if (upper / "dir").exists() else True
+            # The daemon answers, and the merged view still shows the lower file, whole.
+            assert sorted(os.listdir(mnt)) == ["dir", "small"]
+            assert (mnt / "dir" / "big").stat().st_size == BIG
+            assert _digest(mnt / "dir" / "big") == lower_digest
+
+            # 2. Writes into a new upper file until the disk is full: ENOSPC from write/fsync.
+            err = None
+            written = 0
+            fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                chunk = b"f" * (1 << 20)
+                while written < 64 << 20:
+                    written += os.write(fd, chunk)
+                os.fsync(fd)
+            except OSError as e:
+                err = e.errno
+            finally:
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    err = err or e.errno
+            assert err == errno.ENOSPC
+            assert d.alive(), d.log_text()
+            # What write() said it wrote is what the file holds.
+            assert (mnt / "filler").stat().st_size == written == (upper / "filler").stat().st_size
+
+            # 3. A small copy-up fails too while the disk is full, and works once space is freed.
+            with pytest.raises(OSError) as exc, open(mnt / "small", "ab") as fh:
+                fh.write(b"x" * (1 << 20))
+                fh.flush()
+                os.fsync(fh.fileno())
+            assert exc.value.errno == errno.ENOSPC
+            os.unlink(mnt / "filler")
+            with open(mnt / "small", "ab") as fh:
+                fh.write(b"appended\n")
+            assert (mnt / "small").read_bytes() == b"small lower file\nappended\n"
+            assert d.alive()
+            assert os.listdir(work / "work") == []
+            # Nothing partial in the upper: only complete copies and new files.
+            files = _upper_files(upper)
+            assert "dir/big" not in files
+            assert files.get("small") == len(b"small lower file\nappended\n")
+        assert not d.alive()
+        assert d.proc.returncode == 0, d.log_text()
+        assert "Traceback" not in d.log_text(), d.log_text()
