@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run|list|dataset|table`` (see docs/benchmarks.md)."""
+"""Command line: ``python -m benchmarks run|list|dataset|table|compare`` (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--layerfs-cmd", default=None, help="the layerfs command (default: found)")
     r.add_argument("--layerfs-opts", default="", help="-o options for layerfs mounts")
+    r.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="record a py-spy flame graph of the Python daemon per run into DIR",
+    )
 
     d = sub.add_parser("dataset", help="build (or show) the data set only")
     common(d)
@@ -73,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table", help="print the table of a results JSON file")
     t.add_argument("file", type=Path)
 
+    c = sub.add_parser("compare", help="before/after table of one target from two JSON files")
+    c.add_argument("before", type=Path)
+    c.add_argument("after", type=Path)
+    c.add_argument("--target", default="layerfs")
+
     args = ap.parse_args(argv)
 
     if args.cmd == "list":
@@ -82,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{sc.name:22s} {flags:12s} {sc.summary}")
         return 0
 
+    if args.cmd == "compare":
+        before = harness.results_from_json(json.loads(args.before.read_text()))
+        after = harness.results_from_json(json.loads(args.after.read_text()))
+        print(harness.render_compare(before, after, args.target))
+        return 0
+
     if args.cmd == "table":
         data = json.loads(args.file.read_text())
         res = harness.results_from_json(data)
+        print(harness.render_header(res))
+        print()
         print(harness.render_table(res))
         errs = harness.render_errors(res)
         if errs:
@@ -114,8 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or ds.params.rounds
     out = args.out or harness.default_out(args.size)
     res = harness.run_benchmarks(
-        ds, usable, rounds=rounds, only=args.only, out=out, check=not args.no_check
+        ds,
+        usable,
+        rounds=rounds,
+        only=args.only,
+        out=out,
+        check=not args.no_check,
+        profile_dir=args.profile,
     )
+    print()
+    print(harness.render_header(res))
     print()
     print(harness.render_table(res))
     errs = harness.render_errors(res)

@@ -161,8 +161,18 @@ def run_in_child(sc: Scenario, mnt: Mounted, timeout: float) -> list[Measurement
 
 
 class Runner:
-    def __init__(self, ds: Dataset, targets: list[Target], workroot: Path, *, cold_ok: bool):
+    def __init__(
+        self,
+        ds: Dataset,
+        targets: list[Target],
+        workroot: Path,
+        *,
+        cold_ok: bool,
+        profile_dir: Path | None = None,
+    ):
         self.ds = ds
+        self.profile_dir = profile_dir
+        self.round = 0
         self.targets = targets
         self.workroot = workroot
         self.cold_ok = cold_ok
@@ -182,7 +192,12 @@ class Runner:
                 os.sync()  # the native copy's writeback must not land inside the timing
             if sc.cold and self.cold_ok:
                 drop_caches(3)
-            for m in run_in_child(sc, mnt, self.ds.params.timeout):
+            spy = self.start_profile(mnt, sc)
+            try:
+                measurements = run_in_child(sc, mnt, self.ds.params.timeout)
+            finally:
+                stop_profile(spy)
+            for m in measurements:
                 cell.add(m)
                 status += f" {m.metric}={fmt_value(m.samples[-1], m.unit)}"
         except Skip as e:
@@ -205,6 +220,38 @@ class Runner:
                 os.sync()  # write-back of this run must not land in the next one
             self.cleanup(work)
         return status
+
+    def start_profile(self, mnt: Mounted, sc: Scenario) -> subprocess.Popen[bytes] | None:
+        """py-spy on a Python daemon for the length of one run (``--profile DIR``)."""
+        if self.profile_dir is None or mnt.pid is None or not shutil.which("py-spy"):
+            return None
+        try:
+            exe = os.readlink(f"/proc/{mnt.pid}/exe")
+        except OSError:
+            return None
+        if "python" not in Path(exe).name:
+            return None  # py-spy reads Python stacks only
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        out = self.profile_dir / f"r{self.round + 1}-{sc.name}-{mnt.target}.svg"
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(mnt.pid),
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--format",
+                "flamegraph",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # py-spy samples only once attached
+        return spy
 
     def cleanup(self, work: Path) -> None:
         mnt = work / "mnt"
@@ -244,6 +291,17 @@ class Runner:
         )
 
 
+def stop_profile(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is None:
+        return
+    spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        spy.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -269,6 +327,7 @@ def run_benchmarks(
     only: list[str] | None,
     out: Path,
     check: bool,
+    profile_dir: Path | None = None,
 ) -> Results:
     scenarios = select_scenarios(ds, only)
     for mod in MODULES:
@@ -289,7 +348,7 @@ def run_benchmarks(
     }
     workroot = ds.root.parent / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     workroot.mkdir(parents=True)
-    runner = Runner(ds, targets, workroot, cold_ok=cold_ok)
+    runner = Runner(ds, targets, workroot, cold_ok=cold_ok, profile_dir=profile_dir)
     target_info: dict[str, dict[str, object]] = {}
     for t in targets:
         info: dict[str, object] = {"version": t.version()}
@@ -305,6 +364,7 @@ def run_benchmarks(
     )
     try:
         for r in range(rounds):
+            runner.round = r
             for i, sc in enumerate(scenarios):
                 reason = sc.requires(ds) if sc.requires else None
                 if reason:
@@ -453,6 +513,7 @@ def results_from_json(data: dict[str, object]) -> Results:
     assert isinstance(targets, list)
     scen: dict[str, Scenario] = {}
     res = Results(str(data["size"]), int(str(data["rounds"])), [str(t) for t in targets], [])
+    res.info = {k: v for k, v in data.items() if k != "results"}
     for row in rows:
         name = row["scenario"]
         if name not in scen:
@@ -469,3 +530,63 @@ def results_from_json(data: dict[str, object]) -> Results:
 
 def default_out(size: str) -> Path:
     return RESULTS_DIR / f"{time.strftime('%Y-%m-%d-%H%M', time.gmtime())}-{size}.json"
+
+
+def render_header(res: Results) -> str:
+    """Who ran, where: printed above the table."""
+    info = res.info
+    machine = info.get("machine", {})
+    assert isinstance(machine, dict)
+    lines = [
+        f"size {res.size}, {res.rounds} round(s), {info.get('started', '?')}; "
+        f"Linux {machine.get('kernel')}, {machine.get('cpus')} x {machine.get('cpu')}, "
+        f"layers on {str(machine.get('layer_filesystem', '?')).split()[0]}, "
+        f"load {machine.get('loadavg_at_start')}",
+    ]
+    tinfo = info.get("target_info", {})
+    assert isinstance(tinfo, dict)
+    for name, ti in tinfo.items():
+        checks = ", ".join(
+            f"{k[len('tree_check_') :]} {v}" for k, v in ti.items() if k.startswith("tree_check_")
+        )
+        lines.append(
+            f"  {name}: {ti.get('version')}" + (f" (tree check: {checks})" if checks else "")
+        )
+    return "\n".join(lines)
+
+
+def render_compare(old: Results, new: Results, target: str) -> str:
+    """Before/after of one target, for the journal: medians and ratios to kernel."""
+    head = [
+        "scenario",
+        f"{target} before",
+        f"{target} after",
+        "after/before",
+        "/kernel before",
+        "/kernel after",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    old_rows = {metric: (sc, unit) for sc, metric, unit in old.rows()}
+    for sc, metric, unit in new.rows():
+        if metric not in old_rows:
+            continue
+        osc = old_rows[metric][0]
+        a = median_of(old, osc, metric, target)
+        b = median_of(new, sc, metric, target)
+        ra = ratio(old, osc, metric, target, "kernel")
+        rb = ratio(new, sc, metric, target, "kernel")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    metric,
+                    fmt_value(a, unit) if a is not None else "-",
+                    fmt_value(b, unit) if b is not None else "-",
+                    f"{b / a:.2f}x" if a and b is not None else "-",
+                    f"{ra:.2f}x" if ra is not None else "-",
+                    f"{rb:.2f}x" if rb is not None else "-",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)

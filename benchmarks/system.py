@@ -190,5 +190,5 @@ def machine_info(data_dir: Path) -> dict[str, object]:
         "layer_filesystem": filesystem_of(data_dir),
         "python": sys.version.split()[0],
         "fio": command_version(["fio", "--version"]) if shutil.which("fio") else None,
-        "loadavg_at_start": os.getloadavg(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
