@@ -25,13 +25,11 @@ from pathlib import Path
 
 import pytest
 from compat.helpers import (
-    daemon_pids,
     engine_missing,
     helper_command,
     helper_env,
     is_mounted,
     reap,
-    unmount,
     wait_no_daemon,
 )
 
@@ -371,9 +369,3 @@ def test_mount8_type_and_fstab(program: Program, storage: Storage, tmp_path: Pat
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["top", "base", "top", "1", "done"], r.stdout + r.stderr
     assert wait_no_daemon(storage.merged) == []
-
-
-def test_no_leftovers(storage: Storage) -> None:
-    # The fixtures' teardown guarantees it; this documents the check used above.
-    unmount(storage.merged)
-    assert daemon_pids(storage.merged) == []
