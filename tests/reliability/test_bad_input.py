@@ -1,0 +1,245 @@
+"""Every error of ``layerfs mount``, table-driven: exit code 1, one ``layerfs: ...`` line on
+stderr that names the offending path, nothing mounted, no daemon left, and nothing written
+(the whole test directory is compared before and after, contents and mtimes included).
+
+Run detached (no ``-f``), as container engines run it: a mistaken success would return 0 with a
+live mount. Unknown ``-o`` options only warn, and a non-UTF-8 layer path is a valid path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support.mounts import is_mounted, layerfs_command, mountpoints
+
+from ._helpers import mount_cmd, pids_naming, tmpfs, tree_state, unmount_any, wait_until
+
+pytestmark = [pytest.mark.fuse]
+
+
+@dataclass
+class Env:
+    root: Path
+    lower: Path
+    lower2: Path
+    upper: Path
+    work: Path
+    mnt: Path
+    other_fs: Path  # a tmpfs: another filesystem than the upper's
+    mounted: Path  # a directory that already is a mount point
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(
+        tmp_path,
+        tmp_path / "lower",
+        tmp_path / "lower2",
+        tmp_path / "upper",
+        tmp_path / "work",
+        tmp_path / "merged",
+        tmp_path / "otherfs",
+        tmp_path / "mounted",
+    )
+    for p in (e.lower, e.lower2, e.upper, e.work, e.mnt):
+        p.mkdir()
+    (e.lower / "f").write_text("x")
+    (e.lower / "sub").mkdir()
+    (e.upper / "sub").mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
+    with tmpfs(e.other_fs, "1m"), tmpfs(e.mounted, "1m"):
+        (e.other_fs / "work").mkdir()
+        try:
+            yield e
+        finally:
+            for m in (e.mnt, e.mounted / "x"):
+                unmount_any(m)
+
+
+Args = Callable[[Env], tuple[list[str | bytes], bytes]]
+
+
+def _mount(
+    lowers: str | bytes, upper: str | bytes | None, mnt: str | bytes, work: str | bytes | None
+) -> list[str | bytes]:
+    args: list[str | bytes] = ["mount", lowers]
+    if upper is not None:
+        args.append(upper)
+    args.append(mnt)
+    if work is not None:
+        args += ["--workdir", work]
+    return args
+
+
+def s(p: Path) -> str:
+    return str(p)
+
+
+# name -> (argv after "layerfs", the path the message must name)
+CASES: dict[str, Args] = {
+    "missing lower": lambda e: (
+        _mount(s(e.root / "nope"), s(e.upper), s(e.mnt), s(e.work)),
+        b"nope",
+    ),
+    "missing second lower": lambda e: (
+        _mount(f"{e.lower}:{e.root / 'nope2'}", s(e.upper), s(e.mnt), s(e.work)),
+        b"nope2",
+    ),
+    "lower is a file": lambda e: (
+        _mount(s(e.root / "a-file"), s(e.upper), s(e.mnt), s(e.work)),
+        b"a-file",
+    ),
+    "empty lowerdir": lambda e: (_mount("", s(e.upper), s(e.mnt), s(e.work)), b"lower"),
+    "empty entry in lowerdir": lambda e: (
+        _mount(f"{e.lower}::{e.lower2}", s(e.upper), s(e.mnt), s(e.work)),
+        os.fsencode(e.lower),
+    ),
+    "upper missing": lambda e: (
+        _mount(s(e.lower), s(e.root / "no-upper"), s(e.mnt), s(e.work)),
+        b"no-upper",
+    ),
+    "upper missing, default workdir": lambda e: (
+        _mount(s(e.lower), s(e.root / "no-upper"), s(e.mnt), None),
+        b"no-upper",
+    ),
+    "workdir missing": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.mnt), s(e.root / "no-work")),
+        b"no-work",
+    ),
+    "workdir without upper": lambda e: (_mount(s(e.lower), None, s(e.mnt), s(e.work)), b"work"),
+    "merged missing": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.root / "no-mnt"), s(e.work)),
+        b"no-mnt",
+    ),
+    "merged missing, default workdir": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.root / "no-mnt"), None),
+        b"no-mnt",
+    ),
+    "merged is a file": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.root / "a-file"), s(e.work)),
+        b"a-file",
+    ),
+    "merged already a mount": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.mounted), s(e.work)),
+        b"mounted",
+    ),
+    "merged already a mount, default workdir": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.mounted), None),
+        b"mounted",
+    ),
+    "upper inside lower": lambda e: (
+        _mount(s(e.lower), s(e.lower / "sub"), s(e.mnt), s(e.work)),
+        b"sub",
+    ),
+    "lower inside upper": lambda e: (
+        _mount(s(e.upper / "sub"), s(e.upper), s(e.mnt), s(e.work)),
+        b"sub",
+    ),
+    "workdir inside upper": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.mnt), s(e.upper / "sub")),
+        b"sub",
+    ),
+    "workdir is the upper": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.mnt), s(e.upper)),
+        os.fsencode(e.upper),
+    ),
+    "workdir inside lower": lambda e: (
+        _mount(s(e.lower2), s(e.upper), s(e.mnt), s(e.lower2)),
+        b"lower2",
+    ),
+    "workdir on another filesystem": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.mnt), s(e.other_fs / "work")),
+        b"otherfs",
+    ),
+    "merged inside upper": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.upper / "sub"), s(e.work)),
+        b"sub",
+    ),
+    "merged is a lower": lambda e: (
+        _mount(s(e.lower), s(e.upper), s(e.lower), s(e.work)),
+        os.fsencode(e.lower),
+    ),
+    "non-UTF-8 missing lower": lambda e: (
+        _mount(os.fsencode(e.root) + b"/l\xff\xfe", s(e.upper), s(e.mnt), s(e.work)),
+        b"/l\xff\xfe",  # the bytes as given, not a surrogate escape such as "\udcff"
+    ),
+    "too many paths": lambda e: ([*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "x"], b""),
+}
+
+
+def _run(args: list[str | bytes], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    cmd = [os.fsencode(a) for a in (*layerfs_command(), *args)]
+    return subprocess.run(
+        cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False
+    )
+
+
+def _mounts_below(root: Path) -> list[bytes]:
+    base = os.fsencode(root)
+    return sorted(m for m in mountpoints() if m.startswith(base))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(env: Env, case: str) -> None:
+    args, names = CASES[case](env)
+    before = tree_state(env.root)
+    mounts = _mounts_below(env.root)
+    r = _run(args, env.root)
+    err = r.stderr.decode(errors="surrogateescape")
+    assert r.returncode == 1, (r.returncode, err)
+    assert r.stdout == b""
+    lines = [ln for ln in r.stderr.splitlines() if b": warning:" not in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(b"layerfs: "), err
+    assert b"Traceback" not in r.stderr
+    assert names in lines[0], f"message does not name {names!r}: {err}"
+    assert _mounts_below(env.root) == mounts, "something was mounted"
+    assert not pids_naming(env.mnt)
+    assert tree_state(env.root) == before, "a failed mount wrote something"
+
+
+def _mount_and_unmount(args: list[str | bytes], mnt: bytes, cwd: Path) -> bytes:
+    try:
+        r = _run(args, cwd)
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(os.fsdecode(mnt))
+        return r.stderr
+    finally:
+        unmount_any(os.fsdecode(mnt))
+        wait_until(lambda: not pids_naming(os.fsdecode(mnt)), 20, "the daemon to exit")
+
+
+def test_unknown_option_warns_and_mounts(env: Env) -> None:
+    cmd = mount_cmd([env.lower], env.upper, env.work, env.mnt, foreground=False)
+    cmd += ["-o", 'frobnicate=1,rw,context="system_u:object_r:container_file_t:s0"']
+    err = _mount_and_unmount(cmd[len(layerfs_command()) :], os.fsencode(env.mnt), env.root)
+    warnings = err.decode().splitlines()
+    assert any("frobnicate" in w and "warning" in w for w in warnings), warnings
+    assert all(w.startswith("layerfs: warning:") for w in warnings), warnings
+
+
+def test_non_utf8_paths_mount(env: Env) -> None:
+    """Layer, upper and mount point names that are not UTF-8 are ordinary paths."""
+    base = os.fsencode(env.root)
+    lower, upper, work, mnt = (base + n for n in (b"/l\xff", b"/u\xfe", b"/w\xfd", b"/m\xfc"))
+    for p in (lower, upper, work, mnt):
+        os.mkdir(p)
+    with open(lower + b"/name-\xff", "wb") as fh:
+        fh.write(b"lower")
+    try:
+        r = _run(_mount(lower, upper, mnt, work), env.root)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == b""
+        assert os.listdir(mnt) == [b"name-\xff"]
+        with open(mnt + b"/name-\xff", "ab") as fh:
+            fh.write(b"+upper")
+        with open(upper + b"/name-\xff", "rb") as fh:
+            assert fh.read() == b"lower+upper"
+    finally:
+        unmount_any(os.fsdecode(mnt))
+        wait_until(lambda: not pids_naming(os.fsdecode(mnt)), 20, "the daemon to exit")
