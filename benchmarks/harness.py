@@ -223,7 +223,9 @@ class Runner:
 
     def start_profile(self, mnt: Mounted, sc: Scenario) -> subprocess.Popen[bytes] | None:
         """py-spy on a Python daemon for the length of one run (``--profile DIR``)."""
-        if self.profile_dir is None or mnt.pid is None or not shutil.which("py-spy"):
+        pyspy = Path(sys.executable).parent / "py-spy"
+        pyspy_cmd = str(pyspy) if pyspy.exists() else shutil.which("py-spy")
+        if self.profile_dir is None or mnt.pid is None or not pyspy_cmd:
             return None
         try:
             exe = os.readlink(f"/proc/{mnt.pid}/exe")
@@ -235,7 +237,7 @@ class Runner:
         out = self.profile_dir / f"r{self.round + 1}-{sc.name}-{mnt.target}.svg"
         spy = subprocess.Popen(
             [
-                "py-spy",
+                pyspy_cmd,
                 "record",
                 "--pid",
                 str(mnt.pid),
