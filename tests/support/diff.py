@@ -56,7 +56,11 @@ def check_merged(s: Mounted, k: Mounted, *, since_ns: int | None = None, what: s
 def ignored_fields(s: Mounted | Subject) -> frozenset[str]:
     """Snapshot fields not compared for a subject: only its known, documented quirks."""
     quirks = s.quirks if isinstance(s, Subject) else SUBJECT_QUIRKS.get(s.name, frozenset())
-    table = {"dir-nlink": "dir_nlink", "hidden-hardlink-nlink": "file_nlink"}
+    table = {
+        "dir-nlink": "dir_nlink",
+        "hidden-hardlink-nlink": "file_nlink",
+        "copyup-parent-mtime": "dir_mtime",
+    }
     return frozenset(field for quirk, field in table.items() if quirk in quirks)
 
 

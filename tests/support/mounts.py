@@ -283,12 +283,25 @@ class Subject:
 # Found with this suite against fuse-overlayfs 1.10 (see docs/testing.md for reproducers).
 FUSE_OVERLAYFS_QUIRKS = frozenset(
     {
+        # read path
         "whiteout:xattr",  # xattr whiteouts are shown as empty files
         "whiteout:user_xattr",
         "opaque:root",  # an opaque xattr on a lower layer's root hides the layers below
-        "hardlink-copyup",  # copy-up of one name shows through the other names
-        "hidden-hardlink-nlink",  # nlink of a lower hard link with a hidden name: 1, kernel 2
         "dir-nlink",  # merged directories report real link counts, the kernel reports 1
+        "hidden-hardlink-nlink",  # a lower hard link whose other name is hidden: 1, kernel 2
+        # write path
+        "hardlink-copyup",  # copy-up of one name shows through the other names
+        "copyup-parent-mtime",  # copy-up into a dir changes its mtime; the kernel restores it
+        "writeback-mtime",  # a new file's mtime in the mount differs from the one on disk
+        "rename-dir",  # EXDEV for directories from a lower; redirect xattrs not followed
+        "upper-artifacts",  # writes user.fuseoverlayfs.* xattrs and .wh..opq whiteouts
+        "symlink-copyup-owner",  # copy-up of a symlink: owner root, mtime now
+        "copyup-suid",  # copy-up of a setuid file owned by a user loses the setuid bit
+        "rmrf-mkdir-not-opaque",  # mkdir over a removed lower dir: a subdir's lower comes back
+        "setgid-inherit",  # new entries in a setgid dir do not take its group
+        "unlinked-nlink",  # fstat of an open, unlinked file: nlink 1, kernel 0
+        "removexattr-copyup",  # removexattr of a missing xattr copies the file up
+        "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
     }
 )
 

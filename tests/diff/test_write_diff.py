@@ -1,0 +1,618 @@
+"""Write path, differentially: the same operation scripts through the subject and kernel overlayfs.
+
+For each script: every operation's (ok, value) / (err, errno name) must match the kernel's, then
+the merged trees, then the normalised uppers left on disk. Then the cross-mount checks on the
+uppers: the subject remounted on its own upper, the kernel mounted on the subject's upper, and
+the subject mounted on the kernel's upper, each compared with the last merged view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from support.diff import Pair, expect_quirks, ignored_fields, stack_options_for
+from support.layerspec import (
+    CAP_NET_BIND_SERVICE,
+    HardLink,
+    LayerSpec,
+    d,
+    f,
+    layer_stacks,
+    sym,
+    wh,
+)
+from support.mounts import KERNEL, Layout, Mounted, Subject
+from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply, apply_all, compare_results
+from support.snapshot import (
+    Entry,
+    Snapshot,
+    compare,
+    snapshot,
+    upper_snapshot,
+    workdir_leftovers,
+)
+
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay]
+
+BASE = LayerSpec(
+    [
+        d(
+            {
+                b"etc": d({b"hosts": f(b"127.0.0.1 top\n"), b"gone": wh()}),
+                b"bin": d({b"sh": f(b"#!sh", mode=0o755)}),
+                b"ping": f(
+                    b"ELF", mode=0o755, xattrs={b"security.capability": CAP_NET_BIND_SERVICE}
+                ),
+            }
+        ),
+        d(
+            {
+                b"etc": d(
+                    {
+                        b"passwd": f(b"root:x:0:0\n", xattrs={b"user.a": b"1", b"trusted.t": b"2"}),
+                        b"gone": f(b"hidden"),
+                        b"shadow": f(b"s", mode=0o640, gid=42),
+                        b"rc.d": d({b"rc.local": f(b"exit 0\n", mode=0o755)}),
+                    }
+                ),
+                b"usr": d(
+                    {
+                        b"lib": d({b"libc.so": f(b"\x7fELF" * 3000), b"x": d({b"y": f(b"y")})}),
+                        b"share": d({b"doc": d({b"README": f(b"read me")})}),
+                    }
+                ),
+                b"suid": f(b"su", mode=0o4755, uid=1000, gid=1000),
+                b"link": sym(b"etc/passwd", uid=1000, gid=1000),
+                b"abs": sym(b"/etc/passwd"),
+                b"hl1": f(b"hard", mode=0o600),
+                b"hl2": HardLink(b"hl1"),
+                b"sgid": d({b"old": f(b"o")}, mode=0o2775, gid=50),
+                b"empty": d(),
+            }
+        ),
+        d(
+            {
+                b"usr": d({b"lib": d({b"old.so": f(b"old")}), b"bin": d({b"ls": f(b"ls")})}),
+                b"var": d({b"log": d({b"a": f(b"a"), b"b": f(b"b")})}),
+            }
+        ),
+    ]
+)
+
+T1 = 1_111_111_111_222_333_444
+
+SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
+    "copy-up-write": (
+        BASE,
+        [
+            ("write", b"etc/passwd", 5, b"XX"),
+            ("read", b"etc/passwd"),
+            ("append", b"usr/lib/libc.so", b"tail"),
+            ("read", b"usr/lib/libc.so"),
+            ("stat", b"etc/passwd"),
+            ("write", b"suid", 0, b"SU"),
+            ("stat", b"suid"),
+            ("write", b"ping", 0, b"P"),
+            ("listxattr", b"ping"),
+            ("listxattr", b"etc/passwd"),
+        ],
+        set(),
+    ),
+    "truncate": (
+        BASE,
+        [
+            ("truncate", b"etc/passwd", 4),
+            ("truncate", b"usr/lib/libc.so", 100_000),
+            ("truncate", b"bin/sh", 0),
+            ("truncate", b"usr", 0),
+            ("read", b"usr/lib/libc.so"),
+        ],
+        set(),
+    ),
+    "metadata": (
+        BASE,
+        [
+            ("chmod", b"etc/shadow", 0o600),
+            ("chown", b"etc/passwd", 1000, 2000),
+            ("utime", b"usr/lib/libc.so", T1),
+            ("chown", b"link", 0, 0),
+            ("utime", b"link", T1),
+            ("chmod", b"usr/share", 0o700),
+            ("utime", b"usr/share/doc", T1),
+            ("chown", b"suid", 1000, 1000),
+            ("stat", b"suid"),
+            ("chmod", b"etc", 0o1777),
+            ("stat", b"usr/share/doc/README"),
+        ],
+        set(),
+    ),
+    "xattrs": (
+        BASE,
+        [
+            ("setxattr", b"etc/passwd", b"user.new", b"v"),
+            ("removexattr", b"etc/passwd", b"user.a"),
+            ("getxattr", b"etc/passwd", b"trusted.t"),
+            ("setxattr", b"usr/lib", b"user.dir", b"d"),
+            ("removexattr", b"ping", b"security.capability"),
+            ("listxattr", b"etc"),
+        ],
+        set(),
+    ),
+    "removexattr-missing": (
+        BASE,
+        [("removexattr", b"bin/sh", b"user.none"), ("getxattr", b"bin/sh", b"user.none")],
+        {"removexattr-copyup"},
+    ),
+    "xattr-escape": (
+        BASE,
+        [
+            # Kernel >= 6.7 lets a user set overlay xattrs, stored escaped in the upper
+            # (trusted.overlay.overlay.*), so overlays can be nested.
+            ("setxattr", b"etc/hosts", b"trusted.overlay.opaque", b"y"),
+            ("getxattr", b"etc/hosts", b"trusted.overlay.opaque"),
+            ("listxattr", b"etc/hosts"),
+        ],
+        {"xattr-escape"},
+    ),
+    "create-unlink-recreate": (
+        BASE,
+        [
+            ("unlink", b"etc/passwd"),
+            ("stat", b"etc/passwd"),
+            ("listdir", b"etc"),
+            ("create", b"etc/passwd", b"new\n"),
+            ("read", b"etc/passwd"),
+            ("unlink", b"etc/passwd"),
+            ("unlink", b"etc/passwd"),
+            ("create", b"etc/gone", b"back"),
+            ("unlink", b"etc/hosts"),
+            ("unlink", b"etc"),
+            ("unlink", b"link"),
+            ("readlink", b"abs"),
+            ("listdir", b"etc"),
+        ],
+        set(),
+    ),
+    "mkdir-rmdir": (
+        BASE,
+        [
+            ("rmdir", b"usr/lib"),
+            ("rmdir", b"empty"),
+            ("mkdir", b"empty"),
+            ("listdir", b"empty"),
+            ("rmdir", b"empty"),
+            ("unlink", b"var/log/a"),
+            ("rmdir", b"var/log"),
+            ("unlink", b"var/log/b"),
+            ("rmdir", b"var/log"),
+            ("listdir", b"var"),
+            ("mkdir", b"usr/new", 0o750),
+            ("mkdir", b"usr/new"),
+            ("mkdir", b"etc/passwd/x"),
+            ("rmdir", b"etc/passwd"),
+        ],
+        set(),
+    ),
+    "rm-rf-then-mkdir-opaque": (
+        BASE,
+        [
+            ("rmtree", b"usr"),
+            ("stat", b"usr"),
+            ("mkdir", b"usr"),
+            ("listdir", b"usr"),
+            ("mkdir", b"usr/lib"),
+            ("listdir", b"usr/lib"),
+            ("create", b"usr/lib/new.so", b"n"),
+            ("rmtree", b"var/log"),
+            ("mkdir", b"var/log"),
+            ("listdir", b"var/log"),
+        ],
+        {"rmrf-mkdir-not-opaque"},
+    ),
+    "rename-files": (
+        BASE,
+        [
+            ("rename", b"etc/hosts", b"etc/passwd"),
+            ("read", b"etc/passwd"),
+            ("stat", b"etc/hosts"),
+            ("rename", b"bin/sh", b"usr/lib/sh"),
+            ("create", b"newfile", b"n"),
+            ("rename", b"newfile", b"etc/shadow"),
+            ("rename", b"link", b"link2"),
+            ("readlink", b"link2"),
+            ("rename", b"etc/shadow", b"usr"),
+            ("rename", b"etc/passwd", b"etc/passwd"),
+            ("listdir", b"etc"),
+        ],
+        {"symlink-copyup-owner"},
+    ),
+    "rename-dirs": (
+        BASE,
+        [
+            ("rename", b"usr/lib", b"usr/lib2"),
+            ("listdir", b"usr/lib2"),
+            ("stat", b"usr/lib"),
+            ("create", b"usr/lib2/added", b"a"),
+            ("rename", b"usr/share", b"etc/share"),
+            ("listdir", b"etc/share/doc"),
+            ("rename", b"usr", b"usr2"),
+            ("listdir", b"usr2"),
+            ("listdir", b"usr2/lib2/x"),
+            ("mkdir", b"usr"),
+            ("listdir", b"usr"),
+            ("rename", b"var", b"empty"),
+            ("listdir", b"empty/log"),
+            ("rename", b"etc", b"usr2/lib2"),
+            ("rename", b"usr2", b"usr2/lib2/inside"),
+        ],
+        {"rename-dir"},
+    ),
+    "renameat2-flags": (
+        BASE,
+        [
+            ("rename", b"etc/hosts", b"etc/passwd", RENAME_NOREPLACE),
+            ("rename", b"etc/hosts", b"etc/gone", RENAME_NOREPLACE),
+            ("read", b"etc/gone"),
+            ("rename", b"etc/passwd", b"etc/shadow", RENAME_EXCHANGE),
+            ("read", b"etc/passwd"),
+            ("read", b"etc/shadow"),
+            ("stat", b"etc/shadow"),
+            ("rename", b"bin/sh", b"nonexistent", RENAME_EXCHANGE),
+            ("rename", b"suid", b"usr/lib/old.so", RENAME_EXCHANGE),
+            ("read", b"suid"),
+        ],
+        {"copyup-suid"},
+    ),
+    "rename-exchange-dirs": (
+        BASE,
+        [
+            ("rename", b"bin", b"var", RENAME_EXCHANGE),
+            ("listdir", b"bin"),
+            ("listdir", b"var"),
+        ],
+        {"rename-dir"},
+    ),
+    "hardlinks-in-lower": (
+        BASE,
+        [
+            ("stat", b"hl1"),
+            ("hardlink_probe", b"hl1", b"hl2", b"through hl1"),
+            ("stat", b"hl2"),
+            ("read", b"hl2"),
+            ("link", b"hl2", b"hl3"),
+            ("hardlink_probe", b"hl3", b"hl2", b"through hl3"),
+            ("unlink", b"hl1"),
+            ("stat", b"hl2"),
+        ],
+        {"hardlink-copyup"},
+    ),
+    "link-symlink-mkfifo": (
+        BASE,
+        [
+            ("link", b"etc/passwd", b"passwd.link"),
+            ("read", b"passwd.link"),
+            ("link", b"usr", b"usr.link"),
+            ("link", b"link", b"link.hard"),
+            ("readlink", b"link.hard"),
+            ("symlink", b"/etc/shadow", b"s1"),
+            ("symlink", b"../../..", b"usr/lib/up"),
+            ("symlink", b"x", b"etc/passwd"),
+            ("mkfifo", b"etc/fifo"),
+            ("mkfifo", b"etc/gone"),
+            ("stat", b"etc/gone"),
+        ],
+        {"symlink-copyup-owner"},
+    ),
+    "unlinked-open-file": (
+        BASE,
+        [
+            ("unlink_open", b"etc/passwd", b"after unlink"),
+            ("stat", b"etc/passwd"),
+            ("create", b"up", b"upper file"),
+            ("unlink_open", b"up", b"still here"),
+            ("listdir", b"etc"),
+        ],
+        {"unlinked-nlink"},
+    ),
+    "setgid-inheritance": (
+        BASE,
+        [
+            ("create", b"sgid/new", b"n"),
+            ("stat", b"sgid/new"),
+            ("mkdir", b"sgid/sub"),
+            ("stat", b"sgid/sub"),
+            ("mkdir", b"sgid/sub/subsub"),
+            ("stat", b"sgid/sub/subsub"),
+            ("write", b"sgid/old", 0, b"O"),
+            ("stat", b"sgid/old"),
+            ("chmod", b"suid", 0o4755),
+            ("stat", b"suid"),
+        ],
+        {"setgid-inherit"},
+    ),
+    "deep-create": (
+        BASE,
+        [
+            ("create", b"usr/lib/x/new", b"deep"),
+            ("stat", b"usr/lib/x"),
+            ("stat", b"usr/lib"),
+            ("create", b"usr/share/doc/README", b"exists"),
+            ("mkdir", b"usr/bin/sub"),
+            ("create", b"usr/bin/sub/f", b"f"),
+        ],
+        set(),
+    ),
+}
+
+
+def _upper_of(upper: Path, quirks: frozenset[str]) -> Snapshot:
+    snap = upper_snapshot(upper)
+    if "upper-artifacts" in quirks:
+        # fuse-overlayfs' extra opaque marker, a whiteout named ".wh..opq": not kernel format.
+        snap.entries = {p: e for p, e in snap.entries.items() if not p.endswith(b".opq")}
+    return snap
+
+
+def _diff_uppers(pair: Pair, since_ns: int) -> list[str]:
+    s, k, quirks = pair.subj, pair.ref, pair.subject.quirks
+    ignore = ignored_fields(pair.subject)
+    assert s.upper and k.upper
+    diffs = [
+        f"upper: {line}"
+        for line in compare(
+            upper_snapshot(k.upper), _upper_of(s.upper, quirks), since_ns=since_ns, ignore=ignore
+        )
+    ]
+    assert s.work
+    diffs += [f"workdir leftover: {p!r}" for p in workdir_leftovers(s.work)]
+    return diffs
+
+
+@contextlib.contextmanager
+def _fresh_work(layout: Layout) -> Iterator[Path]:
+    work = Path(tempfile.mkdtemp(dir=layout.root, prefix="work-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _strip_artifacts(snap: Snapshot) -> Snapshot:
+    """Drop what fuse-overlayfs leaves in an upper for itself (its "upper-artifacts" quirk)."""
+    out = Snapshot(links=snap.links, inodes=snap.inodes)
+    for path, e in snap.entries.items():
+        if path.rpartition(b"/")[2] in (b".wh..wh..opq", b".wh..opq"):
+            continue
+        xs = tuple(x for x in e.xattrs if not x[0].startswith(b"user.fuseoverlayfs."))
+        out.entries[path] = Entry(**{**e.fields(), "xattrs": xs})
+    return out
+
+
+def _cross_mounts(pair: Pair, last_s: Snapshot, last_k: Snapshot, t0: int) -> list[str]:
+    """Remount the subject on its upper; kernel on the subject's upper; subject on the kernel's."""
+    s, k, subject = pair.subj, pair.ref, pair.subject
+    ignore = ignored_fields(subject)
+    # A FUSE writeback cache may show mtimes in the mount that never reach the disk.
+    since = t0 if "writeback-mtime" in subject.quirks else None
+    assert s.upper and k.upper
+    diffs: list[str] = []
+    with _fresh_work(s) as w, subject.mount(s.lowers, s.upper, w, s.mnt) as m:
+        diffs += [
+            f"remount on own upper: {x}"
+            for x in compare(last_s, snapshot(m.mnt), since_ns=since, ignore=ignore)
+        ]
+    with _fresh_work(s) as w, KERNEL.mount(k.lowers, s.upper, w, s.mnt) as m:
+        ref = snapshot(m.mnt)
+        if "upper-artifacts" in subject.quirks:
+            ref = _strip_artifacts(ref)
+        diffs += [
+            f"kernel on subject's upper: {x}"
+            for x in compare(ref, last_s, since_ns=since, ignore=ignore)
+        ]
+    with _fresh_work(k) as w, subject.mount(s.lowers, k.upper, w, k.mnt) as m:
+        diffs += [
+            f"subject on kernel's upper: {x}"
+            for x in compare(last_k, snapshot(m.mnt), since_ns=since, ignore=ignore)
+        ]
+    return diffs
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script(
+    tmp_path: Path, subject: Subject, request: pytest.FixtureRequest, name: str
+) -> None:
+    spec, script, needs = SCRIPTS[name]
+    expect_quirks(request, subject, needs)
+    pair = Pair.create(tmp_path, subject, spec)
+    t0 = time.time_ns()
+    with pair.mounted() as (s, k):
+        rk, rs = apply_all(k.mnt, script), apply_all(s.mnt, script)
+        diffs = compare_results(script, rk, rs)
+        last_k, last_s = snapshot(k.mnt), snapshot(s.mnt)
+        diffs += [
+            f"merged: {x}"
+            for x in compare(last_k, last_s, since_ns=t0, ignore=ignored_fields(subject))
+        ]
+    diffs += _diff_uppers(pair, t0)
+    diffs += _cross_mounts(pair, last_s, last_k, t0)
+    assert not diffs, f"{name}: {len(diffs)} differences from the kernel:\n" + "\n".join(diffs)
+
+
+# --- random operations over random stacks --------------------------------------------------
+
+_NAMES = [b"a", b"b", b"c", b"d", b"e"]
+_paths = st.lists(st.sampled_from(_NAMES), min_size=1, max_size=3).map(b"/".join)
+_data = st.sampled_from([b"", b"x", b"hello\n", b"y" * 5000])
+
+
+class WriteMachine(RuleBasedStateMachine):
+    """Random operations applied to both mounts; results and trees compared after each step.
+
+    Subclassed per test by ``machine_for`` with an ``@initialize`` rule drawing the stack.
+    """
+
+    tmp: Path
+    subject: Subject
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cleanup = contextlib.ExitStack()
+        self.mounts = contextlib.ExitStack()
+        self.pair: Pair | None = None
+        self.s: Mounted | None = None
+        self.k: Mounted | None = None
+        self.t0 = time.time_ns()
+        self.log: list[str] = []
+        self.broken = False
+
+    def _start(self, spec: LayerSpec) -> None:
+        work = Path(tempfile.mkdtemp(dir=self.tmp))
+        self.cleanup.callback(shutil.rmtree, work, True)
+        self.pair = Pair.create(work, self.subject, spec)
+        self.s, self.k = self.mounts.enter_context(self.pair.mounted())
+
+    def _fail(self, msg: str) -> None:
+        self.broken = True
+        raise AssertionError(msg + "\nafter:\n" + "\n".join(self.log))
+
+    def _do(self, op: Op) -> None:
+        assert self.s and self.k
+        if "rename-dir" in self.subject.quirks and op[0] == "rename":
+            src = self.k.mnt / os.fsdecode(op[1])  # type: ignore[arg-type]
+            if src.is_dir() and not src.is_symlink():
+                return  # a known EXDEV difference of the stand-in: not worth re-finding
+        rk, rs = apply(self.k.mnt, op), apply(self.s.mnt, op)
+        self.log.append(f"{op!r} -> {rk!r}")
+        if rk != rs:
+            self._fail(f"{op!r}: kernel={rk!r} subject={rs!r}")
+
+    @rule(p=_paths, off=st.sampled_from([0, 3, 9000]), data=_data)
+    def write(self, p: bytes, off: int, data: bytes) -> None:
+        self._do(("write", p, off, data))
+
+    @rule(p=_paths, size=st.sampled_from([0, 2, 70000]))
+    def truncate(self, p: bytes, size: int) -> None:
+        self._do(("truncate", p, size))
+
+    @rule(p=_paths, mode=st.sampled_from([0o600, 0o755, 0o4755, 0o2775]))
+    def chmod(self, p: bytes, mode: int) -> None:
+        self._do(("chmod", p, mode))
+
+    @rule(p=_paths, owner=st.sampled_from([(0, 0), (1000, 1000), (5, 6)]))
+    def chown(self, p: bytes, owner: tuple[int, int]) -> None:
+        self._do(("chown", p, *owner))
+
+    @rule(p=_paths)
+    def utime(self, p: bytes) -> None:
+        self._do(("utime", p, T1))
+
+    @rule(p=_paths, name=st.sampled_from([b"user.a", b"user.z", b"trusted.t"]), value=_data)
+    def setxattr(self, p: bytes, name: bytes, value: bytes) -> None:
+        self._do(("setxattr", p, name, value[:100]))
+
+    @rule(p=_paths, name=st.sampled_from([b"user.a", b"trusted.t", b"security.capability"]))
+    def removexattr(self, p: bytes, name: bytes) -> None:
+        self._do(("removexattr", p, name))
+
+    @rule(p=_paths, data=_data)
+    def create(self, p: bytes, data: bytes) -> None:
+        self._do(("create", p, data))
+
+    @rule(p=_paths)
+    def unlink(self, p: bytes) -> None:
+        self._do(("unlink", p))
+
+    @rule(p=_paths)
+    def mkdir(self, p: bytes) -> None:
+        self._do(("mkdir", p))
+
+    @rule(p=_paths)
+    def rmdir(self, p: bytes) -> None:
+        self._do(("rmdir", p))
+
+    @rule(p=_paths)
+    def rmtree(self, p: bytes) -> None:
+        self._do(("rmtree", p))
+
+    @rule(src=_paths, dst=_paths, flags=st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE]))
+    def rename(self, src: bytes, dst: bytes, flags: int) -> None:
+        self._do(("rename", src, dst, flags))
+
+    @rule(src=_paths, dst=_paths)
+    def link(self, src: bytes, dst: bytes) -> None:
+        self._do(("link", src, dst))
+
+    @rule(p=_paths, dest=st.sampled_from([b"a", b"/etc/passwd", b"../.."]))
+    def symlink(self, p: bytes, dest: bytes) -> None:
+        self._do(("symlink", dest, p))
+
+    @rule(p=_paths)
+    def mkfifo(self, p: bytes) -> None:
+        self._do(("mkfifo", p))
+
+    @rule(p=_paths)
+    def read(self, p: bytes) -> None:
+        self._do(("read", p))
+
+    @invariant()
+    def same_tree(self) -> None:
+        if self.s and self.k:
+            diffs = compare(
+                snapshot(self.k.mnt),
+                snapshot(self.s.mnt),
+                since_ns=self.t0,
+                ignore=ignored_fields(self.subject),
+            )
+            if diffs:
+                self._fail("\n".join(diffs))
+
+    def teardown(self) -> None:
+        try:
+            if self.s and self.k and self.pair and not self.broken:
+                last_k, last_s = snapshot(self.k.mnt), snapshot(self.s.mnt)
+                self.mounts.close()
+                diffs = _diff_uppers(self.pair, self.t0)
+                diffs += _cross_mounts(self.pair, last_s, last_k, self.t0)
+                if diffs:
+                    self._fail("\n".join(diffs))
+        finally:
+            self.mounts.close()
+            self.cleanup.close()
+
+
+def machine_for(tmp: Path, subject: Subject) -> type[WriteMachine]:
+    opts = stack_options_for(
+        subject, hardlinks="hardlink-copyup" not in subject.quirks, odd_names=False
+    )
+
+    class Machine(WriteMachine):
+        @initialize(spec=layer_stacks(opts))
+        def start(self, spec: LayerSpec) -> None:
+            self._start(spec)
+
+    Machine.tmp, Machine.subject = tmp, subject
+    return Machine
+
+
+@pytest.mark.slow
+def test_random_operations(tmp_path: Path, subject: Subject) -> None:
+    steps = int(os.environ.get("LAYERFS_HYPOTHESIS_STEPS", "15"))
+    run_state_machine_as_test(
+        machine_for(tmp_path, subject), settings=settings(stateful_step_count=steps)
+    )
