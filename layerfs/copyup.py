@@ -104,6 +104,8 @@ class CopyUp:
         if not stat.S_ISDIR(st.st_mode):
             if st.st_nlink > 1:
                 node.origin = None  # the copy-up broke a lower hard link: show the upper's ino
+                if node.parent is not None:
+                    node.parent.version += 1  # its listing's d_ino changed
             # st_ino survives copy-up (OVL_CONST_INO), also once the kernel forgot the node
             self.table.copied_up[(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
         node.upper = True

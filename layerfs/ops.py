@@ -10,9 +10,12 @@ file contents stay in the page cache across opens (keep_cache).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import functools
+import gc
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,9 +33,16 @@ TIMEOUT = 3600.0  # seconds the kernel may trust an entry or an attribute
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+STATS_XATTR = b"trusted.layerfs.statistics"  # on the root: the daemon's counters, as JSON
+REQUESTS: collections.Counter[str] = collections.Counter()
+
+
 def _errors(fn: F) -> F:
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        REQUESTS[name] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -96,6 +106,48 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+# fuse_file_info as libfuse 3 declares it: int flags, then the bitfields (writepage, direct_io,
+# keep_cache, flush, nonseekable, flock_release, cache_readdir, ...).
+_KEEP_CACHE_BIT = 1 << 2
+_CACHE_READDIR_BIT = 1 << 6
+_CONTAINER_FI = 24  # pyfuse3's _Container: PyObject header, dev_t rdev, fuse_file_info fi, ino
+_CONTAINER_INO = 64
+
+
+def _ask_kernel_to_cache_listing(ops: Operations, inode: int) -> None:
+    """Set FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE on the opendir reply pyfuse3 is about to send.
+
+    pyfuse3 3.5 gives opendir no way to set them, yet they are what lets the kernel keep a
+    directory's listing (lowers are immutable, and every change of the merged view passes
+    through the kernel, which then drops the cached listing itself). The reply's
+    fuse_file_info lives in the request's _Container, held by the closure scope of pyfuse3's
+    opendir coroutine, which was allocated for this request and so is among the youngest
+    gc-tracked objects; the container must hold this request's inode.
+    """
+    try:
+        for gen in (0, 1):
+            found = False
+            for scope in gc.get_objects(generation=gen):
+                if not type(scope).__name__.endswith("fuse_opendir_async"):
+                    continue  # the coroutine scope of pyfuse3's opendir handler holds `c`
+                obj = next(
+                    (r for r in gc.get_referents(scope) if type(r).__name__ == "_Container"), None
+                )
+                if obj is None:
+                    continue
+                base = id(obj)
+                if ctypes.c_uint64.from_address(base + _CONTAINER_INO).value != inode:
+                    continue
+                bits = ctypes.c_uint32.from_address(base + _CONTAINER_FI + 4)
+                bits.value |= _KEEP_CACHE_BIT | _CACHE_READDIR_BIT
+                found = True
+            if found:
+                return
+    except Exception as e:
+        ops.dir_cache = False
+        log.info("kernel directory cache not available (%s): listings served uncached", e)
+
+
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
 
@@ -109,6 +161,8 @@ class Operations(pyfuse3.Operations):
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.fs = overlay
+        overlay.plain_listings = _ST_INO_OFFSET is not None
+        self.dir_cache = True
 
     @_errors
     async def lookup(
@@ -264,7 +318,10 @@ class Operations(pyfuse3.Operations):
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
-        return pyfuse3.FileHandleT(self.fs.opendir(inode))
+        fh = self.fs.opendir(inode)
+        if self.dir_cache:
+            _ask_kernel_to_cache_listing(self, inode)
+        return pyfuse3.FileHandleT(fh)
 
     @_errors
     async def readdir(
@@ -273,7 +330,7 @@ class Operations(pyfuse3.Operations):
         for name, node, attr, nxt in self.fs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, _entry(attr), nxt):
                 break
-            if name not in (b".", b".."):
+            if node is not None and name not in (b".", b".."):
                 node.nlookup += 1  # readdirplus: the kernel now holds a reference
 
     @_errors
@@ -298,6 +355,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
+            stats = {**self.fs.statistics(), **{f"req_{k}": v for k, v in REQUESTS.items()}}
+            return json.dumps(stats, sort_keys=True).encode()
         return self.fs.getxattr(inode, name)
 
     @_errors
@@ -328,5 +388,23 @@ def fuse_options(overlay: Overlay) -> set[str]:
         opts.add("allow_other")
     if overlay.stack.upper is None:
         opts.add("ro")
-    opts.update(cfg.extra_fuse_options)
+    for opt in cfg.extra_fuse_options:  # a caller's nodev must replace our dev, not join it
+        opts.discard(_OPPOSITE.get(opt, ""))
+        opts.add(opt)
     return opts
+
+
+_OPPOSITE = {
+    "dev": "nodev",
+    "nodev": "dev",
+    "suid": "nosuid",
+    "nosuid": "suid",
+    "exec": "noexec",
+    "noexec": "exec",
+    "rw": "ro",
+    "ro": "rw",
+    "atime": "noatime",
+    "noatime": "atime",
+    "sync": "async",
+    "async": "sync",
+}

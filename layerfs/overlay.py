@@ -28,7 +28,7 @@ from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import node_for, resolve
 from layerfs.namespace import Namespace
-from layerfs.readdir import DirHandle, merged_names
+from layerfs.readdir import DirCache, DirHandle, merged_names
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class Overlay:
         self.ns = Namespace(self.stack, self.table, self.copyup)
         self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
         self.dirs: dict[int, DirHandle] = {}
+        self.dircache = DirCache()
+        self.plain_listings = True  # the adapter clears it if it cannot send bare st_ino
         self._dir_ids = 0
         self.root = self._make_root()
 
@@ -72,6 +74,7 @@ class Overlay:
             **{f"copyup_{k}": v for k, v in self.copyup.statistics().items()},
             **self.files.statistics(),
             "open_dirs": len(self.dirs),
+            **self.dircache.statistics(),
         }
 
     # -- attributes --------------------------------------------------------------------------
@@ -225,43 +228,57 @@ class Overlay:
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         self._dir_ids += 1
-        self.dirs[self._dir_ids] = DirHandle(node, self._snapshot(node))
+        plain = self.dircache.get(node) if self.plain_listings else None
+        names = [e[0] for e in plain] if plain is not None else self._snapshot(node)
+        self.dirs[self._dir_ids] = DirHandle(node, names, plain)
         node.opens += 1
         return self._dir_ids
 
     def _snapshot(self, node: Node) -> list[bytes]:
         return [b".", b"..", *merged_names(self.stack, node)]
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Node, Attr, int]]:
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Node | None, Attr, int]]:
         """Yield (name, node, attr, next offset) from offset START of the handle's snapshot.
 
-        The caller counts a lookup (``counted_entry``) for each entry the kernel accepted,
-        except ``.`` and ``..``, for which the kernel takes none.
+        The caller counts a lookup for each entry the kernel accepted that has a node (not
+        ``.`` and ``..``, for which the kernel takes none). Entries without a node carry only
+        st_ino and the type (see DirCache).
         """
         dh = self.dirs.get(fh)
         if dh is None:
             raise OSError(errno.EBADF, "bad directory handle")
         node = dh.node
         if start == 0 and dh.version != node.version:
-            dh.names = self._snapshot(node)
+            dh.names, dh.plain, dh.sent = self._snapshot(node), None, {}
             dh.version = node.version
+        if dh.plain is not None:
+            for i in range(start, len(dh.plain)):
+                name, ino, mode = dh.plain[i]
+                yield name, None, Attr(0, ino, mode, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0), i + 1
+            return
         for i in range(start, len(dh.names)):
             name = dh.names[i]
             if name == b".":
-                yield name, node, self.attr(node), i + 1
+                child = node
+            elif name == b"..":
+                child = node.parent or node
+            else:
+                try:
+                    res = resolve(self.stack, node, name)
+                except OSError:
+                    continue
+                if res is None:
+                    continue  # removed since the snapshot
+                child = node_for(self.table, node, name, res)
+                attr = self.attr(child, res.st)
+                dh.sent[i] = (name, attr.ino, attr.mode)
+                yield name, child, attr, i + 1
                 continue
-            if name == b"..":
-                parent = node.parent or node
-                yield name, parent, self.attr(parent), i + 1
-                continue
-            try:
-                res = resolve(self.stack, node, name)
-            except OSError:
-                continue
-            if res is None:
-                continue  # removed since the snapshot
-            child = node_for(self.table, node, name, res)
-            yield name, child, self.attr(child, res.st), i + 1
+            attr = self.attr(child)
+            dh.sent[i] = (name, attr.ino, attr.mode)
+            yield name, child, attr, i + 1
+        if len(dh.sent) == len(dh.names) and dh.version == node.version:
+            self.dircache.put(node, [dh.sent[i] for i in range(len(dh.names))])
 
     def releasedir(self, fh: int) -> None:
         dh = self.dirs.pop(fh, None)

@@ -11,6 +11,8 @@ Must not import: pyfuse3, trio.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from layerfs.inodes import Node
 from layerfs.layers import LayerStack, read_listing
 
@@ -40,11 +42,56 @@ def is_empty(stack: LayerStack, node: Node) -> bool:
 
 
 class DirHandle:
-    """An open directory: a snapshot of its merged names and the version it was taken at."""
+    """An open directory: a snapshot of its merged names and the version it was taken at.
 
-    __slots__ = ("names", "node", "version")
+    ``plain`` holds the cached listing when the kernel already had it with attributes (see
+    DirCache); ``sent`` collects what a first listing sends, for the cache.
+    """
 
-    def __init__(self, node: Node, names: list[bytes]) -> None:
+    __slots__ = ("names", "node", "plain", "sent", "version")
+
+    def __init__(self, node: Node, names: list[bytes], plain: list[Entry] | None) -> None:
         self.node = node
         self.names = names
         self.version = node.version
+        self.plain = plain
+        self.sent: dict[int, Entry] = {}
+
+
+Entry = tuple[bytes, int, int]  # name, st_ino, st_mode
+
+
+class DirCache:
+    """Listings the kernel has received with attributes, per directory node and version.
+
+    pyfuse3 always answers readdir as readdirplus, and the kernel cannot cache directory
+    contents (pyfuse3 cannot set FOPEN_CACHE_DIR). Once a directory was listed with attributes
+    the kernel holds its entries, so later listings of the same version send names, inode
+    numbers and types only: no lookup per entry, no lstat, no node (node id 0 is the
+    protocol's "no attributes"). Bounded by the number of entries held.
+    """
+
+    def __init__(self, max_entries: int = 400_000) -> None:
+        self._max = max_entries
+        self._held = 0
+        self._lists: OrderedDict[int, tuple[int, list[Entry]]] = OrderedDict()
+
+    def get(self, node: Node) -> list[Entry] | None:
+        hit = self._lists.get(node.id)
+        if hit is None or hit[0] != node.version:
+            return None
+        self._lists.move_to_end(node.id)
+        return hit[1]
+
+    def put(self, node: Node, entries: list[Entry]) -> None:
+        old = self._lists.pop(node.id, None)
+        if old is not None:
+            self._held -= len(old[1])
+        self._lists[node.id] = (node.version, entries)
+        self._held += len(entries)
+        while self._held > self._max and self._lists:
+            _, (_, dropped) = self._lists.popitem(last=False)
+            self._held -= len(dropped)
+
+    def statistics(self) -> dict[str, int]:
+        return {"dircache_dirs": len(self._lists), "dircache_entries": self._held}
