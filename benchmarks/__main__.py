@@ -90,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         for sc in all_scenarios():
             if args.size in sc.sizes:
-                flags = ",".join(f for f, on in (("cold", sc.cold), ("writes", sc.writable)) if on)
+                flags = ",".join(
+                    f
+                    for f, on in (
+                        ("cold", sc.cold),
+                        ("writes", sc.writable),
+                        ("explicit", sc.explicit),
+                    )
+                    if on
+                )
                 print(f"{sc.name:22s} {flags:12s} {sc.summary}")
         return 0
 

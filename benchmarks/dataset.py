@@ -72,17 +72,48 @@ class Dataset:
         return ["layers/l2", "layers/l1", "layers/l0"]
 
     def stack_dir(self, stack: str) -> Path:
-        return self.root if stack == "base" else self.root / "stacks" / stack
+        if stack == "base":
+            return self.root
+        if stack == "many":
+            return self.root / "many"
+        return self.root / "stacks" / stack
 
     def stack_lowers(self, stack: str) -> list[str]:
         """Lower directories of ``stack``, relative to ``stack_dir(stack)``, topmost first."""
         if stack == "base":
             return self.layer_names
+        if stack == "many":
+            return ["l0"]
         depth = int(stack[1:])
         return [f"l{i:03d}" for i in range(depth)]
 
     def stack_native(self, stack: str) -> Path:
-        return self.native if stack == "base" else self.root / "stacks" / "s1" / "l000"
+        if stack == "base":
+            return self.native
+        if stack == "many":
+            return self.root / "many" / "l0"
+        return self.root / "stacks" / "s1" / "l000"
+
+    def build_many(self) -> None:
+        """The tree of ``params.many_entries`` empty files (built on first use: it is big)."""
+        many = self.root / "many"
+        n = self.params.many_entries
+        if (many / "done").exists():
+            return
+        _rmtree(many)
+        log(f"{n} empty files for the daemon memory scenario")
+        per_dir = 1000
+        layer = many / "l0"
+        for d in range((n + per_dir - 1) // per_dir):
+            sub = layer / f"d{d:04d}"
+            sub.mkdir(parents=True)
+            dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for i in range(min(per_dir, n - d * per_dir)):
+                    os.close(os.open(f"f{i:04d}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd))
+            finally:
+                os.close(dfd)
+        (many / "done").touch()
 
     @property
     def big_rel(self) -> str:

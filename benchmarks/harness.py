@@ -314,6 +314,8 @@ def select_scenarios(ds: Dataset, only: list[str] | None) -> list[Scenario]:
             continue
         if only and not any(sc.name.startswith(o) for o in only):
             continue
+        if sc.explicit and not (only and sc.name in only):
+            continue
         chosen.append(sc)
     if only and not chosen:
         names = ", ".join(s.name for s in all_scenarios())
@@ -333,7 +335,8 @@ def run_benchmarks(
 ) -> Results:
     scenarios = select_scenarios(ds, only)
     for mod in MODULES:
-        mod.prepare(ds)
+        if any(sc in scenarios for sc in mod.SCENARIOS):
+            mod.prepare(ds)
     cold_ok = can_drop_caches()
     res = Results(ds.params.name, rounds, [t.name for t in targets], scenarios)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -35,6 +35,7 @@ class SizeParams:
     stack_files: int  # files stat'ed in the bottom layer of the layer-count stacks
     stack_depths: tuple[int, ...]
     rand_reads: int  # random 4 KiB reads
+    many_entries: int  # entries of the tree walked by the daemon memory scenario
     warm_repeats: int  # samples taken per mount by warm scenarios
     rounds: int  # default number of rounds
     timeout: float  # seconds one scenario run may take on one target
@@ -54,6 +55,7 @@ SIZES: dict[str, SizeParams] = {
         stack_files=100,
         stack_depths=(1, 8, 32, 128),
         rand_reads=200,
+        many_entries=10_000,
         warm_repeats=2,
         rounds=1,
         timeout=60,
@@ -71,6 +73,7 @@ SIZES: dict[str, SizeParams] = {
         stack_files=1000,
         stack_depths=(1, 8, 32, 128),
         rand_reads=2000,
+        many_entries=100_000,
         warm_repeats=3,
         rounds=3,
         timeout=300,
@@ -88,6 +91,7 @@ SIZES: dict[str, SizeParams] = {
         stack_files=5000,
         stack_depths=(1, 8, 32, 128),
         rand_reads=5000,
+        many_entries=1_000_000,
         warm_repeats=3,
         rounds=3,
         timeout=900,
@@ -137,9 +141,11 @@ class Scenario:
     name: str
     summary: str
     run: Callable[[Mounted], list[Measurement]]
-    stack: str = "base"  # "base" (the 3-layer rootfs) or "s1", "s8", ... (layer-count stacks)
+    # "base" (the 3-layer rootfs), "s1", "s8", ... (layer-count stacks), "many" (huge tree)
+    stack: str = "base"
     writable: bool = False  # writes: native gets a private copy, and the harness syncs after
     cold: bool = False  # drop the page, dentry and inode caches after mounting
     native_big: bool = False  # the native private copy needs the big file too
     sizes: frozenset[str] = field(default_factory=lambda: frozenset(SIZES))
     requires: Callable[[Dataset], str | None] | None = None  # returns a reason to skip
+    explicit: bool = False  # runs only when named in --only (too long for every run)

@@ -14,7 +14,7 @@ DEEPEST = max(SIZES["full"].stack_depths)
 
 
 def prepare(dataset: Dataset) -> None:
-    pass
+    dataset.build_many()
 
 
 def mount_time(mnt: Mounted) -> list[Measurement]:
@@ -40,6 +40,21 @@ def rss(mnt: Mounted) -> list[Measurement]:
     ]
 
 
+def rss_many(mnt: Mounted) -> list[Measurement]:
+    if mnt.pid is None:
+        raise Skip("no daemon")
+    n = mnt.dataset.params.many_entries
+    timed(["find", str(mnt.path), "-printf", r"%s\n"])
+    walked = rss_mib(mnt.pid)
+    drop_caches(2)
+    time.sleep(5)
+    forgot = rss_mib(mnt.pid)
+    return [
+        Measurement(f"daemon RSS after walk, {n} entries", [walked], "MiB"),
+        Measurement(f"daemon RSS after forget, {n} entries", [forgot], "MiB"),
+    ]
+
+
 def _need_stack(ds: Dataset) -> str | None:
     return None if DEEPEST in ds.params.stack_depths else f"no {DEEPEST}-layer stack"
 
@@ -55,5 +70,14 @@ SCENARIOS = [
     ),
     Scenario(
         "rss", "daemon VmRSS: idle, after find over the tree, after drop_caches=2", rss, cold=True
+    ),
+    Scenario(
+        "rss-many",
+        "daemon VmRSS after find over a tree of 1,000,000 empty files (10,000 "
+        "tiny), and after drop_caches=2; only with --only rss-many",
+        rss_many,
+        stack="many",
+        cold=True,
+        explicit=True,
     ),
 ]
