@@ -1,0 +1,115 @@
+"""kill -9 at random points of a random workload, then remount (issue 6, faults).
+
+Two workers (``_workload.py``) run journaled random operations (appends that copy up lower files,
+creates with fsync, renames, unlinks, chmods, truncates, mkdir/rmdir, reads checked against their
+model) on disjoint parts of one mount; the daemon is killed at a random moment. After
+``layerfs umount`` of the stale mount and a remount, every path must hold the value the journal
+says (or, for the operation in flight, its value before or after it): every completed write is
+there, fsynced or not (layerfs runs without the writeback cache, so a write that returned is in
+the upper), and no copy-up is partial. The workdir must be empty after the remount, and kernel
+overlayfs mounted on the same upper must show the same tree as layerfs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support.mounts import is_mounted, mount_kernel
+from support.snapshot import compare, snapshot
+
+from ._helpers import layerfs_daemon, layerfs_umount
+from ._workload import ABSENT, owned, replay, value_of, walk
+
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow]
+
+WORKLOAD = Path(__file__).with_name("_workload.py")
+ROUNDS = 3
+
+
+def _make_lower(lower: Path, rnd: random.Random) -> None:
+    for d in ("l/a/b", "n/w0", "n/w1"):
+        (lower / d).mkdir(parents=True)
+    sizes = [0, 1000, 70_000, 2 << 20, 6 << 20]
+    for i in range(12):
+        sub = ("l", "l/a", "l/a/b")[i % 3]
+        path = lower / sub / f"f{i:02d}"
+        size = sizes[i % len(sizes)]
+        with open(path, "wb") as fh:
+            if size > (1 << 20):  # sparse: data, a hole, data
+                fh.truncate(size)
+                fh.write(rnd.randbytes(1 << 20))
+                fh.seek(size - 4096)
+                fh.write(rnd.randbytes(4096))
+            else:
+                fh.write(rnd.randbytes(size))
+        os.chmod(path, 0o644)
+    for w in ("w0", "w1"):
+        (lower / "n" / w / "c0").write_bytes(b"lower file in the worker's home\n")
+
+
+def _check_against_journals(root: Path, journals: list[Path], what: str) -> None:
+    problems: list[str] = []
+    actual = set(walk(str(root)))
+    for owner, journal in enumerate(journals):
+        allowed, found = replay(journal.read_text().splitlines(keepends=True))
+        problems += found
+        for rel, values in sorted(allowed.items()):
+            got = value_of(str(root / rel))
+            if got not in values:
+                problems.append(f"{what}: {rel} is {got}, journal allows {sorted(values)}")
+        for rel in sorted(actual):
+            if owned(rel, owner) and rel not in allowed:
+                problems.append(f"{what}: {rel} exists, never made by worker {owner}")
+        assert allowed, f"worker {owner} journaled nothing"
+        assert not any(v == {ABSENT} for v in [allowed.get("n")] if v)
+    assert not problems, "\n".join(problems[:40])
+
+
+def test_kill9_random_workload(tmp_path: Path) -> None:
+    seed = random.randrange(1 << 30)
+    rnd = random.Random(seed)
+    lower, upper, work, mnt, kmnt = (
+        tmp_path / n for n in ("lower", "upper", "work", "merged", "kmerged")
+    )
+    for p in (lower, upper, work, mnt, kmnt):
+        p.mkdir(exist_ok=True)
+    _make_lower(lower, rnd)
+    temps_left = []
+    for rnd_i in range(ROUNDS):
+        journals = [tmp_path / f"journal-{rnd_i}-{w}" for w in range(2)]
+        workers: list[subprocess.Popen[bytes]] = []
+        with layerfs_daemon([lower], upper, work, mnt) as d:
+            try:
+                for w, journal in enumerate(journals):
+                    cmd = [sys.executable, str(WORKLOAD), str(mnt), str(journal)]
+                    workers.append(subprocess.Popen([*cmd, str(rnd.randrange(1 << 30)), str(w)]))
+                time.sleep(rnd.uniform(0.3, 2.0))
+                assert all(p.poll() is None for p in workers), f"a worker stopped (seed {seed})"
+                d.kill9()
+                for p in workers:
+                    assert p.wait(timeout=60) == 0, f"worker failed (seed {seed})"
+            finally:
+                for p in workers:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            r = layerfs_umount(mnt)
+            assert r.returncode == 0, r.stderr
+            assert not is_mounted(mnt)
+        temps_left.append(len(os.listdir(work / "work")))
+        with layerfs_daemon([lower], upper, work, mnt):
+            assert os.listdir(work / "work") == [], "the remount must clean the workdir"
+            _check_against_journals(mnt, journals, f"layerfs after crash {rnd_i} (seed {seed})")
+            ours = snapshot(mnt)
+        with mount_kernel([lower], upper, work, kmnt):
+            _check_against_journals(kmnt, journals, f"kernel after crash {rnd_i} (seed {seed})")
+            theirs = snapshot(kmnt)
+        diffs = compare(theirs, ours)
+        assert not diffs, f"kernel vs layerfs on one upper (seed {seed}):\n" + "\n".join(diffs)
+    print(f"seed {seed}: temp files left by each crash: {temps_left}")
