@@ -149,16 +149,17 @@ class ResolvedImage:
 
 
 def split_layout_ref(arg: str) -> tuple[str, str | None]:
-    """Split ``[oci:]DIR[:TAG]`` into (DIR, TAG). A colon is a tag separator only when DIR
-    without it is an existing directory and DIR with it is not (paths may contain colons)."""
-    if arg.startswith("oci:"):
-        arg = arg[4:]
-    if os.path.isdir(arg):
+    """Split ``[oci:|oci-archive:]PATH[:TAG]`` into (PATH, TAG); PATH is a layout directory
+    or a tar of one. A colon is a tag separator only when the part before it exists and the
+    whole does not (paths may contain colons)."""
+    for prefix in ("oci:", "oci-archive:"):
+        arg = arg.removeprefix(prefix)
+    if os.path.exists(arg):
         return arg, None
     head, sep, tag = arg.partition(":")
-    if sep and os.path.isdir(head):
+    if sep and os.path.exists(head):
         return head, tag or None
-    raise OciError(f"{arg}: not an OCI layout directory")
+    raise OciError(f"{arg}: no such OCI layout directory or archive")
 
 
 class Layout:

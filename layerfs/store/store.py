@@ -208,25 +208,31 @@ class Store:
         Tags default to the layout's ref name. Nothing is left behind on failure.
         """
         path, tag = oci.split_layout_ref(layout_ref)
-        layout = oci.Layout(path)
-        img = layout.resolve(tag, platform or oci.Platform.host())
-        if tags is None:
-            tags = (tag,) if tag else _ref_names(layout, img.manifest_desc.digest)
+        with self.locked(), self.staging() as scratch:
+            layout_dir = path
+            if not os.path.isdir(path):
+                layout_dir = os.path.join(scratch, "archive")
+                _unpack_archive(path, layout_dir)
+            layout = oci.Layout(layout_dir)
+            img = layout.resolve(tag, platform or oci.Platform.host())
+            if tags is None:
+                tags = (tag,) if tag else _ref_names(layout, img.manifest_desc.digest)
 
-        def opener(d: oci.Descriptor) -> Callable[[], BinaryIO]:
-            def open_blob() -> BinaryIO:
-                try:
-                    return open(layout.blob_path(d.digest), "rb")
-                except FileNotFoundError:
-                    raise oci.OciError(f"layer blob {d.digest} is missing from {path}") from None
+            def opener(d: oci.Descriptor) -> Callable[[], BinaryIO]:
+                def open_blob() -> BinaryIO:
+                    try:
+                        return open(layout.blob_path(d.digest), "rb")
+                    except FileNotFoundError:
+                        raise oci.OciError(
+                            f"layer blob {d.digest} is missing from {path}"
+                        ) from None
 
-            return open_blob
+                return open_blob
 
-        staged = [
-            StagedLayer(d, diff_id, opener(d))
-            for d, diff_id in zip(img.layers, img.diff_ids, strict=True)
-        ]
-        with self.locked():
+            staged = [
+                StagedLayer(d, diff_id, opener(d))
+                for d, diff_id in zip(img.layers, img.diff_ids, strict=True)
+            ]
             return self.ingest(
                 staged,
                 manifest=(img.manifest_desc, img.manifest_bytes),
@@ -512,6 +518,21 @@ class Store:
             if name not in used_blobs:
                 os.unlink(os.path.join(self.blobs_dir, name))
         return sorted(freed)
+
+
+def _unpack_archive(archive: str, dest: str) -> None:
+    """Unpack an OCI layout tar (``podman save --format oci-archive``) into ``dest``.
+
+    Only the layout's own files matter; the ``data`` filter refuses links, devices and paths
+    that would leave ``dest``, so a hostile archive cannot write elsewhere.
+    """
+    import tarfile
+
+    try:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise oci.OciError(f"{archive}: not a usable OCI layout archive: {e}") from None
 
 
 def _ref_names(layout: oci.Layout, manifest_digest: str) -> tuple[str, ...]:

@@ -252,3 +252,14 @@ def test_committed_image_runs_under_podman(built: Built, tmp_path: Path) -> None
     assert "only" not in output and "f0" not in output
     assert "link-gone" in output
     assert "755" in output
+
+
+def test_import_oci_archive(built: Built, tmp_path: Path) -> None:
+    archive = tmp_path / "image.tar"
+    built.podman("save", "--format", "oci-archive", "-o", str(archive), "localhost/lfs-base:1")
+    store = Store(str(tmp_path / "store"))
+    assert cli.main(["image", "import", "--store", store.root, f"oci-archive:{archive}"]) == 0
+    assert store.tags_of(store.resolve("localhost/lfs-base:1").manifest_digest)
+    assert os.listdir(Path(store.root) / "tmp") == []
+    (lower,) = store.lowers("localhost/lfs-base:1")
+    assert (Path(lower) / "etc/hello").read_text() == "hello from the base\n"
