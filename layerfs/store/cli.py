@@ -27,6 +27,12 @@ def lowers_for_image(ref: str, store: str | None) -> list[str]:
     return Store(store).lowers(ref)
 
 
+def record_upper(ref: str, upper: str, store: str | None) -> None:
+    """Record that ``upper`` is mounted on image ``ref`` (call after ``mount --image``), so
+    that ``diff``/``commit`` need no ``--image`` and ``image rm`` protects the image."""
+    Store(store).record_upper(ref, upper)
+
+
 def _store_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
@@ -58,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = isub.add_parser("rm", help="remove images (or tags); free layers no image uses")
     _store_opt(p)
     p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--force", action="store_true", help="even if an upper sits on the image")
     p.set_defaults(func=_guard(_cmd_rm))
 
     p = isub.add_parser("inspect", help="show an image's record, config and layers as JSON")
@@ -93,7 +100,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("commit", help="write an upper as a new image layer")
     _store_opt(p)
     p.add_argument("upper", metavar="UPPER")
-    p.add_argument("--image", required=True, metavar="REF", help="the image the upper sits on")
+    p.add_argument(
+        "--image", metavar="REF", help="the image the upper sits on (default: as recorded)"
+    )
     p.add_argument(
         "--tag", required=True, action="append", dest="tags", metavar="NEW", help="new tag"
     )
@@ -169,7 +178,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 def _cmd_rm(args: argparse.Namespace) -> int:
     store = Store(args.store)
     for ref in args.refs:
-        freed = store.remove(ref)
+        freed = store.remove(ref, force=args.force)
         print(f"removed {ref}" + (f" (freed {len(freed)} layers)" if freed else ""))
     return 0
 
@@ -239,10 +248,13 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from layerfs.store.diff import changes
 
     lowers: list[str] | None = None
-    if args.image:
-        lowers = Store(args.store).lowers(args.image)
-    elif args.lowers:
+    if args.lowers:
         lowers = args.lowers.split(":")
+    else:
+        store = Store(args.store)
+        ref = args.image or store.image_for_upper(args.upper)
+        if ref is not None:
+            lowers = store.lowers(ref)
     for change in changes(args.upper, lowers):
         sys.stdout.write(str(change) + "\n")
     return 0
@@ -252,10 +264,13 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     from layerfs.store.commit import commit
 
     store = Store(args.store)
+    base = args.image or store.image_for_upper(args.upper)
+    if base is None:
+        raise LayerfsError(f"no image recorded for {args.upper}: name it with --image REF")
     rec = commit(
         store,
         args.upper,
-        args.image,
+        base,
         tuple(args.tags),
         into=args.into,
         compression=args.compression,

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -142,6 +143,7 @@ class Store:
         self.images_dir = os.path.join(self.root, "images")
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.tags_path = os.path.join(self.root, "tags.json")
+        self.uppers_dir = os.path.join(self.root, "uppers")
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -478,10 +480,58 @@ class Store:
             tags[new_tag] = rec.manifest_digest
             _write_json(self.tags_path, tags)
 
-    def remove(self, ref: str) -> list[str]:
+    # -- uppers (containers) -----------------------------------------------------------------
+
+    def _upper_record(self, upper: str) -> str:
+        key = hashlib.sha256(os.fsencode(os.path.realpath(upper))).hexdigest()
+        return os.path.join(self.uppers_dir, key + ".json")
+
+    def record_upper(self, ref: str, upper: str) -> None:
+        """Note that ``upper`` sits on image ``ref`` (``layerfs mount --image`` calls this):
+        ``diff`` and ``commit`` then find the image alone, and ``image rm`` refuses to remove an
+        image an existing upper still sits on."""
+        rec = self.resolve(ref)
+        os.makedirs(self.uppers_dir, exist_ok=True)
+        _write_json(
+            self._upper_record(upper),
+            {"upper": os.path.realpath(upper), "image": rec.manifest_digest, "created": _now()},
+        )
+
+    def image_for_upper(self, upper: str) -> str | None:
+        """The manifest digest of the image ``upper`` was recorded on, if any."""
+        try:
+            with open(self._upper_record(upper), encoding="utf-8") as f:
+                return str(json.load(f)["image"])
+        except FileNotFoundError:
+            return None
+
+    def uppers_on(self, digest: str) -> list[str]:
+        """Existing upper directories recorded on image ``digest``; stale records are dropped."""
+        out = []
+        try:
+            names = os.listdir(self.uppers_dir)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            path = os.path.join(self.uppers_dir, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if not os.path.isdir(str(info.get("upper"))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # the container is gone
+                continue
+            if info.get("image") == digest:
+                out.append(str(info["upper"]))
+        return sorted(out)
+
+    def remove(self, ref: str, *, force: bool = False) -> list[str]:
         """Remove an image (or just the tag, if the image has other tags); collect garbage.
 
-        Returns the diffIDs of the layers freed.
+        Refused while a recorded upper still sits on the image, unless ``force``. Returns the
+        diffIDs of the layers freed.
         """
         with self.locked():
             rec = self.resolve(ref)
@@ -491,6 +541,12 @@ class Store:
                 del tags[ref]
                 _write_json(self.tags_path, tags)
                 return []
+            users = self.uppers_on(rec.manifest_digest)
+            if users and not force:
+                raise StoreError(
+                    f"image {ref!r} is in use by {len(users)} upper(s) ({users[0]}...); "
+                    "remove them or use --force"
+                )
             for t in mine:
                 del tags[t]
             _write_json(self.tags_path, tags)

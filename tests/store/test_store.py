@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,35 @@ def test_cli_commands(store: Store, layout: Path, capsys: pytest.CaptureFixture[
 def test_store_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LAYERFS_STORE", str(tmp_path / "envstore"))
     assert Store().root == str(tmp_path / "envstore")
+
+
+def test_recorded_upper(
+    store: Store, layout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_image(layout, [BASE], tag="base")
+    store.import_layout(str(layout))
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc/os-release").write_bytes(b"ID=changed\n")
+    cli.record_upper("base", str(upper), store.root)
+    s = ["--store", store.root]
+    assert cli.main(["diff", *s, str(upper)]) == 0
+    assert "C /etc/os-release" in capsys.readouterr().out.splitlines()
+    assert cli.main(["commit", *s, str(upper), "--tag", "child"]) == 0
+    assert store.resolve("child").diff_ids[0] == store.resolve("base").diff_ids[0]
+    # An upper still sits on "base": rm refuses; "child" has none and goes.
+    with pytest.raises(LayerfsError, match="in use"):
+        store.remove("base")
+    assert cli.main(["image", "rm", *s, "base"]) == 1
+    store.remove("child")
+    shutil.rmtree(upper)  # the container is gone: its record no longer holds the image
+    store.remove("base")
+    assert store_is_empty(store)
+
+
+def test_rm_force(store: Store, layout: Path, tmp_path: Path) -> None:
+    write_image(layout, [BASE], tag="base")
+    store.import_layout(str(layout))
+    (tmp_path / "upper").mkdir()
+    store.record_upper("base", str(tmp_path / "upper"))
+    assert store.remove("base", force=True) != []
