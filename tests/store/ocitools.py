@@ -123,6 +123,8 @@ def write_image(
     arch: str = "amd64",
     diff_ids: list[str] | None = None,
     layer_media_type: str | None = None,
+    manifest_media_type: str = MT_MANIFEST,
+    config_media_type: str = MT_CONFIG,
 ) -> dict[str, object]:
     """Write an image (layers as entry lists or raw tar bytes); return its manifest descriptor.
 
@@ -151,13 +153,17 @@ def write_image(
     cbytes = json.dumps(config).encode()
     manifest = {
         "schemaVersion": 2,
-        "mediaType": MT_MANIFEST,
-        "config": {"mediaType": MT_CONFIG, "digest": put_blob(layout, cbytes), "size": len(cbytes)},
+        "mediaType": manifest_media_type,
+        "config": {
+            "mediaType": config_media_type,
+            "digest": put_blob(layout, cbytes),
+            "size": len(cbytes),
+        },
         "layers": descs,
     }
     mbytes = json.dumps(manifest).encode()
     desc: dict[str, object] = {
-        "mediaType": MT_MANIFEST,
+        "mediaType": manifest_media_type,
         "digest": put_blob(layout, mbytes),
         "size": len(mbytes),
     }

@@ -221,3 +221,32 @@ def test_rm_force(store: Store, layout: Path, tmp_path: Path) -> None:
     (tmp_path / "upper").mkdir()
     store.record_upper("base", str(tmp_path / "upper"))
     assert store.remove("base", force=True) != []
+
+
+def test_docker_media_types_import_and_commit(store: Store, layout: Path, tmp_path: Path) -> None:
+    write_image(
+        layout,
+        [BASE],
+        tag="docker",
+        layer_media_type="application/vnd.docker.image.rootfs.diff.tar.gzip",
+        manifest_media_type="application/vnd.docker.distribution.manifest.v2+json",
+        config_media_type="application/vnd.docker.container.image.v1+json",
+    )
+    store.import_layout(str(layout))
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "new").write_bytes(b"n")
+    from layerfs.store.commit import commit
+
+    out = tmp_path / "out"
+    rec = commit(store, str(upper), "docker", ("child",), into=str(out))
+    # The new manifest is OCI throughout; the base layer keeps its bytes and digest.
+    manifest = json.loads((out / "blobs/sha256" / rec.manifest_digest[7:]).read_bytes())
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert {x["mediaType"] for x in manifest["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    }
+    assert manifest["layers"][0]["digest"] == store.resolve("docker").layers[0].digest
+    again = Store(str(tmp_path / "again"))
+    again.import_layout(f"{out}:child")
+    assert (Path(again.lowers("child")[0]) / "new").read_bytes() == b"n"
