@@ -1,0 +1,113 @@
+"""Run a list of file operations, each as a given user, and print their outcomes as JSON.
+
+``python _asuser.py ROOT < ops.json``: every op is ``[uid, gid, name, *args]`` with paths
+relative to ROOT. Each runs in a fresh child that drops to that uid/gid with no supplementary
+groups and no capabilities (what ``setpriv --reuid --regid --clear-groups`` does) and umask 022;
+uid 0 keeps root. The outcome is ``["ok", value]`` or ``["err", "EACCES"]``; ``exec`` reports the
+program's exit status.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable
+
+
+def _stat(p: str) -> list[object]:
+    st = os.lstat(p)
+    return [f"{st.st_mode:o}", st.st_uid, st.st_gid, st.st_size if stat.S_ISREG(st.st_mode) else 0]
+
+
+def _open(p: str, flags: int, data: bytes = b"") -> object:
+    fd = os.open(p, flags, 0o666)
+    try:
+        if data:
+            os.write(fd, data)
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            return len(os.read(fd, 1 << 16))
+    finally:
+        os.close(fd)
+    return None
+
+
+OPS: dict[str, Callable[..., object]] = {
+    "stat": _stat,
+    "read": lambda p: _open(p, os.O_RDONLY),
+    "write": lambda p: _open(p, os.O_WRONLY | os.O_APPEND, b"w"),
+    "open_rdwr": lambda p: _open(p, os.O_RDWR),
+    "open_trunc": lambda p: _open(p, os.O_WRONLY | os.O_TRUNC),
+    "open_creat": lambda p: _open(p, os.O_WRONLY | os.O_CREAT),
+    "create": lambda p: (_open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, b"new"), _stat(p))[1],
+    "listdir": lambda p: sorted(os.listdir(p)),
+    "mkdir": lambda p: (os.mkdir(p, 0o777), _stat(p))[1],
+    "rmdir": os.rmdir,
+    "unlink": os.unlink,
+    "rename": os.rename,
+    "link": lambda a, b: os.link(a, b, follow_symlinks=False),
+    "symlink": lambda t, p: (os.symlink(t, p), _stat(p))[1],
+    "mknod_fifo": lambda p: (os.mkfifo(p, 0o666), _stat(p))[1],
+    "chmod": os.chmod,
+    "chown": lambda p, u, g: os.chown(p, u, g, follow_symlinks=False),
+    "utime_now": lambda p: os.utime(p, None),
+    "utime_set": lambda p: os.utime(p, (1_000_000, 2_000_000)),
+    "truncate": os.truncate,
+    "setxattr": lambda p, n, v: os.setxattr(p, n, v.encode()),
+    "getxattr": lambda p, n: os.getxattr(p, n).decode(),
+}
+
+
+def run_one(root: str, op: list[object]) -> list[object]:
+    uid, gid, name, *args = op
+    assert isinstance(uid, int) and isinstance(gid, int) and isinstance(name, str)
+    # Paths are the string args that do not start with "=" (a literal, e.g. a symlink target).
+    real = [
+        os.path.join(root, a) if isinstance(a, str) and not a.startswith("=") else a for a in args
+    ]
+    real = [a[1:] if isinstance(a, str) and a.startswith("=") else a for a in real]
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(rfd)
+            os.umask(0o022)
+            if uid != 0:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            if name == "exec":
+                os.execv(real[0], [real[0]])
+            value = OPS[name](*real)
+            out: list[object] = ["ok", value]
+        except OSError as e:
+            out = ["err", errno.errorcode.get(e.errno or 0, str(e.errno))]
+        except BaseException as e:
+            out = ["crash", repr(e)]
+            code = 3
+        os.write(wfd, json.dumps(out).encode())
+        os._exit(code)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 65536):
+        data += chunk
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    if not data:  # exec succeeded: the program's exit status is the outcome
+        return ["ok", f"exit {os.waitstatus_to_exitcode(status)}"]
+    result: list[object] = json.loads(data)
+    return result
+
+
+def main() -> int:
+    root = sys.argv[1]
+    ops = json.load(sys.stdin)
+    json.dump([run_one(root, op) for op in ops], sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Permission checks for unprivileged users, differentially: the same operations, as uid 65534
+("other") and uid 1000 ("owner"), against layerfs and kernel overlayfs built on one lower, with
+errno compared per operation and the merged trees compared at the end.
+
+Covers read/write/execute/search, creating in an unwritable directory, sticky-directory unlink
+and rename, chmod/chown of others' files, setuid/setgid cleared on write, utime rules, user and
+trusted xattrs, protected hard links and setgid directories. layerfs runs as root with its
+defaults (allow_other, default_permissions), as a container engine runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.mounts import mount_kernel
+from support.snapshot import compare, snapshot
+
+from ._helpers import layerfs_daemon
+
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay]
+
+ASUSER = Path(__file__).with_name("_asuser.py")
+OWNER, OTHER, G = 1000, 65534, 1000
+SCRIPT = b"#!/bin/sh\nexit 7\n"
+
+
+def _mk(path: Path, mode: int, uid: int = 0, gid: int = 0, data: bytes | None = None) -> None:
+    if data is None:
+        path.mkdir()
+    else:
+        path.write_bytes(data)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def _make_lower(lower: Path) -> None:
+    lower.mkdir()
+    os.chmod(lower, 0o755)
+    _mk(lower / "pub", 0o755)
+    for name, mode, data in [
+        ("r644", 0o644, b"data"),
+        ("w666", 0o666, b"data"),
+        ("x755", 0o755, SCRIPT),
+        ("x700", 0o700, SCRIPT),
+        ("x744", 0o744, SCRIPT),
+        ("n000", 0o000, b"secret"),
+    ]:
+        _mk(lower / "pub" / name, mode, data=data)
+    _mk(lower / "home", 0o755, OWNER, G)
+    for name, mode in [
+        ("own600", 0o600),
+        ("own644", 0o644),
+        ("suid", 0o4757),
+        ("suid2", 0o4755),
+        ("sgid", 0o2777),
+        ("sgidnx", 0o2767),
+    ]:
+        _mk(lower / "home" / name, mode, OWNER, G, b"owned")
+    _mk(lower / "home" / "sub", 0o700, OWNER, G)
+    _mk(lower / "home" / "sub" / "f", 0o644, OWNER, G, b"private")
+    _mk(lower / "ro", 0o555)
+    _mk(lower / "ro" / "f", 0o666, data=b"in a read-only dir")
+    _mk(lower / "noexec", 0o744)
+    _mk(lower / "noexec" / "f", 0o644, data=b"unreachable")
+    _mk(lower / "tmp", 0o1777)
+    _mk(lower / "tmp" / "of", 0o666, OWNER, G, b"other's file")
+    _mk(lower / "tmp" / "od", 0o777, OWNER, G)
+    _mk(lower / "wdir", 0o777)
+    _mk(lower / "wdir" / "of", 0o644, OWNER, G, b"owner's file")
+    _mk(lower / "sgdir", 0o2777, 0, G)
+
+
+OTH, OWN, ROOT = OTHER, OWNER, 0
+
+
+def op(uid: int, name: str, *args: object) -> list[object]:
+    gid = {OTH: OTHER, OWN: G, ROOT: 0}[uid]
+    return [uid, gid, name, *args]
+
+
+SCRIPT_OPS: list[list[object]] = [
+    # read / write / execute
+    op(OTH, "read", "pub/r644"),
+    op(OTH, "write", "pub/r644"),
+    op(OTH, "open_rdwr", "pub/r644"),
+    op(OTH, "open_trunc", "pub/r644"),
+    op(OTH, "write", "pub/w666"),
+    op(OTH, "exec", "pub/x755"),
+    op(OTH, "exec", "pub/x700"),
+    op(OTH, "exec", "pub/x744"),
+    op(OWN, "exec", "pub/x744"),
+    op(OTH, "read", "pub/n000"),
+    op(OWN, "write", "pub/n000"),
+    op(ROOT, "read", "pub/n000"),
+    # search and list
+    op(OTH, "listdir", "noexec"),
+    op(OTH, "stat", "noexec/f"),
+    op(OTH, "read", "noexec/f"),
+    op(OTH, "listdir", "home/sub"),
+    op(OTH, "stat", "home/sub/f"),
+    op(OWN, "read", "home/sub/f"),
+    # an unwritable directory
+    op(OTH, "create", "ro/new"),
+    op(OTH, "mkdir", "ro/d"),
+    op(OTH, "unlink", "ro/f"),
+    op(OTH, "write", "ro/f"),
+    op(OTH, "rename", "pub/w666", "ro/moved"),
+    op(OTH, "rename", "ro/f", "wdir/moved"),
+    op(OTH, "symlink", "=target", "ro/link"),
+    op(OTH, "mknod_fifo", "ro/fifo"),
+    # a sticky directory
+    op(OTH, "unlink", "tmp/of"),
+    op(OTH, "rename", "tmp/of", "tmp/of-moved"),
+    op(OTH, "rmdir", "tmp/od"),
+    op(OTH, "write", "tmp/of"),
+    op(OTH, "open_creat", "tmp/of"),
+    op(OTH, "create", "tmp/mine"),
+    op(OWN, "unlink", "tmp/mine"),
+    op(OWN, "rename", "tmp/mine", "tmp/stolen"),
+    op(OTH, "rename", "tmp/mine", "tmp/mine2"),
+    op(OTH, "unlink", "tmp/mine2"),
+    op(OWN, "rename", "tmp/of", "tmp/of3"),
+    op(ROOT, "unlink", "tmp/of3"),
+    # a writable, non-sticky directory
+    op(OTH, "rename", "wdir/of", "wdir/of2"),
+    op(OTH, "unlink", "wdir/of2"),
+    op(OTH, "create", "wdir/newf"),
+    op(OTH, "mkdir", "wdir/newd"),
+    op(OTH, "symlink", "=../pub/r644", "wdir/sym"),
+    op(OTH, "mknod_fifo", "wdir/fifo"),
+    op(OWN, "unlink", "wdir/newf"),
+    # chmod / chown
+    op(OTH, "chmod", "pub/r644", 0o777),
+    op(OTH, "chmod", "home/own644", 0o777),
+    op(OWN, "chmod", "home/own644", 0o640),
+    op(OTH, "chown", "home/own644", OTHER, OTHER),
+    op(OWN, "chown", "home/own644", OTHER, -1),
+    op(OWN, "chown", "home/own644", -1, 0),
+    op(OWN, "chown", "home/own644", -1, G),
+    op(OWN, "chown", "home/own644", -1, -1),
+    op(OWN, "chmod", "home/own600", 0o4700),
+    op(ROOT, "stat", "home/own644"),
+    op(ROOT, "stat", "home/own600"),
+    # setuid / setgid cleared on write
+    op(OTH, "write", "home/suid"),
+    op(ROOT, "stat", "home/suid"),
+    op(OWN, "write", "home/suid2"),
+    op(ROOT, "stat", "home/suid2"),
+    op(OTH, "write", "home/sgid"),
+    op(ROOT, "stat", "home/sgid"),
+    op(OTH, "write", "home/sgidnx"),
+    op(ROOT, "stat", "home/sgidnx"),
+    op(OTH, "truncate", "home/suid", 1),
+    op(ROOT, "stat", "home/suid"),
+    # truncate and utime
+    op(OTH, "truncate", "pub/w666", 2),
+    op(OTH, "truncate", "pub/r644", 2),
+    op(OTH, "utime_now", "pub/w666"),
+    op(OTH, "utime_set", "pub/w666"),
+    op(OTH, "utime_now", "pub/r644"),
+    op(OWN, "utime_set", "home/own644"),
+    op(OTH, "utime_set", "home/own644"),
+    # xattrs
+    op(OTH, "setxattr", "pub/w666", "user.k", "v"),
+    op(OTH, "getxattr", "pub/w666", "user.k"),
+    op(OTH, "setxattr", "pub/r644", "user.k", "v"),
+    op(OTH, "setxattr", "pub/w666", "trusted.k", "v"),
+    op(OTH, "setxattr", "wdir/newd", "user.k", "v"),
+    op(OTH, "getxattr", "wdir/newd", "user.k"),
+    # hard links to others' files (fs.protected_hardlinks)
+    op(OTH, "link", "home/own600", "wdir/hl"),
+    op(OTH, "link", "pub/w666", "wdir/hl2"),
+    op(ROOT, "stat", "wdir/hl2"),
+    # a setgid directory hands down its group (and the bit, to directories)
+    op(OTH, "create", "sgdir/f"),
+    op(OTH, "mkdir", "sgdir/d"),
+    op(OTH, "create", "sgdir/d/f"),
+]
+
+
+def _run_ops(root: Path) -> list[object]:
+    r = subprocess.run(
+        [sys.executable, str(ASUSER), str(root)],
+        input=json.dumps(SCRIPT_OPS),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    out: list[object] = json.loads(r.stdout)
+    return out
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    # Not tmp_path: /tmp/pytest-of-root is 0700, which the unprivileged users cannot search.
+    d = Path(tempfile.mkdtemp(prefix="layerfs-perm-", dir="/tmp"))
+    try:
+        os.chmod(d, 0o755)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_permissions_match_kernel(base: Path) -> None:
+    lower = base / "lower"
+    _make_lower(lower)
+    dirs = {}
+    for name in ("lf", "ko"):
+        d = base / name
+        for sub in ("upper", "work", "merged"):
+            (d / sub).mkdir(parents=True)
+        os.chmod(d, 0o755)
+        os.chmod(d / "merged", 0o755)
+        dirs[name] = d
+    since = time.time_ns()
+    lf, ko = dirs["lf"], dirs["ko"]
+    with layerfs_daemon([lower], lf / "upper", lf / "work", lf / "merged") as d:
+        ours = _run_ops(lf / "merged")
+        ours_tree = snapshot(lf / "merged")
+    assert d.proc.returncode == 0, d.log_text()
+    with mount_kernel([lower], ko / "upper", ko / "work", ko / "merged"):
+        theirs = _run_ops(ko / "merged")
+        theirs_tree = snapshot(ko / "merged")
+    diffs = [
+        f"{i:3} uid {o[0]} {o[2]}{tuple(o[3:])}: kernel {k} layerfs {s}"
+        for i, (o, k, s) in enumerate(zip(SCRIPT_OPS, theirs, ours, strict=True))
+        if k != s
+    ]
+    assert not diffs, f"{len(diffs)} operations differ from kernel overlayfs:\n" + "\n".join(diffs)
+    # The script must have exercised both refusals and successes.
+    kinds = {k[0] for k in theirs if isinstance(k, list)}
+    assert kinds == {"ok", "err"}, kinds
+    tree_diffs = compare(theirs_tree, ours_tree, since_ns=since)
+    assert not tree_diffs, "\n".join(tree_diffs)
