@@ -153,6 +153,7 @@ def test_commit_refuses_metacopy_upper(store: Store, tmp_path: Path) -> None:
 
 
 def test_commit_cli_zstd(store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("zstandard", reason="zstd layers need the zstandard package")
     write_image(tmp_path / "layout", [[E("f", data=b"1")]], tag="base")
     store.import_layout(str(tmp_path / "layout"))
     upper = tmp_path / "upper"

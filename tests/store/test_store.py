@@ -26,6 +26,8 @@ def _blob(layout: Path, desc: dict[str, object], index: int) -> Path:
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_import_each_compression(store: Store, layout: Path, compression: str) -> None:
+    if compression == "zstd":
+        pytest.importorskip("zstandard", reason="zstd layers need the zstandard package")
     write_image(layout, [BASE, [E("etc/motd", data=b"hi")]], compression=compression)
     rec = store.import_layout(str(layout))
     assert [Path(p).name for p in store.lowers("latest")] == ["diff", "diff"]
@@ -250,3 +252,18 @@ def test_docker_media_types_import_and_commit(store: Store, layout: Path, tmp_pa
     again = Store(str(tmp_path / "again"))
     again.import_layout(f"{out}:child")
     assert (Path(again.lowers("child")[0]) / "new").read_bytes() == b"n"
+
+
+def test_progress_only_on_a_terminal(store: Store, layout: Path) -> None:
+    import io
+
+    from layerfs.store.progress import Progress
+
+    write_image(layout, [BASE, [E("big", data=os.urandom(1 << 20))]])
+    quiet = io.StringIO()
+    store.import_layout(str(layout), progress=Progress(quiet))
+    assert quiet.getvalue() == ""  # StringIO is not a terminal
+    shown = io.StringIO()
+    other = Store(str(Path(store.root).parent / "other"))
+    other.import_layout(str(layout), progress=Progress(shown, enabled=True))
+    assert "layer 1/2" in shown.getvalue() and "MiB" in shown.getvalue()
