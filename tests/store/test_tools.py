@@ -123,11 +123,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     try:
         yield Built(podman, layout, tmp)
     finally:
-        with_env = {**env}
-        subprocess.run(["podman", "rmi", "-a", "-f"], env=with_env, capture_output=True)
-        subprocess.run(
-            ["podman", "system", "reset", "-f"], env=with_env, capture_output=True, timeout=120
-        )
+        # Private vfs storage: removing the images is enough (no mounts, nothing shared).
+        # Not "podman system reset": it also clears host-wide state other tests may use.
+        subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True, timeout=120)
 
 
 MOUNTERS = {"kernel": mount_kernel, "layerfs": mount_layerfs}
