@@ -220,7 +220,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         bad = {d: p for d, p in result.items() if p}
         for d, problems in bad.items():
             for prob in problems:
-                print(f"{ref}: layer {d[7:19]}: {prob}")
+                _print_name(f"{ref}: layer {d[7:19]}: {prob}")
         if bad:
             status = 1
         else:
@@ -256,7 +256,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if ref is not None:
             lowers = store.lowers(ref)
     for change in changes(args.upper, lowers):
-        sys.stdout.write(str(change) + "\n")
+        _print_name(str(change))
     return 0
 
 
@@ -280,6 +280,14 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     )
     print(f"{rec.manifest_digest} {' '.join(store.tags_of(rec.manifest_digest))}".rstrip())
     return 0
+
+
+def _print_name(line: str) -> None:
+    """Print a line holding file names: they are bytes (decoded with surrogateescape), so
+    write them back as the exact bytes, not as text that may not encode."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(line.encode("utf-8", "surrogateescape") + b"\n")
+    sys.stdout.buffer.flush()
 
 
 def _size(n: int) -> str:

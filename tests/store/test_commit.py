@@ -166,3 +166,26 @@ def test_commit_cli_zstd(store: Store, tmp_path: Path, capsys: pytest.CaptureFix
     assert rec.layers[-1].media_type.endswith("+zstd")
     top = Path(store.lowers("z")[0])
     assert (top / "g").read_bytes() == b"2"
+
+
+def test_diff_prints_names_as_bytes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerfs.store.cli",
+            "diff",
+            "--store",
+            str(tmp_path / "s"),
+            str(upper),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    assert r.stdout == b"A /caf\xe9\n"
