@@ -140,22 +140,24 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     store = Store(args.store)
     users = store.layer_users()
+    sizes: dict[str, int] = {}
+    for d in users:
+        try:
+            sizes[d] = int(str(store.layer_info(d).get("tar_size", 0)))
+        except FileNotFoundError:
+            sizes[d] = 0
     rows = []
     for rec in store.images():
-        size = 0
-        for d in dict.fromkeys(rec.diff_ids):
-            try:
-                size += int(str(store.layer_info(d).get("tar_size", 0)))
-            except FileNotFoundError:
-                pass
-        shared = sum(1 for d in dict.fromkeys(rec.diff_ids) if users.get(d, 0) > 1)
+        layers = list(dict.fromkeys(rec.diff_ids))
         rows.append(
             {
                 "tags": store.tags_of(rec.manifest_digest),
                 "digest": rec.manifest_digest,
                 "layers": len(rec.layers),
-                "shared_layers": shared,
-                "size": size,
+                "shared_layers": sum(1 for d in layers if users.get(d, 0) > 1),
+                "size": sum(sizes.get(d, 0) for d in layers),
+                # What removing this image alone would free.
+                "unique_size": sum(sizes.get(d, 0) for d in layers if users.get(d, 0) == 1),
                 "platform": rec.platform,
                 "created": rec.created,
             }
@@ -163,14 +165,18 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'TAG':<32} {'DIGEST':<19} {'LAYERS':>6} {'SHARED':>6} {'SIZE':>10}  PLATFORM")
+    print(
+        f"{'TAG':<32} {'DIGEST':<13} {'LAYERS':>6} {'SHARED':>6} {'SIZE':>10} {'UNIQUE':>10}"
+        "  PLATFORM"
+    )
     for r in rows:
         tags = r["tags"] or ["<none>"]
         assert isinstance(tags, list)
         for t in tags:
             print(
-                f"{t:<32} {str(r['digest'])[7:19]:<19} {r['layers']:>6} {r['shared_layers']:>6} "
-                f"{_size(int(str(r['size']))):>10}  {r['platform']}"
+                f"{t:<32} {str(r['digest'])[7:19]:<13} {r['layers']:>6} {r['shared_layers']:>6} "
+                f"{_size(int(str(r['size']))):>10} {_size(int(str(r['unique_size']))):>10}"
+                f"  {r['platform']}"
             )
     return 0
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,6 +127,9 @@ def test_shared_layers_stored_once_and_refcounted(store: Store, tmp_path: Path) 
     assert after_one > (4 << 20)
     users = store.layer_users()
     assert sorted(users.values()) == [1, 1, 2]
+    rows = {r["tags"][0]: r for r in _ls_json(store)}
+    assert rows["one"]["shared_layers"] == rows["two"]["shared_layers"] == 1
+    assert rows["one"]["size"] > (4 << 20) > rows["one"]["unique_size"]
     base_id = store.resolve("one").diff_ids[0]
     assert store.resolve("two").diff_ids[0] == base_id
     assert store.remove("one") != []
@@ -267,3 +271,14 @@ def test_progress_only_on_a_terminal(store: Store, layout: Path) -> None:
     other = Store(str(Path(store.root).parent / "other"))
     other.import_layout(str(layout), progress=Progress(shown, enabled=True))
     assert "layer 1/2" in shown.getvalue() and "MiB" in shown.getvalue()
+
+
+def _ls_json(store: Store) -> list[dict[str, Any]]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["image", "ls", "--json", "--store", store.root]) == 0
+    rows: list[dict[str, Any]] = json.loads(buf.getvalue())
+    return rows
