@@ -195,19 +195,27 @@ class PodmanEnv:
         ]
 
     def force_cleanup(self) -> list[str]:
-        """Best-effort teardown: remove containers, unmount whatever is left; returns problems."""
+        """Best-effort teardown: remove containers, wait for conmon's cleanup processes (each
+        podman call mounts containers/storage's home again), unmount whatever is left under
+        the root; returns problems."""
         problems: list[str] = []
         try:
             self.remove_everything()
         except PodmanError as e:
             problems.append(str(e))
-        for mp, fstype in sorted(mounts_under(self.root), key=lambda m: -len(m[0])):
-            cmd = ["fusermount3", "-u", "-z", mp] if fstype.startswith("fuse") else ["umount", mp]
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if r.returncode != 0:
-                r = subprocess.run(["umount", "-l", mp], capture_output=True, text=True)
-                if r.returncode != 0:
-                    problems.append(f"cannot unmount {mp}: {r.stderr.strip()}")
+        problems += settle(self.leftover_processes)
+        for _ in range(3):
+            left = sorted(mounts_under(self.root), key=lambda m: -len(m[0]))
+            if not left:
+                break
+            for mp, fstype in left:
+                if fstype.startswith("fuse"):
+                    cmd = ["fusermount3", "-u", "-z", mp]
+                else:
+                    cmd = ["umount", mp]
+                if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
+                    subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
+        problems += [f"cannot unmount {mp}" for mp, _ in mounts_under(self.root)]
         return problems
 
 
@@ -248,8 +256,8 @@ def mounts_under(root: Path) -> list[tuple[str, str]]:
 
 
 def leftover_processes(root: Path, program: Path | None) -> list[str]:
-    """Live (non-zombie) processes whose argv or cwd mentions ``root``, or that run ``program``
-    with an argument under ``root``."""
+    """Live (non-zombie) processes whose argv or cwd mentions ``root``; those running
+    ``program`` are marked "(mount program)"."""
     found = []
     me = os.getpid()
     needle = str(root)
@@ -269,10 +277,11 @@ def leftover_processes(root: Path, program: Path | None) -> list[str]:
                 cwd = ""
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+        # Other test sessions on the machine run the same programs: only ours count.
         if any(needle in a for a in argv) or cwd == needle or cwd.startswith(needle + "/"):
-            found.append(f"pid {entry}: {' '.join(argv)[:300]}")
-        elif program is not None and any(str(program) in a for a in argv[:2]):
-            found.append(f"pid {entry} (mount program): {' '.join(argv)[:300]}")
+            ours = program is not None and any(str(program) in a for a in argv[:2])
+            what = " (mount program)" if ours else ""
+            found.append(f"pid {entry}{what}: {' '.join(argv)[:300]}")
     return found
 
 

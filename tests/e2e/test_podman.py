@@ -28,6 +28,13 @@ pytestmark = [
 CONTAINERFILE = Path(__file__).parent / "data" / "Containerfile"
 BASE = "localhost/base:latest"
 
+# What /proc/self/mountinfo shows for a container's root mounted by each program.
+FSTYPE = {
+    "kernel-overlay": "overlay",
+    "fuse-overlayfs": "fuse.fuse-overlayfs",
+    "layerfs": "fuse.layerfs",
+}
+
 # program name -> observation name -> normalised value, for the cross-check at the end.
 OBSERVED: dict[str, dict[str, object]] = {}
 
@@ -294,28 +301,40 @@ def test_commit_persists_every_change(pm: PodmanEnv) -> None:
     # One layer for the container's changes: new/file and its link travel together, while
     # link_src did not change and stays behind in the base layer (see image_tree).
     want = image_tree("base/link_src", "base/hardlink")
+    # A new container of the committed image starts with an empty diff.
+    pm.run("create", "--name", "from-committed", "localhost/committed:latest", "true")
+    try:
+        assert pm.diff("from-committed") == set()
+    finally:
+        pm.run("rm", "from-committed")
     with known_deviation(pm, "fuse-overlayfs", "committed tree", FUSE_OVERLAYFS_OPAQUE_BUG):
         # The re-created dir holds none of the old entries, and no whiteout or opaque marker
         # shows in the merged view.
         assert olddir.split() == [".", "..", "new"]
         assert_tree(tree, want)
-    # A new container of the committed image starts with an empty diff.
-    pm.run("create", "--name", "from-committed", "localhost/committed:latest", "true")
-    assert pm.diff("from-committed") == set()
-    pm.run("rm", "from-committed")
 
 
 def test_stop_and_start_keep_state(pm: PodmanEnv) -> None:
     cmd = "echo start >> /base/starts; exec sleep 1000"
     pm.run("create", "--name", "s1", "--network", "none", BASE, "sh", "-c", cmd)
-    pm.run("start", "s1")
-    wait_for_file(pm, "s1", "/base/starts", "start\n")
-    pm.run(
-        "exec", "s1", "sh", "-c",
+    try:
+        stop_and_start(pm, "s1")
+    finally:
+        pm.run("rm", "--force", "--time", "0", "s1", check=False)
+
+
+def stop_and_start(pm: PodmanEnv, ctr: str) -> None:
+    pm.run("start", ctr)
+    wait_for_file(pm, ctr, "/base/starts", "start\n")
+    script = (
         "echo state > /base/state.txt && rm /base/keep.txt && chmod 640 /base/mod.txt"
-        " && mkdir -p /sdir/sub && ln /base/link_src /sdir/hl && rm -rf /base/olddir/sub",
-    )  # fmt: skip
-    pm.run("stop", "--time", "0", "s1")
+        " && mkdir -p /sdir/sub && ln /base/link_src /sdir/hl && rm -rf /base/olddir/sub"
+        " && stat -c %h:%i /base/link_src /sdir/hl"
+    )
+    links = pm.run("exec", ctr, "sh", "-c", script).stdout.split()
+    # A hard link to a lower file: one inode, two names, while the first mount lives.
+    assert len(set(links)) == 1 and links[0].startswith("2:"), links
+    pm.run("stop", "--time", "0", ctr)
     expected = {
         ("C", "/base"),
         ("A", "/base/starts"),
@@ -328,14 +347,15 @@ def test_stop_and_start_keep_state(pm: PodmanEnv) -> None:
         ("A", "/sdir/sub"),
         ("A", "/sdir/hl"),
     }
-    stopped = pm.diff("s1")
+    stopped = pm.diff(ctr)
     observe(pm, "diff stopped", sorted(stopped))
     assert stopped == expected, (
         f"unexpected {sorted(stopped - expected)}, missing {sorted(expected - stopped)}"
     )
-    pm.run("start", "s1")
-    wait_for_file(pm, "s1", "/base/starts", "start\nstart\n")
-    out = pm.run("exec", "s1", "sh", "-c", snapshot_script("base", "sdir")).stdout
+    # The second start mounts the same upper again, with a new mount program process.
+    pm.run("start", ctr)
+    wait_for_file(pm, ctr, "/base/starts", "start\nstart\n")
+    out = pm.run("exec", ctr, "sh", "-c", snapshot_script("base", "sdir")).stdout
     tree = parse_snapshot(out)
     observe(pm, "restarted tree", tree)
     want = base_snapshot()
@@ -347,8 +367,6 @@ def test_stop_and_start_keep_state(pm: PodmanEnv) -> None:
     want |= {"sdir": D(), "sdir/sub": D(), "sdir/hl": F("L\n", "644", "base/link_src")}
     with known_deviation(pm, "fuse-overlayfs", "restarted tree", FUSE_OVERLAYFS_LINK_BUG):
         assert_tree(tree, want)
-    pm.run("stop", "--time", "0", "s1")
-    pm.run("rm", "s1")
 
 
 def test_five_containers_at_once_are_isolated(pm: PodmanEnv) -> None:
@@ -362,26 +380,27 @@ def test_five_containers_at_once_are_isolated(pm: PodmanEnv) -> None:
         procs.append(
             pm.popen("run", "-d", "--name", name, "--network", "none", BASE, "sh", "-c", cmd)
         )
-    for p in procs:
-        out, err = p.communicate(timeout=SETTLE_TIMEOUT * 3)
-        assert p.returncode == 0, err.decode()
     try:
+        for p in procs:
+            _, err = p.communicate(timeout=SETTLE_TIMEOUT * 3)
+            assert p.returncode == 0, err.decode()
         for i, name in enumerate(names):
             wait_for_file(pm, name, f"/base/mine-{i}", f"{i}\n")
         # Each container's root is a mount of the program under test, not something else
         # containers/storage fell back to.
-        merged = [t for mp, t in mounts_under(pm.graphroot) if mp.endswith("/merged")]
-        fstype = "overlay" if program_name(pm) == "kernel-overlay" else "fuse"
-        assert len(merged) == len(names) and all(t.startswith(fstype) for t in merged), merged
+        fstypes = dict(mounts_under(pm.graphroot))
+        for name in names:
+            root = pm.run("inspect", "--format", "{{.GraphDriver.Data.MergedDir}}", name)
+            assert fstypes.get(root.stdout.strip()) == FSTYPE[program_name(pm)], fstypes
         for i, name in enumerate(names):
             script = "ls /base | tr '\\n' ' '; echo; ls /base/olddir | tr '\\n' ' '; echo;"
             script += " cat /base/mod.txt"
-            out = pm.run("exec", name, "sh", "-c", script).stdout.splitlines()
-            own = {n for n in out[0].split() if n.startswith("mine-")}
-            assert own == {f"mine-{i}"}, (name, out)
-            assert "del.txt" not in out[0].split()
-            assert out[1].split() == sorted(["a", f"d{i}", "sub"]), (name, out)
-            assert out[2:] == ["orig", str(i)], (name, out)
+            lines = pm.run("exec", name, "sh", "-c", script).stdout.splitlines()
+            own = {n for n in lines[0].split() if n.startswith("mine-")}
+            assert own == {f"mine-{i}"}, (name, lines)
+            assert "del.txt" not in lines[0].split()
+            assert lines[1].split() == sorted(["a", f"d{i}", "sub"]), (name, lines)
+            assert lines[2:] == ["orig", str(i)], (name, lines)
         # The image below them all is untouched.
         assert pm.sh(BASE, "cat /base/mod.txt; ls /base/olddir") == "orig\na\nsub\n"
     finally:
