@@ -1,10 +1,11 @@
 """Run a list of file operations, each as a given user, and print their outcomes as JSON.
 
-``python _asuser.py ROOT < ops.json``: every op is ``[uid, gid, name, *args]`` with paths
-relative to ROOT. Each runs in a fresh child that drops to that uid/gid with no supplementary
-groups and no capabilities (what ``setpriv --reuid --regid --clear-groups`` does) and umask 022;
-uid 0 keeps root. The outcome is ``["ok", value]`` or ``["err", "EACCES"]``; ``exec`` reports the
-program's exit status.
+``python _asuser.py ROOT [--chroot] < ops.json``: every op is ``[uid, gid, name, *args]`` with
+paths relative to ROOT (with ``--chroot`` the child chroots into ROOT first, so that symlinks in
+the tree resolve inside it, as in a container). Each runs in a fresh child that drops to that
+uid/gid with no supplementary groups and no capabilities (what ``setpriv --reuid --regid
+--clear-groups`` does) and umask 022; uid 0 keeps root. The outcome is ``["ok", value]`` or
+``["err", "EACCES"]``; ``exec`` reports the program's exit status.
 """
 
 from __future__ import annotations
@@ -57,15 +58,22 @@ OPS: dict[str, Callable[..., object]] = {
     "truncate": os.truncate,
     "setxattr": lambda p, n, v: os.setxattr(p, n, v.encode()),
     "getxattr": lambda p, n: os.getxattr(p, n).decode(),
+    "lstat": _stat,
+    "readlink": os.readlink,
+    "lchown": lambda p, u, g: os.chown(p, u, g, follow_symlinks=False),
+    "lutime": lambda p: os.utime(p, (1_000_000, 2_000_000), follow_symlinks=False),
+    "lsetxattr": lambda p, n, v: os.setxattr(p, n, v.encode(), follow_symlinks=False),
+    "chdir_list": lambda p: (os.chdir(p), sorted(os.listdir(".")))[1],
 }
 
 
-def run_one(root: str, op: list[object]) -> list[object]:
+def run_one(root: str, op: list[object], *, chroot: bool = False) -> list[object]:
     uid, gid, name, *args = op
     assert isinstance(uid, int) and isinstance(gid, int) and isinstance(name, str)
     # Paths are the string args that do not start with "=" (a literal, e.g. a symlink target).
+    base = "/" if chroot else root
     real = [
-        os.path.join(root, a) if isinstance(a, str) and not a.startswith("=") else a for a in args
+        os.path.join(base, a) if isinstance(a, str) and not a.startswith("=") else a for a in args
     ]
     real = [a[1:] if isinstance(a, str) and a.startswith("=") else a for a in real]
     rfd, wfd = os.pipe()
@@ -75,6 +83,9 @@ def run_one(root: str, op: list[object]) -> list[object]:
         try:
             os.close(rfd)
             os.umask(0o022)
+            if chroot:
+                os.chroot(root)
+                os.chdir("/")
             if uid != 0:
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
@@ -104,8 +115,9 @@ def run_one(root: str, op: list[object]) -> list[object]:
 
 def main() -> int:
     root = sys.argv[1]
+    chroot = "--chroot" in sys.argv[2:]
     ops = json.load(sys.stdin)
-    json.dump([run_one(root, op) for op in ops], sys.stdout)
+    json.dump([run_one(root, op, chroot=chroot) for op in ops], sys.stdout)
     return 0
 
 

@@ -1,0 +1,344 @@
+"""Hostile layers: layerfs never touches anything outside its layer, upper and work directories,
+never follows a symlink itself, never opens a device or a fifo on lookup or readdir, and stays
+responsive on deep paths, huge directories and a 1 TB sparse file.
+
+Symlinks are exercised through a chroot into the merged tree (symlinks then resolve inside it,
+as in a container), against layerfs and kernel overlayfs on the same lowers, with a canary
+directory outside every layer: the absolute paths the symlinks name point at it on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support.mounts import mount_kernel
+from support.snapshot import compare, snapshot
+
+from ._helpers import fd_targets, layerfs_daemon, tree_state
+
+pytestmark = [pytest.mark.fuse]
+
+ASUSER = Path(__file__).with_name("_asuser.py")
+
+
+def _make_canary(canary: Path) -> None:
+    (canary / "sub").mkdir(parents=True)
+    (canary / "c").write_text("canary\n")
+    (canary / "sub" / "passwd").write_text("root:x:0:0::/:/bin/sh\n")
+    old = time.time_ns() - 10**12
+    for p in (canary / "c", canary / "sub" / "passwd", canary / "sub", canary):
+        os.utime(p, ns=(old, old))
+
+
+def _make_symlink_layers(top: Path, bottom: Path, canary: Path) -> None:
+    """Top: symlinks aiming at the canary, absolutely and by ``..``; bottom: the real dirs."""
+    (top / "sub").mkdir(parents=True)
+    rel_up = "../" * 30 + str(canary).lstrip("/")
+    links = {
+        "etc": str(canary / "sub"),  # a symlink where the lower below has a directory
+        "abs": str(canary / "c"),
+        "rel": rel_up + "/c",
+        "reldir": rel_up + "/sub",
+        "up": "../../..",
+        "root": "/",
+        "sub/deep": "../../../..",
+    }
+    for name, target in links.items():
+        os.symlink(target, top / name)
+    (bottom / "etc").mkdir(parents=True)
+    (bottom / "etc" / "passwd").write_text("layer passwd\n")
+    (bottom / "data").write_text("data\n")
+
+
+def _ops() -> list[list[object]]:
+    def root(name: str, *args: object) -> list[object]:
+        return [0, 0, name, *args]
+
+    return [
+        root("mkdir", "etc/x"),
+        root("open_creat", "etc/passwd"),
+        root("write", "etc/passwd"),
+        root("create", "etc/new"),
+        root("write", "abs"),
+        root("open_creat", "abs"),
+        root("open_creat", "rel"),
+        root("truncate", "abs", 0),
+        root("truncate", "rel", 0),
+        root("listdir", "etc"),
+        root("listdir", "reldir"),
+        root("chmod", "etc", 0o777),
+        root("chown", "abs", 1, 1),
+        root("utime_set", "reldir"),
+        root("setxattr", "abs", "user.k", "v"),
+        root("listdir", "up"),
+        root("listdir", "sub/deep"),
+        root("chdir_list", "root"),
+        root("mkdir", "up/new1"),
+        root("mkdir", "sub/deep/new2"),
+        root("lstat", "etc"),
+        root("readlink", "etc"),
+        root("lchown", "etc", 1, 1),
+        root("lstat", "etc"),
+        root("lutime", "abs"),
+        root("lsetxattr", "abs", "trusted.k", "v"),
+        root("link", "abs", "hardlink-to-symlink"),
+        root("rename", "etc", "etc2"),
+        root("readlink", "etc2"),
+        root("open_creat", "etc2/passwd"),
+        root("symlink", "=" + "/etc2/../abs", "newlink"),
+        root("open_creat", "newlink"),
+        root("rename", "rel", "sub/rel"),
+        root("unlink", "reldir"),
+        root("listdir", ""),
+    ]
+
+
+def _run_chroot(root: Path, ops: list[list[object]]) -> list[object]:
+    r = subprocess.run(
+        [sys.executable, str(ASUSER), str(root), "--chroot"],
+        input=json.dumps(ops),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    out: list[object] = json.loads(r.stdout)
+    return out
+
+
+@pytest.mark.kernel_overlay
+def test_symlinks_resolve_in_the_merged_view_only(tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    _make_canary(canary)
+    top, bottom = tmp_path / "top", tmp_path / "bottom"
+    _make_symlink_layers(top, bottom, canary)
+    before = tree_state(canary)
+    ops = _ops()
+    results = {}
+    trees = {}
+    since = time.time_ns()
+    for name in ("layerfs", "kernel"):
+        d = tmp_path / name
+        upper, work, mnt = d / "upper", d / "work", d / "merged"
+        for p in (upper, work, mnt):
+            p.mkdir(parents=True)
+        if name == "layerfs":
+            with layerfs_daemon([top, bottom], upper, work, mnt) as daemon:
+                results[name] = _run_chroot(mnt, ops)
+                trees[name] = snapshot(mnt)
+                outside = [t for t in fd_targets(daemon.pid) if t.startswith(str(canary))]
+                assert not outside, f"the daemon holds files of the canary: {outside}"
+                # The script did reach through the symlinks, inside the merged view.
+                assert {"new1", "new2", "etc2", "newlink"} <= set(os.listdir(mnt))
+        else:
+            with mount_kernel([top, bottom], upper, work, mnt):
+                results[name] = _run_chroot(mnt, ops)
+                trees[name] = snapshot(mnt)
+        assert tree_state(canary) == before, f"{name}: the canary outside the layers changed"
+    diffs = [
+        f"{o[2]}{tuple(o[3:])}: kernel {k} layerfs {s}"
+        for o, k, s in zip(ops, results["kernel"], results["layerfs"], strict=True)
+        if k != s
+    ]
+    assert not diffs, "\n".join(diffs)
+    tree_diffs = compare(trees["kernel"], trees["layerfs"], since_ns=since)
+    assert not tree_diffs, "\n".join(tree_diffs)
+
+
+def test_special_files_are_never_opened(tmp_path: Path) -> None:
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    os.mkfifo(lower / "fifo", 0o644)
+    os.mknod(lower / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    # A block device with no driver behind it: opening it would fail or hang.
+    os.mknod(lower / "blk", 0o600 | stat.S_IFBLK, os.makedev(259, 65000))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(lower / "sock"))
+    with layerfs_daemon([lower], upper, work, mnt) as d:
+        entries = {e.name: e.stat(follow_symlinks=False).st_mode for e in os.scandir(mnt)}
+        assert stat.S_ISFIFO(entries["fifo"])
+        assert stat.S_ISCHR(entries["null"])
+        assert os.stat(mnt / "null").st_rdev == os.makedev(1, 3)
+        assert stat.S_ISBLK(entries["blk"])
+        assert stat.S_ISSOCK(entries["sock"])
+        # No reader holds the fifo open: a non-blocking writer finds nobody.
+        with pytest.raises(OSError) as exc:
+            os.open(lower / "fifo", os.O_WRONLY | os.O_NONBLOCK)
+        assert exc.value.errno == 6  # ENXIO
+        specials = {str(lower / n) for n in ("fifo", "null", "blk", "sock")}
+        assert not specials & set(fd_targets(d.pid)), "the daemon opened a special file"
+        # Copy-up of special files (metadata change) recreates them, never opens them.
+        for n in ("fifo", "null", "blk", "sock"):
+            os.chown(mnt / n, 1, 1, follow_symlinks=False)
+        for n, mode in entries.items():
+            st = os.lstat(upper / n)
+            assert stat.S_IFMT(st.st_mode) == stat.S_IFMT(mode), n
+            assert (st.st_uid, st.st_gid) == (1, 1)
+        assert os.lstat(upper / "null").st_rdev == os.makedev(1, 3)
+        # The device works through the mount, served by the kernel's driver, not the daemon.
+        with open(mnt / "null", "wb") as fh:
+            fh.write(b"discarded")
+        assert not specials & set(fd_targets(d.pid))
+        assert d.alive()
+
+
+ODD_NAMES = [
+    b"back\\slash",
+    b"\xe2\x88\x95division-slash",
+    b"\xef\xbc\x8ffullwidth-slash",
+    b"\xff\xfe-not-utf8",
+    b"new\nline",
+    b" leading space",
+    b"...",
+    b"-dash",
+    b"x" * 255,
+    b"wh.not-a-whiteout",
+]
+
+
+def test_odd_names(tmp_path: Path) -> None:
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    base = os.fsencode(lower)
+    for i, name in enumerate(ODD_NAMES):
+        with open(base + b"/" + name, "wb") as fh:
+            fh.write(b"%d" % i)
+    with layerfs_daemon([lower], upper, work, mnt):
+        m = os.fsencode(mnt)
+        assert sorted(os.listdir(m)) == sorted(ODD_NAMES)
+        for i, name in enumerate(ODD_NAMES):
+            with open(m + b"/" + name, "rb") as fh:
+                assert fh.read() == b"%d" % i
+            with open(m + b"/" + name, "ab") as fh:  # copy-up under the same odd name
+                fh.write(b"+")
+            os.rename(m + b"/" + name, m + b"/" + name[:250] + b".mv")
+        assert sorted(os.listdir(m)) == sorted(n[:250] + b".mv" for n in ODD_NAMES)
+    assert sorted(n for n in os.listdir(os.fsencode(upper)) if n.endswith(b".mv")) == sorted(
+        n[:250] + b".mv" for n in ODD_NAMES
+    )
+
+
+def test_deep_paths_beyond_path_max(tmp_path: Path) -> None:
+    """A lower tree 4 KiB deep (over PATH_MAX from the host's /): walked, read, copied up."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    comp = b"d" * 50
+    depth = 4096 // (len(comp) + 1) + 1
+    fd = os.open(lower, os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(comp, dir_fd=fd)
+            nfd = os.open(comp, os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        leaf = os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"deep")
+        os.close(leaf)
+    finally:
+        os.close(fd)
+    assert depth * (len(comp) + 1) > 4096
+
+    def walk_to_leaf(root: Path) -> int:
+        fd = os.open(root, os.O_DIRECTORY)
+        for _ in range(depth):
+            nfd = os.open(comp, os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+
+    with layerfs_daemon([lower], upper, work, mnt) as d:
+        fd = walk_to_leaf(mnt)
+        try:
+            leaf = os.open(b"leaf", os.O_RDWR | os.O_APPEND, dir_fd=fd)
+            assert os.read(leaf, 100) == b"deep"
+            os.write(leaf, b"+upper")  # copies up every parent, 4 KiB of path
+            os.close(leaf)
+            os.mkdir(b"new", dir_fd=fd)
+            assert sorted(os.listdir(fd)) == ["leaf", "new"]
+        finally:
+            os.close(fd)
+        n = sum(1 for _ in os.fwalk(mnt))
+        assert n == depth + 2
+        assert d.alive()
+    fd = walk_to_leaf(upper)
+    try:
+        leaf = os.open(b"leaf", os.O_RDONLY, dir_fd=fd)
+        assert os.read(leaf, 100) == b"deep+upper"
+        os.close(leaf)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_100k_entry_directory(tmp_path: Path) -> None:
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    big = lower / "big"
+    big.mkdir()
+    n = 100_000
+    fd = os.open(big, os.O_DIRECTORY)
+    try:
+        for i in range(n):
+            os.close(os.open(f"f{i:06d}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with layerfs_daemon([lower], upper, work, mnt) as d:
+        t0 = time.monotonic()
+        names = os.listdir(mnt / "big")
+        t_list = time.monotonic() - t0
+        assert len(names) == n
+        assert set(names) == {f"f{i:06d}" for i in range(n)}
+        (mnt / "big" / "added").write_text("x")
+        os.unlink(mnt / "big" / "f000000")
+        r = subprocess.run(
+            f"ls -U '{mnt / 'big'}' | wc -l", shell=True, capture_output=True, text=True, check=True
+        )
+        assert int(r.stdout) == n
+        assert d.alive()
+    print(f"100k dir: listdir {t_list:.2f}s")
+
+
+def test_one_terabyte_sparse_file(tmp_path: Path) -> None:
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    size = 1 << 40
+    head, tail = os.urandom(4096), os.urandom(4096)
+    with open(lower / "huge", "wb") as fh:
+        fh.write(head)
+        fh.truncate(size)
+        fh.seek(size - 4096)
+        fh.write(tail)
+    with layerfs_daemon([lower], upper, work, mnt) as d:
+        assert (mnt / "huge").stat().st_size == size
+        with open(mnt / "huge", "rb") as fh:
+            fh.seek(size - 4096)
+            assert fh.read() == tail
+            fh.seek(size // 2)
+            assert fh.read(4096) == bytes(4096)
+        t0 = time.monotonic()
+        with open(mnt / "huge", "ab") as fh:  # copy-up of 1 TB, holes kept
+            fh.write(b"end")
+        t_copy = time.monotonic() - t0
+        st = os.stat(upper / "huge")
+        assert st.st_size == size + 3
+        assert st.st_blocks * 512 < 1 << 20, f"holes not kept: {st.st_blocks * 512} bytes used"
+        with open(mnt / "huge", "rb") as fh:
+            assert fh.read(4096) == head
+            fh.seek(size - 4096)
+            assert fh.read() == tail + b"end"
+        assert d.alive()
+    print(f"copy-up of a 1 TB sparse file: {t_copy:.2f}s")
