@@ -121,6 +121,9 @@ def extract_blob(
         raise ExtractError(f"layer {digest}: bad or truncated tar stream: {e}") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DigestError(f"layer {digest}: corrupt or truncated compressed stream: {e}") from None
+    except ExtractError as e:
+        # Name the layer: the entry path alone does not say which of N layers was refused.
+        raise type(e)(f"layer {digest}: {e}") from None
     except LayerfsError:
         raise
     except Exception as e:
