@@ -13,7 +13,6 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-"$repo/scripts/setup.sh" >/dev/null
 layerfs=${LAYERFS:-$repo/.venv/bin/layerfs}
 PATH="$(dirname "$layerfs"):$PATH"
 
@@ -68,6 +67,10 @@ show_tree() {
         esac
     done)
 }
+
+# ---------------------------------------------------------------------------------------------
+heading "0. Set up the machine (scripts/setup.sh; quick once done)"
+"$repo/scripts/setup.sh"
 
 # ---------------------------------------------------------------------------------------------
 heading "1. Build three lower layers in $demo_dir/layers"
