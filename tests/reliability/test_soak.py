@@ -39,7 +39,9 @@ EXPECTED = {errno.ENOENT}
 
 
 def record(worker: int, seq: int) -> bytes:
-    return b"<w%03d seq%010d>".ljust(REC - 1, b".") % (worker, seq) + b"\n"
+    rec = (b"<w%03d seq%010d>" % (worker, seq)).ljust(REC - 1, b".") + b"\n"
+    assert len(rec) == REC
+    return rec
 
 
 class Worker(threading.Thread):
