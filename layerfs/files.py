@@ -14,10 +14,12 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import stat
 
 import trio
 
 from layerfs import _sys
+from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
@@ -26,13 +28,31 @@ BIG_IO = 1 << 20  # requests above this go to a worker thread
 
 
 class Handle:
-    __slots__ = ("fd", "node", "on_upper", "writable")
+    """An open file. ``kill_priv``: the opener may not keep setuid/setgid bits on a write
+    (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then clear itself."""
 
-    def __init__(self, fd: int, node: Node, on_upper: bool, writable: bool) -> None:
+    __slots__ = ("fd", "kill_priv", "node", "on_upper", "writable")
+
+    def __init__(
+        self, fd: int, node: Node, on_upper: bool, writable: bool, kill_priv: bool = False
+    ) -> None:
         self.fd = fd
         self.node = node
         self.on_upper = on_upper
         self.writable = writable
+        self.kill_priv = kill_priv
+
+
+def kill_suid(fd: int) -> None:
+    """Clear setuid, and setgid on a group-executable file, as a write by a process without
+    CAP_FSETID does (the FUSE kernel module leaves this to us: libfuse asks for
+    handle_killpriv)."""
+    mode = os.fstat(fd).st_mode
+    kill = stat.S_ISUID if mode & stat.S_ISUID else 0
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    if kill:
+        os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
 
 class Files:
@@ -66,14 +86,16 @@ class Files:
             return layer.root_fd, b""
         return layer.dirfd(lpath[:-1]), lpath[-1]
 
-    def add(self, fd: int, node: Node, on_upper: bool, writable: bool) -> int:
+    def add(
+        self, fd: int, node: Node, on_upper: bool, writable: bool, kill_priv: bool = False
+    ) -> int:
         fh = next(self._ids)
-        self.handles[fh] = Handle(fd, node, on_upper, writable)
+        self.handles[fh] = Handle(fd, node, on_upper, writable, kill_priv)
         node.opens += 1
         return fh
 
-    async def open(self, node: Node, flags: int) -> int:
-        """Open NODE with FLAGS; return a handle id."""
+    async def open(self, node: Node, flags: int, caller: Caller) -> int:
+        """Open NODE with FLAGS for CALLER; return a handle id."""
         acc = flags & os.O_ACCMODE
         writable = acc != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
@@ -85,7 +107,7 @@ class Files:
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
         fd = _sys.open_at(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
-        return self.add(fd, node, node.upper, writable)
+        return self.add(fd, node, node.upper, writable, caller.uid != 0)
 
     def get(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -111,6 +133,9 @@ class Files:
         h = self.get(fh)
         if not h.writable:
             raise OSError(errno.EBADF, "not open for writing")
+        if h.kill_priv:
+            kill_suid(h.fd)
+            h.kill_priv = False  # once cleared, a later chmod +s by the owner must stay
         if len(data) > BIG_IO:
             return await trio.to_thread.run_sync(os.pwrite, h.fd, data, off)
         return os.pwrite(h.fd, data, off)

@@ -84,7 +84,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 elif redirect:
                     search, lname = _redirected(stack, parent, redirect)
                     redirected = True
-        elif _sys.lstat_at_or_none(ufd, whiteout.WH_PREFIX + name) is not None:
+        elif whiteout.has_oci_whiteout(ufd, name):
             return None  # .wh.NAME whiteout, as fuse-overlayfs writes where mknod is refused
 
     lowers: list[tuple[Layer, Path]] = []
@@ -120,7 +120,9 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 break
     if top_st is None:
         return None
-    if redirected:  # whether removing NAME needs a whiteout depends on NAME, not the target
+    if upper_st is not None and (redirected or stop_lowers):
+        # whether removing NAME needs a whiteout depends on NAME in the parent's lowers, not
+        # on where (or whether) the directory's own merge continues
         positive = lower_positive(stack, parent, name)
     return Resolution(top_st, upper_st is not None, lowers, positive, origin_nlink, origin)
 

@@ -65,7 +65,7 @@ class Namespace:
             if whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
                 return "char"
             raise OSError(errno.EEXIST, "exists in upper")
-        if _sys.lstat_at_or_none(udir, whiteout.WH_PREFIX + name) is not None:
+        if whiteout.has_oci_whiteout(udir, name):
             return "oci"
         return "none"
 

@@ -204,7 +204,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        return _entry(await self.fs.setattr(inode, ch, fh))
+        return _entry(await self.fs.setattr(inode, ch, fh, _caller(ctx)))
 
     @_errors
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
@@ -279,7 +279,7 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        fh = await self.fs.open(inode, flags)
+        fh = await self.fs.open(inode, flags, _caller(ctx))
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @_errors

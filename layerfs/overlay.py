@@ -23,7 +23,7 @@ from layerfs import _sys, xattrs
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp
-from layerfs.files import Files
+from layerfs.files import Files, kill_suid
 from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import node_for, resolve
@@ -53,11 +53,8 @@ class Overlay:
         top = self.stack.lowers[0] if self.stack.lowers else self.stack.upper
         assert top is not None
         st = os.fstat(top.root_fd)
-        lowers: list[tuple[Layer, Path]] = []
-        for layer in self.stack.lowers:
-            lowers.append((layer, ()))
-            if layer.listing(()).opaque:
-                break
+        # An opaque mark on a layer's root means nothing to the kernel, nor to us.
+        lowers: list[tuple[Layer, Path]] = [(layer, ()) for layer in self.stack.lowers]
         key = (st.st_dev, st.st_ino)
         root = Node(key, True, None, b"", self.stack.upper is not None, lowers, key)
         root.nlookup = 1
@@ -130,13 +127,15 @@ class Overlay:
         node.nlookup += 1
         return self.attr(node)
 
-    async def setattr(self, ino: int, ch: SetAttr, fh: int | None) -> Attr:
+    async def setattr(self, ino: int, ch: SetAttr, fh: int | None, caller: Caller) -> Attr:
         node = self.table.get(ino)
         if self.stack.upper is None:
             raise OSError(errno.EROFS, "read-only stack")
         if fh is not None and ch.size is not None:
             h = self.files.get(fh)
             os.ftruncate(h.fd, ch.size)
+            if caller.uid != 0 and ch.mode is None:
+                kill_suid(h.fd)
         elif ch.size is not None:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
@@ -148,6 +147,8 @@ class Overlay:
             fd = _sys.open_at(dirfd, name, os.O_WRONLY)
             try:
                 os.ftruncate(fd, ch.size)
+                if caller.uid != 0 and ch.mode is None:
+                    kill_suid(fd)
             finally:
                 os.close(fd)
         target = name or b"."
@@ -175,18 +176,18 @@ class Overlay:
 
     # -- files -------------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, caller: Caller) -> int:
         node = self.table.get(ino)
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        return await self.files.open(node, flags)
+        return await self.files.open(node, flags, caller)
 
     async def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[int, Attr]:
         parent = self.table.get(parent_ino)
         node, fd = await self.ns.create(parent, name, mode, flags, caller)
-        fh = self.files.add(fd, node, True, True)
+        fh = self.files.add(fd, node, True, True, caller.uid != 0)
         return fh, self.counted(node)
 
     def release(self, fh: int) -> None:
@@ -289,30 +290,30 @@ class Overlay:
     # -- xattrs ------------------------------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if xattrs.is_private(name):
+        if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
             raise OSError(errno.ENODATA, "no such attribute")
         dirfd, real = self.files.real_location(self.table.get(ino))
-        return os.getxattr(_sys.proc_path(dirfd, real), name, follow_symlinks=False)
+        path = _sys.proc_path(dirfd, real)
+        return os.getxattr(path, xattrs.to_real(name), follow_symlinks=False)
 
     def listxattr(self, ino: int) -> list[bytes]:
         dirfd, real = self.files.real_location(self.table.get(ino))
         return xattrs.visible(_sys.listxattr_at(dirfd, real))
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        if xattrs.is_private(name):
+        if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
             raise OSError(errno.EPERM, "overlay-private attribute")
         node = await self._copied_up(ino)
         dirfd, real = self.files.real_location(node)
-        os.setxattr(_sys.proc_path(dirfd, real), name, value, follow_symlinks=False)
+        path = _sys.proc_path(dirfd, real)
+        os.setxattr(path, xattrs.to_real(name), value, follow_symlinks=False)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        if xattrs.is_private(name):
-            raise OSError(errno.ENODATA, "no such attribute")
-        node = self.table.get(ino)
         self.getxattr(ino, name)  # ENODATA before any copy-up
         node = await self._copied_up(ino)
         dirfd, real = self.files.real_location(node)
-        os.removexattr(_sys.proc_path(dirfd, real), name, follow_symlinks=False)
+        path = _sys.proc_path(dirfd, real)
+        os.removexattr(path, xattrs.to_real(name), follow_symlinks=False)
 
     async def _copied_up(self, ino: int) -> Node:
         node = self.table.get(ino)

@@ -54,6 +54,13 @@ def is_hidden_name(name: bytes) -> bool:
     return name.startswith(WH_PREFIX)
 
 
+def has_oci_whiteout(dirfd: int, name: bytes) -> bool:
+    """True if DIRFD holds ``.wh.NAME`` (a name over 251 bytes cannot have one)."""
+    if len(name) + len(WH_PREFIX) > 255:
+        return False
+    return _sys.lstat_at_or_none(dirfd, WH_PREFIX + name) is not None
+
+
 def oci_whiteout_target(name: bytes) -> bytes | None:
     """For ``.wh.NAME`` return NAME (None for the opaque marker and ordinary names)."""
     if name.startswith(WH_PREFIX) and name != OPQ_MARKER:
