@@ -301,6 +301,8 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "setgid-inherit",  # new entries in a setgid dir do not take its group
         "unlinked-nlink",  # fstat of an open, unlinked file: nlink 1, kernel 0
         "removexattr-copyup",  # removexattr of a missing xattr copies the file up
+        "namemax-251",  # statfs f_namemax 251, and 255-byte names cannot be created
+        "symlink-xattr-follows",  # lsetxattr on a layer symlink sets it on the link's target!
         "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
     }
 )
