@@ -172,6 +172,7 @@ def _change(merged: Path) -> None:
     os.symlink("app", merged / "opt/app-link")
     (merged / "home/user/notes").write_text("changed\n")
     os.setxattr(merged / "opt/app", "user.origin", b"layerfs-test")
+    os.rename(merged / "home/user", merged / "home/renamed")  # a redirect in the upper
 
 
 def test_commit_accepted_by_skopeo_umoci_podman(built: Built, tmp_path: Path, mounter: str) -> None:
@@ -238,7 +239,7 @@ def test_committed_image_runs_under_podman(built: Built, tmp_path: Path) -> None
     # podman's default rlimits exceed what this host may grant; stay within the hard limits.
     limits = [f"--ulimit=nofile={min(nofile, 4096)}", f"--ulimit=nproc={min(nproc, 4096)}"]
     script = (
-        "cat /etc/passwd /srv/data/fresh /home/user/notes; ls /srv/data; "
+        "cat /etc/passwd /srv/data/fresh /home/renamed/notes; ls /srv/data /home; "
         "test -e /etc/hello.link || echo link-gone; stat -c %a /opt/app"
     )
     runtime = ["--runtime", "runc"] if shutil.which("runc") else []
@@ -250,6 +251,7 @@ def test_committed_image_runs_under_podman(built: Built, tmp_path: Path) -> None
     assert "only" not in output and "f0" not in output
     assert "link-gone" in output
     assert "755" in output
+    assert "renamed" in output and "user" not in output.split("fresh", 1)[1]
 
 
 def test_import_oci_archive(built: Built, tmp_path: Path) -> None:
