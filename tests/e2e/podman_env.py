@@ -50,6 +50,8 @@ class PodmanEnv:
     # CAP_SYS_RESOURCE, so the probe measures the host's limits and every env uses them.
     ulimits: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # podman's stderr lines at level warning or error, from calls that succeeded.
+    complaints: list[str] = field(default_factory=list)
 
     @property
     def graphroot(self) -> Path:
@@ -138,6 +140,12 @@ class PodmanEnv:
         res = subprocess.CompletedProcess(
             cmd, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
         )
+        if res.returncode == 0:
+            self.complaints += [
+                f"{' '.join(cmd)[:120]}: {line}"
+                for line in res.stderr.splitlines()
+                if "level=warning" in line or "level=error" in line
+            ]
         if check and res.returncode != 0:
             raise PodmanError(
                 f"exit {res.returncode}: {' '.join(cmd)}\n"

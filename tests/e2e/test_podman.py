@@ -480,6 +480,8 @@ def test_no_daemon_or_mount_left_behind(pm: PodmanEnv) -> None:
     mounts = settle(pm.leftover_mounts)
     assert not procs, f"processes left behind: {procs}"
     assert not mounts, f"mounts left behind: {mounts}"
+    # containers/storage says nothing about the mount program, or anything else.
+    assert not pm.complaints, "\n".join(pm.complaints)
 
 
 def test_mount_programs_agree() -> None:
