@@ -14,23 +14,41 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from layerfs.errors import LayerfsError
-from layerfs.store import oci
-from layerfs.store.progress import Progress
-from layerfs.store.store import Store, default_store
+from layerfs.store import default_store
+
+if TYPE_CHECKING:
+    from layerfs.store.progress import Progress
+    from layerfs.store.store import Store
+
+# The store's modules (tarfile, gzip, ctypes...) load only when a store command runs:
+# ``layerfs mount`` builds this parser too, and its start-up time counts.
+
+
+def _store(path: str | None) -> Store:
+    from layerfs.store.store import Store
+
+    return Store(path)
+
+
+def _progress() -> Progress:
+    from layerfs.store.progress import Progress
+
+    return Progress()
 
 
 def lowers_for_image(ref: str, store: str | None) -> list[str]:
     """The layer directories of image ``ref`` in ``store`` (default store if None),
     topmost first: the ``lowerdir`` list for mounting it."""
-    return Store(store).lowers(ref)
+    return _store(store).lowers(ref)
 
 
 def record_upper(ref: str, upper: str, store: str | None) -> None:
     """Record that ``upper`` is mounted on image ``ref`` (call after ``mount --image``), so
     that ``diff``/``commit`` need no ``--image`` and ``image rm`` protects the image."""
-    Store(store).record_upper(ref, upper)
+    _store(store).record_upper(ref, upper)
 
 
 def _store_opt(p: argparse.ArgumentParser) -> None:
@@ -128,17 +146,19 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    store = Store(args.store)
-    platform = oci.Platform.parse(args.platform) if args.platform else None
+    store = _store(args.store)
+    from layerfs.store.oci import Platform
+
+    platform = Platform.parse(args.platform) if args.platform else None
     tags = tuple(args.tags) if args.tags else None
-    rec = store.import_layout(args.layout, platform=platform, tags=tags, progress=Progress())
+    rec = store.import_layout(args.layout, platform=platform, tags=tags, progress=_progress())
     names = store.tags_of(rec.manifest_digest)
     print(f"{rec.manifest_digest} {' '.join(names)}".rstrip())
     return 0
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    store = Store(args.store)
+    store = _store(args.store)
     users = store.layer_users()
     sizes: dict[str, int] = {}
     for d in users:
@@ -182,7 +202,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    store = Store(args.store)
+    store = _store(args.store)
     for ref in args.refs:
         freed = store.remove(ref, force=args.force)
         print(f"removed {ref}" + (f" (freed {len(freed)} layers)" if freed else ""))
@@ -190,7 +210,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    store = Store(args.store)
+    store = _store(args.store)
     rec = store.resolve(args.ref)
     users = store.layer_users()
     layers = []
@@ -219,10 +239,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    store = Store(args.store)
+    store = _store(args.store)
     status = 0
     for ref in args.refs:
-        result = store.verify(ref, progress=Progress())
+        result = store.verify(ref, progress=_progress())
         bad = {d: p for d, p in result.items() if p}
         for d, problems in bad.items():
             for prob in problems:
@@ -235,14 +255,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
-    Store(args.store).tag(args.ref, args.tag)
+    _store(args.store).tag(args.ref, args.tag)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from layerfs.store.commit import export_layout
 
-    store = Store(args.store)
+    store = _store(args.store)
     rec = store.resolve(args.ref)
     path, _, tag = args.layout.partition(":")
     names = store.tags_of(rec.manifest_digest)
@@ -257,7 +277,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     if args.lowers:
         lowers = args.lowers.split(":")
     else:
-        store = Store(args.store)
+        store = _store(args.store)
         ref = args.image or store.image_for_upper(args.upper)
         if ref is not None:
             lowers = store.lowers(ref)
@@ -269,7 +289,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_commit(args: argparse.Namespace) -> int:
     from layerfs.store.commit import commit
 
-    store = Store(args.store)
+    store = _store(args.store)
     base = args.image or store.image_for_upper(args.upper)
     if base is None:
         raise LayerfsError(f"no image recorded for {args.upper}: name it with --image REF")
@@ -282,7 +302,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
         compression=args.compression,
         message=args.message,
         author=args.author,
-        progress=Progress(),
+        progress=_progress(),
     )
     print(f"{rec.manifest_digest} {' '.join(store.tags_of(rec.manifest_digest))}".rstrip())
     return 0

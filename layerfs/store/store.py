@@ -38,17 +38,10 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from layerfs.errors import LayerfsError
-from layerfs.store import oci, verify
+from layerfs.store import default_store, oci, verify
 from layerfs.store.digest import DigestError, parse_digest
 from layerfs.store.extract import extract_blob
 from layerfs.store.progress import Progress
-
-DEFAULT_STORE = "/var/lib/layerfs"
-
-
-def default_store() -> str:
-    """The store directory when no ``--store`` is given."""
-    return os.environ.get("LAYERFS_STORE") or DEFAULT_STORE
 
 
 class StoreError(LayerfsError):
