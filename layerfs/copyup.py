@@ -41,6 +41,10 @@ class CopyUp:
         self.limiter = trio.CapacityLimiter(2)
         self._names = itertools.count()
         self.stats = {"files": 0, "dirs": 0, "bytes": 0, "reflink": 0}
+        # nodes whose attributes changed behind the kernel's back (a copied-up directory now
+        # reads nlink 1; a broken hard link its own st_ino and nlink): the adapter tells the
+        # kernel to drop its cached attributes
+        self.changed: list[int] = []
 
     def statistics(self) -> dict[str, int]:
         return dict(self.stats)
@@ -109,6 +113,7 @@ class CopyUp:
             # st_ino survives copy-up (OVL_CONST_INO), also once the kernel forgot the node
             self.table.copied_up[(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
         node.upper = True
+        self.changed.append(node.id)
         self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "files"] += 1
         log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
 

@@ -52,6 +52,10 @@ def _errors(fn: F) -> F:
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            changed = args[0].fs.copyup.changed
+            if changed:
+                _invalidate_attrs(changed)
 
     return cast(F, wrapper)
 
@@ -82,6 +86,18 @@ def _probe_st_ino_offset() -> int | None:
 _ST_INO_OFFSET = _probe_st_ino_offset()
 if _ST_INO_OFFSET is None:
     log.warning("pyfuse3 layout not recognised: st_ino will be the FUSE node id")
+
+
+def _invalidate_attrs(node_ids: list[int]) -> None:
+    """Tell the kernel to re-read the attributes of NODE_IDS (attribute-only notification:
+    it takes no page or inode lock, so it is safe while a request is being served)."""
+    ids = list(node_ids)
+    node_ids.clear()
+    for node_id in ids:
+        try:
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=True)
+        except OSError:
+            pass  # the kernel does not hold this node (ENOENT): nothing cached to drop
 
 
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import re
+from collections.abc import Callable
 from typing import BinaryIO
 
 from layerfs.errors import LayerfsError
@@ -126,6 +127,27 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def copy_verified(
+    src: BinaryIO,
+    dst_path: str,
+    digest: str,
+    size: int,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Copy ``src`` to a new file ``dst_path``, refusing it unless it is exactly ``size``
+    bytes with sha256 ``digest`` (an over-long source is cut off at size + 1 bytes)."""
+    fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        reader = HashingReader(src, limit=size, sink=fd)
+        buf = bytearray(1 << 20)
+        while reader.readinto(buf):
+            if progress is not None:
+                progress(reader.count)
+        reader.check(digest, f"blob {digest}", size)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:

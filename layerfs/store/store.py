@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 from layerfs.errors import LayerfsError
 from layerfs.store import default_store, oci, verify
-from layerfs.store.digest import DigestError, parse_digest
+from layerfs.store.digest import DigestError, copy_verified, parse_digest
 from layerfs.store.extract import extract_blob
 from layerfs.store.progress import Progress
 
@@ -319,31 +319,36 @@ class Store:
             if self.has_layer(diff_id) or diff_id in staged_layers:
                 return
         have_layer = self.has_layer(diff_id) or diff_id in staged_layers
-        blob_copy = os.path.join(st, "blobs", parse_digest(desc.digest))
+        staged_blob = os.path.join(st, "blobs", parse_digest(desc.digest))
+        tick = progress.update if progress is not None else None
+        if self.has_blob(desc.digest):
+            source = self.blob_path(desc.digest)
+        elif os.path.exists(staged_blob):
+            source = staged_blob  # verified earlier in this import (a layer listed twice)
+        else:
+            # Verify before parsing: the blob is copied into staging and must match its
+            # digest and size before anything reads it as gzip or tar.
+            if progress is not None:
+                progress.start(f"layer {index + 1}/{count} {desc.digest[7:19]} copy", desc.size)
+            with layer.open_blob() as src:
+                copy_verified(src, staged_blob, desc.digest, desc.size, tick)
+            source = staged_blob
         layer_dir = os.path.join(st, "layers", parse_digest(diff_id))
         dest = None if have_layer else os.path.join(layer_dir, "diff")
         if dest is not None:
             os.makedirs(dest)
         if progress is not None:
-            progress.start(f"layer {index + 1}/{count} {desc.digest[7:19]}", desc.size)
-        copy_fd = None
-        if not self.has_blob(desc.digest) and not os.path.exists(blob_copy):
-            copy_fd = os.open(blob_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            with layer.open_blob() as blob:
-                stats = extract_blob(
-                    blob,
-                    compression,
-                    digest=desc.digest,
-                    size=desc.size,
-                    diff_id=diff_id,
-                    dest=dest,
-                    blob_copy_fd=copy_fd,
-                    progress=progress.update if progress is not None else None,
-                )
-        finally:
-            if copy_fd is not None:
-                os.close(copy_fd)
+            progress.start(f"layer {index + 1}/{count} {desc.digest[7:19]} extract", desc.size)
+        with open(source, "rb") as blob:
+            stats = extract_blob(
+                blob,
+                compression,
+                digest=desc.digest,
+                size=desc.size,
+                diff_id=diff_id,
+                dest=dest,
+                progress=tick,
+            )
         known[desc.digest] = diff_id
         if dest is None:
             return
