@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason=fuse))
         if kernel and item.get_closest_marker("kernel_overlay"):
             item.add_marker(pytest.mark.skip(reason=kernel))
+
+
+_HOST_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow")
+
+
+def _host_state() -> dict[str, tuple[int, int, int, int, bytes]]:
+    out = {}
+    for p in _HOST_FILES:
+        with contextlib.suppress(OSError):
+            st = os.lstat(p)
+            with open(p, "rb") as fh:
+                out[p] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, fh.read())
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _host_files_untouched() -> Iterator[None]:
+    """Layers hold symlinks to /etc/passwd: as root, a test following one would damage the host."""
+    before = _host_state()
+    yield
+    changed = [p for p, v in _host_state().items() if before.get(p) != v]
+    assert not changed, f"the test run changed host files: {changed}"
 
 
 @pytest.fixture(params=["layerfs", "fuse-overlayfs"])

@@ -29,6 +29,7 @@ from hypothesis.stateful import (
 from support.diff import Pair, expect_quirks, ignored_fields, stack_options_for
 from support.layerspec import (
     CAP_NET_BIND_SERVICE,
+    SAFE_ABS_TARGET,
     HardLink,
     LayerSpec,
     d,
@@ -461,6 +462,10 @@ _paths = st.lists(st.sampled_from(_NAMES), min_size=1, max_size=3).map(b"/".join
 _data = st.sampled_from([b"", b"x", b"hello\n", b"y" * 5000])
 
 
+# Operations the machine leaves out for a subject with the quirk (scenarios cover them).
+_SKIP_OPS = {"removexattr": "removexattr-copyup"}
+
+
 class WriteMachine(RuleBasedStateMachine):
     """Random operations applied to both mounts; results and trees compared after each step.
 
@@ -493,6 +498,10 @@ class WriteMachine(RuleBasedStateMachine):
 
     def _do(self, op: Op) -> None:
         assert self.s and self.k
+        if _SKIP_OPS.get(str(op[0])) in self.subject.quirks:
+            return  # a known difference of the stand-in: not worth re-finding every run
+        if op[0] == "chmod" and "setgid-inherit" in self.subject.quirks:
+            op = ("chmod", op[1], int(op[2]) & ~0o2000)  # type: ignore[call-overload]
         if "rename-dir" in self.subject.quirks and op[0] == "rename":
             src = self.k.mnt / os.fsdecode(op[1])  # type: ignore[arg-type]
             if src.is_dir() and not src.is_symlink():
@@ -558,7 +567,7 @@ class WriteMachine(RuleBasedStateMachine):
     def link(self, src: bytes, dst: bytes) -> None:
         self._do(("link", src, dst))
 
-    @rule(p=_paths, dest=st.sampled_from([b"a", b"/etc/passwd", b"../.."]))
+    @rule(p=_paths, dest=st.sampled_from([b"a", SAFE_ABS_TARGET, b"../.."]))
     def symlink(self, p: bytes, dest: bytes) -> None:
         self._do(("symlink", dest, p))
 

@@ -80,9 +80,10 @@ def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
         whiteouts=tuple(w for w in base.whiteouts if f"whiteout:{w}" not in subject.quirks),
         opaques=tuple(o for o in base.opaques if f"opaque:{o}" not in subject.quirks),
         hardlinks=base.hardlinks,
-        specials=base.specials,
+        specials=base.specials and "device-copyup" not in subject.quirks,
         odd_names=base.odd_names,
         xattrs=base.xattrs,
+        setgid_dirs=base.setgid_dirs and "setgid-inherit" not in subject.quirks,
         min_layers=base.min_layers,
         max_layers=base.max_layers,
     )

@@ -37,6 +37,10 @@ DEFAULT_MTIME_NS = 1_500_000_000_123_456_789
 # cap_net_bind_service (bit 10) permitted; the kernel validates this format on setxattr.
 CAP_NET_BIND_SERVICE = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
 
+# Absolute symlink target for generated stacks: shaped like /etc/passwd but absent on the host,
+# so that no operation through a mount could ever reach a real system file.
+SAFE_ABS_TARGET = b"/nonexistent-layerfs-test/etc/passwd"
+
 OCI_WHITEOUT_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
 
@@ -313,6 +317,7 @@ class StackOptions:
     specials: bool = True  # fifos and device nodes
     odd_names: bool = True
     xattrs: bool = True
+    setgid_dirs: bool = True
     min_layers: int = 2
     max_layers: int = 4
 
@@ -349,7 +354,7 @@ def _node(draw: st.DrawFn, opts: StackOptions, depth: int, lowest: bool) -> Node
         return draw(_dir(opts, depth + 1, lowest))
     if kind == "symlink":
         target = draw(
-            st.sampled_from([b"a", b"../b", b"/etc/passwd", b"../../..", b"c/d", b"nowhere"])
+            st.sampled_from([b"a", b"../b", SAFE_ABS_TARGET, b"../../..", b"c/d", b"nowhere"])
         )
         uid, gid = draw(_OWNERS)
         return Symlink(target, Meta(0o777, uid, gid, draw(_MTIMES)))
@@ -372,7 +377,8 @@ def _dir(draw: st.DrawFn, opts: StackOptions, depth: int, lowest: bool) -> Dir:
     opaque: OpaqueStyle | None = None
     if depth > 0 and not lowest and opts.opaques and draw(st.integers(0, 4)) == 0:
         opaque = draw(st.sampled_from(opts.opaques))
-    meta = draw(_meta([0o755, 0o700, 0o2775, 0o1777], xattrs=opts.xattrs))
+    modes = [0o755, 0o700, 0o1777] + ([0o2775] if opts.setgid_dirs else [])
+    meta = draw(_meta(modes, xattrs=opts.xattrs))
     return Dir(entries, meta, opaque)
 
 

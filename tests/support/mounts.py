@@ -303,6 +303,7 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "removexattr-copyup",  # removexattr of a missing xattr copies the file up
         "namemax-251",  # statfs f_namemax 251, and 255-byte names cannot be created
         "symlink-xattr-follows",  # lsetxattr on a layer symlink sets it on the link's target!
+        "device-copyup",  # chown of a lower device node (copy-up): EIO
         "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
     }
 )

@@ -217,11 +217,45 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
 }
 
 
+# Operations that follow a symlink in the last component of their path argument(s).
+FOLLOWS_LAST = {
+    "read",
+    "write",
+    "append",
+    "truncate",
+    "chmod",
+    "listdir",
+    "unlink_open",
+    "hardlink_probe",
+}
+
+
+def escapes(root: bytes, path: bytes, *, follow_last: bool) -> bool:
+    """Would the kernel's resolution of ``root/path`` leave ``root``?
+
+    Layers hold symlinks such as ``/etc/passwd`` and ``../../..``: an operation that followed
+    one would act on the host (a chmod or truncate of the real /etc/passwd, as root) or on
+    another test's directories. Such operations are not run.
+    """
+    full = root + b"/" + path
+    if not follow_last:
+        full = os.path.dirname(full.rstrip(b"/"))
+    real, base = os.path.realpath(full), os.path.realpath(root)
+    return not (real == base or real.startswith(base + b"/"))
+
+
 def apply(root: str | os.PathLike[str], op: Op) -> Result:
-    """Run one operation below ``root``; never raises for an OSError."""
+    """Run one operation below ``root``; never raises for an OSError.
+
+    An operation whose path would resolve outside ``root`` is not run: ``("skip", None)``.
+    """
     name, *args = op
     fn, path_args = OPS[str(name)]
     base = os.fsencode(root)
+    for i in path_args:
+        a = args[i]
+        if isinstance(a, bytes) and escapes(base, a, follow_last=name in FOLLOWS_LAST):
+            return ("skip", None)
     real = [
         base + b"/" + a if i in path_args and isinstance(a, bytes) else a
         for i, a in enumerate(args)

@@ -214,7 +214,7 @@ def compare(
     out: list[str] = []
     for path in sorted(expected.entries.keys() | actual.entries.keys()):
         e, a = expected.entries.get(path), actual.entries.get(path)
-        if e is GHOST and a is None:
+        if e is not None and e.kind == "ghost" and a is None:
             continue
         if e is None:
             out.append(f"{path!r}: extra in subject ({a and a.kind})")
