@@ -341,7 +341,6 @@ def make_busybox_rootfs(dest: Path, busybox: Path) -> None:
     """A minimal root: /bin/busybox with a symlink per applet, /etc basics, mount points."""
     for d in ("bin", "etc", "proc", "sys", "dev", "run", "root", "tmp", "var/tmp"):
         (dest / d).mkdir(parents=True, exist_ok=True)
-    (dest / "tmp").chmod(0o1777)
     shutil.copy2(busybox, dest / "bin/busybox")
     for applet in busybox_applets(busybox):
         (dest / "bin" / applet).symlink_to("busybox")
@@ -351,12 +350,14 @@ def make_busybox_rootfs(dest: Path, busybox: Path) -> None:
     for name in ("hosts", "hostname", "resolv.conf"):
         (dest / "etc" / name).write_text("")
     (dest / "etc/mtab").symlink_to("/proc/mounts")
+    normalise_modes(dest)
 
 
 def write_tree(
     dest: Path, tree: Mapping[str, str | bytes | None], modes: Mapping[str, int]
 ) -> None:
-    """Files (str/bytes content) and directories (None) under ``dest``, then modes."""
+    """Files (str/bytes content) and directories (None) under ``dest``, modes normalised,
+    then ``modes``."""
     for rel, content in tree.items():
         p = dest / rel
         if content is None:
@@ -364,8 +365,22 @@ def write_tree(
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(content.encode() if isinstance(content, str) else content)
+    normalise_modes(dest)
     for rel, mode in modes.items():
         os.chmod(dest / rel, mode)
+
+
+def normalise_modes(root: Path) -> None:
+    """Dirs 755, files 644 (busybox 755), /tmp 1777, whatever the umask of the host running
+    the test: the expectations assume these modes."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            p.chmod(0o1777 if p.relative_to(root).as_posix() in ("tmp", "var/tmp") else 0o755)
+        else:
+            p.chmod(0o755 if p.name == "busybox" else 0o644)
 
 
 def is_root_with_fuse() -> str | None:
