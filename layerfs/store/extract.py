@@ -97,17 +97,16 @@ def extract_blob(
     size: int,
     diff_id: str,
     dest: str | None,
-    blob_copy_fd: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractStats:
     """Stream one layer blob: verify its digest and diffID, extract it into ``dest``.
 
     With ``dest`` None the tar is only hashed (the layer is already in the store, but this
-    blob has not been seen: its diffID must still be proved). ``blob_copy_fd`` receives a
-    copy of the compressed bytes. Raises DigestError or ExtractError; the caller owns
-    ``dest`` and removes it on failure.
+    blob has not been seen: its diffID must still be proved). Both digests are checked here
+    again even when the caller verified the blob first. Raises DigestError or ExtractError;
+    the caller owns ``dest`` and removes it on failure.
     """
-    outer = HashingReader(blob, limit=size, sink=blob_copy_fd)
+    outer = HashingReader(blob, limit=size)
     try:
         inner = HashingReader(open_decompressed(cast(BinaryIO, outer), compression))
         if dest is None:
