@@ -304,6 +304,7 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "namemax-251",  # statfs f_namemax 251, and 255-byte names cannot be created
         "symlink-xattr-follows",  # lsetxattr on a layer symlink sets it on the link's target!
         "device-copyup",  # chown of a lower device node (copy-up): EIO
+        "truncate-same-size",  # truncate of a lower file to its size: no copy-up, no new mtime
         "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
     }
 )
