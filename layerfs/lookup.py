@@ -13,24 +13,38 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 
 from layerfs import _sys, whiteout, xattrs
 from layerfs.inodes import InodeTable, Key, Node
 from layerfs.layers import Layer, LayerStack, Path
 
 
-@dataclass(slots=True)
 class Resolution:
-    """Where a merged name lives: the top real object and what lies below it."""
+    """Where a merged name lives: the top real object and what lies below it.
 
-    st: os.stat_result  # lstat of the top real object
-    upper: bool  # the top object is in the upper
-    lowers: list[tuple[Layer, Path]]  # origin (non-dir) or merged lower dirs (dir)
-    lower_positive: bool  # some lower shows this name: removing it needs a whiteout
-    origin_nlink: int = 1  # nlink of the lower origin (hard links break on copy-up)
+    st: lstat of the top real object; upper: the top object is in the upper; lowers: the
+    origin (non-dir) or the merged lower dirs (dir); lower_positive: some lower shows this
+    name, so removing it needs a whiteout; origin_nlink: nlink of the lower origin (hard links
+    break on copy-up); origin: (st_dev, st_ino) of the first lower object.
+    """
 
-    origin: tuple[int, int] | None = None  # (st_dev, st_ino) of the first lower object
+    __slots__ = ("lower_positive", "lowers", "origin", "origin_nlink", "st", "upper")
+
+    def __init__(
+        self,
+        st: os.stat_result,
+        upper: bool,
+        lowers: list[tuple[Layer, Path]],
+        lower_positive: bool,
+        origin_nlink: int = 1,
+        origin: tuple[int, int] | None = None,
+    ) -> None:
+        self.st = st
+        self.upper = upper
+        self.lowers = lowers
+        self.lower_positive = lower_positive
+        self.origin_nlink = origin_nlink
+        self.origin = origin
 
     @property
     def is_dir(self) -> bool:
@@ -173,7 +187,7 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     elif res.origin_nlink > 1 and table.writable:
         key = (real[0], real[1], parent.id, name)  # one node per name (index=off)
     else:
-        key = real
+        key = origin or real  # one tuple for both: most nodes are lower files
     node = table.find(key)
     if node is None:
         node = Node(key, res.is_dir, parent, name, res.upper, res.lowers, origin)

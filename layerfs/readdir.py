@@ -71,7 +71,7 @@ class DirCache:
     protocol's "no attributes"). Bounded by the number of entries held.
     """
 
-    def __init__(self, max_entries: int = 400_000) -> None:
+    def __init__(self, max_entries: int = 100_000) -> None:
         self._max = max_entries
         self._held = 0
         self._lists: OrderedDict[int, tuple[int, list[Entry]]] = OrderedDict()
