@@ -92,8 +92,10 @@ def test_kill9_random_workload(tmp_path: Path) -> None:
                 time.sleep(rnd.uniform(0.3, 2.0))
                 assert all(p.poll() is None for p in workers), f"a worker stopped (seed {seed})"
                 d.kill9()
-                for p in workers:
-                    assert p.wait(timeout=60) == 0, f"worker failed (seed {seed})"
+                for p, journal in zip(workers, journals, strict=True):
+                    if p.wait(timeout=60) != 0:
+                        tail = journal.read_text().splitlines()[-3:]
+                        raise AssertionError(f"worker failed (seed {seed}): " + "\n".join(tail))
             finally:
                 for p in workers:
                     if p.poll() is None:
