@@ -306,7 +306,8 @@ def test_soak(tmp_path: Path) -> None:
         f"soak {SECONDS:.0f}s x {WORKERS} workers (seed {seed}): {sum(total.values())} ops "
         f"{dict(total)}; expected errors "
         f"{sum(sum(w.expected_errors.values()) for w in workers)}; "
-        f"fds {fds0} -> {fds1} (max {max_fds}, {n_dirs} dirs in the layers); RSS {rss0} -> {rss1} KiB (max {max_rss})"
+        f"fds {fds0} -> {fds1} (max {max_fds}, {n_dirs} dirs in the layers); "
+        f"RSS {rss0} -> {rss1} KiB (max {max_rss})"
     )
     # The daemon caches one fd per directory of each layer (bounded): that much growth is fine.
     assert fds1 <= fds0 + 50 + n_dirs, f"daemon fds grew from {fds0} to {fds1}: {dict(held)}"
