@@ -278,6 +278,19 @@ def test_soak(tmp_path: Path) -> None:
             "deleted" if t.endswith("(deleted)") else t.split(":")[0] if ":" in t else "path"
             for t in fd_targets(d.pid)
         )
+        n_dirs = sum(1 for layer in (lower, upper) for _ in os.walk(layer))
+        total = Counter[str]()
+        for w in workers:
+            total.update(w.ops)
+        max_fds = max(f for f, _ in samples) if samples else fds1
+        max_rss = max(r for _, r in samples) if samples else rss1
+        print(
+            f"soak {SECONDS:.0f}s x {WORKERS} workers (seed {seed}): {sum(total.values())} ops "
+            f"{dict(total)}; expected errors "
+            f"{sum(sum(w.expected_errors.values()) for w in workers)}; "
+            f"fds {fds0} -> {fds1} (max {max_fds}, {n_dirs} dirs in the layers); "
+            f"RSS {rss0} -> {rss1} KiB (max {max_rss})"
+        )
         problems = [f"{w.name}: {p}" for w in workers for p in w.problems]
         assert not problems, f"seed {seed}:\n" + "\n".join(problems)
         # No record appended to a shared file was lost, none torn, and the lower data intact.
@@ -296,19 +309,6 @@ def test_soak(tmp_path: Path) -> None:
         theirs = snapshot(kmnt)
     diffs = compare(theirs, ours)
     assert not diffs, f"kernel vs layerfs on one upper (seed {seed}):\n" + "\n".join(diffs[:40])
-    n_dirs = sum(1 for layer in (lower, upper) for _ in os.walk(layer))
-    total = Counter[str]()
-    for w in workers:
-        total.update(w.ops)
-    max_fds = max(f for f, _ in samples) if samples else fds1
-    max_rss = max(r for _, r in samples) if samples else rss1
-    print(
-        f"soak {SECONDS:.0f}s x {WORKERS} workers (seed {seed}): {sum(total.values())} ops "
-        f"{dict(total)}; expected errors "
-        f"{sum(sum(w.expected_errors.values()) for w in workers)}; "
-        f"fds {fds0} -> {fds1} (max {max_fds}, {n_dirs} dirs in the layers); "
-        f"RSS {rss0} -> {rss1} KiB (max {max_rss})"
-    )
     # The daemon caches one fd per directory of each layer (bounded): that much growth is fine.
     assert fds1 <= fds0 + 50 + n_dirs, f"daemon fds grew from {fds0} to {fds1}: {dict(held)}"
     assert held["deleted"] == 0, f"the daemon still holds deleted files: {dict(held)}"
