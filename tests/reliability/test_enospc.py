@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,4 +111,51 @@ def test_full_upper_gives_enospc_and_keeps_serving(tmp_path: Path) -> None:
             assert files.get("small") == len(b"small lower file\nappended\n")
         assert not d.alive()
         assert d.proc.returncode == 0, d.log_text()
+        assert "Traceback" not in d.log_text(), d.log_text()
+
+
+def test_upper_failing_read_only_reaches_the_caller(tmp_path: Path) -> None:
+    """The upper filesystem turns read-only under a live mount (as after an I/O error with
+    errors=remount-ro): every change fails with the upper's error, reads go on, the daemon
+    lives, and changes work again once the upper is writable."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f").write_bytes(b"lower\n")
+    mnt = tmp_path / "merged"
+    mnt.mkdir()
+    with tmpfs(tmp_path / "upper-fs", "8m") as fs:
+        upper, work = fs / "upper", fs / "work"
+        upper.mkdir()
+        work.mkdir()
+        with layerfs_daemon([lower], upper, work, mnt) as d:
+            (mnt / "before").write_bytes(b"x")
+            subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+            try:
+                failures = {}
+                for what, fn in [
+                    ("copy-up", lambda: open(mnt / "f", "ab").close()),
+                    ("create", lambda: (mnt / "new").write_bytes(b"x")),
+                    ("write", lambda: open(mnt / "before", "ab").close()),
+                    ("mkdir", lambda: os.mkdir(mnt / "dir")),
+                    ("unlink", lambda: os.unlink(mnt / "f")),
+                    ("chmod", lambda: os.chmod(mnt / "f", 0o600)),
+                ]:
+                    try:
+                        fn()
+                    except OSError as e:
+                        failures[what] = e.errno
+                assert failures == dict.fromkeys(failures, errno.EROFS), failures
+                assert sorted(failures) == sorted(
+                    ["copy-up", "create", "write", "mkdir", "unlink", "chmod"]
+                )
+                assert (mnt / "f").read_bytes() == b"lower\n"
+                assert sorted(os.listdir(mnt)) == ["before", "f"]
+                assert d.alive()
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(fs)], check=True)
+            with open(mnt / "f", "ab") as fh:
+                fh.write(b"upper\n")
+            assert (upper / "f").read_bytes() == b"lower\nupper\n"
+            assert os.listdir(work / "work") == []
+        assert d.proc.returncode == 0
         assert "Traceback" not in d.log_text(), d.log_text()
