@@ -342,3 +342,38 @@ def test_one_terabyte_sparse_file(tmp_path: Path) -> None:
             assert fh.read() == tail + b"end"
         assert d.alive()
     print(f"copy-up of a 1 TB sparse file: {t_copy:.2f}s")
+
+
+def test_stale_workdir_with_symlinks_is_cleaned_inside_only(tmp_path: Path) -> None:
+    """A workdir left by a crash, full of symlinks and dirs that point at a canary: the next
+    mount empties it without following any of them."""
+    canary = tmp_path / "canary"
+    _make_canary(canary)
+    before = tree_state(canary)
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    (work / "work" / "#lfs.1.0" / "deep").mkdir(parents=True)
+    os.symlink(canary, work / "work" / "#lfs.1.1")
+    os.symlink(canary / "c", work / "work" / "#lfs.1.0" / "deep" / "file-link")
+    os.symlink(canary / "sub", work / "work" / "#lfs.1.0" / "dir-link")
+    with layerfs_daemon([lower], upper, work, mnt):
+        assert os.listdir(work / "work") == []
+    assert tree_state(canary) == before
+
+
+def test_workdir_scratch_as_symlink_is_replaced(tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    _make_canary(canary)
+    before = tree_state(canary)
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    (lower / "f").write_text("lower\n")
+    os.symlink(canary, work / "work")
+    with layerfs_daemon([lower], upper, work, mnt):
+        with open(mnt / "f", "a") as fh:  # a copy-up, built in the scratch directory
+            fh.write("upper\n")
+        assert not (work / "work").is_symlink()
+    assert (upper / "f").read_text() == "lower\nupper\n"
+    assert tree_state(canary) == before
