@@ -25,7 +25,7 @@ FICLONE = 0x40049409
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
-CHUNK = 1 << 20  # copy-up granularity, as OVL_COPY_UP_CHUNK_SIZE
+CHUNK = 64 << 20  # bytes per copy_file_range call (the kernel splits it further itself)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
@@ -38,6 +38,13 @@ def check_name(name: bytes) -> None:
         raise OSError(errno.EINVAL, "invalid name")
     if len(name) > 255:
         raise OSError(errno.ENAMETOOLONG, "name too long")
+
+
+def check_new_name(name: bytes) -> None:
+    """Refuse a name to be created: also no ``.wh.*``, which would be a whiteout marker."""
+    check_name(name)
+    if name.startswith(b".wh."):
+        raise OSError(errno.EPERM, "names starting with .wh. are reserved for whiteouts")
 
 
 def proc_path(dirfd: int, name: bytes = b"") -> bytes:
@@ -67,7 +74,7 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
 
 
 def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
-    """Open NAME in DIRFD without following a symlink; a FIFO or device is opened non-blocking."""
+    """Open NAME in DIRFD without following a symlink."""
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
@@ -222,7 +229,7 @@ def copy_data(src: int, dst: int, length: int) -> str:
             hole = length
         off = data
         while off < hole:
-            n = min(CHUNK * 64, hole - off)
+            n = min(CHUNK, hole - off)
             try:
                 done = os.copy_file_range(src, dst, n, off, off)
             except OSError as e:

@@ -24,14 +24,14 @@ from layerfs.copyup import CopyUp
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 
-BIG_IO = 1 << 20  # requests above this go to a worker thread
+BIG_IO = 256 << 10  # reads/writes from this size on go to a worker thread
 
 
 class Handle:
     """An open file. ``kill_priv``: the opener may not keep setuid/setgid bits on a write
     (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then clear itself."""
 
-    __slots__ = ("fd", "kill_priv", "node", "on_upper", "writable")
+    __slots__ = ("fd", "kill_priv", "node", "old_fds", "on_upper", "writable")
 
     def __init__(
         self, fd: int, node: Node, on_upper: bool, writable: bool, kill_priv: bool = False
@@ -41,6 +41,7 @@ class Handle:
         self.on_upper = on_upper
         self.writable = writable
         self.kill_priv = kill_priv
+        self.old_fds: list[int] = []  # lower fds replaced after a copy-up, closed on release
 
 
 def kill_suid(fd: int) -> None:
@@ -119,13 +120,13 @@ class Files:
         if not h.on_upper and h.node.upper:
             dirfd, name = self.real_location(h.node)
             fd = _sys.open_at(dirfd, name, os.O_RDONLY)
-            os.close(h.fd)
+            h.old_fds.append(h.fd)  # a read on a worker thread may still be using it
             h.fd, h.on_upper = fd, True
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.get(fh)
         self._follow_copy_up(h)
-        if size > BIG_IO:
+        if size >= BIG_IO:
             return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
         return os.pread(h.fd, size, off)
 
@@ -136,7 +137,7 @@ class Files:
         if h.kill_priv:
             kill_suid(h.fd)
             h.kill_priv = False  # once cleared, a later chmod +s by the owner must stay
-        if len(data) > BIG_IO:
+        if len(data) >= BIG_IO:
             return await trio.to_thread.run_sync(os.pwrite, h.fd, data, off)
         return os.pwrite(h.fd, data, off)
 
@@ -149,14 +150,20 @@ class Files:
         h = self.handles.pop(fh, None)
         if h is None:
             return
-        os.close(h.fd)
+        for fd in (h.fd, *h.old_fds):
+            os.close(fd)
         h.node.opens -= 1
         self.table.release(h.node)
 
-    def fstat(self, node: Node) -> os.stat_result | None:
-        """lstat through an open handle of NODE (for a node that has lost its last name)."""
+    def fd_of(self, node: Node) -> int | None:
+        """An open fd of NODE, for a node that has lost its last name (else None)."""
         for h in self.handles.values():
             if h.node is node:
                 self._follow_copy_up(h)
-                return os.fstat(h.fd)
+                return h.fd
         return None
+
+    def fstat(self, node: Node) -> os.stat_result | None:
+        """lstat through an open handle of NODE (for a node that has lost its last name)."""
+        fd = self.fd_of(node)
+        return os.fstat(fd) if fd is not None else None

@@ -141,6 +141,11 @@ class InodeTable:
         self._by_key[node.key] = node
         return node
 
+    def unhash(self, node: Node) -> None:
+        """Take NODE out of the identity map (it has no name left), keeping its node id."""
+        if self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+
     def forget(self, node_id: int, n: int) -> None:
         node = self.nodes.get(node_id)
         if node is None:

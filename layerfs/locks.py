@@ -32,5 +32,15 @@ class KeyedLock:
             else:
                 self._locks[key] = (lock, users - 1)
 
+    def busy(self, key: Hashable) -> bool:
+        """True while someone holds or waits for KEY."""
+        return key in self._locks
+
+    async def wait_idle(self, key: Hashable) -> None:
+        """Wait until whoever holds KEY lets go (returns at once when nobody does)."""
+        if key in self._locks:
+            async with self.hold(key):
+                pass
+
     def statistics(self) -> dict[str, int]:
         return {"keys": len(self._locks)}

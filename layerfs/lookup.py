@@ -79,6 +79,8 @@ def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
 
 def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     """Resolve NAME in the merged directory PARENT; None when the name does not exist."""
+    if name.startswith(whiteout.WH_PREFIX):
+        return None  # format markers are never entries of the merged view
     ppath = parent.path()
     upper_st: os.stat_result | None = None
     search: list[tuple[Layer, Path]] = parent.lowers

@@ -147,7 +147,7 @@ class Namespace:
 
     async def _prepare_parent(self, parent: Node, name: bytes) -> int:
         self._writable()
-        _sys.check_name(name)
+        _sys.check_new_name(name)
         if resolve(self.stack, parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
         await self.copyup.copy_up(parent)
@@ -221,11 +221,22 @@ class Namespace:
     async def link(self, node: Node, parent: Node, name: bytes) -> Node:
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
-        udir = await self._prepare_parent(parent, name)
-        await self.copyup.copy_up(node)
+        self._writable()
+        _sys.check_new_name(name)
+        while True:  # copy-ups first; then, with no await left, check and act
+            if not parent.upper:
+                await self.copyup.copy_up(parent)
+            elif not node.upper:
+                await self.copyup.copy_up(node)
+            else:
+                break
+        if resolve(self.stack, parent, name) is not None:
+            raise OSError(errno.EEXIST, "exists")
         src = node.path()
+        if not src or not node.name:
+            raise OSError(errno.ENOENT, "source is gone")
         sdir = self._upper_dir_of(src)
-        self._place(udir, name, lambda d, n: _sys.link_at(sdir, src[-1], d, n))
+        self._place(self._upper_dir(parent), name, lambda d, n: _sys.link_at(sdir, src[-1], d, n))
         parent.version += 1
         res = resolve(self.stack, parent, name)
         assert res is not None
@@ -237,32 +248,51 @@ class Namespace:
 
     # -- removal -----------------------------------------------------------------------------
 
+    async def _settled(self, parent: Node, name: bytes) -> tuple[Resolution, Node]:
+        """Resolve NAME once PARENT is in the upper and no copy-up of it is under way.
+
+        Every await (copy-up, waiting for one) is followed by a fresh resolve, so the caller
+        acts on what is true now: nothing awaits between this return and its changes.
+        """
+        while True:
+            res, node = self._existing(parent, name)
+            if not parent.upper:
+                await self.copyup.copy_up(parent)
+            elif self.copyup.locks.busy(node.key):
+                await self.copyup.locks.wait_idle(node.key)
+            else:
+                return res, node
+
+    def _forget_upper(self, res: Resolution) -> None:
+        """The upper object RES named is gone: its inode number may be reused."""
+        if res.upper and not res.is_dir and res.st.st_nlink <= 1:
+            self.table.copied_up.pop((res.st.st_dev, res.st.st_ino), None)
+
     async def unlink(self, parent: Node, name: bytes) -> Node:
         self._writable()
-        res, node = self._existing(parent, name)
+        res, node = await self._settled(parent, name)
         if res.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        await self.copyup.copy_up(parent)
         udir = self._upper_dir(parent)
         if res.upper:
             if res.lower_positive:
                 self._replace_with_whiteout(udir, name)
             else:
                 _sys.unlink_at(udir, name)
+            self._forget_upper(res)
         else:
             self._whiteout_name(udir, name)
         parent.version += 1
-        drop_name(node, parent, name)
+        drop_name(self.table, node, parent, name)
         return node
 
     async def rmdir(self, parent: Node, name: bytes) -> Node:
         self._writable()
-        res, node = self._existing(parent, name)
+        res, node = await self._settled(parent, name)
         if not res.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if merged_names(self.stack, node):
             raise OSError(errno.ENOTEMPTY, "directory not empty")
-        await self.copyup.copy_up(parent)
         udir = self._upper_dir(parent)
         assert self.stack.upper is not None
         path = node.path()
@@ -278,7 +308,7 @@ class Namespace:
             self._whiteout_name(udir, name)
         self.stack.upper.forget_prefix(path)
         parent.version += 1
-        drop_name(node, parent, name)
+        drop_name(self.table, node, parent, name)
         return node
 
     # -- rename ------------------------------------------------------------------------------
@@ -287,32 +317,23 @@ class Namespace:
         """Rename; return the node that NAME2 named before, if it was replaced."""
         self._writable()
         assert self.stack.upper is not None
-        src_res, src = self._existing(p1, n1)
-        _sys.check_name(n2)
-        dst_res = resolve(self.stack, p2, n2)
-        dst = node_for(self.table, p2, n2, dst_res) if dst_res is not None else None
-        if dst is src:
-            return None
+        _sys.check_new_name(n2)
         exchange = bool(flags & _sys.RENAME_EXCHANGE)
-        if flags & _sys.RENAME_NOREPLACE and dst_res is not None:
-            raise OSError(errno.EEXIST, "target exists")
-        if exchange and dst_res is None:
-            raise OSError(errno.ENOENT, "nothing to exchange with")
-        if dst_res is not None and not exchange:
-            if src_res.is_dir and not dst_res.is_dir:
-                raise OSError(errno.ENOTDIR, "target is not a directory")
-            if not src_res.is_dir and dst_res.is_dir:
-                raise OSError(errno.EISDIR, "target is a directory")
-            if dst_res.is_dir and dst is not None and merged_names(self.stack, dst):
-                raise OSError(errno.ENOTEMPTY, "target directory not empty")
-        if src_res.is_dir and _is_ancestor(src, p2):
-            raise OSError(errno.EINVAL, "cannot move a directory into itself")
-
-        await self.copyup.copy_up(p1)
-        await self.copyup.copy_up(p2)
-        await self.copyup.copy_up(src)
-        if exchange and dst is not None:
-            await self.copyup.copy_up(dst)
+        while True:  # copy-ups and waits first; then, with no await left, check and act
+            src_res, src = self._existing(p1, n1)
+            dst_res = resolve(self.stack, p2, n2)
+            dst = node_for(self.table, p2, n2, dst_res) if dst_res is not None else None
+            if dst is src:
+                return None
+            self._check_rename(src_res, src, dst_res, dst, p2, flags)
+            todo = [n for n in (p1, p2, src, dst if exchange else None) if n and not n.upper]
+            busy = [n.key for n in (src, dst) if n and self.copyup.locks.busy(n.key)]
+            if todo:
+                await self.copyup.copy_up(todo[0])
+            elif busy:
+                await self.copyup.locks.wait_idle(busy[0])
+            else:
+                break
         d1, d2 = self._upper_dir(p1), self._upper_dir(p2)
         old_path = src.path()
 
@@ -363,11 +384,38 @@ class Namespace:
         self.stack.upper.forget_prefix(old_path)
         if dst is not None:
             self.stack.upper.forget_prefix(dst.path())
-            drop_name(dst, p2, n2)
+            if dst_res is not None:
+                self._forget_upper(dst_res)
+            drop_name(self.table, dst, p2, n2)
         move_name(src, p1, n1, p2, n2)
         p1.version += 1
         p2.version += 1
         return dst
+
+    def _check_rename(
+        self,
+        src_res: Resolution,
+        src: Node,
+        dst_res: Resolution | None,
+        dst: Node | None,
+        p2: Node,
+        flags: int,
+    ) -> None:
+        """Refuse a rename the way rename(2) does (on overlayfs)."""
+        exchange = bool(flags & _sys.RENAME_EXCHANGE)
+        if flags & _sys.RENAME_NOREPLACE and dst_res is not None:
+            raise OSError(errno.EEXIST, "target exists")
+        if exchange and dst_res is None:
+            raise OSError(errno.ENOENT, "nothing to exchange with")
+        if dst_res is not None and not exchange:
+            if src_res.is_dir and not dst_res.is_dir:
+                raise OSError(errno.ENOTDIR, "target is not a directory")
+            if not src_res.is_dir and dst_res.is_dir:
+                raise OSError(errno.EISDIR, "target is a directory")
+            if dst_res.is_dir and dst is not None and merged_names(self.stack, dst):
+                raise OSError(errno.ENOTEMPTY, "target directory not empty")
+        if src_res.is_dir and _is_ancestor(src, p2):
+            raise OSError(errno.EINVAL, "cannot move a directory into itself")
 
     def _hidden_below(self, parent: Node, name: bytes) -> bool:
         """True if a lower below PARENT holds NAME (hidden now by a whiteout in the upper)."""
@@ -406,8 +454,12 @@ def _is_ancestor(node: Node, other: Node) -> bool:
     return False
 
 
-def drop_name(node: Node, parent: Node, name: bytes) -> None:
-    """Forget that NAME in PARENT names NODE (unlink, or replaced by a rename)."""
+def drop_name(table: InodeTable, node: Node, parent: Node, name: bytes) -> None:
+    """Forget that NAME in PARENT names NODE (unlink, or replaced by a rename).
+
+    A node that loses its last name leaves the identity map (its real inode number may be
+    reused by a new file) and lives on by node id while the kernel or a handle holds it.
+    """
     if node.aliases:
         node.aliases = [a for a in node.aliases if a != (parent, name)]
         if node.aliases and (node.parent, node.name) == (parent, name):
@@ -418,6 +470,7 @@ def drop_name(node: Node, parent: Node, name: bytes) -> None:
             return
     if (node.parent, node.name) == (parent, name):
         node.name = b""  # unlinked: reachable only through open handles now
+        table.unhash(node)
 
 
 def move_name(node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:

@@ -130,6 +130,16 @@ _CONTAINER_FI = 24  # pyfuse3's _Container: PyObject header, dev_t rdev, fuse_fi
 _CONTAINER_INO = 64
 
 
+def _libfuse_layout_known() -> bool:
+    """True for the libfuse releases whose fuse_file_info has the bit positions above
+    (3.5 added cache_readdir; later releases may insert new bits before it)."""
+    try:
+        version = int(ctypes.CDLL("libfuse3.so.3").fuse_version())
+    except (OSError, AttributeError):
+        return False
+    return 305 <= version <= 314  # FUSE_MAKE_VERSION: major * 100 + minor
+
+
 def _ask_kernel_to_cache_listing(ops: Operations, inode: int) -> None:
     """Set FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE on the opendir reply pyfuse3 is about to send.
 
@@ -178,7 +188,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = overlay
         overlay.plain_listings = _ST_INO_OFFSET is not None
-        self.dir_cache = True
+        self.dir_cache = _libfuse_layout_known()
 
     @_errors
     async def lookup(
@@ -345,6 +355,8 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         for name, node, attr, nxt in self.fs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, _entry(attr), nxt):
+                if node is not None:
+                    self.fs.table.release(node)  # not sent: drop it unless the kernel holds it
                 break
             if node is not None and name not in (b".", b".."):
                 node.nlookup += 1  # readdirplus: the kernel now holds a reference

@@ -33,6 +33,23 @@ from layerfs.readdir import DirCache, DirHandle, merged_names
 log = logging.getLogger(__name__)
 
 
+def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> None:
+    """setattr on an open file that has no name left (unlinked while open)."""
+    if ch.size is not None:
+        os.ftruncate(fd, ch.size)
+        if caller.uid != 0 and ch.mode is None:
+            kill_suid(fd)
+    if ch.uid is not None or ch.gid is not None:
+        os.fchown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+    if ch.mode is not None:
+        os.fchmod(fd, stat.S_IMODE(ch.mode))
+    if ch.atime_ns is not None or ch.mtime_ns is not None:
+        st = os.fstat(fd)
+        atime = st.st_atime_ns if ch.atime_ns is None else ch.atime_ns
+        mtime = st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns
+        os.utime(fd, ns=(atime, mtime))
+
+
 class Overlay:
     """A mounted layer stack, served by the methods below."""
 
@@ -131,26 +148,26 @@ class Overlay:
         node = self.table.get(ino)
         if self.stack.upper is None:
             raise OSError(errno.EROFS, "read-only stack")
-        if fh is not None and ch.size is not None:
-            h = self.files.get(fh)
-            os.ftruncate(h.fd, ch.size)
-            if caller.uid != 0 and ch.mode is None:
-                kill_suid(h.fd)
-        elif ch.size is not None:
-            if node.is_dir:
-                raise OSError(errno.EISDIR, "is a directory")
-            await self.copyup.copy_up(node, data_len=ch.size)
-        else:
-            await self.copyup.copy_up(node)
-        dirfd, name = self.files.real_location(node)
-        if ch.size is not None and fh is None:
-            fd = _sys.open_at(dirfd, name, os.O_WRONLY)
+        if ch.size is not None and node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        await self.copyup.copy_up(node, data_len=ch.size)  # a truncate copies no more data
+        try:
+            dirfd, name = self.files.real_location(node)
+        except OSError:  # unlinked, but still open: work through the open file
+            fd = self.files.fd_of(node)
+            if fd is None:
+                raise
+            _setattr_fd(fd, ch, caller)
+            return self.attr(node)
+        if ch.size is not None:
+            fd = self.files.get(fh).fd if fh is not None else _sys.open_at(dirfd, name, os.O_WRONLY)
             try:
                 os.ftruncate(fd, ch.size)
                 if caller.uid != 0 and ch.mode is None:
                     kill_suid(fd)
             finally:
-                os.close(fd)
+                if fh is None:
+                    os.close(fd)
         target = name or b"."
         if ch.uid is not None or ch.gid is not None:
             uid = -1 if ch.uid is None else ch.uid
@@ -289,31 +306,43 @@ class Overlay:
 
     # -- xattrs ------------------------------------------------------------------------------
 
+    def _xattr_path(self, node: Node) -> tuple[bytes | int, bool]:
+        """Where to reach NODE's xattrs: a path not to follow, or an open fd once unlinked."""
+        try:
+            dirfd, real = self.files.real_location(node)
+        except OSError:
+            fd = self.files.fd_of(node)
+            if fd is None:
+                raise
+            return fd, True
+        return _sys.proc_path(dirfd, real), False
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
             raise OSError(errno.ENODATA, "no such attribute")
-        dirfd, real = self.files.real_location(self.table.get(ino))
-        path = _sys.proc_path(dirfd, real)
-        return os.getxattr(path, xattrs.to_real(name), follow_symlinks=False)
+        where, is_fd = self._xattr_path(self.table.get(ino))
+        return os.getxattr(where, xattrs.to_real(name), follow_symlinks=is_fd)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        dirfd, real = self.files.real_location(self.table.get(ino))
-        return xattrs.visible(_sys.listxattr_at(dirfd, real))
+        where, is_fd = self._xattr_path(self.table.get(ino))
+        try:
+            names = os.listxattr(where, follow_symlinks=is_fd)
+        except OSError as e:
+            if e.errno != errno.ENOTSUP:
+                raise
+            names = []
+        return xattrs.visible([os.fsencode(n) for n in names])
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
             raise OSError(errno.EPERM, "overlay-private attribute")
-        node = await self._copied_up(ino)
-        dirfd, real = self.files.real_location(node)
-        path = _sys.proc_path(dirfd, real)
-        os.setxattr(path, xattrs.to_real(name), value, follow_symlinks=False)
+        where, is_fd = self._xattr_path(await self._copied_up(ino))
+        os.setxattr(where, xattrs.to_real(name), value, follow_symlinks=is_fd)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         self.getxattr(ino, name)  # ENODATA before any copy-up
-        node = await self._copied_up(ino)
-        dirfd, real = self.files.real_location(node)
-        path = _sys.proc_path(dirfd, real)
-        os.removexattr(path, xattrs.to_real(name), follow_symlinks=False)
+        where, is_fd = self._xattr_path(await self._copied_up(ino))
+        os.removexattr(where, xattrs.to_real(name), follow_symlinks=is_fd)
 
     async def _copied_up(self, ino: int) -> Node:
         node = self.table.get(ino)

@@ -25,7 +25,7 @@ def merged_names(stack: LayerStack, node: Node) -> list[bytes]:
         listing = read_listing(stack.upper.dirfd(node.path()))
         seen.update(dict.fromkeys(listing.entries))
         hidden |= listing.whiteouts
-        if listing.opaque:
+        if listing.opaque and node.parent is not None:  # the root's opaque mark means nothing
             return list(seen)
     for layer, dpath in node.lowers:
         listing = layer.listing(dpath)
@@ -64,9 +64,10 @@ Entry = tuple[bytes, int, int]  # name, st_ino, st_mode
 class DirCache:
     """Listings the kernel has received with attributes, per directory node and version.
 
-    pyfuse3 always answers readdir as readdirplus, and the kernel cannot cache directory
-    contents (pyfuse3 cannot set FOPEN_CACHE_DIR). Once a directory was listed with attributes
-    the kernel holds its entries, so later listings of the same version send names, inode
+    pyfuse3 always answers readdir as readdirplus. The kernel keeps listings itself where the
+    adapter can set FOPEN_CACHE_DIR; where it cannot, or once the kernel dropped a cached
+    listing, this cache still helps: a directory listed with attributes has its entries held by
+    the kernel, so later listings of the same version send names, inode
     numbers and types only: no lookup per entry, no lstat, no node (node id 0 is the
     protocol's "no attributes"). Bounded by the number of entries held.
     """
