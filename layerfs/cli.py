@@ -14,21 +14,6 @@ from layerfs import __version__
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
 
-KNOWN_OPTIONS = {
-    "allow_other",
-    "noallow_other",
-    "volatile",
-    "fsync",
-    "ro",
-    "rw",
-    "dev",
-    "suid",
-    "nodev",
-    "nosuid",
-    "exec",
-    "noexec",
-}
-
 
 def default_workdir(upper: str) -> str:
     """The workdir used when none is given: a hidden sibling of UPPER (same filesystem)."""
@@ -86,7 +71,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         elif key == "noallow_other":
             kw["allow_other"] = False
         elif key == "volatile":
-            kw["volatile"] = True
+            kw["volatile"], kw["fsync"] = True, False  # as mount.layerfs: no syncs at all
         elif key == "fsync":
             kw["fsync"] = value != "0"
         elif key in ("rw", "dev", "suid", "exec"):

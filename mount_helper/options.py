@@ -96,7 +96,6 @@ _IGNORED_VALUED = frozenset(
 _HARMLESS_VALUES: dict[str, frozenset[str]] = {
     "xattr_permissions": frozenset({"0"}),
     "noxattrs": frozenset({"0"}),
-    "redirect_dir": frozenset({"off", "nofollow"}),
     "metacopy": frozenset({"off"}),
     "index": frozenset({"off"}),
     "nfs_export": frozenset({"off"}),
@@ -105,7 +104,7 @@ _HARMLESS_VALUES: dict[str, frozenset[str]] = {
 _WHY_UNSUPPORTED: dict[str, str] = {
     "xattr_permissions": "modes and owners are served as stored in the layers",
     "noxattrs": "extended attributes stay enabled",
-    "redirect_dir": "directory renames of lower directories fail with EXDEV",
+    "redirect_dir": "renamed lower directories always get a redirect (redirect_dir=on)",
     "metacopy": "copy-up copies data",
     "index": "no inode index is kept",
     "nfs_export": "the mount cannot be exported over NFS",

@@ -273,6 +273,9 @@ class Store:
                 dst = os.path.join(self.layers_dir, name)
                 if not os.path.exists(dst):
                     os.rename(os.path.join(st, "layers", name), dst)
+            # The renames must be durable before a record names what they moved.
+            _fsync_dir(self.blobs_dir)
+            _fsync_dir(self.layers_dir)
             record = ImageRecord(
                 manifest_digest=manifest_desc.digest,
                 manifest_size=manifest_desc.size,
@@ -616,6 +619,15 @@ def _write_file(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: str, obj: object) -> None:
