@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
+import trio.lowlevel
 
 from layerfs.attrs import Caller, SetAttr
 from layerfs.config import MountConfig
@@ -77,9 +77,7 @@ async def test_racing_opens_copy_up_once(tmp_path: Path) -> None:
 async def test_requests_served_during_a_large_copy_up(tmp_path: Path) -> None:
     """A big copy-up runs on a worker thread: other requests complete while it runs."""
     low, up, work, mnt = make_stack(tmp_path)
-    with open(low / "huge", "wb") as f:
-        for _ in range(64):
-            f.write(os.urandom(1 << 20))
+    (low / "huge").write_bytes(os.urandom(64 << 20))
     (low / "small").write_bytes(b"x")
     ov = overlay(low, up, work, mnt)
     try:
@@ -92,7 +90,7 @@ async def test_requests_served_during_a_large_copy_up(tmp_path: Path) -> None:
             ov.release(fh)
 
         async def reader() -> None:
-            await trio.sleep(0)  # let the writer start its copy
+            await trio.lowlevel.checkpoint()  # let the writer start its copy
             ov.getattr(lookup(ov, b"small"))
             order.append("getattr done")
 
@@ -122,9 +120,9 @@ async def test_truncating_open_copies_no_data(tmp_path: Path) -> None:
 async def test_copy_up_keeps_holes_metadata_and_capabilities(tmp_path: Path) -> None:
     low, up, work, mnt = make_stack(tmp_path)
     sparse = low / "sparse"
-    with open(sparse, "wb") as f:
-        f.seek(64 << 20)
-        f.write(b"end")
+    fd = os.open(sparse, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"end", 64 << 20)
+    os.close(fd)
     os.chown(sparse, 1234, 5678)
     os.chmod(sparse, 0o4755)
     os.setxattr(sparse, "user.k", b"v")
