@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 from support.mounts import is_mounted, layerfs_command, mountpoints
 
-from ._helpers import mount_cmd, pids_naming, tmpfs, tree_state, unmount_any, wait_until
+from ._helpers import (
+    layerfs_daemon,
+    mount_cmd,
+    pids_naming,
+    tmpfs,
+    tree_state,
+    unmount_any,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.fuse]
 
@@ -243,3 +251,28 @@ def test_non_utf8_paths_mount(env: Env) -> None:
     finally:
         unmount_any(os.fsdecode(mnt))
         wait_until(lambda: not pids_naming(os.fsdecode(mnt)), 20, "the daemon to exit")
+
+
+def test_stale_mount_point_is_refused_until_cleaned(tmp_path: Path) -> None:
+    """After a crash the mount point is stale: mounting there again fails with one line naming
+    it (nothing written), and works once ``layerfs umount`` has cleaned it."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    (lower / "f").write_text("x")
+    with layerfs_daemon([lower], upper, work, mnt) as d:
+        d.kill9()
+        before = tree_state(lower), tree_state(upper), tree_state(work)
+        r = _run(_mount(s(lower), s(upper), s(mnt), s(work)), tmp_path)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1, r.stderr
+        assert len(lines) == 1 and lines[0].startswith(b"layerfs: "), r.stderr
+        assert os.fsencode(mnt) in lines[0]
+        assert (tree_state(lower), tree_state(upper), tree_state(work)) == before
+        assert _run(["umount", s(mnt)], tmp_path).returncode == 0
+        assert not is_mounted(mnt)
+        r = _run(_mount(s(lower), s(upper), s(mnt), s(work)), tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "f").read_text() == "x"
+        unmount_any(mnt)
+        wait_until(lambda: not pids_naming(mnt), 20, "the daemon to exit")

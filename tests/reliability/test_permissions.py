@@ -201,6 +201,19 @@ def _run_ops(root: Path) -> list[object]:
     return out
 
 
+def _mount_options(mnt: Path) -> set[str]:
+    """The mount and superblock options of MNT, from /proc/self/mountinfo."""
+    target = os.fsencode(mnt)
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            pre, _, post = line.partition(b" - ")
+            fields = pre.split()
+            if fields[4] == target:
+                opts = fields[5].split(b",") + post.split()[2].split(b",")
+                return {o.decode() for o in opts}
+    raise AssertionError(f"{mnt} is not mounted")
+
+
 @pytest.fixture
 def base() -> Iterator[Path]:
     # Not tmp_path: /tmp/pytest-of-root is 0700, which the unprivileged users cannot search.
@@ -226,6 +239,8 @@ def test_permissions_match_kernel(base: Path) -> None:
     since = time.time_ns()
     lf, ko = dirs["lf"], dirs["ko"]
     with layerfs_daemon([lower], lf / "upper", lf / "work", lf / "merged") as d:
+        opts = _mount_options(lf / "merged")
+        assert {"allow_other", "default_permissions"} <= opts, opts
         ours = _run_ops(lf / "merged")
         ours_tree = snapshot(lf / "merged")
     assert d.proc.returncode == 0, d.log_text()
