@@ -63,6 +63,9 @@ def _make_lower(lower: Path) -> None:
         ("suid2", 0o4755),
         ("sgid", 0o2777),
         ("sgidnx", 0o2767),
+        ("suid3", 0o6755),
+        ("suid4", 0o6755),
+        ("suid5", 0o4777),
     ]:
         _mk(lower / "home" / name, mode, OWNER, G, b"owned")
     _mk(lower / "home" / "sub", 0o700, OWNER, G)
@@ -161,6 +164,14 @@ SCRIPT_OPS: list[list[object]] = [
     op(ROOT, "stat", "home/sgidnx"),
     op(OTH, "truncate", "home/suid", 1),
     op(ROOT, "stat", "home/suid"),
+    op(ROOT, "chown", "home/suid3", OWNER, G),
+    op(ROOT, "stat", "home/suid3"),
+    op(OWN, "chown", "home/suid4", -1, G),
+    op(ROOT, "stat", "home/suid4"),
+    op(OTH, "truncate", "home/suid5", 0),
+    op(ROOT, "stat", "home/suid5"),
+    op(OWN, "chmod", "home/suid5", 0o6777),
+    op(ROOT, "stat", "home/suid5"),
     # truncate and utime
     op(OTH, "truncate", "pub/w666", 2),
     op(OTH, "truncate", "pub/r644", 2),
