@@ -145,7 +145,10 @@ class Scenario:
     stack: str = "base"
     writable: bool = False  # writes: native gets a private copy, and the harness syncs after
     cold: bool = False  # drop the page, dentry and inode caches after mounting
-    native_big: bool = False  # the native private copy needs the big file too
+    # What the native target's private copy holds for a writing scenario (top-level names;
+    # None: all but the big file). Copying the whole tree each run would cost more than most
+    # measurements.
+    native_copy: tuple[str, ...] | None = None
     sizes: frozenset[str] = field(default_factory=lambda: frozenset(SIZES))
     requires: Callable[[Dataset], str | None] | None = None  # returns a reason to skip
     explicit: bool = False  # runs only when named in --only (too long for every run)

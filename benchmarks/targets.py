@@ -61,17 +61,19 @@ class Native(Target):
         src = ds.stack_native(scenario.stack)
         if not scenario.writable:
             return Mounted(self.name, src, ds, scenario.stack)
-        # Writes get a private copy of the tree; the big file only when the scenario uses it,
-        # as copying it costs seconds.
+        # Writes get a private copy of what the scenario touches: copying everything (the
+        # big file above all) would cost seconds per run.
         copy = work / "native"
         copy.mkdir()
-        entries = [str(p) for p in sorted(src.iterdir()) if p.name != "big"]
-        run(["cp", "-a", *entries, str(copy)])
-        if (src / "big").is_dir():
-            (copy / "big").mkdir()
-            shutil.copystat(src / "big", copy / "big")
-            if scenario.native_big:
-                run(["cp", "-a", str(src / ds.big_rel), str(copy / "big")])
+        shutil.copystat(src, copy)
+        wanted = scenario.native_copy
+        entries = [
+            str(p)
+            for p in sorted(src.iterdir())
+            if (p.name in wanted if wanted is not None else p.name != "big")
+        ]
+        if entries:
+            run(["cp", "-a", *entries, str(copy)])
         return Mounted(self.name, copy, ds, scenario.stack)
 
     def umount(self, mnt: Mounted) -> None:

@@ -65,17 +65,27 @@ SCENARIOS = [
         "open O_APPEND + write 1 byte to the big lower file",
         append_big,
         writable=True,
-        native_big=True,
+        native_copy=("big",),
     ),
     Scenario(
         "copyup-chmod-big",
         "chmod of the big lower file (metadata-only change)",
         chmod_big,
         writable=True,
-        native_big=True,
+        native_copy=("big",),
     ),
     Scenario(
-        "chmod-10k", "chmod -R g+w of the 10k-entry lower directory", chmod_10k, writable=True
+        "chmod-10k",
+        "chmod -R g+w of the 10k-entry lower directory",
+        chmod_10k,
+        writable=True,
+        native_copy=("dir10k",),
     ),
-    Scenario("rm-rf", "rm -rf of a large lower tree (usr/share)", rm_tree, writable=True),
+    Scenario(
+        "rm-rf",
+        "rm -rf of a large lower tree (usr/share)",
+        rm_tree,
+        writable=True,
+        native_copy=("usr",),
+    ),
 ]

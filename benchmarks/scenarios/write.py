@@ -69,10 +69,27 @@ SCENARIOS = [
         "create+write 4 KiB files in a new dir under a lower dir, then unlink",
         churn,
         writable=True,
+        native_copy=("tmp",),
     ),
-    Scenario("seqwrite", "dd bs=1M of a new big file, no fsync", seq_write, writable=True),
     Scenario(
-        "seqwrite-fsync", "dd bs=1M conv=fsync of a new big file", seq_write_fsync, writable=True
+        "seqwrite",
+        "dd bs=1M of a new big file, no fsync",
+        seq_write,
+        writable=True,
+        native_copy=("tmp",),
     ),
-    Scenario("untar", "tar -x of new files into existing lower directories", untar, writable=True),
+    Scenario(
+        "seqwrite-fsync",
+        "dd bs=1M conv=fsync of a new big file",
+        seq_write_fsync,
+        writable=True,
+        native_copy=("tmp",),
+    ),
+    Scenario(
+        "untar",
+        "tar -x of new files into existing lower directories",
+        untar,
+        writable=True,
+        native_copy=("usr",),
+    ),
 ]
