@@ -364,11 +364,19 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
 }
 
 
+OPQ = b"overlay.opaque"
+
+
 def _upper_of(upper: Path, quirks: frozenset[str]) -> Snapshot:
     snap = upper_snapshot(upper)
     if "upper-artifacts" in quirks:
-        # fuse-overlayfs' extra opaque marker, a whiteout named ".wh..opq": not kernel format.
-        snap.entries = {p: e for p, e in snap.entries.items() if not p.endswith(b".opq")}
+        # fuse-overlayfs' extra opaque marker, a whiteout named ".wh..opq": not kernel format;
+        # it also marks new directories opaque where the kernel needs no marker.
+        snap.entries = {
+            p: Entry(**{**e.fields(), "xattrs": tuple(x for x in e.xattrs if x[0] != OPQ)})
+            for p, e in snap.entries.items()
+            if not p.endswith(b".opq")
+        }
     return snap
 
 
@@ -379,7 +387,7 @@ def _diff_uppers(pair: Pair, since_ns: int) -> list[str]:
     diffs = [
         f"upper: {line}"
         for line in compare(
-            upper_snapshot(k.upper), _upper_of(s.upper, quirks), since_ns=since_ns, ignore=ignore
+            _upper_of(k.upper, quirks), _upper_of(s.upper, quirks), since_ns=since_ns, ignore=ignore
         )
     ]
     assert s.work

@@ -41,6 +41,7 @@ CAP_NET_BIND_SERVICE = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
 # so that no operation through a mount could ever reach a real system file.
 SAFE_ABS_TARGET = b"/nonexistent-layerfs-test/etc/passwd"
 
+XATTR_WHITEOUTS = ("xattr", "user_xattr")
 OCI_WHITEOUT_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"
 
@@ -145,7 +146,11 @@ def walk(d: Dir, prefix: bytes = b"") -> Iterator[tuple[bytes, Node]]:
 def _kernel_form(d: Dir, *, is_root: bool = False) -> Dir:
     entries: dict[bytes, Node] = {}
     for name, node in d.entries.items():
-        if isinstance(node, Whiteout):
+        if isinstance(node, Whiteout) and node.style in XATTR_WHITEOUTS and d.opaque:
+            # The kernel reads xattr whiteouts only in a dir marked opaque=x; in an opaque=y
+            # dir it shows them as empty files. Keep that in the reference.
+            entries[name] = File(b"", Meta(xattrs={b"trusted.overlay.whiteout": b"y"}))
+        elif isinstance(node, Whiteout):
             entries[name] = Whiteout("char")
         elif isinstance(node, Dir):
             entries[name] = _kernel_form(node)
@@ -213,6 +218,7 @@ def _write_whiteout(parent: bytes, name: bytes, style: WhiteoutStyle) -> None:
         os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         ns = b"trusted" if style == "xattr" else b"user"
         os.setxattr(p, ns + b".overlay.whiteout", b"y")
+        os.utime(p, ns=(DEFAULT_MTIME_NS, DEFAULT_MTIME_NS))
         # The kernel looks for xattr whiteouts only in directories marked opaque=x.
         os.setxattr(parent, ns + b".overlay.opaque", b"x")
 
@@ -377,6 +383,12 @@ def _dir(draw: st.DrawFn, opts: StackOptions, depth: int, lowest: bool) -> Dir:
     opaque: OpaqueStyle | None = None
     if depth > 0 and not lowest and opts.opaques and draw(st.integers(0, 4)) == 0:
         opaque = draw(st.sampled_from(opts.opaques))
+        has_xwhiteouts = any(
+            isinstance(n, Whiteout) and n.style in XATTR_WHITEOUTS for n in entries.values()
+        )
+        if opaque == "oci" and has_xwhiteouts:
+            # .wh..wh..opq beside opaque=x (the xattr whiteouts' marker) has no kernel meaning.
+            opaque = "trusted" if "trusted" in opts.opaques else None
     modes = [0o755, 0o700, 0o1777] + ([0o2775] if opts.setgid_dirs else [])
     meta = draw(_meta(modes, xattrs=opts.xattrs))
     return Dir(entries, meta, opaque)
