@@ -25,6 +25,7 @@ pytestmark = [
     pytest.mark.fuse,
     pytest.mark.slow,
     pytest.mark.external,
+    pytest.mark.kernel_overlay,
     pytest.mark.timeout(900),
 ]
 
