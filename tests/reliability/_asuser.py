@@ -35,6 +35,26 @@ def _open(p: str, flags: int, data: bytes = b"") -> object:
     return None
 
 
+def _then_stat(fn: Callable[..., None]) -> Callable[..., object]:
+    """FN(*args), then the lstat of the path it made (its last argument)."""
+
+    def run(*args: str) -> object:
+        fn(*args)
+        return _stat(args[-1])
+
+    return run
+
+
+def _chdir_list(p: str) -> list[str]:
+    os.chdir(p)
+    return sorted(os.listdir("."))
+
+
+def _create(p: str) -> object:
+    _open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, b"new")
+    return _stat(p)
+
+
 OPS: dict[str, Callable[..., object]] = {
     "stat": _stat,
     "read": lambda p: _open(p, os.O_RDONLY),
@@ -42,15 +62,15 @@ OPS: dict[str, Callable[..., object]] = {
     "open_rdwr": lambda p: _open(p, os.O_RDWR),
     "open_trunc": lambda p: _open(p, os.O_WRONLY | os.O_TRUNC),
     "open_creat": lambda p: _open(p, os.O_WRONLY | os.O_CREAT),
-    "create": lambda p: (_open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, b"new"), _stat(p))[1],
+    "create": _create,
     "listdir": lambda p: sorted(os.listdir(p)),
-    "mkdir": lambda p: (os.mkdir(p, 0o777), _stat(p))[1],
+    "mkdir": _then_stat(lambda p: os.mkdir(p, 0o777)),
     "rmdir": os.rmdir,
     "unlink": os.unlink,
     "rename": os.rename,
     "link": lambda a, b: os.link(a, b, follow_symlinks=False),
-    "symlink": lambda t, p: (os.symlink(t, p), _stat(p))[1],
-    "mknod_fifo": lambda p: (os.mkfifo(p, 0o666), _stat(p))[1],
+    "symlink": _then_stat(os.symlink),
+    "mknod_fifo": _then_stat(lambda p: os.mkfifo(p, 0o666)),
     "chmod": os.chmod,
     "chown": lambda p, u, g: os.chown(p, u, g, follow_symlinks=False),
     "utime_now": lambda p: os.utime(p, None),
@@ -63,7 +83,7 @@ OPS: dict[str, Callable[..., object]] = {
     "lchown": lambda p, u, g: os.chown(p, u, g, follow_symlinks=False),
     "lutime": lambda p: os.utime(p, (1_000_000, 2_000_000), follow_symlinks=False),
     "lsetxattr": lambda p, n, v: os.setxattr(p, n, v.encode(), follow_symlinks=False),
-    "chdir_list": lambda p: (os.chdir(p), sorted(os.listdir(".")))[1],
+    "chdir_list": _chdir_list,
 }
 
 
@@ -91,7 +111,8 @@ def run_one(root: str, op: list[object], *, chroot: bool = False) -> list[object
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
             if name == "exec":
-                os.execv(real[0], [real[0]])
+                prog = str(real[0])
+                os.execv(prog, [prog])
             value = OPS[name](*real)
             out: list[object] = ["ok", value]
         except OSError as e:

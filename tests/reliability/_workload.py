@@ -19,13 +19,16 @@ import os
 import random
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import xxhash
 
 ABSENT = "ABSENT"
 DIR = "DIR"
 RECORD = 16  # bytes per appended record: b"<rec  12345678>\n"
+
+# A path's new state in the model: (content, mode) for a file, DIR, or None when gone.
+Value = tuple[bytes, int] | str | None
 
 
 def file_value(content: bytes, mode: int) -> str:
@@ -112,7 +115,7 @@ class Worker:
             return file_value(*self.files[rel])
         return ABSENT
 
-    def change(self, new: dict[str, tuple[bytes, int] | str | None]) -> None:
+    def change(self, new: Mapping[str, Value]) -> None:
         """Journal the begin, let the caller act, then journal the end (see ``run``)."""
         rows = []
         for rel, v in new.items():
@@ -120,7 +123,7 @@ class Worker:
             rows.append([rel, self.val(rel), after])
         self.log({"b": rows})
 
-    def commit(self, new: dict[str, tuple[bytes, int] | str | None]) -> None:
+    def commit(self, new: Mapping[str, Value]) -> None:
         for rel, v in new.items():
             self.files.pop(rel, None)
             self.dirs.discard(rel)
@@ -139,6 +142,7 @@ class Worker:
         files = sorted(self.files)
         mine = sorted(f for f in files if f.startswith(self.home + "/"))
         dirs = sorted(d for d in self.dirs if d.startswith(self.home))
+        new: dict[str, Value]
         op = rnd.choices(
             ["append", "create", "rename", "unlink", "chmod", "truncate", "mkdir", "rmdir", "read"],
             [30, 15, 10, 4, 8, 6, 5, 3, 19],
@@ -181,7 +185,7 @@ class Worker:
             self.commit(new)
         elif op == "unlink" and files:
             rel = rnd.choice(files)
-            new: dict[str, tuple[bytes, int] | str | None] = {rel: None}
+            new = {rel: None}
             self.change(new)
             os.unlink(self.p(rel))
             self.commit(new)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +180,7 @@ CASES: dict[str, Args] = {
 }
 
 
-def _run(args: list[str | bytes], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+def _run(args: Sequence[str | bytes], cwd: Path) -> subprocess.CompletedProcess[bytes]:
     cmd = [os.fsencode(a) for a in (*layerfs_command(), *args)]
     return subprocess.run(
         cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False
@@ -211,7 +211,7 @@ def test_bad_input(env: Env, case: str) -> None:
     assert tree_state(env.root) == before, "a failed mount wrote something"
 
 
-def _mount_and_unmount(args: list[str | bytes], mnt: bytes, cwd: Path) -> bytes:
+def _mount_and_unmount(args: Sequence[str | bytes], mnt: bytes, cwd: Path) -> bytes:
     try:
         r = _run(args, cwd)
         assert r.returncode == 0, r.stderr

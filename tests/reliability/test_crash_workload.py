@@ -77,8 +77,8 @@ def test_kill9_random_workload(tmp_path: Path) -> None:
     lower, upper, work, mnt, kmnt = (
         tmp_path / n for n in ("lower", "upper", "work", "merged", "kmerged")
     )
-    for p in (lower, upper, work, mnt, kmnt):
-        p.mkdir(exist_ok=True)
+    for path in (lower, upper, work, mnt, kmnt):
+        path.mkdir(exist_ok=True)
     _make_lower(lower, rnd)
     temps_left = []
     for rnd_i in range(ROUNDS):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,14 +133,15 @@ def test_upper_failing_read_only_reaches_the_caller(tmp_path: Path) -> None:
             subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
             try:
                 failures = {}
-                for what, fn in [
+                attempts: list[tuple[str, Callable[[], object]]] = [
                     ("copy-up", lambda: open(mnt / "f", "ab").close()),
                     ("create", lambda: (mnt / "new").write_bytes(b"x")),
                     ("write", lambda: open(mnt / "before", "ab").close()),
                     ("mkdir", lambda: os.mkdir(mnt / "dir")),
                     ("unlink", lambda: os.unlink(mnt / "f")),
                     ("chmod", lambda: os.chmod(mnt / "f", 0o600)),
-                ]:
+                ]
+                for what, fn in attempts:
                     try:
                         fn()
                     except OSError as e:

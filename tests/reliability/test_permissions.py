@@ -241,12 +241,12 @@ def test_permissions_match_kernel(base: Path) -> None:
     _make_lower(lower)
     dirs = {}
     for name in ("lf", "ko"):
-        d = base / name
+        top = base / name
         for sub in ("upper", "work", "merged"):
-            (d / sub).mkdir(parents=True)
-        os.chmod(d, 0o755)
-        os.chmod(d / "merged", 0o755)
-        dirs[name] = d
+            (top / sub).mkdir(parents=True)
+        os.chmod(top, 0o755)
+        os.chmod(top / "merged", 0o755)
+        dirs[name] = top
     since = time.time_ns()
     lf, ko = dirs["lf"], dirs["ko"]
     with layerfs_daemon([lower], lf / "upper", lf / "work", lf / "merged") as d:
