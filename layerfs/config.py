@@ -43,6 +43,7 @@ class MountConfig:
     fsname: str = "layerfs"
     volatile: bool = False  # skip fsync of copy-ups (as overlayfs "volatile")
     fsync: bool = True  # honour fsync requests (fuse-overlayfs "fsync=0" turns them off)
+    redirect_dir: bool = True  # rename lower dirs with a redirect; False: EXDEV (redirect_dir=off)
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
     squash_to_uid: int | None = None

@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 class Namespace:
     """Namespace operations of one mount."""
 
-    def __init__(self, stack: LayerStack, table: InodeTable, copyup: CopyUp) -> None:
+    def __init__(
+        self, stack: LayerStack, table: InodeTable, copyup: CopyUp, *, redirect_dir: bool = True
+    ) -> None:
+        self.redirect_dir = redirect_dir
         self.stack = stack
         self.table = table
         self.copyup = copyup
@@ -416,6 +419,8 @@ class Namespace:
                 raise OSError(errno.ENOTEMPTY, "target directory not empty")
         if src_res.is_dir and _is_ancestor(src, p2):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
+        if not self.redirect_dir and src_res.is_dir and src.lowers:
+            raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
 
     def _hidden_below(self, parent: Node, name: bytes) -> bool:
         """True if a lower below PARENT holds NAME (hidden now by a whiteout in the upper)."""

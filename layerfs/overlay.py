@@ -58,7 +58,7 @@ class Overlay:
         self.stack = LayerStack(config.lowers, config.upper, config.workdir)
         self.table = InodeTable(self.stack.devs, writable=self.stack.upper is not None)
         self.copyup = CopyUp(self.stack, self.table, fsync=not config.volatile)
-        self.ns = Namespace(self.stack, self.table, self.copyup)
+        self.ns = Namespace(self.stack, self.table, self.copyup, redirect_dir=config.redirect_dir)
         self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
         self.dirs: dict[int, DirHandle] = {}
         self.dircache = DirCache()

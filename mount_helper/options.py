@@ -104,7 +104,6 @@ _HARMLESS_VALUES: dict[str, frozenset[str]] = {
 _WHY_UNSUPPORTED: dict[str, str] = {
     "xattr_permissions": "modes and owners are served as stored in the layers",
     "noxattrs": "extended attributes stay enabled",
-    "redirect_dir": "renamed lower directories always get a redirect (redirect_dir=on)",
     "metacopy": "copy-up copies data",
     "index": "no inode index is kept",
     "nfs_export": "the mount cannot be exported over NFS",
@@ -121,6 +120,7 @@ class _State:
     workdir: str | None = None
     volatile: bool = False
     fsync: bool = True
+    redirect_dir: bool = True
     uid_mappings: list[IdMapping] = field(default_factory=list)
     gid_mappings: list[IdMapping] = field(default_factory=list)
     squash_to_uid: int | None = None
@@ -176,6 +176,7 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
         fsname=st.fsname,
         volatile=st.volatile,
         fsync=st.fsync,
+        redirect_dir=st.redirect_dir,
         uid_mappings=tuple(st.uid_mappings),
         gid_mappings=tuple(st.gid_mappings),
         squash_to_uid=squash_uid,
@@ -219,6 +220,13 @@ def _apply_one(st: _State, name: str, has_value: bool, raw: str, cwd: str) -> No
         st.volatile, st.fsync = True, False
     elif name == "fsync":
         st.fsync = _parse_bool01(name, _need(name, has_value, value))
+    elif name == "redirect_dir":
+        # on/follow: renamed lower directories get a redirect; off/nofollow: EXDEV, as the
+        # kernel answers, and mv(1) copies instead
+        mode = _need(name, has_value, value)
+        if mode not in ("on", "follow", "off", "nofollow"):
+            raise LayerfsError(f"redirect_dir={mode}: expected on, follow, off or nofollow")
+        st.redirect_dir = mode in ("on", "follow")
     elif name in ("squash_to_uid", "squash_to_gid"):
         setattr(st, name, _parse_id(name, _need(name, has_value, value)))
     elif name == "squash_to_root":
