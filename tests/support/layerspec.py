@@ -324,6 +324,7 @@ class StackOptions:
     odd_names: bool = True
     xattrs: bool = True
     setgid_dirs: bool = True
+    setid_files: bool = True  # setuid/setgid regular files
     min_layers: int = 2
     max_layers: int = 4
 
@@ -353,9 +354,8 @@ def _node(draw: st.DrawFn, opts: StackOptions, depth: int, lowest: bool) -> Node
         content = draw(
             st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"lower", b"x" * 70000]))
         )
-        return File(
-            content, draw(_meta([0o644, 0o600, 0o755, 0o4755, 0o2755, 0o444], xattrs=opts.xattrs))
-        )
+        modes = [0o644, 0o600, 0o755, 0o444] + ([0o4755, 0o2755] if opts.setid_files else [])
+        return File(content, draw(_meta(modes, xattrs=opts.xattrs)))
     if kind == "dir":
         return draw(_dir(opts, depth + 1, lowest))
     if kind == "symlink":
