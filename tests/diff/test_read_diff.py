@@ -22,6 +22,7 @@ from support.layerspec import (
     Fifo,
     HardLink,
     LayerSpec,
+    Node,
     d,
     f,
     layer_stacks,
@@ -39,11 +40,11 @@ def _dialect_stack(style: str) -> LayerSpec:
         [
             d(
                 {
-                    b"etc": d({b"passwd": wh(style), b"hosts": f(b"top\n")}),  # type: ignore[arg-type]
+                    b"etc": d({b"passwd": wh(style), b"hosts": f(b"top\n")}),
                     b"var": wh(style),
                     b"link": wh(style),
                 }
-            ),  # type: ignore[arg-type]
+            ),
             d({b"etc": d({b"group": f(b"mid\n"), b"passwd": f(b"mid\n")}), b"var": d({b"x": f()})}),
             d(
                 {
@@ -59,7 +60,7 @@ def _dialect_stack(style: str) -> LayerSpec:
 def _opaque_stack(style: str) -> LayerSpec:
     return LayerSpec(
         [
-            d({b"usr": d({b"lib": d({b"new": f(b"n")}, opaque=style)})}),  # type: ignore[arg-type]
+            d({b"usr": d({b"lib": d({b"new": f(b"n")}, opaque=style)})}),
             d({b"usr": d({b"lib": d({b"mid": f(b"m")}), b"bin": d({b"sh": f(b"#!")})})}),
             d({b"usr": d({b"lib": d({b"old": f(b"o"), b"sub": d({b"deep": f()})})})}),
         ]
@@ -309,11 +310,11 @@ def _rest_after_seek(path: bytes, pos: int) -> list[bytes]:
 
 
 def _big_spec(n: int) -> LayerSpec:
-    top = {b"t%05d" % i: f() for i in range(0, n, 3)}
+    top: dict[bytes, Node] = {b"t%05d" % i: f() for i in range(0, n, 3)}
     top |= {b"m%05d" % i: wh() for i in range(0, n, 7)}
     return LayerSpec(
         [
-            d({b"big": d(top)}),  # type: ignore[dict-item]
+            d({b"big": d(top)}),
             d({b"big": d({b"m%05d" % i: f(b"m") for i in range(n)})}),
         ]
     )

@@ -9,6 +9,7 @@ the subject mounted on the kernel's upper, each compared with the last merged vi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -41,7 +42,6 @@ from support.layerspec import (
 from support.mounts import KERNEL, Layout, Mounted, Subject
 from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply, apply_all, compare_results
 from support.snapshot import (
-    Entry,
     Snapshot,
     compare,
     snapshot,
@@ -373,7 +373,7 @@ def _upper_of(upper: Path, quirks: frozenset[str]) -> Snapshot:
         # fuse-overlayfs' extra opaque marker, a whiteout named ".wh..opq": not kernel format;
         # it also marks new directories opaque where the kernel needs no marker.
         snap.entries = {
-            p: Entry(**{**e.fields(), "xattrs": tuple(x for x in e.xattrs if x[0] != OPQ)})
+            p: dataclasses.replace(e, xattrs=tuple(x for x in e.xattrs if x[0] != OPQ))
             for p, e in snap.entries.items()
             if not p.endswith(b".opq")
         }
@@ -411,7 +411,7 @@ def _strip_artifacts(snap: Snapshot) -> Snapshot:
         if path.rpartition(b"/")[2] in (b".wh..wh..opq", b".wh..opq"):
             continue
         xs = tuple(x for x in e.xattrs if not x[0].startswith(b"user.fuseoverlayfs."))
-        out.entries[path] = Entry(**{**e.fields(), "xattrs": xs})
+        out.entries[path] = dataclasses.replace(e, xattrs=xs)
     return out
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,7 @@ def test_statfs(tmp_path: Path, subject: Subject, request: pytest.FixtureRequest
         assert sv.f_blocks * sv.f_frsize == up.f_blocks * up.f_frsize
 
 
-WRITES = {
+WRITES: dict[str, Callable[[Path], object]] = {
     "create": lambda p: os.close(os.open(p / "new", os.O_WRONLY | os.O_CREAT)),
     "write-open": lambda p: os.close(os.open(p / "f", os.O_WRONLY)),
     "truncate": lambda p: os.truncate(p / "f", 0),

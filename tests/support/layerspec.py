@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -252,9 +252,9 @@ def _finish_dirs(d: Dir, path: bytes, *, is_root: bool = False) -> None:
 
 
 def d(
-    entries: dict[bytes, Node] | None = None,
+    entries: Mapping[bytes, Node] | None = None,
     *,
-    opaque: OpaqueStyle | None = None,
+    opaque: str | None = None,
     mode: int = 0o755,
     uid: int = 0,
     gid: int = 0,
@@ -262,7 +262,9 @@ def d(
     xattrs: dict[bytes, bytes] | None = None,
 ) -> Dir:
     """A directory node (short constructor for scenarios)."""
-    return Dir(dict(entries or {}), Meta(mode, uid, gid, mtime_ns, dict(xattrs or {})), opaque)
+    assert opaque in (None, "trusted", "user", "oci"), opaque
+    meta = Meta(mode, uid, gid, mtime_ns, dict(xattrs or {}))
+    return Dir(dict(entries or {}), meta, opaque)  # type: ignore[arg-type]
 
 
 def f(
@@ -282,8 +284,9 @@ def sym(target: bytes, *, uid: int = 0, gid: int = 0, mtime_ns: int = DEFAULT_MT
     return Symlink(target, Meta(0o777, uid, gid, mtime_ns))
 
 
-def wh(style: WhiteoutStyle = "char") -> Whiteout:
-    return Whiteout(style)
+def wh(style: str = "char") -> Whiteout:
+    assert style in ("char", "oci", "xattr", "user_xattr"), style
+    return Whiteout(style)  # type: ignore[arg-type]
 
 
 # --- hypothesis strategies -----------------------------------------------------------------
@@ -405,8 +408,8 @@ def layer_stacks(draw: st.DrawFn, opts: StackOptions | None = None) -> LayerSpec
         layer.meta.xattrs = {}
         if opts.hardlinks:
             files = [p for p, node in walk(layer) if isinstance(node, File)]
-            if files and draw(st.booleans()):
-                target = draw(st.sampled_from(files))
+            if len(files) > 0 and draw(st.booleans()):
+                target: bytes = draw(st.sampled_from(files))
                 parent = layer
                 # Put the new name in the root, beside or above its target.
                 name = b"hl-" + target.replace(b"/", b"_")[:200]

@@ -334,9 +334,9 @@ class Layout:
             p.mkdir()
         up = root / "upper" if upper else None
         work = root / "work" if upper else None
-        for p in (up, work):
-            if p is not None:
-                p.mkdir()
+        for extra in (up, work):
+            if extra is not None:
+                extra.mkdir()
         mnt = root / "merged"
         mnt.mkdir()
         return cls(root, lowers, up, work, mnt)

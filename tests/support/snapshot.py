@@ -24,6 +24,7 @@ bookkeeping (origin, impure, nlink, uuid, ...) is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Iterator
@@ -332,8 +333,8 @@ def upper_snapshot(upper: str | os.PathLike[str]) -> Snapshot:
     ]
     for path in opaque_dirs:
         e = out.entries[path]
-        out.entries[path] = Entry(
-            **{**e.fields(), "xattrs": tuple(sorted((*e.xattrs, (b"overlay.opaque", b"y"))))}
+        out.entries[path] = dataclasses.replace(
+            e, xattrs=tuple(sorted((*e.xattrs, (b"overlay.opaque", b"y"))))
         )
     return out
 
