@@ -3,8 +3,9 @@
 Run as ``python _workload.py ROOT JOURNAL SEED OWNER``: worker OWNER (0 or 1) owns the lower
 files ``l/**/fNN`` with ``NN % 2 == OWNER`` and the directory ``n/wOWNER``, and keeps an exact
 model of them (content and mode per file, directories). Before each operation it journals
-``{"b": [[path, before, after], ...]}`` and after it ``{"e": [[path, value], ...]}``, so the
-checker knows every path's value, or the two values an interrupted operation may leave. Values:
+``{"b": [[path, before, after, [states if cut short]], ...]}`` and after it
+``{"e": [[path, value], ...]}``, so the checker knows every path's value, or the values an
+interrupted operation may leave. Values:
 ``"ABSENT"``, ``"DIR"``, or ``"<xxh3 of content>:<mode>"``. It stops at the first error (the
 daemon was killed) with ``{"x": errno}``; a read that disagrees with the model is ``{"bad": ..}``.
 
@@ -71,8 +72,8 @@ def replay(lines: list[str]) -> tuple[dict[str, set[str]], list[str]]:
         if not line.endswith("\n"):
             break  # cut short by the end of the worker: the op never began
         rec = json.loads(line)
-        for path, before, after in rec.get("b", []):
-            allowed[path] = {before, after}
+        for path, before, after, *extra in rec.get("b", []):
+            allowed[path] = {before, after, *(extra[0] if extra else [])}
         for path, value in rec.get("e", []):
             allowed[path] = {value}
         if "x" in rec and rec["x"] not in (errno.ENOTCONN, errno.ECONNABORTED):
@@ -115,12 +116,13 @@ class Worker:
             return file_value(*self.files[rel])
         return ABSENT
 
-    def change(self, new: Mapping[str, Value]) -> None:
-        """Journal the begin, let the caller act, then journal the end (see ``run``)."""
+    def change(self, new: Mapping[str, Value], also: Mapping[str, list[str]] | None = None) -> None:
+        """Journal the begin (the caller acts, then commits). ALSO: the states an operation of
+        several requests can be left in when it is cut short (a create and its writes)."""
         rows = []
         for rel, v in new.items():
             after = v if isinstance(v, str) else (ABSENT if v is None else file_value(*v))
-            rows.append([rel, self.val(rel), after])
+            rows.append([rel, self.val(rel), after, (also or {}).get(rel, [])])
         self.log({"b": rows})
 
     def commit(self, new: Mapping[str, Value]) -> None:
@@ -144,8 +146,19 @@ class Worker:
         dirs = sorted(d for d in self.dirs if d.startswith(self.home))
         new: dict[str, Value]
         op = rnd.choices(
-            ["append", "create", "rename", "unlink", "chmod", "truncate", "mkdir", "rmdir", "read"],
-            [30, 15, 10, 4, 8, 6, 5, 3, 19],
+            [
+                "append",
+                "create",
+                "rename",
+                "unlink",
+                "chmod",
+                "truncate",
+                "mkdir",
+                "rmdir",
+                "rename_dir",
+                "read",
+            ],
+            [30, 15, 10, 4, 8, 6, 5, 3, 4, 19],
         )[0]
         if op == "append" and files:
             rel = rnd.choice(files)
@@ -165,8 +178,11 @@ class Worker:
                 return
             data = rnd.randbytes(rnd.choice([0, 100, 5000, 300_000]))
             # O_CREAT's mode applies only to a new file; O_TRUNC keeps an existing file's mode.
-            new = {rel: (data, self.files[rel][1] if rel in self.files else 0o644)}
-            self.change(new)
+            mode = self.files[rel][1] if rel in self.files else 0o644
+            new = {rel: (data, mode)}
+            # Cut short, the file may be empty or hold a prefix (FUSE splits big writes).
+            prefixes = [file_value(data[:k], mode) for k in range(0, len(data), 4096)]
+            self.change(new, {rel: prefixes})
             fd = os.open(self.p(rel), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(fd, data)
@@ -213,6 +229,26 @@ class Worker:
             self.change(new)
             os.mkdir(self.p(rel))
             self.commit(new)
+        elif op == "rename_dir":
+            # A whole subtree moves (lower directories too: redirects on the upper).
+            movable = [d for d in dirs if d != self.home]
+            if not movable:
+                return
+            src = rnd.choice(movable)
+            dst = f"{rnd.choice(dirs)}/r{rnd.randrange(20)}"
+            if dst in self.dirs or dst in self.files or dst.startswith(src + "/") or dst == src:
+                return
+            if dst.count("/") > 6:
+                return
+            new = {}
+            for path in [*sorted(self.dirs), *sorted(self.files)]:
+                if path == src or path.startswith(src + "/"):
+                    moved = dst + path[len(src) :]
+                    new[path] = None
+                    new[moved] = DIR if path in self.dirs else self.files[path]
+            self.change(new)
+            os.rename(self.p(src), self.p(dst))
+            self.commit(new)
         elif op == "rmdir":
             empty = [
                 d
@@ -241,8 +277,8 @@ def main() -> int:
     except OSError as e:
         os.write(2, f"workload init failed: {e}\n".encode())
         return 2
-    w.log({"start": seed})
     w.log({"e": [[rel, w.val(rel)] for rel in sorted({*w.files, *w.dirs})]})
+    w.log({"start": seed})
     try:
         for _ in range(1_000_000):
             w.step()

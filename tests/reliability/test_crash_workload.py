@@ -23,7 +23,7 @@ import pytest
 from support.mounts import is_mounted, mount_kernel
 from support.snapshot import compare, snapshot
 
-from ._helpers import layerfs_daemon, layerfs_umount
+from ._helpers import layerfs_daemon, layerfs_umount, wait_until
 from ._workload import ABSENT, owned, replay, value_of, walk
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow]
@@ -49,8 +49,22 @@ def _make_lower(lower: Path, rnd: random.Random) -> None:
             else:
                 fh.write(rnd.randbytes(size))
         os.chmod(path, 0o644)
-    for w in ("w0", "w1"):
-        (lower / "n" / w / "c0").write_bytes(b"lower file in the worker's home\n")
+    for home in ("w0", "w1"):
+        (lower / "n" / home / "c0").write_bytes(b"lower file in the worker's home\n")
+        # Lower directories the worker may rename (redirects) and fill.
+        for j in range(3):
+            ldir = lower / "n" / home / f"ld{j}" / "d0"
+            ldir.mkdir(parents=True)
+            for k in range(3):
+                (ldir.parent / f"c{k}").write_bytes(rnd.randbytes(100 * k))
+                (ldir / f"c{k}").write_bytes(rnd.randbytes(50 * k))
+
+
+def _wait_started(journals: list[Path]) -> None:
+    def started(j: Path) -> bool:
+        return j.exists() and '"start"' in j.read_text()
+
+    wait_until(lambda: all(started(j) for j in journals), 60, "the workers to start")
 
 
 def _check_against_journals(root: Path, journals: list[Path], what: str) -> None:
@@ -89,7 +103,9 @@ def test_kill9_random_workload(tmp_path: Path) -> None:
                 for w, journal in enumerate(journals):
                     cmd = [sys.executable, str(WORKLOAD), str(mnt), str(journal)]
                     workers.append(subprocess.Popen([*cmd, str(rnd.randrange(1 << 30)), str(w)]))
-                time.sleep(rnd.uniform(0.3, 2.0))
+                # The kill comes at a random moment once both workers have begun.
+                _wait_started(journals)
+                time.sleep(rnd.uniform(0.1, 1.5))
                 assert all(p.poll() is None for p in workers), f"a worker stopped (seed {seed})"
                 d.kill9()
                 for p, journal in zip(workers, journals, strict=True):
