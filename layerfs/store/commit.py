@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import gzip
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from layerfs.store import oci
 from layerfs.store.diff import LowerStack, redirect_target
 from layerfs.store.digest import HashingWriter, parse_digest, sha256_bytes
 from layerfs.store.extract import PRIVATE_XATTR_PREFIXES, WH_OPAQUE, WH_PREFIX
+from layerfs.store.pgzip import ParallelGzipWriter
 from layerfs.store.progress import Progress
 from layerfs.store.store import ImageRecord, StagedLayer, Store
 
@@ -78,8 +78,8 @@ def write_layer_blob(
         outer = HashingWriter(cast(BinaryIO, raw))
         comp: IO[bytes]
         if compression == "gzip":
-            gz = gzip.GzipFile(fileobj=cast(IO[bytes], outer), mode="wb", mtime=0, compresslevel=6)
-            comp = cast(IO[bytes], gz)
+            # Threads deflate blocks in parallel (zlib drops the GIL); one standard member.
+            comp = cast(IO[bytes], ParallelGzipWriter(cast(BinaryIO, outer), level=6))
         elif compression == "zstd":
             import zstandard
 
