@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from support.mounts import is_mounted, layerfs_command
 
 MOUNT_TIMEOUT = 30.0
@@ -234,3 +235,7 @@ def tree_state(root: PathLike) -> dict[bytes, tuple[object, ...]]:
 
 def errno_name(code: int) -> str:
     return errno.errorcode.get(code, str(code))
+
+
+# Every test here mounts tmpfs, chroots, mknods, switches users or reads other daemons' /proc.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

@@ -20,6 +20,7 @@ from support.mounts import is_mounted, layerfs_command, mountpoints
 from ._helpers import (
     layerfs_daemon,
     mount_cmd,
+    needs_root,
     pids_naming,
     tmpfs,
     tree_state,
@@ -27,7 +28,7 @@ from ._helpers import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.fuse]
+pytestmark = [pytest.mark.fuse, needs_root]
 
 
 @dataclass

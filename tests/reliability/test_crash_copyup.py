@@ -21,9 +21,9 @@ import pytest
 import xxhash
 from support.mounts import is_mounted
 
-from ._helpers import layerfs_daemon, layerfs_umount, probe_errno, wait_until
+from ._helpers import layerfs_daemon, layerfs_umount, needs_root, probe_errno, wait_until
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [pytest.mark.fuse, pytest.mark.slow, needs_root]
 
 SIZE = 200 << 20
 CHUNK = 4 << 20

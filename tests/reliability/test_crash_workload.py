@@ -23,10 +23,10 @@ import pytest
 from support.mounts import is_mounted, mount_kernel
 from support.snapshot import compare, snapshot
 
-from ._helpers import layerfs_daemon, layerfs_umount, wait_until
+from ._helpers import layerfs_daemon, layerfs_umount, needs_root, wait_until
 from ._workload import ABSENT, owned, replay, value_of, walk
 
-pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow]
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow, needs_root]
 
 WORKLOAD = Path(__file__).with_name("_workload.py")
 ROUNDS = 3

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from ._helpers import layerfs_daemon, tmpfs
+from ._helpers import layerfs_daemon, needs_root, tmpfs
 
-pytestmark = [pytest.mark.fuse]
+pytestmark = [pytest.mark.fuse, needs_root]
 
 BIG = 32 << 20
 

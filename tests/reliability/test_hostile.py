@@ -22,9 +22,9 @@ import pytest
 from support.mounts import mount_kernel
 from support.snapshot import compare, snapshot
 
-from ._helpers import fd_targets, layerfs_daemon, tree_state
+from ._helpers import fd_targets, layerfs_daemon, needs_root, tree_state
 
-pytestmark = [pytest.mark.fuse]
+pytestmark = [pytest.mark.fuse, needs_root]
 
 ASUSER = Path(__file__).with_name("_asuser.py")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ._helpers import layerfs_daemon
+from ._helpers import layerfs_daemon, needs_root
 
-pytestmark = [pytest.mark.fuse]
+pytestmark = [pytest.mark.fuse, needs_root]
 
 REPEAT = 20
 

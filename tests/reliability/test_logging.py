@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ._helpers import layerfs_daemon, mount_cmd, pids_naming, unmount_any, wait_until
+from ._helpers import layerfs_daemon, mount_cmd, needs_root, pids_naming, unmount_any, wait_until
 
-pytestmark = [pytest.mark.fuse]
+pytestmark = [pytest.mark.fuse, needs_root]
 
 
 def _layout(tmp_path: Path) -> tuple[Path, Path, Path, Path]:

@@ -24,9 +24,9 @@ import pytest
 from support.mounts import mount_kernel
 from support.snapshot import compare, snapshot
 
-from ._helpers import layerfs_daemon
+from ._helpers import layerfs_daemon, needs_root
 
-pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay]
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, needs_root]
 
 ASUSER = Path(__file__).with_name("_asuser.py")
 OWNER, OTHER, G = 1000, 65534, 1000

@@ -17,12 +17,13 @@ from ._helpers import (
     Daemon,
     layerfs_daemon,
     mount_cmd,
+    needs_root,
     pids_naming,
     unmount_any,
     wait_until,
 )
 
-pytestmark = [pytest.mark.fuse]
+pytestmark = [pytest.mark.fuse, needs_root]
 
 
 def _layout(tmp_path: Path) -> tuple[Path, Path, Path, Path]:

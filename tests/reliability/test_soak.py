@@ -24,9 +24,9 @@ import pytest
 from support.mounts import mount_kernel
 from support.snapshot import compare, snapshot
 
-from ._helpers import fd_count, fd_targets, layerfs_daemon, rss_kib
+from ._helpers import fd_count, fd_targets, layerfs_daemon, needs_root, rss_kib
 
-pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow]
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow, needs_root]
 
 SECONDS = float(os.environ.get("LAYERFS_SOAK_SECONDS", "20"))
 WORKERS = int(os.environ.get("LAYERFS_SOAK_WORKERS", "8" if SECONDS >= 300 else "4"))
