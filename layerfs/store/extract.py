@@ -241,7 +241,7 @@ class _Extractor:
         self.entries += 1
         if not parts:
             if m.isdir():
-                self._meta_fd(self.root_fd, m)
+                self._meta_fd(self.root_fd, m, is_dir=True)
                 self._dir_times.append(([], *_times(m)))
             return
         base = parts[-1]
@@ -263,16 +263,18 @@ class _Extractor:
             return
         pfd = self._parent(parts, create=True)
         if m.isdir():
-            if not self._clear(pfd, base, keep_dir=True):
+            try:
                 os.mkdir(base, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                if not self._clear(pfd, base, keep_dir=True):
+                    os.mkdir(base, 0o700, dir_fd=pfd)
             fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
             try:
-                self._meta_fd(fd, m)
+                self._meta_fd(fd, m, is_dir=True)
             finally:
                 os.close(fd)
             self._dir_times.append((parts, *_times(m)))
         elif m.isreg():
-            self._clear(pfd, base, keep_dir=False)
             self._file(tf, m, pfd, base)
         elif m.issym():
             self._clear(pfd, base, keep_dir=False)
@@ -291,7 +293,12 @@ class _Extractor:
 
     def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, base: bytes) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(base, flags, 0o600, dir_fd=pfd)
+        try:
+            fd = os.open(base, flags, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            # Rare: a later entry replaces an earlier one. Try first, clear on conflict.
+            self._clear(pfd, base, keep_dir=False)
+            fd = os.open(base, flags, 0o600, dir_fd=pfd)
         try:
             src = tf.extractfile(m)
             if src is not None:
@@ -329,14 +336,14 @@ class _Extractor:
 
     # -- metadata --------------------------------------------------------------------------
 
-    def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+    def _meta_fd(self, fd: int, m: tarfile.TarInfo, *, is_dir: bool = False) -> None:
         # Order matters: chown clears setuid bits and file capabilities, so chown first,
         # then mode, then xattrs (security.capability), then times.
         os.fchown(fd, m.uid, m.gid)
         os.fchmod(fd, m.mode & 0o7777)
         for name, value in _xattrs(m):
             os.setxattr(fd, name, value)
-        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        if not is_dir:  # directory times are set last, in finish()
             os.utime(fd, ns=_times(m))
 
     def _meta_path(self, pfd: int, base: bytes, m: tarfile.TarInfo, *, chmod: bool) -> None:
