@@ -49,6 +49,7 @@ class Cell:
     metrics: dict[str, Measurement] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     skipped: str | None = None
+    wall: float = 0.0  # seconds spent on it, mount to cleanup (to plan runs)
 
     def add(self, m: Measurement) -> None:
         if m.metric in self.metrics:
@@ -182,6 +183,7 @@ class Runner:
     def once(self, target: Target, sc: Scenario, cell: Cell) -> str:
         """One fresh mount, one run. Returns a short status for the progress line."""
         self.n += 1
+        t0 = time.monotonic()
         work = self.workroot / f"{self.n:05d}-{target.name}"
         work.mkdir(parents=True)
         mnt: Mounted | None = None
@@ -219,7 +221,8 @@ class Runner:
             if sc.writable:
                 os.sync()  # write-back of this run must not land in the next one
             self.cleanup(work)
-        return status
+            cell.wall += time.monotonic() - t0
+        return f"{status} [{time.monotonic() - t0:.1f} s]"
 
     def start_profile(self, mnt: Mounted, sc: Scenario) -> subprocess.Popen[bytes] | None:
         """py-spy on a Python daemon for the length of one run (``--profile DIR``)."""
@@ -414,6 +417,8 @@ def to_json(res: Results) -> dict[str, object]:
                 entry["errors"] = cell.errors
             if cell.skipped:
                 entry["skipped"] = cell.skipped
+            if cell.wall:
+                entry["wall_seconds"] = round(cell.wall, 2)
             per_target[t] = entry
         ratios = {}
         for t in res.targets:
