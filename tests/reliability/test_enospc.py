@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from ._helpers import layerfs_daemon, needs_root, tmpfs
+from ._helpers import fd_count, layerfs_daemon, needs_root, tmpfs
 
 pytestmark = [pytest.mark.fuse, needs_root]
 
@@ -67,11 +67,19 @@ def test_full_upper_gives_enospc_and_keeps_serving(tmp_path: Path) -> None:
             assert err == errno.ENOSPC, f"expected ENOSPC, got {err and errno.errorcode[err]}"
             assert d.alive(), d.log_text()
             assert os.listdir(work / "work") == [], "a failed copy-up left its temp file"
-            assert "big" not in os.listdir(upper / "dir") if (upper / "dir").exists() else True
+            assert not (upper / "dir" / "big").exists()
             # The daemon answers, and the merged view still shows the lower file, whole.
             assert sorted(os.listdir(mnt)) == ["dir", "small"]
             assert (mnt / "dir" / "big").stat().st_size == BIG
             assert _digest(mnt / "dir" / "big") == lower_digest
+            # The error path leaks nothing: fds stay put over many failed copy-ups.
+            fds = fd_count(d.pid)
+            for _ in range(30):
+                with pytest.raises(OSError) as exc:
+                    os.close(os.open(mnt / "dir" / "big", os.O_WRONLY))
+                assert exc.value.errno == errno.ENOSPC
+            assert fd_count(d.pid) <= fds + 2
+            assert os.listdir(work / "work") == []
 
             # 2. Writes into a new upper file until the disk is full: ENOSPC from write/fsync.
             err = None
