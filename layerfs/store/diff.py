@@ -3,11 +3,14 @@
 The upper of an overlay is the diff, so the walk covers the upper only: its cost is
 proportional to the changes, not to the image. Lowers are consulted per upper entry (one
 lookup each) to tell an addition (A) from a change (C); without lowers every upper entry is
-reported as A. The rules follow containers/storage's overlay changes (Docker's ``changes``):
-- a whiteout is D; a name hidden by an opaque upper directory is D (this reads that one
-  lower directory);
+reported as A. The rules are containers/storage's (``podman diff`` on overlay storage), and
+a test checks both on the same upper:
+- a whiteout is D; an opaque upper directory that exists below is D (replaced), and what it
+  holds now is A, or C where the name existed below;
 - a directory present below with the same mode, size and mtime is not a change by itself,
-  but the parent of any A or D is reported C.
+  but every ancestor of an A or D is C;
+- a renamed (redirected) directory is A under its new name (containers/storage mounts
+  without redirects and never sees one).
 
 Must not import: pyfuse3, trio.
 """
@@ -81,32 +84,28 @@ def _walk(
         below = low.lookup(child_lower) if child_lower is not None else None
         is_dir = stat.S_ISDIR(st.st_mode)
         redirect = redirect_target(dfd, name, lower_parts) if is_dir else None
-        kind = "A"
-        if redirect is not None:
-            kind = "A"  # a renamed directory: new here, whatever it holds from below
-        elif below is not None:
-            # A directory that only holds changes is not itself a change.
-            same = is_dir and stat.S_ISDIR(below.st_mode) and _same_dir(st, below)
-            kind = "" if same else "C"
-        if kind:
-            _record(out, changed_dirs, path, kind)
-        if is_dir:
+        cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd) if is_dir else -1
+        try:
+            kind = "A"
+            if redirect is not None:
+                kind = "A"  # a renamed directory: new here, whatever it holds from below
+            elif below is not None:
+                if is_dir and _is_opaque(cfd):
+                    kind = "D"  # replaced: its old contents are gone (containers/storage)
+                elif is_dir and stat.S_ISDIR(below.st_mode) and _same_dir(st, below):
+                    kind = ""  # only holds changes: not itself a change
+                else:
+                    kind = "C"
             if kind:
-                changed_dirs.add(_abs(path))
-            cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-            try:
-                opaque = _is_opaque(cfd)
-                if below is not None and opaque and child_lower is not None:
-                    upper_names = {os.fsencode(n) for n in os.listdir(cfd)}
-                    for child in low.children(child_lower):
-                        if child not in upper_names:
-                            _record(out, changed_dirs, [*path, child], "D")
-                if opaque:
-                    child_lower = None
-                elif redirect is not None:
+                _record(out, changed_dirs, path, kind)
+            if is_dir:
+                if kind:
+                    changed_dirs.add(_abs(path))
+                if redirect is not None:
                     child_lower = redirect
                 _walk(cfd, path, child_lower, low, out, changed_dirs)
-            finally:
+        finally:
+            if cfd >= 0:
                 os.close(cfd)
 
 
@@ -133,19 +132,24 @@ def redirect_target(dfd: int, name: bytes, lower_parts: list[bytes] | None) -> l
 
 def _record(out: list[Change], changed_dirs: set[bytes], path: list[bytes], kind: str) -> None:
     out.append(Change(_abs(path), kind))
-    if kind in ("A", "D") and len(path) > 1:
-        parent = _abs(path[:-1])
-        if parent not in changed_dirs:
-            out.append(Change(parent, "C"))
-            changed_dirs.add(parent)
+    if kind in ("A", "D"):
+        # Every ancestor of an addition or deletion is changed, even when its own metadata
+        # looks the same (containers/storage pkg/archive changes()).
+        for depth in range(len(path) - 1, 0, -1):
+            parent = _abs(path[:depth])
+            if parent not in changed_dirs:
+                out.append(Change(parent, "C"))
+                changed_dirs.add(parent)
 
 
 def _same_dir(a: os.stat_result, b: os.stat_result) -> bool:
-    return (
-        a.st_size == b.st_size
-        and a.st_mode == b.st_mode
-        and a.st_mtime_ns // 1_000_000_000 == b.st_mtime_ns // 1_000_000_000
+    # Go's sameFsTime: equal, or equal seconds where one side has no nanoseconds.
+    ta, tb = a.st_mtime_ns, b.st_mtime_ns
+    same_time = ta == tb or (
+        ta // 1_000_000_000 == tb // 1_000_000_000
+        and (ta % 1_000_000_000 == 0 or tb % 1_000_000_000 == 0)
     )
+    return a.st_size == b.st_size and a.st_mode == b.st_mode and same_time
 
 
 def _abs(parts: list[bytes]) -> bytes:

@@ -70,9 +70,7 @@ def test_commit_round_trip_and_diff(store: Store, tmp_path: Path) -> None:
         "C /etc/passwd",
         "D /etc/hosts",
         "C /var",
-        "C /var/cache",
-        "D /var/cache/a",
-        "D /var/cache/b",
+        "D /var/cache",  # replaced by a new (opaque) directory, as podman diff says
         "A /var/cache/c",
         "A /new",
         "A /new/file",

@@ -23,6 +23,7 @@ import pytest
 from support.mounts import layerfs_available, mount_kernel, mount_layerfs
 
 from layerfs.store import cli
+from layerfs.store.diff import changes
 from layerfs.store.store import Store
 from store.ocitools import snapshot
 
@@ -263,3 +264,54 @@ def test_import_oci_archive(built: Built, tmp_path: Path) -> None:
     assert os.listdir(Path(store.root) / "tmp") == []
     (lower,) = store.lowers("localhost/lfs-base:1")
     assert (Path(lower) / "etc/hello").read_text() == "hello from the base\n"
+
+
+# Paths libpod itself leaves out of ``podman diff`` (its own mount points and generated files,
+# libpod/diff.go containerMounts): not overlay semantics, so filtered from ours too.
+PODMAN_OWN = {
+    "/dev", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/etc/mtab", "/proc", "/run",
+    "/run/notify", "/run/.containerenv", "/run/secrets", "/sys",
+}  # fmt: skip
+
+
+@pytest.mark.podman
+def test_diff_matches_podman_diff(built: Built, tmp_path: Path) -> None:
+    """Oracle: for a container podman ran on its own overlay storage, ``layerfs diff`` of the
+    container's upper (with its lowers) lists what ``podman diff`` lists."""
+    conf = tmp_path / "storage.conf"
+    conf.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{tmp_path}/g"\nrunroot = "{tmp_path}/r"\n'
+    )
+    podman = Podman({**built.podman.env, "CONTAINERS_STORAGE_CONF": str(conf)})
+    try:
+        image = podman("pull", f"oci:{built.layout}:two").split()[-1]
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        limits = [f"--ulimit=nofile={min(nofile, 4096)}", f"--ulimit=nproc={min(nproc, 4096)}"]
+        script = (
+            "echo changed > /etc/passwd; rm /bin/ls; rm -r /srv/data; mkdir /srv/data; "
+            "echo n > /srv/data/n; mkdir -p /opt/a/b; echo f > /opt/a/b/f; chmod 700 /bin/suid; "
+            "rm /home/user/notes; echo new > /etc/hello2"
+        )
+        runtime = ["--runtime", "runc"] if shutil.which("runc") else []
+        podman(
+            "run", "--name", "lfs-diff", "--network", "none", *runtime, *limits, image,
+            "/bin/sh", "-c", script,
+        )  # fmt: skip
+        theirs = set(podman("diff", "lfs-diff").splitlines())
+        fmt = "{{.GraphDriver.Data.UpperDir}} {{.GraphDriver.Data.LowerDir}}"
+        upper, lowers = podman("inspect", "lfs-diff", "--format", fmt).split()
+        ours = {
+            str(c)
+            for c in changes(upper, lowers.split(":"))
+            if os.fsdecode(c.path) not in PODMAN_OWN
+        }
+        assert ours == theirs
+        assert {"C /etc/passwd", "D /bin/ls", "A /opt/a/b/f", "D /home/user/notes"} <= ours
+    finally:
+        podman("rm", "-a", "-f")
+        podman("rmi", "-a", "-f")
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            mnt = line.split()[4]
+            if mnt.startswith(str(tmp_path)):
+                subprocess.run(["umount", "-l", mnt], check=False)
