@@ -31,6 +31,7 @@ from support.diff import Pair, expect_quirks, ignored_fields, stack_options_for
 from support.layerspec import (
     CAP_NET_BIND_SERVICE,
     SAFE_ABS_TARGET,
+    File,
     HardLink,
     LayerSpec,
     d,
@@ -75,6 +76,9 @@ BASE = LayerSpec(
                 b"usr": d(
                     {
                         b"lib": d({b"libc.so": f(b"\x7fELF" * 3000), b"x": d({b"y": f(b"y")})}),
+                        b"sparse.img": File(
+                            b"\0" * (1 << 20) + b"data" + b"\0" * (1 << 20), sparse=True
+                        ),
                         b"share": d({b"doc": d({b"README": f(b"read me")})}),
                     }
                 ),
@@ -291,9 +295,30 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    "copyup-misc": (
+        BASE,
+        [
+            ("sparse", b"usr/sparse.img"),
+            ("chmod", b"usr/sparse.img", 0o600),
+            ("sparse", b"usr/sparse.img"),
+            ("copyup_ino", b"etc/passwd"),
+            ("copyup_ino", b"usr/lib/old.so"),
+            ("open_trunc", b"bin/sh", b"new"),
+            ("fallocate", b"usr/lib/libc.so", 0, 100_000),
+            ("fallocate", b"usr/lib/x/y", 4096, 10),
+            ("mknod", b"null2", "chr"),
+            ("mknod", b"etc/blk", "blk"),
+            ("mknod", b"sock", "sock"),
+            ("mknod", b"etc/gone", "chr"),
+            ("fsyncdir", b"etc"),
+            ("stat", b"etc/gone"),
+        ],
+        {"copyup-holes"},
+    ),
     "hardlinks-in-lower": (
         BASE,
         [
+            ("copyup_ino", b"hl1"),
             ("stat", b"hl1"),
             ("hardlink_probe", b"hl1", b"hl2", b"through hl1"),
             ("stat", b"hl2"),
@@ -590,6 +615,22 @@ class WriteMachine(RuleBasedStateMachine):
     @rule(p=_paths)
     def mkfifo(self, p: bytes) -> None:
         self._do(("mkfifo", p))
+
+    @rule(p=_paths, data=_data)
+    def open_trunc(self, p: bytes, data: bytes) -> None:
+        self._do(("open_trunc", p, data))
+
+    @rule(p=_paths, size=st.sampled_from([1, 100_000]))
+    def fallocate(self, p: bytes, size: int) -> None:
+        self._do(("fallocate", p, 0, size))
+
+    @rule(p=_paths, kind=st.sampled_from(["chr", "sock"]))
+    def mknod(self, p: bytes, kind: str) -> None:
+        self._do(("mknod", p, kind))
+
+    @rule(p=_paths)
+    def copyup_ino(self, p: bytes) -> None:
+        self._do(("copyup_ino", p))
 
     @rule(p=_paths)
     def read(self, p: bytes) -> None:

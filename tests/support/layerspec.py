@@ -59,8 +59,11 @@ class Meta:
 
 @dataclass
 class File:
+    """A regular file; with ``sparse`` its all-zero 4 KiB blocks are holes on disk."""
+
     content: bytes = b""
     meta: Meta = field(default_factory=Meta)
+    sparse: bool = False
 
 
 @dataclass
@@ -184,7 +187,14 @@ def _write_dir_entries(d: Dir, path: bytes, root: bytes, links: list[tuple[bytes
         elif isinstance(node, File):
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, node.content)
+                if node.sparse:
+                    os.ftruncate(fd, len(node.content))
+                    for off in range(0, len(node.content), 4096):
+                        block = node.content[off : off + 4096]
+                        if block.strip(b"\0"):
+                            os.pwrite(fd, block, off)
+                else:
+                    os.write(fd, node.content)
             finally:
                 os.close(fd)
             _write_meta(p, node.meta, is_link=False)

@@ -305,6 +305,7 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "symlink-xattr-follows",  # lsetxattr on a layer symlink sets it on the link's target!
         "device-copyup",  # chown of a lower device node (copy-up): EIO
         "truncate-same-size",  # truncate of a lower file to its size: no copy-up, no new mtime
+        "copyup-holes",  # copy-up writes holes out as zeros (the kernel skips them)
         "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
     }
 )

@@ -187,6 +187,62 @@ def _append(p: bytes, data: bytes) -> object:
     return os.lstat(p).st_size
 
 
+def _sparse(p: bytes) -> object:
+    """Is the file stored with holes (allocated space well below its size)?"""
+    st = os.lstat(p)
+    return st.st_blocks * 512 < st.st_size // 2
+
+
+def _copyup_ino(p: bytes) -> object:
+    """Does st_ino survive the first write (a copy-up for a lower file)?"""
+    before = os.lstat(p).st_ino
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND | _NB)
+    try:
+        os.write(fd, b"+")
+    finally:
+        os.close(fd)
+    return os.lstat(p).st_ino == before
+
+
+def _open_trunc(p: bytes, data: bytes) -> object:
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC | _NB)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return os.lstat(p).st_size
+
+
+def _fallocate(p: bytes, offset: int, length: int) -> object:
+    fd = os.open(p, os.O_WRONLY | _NB)
+    try:
+        # fallocate(2) itself: glibc's posix_fallocate would hide EOPNOTSUPP behind an
+        # emulation by writes (which then fails with EBADF on an O_WRONLY fd).
+        if _libc.fallocate(fd, 0, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return os.lstat(p).st_size
+
+
+def _mknod(p: bytes, kind: str, mode: int = 0o640) -> object:
+    bits = {"chr": stat.S_IFCHR, "blk": stat.S_IFBLK, "sock": stat.S_IFSOCK}[kind]
+    os.mknod(p, bits | mode, os.makedev(1, 7) if kind in ("chr", "blk") else 0)
+    st = os.lstat(p)
+    return (*_stat_value(st), os.major(st.st_rdev), os.minor(st.st_rdev))
+
+
+def _fsyncdir(p: bytes) -> object:
+    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
 # name -> (function, which positional args are paths)
 OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "stat": (lambda p: _stat_value(os.lstat(p)), (0,)),
@@ -214,6 +270,12 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "mkfifo": (_mknod_fifo, (0,)),
     "unlink_open": (_unlink_open, (0,)),
     "hardlink_probe": (_hardlink_probe, (0, 1)),
+    "sparse": (_sparse, (0,)),
+    "copyup_ino": (_copyup_ino, (0,)),
+    "open_trunc": (_open_trunc, (0,)),
+    "fallocate": (_fallocate, (0,)),
+    "mknod": (_mknod, (0,)),
+    "fsyncdir": (_fsyncdir, (0,)),
 }
 
 
@@ -227,6 +289,10 @@ FOLLOWS_LAST = {
     "listdir",
     "unlink_open",
     "hardlink_probe",
+    "copyup_ino",
+    "open_trunc",
+    "fallocate",
+    "fsyncdir",
 }
 
 
