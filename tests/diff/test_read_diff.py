@@ -208,6 +208,15 @@ SCENARIOS: dict[str, tuple[LayerSpec, set[str]]] = {
         ),
         {"whiteout:xattr"},
     ),
+    "xattr-whiteout-in-opaque-y-dir": (
+        LayerSpec(
+            [
+                d({b"a": d({b"b": wh("user_xattr"), b"t": f()}, opaque="user")}),
+                d({b"a": d({b"b": f(b"lower"), b"k": f(b"hidden by opaque")})}),
+            ]
+        ),
+        {"whiteout:user_xattr"},
+    ),
     "opaque-lower-root": (
         LayerSpec(
             [

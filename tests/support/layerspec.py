@@ -149,11 +149,9 @@ def walk(d: Dir, prefix: bytes = b"") -> Iterator[tuple[bytes, Node]]:
 def _kernel_form(d: Dir, *, is_root: bool = False) -> Dir:
     entries: dict[bytes, Node] = {}
     for name, node in d.entries.items():
-        if isinstance(node, Whiteout) and node.style in XATTR_WHITEOUTS and d.opaque:
-            # The kernel reads xattr whiteouts only in a dir marked opaque=x; in an opaque=y
-            # dir it shows them as empty files. Keep that in the reference.
-            entries[name] = File(b"", Meta(xattrs={b"trusted.overlay.whiteout": b"y"}))
-        elif isinstance(node, Whiteout):
+        # The kernel (6.18) treats an xattr whiteout as a whiteout on lookup also in an
+        # opaque=y directory (not only beside the opaque=x marker): char 0/0 is equivalent.
+        if isinstance(node, Whiteout):
             entries[name] = Whiteout("char")
         elif isinstance(node, Dir):
             entries[name] = _kernel_form(node)
