@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -76,6 +77,9 @@ def expect_quirks(request: pytest.FixtureRequest, subject: Subject, needs: Itera
 def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
     """Generated-stack options that avoid the subject's known quirks."""
     base = StackOptions(**kw)  # type: ignore[arg-type]
+    # Exploration aid: LAYERFS_STACK_AVOID=whiteout:xattr,... treats these features as quirks.
+    avoid = frozenset(filter(None, os.environ.get("LAYERFS_STACK_AVOID", "").split(",")))
+    subject = dataclasses.replace(subject, quirks=subject.quirks | avoid)
     return StackOptions(
         whiteouts=tuple(w for w in base.whiteouts if f"whiteout:{w}" not in subject.quirks),
         opaques=tuple(o for o in base.opaques if f"opaque:{o}" not in subject.quirks),
