@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON file (default benchmarks/results/<date>-<size>.json)",
     )
     r.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="start no round that would end past MIN minutes (judged by the rounds so far)",
+    )
+    r.add_argument(
         "--no-check",
         action="store_true",
         help="skip the check that every target shows the native tree",
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         out=out,
         check=not args.no_check,
         profile_dir=args.profile,
+        budget=args.time_budget * 60 if args.time_budget else None,
     )
     print()
     print(harness.render_header(res))

@@ -335,6 +335,7 @@ def run_benchmarks(
     out: Path,
     check: bool,
     profile_dir: Path | None = None,
+    budget: float | None = None,
 ) -> Results:
     scenarios = select_scenarios(ds, only)
     for mod in MODULES:
@@ -370,8 +371,14 @@ def run_benchmarks(
     say(
         f"{len(scenarios)} scenarios x {len(targets)} targets x {rounds} rounds; work in {workroot}"
     )
+    t_start = time.monotonic()
+    res.info["rounds_done"] = 0
     try:
         for r in range(rounds):
+            elapsed = time.monotonic() - t_start
+            if budget is not None and r > 0 and elapsed + elapsed / r > budget:
+                say(f"stopping after {r} round(s): another would pass the time budget")
+                break
             runner.round = r
             for i, sc in enumerate(scenarios):
                 reason = sc.requires(ds) if sc.requires else None
@@ -389,12 +396,17 @@ def run_benchmarks(
                         continue
                     status = runner.once(t, sc, cell)
                     say(f"[{r + 1}/{rounds}] {sc.name:22s} {t.name:15s}{status}")
+            res.info["rounds_done"] = r + 1
             write_json(res, out, finished=False)
     finally:
-        shutil.rmtree(workroot, ignore_errors=True)
-        with_parent = workroot.parent
-        if with_parent.exists() and not any(with_parent.iterdir()):
-            with_parent.rmdir()
+        # Per directory, so nothing is deleted through a mount that is still live.
+        for child in workroot.iterdir():
+            runner.cleanup(child)
+        for d in (workroot, workroot.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
     res.info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(res, out, finished=True)
     return res
@@ -548,7 +560,8 @@ def render_header(res: Results) -> str:
     machine = info.get("machine", {})
     assert isinstance(machine, dict)
     lines = [
-        f"size {res.size}, {res.rounds} round(s), {info.get('started', '?')}; "
+        f"size {res.size}, {info.get('rounds_done', res.rounds)} round(s), "
+        f"{info.get('started', '?')}; "
         f"Linux {machine.get('kernel')}, {machine.get('cpus')} x {machine.get('cpu')}, "
         f"layers on {str(machine.get('layer_filesystem', '?')).split()[0]}, "
         f"load {machine.get('loadavg_at_start')}",
