@@ -18,6 +18,12 @@ class Caller:
     gid: int = 0
     umask: int = 0o022
     pid: int = 0
+    groups: frozenset[int] = frozenset()  # supplementary groups, where the adapter read them
+
+    def kill_priv_groups(self) -> frozenset[int] | None:
+        """The groups that decide setgid clearing on a write, or None when the caller keeps
+        setuid/setgid bits (root: CAP_FSETID)."""
+        return None if self.uid == 0 else self.groups | {self.gid}
 
 
 class Attr(NamedTuple):

@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except LayerfsError as e:
-        print(f"layerfs: {e}", file=sys.stderr)
+        # paths are bytes to us: give back the very bytes the user typed, not escapes
+        sys.stderr.flush()
+        sys.stderr.buffer.write(os.fsencode(f"layerfs: {e}\n"))
+        sys.stderr.buffer.flush()
         return 1
     except KeyboardInterrupt:
         return 130

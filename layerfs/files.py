@@ -28,13 +28,19 @@ BIG_IO = 256 << 10  # reads/writes from this size on go to a worker thread
 
 
 class Handle:
-    """An open file. ``kill_priv``: the opener may not keep setuid/setgid bits on a write
-    (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then clear itself."""
+    """An open file. ``kill_priv``: the groups of an opener that may not keep setuid/setgid
+    bits on a write (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then
+    clear itself; None for root."""
 
     __slots__ = ("fd", "kill_priv", "node", "old_fds", "on_upper", "writable")
 
     def __init__(
-        self, fd: int, node: Node, on_upper: bool, writable: bool, kill_priv: bool = False
+        self,
+        fd: int,
+        node: Node,
+        on_upper: bool,
+        writable: bool,
+        kill_priv: frozenset[int] | None = None,
     ) -> None:
         self.fd = fd
         self.node = node
@@ -44,13 +50,19 @@ class Handle:
         self.old_fds: list[int] = []  # lower fds replaced after a copy-up, closed on release
 
 
-def kill_suid(fd: int) -> None:
-    """Clear setuid, and setgid on a group-executable file, as a write by a process without
-    CAP_FSETID does (the FUSE kernel module leaves this to us: libfuse asks for
-    handle_killpriv)."""
-    mode = os.fstat(fd).st_mode
+def kill_suid(fd: int, groups: frozenset[int]) -> None:
+    """Clear setuid/setgid as a write by a process without CAP_FSETID does (the FUSE kernel
+    module leaves this to us: libfuse asks for handle_killpriv).
+
+    As setattr_should_drop_suidgid: setuid always; setgid on a group-executable file, or on
+    any file whose group the writer (GROUPS) is not in.
+    """
+    st = os.fstat(fd)
+    mode = st.st_mode
+    if not stat.S_ISREG(mode):
+        return
     kill = stat.S_ISUID if mode & stat.S_ISUID else 0
-    if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or st.st_gid not in groups):
         kill |= stat.S_ISGID
     if kill:
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
@@ -88,7 +100,12 @@ class Files:
         return layer.dirfd(lpath[:-1]), lpath[-1]
 
     def add(
-        self, fd: int, node: Node, on_upper: bool, writable: bool, kill_priv: bool = False
+        self,
+        fd: int,
+        node: Node,
+        on_upper: bool,
+        writable: bool,
+        kill_priv: frozenset[int] | None = None,
     ) -> int:
         fh = next(self._ids)
         self.handles[fh] = Handle(fd, node, on_upper, writable, kill_priv)
@@ -108,7 +125,7 @@ class Files:
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
         fd = _sys.open_at(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
-        return self.add(fd, node, node.upper, writable, caller.uid != 0)
+        return self.add(fd, node, node.upper, writable, caller.kill_priv_groups())
 
     def get(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -134,9 +151,9 @@ class Files:
         h = self.get(fh)
         if not h.writable:
             raise OSError(errno.EBADF, "not open for writing")
-        if h.kill_priv:
-            kill_suid(h.fd)
-            h.kill_priv = False  # once cleared, a later chmod +s by the owner must stay
+        if h.kill_priv is not None:
+            kill_suid(h.fd, h.kill_priv)
+            h.kill_priv = None  # once cleared, a later chmod +s by the owner must stay
         if len(data) >= BIG_IO:
             return await trio.to_thread.run_sync(os.pwrite, h.fd, data, off)
         return os.pwrite(h.fd, data, off)

@@ -43,11 +43,15 @@ def _errors(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         REQUESTS[name] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", name, args[1:])
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r -> %s", name, args[1:], errno.errorcode.get(e.errno or 0, e))
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
@@ -174,8 +178,16 @@ def _ask_kernel_to_cache_listing(ops: Operations, inode: int) -> None:
         log.info("kernel directory cache not available (%s): listings served uncached", e)
 
 
-def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
+def _caller(ctx: pyfuse3.RequestContext, *, groups: bool = False) -> Caller:
+    """The request's credentials; GROUPS also reads the supplementary groups (a /proc read),
+    which only setgid clearing on writes by non-root callers needs."""
+    sup: frozenset[int] = frozenset()
+    if groups and ctx.uid != 0:
+        try:
+            sup = frozenset(pyfuse3.get_sup_groups(ctx.pid))
+        except (OSError, ValueError):
+            sup = frozenset()  # the caller is gone: the group check errs on clearing
+    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid, sup)
 
 
 class Operations(pyfuse3.Operations):
@@ -230,7 +242,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        return _entry(await self.fs.setattr(inode, ch, fh, _caller(ctx)))
+        return _entry(await self.fs.setattr(inode, ch, fh, _caller(ctx, groups=True)))
 
     @_errors
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
@@ -305,7 +317,7 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        fh = await self.fs.open(inode, flags, _caller(ctx))
+        fh = await self.fs.open(inode, flags, _caller(ctx, groups=True))
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @_errors
@@ -317,7 +329,7 @@ class Operations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attr = await self.fs.create(parent_inode, name, mode, flags, _caller(ctx))
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, _caller(ctx, groups=True))
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), _entry(attr)
 
     @_errors

@@ -37,8 +37,9 @@ def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> None:
     """setattr on an open file that has no name left (unlinked while open)."""
     if ch.size is not None:
         os.ftruncate(fd, ch.size)
-        if caller.uid != 0 and ch.mode is None:
-            kill_suid(fd)
+        groups = caller.kill_priv_groups()
+        if groups is not None and ch.mode is None:
+            kill_suid(fd, groups)
     if ch.uid is not None or ch.gid is not None:
         os.fchown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
     if ch.mode is not None:
@@ -163,8 +164,9 @@ class Overlay:
             fd = self.files.get(fh).fd if fh is not None else _sys.open_at(dirfd, name, os.O_WRONLY)
             try:
                 os.ftruncate(fd, ch.size)
-                if caller.uid != 0 and ch.mode is None:
-                    kill_suid(fd)
+                groups = caller.kill_priv_groups()
+                if groups is not None and ch.mode is None:
+                    kill_suid(fd, groups)
             finally:
                 if fh is None:
                     os.close(fd)
@@ -204,7 +206,7 @@ class Overlay:
     ) -> tuple[int, Attr]:
         parent = self.table.get(parent_ino)
         node, fd = await self.ns.create(parent, name, mode, flags, caller)
-        fh = self.files.add(fd, node, True, True, caller.uid != 0)
+        fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
         return fh, self.counted(node)
 
     def release(self, fh: int) -> None:

@@ -113,7 +113,9 @@ def _program_path() -> str | None:
 
 
 def _err(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    sys.stderr.flush()  # paths are bytes: write back the user's bytes, not escapes
+    sys.stderr.buffer.write(os.fsencode(f"{PROG}: {message}\n"))
+    sys.stderr.buffer.flush()
 
 
 if __name__ == "__main__":
