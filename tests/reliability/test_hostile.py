@@ -377,3 +377,33 @@ def test_workdir_scratch_as_symlink_is_replaced(tmp_path: Path) -> None:
         assert not (work / "work").is_symlink()
     assert (upper / "f").read_text() == "lower\nupper\n"
     assert tree_state(canary) == before
+
+
+def test_lower_hard_link_to_an_outside_file(tmp_path: Path) -> None:
+    """A lower layer holding a hard link to a file outside it (same filesystem): every change
+    through the mount goes to a copy in the upper, never to the shared inode."""
+    canary = tmp_path / "canary"
+    _make_canary(canary)
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    for name in ("append", "chmod", "chown", "utime", "xattr", "truncate", "rename", "unlink"):
+        os.link(canary / "c", lower / name)
+    before = tree_state(canary)
+    xattrs_before = os.listxattr(canary / "c")
+    with layerfs_daemon([lower], upper, work, mnt) as d:
+        assert (mnt / "append").read_text() == "canary\n"
+        with open(mnt / "append", "a") as fh:
+            fh.write("through the mount\n")
+        os.chmod(mnt / "chmod", 0o600)
+        os.chown(mnt / "chown", 1, 1)
+        os.utime(mnt / "utime", ns=(0, 0))
+        os.setxattr(mnt / "xattr", "user.k", b"v")
+        os.truncate(mnt / "truncate", 0)
+        os.rename(mnt / "rename", mnt / "renamed")
+        os.unlink(mnt / "unlink")
+        assert (mnt / "append").read_text() == "canary\nthrough the mount\n"
+        assert d.alive()
+    assert tree_state(canary) == before
+    assert os.listxattr(canary / "c") == xattrs_before
+    assert os.stat(canary / "c").st_nlink == 1 + 8
