@@ -407,3 +407,42 @@ def test_lower_hard_link_to_an_outside_file(tmp_path: Path) -> None:
     assert tree_state(canary) == before
     assert os.listxattr(canary / "c") == xattrs_before
     assert os.stat(canary / "c").st_nlink == 1 + 8
+
+
+@pytest.mark.kernel_overlay
+@pytest.mark.parametrize("redirect", [b"/../canary", b"/../canary/sub", b"/./../canary"])
+def test_hostile_redirect_in_the_upper_stays_inside(tmp_path: Path, redirect: bytes) -> None:
+    """An upper directory whose ``trusted.overlay.redirect`` climbs out with ``..`` (an upper
+    from an untrusted backup or checkpoint): the merge must never reach outside the layers.
+    The kernel refuses such a redirect (EACCES on lookup)."""
+    canary = tmp_path / "canary"
+    _make_canary(canary)
+    before = tree_state(canary)
+    lower, mnt = tmp_path / "lower", tmp_path / "merged"
+    (lower / "a").mkdir(parents=True)
+    (lower / "a" / "from-lower").write_text("x")
+    mnt.mkdir()
+    seen = {}
+    for name in ("layerfs", "kernel"):
+        upper, work = tmp_path / f"upper-{name}", tmp_path / f"work-{name}"
+        (upper / "e").mkdir(parents=True)
+        work.mkdir()
+        os.setxattr(upper / "e", b"trusted.overlay.redirect", redirect)
+        if name == "layerfs":
+            with layerfs_daemon([lower], upper, work, mnt) as d:
+                try:
+                    seen[name] = sorted(os.listdir(mnt / "e"))
+                except OSError as e:
+                    seen[name] = [f"error {e.errno}"]
+                outside = [t for t in fd_targets(d.pid) if t.startswith(str(canary))]
+                assert not outside, f"the daemon opened the canary: {outside}"
+        else:
+            with mount_kernel([lower], upper, work, mnt):
+                try:
+                    seen[name] = sorted(os.listdir(mnt / "e"))
+                except OSError as e:
+                    seen[name] = [f"error {e.errno}"]
+    assert tree_state(canary) == before
+    for name, entries in seen.items():
+        assert not {"c", "sub", "passwd"} & set(entries), f"{name} merged the canary: {entries}"
+    assert seen["layerfs"] == seen["kernel"]
