@@ -13,7 +13,7 @@ from benchmarks import harness
 from benchmarks.dataset import DEFAULT_DATA_DIR, load_or_build
 from benchmarks.model import SIZES
 from benchmarks.scenarios import all_scenarios
-from benchmarks.targets import ALL_TARGETS, make_targets
+from benchmarks.targets import ALL_TARGETS, Layerfs, make_targets
 
 
 def _csv(text: str) -> list[str]:
@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--layerfs-cmd", default=None, help="the layerfs command (default: found)")
     r.add_argument("--layerfs-opts", default="", help="-o options for layerfs mounts")
+    r.add_argument(
+        "--layerfs-rev",
+        default=None,
+        metavar="REV",
+        help="run layerfs from this git revision (e.g. HEAD), extracted once, instead of the "
+        "work tree: edits made during the run do not change what is measured",
+    )
     r.add_argument(
         "--profile",
         type=Path,
@@ -139,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     names = args.targets or ALL_TARGETS
-    targets = make_targets(names, args.layerfs_cmd, args.layerfs_opts)
+    targets = make_targets(names, args.layerfs_cmd, args.layerfs_opts, args.layerfs_rev)
+    for tg in targets:
+        if isinstance(tg, Layerfs) and not tg.unavailable():
+            tg.pin(args.data_dir / "layerfs-snapshots")
     usable = []
     for tg in targets:
         why = tg.unavailable()

@@ -193,13 +193,29 @@ def layerfs_command() -> str | None:
     return shutil.which("layerfs")
 
 
+# Runs the layerfs CLI from a snapshot directory given as the first argument.
+_SNAPSHOT_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'layerfs'; "
+    "from layerfs.cli import main; sys.exit(main())"
+)
+
+
 class Layerfs(_Overlay):
+    """layerfs through its CLI: the installed command, or (``rev``) the code of one git
+    revision, extracted once, so that edits made to the work tree during a long run do not
+    change what is measured half-way."""
+
     name = "layerfs"
     fuse = True
 
-    def __init__(self, command: str | None = None, options: str = "") -> None:
+    def __init__(
+        self, command: str | None = None, options: str = "", rev: str | None = None
+    ) -> None:
         self.command = command or layerfs_command()
         self.options = options
+        self.rev = rev
+        self.prefix: list[str] = [self.command] if self.command else []
+        self.described = ""
 
     def unavailable(self) -> str | None:
         if not self.command:
@@ -208,44 +224,66 @@ class Layerfs(_Overlay):
             return "no /dev/fuse"
         return None
 
+    def pin(self, snapshots: Path) -> None:
+        """Extract ``rev`` into ``snapshots`` and run layerfs from there."""
+        if not self.rev or not self.command:
+            return
+        sha = _git("rev-parse", "--verify", f"{self.rev}^{{commit}}")
+        snap = snapshots / sha
+        if not (snap / "layerfs" / "cli.py").exists():
+            tmp = snapshots / f"{sha}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            archive = subprocess.run(
+                ["git", "-C", str(REPO), "archive", sha, "layerfs", "mount_helper"],
+                capture_output=True,
+                check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+            tmp.rename(snap)
+        # The interpreter of the venv the command belongs to has pyfuse3 and trio.
+        python = Path(self.command).parent / "python"
+        interp = str(python) if python.exists() else sys.executable
+        self.prefix = [interp, "-c", _SNAPSHOT_BOOT, str(snap)]
+        self.described = f"git {sha[:12]} (pinned from {self.rev})"
+
     def version(self) -> str:
         assert self.command
-        ver = command_version([self.command, "--version"])
+        ver = command_version([*self.prefix, "--version"])
+        if self.described:
+            return f"{ver}, {self.described}"
         try:
-            rev = (
-                subprocess.run(
-                    ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                    capture_output=True,
-                    check=True,
-                )
-                .stdout.decode()
-                .strip()
-            )
+            rev = _git("describe", "--always", "--dirty")
         except (OSError, subprocess.CalledProcessError):
             rev = "?"
-        return f"{ver} (git {rev})"
+        return f"{ver} (git {rev}, work tree)"
 
     def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
-        assert self.command
-        cmd = [self.command, "mount", lowers, str(upper), str(mnt), "--workdir", str(workdir)]
+        cmd = [*self.prefix, "mount", lowers, str(upper), str(mnt), "--workdir", str(workdir)]
         if self.options:
             cmd += ["-o", self.options]
         return cmd
 
     def unmount_cmds(self, mnt: Path) -> list[list[str]]:
-        assert self.command
-        return [[self.command, "umount", str(mnt)], ["fusermount3", "-u", str(mnt)]]
+        return [[*self.prefix, "umount", str(mnt)], ["fusermount3", "-u", str(mnt)]]
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, check=True)
+    return out.stdout.decode().strip()
 
 
 ALL_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
 
 
-def make_targets(names: list[str], layerfs_cmd: str | None, layerfs_opts: str) -> list[Target]:
+def make_targets(
+    names: list[str], layerfs_cmd: str | None, layerfs_opts: str, layerfs_rev: str | None = None
+) -> list[Target]:
     table: dict[str, Target] = {
         "native": Native(),
         "kernel": Kernel(),
         "fuse-overlayfs": FuseOverlayfs(),
-        "layerfs": Layerfs(layerfs_cmd, layerfs_opts),
+        "layerfs": Layerfs(layerfs_cmd, layerfs_opts, layerfs_rev),
     }
     unknown = [n for n in names if n not in table]
     if unknown:
