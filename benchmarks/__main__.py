@@ -11,6 +11,7 @@ from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.dataset import DEFAULT_DATA_DIR, load_or_build
+from benchmarks.goals import render_goals
 from benchmarks.model import SIZES
 from benchmarks.scenarios import all_scenarios
 from benchmarks.targets import ALL_TARGETS, Layerfs, make_targets
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(harness.render_header(res))
         print()
         print(harness.render_table(res))
+        print()
+        print(render_goals(res))
         errs = harness.render_errors(res)
         if errs:
             print("\nErrors:\n" + errs)
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.render_header(res))
     print()
     print(harness.render_table(res))
+    print()
+    print(render_goals(res))
     errs = harness.render_errors(res)
     if errs:
         print("\nErrors:\n" + errs)

@@ -459,7 +459,10 @@ def to_json(res: Results) -> dict[str, object]:
 def write_json(res: Results, out: Path, *, finished: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    from benchmarks.goals import evaluate  # goals builds on this module
+
     data = to_json(res)
+    data["goals"] = evaluate(res)
     data["complete"] = finished
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(out)
