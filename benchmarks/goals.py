@@ -71,9 +71,10 @@ def _not_worse_than_fuse_overlayfs(res: Results, target: str) -> Verdict:
         return Verdict(None, "not measured")
     worse.sort(reverse=True)
     top = ", ".join(f"{m} {w:.1f}x" for w, m in worse[:4])
-    return Verdict(
-        not worse, f"{total - len(worse)}/{total} rows" + (f"; behind: {top}" if worse else "")
-    )
+    detail = f"at or ahead on {total - len(worse)}/{total} rows"
+    if worse:
+        detail += f"; furthest behind: {top}"
+    return Verdict(not worse, detail)
 
 
 def _flat(res: Results, target: str) -> Verdict:

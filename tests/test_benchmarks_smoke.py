@@ -49,9 +49,12 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| scenario | native | kernel | fuse-overlayfs | layerfs |" in proc.stdout
     assert "walk lstat warm" in proc.stdout
+    assert "| goal | layerfs | fuse-overlayfs |" in proc.stdout
 
     data = json.loads(out.read_text())
     assert data["complete"] is True
+    assert data["rounds_done"] == 1
+    assert len(data["goals"]) >= 5
     assert data["size"] == "tiny"
     assert data["machine"]["kernel"]
     assert "native" in data["targets"]
