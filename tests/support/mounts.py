@@ -167,8 +167,12 @@ def _fuse_daemon(name: str, cmd: list[str], mnt: Path, log: Path) -> Iterator[Mo
             proc.kill()
             proc.wait()
         if failed:
-            # A short pause so a dying daemon's last words reach the log for the report.
+            # A short pause so a dying daemon's last words reach the log, then show them
+            # (pytest prints captured stderr with the failure).
             time.sleep(0.2)
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if text.strip():
+                print(f"--- {name} daemon log {log}:\n{text[-6000:]}", file=sys.stderr)
         m.problems += log_problems(log)
     if m.problems and not failed:
         raise AssertionError("\n".join(m.problems))
