@@ -73,12 +73,14 @@ def mount_cmd(
     return cmd
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    pred: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.02
+) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 def unmount_any(mnt: PathLike) -> None:

@@ -21,7 +21,7 @@ import pytest
 import xxhash
 from support.mounts import is_mounted
 
-from ._helpers import layerfs_daemon, layerfs_umount, needs_root, probe_errno, wait_until
+from ._helpers import layerfs_daemon, layerfs_umount, needs_root, probe_errno
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow, needs_root]
 
@@ -67,7 +67,11 @@ def _temps(work: Path) -> list[str]:
 
 
 def _wait_copy_started(work: Path, writer: subprocess.Popen[bytes]) -> None:
-    wait_until(lambda: bool(_temps(work)) or writer.poll() is not None, 60, "the copy-up")
+    """Poll every millisecond: on a fast disk the whole copy may take only tens of them."""
+    deadline = time.monotonic() + 60
+    while not _temps(work) and writer.poll() is None:
+        assert time.monotonic() < deadline, "the copy-up never started"
+        time.sleep(0.001)
 
 
 def test_kill9_during_copy_up(tmp_path: Path) -> None:

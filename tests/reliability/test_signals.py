@@ -136,10 +136,15 @@ def test_term_during_copy_up(tmp_path: Path) -> None:
                 [sys.executable, "-c", f"open({str(mnt / 'big')!r}, 'ab').close()"],
                 stderr=subprocess.DEVNULL,
             )
+            w = writer
             wait_until(
-                lambda: any(n.startswith("#lfs") for n in os.listdir(work / "work")),
+                lambda: (
+                    any(n.startswith("#lfs") for n in os.listdir(work / "work"))
+                    or w.poll() is not None
+                ),
                 60,
                 "the copy-up to start",
+                interval=0.001,
             )
             os.kill(d.pid, signal.SIGTERM)
             _assert_exits_cleanly(d)
