@@ -109,6 +109,10 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         lowers = lowers_for_image(args.image, args.store)
         args.paths = [":".join(p.replace(":", "\\:") for p in lowers), *upper_merged]
     serve(_mount_config(args))
+    if args.image:
+        from layerfs.store.cli import record_upper
+
+        record_upper(args.image, upper_merged[0], args.store)
     return 0
 
 
@@ -156,7 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mount_fuse3_shape(argv: list[str]) -> bool:
+    """``layerfs SOURCE MERGED -o OPTS``: how mount.fuse3 runs a program named ``layerfs``
+    (``mount -t fuse3.layerfs``, an fstab line) when no mount.fuse.layerfs helper exists."""
+    return (
+        bool(argv)
+        and argv[0] not in ("mount", "umount", "image", "diff", "commit")
+        and ("-o" in argv or any(a.startswith("-o") for a in argv))
+        and not argv[0].startswith("-")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _mount_fuse3_shape(argv):
+        # the mount helper speaks this argv; exec it from beside us (mount.fuse3 clears PATH)
+        here = os.path.dirname(os.path.abspath(sys.argv[0]))
+        helper = os.path.join(here, "mount.layerfs")
+        if not os.path.exists(helper):
+            helper = "mount.layerfs"
+        os.execvp(helper, [helper, *argv])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -21,7 +21,7 @@ import stat
 import trio
 
 from layerfs import _sys, xattrs
-from layerfs.inodes import InodeTable, Node
+from layerfs.inodes import InodeTable, Node, real_id
 from layerfs.layers import LayerStack
 from layerfs.locks import KeyedLock
 
@@ -111,7 +111,7 @@ class CopyUp:
                 if node.parent is not None:
                     node.parent.version += 1  # its listing's d_ino changed
             # st_ino survives copy-up (OVL_CONST_INO), also once the kernel forgot the node
-            self.table.copied_up[(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
+            self.table.copied_up[real_id(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
         node.upper = True
         self.changed.append(node.id)
         self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "files"] += 1

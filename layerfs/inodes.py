@@ -34,7 +34,18 @@ log = logging.getLogger(__name__)
 ROOT_ID = 1
 XINO_SHIFT = 56
 
-Key = tuple[int, int] | tuple[int, int, int, bytes]
+# A real object's identity, (st_dev << 64) | st_ino: one int, not a tuple of two, since a
+# tree of a million files keeps a million of them.
+RealId = int
+Key = RealId | tuple[int, int, bytes]
+
+
+def real_id(dev: int, ino: int) -> RealId:
+    return (dev << 64) | ino
+
+
+def split_real_id(rid: RealId) -> tuple[int, int]:
+    return rid >> 64, rid & 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Node:
@@ -44,7 +55,7 @@ class Node:
     link has several, listed in ``aliases`` once a second one was seen; ``name`` is empty once
     the last one is gone). ``upper``: the object exists in the upper, at its merged path.
     ``lowers``: the real lower objects, the origin for a non-directory, the merged stack (down
-    to an opaque one) for a directory. ``origin``: the (st_dev, st_ino) that st_ino shows,
+    to an opaque one) for a directory. ``origin``: the real id whose st_ino users see,
     when it comes from a lower (see the module docstring).
     """
 
@@ -71,7 +82,7 @@ class Node:
         name: bytes,
         upper: bool,
         lowers: list[tuple[Layer, Path]],
-        origin: tuple[int, int] | None,
+        origin: RealId | None,
     ) -> None:
         self.id = 0
         self.key = key
@@ -112,7 +123,7 @@ class InodeTable:
         self._ids = itertools.count(ROOT_ID + 1)
         # upper (st_dev, st_ino) of a file copied up in this mount -> its node's key, so that a
         # node forgotten and looked up again keeps its identity and st_ino
-        self.copied_up: dict[tuple[int, int], tuple[Key, tuple[int, int] | None]] = {}
+        self.copied_up: dict[RealId, tuple[Key, RealId | None]] = {}
 
     def statistics(self) -> dict[str, int]:
         return {"nodes": len(self.nodes), "copied_up": len(self.copied_up)}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from layerfs import _sys, whiteout, xattrs
 
 Path = tuple[bytes, ...]
+LISTING_CACHE_ENTRIES = 200_000  # per layer: bounds memory, not the number of directories
 
 
 @dataclass(slots=True)
@@ -48,6 +49,7 @@ class Layer:
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._fd_cache = fd_cache
         self._listings: OrderedDict[Path, Listing] = OrderedDict()
+        self._held = 0  # entries in the cached listings
 
     def __repr__(self) -> str:
         return f"Layer({self.path!r}, index={self.index})"
@@ -84,7 +86,7 @@ class Layer:
         for key in [k for k in self._fds if k[:n] == path]:
             os.close(self._fds.pop(key))
         for key in [k for k in self._listings if k[:n] == path]:
-            del self._listings[key]
+            self._held -= len(self._listings.pop(key).entries)
 
     def listing(self, path: Path) -> Listing:
         """Return the (cached) listing of lower directory PATH."""
@@ -95,8 +97,10 @@ class Layer:
         listing = self.read_listing(path)
         if not self.writable:
             self._listings[path] = listing
-            if len(self._listings) > 4096:
-                self._listings.popitem(last=False)
+            self._held += len(listing.entries)
+            while self._held > LISTING_CACHE_ENTRIES and len(self._listings) > 1:
+                _, old = self._listings.popitem(last=False)
+                self._held -= len(old.entries)
         return listing
 
     def read_listing(self, path: Path) -> Listing:

@@ -15,7 +15,7 @@ import os
 import stat
 
 from layerfs import _sys, whiteout, xattrs
-from layerfs.inodes import InodeTable, Key, Node
+from layerfs.inodes import InodeTable, Key, Node, RealId, real_id
 from layerfs.layers import Layer, LayerStack, Path
 
 
@@ -25,7 +25,7 @@ class Resolution:
     st: lstat of the top real object; upper: the top object is in the upper; lowers: the
     origin (non-dir) or the merged lower dirs (dir); lower_positive: some lower shows this
     name, so removing it needs a whiteout; origin_nlink: nlink of the lower origin (hard links
-    break on copy-up); origin: (st_dev, st_ino) of the first lower object.
+    break on copy-up); origin: the real id of the first lower object.
     """
 
     __slots__ = ("lower_positive", "lowers", "origin", "origin_nlink", "st", "upper")
@@ -37,7 +37,7 @@ class Resolution:
         lowers: list[tuple[Layer, Path]],
         lower_positive: bool,
         origin_nlink: int = 1,
-        origin: tuple[int, int] | None = None,
+        origin: RealId | None = None,
     ) -> None:
         self.st = st
         self.upper = upper
@@ -106,7 +106,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     lowers: list[tuple[Layer, Path]] = []
     positive = False
     origin_nlink = 1
-    origin: tuple[int, int] | None = None
+    origin: RealId | None = None
     top_st = upper_st
     if not stop_lowers:
         for layer, dpath in search:
@@ -124,12 +124,12 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 if top_st is None:
                     top_st = _sys.lstat_at(layer.dirfd(dpath), lname)
                     origin_nlink = top_st.st_nlink
-                    origin = (top_st.st_dev, top_st.st_ino)
+                    origin = real_id(top_st.st_dev, top_st.st_ino)
                     lowers.append((layer, child))
                 break  # a non-directory ends the merge (and hides nothing above it)
             if origin is None:
                 st = _sys.lstat_at(layer.dirfd(dpath), lname)
-                origin = (st.st_dev, st.st_ino)
+                origin = real_id(st.st_dev, st.st_ino)
                 top_st = top_st or st
             lowers.append((layer, child))
             if layer.listing(child).opaque:
@@ -179,7 +179,7 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     A known node is refreshed (it may have been copied up, or renamed by us); a second name of
     an upper hard link becomes an alias of the same node. See inodes.py for identities.
     """
-    real = (res.st.st_dev, res.st.st_ino)
+    real = real_id(res.st.st_dev, res.st.st_ino)
     key: Key
     origin = res.origin
     if res.is_dir:
@@ -187,9 +187,9 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     elif res.upper:
         key, origin = table.copied_up.get(real, (real, None))
     elif res.origin_nlink > 1 and table.writable:
-        key = (real[0], real[1], parent.id, name)  # one node per name (index=off)
+        key = (real, parent.id, name)  # one node per name (index=off)
     else:
-        key = origin or real  # one tuple for both: most nodes are lower files
+        key = origin or real  # one int object for both: most nodes are lower files
     node = table.find(key)
     if node is None:
         node = Node(key, res.is_dir, parent, name, res.upper, res.lowers, origin)

@@ -24,7 +24,7 @@ from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp
 from layerfs.files import Files, kill_suid
-from layerfs.inodes import ROOT_ID, InodeTable, Node
+from layerfs.inodes import ROOT_ID, InodeTable, Node, real_id, split_real_id
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import node_for, resolve
 from layerfs.namespace import Namespace
@@ -73,7 +73,7 @@ class Overlay:
         st = os.fstat(top.root_fd)
         # An opaque mark on a layer's root means nothing to the kernel, nor to us.
         lowers: list[tuple[Layer, Path]] = [(layer, ()) for layer in self.stack.lowers]
-        key = (st.st_dev, st.st_ino)
+        key = real_id(st.st_dev, st.st_ino)
         root = Node(key, True, None, b"", self.stack.upper is not None, lowers, key)
         root.nlookup = 1
         return self.table.add(root, ROOT_ID)
@@ -110,7 +110,7 @@ class Overlay:
         if st is None:
             st = self._lstat(node)
         nlink = 1 if node.merged else None  # merged dirs read nlink 1, as in ovl_getattr
-        dev, ino = node.origin or (st.st_dev, st.st_ino)
+        dev, ino = split_real_id(node.origin) if node.origin is not None else (st.st_dev, st.st_ino)
         return Attr.from_stat(node.id, self.table.st_ino(dev, ino), st, nlink)
 
     def getattr(self, ino: int) -> Attr:
