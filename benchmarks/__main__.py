@@ -21,9 +21,17 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     # `... | head` should end quietly, not with a BrokenPipeError traceback.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # Ctrl-C and SIGTERM unwind through the harness's cleanup (unmount, remove the work
+    # directory), also when started in the background, where SIGINT comes in ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 

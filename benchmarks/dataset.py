@@ -26,6 +26,7 @@ the kernel's one-page mount options.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -100,6 +101,15 @@ class Dataset:
         n = self.params.many_entries
         if (many / "done").exists():
             return
+        fd = os.open(self.root / ".many.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+        try:
+            if not (many / "done").exists():
+                self._build_many(many, n)
+        finally:
+            os.close(fd)
+
+    def _build_many(self, many: Path, n: int) -> None:
         _rmtree(many)
         log(f"{n} empty files for the daemon memory scenario")
         per_dir = 1000
@@ -164,16 +174,53 @@ def tree_listing(root: Path) -> list[str]:
 # --- building -------------------------------------------------------------------------------
 
 
+def lock_dataset(data_dir: Path, size: str, *, exclusive: bool) -> int:
+    """Hold a lock on the data set of ``size`` until the returned fd is closed (or the process
+    exits): exclusive to build it, shared to use it, so no run loses its data set to a rebuild
+    in another process."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / f".{size}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    return fd
+
+
 def load_or_build(data_dir: Path, size: str, *, rebuild: bool = False) -> Dataset:
-    """Return the cached data set of ``size``, building it first if needed."""
+    """Return the cached data set of ``size``, building it first if needed.
+
+    A shared lock on it is held until the process exits (it only blocks a rebuild by
+    another process; a rebuild waits for every run that uses the data set to end)."""
+    fd = lock_dataset(data_dir, size, exclusive=False)
+    ds = None if rebuild else _load(data_dir, size)
+    if ds is None:
+        os.close(fd)
+        fd = lock_dataset(data_dir, size, exclusive=True)
+        ds = None if rebuild else _load(data_dir, size)  # built by another process meanwhile?
+        if ds is None:
+            ds = _build_dataset(data_dir, size)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    _held_locks.append(fd)
+    return ds
+
+
+_held_locks: list[int] = []
+
+
+def _load(data_dir: Path, size: str) -> Dataset | None:
     params = SIZES[size]
     root = data_dir / size
     meta_path = root / "meta.json"
-    if not rebuild and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("version") == DATASET_VERSION and meta.get("params") == params.__dict__:
-            return Dataset(root, params, meta)
-        log(f"{root}: stale (version or size parameters changed), rebuilding")
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("version") == DATASET_VERSION and meta.get("params") == params.__dict__:
+        return Dataset(root, params, meta)
+    log(f"{root}: stale (version or size parameters changed)")
+    return None
+
+
+def _build_dataset(data_dir: Path, size: str) -> Dataset:
+    params = SIZES[size]
+    root = data_dir / size
     data_dir.mkdir(parents=True, exist_ok=True)
     building = data_dir / f"{size}.building"
     _rmtree(building)

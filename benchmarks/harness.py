@@ -127,6 +127,19 @@ def run_in_child(sc: Scenario, mnt: Mounted, timeout: float) -> list[Measurement
             f.write(data)
         os._exit(0)
     os.close(wfd)
+    try:
+        return _collect(pid, rfd, mnt, timeout)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM): take the child and its commands down with us.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+
+
+def _collect(pid: int, rfd: int, mnt: Mounted, timeout: float) -> list[Measurement]:
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     timed_out = False
