@@ -212,7 +212,10 @@ def _load(data_dir: Path, size: str) -> Dataset | None:
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text())
-    if meta.get("version") == DATASET_VERSION and meta.get("params") == params.__dict__:
+    # Compared as JSON has them (tuples come back as lists).
+    if meta.get("version") == DATASET_VERSION and meta.get("params") == json.loads(
+        json.dumps(params.__dict__)
+    ):
         return Dataset(root, params, meta)
     log(f"{root}: stale (version or size parameters changed)")
     return None
