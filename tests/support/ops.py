@@ -13,7 +13,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 
-from .snapshot import digest, kind
+from .snapshot import MAX_FILE_BYTES, digest, kind, list_dir
 
 Op = tuple[object, ...]
 Result = tuple[str, object]
@@ -53,8 +53,12 @@ def _read_all(p: bytes) -> bytes:
     fd = os.open(p, os.O_RDONLY | _NB)
     try:
         chunks = []
+        total = 0
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise AssertionError(f"read of {p!r} did not end after {total} bytes")
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -84,7 +88,7 @@ def _read(p: bytes) -> object:
 def _rmtree(p: bytes) -> None:
     st = os.lstat(p)
     if stat.S_ISDIR(st.st_mode):
-        for name in os.listdir(p):
+        for name in [e.name for e in list_dir(p)]:
             _rmtree(p + b"/" + name)
         os.rmdir(p)
     else:
@@ -105,7 +109,7 @@ def _unlink_open(p: bytes, data: bytes) -> object:
 
 
 def _listdir(p: bytes) -> object:
-    return sorted(os.listdir(p))
+    return sorted(e.name for e in list_dir(p))
 
 
 def _mkdir(p: bytes, mode: int = 0o755) -> object:

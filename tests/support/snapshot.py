@@ -47,8 +47,12 @@ def file_digest(path: bytes) -> str:
     h = xxhash.xxh3_128()
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
+        total = 0
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise AssertionError(f"read of {path!r} did not end after {total} bytes")
     finally:
         os.close(fd)
     out: str = h.hexdigest()
@@ -112,9 +116,24 @@ class Snapshot:
     inodes: dict[bytes, int] = field(default_factory=dict)  # for in-mount checks only
 
 
+# Far above any test directory: a readdir stream longer than this never ends (offset bug).
+MAX_DIR_ENTRIES = 100_000
+MAX_FILE_BYTES = 256 << 20
+
+
+def list_dir(path: bytes) -> list[os.DirEntry[bytes]]:
+    """All entries of one readdir stream, failing instead of looping on an endless stream."""
+    out: list[os.DirEntry[bytes]] = []
+    with os.scandir(path) as it:
+        for e in it:
+            out.append(e)
+            if len(out) > MAX_DIR_ENTRIES:
+                raise AssertionError(f"readdir of {path!r} did not end after {len(out)} entries")
+    return out
+
+
 def _walk(root: bytes, rel: bytes = b"") -> Iterator[tuple[bytes, os.DirEntry[bytes]]]:
-    with os.scandir(root + (b"/" + rel if rel else b"")) as it:
-        entries = sorted(it, key=lambda e: e.name)
+    entries = sorted(list_dir(root + (b"/" + rel if rel else b"")), key=lambda e: e.name)
     for e in entries:
         path = rel + b"/" + e.name if rel else e.name
         yield path, e
