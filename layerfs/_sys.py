@@ -70,11 +70,13 @@ def lstat_at_or_none(dirfd: int, name: bytes) -> os.stat_result | None:
 
 
 def open_dir_at(dirfd: int, name: bytes) -> int:
+    check_name(name)  # one plain component: never "..", never a path
     return os.open(name, O_DIR, dir_fd=dirfd)
 
 
 def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
     """Open NAME in DIRFD without following a symlink."""
+    check_name(name)
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 

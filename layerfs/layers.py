@@ -12,6 +12,7 @@ Must not import: pyfuse3, trio.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from collections import OrderedDict
@@ -79,6 +80,10 @@ class Layer:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
+
+    def clear_listings(self) -> None:
+        self._listings.clear()
+        self._held = 0
 
     def forget_prefix(self, path: Path) -> None:
         """Drop cached fds at PATH and below (after a rename or rmdir in the upper)."""
@@ -195,7 +200,12 @@ class LayerStack:
 
 
 def _prepare_workdir(workdir: str) -> int:
-    """Open WORKDIR/work (as the kernel names it), emptied of what a crash left behind."""
+    """Open WORKDIR/work (as the kernel names it), emptied of what a crash left behind.
+
+    The work directory is locked for the life of the mount (the kernel drops the lock if the
+    daemon dies): a second mount on it would otherwise empty the first one's work area
+    (the kernel's ovl_inuse_trylock).
+    """
     wfd = os.open(workdir, _sys.O_DIR)
     try:
         st = _sys.lstat_at_or_none(wfd, b"work")
@@ -207,6 +217,11 @@ def _prepare_workdir(workdir: str) -> int:
         fd = _sys.open_dir_at(wfd, b"work")
     finally:
         os.close(wfd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(errno.EBUSY, "workdir is in use by another mount", workdir) from None
     for name in os.listdir(fd):
         _sys.remove_tree_at(fd, os.fsencode(name))
     return fd

@@ -11,6 +11,7 @@ Must not import: pyfuse3, trio.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -146,11 +147,17 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
 def _redirected(
     stack: LayerStack, parent: Node, redirect: bytes
 ) -> tuple[list[tuple[Layer, Path]], bytes]:
-    """Where the lower part of a renamed directory lives: (search dirs, name to look up)."""
+    """Where the lower part of a renamed directory lives: (search dirs, name to look up).
+
+    A redirect is data from the upper, never a path to walk as such: each component must be a
+    plain name (no ``..``), or the lookup is refused (EACCES), as the kernel refuses it.
+    """
     if redirect.startswith(b"/"):
         parts = tuple(p for p in redirect.split(b"/") if p)
         if not parts:
             return [], b""
+        for part in parts:
+            _valid_redirect_part(part)
         dirs: list[tuple[Layer, Path]] = []
         for layer in stack.lowers:
             try:
@@ -159,7 +166,15 @@ def _redirected(
                 continue
             dirs.append((layer, parts[:-1]))
         return dirs, parts[-1]
+    _valid_redirect_part(redirect)
     return parent.lowers, redirect
+
+
+def _valid_redirect_part(part: bytes) -> None:
+    try:
+        _sys.check_name(part)
+    except OSError:
+        raise OSError(errno.EACCES, "invalid overlay.redirect in the upper") from None
 
 
 def lower_positive(stack: LayerStack, parent: Node, name: bytes) -> bool:

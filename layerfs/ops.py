@@ -92,6 +92,16 @@ if _ST_INO_OFFSET is None:
     log.warning("pyfuse3 layout not recognised: st_ino will be the FUSE node id")
 
 
+TRIM_AFTER = 50_000  # nodes dropped between two malloc_trim calls
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim with
+
+
 def _invalidate_attrs(node_ids: list[int]) -> None:
     """Tell the kernel to re-read the attributes of NODE_IDS (attribute-only notification:
     it takes no page or inode lock, so it is safe while a request is being served)."""
@@ -201,6 +211,7 @@ class Operations(pyfuse3.Operations):
         self.fs = overlay
         overlay.plain_listings = _ST_INO_OFFSET is not None
         self.dir_cache = _libfuse_layout_known()
+        self._forgotten = 0
 
     @_errors
     async def lookup(
@@ -215,7 +226,15 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         try:
+            before = len(self.fs.table.nodes)
             self.fs.forget([(int(i), n) for i, n in inode_list])
+            self._forgotten += before - len(self.fs.table.nodes)
+            if self._forgotten > TRIM_AFTER:
+                # The kernel let go of many nodes (memory pressure, drop_caches): hand the
+                # freed heap back to the system instead of keeping the high-water mark.
+                self._forgotten = 0
+                self.fs.shrink()
+                _malloc_trim()
         except Exception:
             log.exception("forget failed")
 

@@ -83,6 +83,12 @@ class Overlay:
             self.files.release(fh)
         self.stack.close()
 
+    def shrink(self) -> None:
+        """Drop the caches that only save work (listings); the kernel is shedding memory."""
+        self.dircache.clear()
+        for layer in self.stack.lowers:
+            layer.clear_listings()
+
     def statistics(self) -> dict[str, int]:
         return {
             **self.table.statistics(),

@@ -94,5 +94,9 @@ class DirCache:
             _, (_, dropped) = self._lists.popitem(last=False)
             self._held -= len(dropped)
 
+    def clear(self) -> None:
+        self._lists.clear()
+        self._held = 0
+
     def statistics(self) -> dict[str, int]:
         return {"dircache_dirs": len(self._lists), "dircache_entries": self._held}
