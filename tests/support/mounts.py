@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,9 @@ def log_problems(log: Path) -> list[str]:
 
 
 def layerfs_command() -> list[str]:
+    """The layerfs CLI: $LAYERFS_COMMAND (e.g. a pinned checkout), else the installed one."""
+    if cmd := os.environ.get("LAYERFS_COMMAND"):
+        return shlex.split(cmd)
     exe = shutil.which("layerfs")
     if exe:
         return [exe]
