@@ -19,6 +19,8 @@ import os
 import stat
 from collections.abc import Iterator
 
+import trio
+
 from layerfs import _sys, xattrs
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
@@ -305,6 +307,17 @@ class Overlay:
             yield name, child, attr, i + 1
         if len(dh.sent) == len(dh.names) and dh.version == node.version:
             self.dircache.put(node, [dh.sent[i] for i in range(len(dh.names))])
+
+    async def fsyncdir(self, fh: int) -> None:
+        """fsync the directory's upper part (what a rename or create there changed)."""
+        dh = self.dirs.get(fh)
+        if dh is None or not dh.node.upper or self.stack.upper is None or not self.config.fsync:
+            return
+        fd = os.dup(self.stack.upper.dirfd(dh.node.path()))  # a thread may outlive the cache
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd, limiter=self.copyup.limiter)
+        finally:
+            os.close(fd)
 
     def releasedir(self, fh: int) -> None:
         dh = self.dirs.pop(fh, None)
