@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("table", help="print the table of a results JSON file")
     t.add_argument("file", type=Path)
+    t.add_argument("--p95", action="store_true", help='cells show "median / p95"')
 
     c = sub.add_parser("compare", help="before/after table of one target from two JSON files")
     c.add_argument("before", type=Path)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         res = harness.results_from_json(data)
         print(harness.render_header(res))
         print()
-        print(harness.render_table(res))
+        print(harness.render_table(res, p95s=args.p95))
         print()
         print(render_goals(res))
         errs = harness.render_errors(res)

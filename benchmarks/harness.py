@@ -508,8 +508,9 @@ def fmt_value(v: float, unit: str) -> str:
 TABLE_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
 
 
-def render_table(res: Results) -> str:
-    """The Markdown table: absolute medians per target, then the ratios to kernel overlayfs."""
+def render_table(res: Results, *, p95s: bool = False) -> str:
+    """The Markdown table: absolute medians per target (with ``p95s``, "median / p95"), then
+    the ratios of the medians to kernel overlayfs."""
     head = ["scenario", *TABLE_TARGETS, "fuse-ovl/kernel", "layerfs/kernel"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for sc, metric, unit in res.rows():
@@ -521,7 +522,11 @@ def render_table(res: Results) -> str:
             cell = res.cell(sc.name, t)
             med = median_of(res, sc, metric, t)
             if med is not None:
-                cells.append(fmt_value(med, unit) + (" (err)" if cell.errors else ""))
+                text = fmt_value(med, unit)
+                m = cell.metrics[metric]
+                if p95s and len(m.samples) > 1:
+                    text += f" / {fmt_value(p95(m.samples), unit)}"
+                cells.append(text + (" (err)" if cell.errors else ""))
             elif cell.errors:
                 cells.append("ERR")
             elif cell.skipped:
