@@ -102,6 +102,38 @@ BASE = LayerSpec(
 
 T1 = 1_111_111_111_222_333_444
 
+# Ownership and modes for permission checks as an unprivileged user (uid 1000).
+PERM = LayerSpec(
+    [
+        d({b"home": d({b"u": d({b"own": f(b"o", uid=1000, gid=1000)}, uid=1000, gid=1000)})}),
+        d(
+            {
+                b"home": d(
+                    {
+                        b"u": d(
+                            {
+                                b"roots": f(b"r", mode=0o644),
+                                b"sgid": f(b"s", mode=0o2775, uid=1000, gid=50),
+                            },
+                            uid=1000,
+                            gid=1000,
+                        )
+                    }
+                ),
+                b"etc": d({b"shadow": f(b"secret", mode=0o640, gid=42)}),
+                b"tmp": d({b"roots": f(b"r"), b"users": f(b"u", uid=1000, gid=1000)}, mode=0o1777),
+                b"root": d({b"x": f()}, mode=0o700),
+                b"shared": d(
+                    {
+                        b"suid": f(b"s", mode=0o4777, uid=0, gid=0),
+                        b"grp": f(b"g", mode=0o664, gid=50),
+                    }
+                ),
+            }
+        ),
+    ]
+)
+
 SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
     "copy-up-write": (
         BASE,
@@ -314,6 +346,40 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("stat", b"etc/gone"),
         ],
         {"copyup-holes"},
+    ),
+    "tmpfile": (
+        BASE,
+        [("tmpfile", b"etc", b"anon"), ("tmpfile", b"usr/lib/x", b"anon"), ("listdir", b"etc")],
+        {"no-tmpfile"},
+    ),
+    "permissions-as-user": (
+        PERM,
+        [
+            ("as_user", 1000, 1000, ("write", b"home/u/own", 0, b"mine")),
+            ("as_user", 1000, 1000, ("write", b"home/u/roots", 0, b"not mine")),
+            ("as_user", 1000, 1000, ("create", b"home/u/new", b"n")),
+            ("as_user", 1000, 1000, ("create", b"etc/new", b"n")),
+            ("as_user", 1000, 1000, ("unlink", b"tmp/roots")),
+            ("as_user", 1000, 1000, ("unlink", b"tmp/users")),
+            ("as_user", 1000, 1000, ("rename", b"tmp/roots", b"tmp/x")),
+            ("as_user", 1000, 1000, ("chmod", b"home/u/own", 0o4755)),
+            ("as_user", 1000, 1000, ("chmod", b"home/u/roots", 0o600)),
+            ("as_user", 1000, 1000, ("chown", b"home/u/own", 1000, 0)),
+            ("as_user", 1000, 1000, ("utime", b"home/u/roots", T1)),
+            ("as_user", 1000, 1000, ("read", b"etc/shadow")),
+            ("as_user", 1000, 1000, ("listdir", b"root")),
+            ("as_user", 1000, 1000, ("setxattr", b"home/u/own", b"user.x", b"1")),
+            ("as_user", 1000, 1000, ("setxattr", b"home/u/own", b"trusted.x", b"1")),
+            ("as_user", 1000, 1000, ("write", b"home/u/sgid", 0, b"w")),
+            ("stat", b"home/u/sgid"),
+            ("as_user", 1000, 1000, ("write", b"shared/suid", 0, b"w")),
+            ("stat", b"shared/suid"),
+            ("as_user", 1000, 1000, ("mkdir", b"home/u/d")),
+            ("as_user", 1000, 1000, ("rmtree", b"home/u")),
+            ("as_user", 1000, 1000, ("truncate", b"shared/grp", 0)),
+            ("as_user", 1000, 50, ("truncate", b"shared/grp", 0)),
+        ],
+        set(),
     ),
     "hardlinks-in-lower": (
         BASE,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import pickle
 import stat
 from collections.abc import Callable, Sequence
 
@@ -247,6 +248,16 @@ def _fsyncdir(p: bytes) -> object:
     return None
 
 
+def _tmpfile(p: bytes, data: bytes) -> object:
+    """O_TMPFILE in directory ``p``: write through the anonymous file, report its size."""
+    fd = os.open(p, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, data)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 # name -> (function, which positional args are paths)
 OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "stat": (lambda p: _stat_value(os.lstat(p)), (0,)),
@@ -280,6 +291,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "fallocate": (_fallocate, (0,)),
     "mknod": (_mknod, (0,)),
     "fsyncdir": (_fsyncdir, (0,)),
+    "tmpfile": (_tmpfile, (0,)),
 }
 
 
@@ -297,6 +309,7 @@ FOLLOWS_LAST = {
     "open_trunc",
     "fallocate",
     "fsyncdir",
+    "tmpfile",
 }
 
 
@@ -314,11 +327,39 @@ def escapes(root: bytes, path: bytes, *, follow_last: bool) -> bool:
     return not (real == base or real.startswith(base + b"/"))
 
 
+def as_user(root: str | os.PathLike[str], uid: int, gid: int, op: Op) -> Result:
+    """Run ``op`` in a child process with these credentials (no supplementary groups)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the test runner
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.write(w, pickle.dumps(apply(root, op)))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        return ("child-failed", status)
+    result: Result = pickle.loads(data)
+    return result
+
+
 def apply(root: str | os.PathLike[str], op: Op) -> Result:
     """Run one operation below ``root``; never raises for an OSError.
 
     An operation whose path would resolve outside ``root`` is not run: ``("skip", None)``.
+    ``("as_user", uid, gid, op)`` runs ``op`` with those credentials.
     """
+    if op[0] == "as_user":
+        return as_user(root, int(op[1]), int(op[2]), op[3])  # type: ignore[call-overload, arg-type]
     name, *args = op
     fn, path_args = OPS[str(name)]
     base = os.fsencode(root)
