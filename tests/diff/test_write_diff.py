@@ -302,6 +302,40 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    "rename-dirs-deep": (
+        BASE,
+        [
+            ("unlink", b"usr/lib/libc.so"),
+            ("rename", b"usr/lib", b"usr/lib2"),
+            ("listdir", b"usr/lib2"),
+            ("rename", b"usr/lib2", b"usr/lib3"),
+            ("rename", b"usr/lib3/x", b"xx"),
+            ("listdir", b"xx"),
+            ("rename", b"usr", b"opt"),
+            ("listdir", b"opt/lib3"),
+            ("rename", b"opt", b"usr"),
+            ("rename", b"usr/lib3", b"usr/lib"),
+            ("listdir", b"usr/lib"),
+            ("mkdir", b"usr/lib3"),
+            ("listdir", b"usr/lib3"),
+            ("rename", b"var/log", b"etc/rc.d/log"),
+            ("rmtree", b"etc/rc.d/log"),
+            ("listdir", b"etc/rc.d"),
+            ("listdir", b"var"),
+        ],
+        {"rename-dir"},
+    ),
+    "rename-onto-own-hardlink": (
+        BASE,
+        # The kernel (index=off) sees two different files here: hl1 replaces hl2 and goes away.
+        [("rename", b"hl1", b"hl2"), ("stat", b"hl1"), ("stat", b"hl2"), ("read", b"hl2")],
+        {"hardlink-copyup"},
+    ),
+    "mmap-write": (
+        BASE,
+        [("mmap_write", b"etc/passwd", b"MM"), ("read", b"etc/passwd"), ("stat", b"etc/passwd")],
+        set(),
+    ),
     "renameat2-flags": (
         BASE,
         [

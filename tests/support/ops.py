@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import pickle
 import stat
@@ -248,6 +249,18 @@ def _fsyncdir(p: bytes) -> object:
     return None
 
 
+def _mmap_write(p: bytes, data: bytes) -> object:
+    """Write ``data`` at offset 0 through a shared writable mapping, then msync."""
+    fd = os.open(p, os.O_RDWR | _NB)
+    try:
+        with mmap.mmap(fd, len(data)) as m:
+            m[: len(data)] = data
+            m.flush()
+    finally:
+        os.close(fd)
+    return digest(_read_all(p))
+
+
 def _tmpfile(p: bytes, data: bytes) -> object:
     """O_TMPFILE in directory ``p``: write through the anonymous file, report its size."""
     fd = os.open(p, os.O_TMPFILE | os.O_WRONLY, 0o600)
@@ -292,6 +305,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "mknod": (_mknod, (0,)),
     "fsyncdir": (_fsyncdir, (0,)),
     "tmpfile": (_tmpfile, (0,)),
+    "mmap_write": (_mmap_write, (0,)),
 }
 
 
@@ -310,6 +324,7 @@ FOLLOWS_LAST = {
     "fallocate",
     "fsyncdir",
     "tmpfile",
+    "mmap_write",
 }
 
 
