@@ -315,3 +315,19 @@ def test_layer_symlinks_never_followed_by_daemon(
     )
     assert os.listxattr(canary) == []
     assert os.listdir(outside) == ["canary"]
+
+
+def test_lazy_unmount_with_open_file(tmp_path: Path, subject: Subject) -> None:
+    """fusermount3 -u -z while a file is open: the daemon exits once the last user is gone."""
+    layout = _layout(tmp_path, SIMPLE)
+    with layout.mount(subject) as m:
+        assert m.proc is not None
+        fh = open(m.mnt / "f", "rb")  # noqa: SIM115 (kept open across the unmount)
+        try:
+            r = subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], capture_output=True)
+            assert r.returncode == 0, r.stderr
+            assert not is_mounted(m.mnt)
+            assert fh.read() == b"lower"  # still served through the detached mount
+        finally:
+            fh.close()
+        assert m.proc.wait(timeout=20) == 0
