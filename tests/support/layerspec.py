@@ -65,6 +65,12 @@ class File:
     meta: Meta = field(default_factory=Meta)
     sparse: bool = False
 
+    def __repr__(self) -> str:
+        # Failure reports print whole stacks: keep big contents readable.
+        c = self.content
+        shown = repr(c) if len(c) <= 64 else f"{c[:16]!r} * ... ({len(c)} bytes)"
+        return f"File({shown}, {self.meta!r}{', sparse=True' if self.sparse else ''})"
+
 
 @dataclass
 class Dir:
