@@ -331,6 +331,22 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         [("rename", b"hl1", b"hl2"), ("stat", b"hl1"), ("stat", b"hl2"), ("read", b"hl2")],
         {"hardlink-copyup"},
     ),
+    # The kernel lets users create names starting with .wh.; readers of OCI whiteouts in
+    # every layer (upper included) cannot, without misreading them after a remount.
+    "wh-prefixed-names": (
+        BASE,
+        [
+            ("stat", b"etc/.wh.gone"),
+            ("create", b"etc/.wh.new", b"user data"),
+            ("stat", b"etc/.wh.new"),
+            ("create", b"usr/lib/.wh..wh..opq", b""),
+            ("listdir", b"usr/lib"),
+            ("mkdir", b".wh.dir"),
+            ("create", b".wh.hosts", b"x"),
+            ("listdir", b""),
+        ],
+        {"wh-names"},
+    ),
     "mmap-write": (
         BASE,
         [("mmap_write", b"etc/passwd", b"MM"), ("read", b"etc/passwd"), ("stat", b"etc/passwd")],

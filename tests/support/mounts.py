@@ -315,6 +315,7 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "truncate-same-size",  # truncate of a lower file to its size: no copy-up, no new mtime
         "copyup-holes",  # copy-up writes holes out as zeros (the kernel skips them)
         "no-tmpfile",  # open(dir, O_TMPFILE): EOPNOTSUPP (the kernel copies the dir up)
+        "wh-names",  # refuses user names starting with .wh. (EINVAL), hides them
         "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
     }
 )

@@ -351,7 +351,9 @@ def upper_snapshot(upper: str | os.PathLike[str]) -> Snapshot:
         and g <= out.entries.keys()
     ]
     for path in opaque_dirs:
-        e = out.entries[path]
+        e = out.entries.get(path)
+        if e is None:  # e.g. a directory named .wh.X, taken for a whiteout above
+            continue
         out.entries[path] = dataclasses.replace(
             e, xattrs=tuple(sorted((*e.xattrs, (b"overlay.opaque", b"y"))))
         )
