@@ -45,6 +45,7 @@ from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply, apply_all,
 from support.snapshot import (
     Snapshot,
     compare,
+    inode_problems,
     snapshot,
     upper_snapshot,
     workdir_leftovers,
@@ -597,6 +598,7 @@ def test_script(
         rk, rs = apply_all(k.mnt, script), apply_all(s.mnt, script)
         diffs = compare_results(script, rk, rs)
         last_k, last_s = snapshot(k.mnt), snapshot(s.mnt)
+        diffs += [f"inodes: {x}" for x in inode_problems(s.mnt)]
         diffs += [
             f"merged: {x}"
             for x in compare(last_k, last_s, since_ns=t0, ignore=ignored_fields(subject))
@@ -767,6 +769,7 @@ class WriteMachine(RuleBasedStateMachine):
                 since_ns=self.t0,
                 ignore=ignored_fields(self.subject),
             )
+            diffs += inode_problems(self.s.mnt)
             if diffs:
                 self._fail("\n".join(diffs))
 
