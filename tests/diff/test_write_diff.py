@@ -326,6 +326,12 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    "hardlink-copyup-readdir-ino": (
+        BASE,
+        # The in-mount inode check after the script compares readdir d_ino with st_ino.
+        [("listdir", b""), ("chown", b"hl1", 1000, 1000), ("stat", b"hl1"), ("stat", b"hl2")],
+        {"hardlink-copyup"},
+    ),
     "rename-onto-own-hardlink": (
         BASE,
         # The kernel (index=off) sees two different files here: hl1 replaces hl2 and goes away.
@@ -788,9 +794,7 @@ class WriteMachine(RuleBasedStateMachine):
 
 
 def machine_for(tmp: Path, subject: Subject) -> type[WriteMachine]:
-    opts = stack_options_for(
-        subject, hardlinks="hardlink-copyup" not in subject.quirks, odd_names=False
-    )
+    opts = stack_options_for(subject, odd_names=False)
 
     class Machine(WriteMachine):
         @initialize(spec=layer_stacks(opts))

@@ -83,7 +83,7 @@ def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
     return StackOptions(
         whiteouts=tuple(w for w in base.whiteouts if f"whiteout:{w}" not in subject.quirks),
         opaques=tuple(o for o in base.opaques if f"opaque:{o}" not in subject.quirks),
-        hardlinks=base.hardlinks,
+        hardlinks=base.hardlinks and "hardlink-copyup" not in subject.quirks,
         specials=base.specials and "device-copyup" not in subject.quirks,
         odd_names=base.odd_names,
         xattrs=base.xattrs,
