@@ -87,11 +87,21 @@ def _read(p: bytes) -> object:
     return digest(_read_all(p))
 
 
-def _rmtree(p: bytes) -> None:
-    st = os.lstat(p)
+def _rmtree(p: bytes, *, top: bool = True) -> None:
+    """rm -rf: a listed name that is gone by the time it is removed is not an error.
+
+    Kernel overlayfs lists whiteouts of a directory that exists in one layer only ("ghosts",
+    see snapshot.GHOST); rm -rf copes with them, and so does this.
+    """
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        if top:
+            raise
+        return
     if stat.S_ISDIR(st.st_mode):
         for name in [e.name for e in list_dir(p)]:
-            _rmtree(p + b"/" + name)
+            _rmtree(p + b"/" + name, top=False)
         os.rmdir(p)
     else:
         os.unlink(p)
@@ -111,7 +121,8 @@ def _unlink_open(p: bytes, data: bytes) -> object:
 
 
 def _listdir(p: bytes) -> object:
-    return sorted(e.name for e in list_dir(p))
+    # Names lstat cannot find (kernel "ghosts", see snapshot.GHOST) are left out.
+    return sorted(e.name for e in list_dir(p) if os.path.lexists(p + b"/" + e.name))
 
 
 def _mkdir(p: bytes, mode: int = 0o755) -> object:
