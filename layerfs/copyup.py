@@ -45,6 +45,8 @@ class CopyUp:
         # reads nlink 1; a broken hard link its own st_ino and nlink): the adapter tells the
         # kernel to drop its cached attributes
         self.changed: list[int] = []
+        # directories whose listing the kernel may hold with a stale d_ino
+        self.listing_changed: list[int] = []
 
     def statistics(self) -> dict[str, int]:
         return dict(self.stats)
@@ -110,6 +112,7 @@ class CopyUp:
                 node.origin = None  # the copy-up broke a lower hard link: show the upper's ino
                 if node.parent is not None:
                     node.parent.version += 1  # its listing's d_ino changed
+                    self.listing_changed.append(node.parent.id)
             # st_ino survives copy-up (OVL_CONST_INO), also once the kernel forgot the node
             self.table.copied_up[real_id(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
         node.upper = True

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.overlay import Overlay
@@ -57,9 +58,11 @@ def _errors(fn: F) -> F:
             log.exception("unexpected error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            changed = args[0].fs.copyup.changed
-            if changed:
-                _invalidate_attrs(changed)
+            copyup = args[0].fs.copyup
+            if copyup.changed:
+                _invalidate_attrs(copyup.changed)
+            if copyup.listing_changed:
+                _invalidate_listings(copyup.listing_changed)
 
     return cast(F, wrapper)
 
@@ -112,6 +115,26 @@ def _invalidate_attrs(node_ids: list[int]) -> None:
             pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=True)
         except OSError:
             pass  # the kernel does not hold this node (ENOENT): nothing cached to drop
+
+
+def _invalidate_listings(node_ids: list[int]) -> None:
+    """Drop the kernel's cached listings of NODE_IDS, from a worker thread after this request:
+    a data invalidation waits for the directory's page locks, which a readdir in flight may
+    hold while it waits for this very loop."""
+    ids = list(node_ids)
+    node_ids.clear()
+
+    def drop() -> None:
+        for node_id in ids:
+            try:
+                pyfuse3.invalidate_inode(pyfuse3.InodeT(node_id), attr_only=False)
+            except OSError:
+                pass
+
+    async def task() -> None:
+        await trio.to_thread.run_sync(drop)
+
+    trio.lowlevel.spawn_system_task(task)
 
 
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:

@@ -215,7 +215,7 @@ SCENARIOS: dict[str, tuple[LayerSpec, set[str]]] = {
                 d({b"a": d({b"b": f(b"lower"), b"k": f(b"hidden by opaque")})}),
             ]
         ),
-        {"whiteout:user_xattr"},
+        {"whiteout:user_xattr", "xwhiteout-ghost"},
     ),
     "opaque-lower-root": (
         LayerSpec(
