@@ -81,7 +81,13 @@ def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
     avoid = frozenset(filter(None, os.environ.get("LAYERFS_STACK_AVOID", "").split(",")))
     subject = dataclasses.replace(subject, quirks=subject.quirks | avoid)
     return StackOptions(
-        whiteouts=tuple(w for w in base.whiteouts if f"whiteout:{w}" not in subject.quirks),
+        whiteouts=tuple(
+            w
+            for w in base.whiteouts
+            if f"whiteout:{w}" not in subject.quirks
+            # random stacks may put an xattr whiteout in an opaque dir: the ghost case
+            and not (w in ("xattr", "user_xattr") and "xwhiteout-ghost" in subject.quirks)
+        ),
         opaques=tuple(o for o in base.opaques if f"opaque:{o}" not in subject.quirks),
         hardlinks=base.hardlinks and "hardlink-copyup" not in subject.quirks,
         specials=base.specials and "device-copyup" not in subject.quirks,
