@@ -587,7 +587,15 @@ def _unpack_archive(archive: str, dest: str) -> None:
 
     try:
         with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(dest, filter="data")
+            else:  # Python < 3.11.4 (Debian 12's 3.11.2): the same rules, checked here
+                members = tf.getmembers()
+                for m in members:
+                    parts = m.name.split("/")
+                    if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in parts:
+                        raise oci.OciError(f"{archive}: refusing archive member {m.name!r}")
+                tf.extractall(dest, members=members)
     except (tarfile.TarError, OSError) as e:
         raise oci.OciError(f"{archive}: not a usable OCI layout archive: {e}") from None
 
