@@ -326,6 +326,9 @@ LAYERFS_LIMITS = frozenset(
     {
         "no-fallocate",  # pyfuse3 3.5 forwards no FALLOCATE: the kernel answers EOPNOTSUPP
         "no-tmpfile",  # libfuse 3.14 has no TMPFILE request: open(dir, O_TMPFILE) fails
+        # names starting with .wh. are whiteout markers on disk: layerfs refuses to create
+        # them (EPERM) rather than let a user write a whiteout; the kernel creates them
+        "wh-names",
         # The kernel lists a zero-size xattr whiteout in an opaque=y directory that its own
         # lookup then refuses (a name that readdir shows and stat says does not exist);
         # layerfs shows that file consistently instead.
