@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support.diff import Pair, check_merged, expect_quirks, stack_options_for
+from support.diff import Pair, check_merged, expect_quirks, explore_only_layerfs, stack_options_for
 from support.layerspec import (
     CAP_NET_BIND_SERVICE,
     Device,
@@ -255,6 +255,8 @@ def test_scenario(
 
 @pytest.mark.slow
 def test_random_stacks(tmp_path: Path, subject: Subject) -> None:
+    explore_only_layerfs(subject)
+
     @given(spec=layer_stacks(stack_options_for(subject)), upper=st.booleans())
     def run(spec: LayerSpec, upper: bool) -> None:
         work = Path(tempfile.mkdtemp(dir=tmp_path))

@@ -27,7 +27,13 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from support.diff import Pair, expect_quirks, ignored_fields, stack_options_for
+from support.diff import (
+    Pair,
+    expect_quirks,
+    explore_only_layerfs,
+    ignored_fields,
+    stack_options_for,
+)
 from support.layerspec import (
     CAP_NET_BIND_SERVICE,
     SAFE_ABS_TARGET,
@@ -817,6 +823,7 @@ def machine_for(tmp: Path, subject: Subject) -> type[WriteMachine]:
 
 @pytest.mark.slow
 def test_random_operations(tmp_path: Path, subject: Subject) -> None:
+    explore_only_layerfs(subject)
     steps = int(os.environ.get("LAYERFS_HYPOTHESIS_STEPS", "15"))
     run_state_machine_as_test(
         machine_for(tmp_path, subject), settings=settings(stateful_step_count=steps)

@@ -98,3 +98,11 @@ def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
         min_layers=base.min_layers,
         max_layers=base.max_layers,
     )
+
+
+def explore_only_layerfs(subject: Subject) -> None:
+    """Random exploration is for layerfs. On the stand-in it keeps finding the stand-in's own
+    bugs (its known ones are xfailed in the scripted scenarios), which says nothing about
+    layerfs and would make CI red by chance: run it with LAYERFS_EXPLORE_STANDIN=1."""
+    if subject.name != "layerfs" and not os.environ.get("LAYERFS_EXPLORE_STANDIN"):
+        pytest.skip(f"random exploration of {subject.name}: set LAYERFS_EXPLORE_STANDIN=1")
