@@ -156,16 +156,13 @@ def parse_argv(argv: Sequence[str], prog: str = PROG) -> Invocation:
     )
 
 
-def split_options(optstr: str) -> list[str]:
-    """Split one ``-o`` string on the commas that are neither escaped nor inside quotes.
-
-    Escapes and quotes are kept in the pieces (``decode_value`` removes them later); empty
-    pieces (``a,,b``, a trailing comma) are dropped.
-    """
+def _split_unescaped(raw: str, sep: str) -> list[str]:
+    """Split RAW on the SEP characters that are neither backslash-escaped nor inside double
+    quotes; escapes and quotes stay in the pieces."""
     pieces: list[str] = []
     cur: list[str] = []
     quoted = False
-    it = iter(optstr)
+    it = iter(raw)
     for ch in it:
         if ch == "\\":
             cur.append(ch)
@@ -175,13 +172,22 @@ def split_options(optstr: str) -> list[str]:
         elif ch == '"':
             quoted = not quoted
             cur.append(ch)
-        elif ch == "," and not quoted:
+        elif ch == sep and not quoted:
             pieces.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
     pieces.append("".join(cur))
-    return [p for p in pieces if p]
+    return pieces
+
+
+def split_options(optstr: str) -> list[str]:
+    """Split one ``-o`` string on the commas that are neither escaped nor inside quotes.
+
+    Escapes and quotes are kept in the pieces (``decode_value`` removes them later); empty
+    pieces (``a,,b``, a trailing comma) are dropped.
+    """
+    return [p for p in _split_unescaped(optstr, ",") if p]
 
 
 def decode_value(raw: str) -> str:
@@ -203,26 +209,7 @@ def split_path_list(raw: str) -> list[str]:
     Empty entries are kept (as ``""``) so the caller can tell ``a::b`` (overlayfs' data-only
     layer syntax) from ``a:b``.
     """
-    entries: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    it = iter(raw)
-    for ch in it:
-        if ch == "\\":
-            cur.append(ch)
-            nxt = next(it, None)
-            if nxt is not None:
-                cur.append(nxt)
-        elif ch == '"':
-            quoted = not quoted
-            cur.append(ch)
-        elif ch == ":" and not quoted:
-            entries.append(decode_value("".join(cur)))
-            cur = []
-        else:
-            cur.append(ch)
-    entries.append(decode_value("".join(cur)))
-    return entries
+    return [decode_value(p) for p in _split_unescaped(raw, ":")]
 
 
 def escape_path(path: str) -> str:
