@@ -23,7 +23,7 @@ from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp
 from layerfs.inodes import InodeTable, Node, real_id
 from layerfs.layers import LayerStack
-from layerfs.lookup import Resolution, node_for, resolve
+from layerfs.lookup import Resolution, lower_positive, node_for, resolve
 from layerfs.readdir import merged_names
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,7 @@ class Namespace:
             self._set_redirect(src, src_res, p1, p2)
             if not src.lowers and (
                 (dst_res is not None and dst_res.lower_positive)
-                or (dst_res is None and self._hidden_below(p2, n2))
+                or (dst_res is None and lower_positive(self.stack, p2, n2))
             ):
                 # a pure upper dir landing on a name the lowers still hold must hide them
                 _sys.setxattr_at(d1, n1, xattrs.OPAQUE_W, b"y")
@@ -421,16 +421,6 @@ class Namespace:
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
         if not self.redirect_dir and src_res.is_dir and src.lowers:
             raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
-
-    def _hidden_below(self, parent: Node, name: bytes) -> bool:
-        """True if a lower below PARENT holds NAME (hidden now by a whiteout in the upper)."""
-        for layer, dpath in parent.lowers:
-            listing = layer.listing(dpath)
-            if name in listing.entries:
-                return True
-            if name in listing.whiteouts:
-                return False
-        return False
 
     def _set_redirect(self, node: Node, res: Resolution, p1: Node, p2: Node) -> None:
         """Point a moved directory at its lower part (redirect_dir), as ovl_set_redirect does.

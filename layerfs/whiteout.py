@@ -32,15 +32,6 @@ def is_whiteout_at(dirfd: int, name: bytes, st_mode: int, st_rdev: int, st_size:
     return False
 
 
-def is_opaque_xattr(dirfd: int, name: bytes) -> bool:
-    """True if directory NAME carries an opaque xattr (value ``y``; ``x`` means not opaque)."""
-    for attr in xattrs.OPAQUE:
-        value = _sys.getxattr_at(dirfd, name, attr)
-        if value is not None and value.startswith(b"y"):
-            return True
-    return False
-
-
 def redirect_of(dirfd: int, name: bytes) -> bytes | None:
     for attr in xattrs.REDIRECT:
         value = _sys.getxattr_at(dirfd, name, attr)
@@ -49,20 +40,8 @@ def redirect_of(dirfd: int, name: bytes) -> bytes | None:
     return None
 
 
-def is_hidden_name(name: bytes) -> bool:
-    """Names that are format markers, never entries of the merged view."""
-    return name.startswith(WH_PREFIX)
-
-
 def has_oci_whiteout(dirfd: int, name: bytes) -> bool:
     """True if DIRFD holds ``.wh.NAME`` (a name over 251 bytes cannot have one)."""
     if len(name) + len(WH_PREFIX) > 255:
         return False
     return _sys.lstat_at_or_none(dirfd, WH_PREFIX + name) is not None
-
-
-def oci_whiteout_target(name: bytes) -> bytes | None:
-    """For ``.wh.NAME`` return NAME (None for the opaque marker and ordinary names)."""
-    if name.startswith(WH_PREFIX) and name != OPQ_MARKER:
-        return name[len(WH_PREFIX) :]
-    return None
