@@ -101,16 +101,21 @@ class Namespace:
             _sys.remove_tree_at(work, tmp)
             self._whiteout_name(udir, name)
 
-    def _place(self, udir: int, name: bytes, build: Callable[[int, bytes], None]) -> bool:
-        """Create NAME in upper dir UDIR with BUILD(dirfd, name); return True if over a whiteout.
+    def _place(
+        self, udir: int, name: bytes, build: Callable[[int, bytes], None], *, one_step: bool = False
+    ) -> None:
+        """Create NAME in upper dir UDIR with BUILD(dirfd, name).
 
-        Without a whiteout the object is made in place (as ovl_create_upper). Over one, it is
-        built in the workdir and swapped in with one rename (ovl_create_over_whiteout).
+        An object that takes several syscalls to finish (owner, mode, xattrs) is built in the
+        workdir and renamed into place, so a crash never leaves it half made in the upper (a
+        0600 root-owned file, say). Over a char whiteout the rename is an exchange
+        (ovl_create_over_whiteout). A ONE_STEP build (a hard link) is made in place when no
+        whiteout is in the way.
         """
         state = self._whiteout_state(udir, name)
-        if state == "none":
+        if state == "none" and one_step:
             build(udir, name)
-            return False
+            return
         work = self.stack.work_fd
         tmp = self.copyup.tmp_name()
         build(work, tmp)
@@ -120,11 +125,11 @@ class Namespace:
                 _sys.unlink_at(work, tmp)
             else:
                 _sys.renameat2(work, tmp, udir, name, _sys.RENAME_NOREPLACE)
-                _sys.unlink_at(udir, whiteout.WH_PREFIX + name)
+                if state == "oci":
+                    _sys.unlink_at(udir, whiteout.WH_PREFIX + name)
         except BaseException:
             _sys.remove_tree_at(work, tmp)
             raise
-        return True
 
     @staticmethod
     def _owner(
@@ -239,7 +244,12 @@ class Namespace:
         if not src or not node.name:
             raise OSError(errno.ENOENT, "source is gone")
         sdir = self._upper_dir_of(src)
-        self._place(self._upper_dir(parent), name, lambda d, n: _sys.link_at(sdir, src[-1], d, n))
+        self._place(
+            self._upper_dir(parent),
+            name,
+            lambda d, n: _sys.link_at(sdir, src[-1], d, n),
+            one_step=True,
+        )
         parent.version += 1
         res = resolve(self.stack, parent, name)
         assert res is not None

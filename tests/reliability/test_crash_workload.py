@@ -117,14 +117,16 @@ def test_kill9_random_workload(tmp_path: Path) -> None:
                     if p.poll() is None:
                         p.kill()
                         p.wait()
+            assert "Traceback" not in d.log_text(), d.log_text()
             r = layerfs_umount(mnt)
             assert r.returncode == 0, r.stderr
             assert not is_mounted(mnt)
         temps_left.append(len(os.listdir(work / "work")))
-        with layerfs_daemon([lower], upper, work, mnt):
+        with layerfs_daemon([lower], upper, work, mnt) as d2:
             assert os.listdir(work / "work") == [], "the remount must clean the workdir"
             _check_against_journals(mnt, journals, f"layerfs after crash {rnd_i} (seed {seed})")
             ours = snapshot(mnt)
+            assert "Traceback" not in d2.log_text(), d2.log_text()
         with mount_kernel([lower], upper, work, kmnt):
             _check_against_journals(kmnt, journals, f"kernel after crash {rnd_i} (seed {seed})")
             theirs = snapshot(kmnt)
