@@ -74,6 +74,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             kw["volatile"], kw["fsync"] = True, False  # as mount.layerfs: no syncs at all
         elif key == "redirect_dir":
             kw["redirect_dir"] = value in ("on", "follow")
+        elif key == "metacopy":
+            kw["metacopy"] = value == "on"
         elif key == "fsync":
             kw["fsync"] = value != "0"
         elif key in ("rw", "dev", "suid", "exec"):

@@ -44,6 +44,7 @@ class MountConfig:
     volatile: bool = False  # skip fsync of copy-ups (as overlayfs "volatile")
     fsync: bool = True  # honour fsync requests (fuse-overlayfs "fsync=0" turns them off)
     redirect_dir: bool = True  # rename lower dirs with a redirect; False: EXDEV (redirect_dir=off)
+    metacopy: bool = False  # metadata-only copy-up (kernel metacopy=on); off: readable by all
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
     squash_to_uid: int | None = None
@@ -59,6 +60,9 @@ class MountConfig:
         lowers = tuple(_existing_dir(p, "lower layer") for p in self.lowers)
         upper = _existing_dir(self.upper, "upper directory") if self.upper else None
         workdir = self.workdir
+        if self.metacopy and not self.redirect_dir:
+            # a renamed metacopy file finds its data through a redirect (as the kernel says)
+            raise LayerfsError("metacopy=on requires redirect_dir=on")
         if upper is None and workdir:
             raise LayerfsError("a workdir needs an upper directory")
         if upper is not None:

@@ -7,12 +7,20 @@ partial file in the upper. Data moves inside the kernel (reflink, else copy_file
 holes) on a worker thread, so other requests keep being served. A per-node lock with a
 double-checked "already copied up" test makes racing opens copy once.
 
+With metacopy on, a change of metadata only (chmod, chown, utimes, xattrs, rename) copies a
+regular file up without its data: a sparse file of the same size marked
+``trusted.overlay.metacopy``, whose data is read from the lower until the first write fills it
+in place (the marker goes last, so a crash mid-fill still reads the lower), as kernel overlayfs
+with ``metacopy=on`` does (ovl_copy_up_meta_inode_data).
+
 Kernel analogue: fs/overlayfs/copy_up.c (ovl_copy_up_one, ovl_copy_up_file, ovl_set_attr).
 Must not import: pyfuse3.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -33,14 +41,17 @@ THREAD_THRESHOLD = 1 << 20  # below this a copy is faster inline than a thread r
 class CopyUp:
     """The copy-up engine of one mount."""
 
-    def __init__(self, stack: LayerStack, table: InodeTable, *, fsync: bool = True) -> None:
+    def __init__(
+        self, stack: LayerStack, table: InodeTable, *, fsync: bool = True, metacopy: bool = False
+    ) -> None:
         self.stack = stack
         self.table = table
         self.fsync = fsync
+        self.metacopy = metacopy
         self.locks = KeyedLock()
         self.limiter = trio.CapacityLimiter(2)
         self._names = itertools.count()
-        self.stats = {"files": 0, "dirs": 0, "bytes": 0, "reflink": 0}
+        self.stats = {"files": 0, "dirs": 0, "bytes": 0, "reflink": 0, "metacopy": 0, "filled": 0}
         # nodes whose attributes changed behind the kernel's back (a copied-up directory now
         # reads nlink 1; a broken hard link its own st_ino and nlink): the adapter tells the
         # kernel to drop its cached attributes
@@ -54,13 +65,13 @@ class CopyUp:
     def tmp_name(self) -> bytes:
         return b"#lfs.%d.%d" % (os.getpid(), next(self._names))
 
-    async def copy_up(self, node: Node, *, data_len: int | None = None) -> None:
-        """Make NODE exist in the upper (no-op when it does). DATA_LEN caps the data copied.
+    async def copy_up(self, node: Node, *, data_len: int | None = None, meta: bool = False) -> None:
+        """Make NODE exist in the upper with its data (no-op when it does).
 
-        DATA_LEN is for a truncating open or truncate(2): bytes past the new size are never
-        copied.
+        DATA_LEN caps the data copied, for a truncating open or truncate(2): bytes past the new
+        size are never copied. META: only metadata is about to change, so a metacopy is enough.
         """
-        if node.upper:
+        if node.upper and (meta or not node.metacopy):
             return
         if self.stack.upper is None:
             raise OSError(30, "read-only stack")  # EROFS
@@ -68,10 +79,13 @@ class CopyUp:
         if parent is not None and not parent.upper:
             await self.copy_up(parent)
         async with self.locks.hold(node.key):
-            if not already_copied_up(node):  # another request may have copied it meanwhile
-                await self._copy_up_locked(node, data_len)
+            # re-read: another request may have copied it meanwhile (ovl_already_copied_up)
+            if not node.upper:
+                await self._copy_up_locked(node, data_len, meta and self.metacopy)
+            elif node.metacopy and not meta:
+                await self._fill_data(node, data_len)
 
-    async def _copy_up_locked(self, node: Node, data_len: int | None) -> None:
+    async def _copy_up_locked(self, node: Node, data_len: int | None, metacopy: bool) -> None:
         assert self.stack.upper is not None and node.parent is not None
         layer, lpath = node.lowers[0]
         ldir = os.dup(layer.dirfd(lpath[:-1]))
@@ -83,7 +97,10 @@ class CopyUp:
         try:
             st = _sys.lstat_at(ldir, lname)
             pst = os.fstat(udir)
-            if stat.S_ISREG(st.st_mode):
+            metacopy = metacopy and stat.S_ISREG(st.st_mode) and data_len is None
+            if metacopy:
+                _build_metacopy(ldir, lname, st, work, tmp)
+            elif stat.S_ISREG(st.st_mode):
                 await self._build_file(ldir, lname, st, work, tmp, data_len)
             else:
                 if stat.S_ISDIR(st.st_mode):
@@ -116,8 +133,9 @@ class CopyUp:
             # st_ino survives copy-up (OVL_CONST_INO), also once the kernel forgot the node
             self.table.copied_up[real_id(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
         node.upper = True
+        node.metacopy = metacopy
         self.changed.append(node.id)
-        self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "files"] += 1
+        self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "metacopy" if metacopy else "files"] += 1
         log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
 
     async def _build_file(
@@ -134,15 +152,7 @@ class CopyUp:
         try:
             dst = _sys.open_at(work, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                if length > THREAD_THRESHOLD:
-                    method = await trio.to_thread.run_sync(
-                        _sys.copy_data, src, dst, length, limiter=self.limiter
-                    )
-                else:
-                    method = _sys.copy_data(src, dst, length)
-                self.stats["bytes"] += length
-                if method == "reflink":
-                    self.stats["reflink"] += 1
+                await self._copy(src, dst, length, sync=False)
                 copy_metadata(ldir, lname, st, work, tmp)
                 if self.fsync:
                     await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
@@ -151,10 +161,57 @@ class CopyUp:
         finally:
             os.close(src)
 
+    async def _fill_data(self, node: Node, data_len: int | None) -> None:
+        """Give a metacopy upper file its data, in place; then drop the marker."""
+        assert self.stack.upper is not None
+        layer, lpath = node.lowers[0]
+        upath = node.path()
+        if not upath:
+            raise OSError(errno.ENOENT, "unlinked metacopy file")
+        src = _sys.open_at(layer.dirfd(lpath[:-1]), lpath[-1], os.O_RDONLY)
+        try:
+            udir = self.stack.upper.dirfd(upath[:-1])
+            dst = _sys.open_at(udir, upath[-1], os.O_WRONLY)
+            try:
+                ust = os.fstat(dst)
+                length = ust.st_size if data_len is None else min(ust.st_size, data_len)
+                await self._copy(src, dst, length)
+                for attr in xattrs.METACOPY:
+                    with contextlib.suppress(OSError):
+                        os.removexattr(dst, attr)
+                os.utime(dst, ns=(ust.st_atime_ns, ust.st_mtime_ns))  # filling is no change
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        node.metacopy = False
+        self.changed.append(node.id)  # st_blocks now counts the upper's
+        self.stats["filled"] += 1
 
-def already_copied_up(node: Node) -> bool:
-    """Re-read after waiting for the node's lock (ovl_already_copied_up)."""
-    return node.upper
+    async def _copy(self, src: int, dst: int, length: int, *, sync: bool = True) -> None:
+        """Copy LENGTH bytes of data (big copies on a worker thread); SYNC: then fsync."""
+        if length > THREAD_THRESHOLD:
+            method = await trio.to_thread.run_sync(
+                _sys.copy_data, src, dst, length, limiter=self.limiter
+            )
+        else:
+            method = _sys.copy_data(src, dst, length)
+        self.stats["bytes"] += length
+        if method == "reflink":
+            self.stats["reflink"] += 1
+        if sync and self.fsync and length:
+            await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
+
+
+def _build_metacopy(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:
+    """A metacopy of regular file SNAME: its size (all hole), metadata and the marker."""
+    fd = _sys.open_at(ddir, dname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, st.st_size)
+        os.setxattr(fd, xattrs.METACOPY_W, b"")
+    finally:
+        os.close(fd)
+    copy_metadata(sdir, sname, st, ddir, dname)
 
 
 def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:

@@ -1,9 +1,10 @@
 """Open files: the handle table, copy-up on the first open for write, read/write/fsync.
 
-A read-only open of a lower file reads the lower directly (no copy). An open for write, or with
-O_TRUNC, copies the file up first (with O_TRUNC, without its data). A handle opened on the
-lower before someone else copied the file up switches to the upper copy on its next read, as
-overlayfs' stacked file operations do.
+A read-only open of a lower file reads the lower directly (no copy), and so does one of a
+metacopy file (its data is still the lower's). An open for write, or with O_TRUNC, copies the
+file up first (with O_TRUNC, without its data). A handle opened on the lower before someone
+else copied the data up switches to the upper copy on its next read, as overlayfs' stacked file
+operations do.
 
 Kernel analogue: fs/overlayfs/file.c (ovl_open, ovl_real_fdget).
 Must not import: pyfuse3.
@@ -112,6 +113,13 @@ class Files:
         node.opens += 1
         return fh
 
+    def data_location(self, node: Node) -> tuple[int, bytes]:
+        """(dirfd, name) of the real file holding NODE's data: the lower for a metacopy."""
+        if node.metacopy:
+            layer, lpath = node.lowers[0]
+            return layer.dirfd(lpath[:-1]), lpath[-1]
+        return self.real_location(node)
+
     async def open(self, node: Node, flags: int, caller: Caller) -> int:
         """Open NODE with FLAGS for CALLER; return a handle id."""
         acc = flags & os.O_ACCMODE
@@ -120,12 +128,13 @@ class Files:
             if self.stack.upper is None:
                 raise OSError(errno.EROFS, "read-only stack")
             await self.copyup.copy_up(node, data_len=0 if flags & os.O_TRUNC else None)
-        dirfd, name = self.real_location(node)
+        dirfd, name = self.data_location(node)
         real_flags = os.O_RDWR if writable else os.O_RDONLY
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
         fd = _sys.open_at(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
-        return self.add(fd, node, node.upper, writable, caller.kill_priv_groups())
+        on_upper = node.upper and not node.metacopy
+        return self.add(fd, node, on_upper, writable, caller.kill_priv_groups())
 
     def get(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -134,7 +143,7 @@ class Files:
         return h
 
     def _follow_copy_up(self, h: Handle) -> None:
-        if not h.on_upper and h.node.upper:
+        if not h.on_upper and h.node.upper and not h.node.metacopy:
             dirfd, name = self.real_location(h.node)
             fd = _sys.open_at(dirfd, name, os.O_RDONLY)
             h.old_fds.append(h.fd)  # a read on a worker thread may still be using it

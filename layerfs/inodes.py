@@ -65,6 +65,7 @@ class Node:
         "is_dir",
         "key",
         "lowers",
+        "metacopy",
         "name",
         "nlookup",
         "opens",
@@ -92,6 +93,7 @@ class Node:
         self.upper = upper
         self.lowers = lowers
         self.origin = origin
+        self.metacopy = False  # upper holds the metadata only; the data is still lowers[0]
         self.nlookup = 0
         self.opens = 0
         self.version = 0  # bumped on every change of a directory's entries

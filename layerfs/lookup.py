@@ -3,7 +3,9 @@
 A name resolves to the topmost layer that has it; a whiteout hides it and everything below; a
 directory merges with same-named directories below it until one is opaque; a non-directory
 hides everything below it (and a directory hides a non-directory below). An upper directory
-renamed by us carries a redirect to where its lower part lives (kernel ``redirect_dir``).
+renamed by us carries a redirect to where its lower part lives (kernel ``redirect_dir``). An
+upper file marked metacopy holds metadata only: its data is the lower file at the same name or
+at its redirect (kernel ``metacopy``).
 
 Kernel analogue: fs/overlayfs/namei.c (ovl_lookup, ovl_lookup_layer, ovl_lower_positive).
 Must not import: pyfuse3, trio.
@@ -12,12 +14,15 @@ Must not import: pyfuse3, trio.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 
 from layerfs import _sys, whiteout, xattrs
 from layerfs.inodes import InodeTable, Key, Node, RealId, real_id
 from layerfs.layers import Layer, LayerStack, Path
+
+log = logging.getLogger(__name__)
 
 
 class Resolution:
@@ -26,10 +31,11 @@ class Resolution:
     st: lstat of the top real object; upper: the top object is in the upper; lowers: the
     origin (non-dir) or the merged lower dirs (dir); lower_positive: some lower shows this
     name, so removing it needs a whiteout; origin_nlink: nlink of the lower origin (hard links
-    break on copy-up); origin: the real id of the first lower object.
+    break on copy-up); origin: the real id of the first lower object; metacopy: the upper
+    file's data is lowers[0].
     """
 
-    __slots__ = ("lower_positive", "lowers", "origin", "origin_nlink", "st", "upper")
+    __slots__ = ("lower_positive", "lowers", "metacopy", "origin", "origin_nlink", "st", "upper")
 
     def __init__(
         self,
@@ -39,7 +45,9 @@ class Resolution:
         lower_positive: bool,
         origin_nlink: int = 1,
         origin: RealId | None = None,
+        metacopy: bool = False,
     ) -> None:
+        self.metacopy = metacopy
         self.st = st
         self.upper = upper
         self.lowers = lowers
@@ -86,7 +94,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     upper_st: os.stat_result | None = None
     search: list[tuple[Layer, Path]] = parent.lowers
     lname = name
-    stop_lowers = redirected = False
+    stop_lowers = redirected = metacopy = False
     if parent.upper and stack.upper is not None:
         ufd = stack.upper.dirfd(ppath)
         st = _sys.lstat_at_or_none(ufd, name)
@@ -99,6 +107,12 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 if opaque:
                     stop_lowers = True
                 elif redirect:
+                    search, lname = _redirected(stack, parent, redirect)
+                    redirected = True
+            elif st.st_size and stat.S_ISREG(st.st_mode) and is_metacopy(ufd, name):
+                metacopy = True
+                redirect = whiteout.redirect_of(ufd, name)
+                if redirect:
                     search, lname = _redirected(stack, parent, redirect)
                     redirected = True
         elif whiteout.has_oci_whiteout(ufd, name):
@@ -118,16 +132,19 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                     break
                 continue
             positive = True
-            if upper_st is not None and not stat.S_ISDIR(upper_st.st_mode):
+            if upper_st is not None and not stat.S_ISDIR(upper_st.st_mode) and not metacopy:
                 break  # an upper non-dir: the lowers only tell whether a whiteout is needed
             child = (*dpath, lname)
             if not is_dir:
-                if top_st is None:
-                    top_st = _sys.lstat_at(layer.dirfd(dpath), lname)
-                    origin_nlink = top_st.st_nlink
-                    origin = real_id(top_st.st_dev, top_st.st_ino)
+                if top_st is None or metacopy:
+                    lst = _sys.lstat_at(layer.dirfd(dpath), lname)
+                    top_st = top_st or lst
+                    origin_nlink = lst.st_nlink
+                    origin = real_id(lst.st_dev, lst.st_ino)
                     lowers.append((layer, child))
                 break  # a non-directory ends the merge (and hides nothing above it)
+            if metacopy:
+                break  # a directory cannot hold a file's data: read the upper as it is
             if origin is None:
                 st = _sys.lstat_at(layer.dirfd(dpath), lname)
                 origin = real_id(st.st_dev, st.st_ino)
@@ -141,7 +158,17 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         # whether removing NAME needs a whiteout depends on NAME in the parent's lowers, not
         # on where (or whether) the directory's own merge continues
         positive = lower_positive(stack, parent, name)
-    return Resolution(top_st, upper_st is not None, lowers, positive, origin_nlink, origin)
+    if metacopy and not lowers:
+        log.warning("metacopy file %s has no lower data", os.fsdecode(name))
+    return Resolution(
+        top_st, upper_st is not None, lowers, positive, origin_nlink, origin, bool(lowers)
+    )
+
+
+def is_metacopy(dirfd: int, name: bytes) -> bool:
+    """True if upper file NAME holds metadata only (its data is in a lower)."""
+    # one listxattr, not a getxattr per name: most upper files have no xattrs at all
+    return not xattrs.METACOPY_SET.isdisjoint(_sys.listxattr_at(dirfd, name))
 
 
 def _redirected(
@@ -200,7 +227,9 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     if res.is_dir:
         key = origin or real
     elif res.upper:
-        key, origin = table.copied_up.get(real, (real, None))
+        # a metacopy found after a remount shows its lower's st_ino, as a fresh copy-up does
+        fallback = origin if res.metacopy and res.origin_nlink == 1 else None
+        key, origin = table.copied_up.get(real, (real, fallback))
     elif res.origin_nlink > 1 and table.writable:
         key = (real, parent.id, name)  # one node per name (index=off)
     else:
@@ -208,6 +237,7 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     node = table.find(key)
     if node is None:
         node = Node(key, res.is_dir, parent, name, res.upper, res.lowers, origin)
+        node.metacopy = res.metacopy
         return table.add(node)
     if node.parent is not parent or node.name != name:
         if node.is_dir or not node.name:
@@ -222,4 +252,6 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     node.upper = node.upper or res.upper
     if not node.lowers and res.lowers:
         node.lowers = res.lowers
+    if res.upper and not res.is_dir:
+        node.metacopy = res.metacopy
     return node

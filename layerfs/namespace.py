@@ -235,7 +235,7 @@ class Namespace:
             if not parent.upper:
                 await self.copyup.copy_up(parent)
             elif not node.upper:
-                await self.copyup.copy_up(node)
+                await self.copyup.copy_up(node, meta=True)
             else:
                 break
         if resolve(self.stack, parent, name) is not None:
@@ -243,6 +243,9 @@ class Namespace:
         src = node.path()
         if not src or not node.name:
             raise OSError(errno.ENOENT, "source is gone")
+        # the new name must find a metacopy's data too: an absolute redirect on the inode, as
+        # ovl_set_link_redirect
+        self._set_redirect(node, False)
         sdir = self._upper_dir_of(src)
         self._place(
             self._upper_dir(parent),
@@ -342,7 +345,7 @@ class Namespace:
             todo = [n for n in (p1, p2, src, dst if exchange else None) if n and not n.upper]
             busy = [n.key for n in (src, dst) if n and self.copyup.locks.busy(n.key)]
             if todo:
-                await self.copyup.copy_up(todo[0])
+                await self.copyup.copy_up(todo[0], meta=True)
             elif busy:
                 await self.copyup.locks.wait_idle(busy[0])
             else:
@@ -352,8 +355,8 @@ class Namespace:
 
         if exchange:
             assert dst is not None and dst_res is not None
-            self._set_redirect(src, src_res, p1, p2)
-            self._set_redirect(dst, dst_res, p2, p1)
+            self._set_redirect(src, p1 is p2)
+            self._set_redirect(dst, p1 is p2)
             _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_EXCHANGE)
             self.stack.upper.forget_prefix(old_path)
             self.stack.upper.forget_prefix(dst.path())
@@ -362,14 +365,17 @@ class Namespace:
             p2.version += 1
             return None
 
-        if src_res.is_dir:
-            self._set_redirect(src, src_res, p1, p2)
-            if not src.lowers and (
+        self._set_redirect(src, p1 is p2)
+        if (
+            src_res.is_dir
+            and not src.lowers
+            and (
                 (dst_res is not None and dst_res.lower_positive)
                 or (dst_res is None and lower_positive(self.stack, p2, n2))
-            ):
-                # a pure upper dir landing on a name the lowers still hold must hide them
-                _sys.setxattr_at(d1, n1, xattrs.OPAQUE_W, b"y")
+            )
+        ):
+            # a pure upper dir landing on a name the lowers still hold must hide them
+            _sys.setxattr_at(d1, n1, xattrs.OPAQUE_W, b"y")
         if dst_res is not None and dst_res.upper and dst_res.is_dir:
             # an empty merged target may still hold whiteouts: move it away first
             work = self.stack.work_fd
@@ -432,20 +438,24 @@ class Namespace:
         if not self.redirect_dir and src_res.is_dir and src.lowers:
             raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
 
-    def _set_redirect(self, node: Node, res: Resolution, p1: Node, p2: Node) -> None:
-        """Point a moved directory at its lower part (redirect_dir), as ovl_set_redirect does.
+    def _set_redirect(self, node: Node, samedir: bool) -> None:
+        """Point a moved directory or metacopy file at its lower part, as ovl_set_redirect does.
 
-        Within one parent the redirect is the old name (relative); across parents it is the
-        absolute path of the lower directory. A directory without lowers needs none.
+        Within one parent (SAMEDIR) the redirect is the old name (relative); across parents it
+        is the absolute path of the lower directory or data, and always for a file whose lower
+        is a hard link (ovl_need_absolute_redirect: its names may end up in several dirs). An
+        object without lowers needs none.
         """
-        if not res.is_dir or not node.lowers:
+        if not (node.is_dir or node.metacopy) or not node.lowers:
             return
         path = node.path()
         udir = self._upper_dir_of(path)
         existing = whiteout.redirect_of(udir, path[-1])
-        samedir = p1 is p2
         if existing and (samedir or existing.startswith(b"/")):
             return
+        if samedir and not node.is_dir:
+            layer, lpath = node.lowers[0]
+            samedir = _sys.lstat_at(layer.dirfd(lpath[:-1]), lpath[-1]).st_nlink == 1
         value = path[-1] if samedir else b"/" + b"/".join(node.lowers[0][1])
         _sys.setxattr_at(udir, path[-1], xattrs.REDIRECT_W, value)
 

@@ -60,7 +60,9 @@ class Overlay:
         self.config = config
         self.stack = LayerStack(config.lowers, config.upper, config.workdir)
         self.table = InodeTable(self.stack.devs, writable=self.stack.upper is not None)
-        self.copyup = CopyUp(self.stack, self.table, fsync=not config.volatile)
+        self.copyup = CopyUp(
+            self.stack, self.table, fsync=not config.volatile, metacopy=config.metacopy
+        )
         self.ns = Namespace(self.stack, self.table, self.copyup, redirect_dir=config.redirect_dir)
         self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
         self.dirs: dict[int, DirHandle] = {}
@@ -119,7 +121,11 @@ class Overlay:
             st = self._lstat(node)
         nlink = 1 if node.merged else None  # merged dirs read nlink 1, as in ovl_getattr
         dev, ino = split_real_id(node.origin) if node.origin is not None else (st.st_dev, st.st_ino)
-        return Attr.from_stat(node.id, self.table.st_ino(dev, ino), st, nlink)
+        attr = Attr.from_stat(node.id, self.table.st_ino(dev, ino), st, nlink)
+        if node.metacopy:  # the blocks are the data's, as ovl_getattr reports them
+            dirfd, name = self.files.data_location(node)
+            attr = attr._replace(blocks=_sys.lstat_at(dirfd, name).st_blocks)
+        return attr
 
     def getattr(self, ino: int) -> Attr:
         return self.attr(self.table.get(ino))
@@ -159,7 +165,8 @@ class Overlay:
             raise OSError(errno.EROFS, "read-only stack")
         if ch.size is not None and node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        await self.copyup.copy_up(node, data_len=ch.size)  # a truncate copies no more data
+        # a truncate copies no more data; anything else changes metadata only
+        await self.copyup.copy_up(node, data_len=ch.size, meta=ch.size is None)
         try:
             dirfd, name = self.files.real_location(node)
         except OSError:  # unlinked, but still open: work through the open file
@@ -369,5 +376,5 @@ class Overlay:
         node = self.table.get(ino)
         if self.stack.upper is None:
             raise OSError(errno.EROFS, "read-only stack")
-        await self.copyup.copy_up(node)
+        await self.copyup.copy_up(node, meta=True)
         return node

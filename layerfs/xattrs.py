@@ -11,10 +11,13 @@ PRIVATE_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.
 OPAQUE = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuseoverlayfs.opaque")
 WHITEOUT = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 REDIRECT = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+METACOPY = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
+METACOPY_SET = frozenset(METACOPY)
 
 # What layerfs writes in the upper (trusted.*: the form kernel overlayfs reads by default).
 OPAQUE_W = b"trusted.overlay.opaque"
 REDIRECT_W = b"trusted.overlay.redirect"
+METACOPY_W = b"trusted.overlay.metacopy"
 
 
 # Escaping (kernel 6.7+, ovl_xattr_escape): a user's own "trusted.overlay.X" is stored in the

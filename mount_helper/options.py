@@ -11,7 +11,7 @@ Every option lands in exactly one row of the table (docs/containers.md prints it
   auto, user, x-*, ...), SELinux labels, fuse-overlayfs tuning knobs, and overlayfs features
   in their "off" setting;
 * accepted and ignored with a one-line warning: everything else, including features layerfs
-  does not have (``xattr_permissions=2``, ``metacopy=on``, ...). Never fatal.
+  does not have (``xattr_permissions=2``, ``index=on``, ...). Never fatal.
 
 A malformed value of an option we do use (``uidmapping=1:2``, ``fsync=x``) is an error: running
 with a different mapping than asked for would be worse than not mounting.
@@ -96,7 +96,6 @@ _IGNORED_VALUED = frozenset(
 _HARMLESS_VALUES: dict[str, frozenset[str]] = {
     "xattr_permissions": frozenset({"0"}),
     "noxattrs": frozenset({"0"}),
-    "metacopy": frozenset({"off"}),
     "index": frozenset({"off"}),
     "nfs_export": frozenset({"off"}),
     "verity": frozenset({"off"}),
@@ -104,7 +103,6 @@ _HARMLESS_VALUES: dict[str, frozenset[str]] = {
 _WHY_UNSUPPORTED: dict[str, str] = {
     "xattr_permissions": "modes and owners are served as stored in the layers",
     "noxattrs": "extended attributes stay enabled",
-    "metacopy": "copy-up copies data",
     "index": "no inode index is kept",
     "nfs_export": "the mount cannot be exported over NFS",
     "verity": "fs-verity digests are not checked",
@@ -121,6 +119,7 @@ class _State:
     volatile: bool = False
     fsync: bool = True
     redirect_dir: bool = True
+    metacopy: bool = False
     uid_mappings: list[IdMapping] = field(default_factory=list)
     gid_mappings: list[IdMapping] = field(default_factory=list)
     squash_to_uid: int | None = None
@@ -177,6 +176,7 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
         volatile=st.volatile,
         fsync=st.fsync,
         redirect_dir=st.redirect_dir,
+        metacopy=st.metacopy,
         uid_mappings=tuple(st.uid_mappings),
         gid_mappings=tuple(st.gid_mappings),
         squash_to_uid=squash_uid,
@@ -227,6 +227,11 @@ def _apply_one(st: _State, name: str, has_value: bool, raw: str, cwd: str) -> No
         if mode not in ("on", "follow", "off", "nofollow"):
             raise LayerfsError(f"redirect_dir={mode}: expected on, follow, off or nofollow")
         st.redirect_dir = mode in ("on", "follow")
+    elif name == "metacopy":
+        mode = _need(name, has_value, value)
+        if mode not in ("on", "off"):
+            raise LayerfsError(f"metacopy={mode}: expected on or off")
+        st.metacopy = mode == "on"
     elif name in ("squash_to_uid", "squash_to_gid"):
         setattr(st, name, _parse_id(name, _need(name, has_value, value)))
     elif name == "squash_to_root":

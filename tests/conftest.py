@@ -86,8 +86,12 @@ def _host_files_untouched() -> Iterator[None]:
 @pytest.fixture(params=["layerfs", "fuse-overlayfs"])
 def subject(request: pytest.FixtureRequest) -> Subject:
     """The filesystem under test; fuse-overlayfs is the stand-in that proves the harness."""
-    name: str = request.param
-    if name == "layerfs" and (why := layerfs_available()):
+    return subject_named(request.param)
+
+
+def subject_named(name: str) -> Subject:
+    """SUBJECTS[NAME], or a skip when it cannot run on this machine."""
+    if name.startswith("layerfs") and (why := layerfs_available()):
         pytest.skip(f"layerfs cannot mount yet: {why}")
     if name == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
         pytest.skip("fuse-overlayfs not installed (apt-get install fuse-overlayfs)")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import subject_named
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -46,7 +47,7 @@ from support.layerspec import (
     sym,
     wh,
 )
-from support.mounts import KERNEL, Layout, Mounted, Subject
+from support.mounts import Layout, Mounted, Subject
 from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply, apply_all, compare_results
 from support.snapshot import (
     Snapshot,
@@ -58,6 +59,13 @@ from support.snapshot import (
 )
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay]
+
+
+@pytest.fixture(params=["layerfs", "layerfs-metacopy", "fuse-overlayfs"])
+def subject(request: pytest.FixtureRequest) -> Subject:
+    """As conftest's, plus layerfs with metacopy=on against the kernel with metacopy=on."""
+    return subject_named(request.param)
+
 
 BASE = LayerSpec(
     [
@@ -408,6 +416,43 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"copyup-holes"},
     ),
+    # Metadata changes of lower files, then their data (metacopy=on: copy-up without data,
+    # found again through a redirect after a rename, filled in on the first write).
+    "metacopy-paths": (
+        BASE,
+        [
+            ("chmod", b"usr/lib/libc.so", 0o600),
+            ("read", b"usr/lib/libc.so"),
+            ("chown", b"etc/passwd", 1000, 1000),
+            ("setxattr", b"usr/sparse.img", b"user.k", b"v"),
+            ("sparse", b"usr/sparse.img"),
+            ("read", b"usr/sparse.img"),
+            ("utime", b"etc/shadow", T1),
+            ("rename", b"usr/lib/libc.so", b"usr/libc2.so"),
+            ("read", b"usr/libc2.so"),
+            ("rename", b"usr/libc2.so", b"var/log/libc3.so"),
+            ("rename", b"etc/passwd", b"etc/passwd.old"),
+            ("rename", b"bin/sh", b"usr/share/sh"),
+            ("read", b"usr/share/sh"),
+            ("append", b"var/log/libc3.so", b"tail"),
+            ("read", b"var/log/libc3.so"),
+            ("truncate", b"etc/passwd.old", 4),
+            ("read", b"etc/passwd.old"),
+            ("link", b"etc/shadow", b"etc/shadow2"),
+            ("append", b"etc/shadow2", b"+"),
+            ("read", b"etc/shadow"),
+            ("chmod", b"usr/lib/old.so", 0o600),
+            ("open_trunc", b"usr/lib/old.so", b"new"),
+            ("chmod", b"var/log/a", 0o600),
+            ("rename", b"var/log", b"var/log2"),
+            ("read", b"var/log2/a"),
+            ("unlink", b"var/log2/b"),
+            ("chmod", b"suid", 0o4750),
+            ("stat", b"suid"),
+            ("copyup_ino", b"usr/bin/ls"),
+        ],
+        {"rename-dir"},
+    ),
     "fallocate": (
         BASE,
         [
@@ -588,7 +633,7 @@ def _cross_mounts(pair: Pair, last_s: Snapshot, last_k: Snapshot, t0: int) -> li
             f"remount on own upper: {x}"
             for x in compare(last_s, snapshot(m.mnt), since_ns=since, ignore=ignore)
         ]
-    with _fresh_work(s) as w, KERNEL.mount(k.lowers, s.upper, w, s.mnt) as m:
+    with _fresh_work(s) as w, subject.kernel.mount(k.lowers, s.upper, w, s.mnt) as m:
         ref = snapshot(m.mnt)
         if "upper-artifacts" in subject.quirks:
             ref = _strip_artifacts(ref)

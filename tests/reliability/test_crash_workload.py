@@ -106,7 +106,12 @@ def test_kill9_random_workload(tmp_path: Path) -> None:
                 # The kill comes at a random moment once both workers have begun.
                 _wait_started(journals)
                 time.sleep(rnd.uniform(0.1, 1.5))
-                assert all(p.poll() is None for p in workers), f"a worker stopped (seed {seed})"
+                stopped = [
+                    j for p, j in zip(workers, journals, strict=True) if p.poll() is not None
+                ]
+                assert not stopped, f"a worker stopped (seed {seed}): " + "\n".join(
+                    [*(j.read_text()[-600:] for j in stopped), d.log_text()[-3000:]]
+                )
                 d.kill9()
                 for p, journal in zip(workers, journals, strict=True):
                     if p.wait(timeout=60) != 0:

@@ -10,6 +10,7 @@ contain a traceback or an ERROR line, and the daemon must exit by itself after t
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -254,7 +255,9 @@ def mount_kernel(
         opts = ["lowerdir=" + ":".join(lower_list)]
         if upper is not None:
             opts += [f"upperdir={os.fspath(upper)}", f"workdir={os.fspath(work or '')}"]
-        opts += [*KERNEL_OPTIONS, *options]
+        # OPTIONS override the defaults of the same name (metacopy=on, say)
+        keys = {o.partition("=")[0] for o in options}
+        opts += [o for o in KERNEL_OPTIONS if o.partition("=")[0] not in keys] + list(options)
         r = _run(["mount", "-t", "overlay", "overlay", "-o", ",".join(opts), os.fspath(mnt)])
         if r.returncode != 0:
             raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} ({opts})")
@@ -287,6 +290,14 @@ class Subject:
     name: str
     mount: MountFn
     quirks: frozenset[str] = frozenset()
+    kernel_options: tuple[str, ...] = ()  # the kernel reference's options for this subject
+
+    @property
+    def kernel(self) -> Subject:
+        """The kernel overlayfs mount this subject is compared with."""
+        if not self.kernel_options:
+            return KERNEL
+        return Subject("kernel", functools.partial(mount_kernel, options=self.kernel_options))
 
 
 # Found with this suite against fuse-overlayfs 1.10 (see docs/testing.md for reproducers).
@@ -339,6 +350,13 @@ LAYERFS_LIMITS = frozenset(
 SUBJECTS: dict[str, Subject] = {
     "layerfs": Subject("layerfs", mount_layerfs, LAYERFS_LIMITS),
     "fuse-overlayfs": Subject("fuse-overlayfs", mount_fuse_overlayfs, FUSE_OVERLAYFS_QUIRKS),
+    # metadata-only copy-up, against the kernel with metacopy=on (the write-path suite)
+    "layerfs-metacopy": Subject(
+        "layerfs-metacopy",
+        functools.partial(mount_layerfs, options=("metacopy=on",)),
+        LAYERFS_LIMITS,
+        ("metacopy=on",),
+    ),
 }
 KERNEL = Subject("kernel", mount_kernel)
 
