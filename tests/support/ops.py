@@ -84,6 +84,9 @@ def _create(p: bytes, data: bytes, mode: int = 0o644) -> object:
 
 
 def _read(p: bytes) -> object:
+    st = os.stat(p)
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return ("device", st.st_rdev)  # the scripts' devices are /dev/full: endless zeros
     return digest(_read_all(p))
 
 
