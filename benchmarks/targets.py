@@ -151,8 +151,17 @@ class Kernel(_Overlay):
         return f"overlayfs, Linux {os.uname().release}"
 
     def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
-        opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir}"
+        opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir}{self.extra}"
         return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
+
+    extra = ""
+
+
+class KernelMetacopy(Kernel):
+    """Kernel overlayfs with metadata-only copy-up: the reference for layerfs -o metacopy=on."""
+
+    name = "kernel-metacopy"
+    extra = ",redirect_dir=on,metacopy=on"
 
 
 class FuseOverlayfs(_Overlay):
@@ -209,8 +218,13 @@ class Layerfs(_Overlay):
     fuse = True
 
     def __init__(
-        self, command: str | None = None, options: str = "", rev: str | None = None
+        self,
+        command: str | None = None,
+        options: str = "",
+        rev: str | None = None,
+        name: str = "layerfs",
     ) -> None:
+        self.name = name
         self.command = command or layerfs_command()
         self.options = options
         self.rev = rev
@@ -274,6 +288,8 @@ def _git(*args: str) -> str:
 
 
 ALL_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
+# Opt-in (--targets): metadata-only copy-up on both sides, for the copy-up scenarios.
+EXTRA_TARGETS = ["kernel-metacopy", "layerfs-metacopy"]
 
 
 def make_targets(
@@ -284,8 +300,16 @@ def make_targets(
         "kernel": Kernel(),
         "fuse-overlayfs": FuseOverlayfs(),
         "layerfs": Layerfs(layerfs_cmd, layerfs_opts, layerfs_rev),
+        "kernel-metacopy": KernelMetacopy(),
+        "layerfs-metacopy": Layerfs(
+            layerfs_cmd,
+            ",".join(filter(None, [layerfs_opts, "metacopy=on"])),
+            layerfs_rev,
+            name="layerfs-metacopy",
+        ),
     }
+
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise SystemExit(f"unknown target(s) {unknown}; choose from {ALL_TARGETS}")
+        raise SystemExit(f"unknown target(s) {unknown}; choose from {ALL_TARGETS + EXTRA_TARGETS}")
     return [table[n] for n in names]
