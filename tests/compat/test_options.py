@@ -153,11 +153,19 @@ def test_generic_mount_options_are_silent() -> None:
 
 
 def test_unknown_options_warn_but_never_fail() -> None:
-    c = cfg("lowerdir=/a,frobnicate,speed=11,metacopy=on")
+    c = cfg("lowerdir=/a,frobnicate,speed=11,index=on")
     assert len(c.warnings) == 3
     assert any("frobnicate" in w for w in c.warnings)
     assert any("speed=11" in w for w in c.warnings)
-    assert any("metacopy=on" in w for w in c.warnings)
+    assert any("index=on" in w for w in c.warnings)
+
+
+def test_metacopy_option() -> None:
+    assert cfg("lowerdir=/a").metacopy is False
+    assert cfg("lowerdir=/a,metacopy=on").metacopy is True
+    assert cfg("lowerdir=/a,metacopy=on,metacopy=off").metacopy is False
+    with pytest.raises(LayerfsError, match="metacopy=yes"):
+        cfg("lowerdir=/a,metacopy=yes")
 
 
 def test_fuse_flags_defaults_follow_fuse_overlayfs() -> None:

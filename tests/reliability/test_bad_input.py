@@ -120,6 +120,14 @@ CASES: dict[str, Args] = {
         _mount(s(e.lower), s(e.upper), s(e.mnt), s(e.root / "no-work")),
         b"no-work",
     ),
+    "metacopy without redirect_dir": lambda e: (
+        [
+            *_mount(s(e.lower), s(e.upper), s(e.mnt), s(e.work)),
+            "-o",
+            "metacopy=on,redirect_dir=off",
+        ],
+        b"metacopy=on requires redirect_dir=on",
+    ),
     "workdir without upper": lambda e: (_mount(s(e.lower), None, s(e.mnt), s(e.work)), b"work"),
     "merged missing": lambda e: (
         _mount(s(e.lower), s(e.upper), s(e.root / "no-mnt"), s(e.work)),
