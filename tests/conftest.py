@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, settings
 # tests/support is imported as ``support`` in every pytest import mode.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.mounts import SUBJECTS, Subject, layerfs_available
+from support.mounts import Subject, subject_named
 
 settings.register_profile(
     "layerfs",
@@ -87,12 +87,3 @@ def _host_files_untouched() -> Iterator[None]:
 def subject(request: pytest.FixtureRequest) -> Subject:
     """The filesystem under test; fuse-overlayfs is the stand-in that proves the harness."""
     return subject_named(request.param)
-
-
-def subject_named(name: str) -> Subject:
-    """SUBJECTS[NAME], or a skip when it cannot run on this machine."""
-    if name.startswith("layerfs") and (why := layerfs_available()):
-        pytest.skip(f"layerfs cannot mount yet: {why}")
-    if name == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
-        pytest.skip("fuse-overlayfs not installed (apt-get install fuse-overlayfs)")
-    return SUBJECTS[name]

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import subject_named
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -47,7 +46,7 @@ from support.layerspec import (
     sym,
     wh,
 )
-from support.mounts import Layout, Mounted, Subject
+from support.mounts import Layout, Mounted, Subject, subject_named
 from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply, apply_all, compare_results
 from support.snapshot import (
     Snapshot,

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
 
@@ -359,6 +361,15 @@ SUBJECTS: dict[str, Subject] = {
     ),
 }
 KERNEL = Subject("kernel", mount_kernel)
+
+
+def subject_named(name: str) -> Subject:
+    """SUBJECTS[NAME], or a skip when it cannot run on this machine."""
+    if name.startswith("layerfs") and (why := layerfs_available()):
+        pytest.skip(f"layerfs cannot mount yet: {why}")
+    if name == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
+        pytest.skip("fuse-overlayfs not installed (apt-get install fuse-overlayfs)")
+    return SUBJECTS[name]
 
 
 @dataclass
