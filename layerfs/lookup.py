@@ -161,7 +161,13 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     if metacopy and not lowers:
         log.warning("metacopy file %s has no lower data", os.fsdecode(name))
     return Resolution(
-        top_st, upper_st is not None, lowers, positive, origin_nlink, origin, bool(lowers)
+        top_st,
+        upper_st is not None,
+        lowers,
+        positive,
+        origin_nlink,
+        origin,
+        metacopy and bool(lowers),
     )
 
 
