@@ -139,6 +139,7 @@ class _Overlay(Target):
 
 class Kernel(_Overlay):
     name = "kernel"
+    extra = ""  # mount options after the directories
 
     def unavailable(self) -> str | None:
         if os.geteuid() != 0:
@@ -153,8 +154,6 @@ class Kernel(_Overlay):
     def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
         opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir}{self.extra}"
         return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
-
-    extra = ""
 
 
 class KernelMetacopy(Kernel):

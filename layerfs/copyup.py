@@ -168,10 +168,9 @@ class CopyUp:
         upath = node.path()
         if not upath:
             raise OSError(errno.ENOENT, "unlinked metacopy file")
-        src = _sys.open_at(layer.dirfd(lpath[:-1]), lpath[-1], os.O_RDONLY)
+        src = _sys.open_at(*layer.locate(lpath), os.O_RDONLY)
         try:
-            udir = self.stack.upper.dirfd(upath[:-1])
-            dst = _sys.open_at(udir, upath[-1], os.O_WRONLY)
+            dst = _sys.open_at(*self.stack.upper.locate(upath), os.O_WRONLY)
             try:
                 ust = os.fstat(dst)
                 length = ust.st_size if data_len is None else min(ust.st_size, data_len)

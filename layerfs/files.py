@@ -91,14 +91,9 @@ class Files:
             if not node.name and node.parent is not None:
                 raise OSError(errno.ENOENT, "unlinked")
             assert self.stack.upper is not None
-            path = node.path()
-            if not path:
-                return self.stack.upper.root_fd, b""
-            return self.stack.upper.dirfd(path[:-1]), path[-1]
+            return self.stack.upper.locate(node.path())
         layer, lpath = node.lowers[0]
-        if not lpath:
-            return layer.root_fd, b""
-        return layer.dirfd(lpath[:-1]), lpath[-1]
+        return layer.locate(lpath)
 
     def add(
         self,
@@ -117,7 +112,7 @@ class Files:
         """(dirfd, name) of the real file holding NODE's data: the lower for a metacopy."""
         if node.metacopy:
             layer, lpath = node.lowers[0]
-            return layer.dirfd(lpath[:-1]), lpath[-1]
+            return layer.locate(lpath)
         return self.real_location(node)
 
     async def open(self, node: Node, flags: int, caller: Caller) -> int:

@@ -61,6 +61,12 @@ class Layer:
         self._fds.clear()
         os.close(self.root_fd)
 
+    def locate(self, path: Path) -> tuple[int, bytes]:
+        """(dirfd, name) of PATH for the *at() calls; (root fd, b"") for the root itself."""
+        if not path:
+            return self.root_fd, b""
+        return self.dirfd(path[:-1]), path[-1]
+
     def dirfd(self, path: Path) -> int:
         """Return a cached fd of directory PATH, walked one component at a time, no symlinks.
 

@@ -68,11 +68,7 @@ def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
         if attr in names:
             value = _sys.getxattr_at(fd, name, attr)
             opaque = opaque or (value is not None and value.startswith(b"y"))
-    redirect = None
-    for attr in xattrs.REDIRECT:
-        if attr in names:
-            redirect = _sys.getxattr_at(fd, name, attr)
-            break
+    redirect = _listed_redirect(fd, name, names)
     if not opaque:
         # fuse-overlayfs marks opaque upper dirs with a visible .wh..wh..opq file as well
         try:
@@ -109,10 +105,9 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 elif redirect:
                     search, lname = _redirected(stack, parent, redirect)
                     redirected = True
-            elif st.st_size and stat.S_ISREG(st.st_mode) and is_metacopy(ufd, name):
-                metacopy = True
-                redirect = whiteout.redirect_of(ufd, name)
-                if redirect:
+            elif st.st_size and stat.S_ISREG(st.st_mode):
+                metacopy, redirect = upper_file_flags(ufd, name)
+                if metacopy and redirect:
                     search, lname = _redirected(stack, parent, redirect)
                     redirected = True
         elif whiteout.has_oci_whiteout(ufd, name):
@@ -171,10 +166,23 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     )
 
 
-def is_metacopy(dirfd: int, name: bytes) -> bool:
-    """True if upper file NAME holds metadata only (its data is in a lower)."""
-    # one listxattr, not a getxattr per name: most upper files have no xattrs at all
-    return not xattrs.METACOPY_SET.isdisjoint(_sys.listxattr_at(dirfd, name))
+def upper_file_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
+    """(metacopy, redirect) of upper regular file NAME: is its data in a lower, and where.
+
+    One listxattr, not a getxattr per name: most upper files have no xattrs at all.
+    """
+    names = set(_sys.listxattr_at(fd, name))
+    if xattrs.METACOPY_SET.isdisjoint(names):
+        return False, None
+    return True, _listed_redirect(fd, name, names)
+
+
+def _listed_redirect(fd: int, name: bytes, names: set[bytes]) -> bytes | None:
+    """The redirect of NAME, whose xattr names (listxattr) are NAMES."""
+    for attr in xattrs.REDIRECT:
+        if attr in names:
+            return _sys.getxattr_at(fd, name, attr)
+    return None
 
 
 def _redirected(

@@ -455,7 +455,7 @@ class Namespace:
             return
         if samedir and not node.is_dir:
             layer, lpath = node.lowers[0]
-            samedir = _sys.lstat_at(layer.dirfd(lpath[:-1]), lpath[-1]).st_nlink == 1
+            samedir = _sys.lstat_at(*layer.locate(lpath)).st_nlink == 1
         value = path[-1] if samedir else b"/" + b"/".join(node.lowers[0][1])
         _sys.setxattr_at(udir, path[-1], xattrs.REDIRECT_W, value)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from support.mounts import is_mounted, layerfs_command
+from support.mounts import layerfs_mount_cmd as mount_cmd
 
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
@@ -49,28 +50,6 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-def mount_cmd(
-    lowers: Sequence[PathLike],
-    upper: PathLike | None,
-    work: PathLike | None,
-    mnt: PathLike,
-    *,
-    options: Sequence[str] = (),
-    foreground: bool = True,
-) -> list[str]:
-    cmd = [*layerfs_command(), "mount", ":".join(os.fspath(p) for p in lowers)]
-    if upper is not None:
-        cmd.append(os.fspath(upper))
-    cmd.append(os.fspath(mnt))
-    if work is not None:
-        cmd += ["--workdir", os.fspath(work)]
-    if options:
-        cmd += ["-o", ",".join(options)]
-    if foreground:
-        cmd.append("-f")
-    return cmd
 
 
 def wait_until(

@@ -191,6 +191,29 @@ def _log_path(mnt: Path, name: str) -> Path:
     return Path(p)
 
 
+def layerfs_mount_cmd(
+    lowers: Sequence[PathLike],
+    upper: PathLike | None,
+    work: PathLike | None,
+    mnt: PathLike,
+    *,
+    options: Sequence[str] = (),
+    foreground: bool = True,
+) -> list[str]:
+    """The ``layerfs mount`` command line for this stack."""
+    cmd = [*layerfs_command(), "mount", ":".join(os.fspath(p) for p in lowers)]
+    if upper is not None:
+        cmd.append(os.fspath(upper))
+    cmd.append(os.fspath(mnt))
+    if work is not None:
+        cmd += ["--workdir", os.fspath(work)]
+    if options:
+        cmd += ["-o", ",".join(options)]
+    if foreground:
+        cmd.append("-f")
+    return cmd
+
+
 @contextlib.contextmanager
 def mount_layerfs(
     lowers: Sequence[PathLike],
@@ -201,15 +224,7 @@ def mount_layerfs(
     options: Sequence[str] = (),
 ) -> Iterator[Mounted]:
     mnt = Path(mnt)
-    cmd = [*layerfs_command(), "mount", ":".join(os.fspath(p) for p in lowers)]
-    if upper is not None:
-        cmd.append(os.fspath(upper))
-    cmd.append(os.fspath(mnt))
-    if work is not None:
-        cmd += ["--workdir", os.fspath(work)]
-    if options:
-        cmd += ["-o", ",".join(options)]
-    cmd.append("-f")
+    cmd = layerfs_mount_cmd(lowers, upper, work, mnt, options=options)
     with _fuse_daemon("layerfs", cmd, mnt, _log_path(mnt, "layerfs")) as m:
         yield m
 
