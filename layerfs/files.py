@@ -1,5 +1,11 @@
 """Open files: the handle table, copy-up on the first open for write, read/write/fsync.
 
+Two kinds of handle. An OPEN request gets its own (a small number). Where the kernel sends no
+OPEN (the adapter answered it ENOSYS, see layerfs.fusehooks), requests name the node instead,
+``NODE_FH | node id``: each node then has one shared handle, opened on first use (read-only on
+the data, or read-write on the upper, copied up by the first write), kept in a bounded LRU, and
+pinned while the node has lost its last name, since the kernel may still hold it open.
+
 A read-only open of a lower file reads the lower directly (no copy), and so does one of a
 metacopy file (its data is still the lower's). An open for write, or with O_TRUNC, copies the
 file up first (with O_TRUNC, without its data). A handle opened on the lower before someone
@@ -16,6 +22,7 @@ import errno
 import itertools
 import os
 import stat
+from collections import OrderedDict
 
 import trio
 
@@ -26,6 +33,7 @@ from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 
 BIG_IO = 256 << 10  # reads/writes from this size on go to a worker thread
+NODE_FH = 1 << 62  # a handle naming a node: no OPEN was sent for it (layerfs.fusehooks)
 
 
 class Handle:
@@ -33,7 +41,7 @@ class Handle:
     bits on a write (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then
     clear itself; None for root."""
 
-    __slots__ = ("fd", "kill_priv", "node", "old_fds", "on_upper", "writable")
+    __slots__ = ("busy", "fd", "kill_priv", "node", "old_fds", "on_upper", "pinned", "writable")
 
     def __init__(
         self,
@@ -49,6 +57,12 @@ class Handle:
         self.writable = writable
         self.kill_priv = kill_priv
         self.old_fds: list[int] = []  # lower fds replaced after a copy-up, closed on release
+        self.busy = 0  # operations running on a worker thread with fd
+        self.pinned = False  # a node handle kept while the node has no name left
+
+    def close(self) -> None:
+        for fd in (self.fd, *self.old_fds):
+            os.close(fd)
 
 
 def kill_suid(fd: int, groups: frozenset[int]) -> None:
@@ -81,9 +95,12 @@ class Files:
         self.honour_fsync = honour_fsync
         self.handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
+        self.by_node: OrderedDict[int, Handle] = OrderedDict()  # node handles, oldest first
+        self.max_node_fds = 512
+        self.no_open = False  # the adapter sets it when the kernel will send no OPEN
 
     def statistics(self) -> dict[str, int]:
-        return {"open_files": len(self.handles)}
+        return {"open_files": len(self.handles), "node_fds": len(self.by_node)}
 
     def real_location(self, node: Node) -> tuple[int, bytes]:
         """(dirfd, name) of NODE's top real object; ENOENT for an unlinked node."""
@@ -137,6 +154,72 @@ class Files:
             raise OSError(errno.EBADF, "bad file handle")
         return h
 
+    # -- node handles (no OPEN) ----------------------------------------------------------------
+
+    def _node_handle(self, node: Node, *, writable: bool = False) -> Handle:
+        """NODE's shared handle, read-write on the upper if WRITABLE (copied up already)."""
+        h = self.by_node.get(node.id)
+        if h is not None and h.node is not node:  # a stale entry of a reused id
+            self._drop(node.id)
+            h = None
+        if h is not None and (h.writable or not writable):
+            self.by_node.move_to_end(node.id)
+            return h
+        dirfd, name = self.data_location(node)
+        fd = _sys.open_at(dirfd, name, os.O_RDWR if writable else os.O_RDONLY)
+        if h is not None:  # a read-only handle becomes writable: keep the old fd for readers
+            h.old_fds.append(h.fd)
+            h.fd, h.writable, h.on_upper = fd, True, True
+            return h
+        h = Handle(fd, node, bool(node.upper and not node.metacopy), writable)
+        self.by_node[node.id] = h
+        if len(self.by_node) > self.max_node_fds:
+            self._evict()
+        return h
+
+    def adopt(self, fd: int, node: Node) -> int:
+        """Make FD (read-write, on the upper) NODE's handle; return the node's handle id."""
+        self._drop(node.id)
+        self.by_node[node.id] = Handle(fd, node, True, True)
+        if len(self.by_node) > self.max_node_fds:
+            self._evict()
+        return NODE_FH | node.id
+
+    def _evict(self) -> None:
+        """Close the oldest node handles nobody is using, down to three quarters of the cap."""
+        excess = len(self.by_node) - self.max_node_fds * 3 // 4
+        for node_id in [i for i, h in self.by_node.items() if not (h.pinned or h.busy)]:
+            if excess <= 0:
+                break
+            self._drop(node_id)
+            excess -= 1
+
+    def _drop(self, node_id: int) -> None:
+        h = self.by_node.pop(node_id, None)
+        if h is not None:
+            h.close()
+
+    def forgotten(self, node_id: int) -> None:
+        """The kernel let go of the node: nothing can use its handle any more."""
+        if node_id in self.by_node:
+            self._drop(node_id)
+
+    def pin(self, node: Node, mode: int) -> None:
+        """NODE (of file type MODE) is about to lose its last name while the kernel holds it:
+        keep its data open, since a process may have it open and no OPEN told us."""
+        if self.no_open and stat.S_ISREG(mode) and node.nlookup > 0:
+            self._node_handle(node, writable=bool(node.upper and not node.metacopy)).pinned = True
+
+    async def _resolve(self, fh: int, *, write: bool = False) -> Handle:
+        if not fh & NODE_FH:
+            return self.get(fh)
+        node = self.table.get(fh & ~NODE_FH)
+        if write and not (node.upper and not node.metacopy):
+            await self.copyup.copy_up(node)  # the first write copies the file up
+        return self._node_handle(node, writable=write)
+
+    # -- I/O -----------------------------------------------------------------------------------
+
     def _follow_copy_up(self, h: Handle) -> None:
         if not h.on_upper and h.node.upper and not h.node.metacopy:
             dirfd, name = self.real_location(h.node)
@@ -145,39 +228,65 @@ class Files:
             h.fd, h.on_upper = fd, True
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = self.get(fh)
+        h = await self._resolve(fh)
         self._follow_copy_up(h)
         if size >= BIG_IO:
-            return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
+            h.busy += 1
+            try:
+                return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
+            finally:
+                h.busy -= 1
         return os.pread(h.fd, size, off)
 
-    async def write(self, fh: int, off: int, data: bytes) -> int:
-        h = self.get(fh)
+    async def write(self, fh: int, off: int, data: bytes, writer: Caller | None = None) -> int:
+        """Write DATA at OFF. WRITER: who writes, for a node handle (the opener of an OPEN
+        handle was recorded at open)."""
+        h = await self._resolve(fh, write=True)
         if not h.writable:
             raise OSError(errno.EBADF, "not open for writing")
-        if h.kill_priv is not None:
-            kill_suid(h.fd, h.kill_priv)
+        kill_priv = h.kill_priv if writer is None else writer.kill_priv_groups()
+        if kill_priv is not None:
+            kill_suid(h.fd, kill_priv)
             h.kill_priv = None  # once cleared, a later chmod +s by the owner must stay
         if len(data) >= BIG_IO:
-            return await trio.to_thread.run_sync(os.pwrite, h.fd, data, off)
+            h.busy += 1
+            try:
+                return await trio.to_thread.run_sync(os.pwrite, h.fd, data, off)
+            finally:
+                h.busy -= 1
         return os.pwrite(h.fd, data, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        h = self.get(fh)
-        if self.honour_fsync and h.writable:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+        h = await self._resolve(fh)
+        if self.honour_fsync and (h.writable or h.on_upper):
+            h.busy += 1
+            try:
+                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+            finally:
+                h.busy -= 1
 
     def release(self, fh: int) -> None:
+        if fh & NODE_FH:
+            return  # a node handle lives until the node is forgotten
         h = self.handles.pop(fh, None)
         if h is None:
             return
-        for fd in (h.fd, *h.old_fds):
-            os.close(fd)
+        h.close()
         h.node.opens -= 1
         self.table.release(h.node)
 
+    def close(self) -> None:
+        for fh in list(self.handles):
+            self.release(fh)
+        for node_id in list(self.by_node):
+            self._drop(node_id)
+
     def fd_of(self, node: Node) -> int | None:
         """An open fd of NODE, for a node that has lost its last name (else None)."""
+        h = self.by_node.get(node.id)
+        if h is not None and h.node is node:
+            self._follow_copy_up(h)
+            return h.fd
         for h in self.handles.values():
             if h.node is node:
                 self._follow_copy_up(h)

@@ -40,6 +40,9 @@ class Namespace:
         self.table = table
         self.copyup = copyup
         self.mknod_whiteouts = True  # cleared when the upper refuses mknod (then .wh.NAME)
+        # called with (node, st_mode) before a non-directory loses a name: Files keeps the
+        # data of a node the kernel may hold open (Files.pin)
+        self.losing_name: Callable[[Node, int], None] = lambda node, mode: None
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -290,6 +293,7 @@ class Namespace:
         if res.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         udir = self._upper_dir(parent)
+        self.losing_name(node, res.st.st_mode)
         if res.upper:
             if res.lower_positive:
                 self._replace_with_whiteout(udir, name)
@@ -352,6 +356,8 @@ class Namespace:
                 break
         d1, d2 = self._upper_dir(p1), self._upper_dir(p2)
         old_path = src.path()
+        if dst is not None and dst_res is not None and not exchange and not dst_res.is_dir:
+            self.losing_name(dst, dst_res.st.st_mode)
 
         if exchange:
             assert dst is not None and dst_res is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import errno
 import functools
 import gc
@@ -24,7 +25,9 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from layerfs import fusehooks
 from layerfs.attrs import Attr, Caller, SetAttr
+from layerfs.files import NODE_FH
 from layerfs.overlay import Overlay
 
 log = logging.getLogger(__name__)
@@ -214,13 +217,17 @@ def _ask_kernel_to_cache_listing(ops: Operations, inode: int) -> None:
 def _caller(ctx: pyfuse3.RequestContext, *, groups: bool = False) -> Caller:
     """The request's credentials; GROUPS also reads the supplementary groups (a /proc read),
     which only setgid clearing on writes by non-root callers needs."""
-    sup: frozenset[int] = frozenset()
-    if groups and ctx.uid != 0:
-        try:
-            sup = frozenset(pyfuse3.get_sup_groups(ctx.pid))
-        except (OSError, ValueError):
-            sup = frozenset()  # the caller is gone: the group check errs on clearing
-    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid, sup)
+    caller = Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
+    return _caller_groups(caller) if groups and ctx.uid != 0 else caller
+
+
+def _caller_groups(caller: Caller) -> Caller:
+    """CALLER with its supplementary groups (a /proc read)."""
+    try:
+        sup = frozenset(pyfuse3.get_sup_groups(caller.pid))
+    except (OSError, ValueError):
+        sup = frozenset()  # the caller is gone: the group check errs on clearing
+    return dataclasses.replace(caller, groups=sup)
 
 
 class Operations(pyfuse3.Operations):
@@ -234,7 +241,16 @@ class Operations(pyfuse3.Operations):
         self.fs = overlay
         overlay.plain_listings = _ST_INO_OFFSET is not None
         self.dir_cache = _libfuse_layout_known()
+        self.hooks: fusehooks.Hooks | None = None
         self._forgotten = 0
+
+    def skip_open_requests(self) -> None:
+        """Answer OPEN and OPENDIR with ENOSYS from now on, if the hooks that serve requests
+        without them can be installed (layerfs.fusehooks); call after pyfuse3.init."""
+        self.hooks = fusehooks.install(pyfuse3.__file__)
+        if self.hooks is not None:
+            self.fs.files.no_open = True
+            self.dir_cache = False  # the kernel caches listings of its own accord
 
     @_errors
     async def lookup(
@@ -359,6 +375,8 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
+        if self.hooks is not None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # no OPEN, RELEASE, FLUSH from now on
         fh = await self.fs.open(inode, flags, _caller(ctx, groups=True))
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
@@ -380,7 +398,13 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        return await self.fs.files.write(fh, off, buf)
+        writer = None
+        if fh & NODE_FH and self.hooks is not None:  # no OPEN recorded who writes
+            uid, gid, pid = self.hooks.writer
+            writer = Caller(uid, gid, 0, pid)
+            if uid != 0:
+                writer = _caller_groups(writer)
+        return await self.fs.files.write(fh, off, buf, writer)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         # Nothing is buffered here (writes go straight to the real file, fsync is its own
@@ -399,6 +423,8 @@ class Operations(pyfuse3.Operations):
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
+        if self.hooks is not None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # no OPENDIR, RELEASEDIR from now on
         fh = self.fs.opendir(inode)
         if self.dir_cache:
             _ask_kernel_to_cache_listing(self, inode)

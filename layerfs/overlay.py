@@ -25,7 +25,7 @@ from layerfs import _sys, xattrs
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp
-from layerfs.files import Files, kill_suid
+from layerfs.files import NODE_FH, Files, kill_suid
 from layerfs.inodes import ROOT_ID, InodeTable, Node, real_id, split_real_id
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import node_for, resolve
@@ -65,7 +65,9 @@ class Overlay:
         )
         self.ns = Namespace(self.stack, self.table, self.copyup, redirect_dir=config.redirect_dir)
         self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
+        self.ns.losing_name = self.files.pin
         self.dirs: dict[int, DirHandle] = {}
+        self.node_dirs: dict[int, DirHandle] = {}  # listings in progress without an OPENDIR
         self.dircache = DirCache()
         self.plain_listings = True  # the adapter clears it if it cannot send bare st_ino
         self._dir_ids = 0
@@ -83,8 +85,7 @@ class Overlay:
         return self.table.add(root, ROOT_ID)
 
     def close(self) -> None:
-        for fh in list(self.files.handles):
-            self.files.release(fh)
+        self.files.close()
         self.stack.close()
 
     def shrink(self) -> None:
@@ -153,6 +154,9 @@ class Overlay:
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
             self.table.forget(ino, n)
+            if ino not in self.table.nodes:
+                self.files.forgotten(ino)
+                self.node_dirs.pop(ino, None)
 
     def counted(self, node: Node) -> Attr:
         """Count a lookup on a node just created and return its attributes."""
@@ -176,14 +180,15 @@ class Overlay:
             _setattr_fd(fd, ch, caller)
             return self.attr(node)
         if ch.size is not None:
-            fd = self.files.get(fh).fd if fh is not None else _sys.open_at(dirfd, name, os.O_WRONLY)
+            h = self.files.handles.get(fh) if fh else None  # 0: no OPEN was sent
+            fd = h.fd if h is not None else _sys.open_at(dirfd, name, os.O_WRONLY)
             try:
                 os.ftruncate(fd, ch.size)
                 groups = caller.kill_priv_groups()
                 if groups is not None and ch.mode is None:
                     kill_suid(fd, groups)
             finally:
-                if fh is None:
+                if h is None:
                     os.close(fd)
         target = name or b"."
         if ch.uid is not None or ch.gid is not None:
@@ -221,6 +226,8 @@ class Overlay:
     ) -> tuple[int, Attr]:
         parent = self.table.get(parent_ino)
         node, fd = await self.ns.create(parent, name, mode, flags, caller)
+        if self.files.no_open:  # no RELEASE will come: the fd becomes the node's handle
+            return self.files.adopt(fd, node), self.counted(node)
         fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
         return fh, self.counted(node)
 
@@ -263,11 +270,26 @@ class Overlay:
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         self._dir_ids += 1
-        plain = self.dircache.get(node) if self.plain_listings else None
-        names = [e[0] for e in plain] if plain is not None else self._snapshot(node)
-        self.dirs[self._dir_ids] = DirHandle(node, names, plain)
+        self.dirs[self._dir_ids] = self._dir_handle(node)
         node.opens += 1
         return self._dir_ids
+
+    def _dir_handle(self, node: Node) -> DirHandle:
+        plain = self.dircache.get(node) if self.plain_listings else None
+        names = [e[0] for e in plain] if plain is not None else self._snapshot(node)
+        return DirHandle(node, names, plain)
+
+    def _node_dir(self, node_id: int, start: int) -> DirHandle | None:
+        """The listing of a directory read without OPENDIR (NODE_FH): a fresh one from offset
+        0, the one in progress after; dropped at the end, where the kernel reads no further."""
+        node = self.table.get(node_id)
+        dh = self.node_dirs.get(node_id)
+        if start == 0 or dh is None or dh.node is not node:
+            dh = self.node_dirs[node_id] = self._dir_handle(node)
+        elif start >= len(dh.names):
+            del self.node_dirs[node_id]
+            return None
+        return dh
 
     def _snapshot(self, node: Node) -> list[bytes]:
         return [b".", b"..", *merged_names(self.stack, node)]
@@ -279,9 +301,14 @@ class Overlay:
         ``.`` and ``..``, for which the kernel takes none). Entries without a node carry only
         st_ino and the type (see DirCache).
         """
-        dh = self.dirs.get(fh)
-        if dh is None:
-            raise OSError(errno.EBADF, "bad directory handle")
+        if fh & NODE_FH:
+            dh = self._node_dir(fh & ~NODE_FH, start)
+            if dh is None:
+                return
+        else:
+            dh = self.dirs.get(fh)
+            if dh is None:
+                raise OSError(errno.EBADF, "bad directory handle")
         node = dh.node
         if start == 0 and dh.version != node.version:
             dh.names, dh.plain, dh.sent = self._snapshot(node), None, {}
@@ -317,10 +344,14 @@ class Overlay:
 
     async def fsyncdir(self, fh: int) -> None:
         """fsync the directory's upper part (what a rename or create there changed)."""
-        dh = self.dirs.get(fh)
-        if dh is None or not dh.node.upper or self.stack.upper is None or not self.config.fsync:
+        if fh & NODE_FH:
+            node: Node | None = self.table.get(fh & ~NODE_FH)
+        else:
+            dh = self.dirs.get(fh)
+            node = dh.node if dh is not None else None
+        if node is None or not node.upper or self.stack.upper is None or not self.config.fsync:
             return
-        fd = os.dup(self.stack.upper.dirfd(dh.node.path()))  # a thread may outlive the cache
+        fd = os.dup(self.stack.upper.dirfd(node.path()))  # a thread may outlive the cache
         try:
             await trio.to_thread.run_sync(os.fsync, fd, limiter=self.copyup.limiter)
         finally:

@@ -1,0 +1,214 @@
+"""Let the kernel skip OPEN/RELEASE and OPENDIR/RELEASEDIR: libfuse's "no open support".
+
+A FUSE filesystem that answers OPEN (OPENDIR) with ENOSYS is never sent OPEN, RELEASE and FLUSH
+(OPENDIR, RELEASEDIR) again on that mount; the kernel then keeps file pages across opens
+(FOPEN_KEEP_CACHE) and directory listings (FOPEN_CACHE_DIR) by itself (fs/fuse/file.c,
+fuse_do_open). That is two round trips less for every file a tar, a container start or a tree
+walk opens. pyfuse3 3.5 cannot serve it as it is: its read, write, fsync and readdir handlers
+pass on the file handle but not the inode, and without OPEN every handle is 0.
+
+So this module puts a shim in front of those entries of the libfuse session's operation table:
+when the request's ``fuse_file_info.fh`` is 0 it writes ``NODE_FH | inode`` there and calls
+pyfuse3's handler, and the engine serves the request by inode. The write shim also records the
+writer's credentials (pyfuse3 passes none to write), for clearing setuid/setgid bits. At INIT
+the shim asks for FUSE_CAP_CACHE_SYMLINKS (symlink targets cached by the kernel; pyfuse3 does
+not ask) and drops FUSE_CAP_ATOMIC_O_TRUNC (O_TRUNC must reach us as a SETATTR, since no OPEN
+carries it).
+
+Found by symbol, checked by value: the session is pyfuse3's module variable ``session`` (read
+from the ELF symbol table of its extension), and the operation table inside the session is
+located by comparing it word for word with pyfuse3's own ``fuse_ops``. Anything unexpected
+leaves the session untouched, and the adapter then answers OPEN as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from layerfs.files import NODE_FH
+
+log = logging.getLogger(__name__)
+
+
+# struct fuse_lowlevel_ops (libfuse 3.x): entry indexes
+_N_OPS = 44
+_INIT, _READ, _FSYNC, _FSYNCDIR, _WRITE_BUF, _READDIRPLUS = 0, 15, 19, 23, 36, 41
+_FI_FH = 16  # offsetof(struct fuse_file_info, fh)
+_CONN_CAPABLE, _CONN_WANT = 20, 24  # offsetof(struct fuse_conn_info, capable / want)
+CAP_ATOMIC_O_TRUNC = 1 << 3
+CAP_CACHE_SYMLINKS = 1 << 23
+
+_c_ino = ctypes.c_uint64
+_vp = ctypes.c_void_p
+_INIT_ARGS = (_vp, _vp)
+_READ_ARGS = (_vp, _c_ino, ctypes.c_size_t, ctypes.c_int64, _vp)
+_FSYNC_ARGS = (_vp, _c_ino, ctypes.c_int, _vp)
+_WRITE_BUF_ARGS = (_vp, _c_ino, _vp, ctypes.c_int64, _vp)
+
+
+def _shim_type(args: tuple[type, ...]) -> type:
+    return ctypes.CFUNCTYPE(None, *args)  # called by libfuse
+
+
+def _handler(args: tuple[type, ...], address: int) -> Any:
+    # pyfuse3's handlers run with the GIL held, as libfuse calls them from pyfuse3's loop:
+    # call them the same way (PYFUNCTYPE keeps the GIL)
+    return ctypes.PYFUNCTYPE(None, *args)(address)
+
+
+class _Ctx(ctypes.Structure):
+    _fields_ = [
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("pid", ctypes.c_int32),
+        ("umask", ctypes.c_uint32),
+    ]
+
+
+@dataclass
+class Hooks:
+    """Installed hooks; ``writer`` is (uid, gid, pid) of the write request being served."""
+
+    writer: tuple[int, int, int] = (0, 0, 0)
+    cache_symlinks: bool = False
+
+
+_keep: list[object] = []  # the ctypes callbacks must live as long as the session
+
+
+def _symbols(path: str, wanted: set[bytes]) -> dict[bytes, int]:
+    """Values of the symbols WANTED in the .symtab of the ELF64 file PATH."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:5] != b"\x7fELF\x02" or data[5] != 1:
+        return {}
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    header = "<IIQQQQIIQQ"  # Elf64_Shdr
+    sections = [struct.unpack_from(header, data, shoff + i * shentsize) for i in range(shnum)]
+    found: dict[bytes, int] = {}
+    for _name, sh_type, _fl, _addr, off, size, link, _info, _al, entsize in sections:
+        if sh_type != 2 or not entsize:  # SHT_SYMTAB
+            continue
+        stroff = sections[link][4]
+        for pos in range(off, off + size, entsize):
+            st_name, _info8, _other, _shndx, value, _size = struct.unpack_from("<IBBHQQ", data, pos)
+            end = data.index(b"\0", stroff + st_name)
+            name = data[stroff + st_name : end]
+            if name in wanted:
+                found[name] = value
+    return found
+
+
+def _load_base(path: str) -> int | None:
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == real and int(parts[2], 16) == 0:
+                return int(parts[0].split("-")[0], 16)
+    return None
+
+
+def _words(addr: int, n: int) -> tuple[int, ...]:
+    return struct.unpack(f"<{n}Q", ctypes.string_at(addr, 8 * n))
+
+
+def install(extension: str) -> Hooks | None:
+    """Hook the live session of the pyfuse3 EXTENSION module file (after ``pyfuse3.init``,
+    before ``pyfuse3.main``). Return None, changing nothing, where anything is unexpected."""
+    try:
+        return _install(extension)
+    except Exception as e:  # a layout we do not know: serve without the hooks
+        log.info("no-open hooks not installed (%s)", e)
+        return None
+
+
+def _install(extension: str) -> Hooks | None:
+    syms = _symbols(extension, {b"__pyx_v_7pyfuse3_session", b"__pyx_v_7pyfuse3_fuse_ops"})
+    base = _load_base(extension)
+    if len(syms) != 2 or base is None:
+        log.info("no-open hooks: pyfuse3 symbols not found")
+        return None
+    session = _words(base + syms[b"__pyx_v_7pyfuse3_session"], 1)[0]
+    ops = _words(base + syms[b"__pyx_v_7pyfuse3_fuse_ops"], _N_OPS)
+    needed = (_INIT, _READ, _FSYNC, _FSYNCDIR, _WRITE_BUF, _READDIRPLUS)
+    if not session or not all(ops[i] for i in needed):
+        log.info("no-open hooks: pyfuse3 session or handlers missing")
+        return None
+    # struct fuse_session starts with a few pointers and ints, then the operation table
+    table = next(
+        (session + k for k in range(0, 128, 8) if _words(session + k, _N_OPS) == ops), None
+    )
+    if table is None:
+        log.info("no-open hooks: operation table not found in the session")
+        return None
+
+    hooks = Hooks()
+    libfuse = ctypes.CDLL("libfuse3.so.3")
+    req_ctx = libfuse.fuse_req_ctx
+    req_ctx.restype = ctypes.POINTER(_Ctx)
+    req_ctx.argtypes = [_vp]
+
+    def mark(ino: int, fi: int | None) -> None:
+        if fi:
+            fh = ctypes.c_uint64.from_address(fi + _FI_FH)
+            if fh.value == 0:
+                fh.value = NODE_FH | ino
+
+    orig_init = _handler(_INIT_ARGS, ops[_INIT])
+    orig_read = _handler(_READ_ARGS, ops[_READ])
+    orig_fsync = _handler(_FSYNC_ARGS, ops[_FSYNC])
+    orig_fsyncdir = _handler(_FSYNC_ARGS, ops[_FSYNCDIR])
+    orig_write_buf = _handler(_WRITE_BUF_ARGS, ops[_WRITE_BUF])
+    orig_readdirplus = _handler(_READ_ARGS, ops[_READDIRPLUS])
+
+    def init(userdata: int | None, conn: int) -> None:
+        orig_init(userdata, conn)
+        capable = ctypes.c_uint32.from_address(conn + _CONN_CAPABLE).value
+        want = ctypes.c_uint32.from_address(conn + _CONN_WANT)
+        want.value &= ~CAP_ATOMIC_O_TRUNC
+        if capable & CAP_CACHE_SYMLINKS:
+            want.value |= CAP_CACHE_SYMLINKS
+            hooks.cache_symlinks = True
+
+    def read(req: int, ino: int, size: int, off: int, fi: int | None) -> None:
+        mark(ino, fi)
+        orig_read(req, ino, size, off, fi)
+
+    def fsync(req: int, ino: int, datasync: int, fi: int | None) -> None:
+        mark(ino, fi)
+        orig_fsync(req, ino, datasync, fi)
+
+    def fsyncdir(req: int, ino: int, datasync: int, fi: int | None) -> None:
+        mark(ino, fi)
+        orig_fsyncdir(req, ino, datasync, fi)
+
+    def write_buf(req: int, ino: int, bufv: int, off: int, fi: int | None) -> None:
+        mark(ino, fi)
+        c = req_ctx(req).contents
+        hooks.writer = (c.uid, c.gid, c.pid)
+        orig_write_buf(req, ino, bufv, off, fi)
+
+    def readdirplus(req: int, ino: int, size: int, off: int, fi: int | None) -> None:
+        mark(ino, fi)
+        orig_readdirplus(req, ino, size, off, fi)
+
+    shims = {
+        _INIT: _shim_type(_INIT_ARGS)(init),
+        _READ: _shim_type(_READ_ARGS)(read),
+        _FSYNC: _shim_type(_FSYNC_ARGS)(fsync),
+        _FSYNCDIR: _shim_type(_FSYNC_ARGS)(fsyncdir),
+        _WRITE_BUF: _shim_type(_WRITE_BUF_ARGS)(write_buf),
+        _READDIRPLUS: _shim_type(_READ_ARGS)(readdirplus),
+    }
+    _keep.extend([shims, orig_init, orig_read, orig_fsync, orig_fsyncdir, orig_write_buf])
+    _keep.append(orig_readdirplus)
+    for index, fn in shims.items():
+        ctypes.c_void_p.from_address(table + 8 * index).value = ctypes.cast(fn, _vp).value
+    return hooks
