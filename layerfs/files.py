@@ -2,9 +2,11 @@
 
 Two kinds of handle. An OPEN request gets its own (a small number). Where the kernel sends no
 OPEN (the adapter answered it ENOSYS, see layerfs.fusehooks), requests name the node instead,
-``NODE_FH | node id``: each node then has one shared handle, opened on first use (read-only on
-the data, or read-write on the upper, copied up by the first write), kept in a bounded LRU, and
-pinned while the node has lost its last name, since the kernel may still hold it open.
+``NODE_FH | node id``. Reads then share one read-only descriptor per node, kept in a small LRU;
+a write copies the file up if needed (the first write, not the open, copies up) and writes
+through a descriptor opened for that request, so that the daemon holds no file of the upper
+open for writing between requests. A node that loses its last name while the kernel holds it
+keeps a descriptor (pinned until the kernel forgets the node): a process may have it open.
 
 A read-only open of a lower file reads the lower directly (no copy), and so does one of a
 metacopy file (its data is still the lower's). An open for write, or with O_TRUNC, copies the
@@ -18,11 +20,13 @@ Must not import: pyfuse3.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import trio
 
@@ -96,7 +100,7 @@ class Files:
         self.handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
         self.by_node: OrderedDict[int, Handle] = OrderedDict()  # node handles, oldest first
-        self.max_node_fds = 512
+        self.max_node_fds = 48
         self.no_open = False  # the adapter sets it when the kernel will send no OPEN
 
     def statistics(self) -> dict[str, int]:
@@ -156,37 +160,27 @@ class Files:
 
     # -- node handles (no OPEN) ----------------------------------------------------------------
 
-    def _node_handle(self, node: Node, *, writable: bool = False) -> Handle:
-        """NODE's shared handle, read-write on the upper if WRITABLE (copied up already)."""
+    def _node_handle(self, node: Node) -> Handle:
+        """NODE's shared descriptor: its pinned one, or a read-only one on its data."""
         h = self.by_node.get(node.id)
-        if h is not None and h.node is not node:  # a stale entry of a reused id
-            self._drop(node.id)
-            h = None
-        if h is not None and (h.writable or not writable):
+        if h is not None and h.node is node:
             self.by_node.move_to_end(node.id)
             return h
+        if h is not None:  # a stale entry of a reused id
+            self._drop(node.id)
         dirfd, name = self.data_location(node)
-        fd = _sys.open_at(dirfd, name, os.O_RDWR if writable else os.O_RDONLY)
-        if h is not None:  # a read-only handle becomes writable: keep the old fd for readers
-            h.old_fds.append(h.fd)
-            h.fd, h.writable, h.on_upper = fd, True, True
-            return h
-        h = Handle(fd, node, bool(node.upper and not node.metacopy), writable)
+        h = Handle(_sys.open_at(dirfd, name, os.O_RDONLY), node, self._on_upper(node), False)
         self.by_node[node.id] = h
         if len(self.by_node) > self.max_node_fds:
             self._evict()
         return h
 
-    def adopt(self, fd: int, node: Node) -> int:
-        """Make FD (read-write, on the upper) NODE's handle; return the node's handle id."""
-        self._drop(node.id)
-        self.by_node[node.id] = Handle(fd, node, True, True)
-        if len(self.by_node) > self.max_node_fds:
-            self._evict()
-        return NODE_FH | node.id
+    @staticmethod
+    def _on_upper(node: Node) -> bool:
+        return bool(node.upper and not node.metacopy)
 
     def _evict(self) -> None:
-        """Close the oldest node handles nobody is using, down to three quarters of the cap."""
+        """Close the oldest descriptors nobody is using, down to three quarters of the cap."""
         excess = len(self.by_node) - self.max_node_fds * 3 // 4
         for node_id in [i for i, h in self.by_node.items() if not (h.pinned or h.busy)]:
             if excess <= 0:
@@ -200,35 +194,71 @@ class Files:
             h.close()
 
     def forgotten(self, node_id: int) -> None:
-        """The kernel let go of the node: nothing can use its handle any more."""
+        """The kernel let go of the node: nothing can use its descriptor any more."""
         if node_id in self.by_node:
             self._drop(node_id)
 
-    def pin(self, node: Node, mode: int) -> None:
-        """NODE (of file type MODE) is about to lose its last name while the kernel holds it:
-        keep its data open, since a process may have it open and no OPEN told us."""
-        if self.no_open and stat.S_ISREG(mode) and node.nlookup > 0:
-            self._node_handle(node, writable=bool(node.upper and not node.metacopy)).pinned = True
+    @contextlib.contextmanager
+    def keeping_data(self, node: Node, mode: int) -> Iterator[None]:
+        """Around the removal of a name of NODE (file type MODE): if it was the node's last
+        name and the kernel holds the node, keep its data open (pinned until the kernel
+        forgets it), since a process may have it open and no OPEN told us."""
+        if not (self.no_open and stat.S_ISREG(mode) and node.nlookup > 0):
+            yield
+            return
+        writable = self._on_upper(node)
+        dirfd, name = self.data_location(node)
+        fd = _sys.open_at(dirfd, name, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            yield
+        except BaseException:
+            os.close(fd)
+            raise
+        if node.name:  # another name is left: nothing to keep
+            os.close(fd)
+            return
+        self._drop(node.id)
+        h = self.by_node[node.id] = Handle(fd, node, writable, writable)
+        h.pinned = True
 
-    async def _resolve(self, fh: int, *, write: bool = False) -> Handle:
-        if not fh & NODE_FH:
-            return self.get(fh)
-        node = self.table.get(fh & ~NODE_FH)
-        if write and not (node.upper and not node.metacopy):
+    async def _detach(self, h: Handle) -> None:
+        """A write to a lower file that lost its name while open: copy its data into an
+        unnamed file of the workdir, as the copy-up at open would have on kernel overlayfs."""
+        st = os.fstat(h.fd)
+        flags = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
+        fd = os.open(".", flags, stat.S_IMODE(st.st_mode), dir_fd=self.stack.work_fd)
+        try:
+            await self.copyup._copy(h.fd, fd, st.st_size, sync=False)
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        except BaseException:
+            os.close(fd)
+            raise
+        h.old_fds.append(h.fd)
+        h.fd, h.writable, h.on_upper = fd, True, True
+        h.node.upper, h.node.metacopy = True, False  # nameless: attributes come from fd
+
+    async def _node_write_fd(self, node: Node) -> tuple[int, bool]:
+        """A descriptor to write NODE's data through, and whether the caller closes it."""
+        h = self.by_node.get(node.id)
+        if h is not None and h.node is node and h.pinned:
+            if not h.writable:
+                await self._detach(h)
+            return h.fd, False
+        if not self._on_upper(node):
             await self.copyup.copy_up(node)  # the first write copies the file up
-        return self._node_handle(node, writable=write)
-
-    # -- I/O -----------------------------------------------------------------------------------
+        dirfd, name = self.real_location(node)
+        return _sys.open_at(dirfd, name, os.O_WRONLY), True
 
     def _follow_copy_up(self, h: Handle) -> None:
-        if not h.on_upper and h.node.upper and not h.node.metacopy:
+        if not h.on_upper and self._on_upper(h.node):
             dirfd, name = self.real_location(h.node)
             fd = _sys.open_at(dirfd, name, os.O_RDONLY)
             h.old_fds.append(h.fd)  # a read on a worker thread may still be using it
             h.fd, h.on_upper = fd, True
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = await self._resolve(fh)
+        h = self._node_handle(self.table.get(fh & ~NODE_FH)) if fh & NODE_FH else self.get(fh)
         self._follow_copy_up(h)
         if size >= BIG_IO:
             h.busy += 1
@@ -241,29 +271,42 @@ class Files:
     async def write(self, fh: int, off: int, data: bytes, writer: Caller | None = None) -> int:
         """Write DATA at OFF. WRITER: who writes, for a node handle (the opener of an OPEN
         handle was recorded at open)."""
-        h = await self._resolve(fh, write=True)
-        if not h.writable:
-            raise OSError(errno.EBADF, "not open for writing")
-        kill_priv = h.kill_priv if writer is None else writer.kill_priv_groups()
-        if kill_priv is not None:
-            kill_suid(h.fd, kill_priv)
+        if fh & NODE_FH:
+            fd, close = await self._node_write_fd(self.table.get(fh & ~NODE_FH))
+            kill_priv = writer.kill_priv_groups() if writer is not None else None
+        else:
+            h = self.get(fh)
+            if not h.writable:
+                raise OSError(errno.EBADF, "not open for writing")
+            fd, close, kill_priv = h.fd, False, h.kill_priv
             h.kill_priv = None  # once cleared, a later chmod +s by the owner must stay
-        if len(data) >= BIG_IO:
-            h.busy += 1
-            try:
-                return await trio.to_thread.run_sync(os.pwrite, h.fd, data, off)
-            finally:
-                h.busy -= 1
-        return os.pwrite(h.fd, data, off)
+        try:
+            if kill_priv is not None:
+                kill_suid(fd, kill_priv)
+            if len(data) >= BIG_IO:
+                return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
+            return os.pwrite(fd, data, off)
+        finally:
+            if close:
+                os.close(fd)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        h = await self._resolve(fh)
-        if self.honour_fsync and (h.writable or h.on_upper):
-            h.busy += 1
-            try:
-                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
-            finally:
-                h.busy -= 1
+        if not self.honour_fsync:
+            return
+        sync = os.fdatasync if datasync else os.fsync
+        if not fh & NODE_FH:
+            h = self.get(fh)
+            if h.writable:
+                await trio.to_thread.run_sync(sync, h.fd)
+            return
+        node = self.table.get(fh & ~NODE_FH)
+        if not self._on_upper(node):
+            return  # nothing of it was written
+        fd = os.dup(self._node_handle(node).fd)  # a thread may outlive an eviction
+        try:
+            await trio.to_thread.run_sync(sync, fd)
+        finally:
+            os.close(fd)
 
     def release(self, fh: int) -> None:
         if fh & NODE_FH:

@@ -12,11 +12,13 @@ Must not import: pyfuse3.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from layerfs import _sys, whiteout, xattrs
 from layerfs.attrs import Caller
@@ -40,9 +42,9 @@ class Namespace:
         self.table = table
         self.copyup = copyup
         self.mknod_whiteouts = True  # cleared when the upper refuses mknod (then .wh.NAME)
-        # called with (node, st_mode) before a non-directory loses a name: Files keeps the
-        # data of a node the kernel may hold open (Files.pin)
-        self.losing_name: Callable[[Node, int], None] = lambda node, mode: None
+        # wraps the removal of a non-directory's name, given (node, st_mode): Files keeps the
+        # data of a node the kernel may hold open (Files.keeping_data)
+        self.keeping_data: Callable[[Node, int], AbstractContextManager[None]] = _no_keep
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -293,17 +295,17 @@ class Namespace:
         if res.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         udir = self._upper_dir(parent)
-        self.losing_name(node, res.st.st_mode)
-        if res.upper:
-            if res.lower_positive:
-                self._replace_with_whiteout(udir, name)
+        with self.keeping_data(node, res.st.st_mode):
+            if res.upper:
+                if res.lower_positive:
+                    self._replace_with_whiteout(udir, name)
+                else:
+                    _sys.unlink_at(udir, name)
+                self._forget_upper(res)
             else:
-                _sys.unlink_at(udir, name)
-            self._forget_upper(res)
-        else:
-            self._whiteout_name(udir, name)
-        parent.version += 1
-        drop_name(self.table, node, parent, name)
+                self._whiteout_name(udir, name)
+            parent.version += 1
+            drop_name(self.table, node, parent, name)
         return node
 
     async def rmdir(self, parent: Node, name: bytes) -> Node:
@@ -356,8 +358,6 @@ class Namespace:
                 break
         d1, d2 = self._upper_dir(p1), self._upper_dir(p2)
         old_path = src.path()
-        if dst is not None and dst_res is not None and not exchange and not dst_res.is_dir:
-            self.losing_name(dst, dst_res.st.st_mode)
 
         if exchange:
             assert dst is not None and dst_res is not None
@@ -371,50 +371,56 @@ class Namespace:
             p2.version += 1
             return None
 
-        self._set_redirect(src, p1 is p2)
-        if (
-            src_res.is_dir
-            and not src.lowers
-            and (
-                (dst_res is not None and dst_res.lower_positive)
-                or (dst_res is None and lower_positive(self.stack, p2, n2))
-            )
-        ):
-            # a pure upper dir landing on a name the lowers still hold must hide them
-            _sys.setxattr_at(d1, n1, xattrs.OPAQUE_W, b"y")
-        if dst_res is not None and dst_res.upper and dst_res.is_dir:
-            # an empty merged target may still hold whiteouts: move it away first
-            work = self.stack.work_fd
-            tmp = self.copyup.tmp_name()
-            _sys.renameat2(d2, n2, work, tmp)
-            _sys.remove_tree_at(work, tmp)
-        state = self._whiteout_state(d2, n2) if dst_res is None or not dst_res.upper else "none"
-        if state == "char" and src_res.is_dir:
-            _sys.unlink_at(d2, n2)  # a directory cannot be renamed over a char device
-        elif state == "oci":
-            _sys.unlink_at(d2, whiteout.WH_PREFIX + n2)
-        need_whiteout = src_res.lower_positive
-        if need_whiteout and self.mknod_whiteouts:
-            try:
-                _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_WHITEOUT)
-                need_whiteout = False
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
-                    raise
+        keep = (
+            self.keeping_data(dst, dst_res.st.st_mode)
+            if dst is not None and dst_res is not None and not dst_res.is_dir
+            else contextlib.nullcontext()
+        )
+        with keep:
+            self._set_redirect(src, p1 is p2)
+            if (
+                src_res.is_dir
+                and not src.lowers
+                and (
+                    (dst_res is not None and dst_res.lower_positive)
+                    or (dst_res is None and lower_positive(self.stack, p2, n2))
+                )
+            ):
+                # a pure upper dir landing on a name the lowers still hold must hide them
+                _sys.setxattr_at(d1, n1, xattrs.OPAQUE_W, b"y")
+            if dst_res is not None and dst_res.upper and dst_res.is_dir:
+                # an empty merged target may still hold whiteouts: move it away first
+                work = self.stack.work_fd
+                tmp = self.copyup.tmp_name()
+                _sys.renameat2(d2, n2, work, tmp)
+                _sys.remove_tree_at(work, tmp)
+            state = self._whiteout_state(d2, n2) if dst_res is None or not dst_res.upper else "none"
+            if state == "char" and src_res.is_dir:
+                _sys.unlink_at(d2, n2)  # a directory cannot be renamed over a char device
+            elif state == "oci":
+                _sys.unlink_at(d2, whiteout.WH_PREFIX + n2)
+            need_whiteout = src_res.lower_positive
+            if need_whiteout and self.mknod_whiteouts:
+                try:
+                    _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_WHITEOUT)
+                    need_whiteout = False
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                        raise
+                    _sys.renameat2(d1, n1, d2, n2)
+            else:
                 _sys.renameat2(d1, n1, d2, n2)
-        else:
-            _sys.renameat2(d1, n1, d2, n2)
-        if need_whiteout:
-            self._whiteout_name(d1, n1)
-        self.stack.upper.forget_prefix(old_path)
-        if dst is not None:
-            self.stack.upper.forget_prefix(dst.path())
-            if dst_res is not None:
-                self._forget_upper(dst_res)
-            drop_name(self.table, dst, p2, n2)
-        move_name(src, p1, n1, p2, n2)
-        p1.version += 1
-        p2.version += 1
+            if need_whiteout:
+                self._whiteout_name(d1, n1)
+            self.stack.upper.forget_prefix(old_path)
+            if dst is not None:
+                self.stack.upper.forget_prefix(dst.path())
+                if dst_res is not None:
+                    self._forget_upper(dst_res)
+                drop_name(self.table, dst, p2, n2)
+            move_name(src, p1, n1, p2, n2)
+            p1.version += 1
+            p2.version += 1
         return dst
 
     def _check_rename(
@@ -473,6 +479,10 @@ def _is_ancestor(node: Node, other: Node) -> bool:
             return True
         n = n.parent
     return False
+
+
+def _no_keep(node: Node, mode: int) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 def drop_name(table: InodeTable, node: Node, parent: Node, name: bytes) -> None:

@@ -65,7 +65,7 @@ class Overlay:
         )
         self.ns = Namespace(self.stack, self.table, self.copyup, redirect_dir=config.redirect_dir)
         self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
-        self.ns.losing_name = self.files.pin
+        self.ns.keeping_data = self.files.keeping_data
         self.dirs: dict[int, DirHandle] = {}
         self.node_dirs: dict[int, DirHandle] = {}  # listings in progress without an OPENDIR
         self.dircache = DirCache()
@@ -226,8 +226,9 @@ class Overlay:
     ) -> tuple[int, Attr]:
         parent = self.table.get(parent_ino)
         node, fd = await self.ns.create(parent, name, mode, flags, caller)
-        if self.files.no_open:  # no RELEASE will come: the fd becomes the node's handle
-            return self.files.adopt(fd, node), self.counted(node)
+        if self.files.no_open:  # no RELEASE will come: the node is the handle
+            os.close(fd)
+            return NODE_FH | node.id, self.counted(node)
         fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
         return fh, self.counted(node)
 

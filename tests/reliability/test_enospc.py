@@ -40,6 +40,14 @@ def _upper_files(upper: Path) -> dict[str, int]:
     }
 
 
+def _append(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+
+
 def test_full_upper_gives_enospc_and_keeps_serving(tmp_path: Path) -> None:
     lower = tmp_path / "lower"
     (lower / "dir").mkdir(parents=True)
@@ -76,7 +84,7 @@ def test_full_upper_gives_enospc_and_keeps_serving(tmp_path: Path) -> None:
             fds = fd_count(d.pid)
             for _ in range(30):
                 with pytest.raises(OSError) as exc:
-                    os.close(os.open(mnt / "dir" / "big", os.O_WRONLY))
+                    _append(mnt / "dir" / "big")  # the first write copies up, not the open
                 assert exc.value.errno == errno.ENOSPC
             assert fd_count(d.pid) <= fds + 2
             assert os.listdir(work / "work") == []
@@ -142,9 +150,9 @@ def test_upper_failing_read_only_reaches_the_caller(tmp_path: Path) -> None:
             try:
                 failures = {}
                 attempts: list[tuple[str, Callable[[], object]]] = [
-                    ("copy-up", lambda: open(mnt / "f", "ab").close()),
+                    ("copy-up", lambda: _append(mnt / "f")),
                     ("create", lambda: (mnt / "new").write_bytes(b"x")),
-                    ("write", lambda: open(mnt / "before", "ab").close()),
+                    ("write", lambda: _append(mnt / "before")),
                     ("mkdir", lambda: os.mkdir(mnt / "dir")),
                     ("unlink", lambda: os.unlink(mnt / "f")),
                     ("chmod", lambda: os.chmod(mnt / "f", 0o600)),
