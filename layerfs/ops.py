@@ -4,8 +4,10 @@ Thin on purpose: a routing table. OSError becomes FUSEError with its errno; anyt
 bug, logged with its traceback and answered with EIO; the daemon never dies on a request.
 
 Kernel caching (DESIGN.md, performance levers): lowers are immutable and every change goes
-through us, so entries, attributes and negative lookups are cached for a long time, and lower
-file contents stay in the page cache across opens (keep_cache).
+through us, so entries, attributes and negative lookups are cached for a long time. OPEN and
+OPENDIR are answered ENOSYS where layerfs.fusehooks could be installed: the kernel then sends
+neither again, keeps file pages across opens and caches listings itself; elsewhere every open
+says keep_cache.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import ctypes
 import dataclasses
 import errno
 import functools
-import gc
 import json
 import logging
 import os
@@ -162,58 +163,6 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
-# fuse_file_info as libfuse 3 declares it: int flags, then the bitfields (writepage, direct_io,
-# keep_cache, flush, nonseekable, flock_release, cache_readdir, ...).
-_KEEP_CACHE_BIT = 1 << 2
-_CACHE_READDIR_BIT = 1 << 6
-_CONTAINER_FI = 24  # pyfuse3's _Container: PyObject header, dev_t rdev, fuse_file_info fi, ino
-_CONTAINER_INO = 64
-
-
-def _libfuse_layout_known() -> bool:
-    """True for the libfuse releases whose fuse_file_info has the bit positions above
-    (3.5 added cache_readdir; later releases may insert new bits before it)."""
-    try:
-        version = int(ctypes.CDLL("libfuse3.so.3").fuse_version())
-    except (OSError, AttributeError):
-        return False
-    return 305 <= version <= 314  # FUSE_MAKE_VERSION: major * 100 + minor
-
-
-def _ask_kernel_to_cache_listing(ops: Operations, inode: int) -> None:
-    """Set FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE on the opendir reply pyfuse3 is about to send.
-
-    pyfuse3 3.5 gives opendir no way to set them, yet they are what lets the kernel keep a
-    directory's listing (lowers are immutable, and every change of the merged view passes
-    through the kernel, which then drops the cached listing itself). The reply's
-    fuse_file_info lives in the request's _Container, held by the closure scope of pyfuse3's
-    opendir coroutine, which was allocated for this request and so is among the youngest
-    gc-tracked objects; the container must hold this request's inode.
-    """
-    try:
-        for gen in (0, 1):
-            found = False
-            for scope in gc.get_objects(generation=gen):
-                if not type(scope).__name__.endswith("fuse_opendir_async"):
-                    continue  # the coroutine scope of pyfuse3's opendir handler holds `c`
-                obj = next(
-                    (r for r in gc.get_referents(scope) if type(r).__name__ == "_Container"), None
-                )
-                if obj is None:
-                    continue
-                base = id(obj)
-                if ctypes.c_uint64.from_address(base + _CONTAINER_INO).value != inode:
-                    continue
-                bits = ctypes.c_uint32.from_address(base + _CONTAINER_FI + 4)
-                bits.value |= _KEEP_CACHE_BIT | _CACHE_READDIR_BIT
-                found = True
-            if found:
-                return
-    except Exception as e:
-        ops.dir_cache = False
-        log.info("kernel directory cache not available (%s): listings served uncached", e)
-
-
 def _caller(ctx: pyfuse3.RequestContext, *, groups: bool = False) -> Caller:
     """The request's credentials; GROUPS also reads the supplementary groups (a /proc read),
     which only setgid clearing on writes by non-root callers needs."""
@@ -240,7 +189,6 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = overlay
         overlay.plain_listings = _ST_INO_OFFSET is not None
-        self.dir_cache = _libfuse_layout_known()
         self.hooks: fusehooks.Hooks | None = None
         self._forgotten = 0
 
@@ -250,7 +198,6 @@ class Operations(pyfuse3.Operations):
         self.hooks = fusehooks.install(pyfuse3.__file__)
         if self.hooks is not None:
             self.fs.files.no_open = True
-            self.dir_cache = False  # the kernel caches listings of its own accord
 
     @_errors
     async def lookup(
@@ -425,10 +372,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.FileHandleT:
         if self.hooks is not None:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # no OPENDIR, RELEASEDIR from now on
-        fh = self.fs.opendir(inode)
-        if self.dir_cache:
-            _ask_kernel_to_cache_listing(self, inode)
-        return pyfuse3.FileHandleT(fh)
+        return pyfuse3.FileHandleT(self.fs.opendir(inode))
 
     @_errors
     async def readdir(

@@ -189,3 +189,11 @@ def test_matches_kernel(
         assert stats.get("req_release", 0) <= stats.get("req_create", 0), stats
     else:
         assert opens > 2, stats
+
+
+@pytest.mark.parametrize("extension", ["/bin/true", "/nonexistent.so", "/etc/hostname"])
+def test_hooks_refuse_what_they_do_not_know(extension: str) -> None:
+    """Where pyfuse3's symbols cannot be found, nothing is touched and OPEN stays on."""
+    from layerfs import fusehooks
+
+    assert fusehooks.install(extension) is None
