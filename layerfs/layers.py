@@ -170,6 +170,52 @@ def _fgetxattr(fd: int, attr: bytes) -> bytes | None:
         raise
 
 
+INDEX_MIN_LAYERS = 8  # below this, a lookup simply asks each layer's listing
+INDEX_CACHE_ENTRIES = 200_000
+
+
+class LowerIndexes:
+    """For directories merged over many lowers: where in the stack each name first appears.
+
+    ``first[name]`` is the position, in the directory's list of lower directories, of the first
+    one that holds NAME as an entry, or ``~position`` where a whiteout hides it first. A lookup
+    then starts at that layer instead of asking every layer above it (lookup cost flat in the
+    layer count). Lowers are immutable, so an index never goes stale; the cache is keyed by the
+    list object itself (a node's ``lowers``), bounded by the names it holds, LRU.
+    """
+
+    def __init__(self, max_entries: int = INDEX_CACHE_ENTRIES) -> None:
+        self._max = max_entries
+        self._held = 0
+        self._cache: OrderedDict[int, tuple[object, dict[bytes, int]]] = OrderedDict()
+
+    def first(self, lowers: list[tuple[Layer, Path]]) -> dict[bytes, int]:
+        hit = self._cache.get(id(lowers))
+        if hit is not None and hit[0] is lowers:
+            self._cache.move_to_end(id(lowers))
+            return hit[1]
+        first: dict[bytes, int] = {}
+        for i, (layer, dpath) in enumerate(lowers):
+            listing = layer.listing(dpath)
+            for name in listing.entries:
+                first.setdefault(name, i)
+            for name in listing.whiteouts:
+                first.setdefault(name, ~i)
+        old = self._cache.pop(id(lowers), None)
+        if old is not None:
+            self._held -= len(old[1])
+        self._cache[id(lowers)] = (lowers, first)  # holding the list keeps its id unique
+        self._held += len(first)
+        while self._held > self._max and len(self._cache) > 1:
+            _, (_, dropped) = self._cache.popitem(last=False)
+            self._held -= len(dropped)
+        return first
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._held = 0
+
+
 class LayerStack:
     """The upper (optional) and the lowers, topmost first; the workdir fd for atomic builds."""
 
@@ -177,6 +223,7 @@ class LayerStack:
         self.upper: Layer | None = None
         self.lowers: list[Layer] = []
         self.work_fd = -1
+        self.indexes = LowerIndexes()
         try:
             if upper is not None:
                 self.upper = Layer(upper, 0, writable=True)

@@ -20,7 +20,7 @@ import stat
 
 from layerfs import _sys, whiteout, xattrs
 from layerfs.inodes import InodeTable, Key, Node, RealId, real_id
-from layerfs.layers import Layer, LayerStack, Path
+from layerfs.layers import INDEX_MIN_LAYERS, Layer, LayerStack, Path
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     origin: RealId | None = None
     top_st = upper_st
     if not stop_lowers:
+        if len(search) >= INDEX_MIN_LAYERS:
+            start = stack.indexes.first(search).get(lname, -1)
+            search = search[start:] if start >= 0 else []  # before it: no entry, no whiteout
         for layer, dpath in search:
             listing = layer.listing(dpath)
             is_dir = listing.entries.get(lname)

@@ -91,6 +91,7 @@ class Overlay:
     def shrink(self) -> None:
         """Drop the caches that only save work (listings); the kernel is shedding memory."""
         self.dircache.clear()
+        self.stack.indexes.clear()
         for layer in self.stack.lowers:
             layer.clear_listings()
 

@@ -7,13 +7,14 @@ are converted to kernel form for the reference mount.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.diff import Pair, check_merged, expect_quirks, explore_only_layerfs, stack_options_for
 from support.layerspec import (
@@ -264,6 +265,27 @@ def test_random_stacks(tmp_path: Path, subject: Subject) -> None:
             pair = Pair.create(work, subject, spec, upper=upper)
             with pair.mounted() as (s, k):
                 check_merged(s, k, what="random stack")
+        finally:
+            shutil.rmtree(work)
+
+    run()
+
+
+@pytest.mark.slow
+def test_random_deep_stacks(tmp_path: Path, subject: Subject) -> None:
+    """Stacks of 8 to 12 lowers: lookups then start from a per-directory index of where each
+    name first appears (layers.LowerIndexes) instead of asking every layer."""
+    explore_only_layerfs(subject)
+    opts = dataclasses.replace(stack_options_for(subject), min_layers=8, max_layers=12)
+
+    @settings(max_examples=15)
+    @given(spec=layer_stacks(opts), upper=st.booleans())
+    def run(spec: LayerSpec, upper: bool) -> None:
+        work = Path(tempfile.mkdtemp(dir=tmp_path))
+        try:
+            pair = Pair.create(work, subject, spec, upper=upper)
+            with pair.mounted() as (s, k):
+                check_merged(s, k, what="deep random stack")
         finally:
             shutil.rmtree(work)
 
