@@ -9,8 +9,9 @@ a test checks both on the same upper:
   holds now is A, or C where the name existed below;
 - a directory present below with the same mode, size and mtime is not a change by itself,
   but every ancestor of an A or D is C;
-- a renamed (redirected) directory is A under its new name (containers/storage mounts
-  without redirects and never sees one).
+- a renamed (redirected) directory is A under its new name, and so is every upper entry
+  below it; a whiteout below it hides nothing that existed at its path, so it is no change
+  (containers/storage mounts without redirects and never sees one).
 
 Must not import: pyfuse3, trio.
 """
@@ -61,9 +62,12 @@ def _walk(
     low: LowerStack,
     out: list[Change],
     changed_dirs: set[bytes],
+    renamed: bool = False,
 ) -> None:
     """Walk the upper directory ``parts``; its lower part lives at ``lower_parts`` (which
-    differs from ``parts`` below a renamed, redirected directory; None: no lower part)."""
+    differs from ``parts`` below a renamed, redirected directory; None: no lower part).
+    RENAMED: below a renamed directory, where every path is new (A) and a whiteout hides
+    something that never existed at this path (no change)."""
     names = sorted(os.fsencode(n) for n in os.listdir(dfd))
     for name in names:
         if name == WH_OPAQUE:
@@ -71,13 +75,15 @@ def _walk(
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         xattrs = _xattr_names(dfd, name)
         if name.startswith(WH_PREFIX):
-            _record(out, changed_dirs, [*parts, name[len(WH_PREFIX) :]], "D")
+            if not renamed:
+                _record(out, changed_dirs, [*parts, name[len(WH_PREFIX) :]], "D")
             continue
         xattr_whiteout = any(x in xattrs for x in WHITEOUT_XATTRS)
         if (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) or (
             stat.S_ISREG(st.st_mode) and st.st_size == 0 and xattr_whiteout
         ):
-            _record(out, changed_dirs, [*parts, name], "D")
+            if not renamed:
+                _record(out, changed_dirs, [*parts, name], "D")
             continue
         path = [*parts, name]
         child_lower = None if lower_parts is None else [*lower_parts, name]
@@ -87,8 +93,8 @@ def _walk(
         cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd) if is_dir else -1
         try:
             kind = "A"
-            if redirect is not None:
-                kind = "A"  # a renamed directory: new here, whatever it holds from below
+            if renamed or redirect is not None:
+                kind = "A"  # a renamed directory, or in one: new here, whatever is below
             elif below is not None:
                 if is_dir and _is_opaque(cfd):
                     kind = "D"  # replaced: its old contents are gone (containers/storage)
@@ -103,7 +109,8 @@ def _walk(
                     changed_dirs.add(_abs(path))
                 if redirect is not None:
                     child_lower = redirect
-                _walk(cfd, path, child_lower, low, out, changed_dirs)
+                inside = renamed or redirect is not None
+                _walk(cfd, path, child_lower, low, out, changed_dirs, inside)
         finally:
             if cfd >= 0:
                 os.close(cfd)

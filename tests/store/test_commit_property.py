@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from support.mounts import layerfs_available, mount_kernel, mount_layerfs
 
@@ -129,6 +129,15 @@ def mounter(request: pytest.FixtureRequest) -> str:
 
 
 @given(ops=OPS)
+@example(  # found by hypothesis: a file changed, then its directory renamed under a new one
+    ops=[
+        ("append", "d1/sub/f3", "new"),
+        ("replace_dir", "d2", "top"),
+        ("rename", "d1/sub", "d2/newdir"),
+        ("unlink", "d2/newdir/f3", ""),
+        ("write", "d2/newdir/f3", ""),
+    ]
+)
 def test_commit_reproduces_container_tree(mounter: str, ops: list[tuple[str, str, str]]) -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
