@@ -87,6 +87,14 @@ def kill_suid(fd: int, groups: frozenset[int]) -> None:
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
 
+async def _write(fd: int, off: int, data: bytes, kill_priv: frozenset[int] | None) -> int:
+    if kill_priv is not None:
+        kill_suid(fd, kill_priv)
+    if len(data) >= BIG_IO:
+        return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
+    return os.pwrite(fd, data, off)
+
+
 class Files:
     """The open-file table of one mount."""
 
@@ -271,24 +279,43 @@ class Files:
     async def write(self, fh: int, off: int, data: bytes, writer: Caller | None = None) -> int:
         """Write DATA at OFF. WRITER: who writes, for a node handle (the opener of an OPEN
         handle was recorded at open)."""
-        if fh & NODE_FH:
-            fd, close = await self._node_write_fd(self.table.get(fh & ~NODE_FH))
-            kill_priv = writer.kill_priv_groups() if writer is not None else None
-        else:
+        if not fh & NODE_FH:
             h = self.get(fh)
             if not h.writable:
                 raise OSError(errno.EBADF, "not open for writing")
-            fd, close, kill_priv = h.fd, False, h.kill_priv
-            h.kill_priv = None  # once cleared, a later chmod +s by the owner must stay
+            kill_priv, h.kill_priv = h.kill_priv, None  # cleared once: a later chmod +s stays
+            return await _write(h.fd, off, data, kill_priv)
+        node = self.table.get(fh & ~NODE_FH)
+        kill_priv = writer.kill_priv_groups() if writer is not None else None
         try:
-            if kill_priv is not None:
-                kill_suid(fd, kill_priv)
-            if len(data) >= BIG_IO:
-                return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
-            return os.pwrite(fd, data, off)
+            return await self._node_write(node, off, data, kill_priv)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not await self._pins_released():
+                raise
+            return await self._node_write(node, off, data, kill_priv)
+
+    async def _node_write(
+        self, node: Node, off: int, data: bytes, kill_priv: frozenset[int] | None
+    ) -> int:
+        fd, close = await self._node_write_fd(node)
+        try:
+            return await _write(fd, off, data, kill_priv)
         finally:
             if close:
                 os.close(fd)
+
+    async def _pins_released(self) -> bool:
+        """Wait a little for the kernel to forget files deleted just before (their FORGET
+        follows the unlink by a few ms), whose pinned data still fills the disk; True if
+        some were let go."""
+        pinned = sum(h.pinned for h in self.by_node.values())
+        for _ in range(20):
+            if not pinned:
+                return False
+            await trio.sleep(0.005)
+            if sum(h.pinned for h in self.by_node.values()) < pinned:
+                return True
+        return False
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         if not self.honour_fsync:
