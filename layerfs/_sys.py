@@ -19,6 +19,13 @@ import stat
 
 log = logging.getLogger(__name__)
 
+
+def _trace(msg: str, *args: bytes | int) -> None:
+    """Log a change at DEBUG, decoding names only when someone listens (a hot path)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(msg, *(os.fsdecode(a) if isinstance(a, bytes) else a for a in args))
+
+
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 FICLONE = 0x40049409
@@ -105,17 +112,17 @@ def listxattr_at(dirfd: int, name: bytes) -> list[bytes]:
 
 
 def setxattr_at(dirfd: int, name: bytes, attr: bytes, value: bytes, flags: int = 0) -> None:
-    log.debug("setxattr %s %s", os.fsdecode(name), os.fsdecode(attr))
+    _trace("setxattr %s %s", name, attr)
     os.setxattr(proc_path(dirfd, name), attr, value, flags, follow_symlinks=False)
 
 
 def removexattr_at(dirfd: int, name: bytes, attr: bytes) -> None:
-    log.debug("removexattr %s %s", os.fsdecode(name), os.fsdecode(attr))
+    _trace("removexattr %s %s", name, attr)
     os.removexattr(proc_path(dirfd, name), attr, follow_symlinks=False)
 
 
 def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:
-    log.debug("rename %s -> %s flags=%d", os.fsdecode(old), os.fsdecode(new), flags)
+    _trace("rename %s -> %s flags=%d", old, new, flags)
     if flags == 0:
         os.rename(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
         return
@@ -125,32 +132,32 @@ def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int =
 
 
 def mkdir_at(dirfd: int, name: bytes, mode: int) -> None:
-    log.debug("mkdir %s", os.fsdecode(name))
+    _trace("mkdir %s", name)
     os.mkdir(name, mode, dir_fd=dirfd)
 
 
 def mknod_at(dirfd: int, name: bytes, mode: int, rdev: int = 0) -> None:
-    log.debug("mknod %s %o", os.fsdecode(name), mode)
+    _trace("mknod %s %o", name, mode)
     os.mknod(name, mode, rdev, dir_fd=dirfd)
 
 
 def symlink_at(target: bytes, dirfd: int, name: bytes) -> None:
-    log.debug("symlink %s", os.fsdecode(name))
+    _trace("symlink %s", name)
     os.symlink(target, name, dir_fd=dirfd)
 
 
 def link_at(olddirfd: int, old: bytes, newdirfd: int, new: bytes) -> None:
-    log.debug("link %s -> %s", os.fsdecode(old), os.fsdecode(new))
+    _trace("link %s -> %s", old, new)
     os.link(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd, follow_symlinks=False)
 
 
 def unlink_at(dirfd: int, name: bytes) -> None:
-    log.debug("unlink %s", os.fsdecode(name))
+    _trace("unlink %s", name)
     os.unlink(name, dir_fd=dirfd)
 
 
 def rmdir_at(dirfd: int, name: bytes) -> None:
-    log.debug("rmdir %s", os.fsdecode(name))
+    _trace("rmdir %s", name)
     os.rmdir(name, dir_fd=dirfd)
 
 

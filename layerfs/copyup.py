@@ -136,7 +136,8 @@ class CopyUp:
         node.metacopy = metacopy
         self.changed.append(node.id)
         self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "metacopy" if metacopy else "files"] += 1
-        log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
 
     async def _build_file(
         self,
