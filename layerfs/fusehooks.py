@@ -40,6 +40,7 @@ _N_OPS = 44
 _INIT, _READ, _FSYNC, _FSYNCDIR, _WRITE_BUF, _READDIRPLUS = 0, 15, 19, 23, 36, 41
 _FI_FH = 16  # offsetof(struct fuse_file_info, fh)
 _CONN_CAPABLE, _CONN_WANT = 20, 24  # offsetof(struct fuse_conn_info, capable / want)
+NOBODY = 0xFFFF_FFFF
 CAP_ATOMIC_O_TRUNC = 1 << 3
 CAP_CACHE_SYMLINKS = 1 << 23
 
@@ -191,8 +192,8 @@ def _install(extension: str) -> Hooks | None:
 
     def write_buf(req: int, ino: int, bufv: int, off: int, fi: int | None) -> None:
         mark(ino, fi)
-        c = req_ctx(req).contents
-        hooks.writer = (c.uid, c.gid, c.pid)
+        ctx = req_ctx(req)  # never NULL for a live request; if it were: an unprivileged writer
+        hooks.writer = (ctx[0].uid, ctx[0].gid, ctx[0].pid) if ctx else (NOBODY, NOBODY, 0)
         orig_write_buf(req, ino, bufv, off, fi)
 
     def readdirplus(req: int, ino: int, size: int, off: int, fi: int | None) -> None:
