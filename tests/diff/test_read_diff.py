@@ -254,19 +254,23 @@ def test_scenario(
         check_merged(s, k, what=name)
 
 
+def _check_stack(tmp_path: Path, subject: Subject, spec: LayerSpec, upper: bool, what: str) -> None:
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        pair = Pair.create(work, subject, spec, upper=upper)
+        with pair.mounted() as (s, k):
+            check_merged(s, k, what=what)
+    finally:
+        shutil.rmtree(work)
+
+
 @pytest.mark.slow
 def test_random_stacks(tmp_path: Path, subject: Subject) -> None:
     explore_only_layerfs(subject)
 
     @given(spec=layer_stacks(stack_options_for(subject)), upper=st.booleans())
     def run(spec: LayerSpec, upper: bool) -> None:
-        work = Path(tempfile.mkdtemp(dir=tmp_path))
-        try:
-            pair = Pair.create(work, subject, spec, upper=upper)
-            with pair.mounted() as (s, k):
-                check_merged(s, k, what="random stack")
-        finally:
-            shutil.rmtree(work)
+        _check_stack(tmp_path, subject, spec, upper, "random stack")
 
     run()
 
@@ -281,13 +285,7 @@ def test_random_deep_stacks(tmp_path: Path, subject: Subject) -> None:
     @settings(max_examples=15)
     @given(spec=layer_stacks(opts), upper=st.booleans())
     def run(spec: LayerSpec, upper: bool) -> None:
-        work = Path(tempfile.mkdtemp(dir=tmp_path))
-        try:
-            pair = Pair.create(work, subject, spec, upper=upper)
-            with pair.mounted() as (s, k):
-                check_merged(s, k, what="deep random stack")
-        finally:
-            shutil.rmtree(work)
+        _check_stack(tmp_path, subject, spec, upper, "deep random stack")
 
     run()
 
