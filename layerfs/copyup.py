@@ -153,7 +153,7 @@ class CopyUp:
         try:
             dst = _sys.open_at(work, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                await self._copy(src, dst, length, sync=False)
+                await self.copy_bytes(src, dst, length, sync=False)
                 copy_metadata(ldir, lname, st, work, tmp)
                 if self.fsync:
                     await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
@@ -175,7 +175,7 @@ class CopyUp:
             try:
                 ust = os.fstat(dst)
                 length = ust.st_size if data_len is None else min(ust.st_size, data_len)
-                await self._copy(src, dst, length)
+                await self.copy_bytes(src, dst, length)
                 for attr in xattrs.METACOPY:
                     with contextlib.suppress(OSError):
                         os.removexattr(dst, attr)
@@ -188,7 +188,7 @@ class CopyUp:
         self.changed.append(node.id)  # st_blocks now counts the upper's
         self.stats["filled"] += 1
 
-    async def _copy(self, src: int, dst: int, length: int, *, sync: bool = True) -> None:
+    async def copy_bytes(self, src: int, dst: int, length: int, *, sync: bool = True) -> None:
         """Copy LENGTH bytes of data (big copies on a worker thread); SYNC: then fsync."""
         if length > THREAD_THRESHOLD:
             method = await trio.to_thread.run_sync(

@@ -157,8 +157,7 @@ class Files:
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
         fd = _sys.open_at(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
-        on_upper = node.upper and not node.metacopy
-        return self.add(fd, node, on_upper, writable, caller.kill_priv_groups())
+        return self.add(fd, node, self._on_upper(node), writable, caller.kill_priv_groups())
 
     def get(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -203,8 +202,7 @@ class Files:
 
     def forgotten(self, node_id: int) -> None:
         """The kernel let go of the node: nothing can use its descriptor any more."""
-        if node_id in self.by_node:
-            self._drop(node_id)
+        self._drop(node_id)
 
     @contextlib.contextmanager
     def keeping_data(self, node: Node, mode: int) -> Iterator[None]:
@@ -236,7 +234,7 @@ class Files:
         flags = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
         fd = os.open(".", flags, stat.S_IMODE(st.st_mode), dir_fd=self.stack.work_fd)
         try:
-            await self.copyup._copy(h.fd, fd, st.st_size, sync=False)
+            await self.copyup.copy_bytes(h.fd, fd, st.st_size, sync=False)
             os.fchown(fd, st.st_uid, st.st_gid)
             os.fchmod(fd, stat.S_IMODE(st.st_mode))
         except BaseException:

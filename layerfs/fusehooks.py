@@ -76,7 +76,6 @@ class Hooks:
     """Installed hooks; ``writer`` is (uid, gid, pid) of the write request being served."""
 
     writer: tuple[int, int, int] = (0, 0, 0)
-    cache_symlinks: bool = False
 
 
 _keep: list[object] = []  # the ctypes callbacks must live as long as the session
@@ -163,11 +162,7 @@ def _install(extension: str) -> Hooks | None:
                 fh.value = NODE_FH | ino
 
     orig_init = _handler(_INIT_ARGS, ops[_INIT])
-    orig_read = _handler(_READ_ARGS, ops[_READ])
-    orig_fsync = _handler(_FSYNC_ARGS, ops[_FSYNC])
-    orig_fsyncdir = _handler(_FSYNC_ARGS, ops[_FSYNCDIR])
     orig_write_buf = _handler(_WRITE_BUF_ARGS, ops[_WRITE_BUF])
-    orig_readdirplus = _handler(_READ_ARGS, ops[_READDIRPLUS])
 
     def init(userdata: int | None, conn: int) -> None:
         orig_init(userdata, conn)
@@ -176,19 +171,6 @@ def _install(extension: str) -> Hooks | None:
         want.value &= ~CAP_ATOMIC_O_TRUNC
         if capable & CAP_CACHE_SYMLINKS:
             want.value |= CAP_CACHE_SYMLINKS
-            hooks.cache_symlinks = True
-
-    def read(req: int, ino: int, size: int, off: int, fi: int | None) -> None:
-        mark(ino, fi)
-        orig_read(req, ino, size, off, fi)
-
-    def fsync(req: int, ino: int, datasync: int, fi: int | None) -> None:
-        mark(ino, fi)
-        orig_fsync(req, ino, datasync, fi)
-
-    def fsyncdir(req: int, ino: int, datasync: int, fi: int | None) -> None:
-        mark(ino, fi)
-        orig_fsyncdir(req, ino, datasync, fi)
 
     def write_buf(req: int, ino: int, bufv: int, off: int, fi: int | None) -> None:
         mark(ino, fi)
@@ -196,20 +178,28 @@ def _install(extension: str) -> Hooks | None:
         hooks.writer = (ctx[0].uid, ctx[0].gid, ctx[0].pid) if ctx else (NOBODY, NOBODY, 0)
         orig_write_buf(req, ino, bufv, off, fi)
 
-    def readdirplus(req: int, ino: int, size: int, off: int, fi: int | None) -> None:
-        mark(ino, fi)
-        orig_readdirplus(req, ino, size, off, fi)
+    def marking(orig: Any) -> Any:
+        """A shim for a handler taking (req, ino, ..., fi): mark the handle, then call it."""
 
-    shims = {
-        _INIT: _shim_type(_INIT_ARGS)(init),
-        _READ: _shim_type(_READ_ARGS)(read),
-        _FSYNC: _shim_type(_FSYNC_ARGS)(fsync),
-        _FSYNCDIR: _shim_type(_FSYNC_ARGS)(fsyncdir),
-        _WRITE_BUF: _shim_type(_WRITE_BUF_ARGS)(write_buf),
-        _READDIRPLUS: _shim_type(_READ_ARGS)(readdirplus),
+        def shim(req: int, ino: int, *rest: Any) -> None:
+            mark(ino, rest[-1])
+            orig(req, ino, *rest)
+
+        return shim
+
+    marked = {
+        _READ: _READ_ARGS,
+        _FSYNC: _FSYNC_ARGS,
+        _FSYNCDIR: _FSYNC_ARGS,
+        _READDIRPLUS: _READ_ARGS,
     }
-    _keep.extend([shims, orig_init, orig_read, orig_fsync, orig_fsyncdir, orig_write_buf])
-    _keep.append(orig_readdirplus)
+    shims = {
+        index: _shim_type(args)(marking(_handler(args, ops[index])))
+        for index, args in marked.items()
+    }
+    shims[_INIT] = _shim_type(_INIT_ARGS)(init)
+    shims[_WRITE_BUF] = _shim_type(_WRITE_BUF_ARGS)(write_buf)
+    _keep.append(shims)  # each shim holds the handler it calls
     for index, fn in shims.items():
         ctypes.c_void_p.from_address(table + 8 * index).value = ctypes.cast(fn, _vp).value
     return hooks
