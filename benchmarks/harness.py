@@ -5,11 +5,13 @@ Results: median and p95 per metric and target, a table of ratios to kernel overl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -30,12 +32,25 @@ from benchmarks.system import (
     fuse_abort,
     is_mountpoint,
     machine_info,
+    spread_subdirs,
 )
 from benchmarks.targets import Target
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 MAX_TIMEOUTS = 3
+TRASH = "trash"  # work directories of finished runs, removed when the whole run ends
+BIG_FILE = 1 << 20  # removed at once: few inodes, much space
+
+
+def remove_big_files(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and st.st_size >= BIG_FILE:
+                    os.unlink(path)
 
 
 def say(msg: str) -> None:
@@ -271,12 +286,22 @@ class Runner:
         time.sleep(0.5)  # py-spy samples only once attached
         return spy
 
-    def cleanup(self, work: Path) -> None:
+    def cleanup(self, work: Path, *, defer: bool = True) -> None:
+        """Unmount and remove WORK. DEFER: remove only its big files now and park the rest in
+        the trash until the run ends: on ext4 without a journal, thousands of inodes deleted in
+        the last minutes make every create in their block group scan them (recently_deleted),
+        so a target measured after another's cleanup would pay for it."""
         mnt = work / "mnt"
         if is_mountpoint(mnt):
             force_unmount(mnt, None)
         if is_mountpoint(mnt):
             say(f"  warning: {mnt} is still mounted; leaving {work} in place")
+            return
+        if defer and work.name != TRASH:
+            remove_big_files(work)
+            trash = self.workroot / TRASH
+            trash.mkdir(exist_ok=True)
+            work.rename(trash / work.name)
             return
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
 
@@ -370,6 +395,7 @@ def run_benchmarks(
     }
     workroot = ds.root.parent / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     workroot.mkdir(parents=True)
+    res.info["workroot_spread"] = spread_subdirs(workroot)
     runner = Runner(ds, targets, workroot, cold_ok=cold_ok, profile_dir=profile_dir)
     target_info: dict[str, dict[str, object]] = {}
     for t in targets:
@@ -414,7 +440,7 @@ def run_benchmarks(
     finally:
         # Per directory, so nothing is deleted through a mount that is still live.
         for child in workroot.iterdir():
-            runner.cleanup(child)
+            runner.cleanup(child, defer=False)
         for d in (workroot, workroot.parent):
             try:
                 d.rmdir()

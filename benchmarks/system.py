@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import os
 import platform
 import shutil
@@ -46,6 +48,31 @@ def timed(cmd: list[str], *, cwd: Path | str | None = None, timeout: float | Non
 
 def sync() -> None:
     os.sync()
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+
+
+def spread_subdirs(path: Path) -> bool:
+    """Mark PATH as a top of a directory hierarchy (chattr +T), so that ext4 places each new
+    subdirectory in a fresh block group. Returns False where the filesystem refuses.
+
+    Why: ext4 without a journal skips inodes deleted in the last 60-360 s when it allocates one
+    (recently_deleted), scanning them one by one; in a block group where the previous run just
+    deleted thousands of files, a create then costs ~800 us instead of ~30 us. With the flag,
+    every run's upper starts in a group of its own, and no target pays for another's rm -rf.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        flags[0] |= FS_TOPDIR_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def drop_caches(level: int = 3) -> bool:
