@@ -7,7 +7,7 @@ Kernel caching (DESIGN.md, performance levers): lowers are immutable and every c
 through us, so entries, attributes and negative lookups are cached for a long time. OPEN and
 OPENDIR are answered ENOSYS where layerfs.fusehooks could be installed: the kernel then sends
 neither again, keeps file pages across opens and caches listings itself; elsewhere every open
-says keep_cache.
+says keep_cache. CREATE too: new files come as MKNOD, opened by the kernel alone.
 """
 
 from __future__ import annotations
@@ -336,6 +336,11 @@ class Operations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if self.hooks is not None:
+            # no CREATE either: the kernel falls back to MKNOD and opens the new file without
+            # us (fs/fuse/dir.c, fuse_atomic_open), so no RELEASE follows: a request less per
+            # created file
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fh, attr = await self.fs.create(parent_inode, name, mode, flags, _caller(ctx, groups=True))
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), _entry(attr)
 

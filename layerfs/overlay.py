@@ -227,9 +227,6 @@ class Overlay:
     ) -> tuple[int, Attr]:
         parent = self.table.get(parent_ino)
         node, fd = await self.ns.create(parent, name, mode, flags, caller)
-        if self.files.no_open:  # no RELEASE will come: the node is the handle
-            os.close(fd)
-            return NODE_FH | node.id, self.counted(node)
         fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
         return fh, self.counted(node)
 
