@@ -73,3 +73,8 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     # No mount is left behind under the data directory.
     mounts = Path("/proc/self/mounts").read_text()
     assert str(tmp_path) not in mounts
+    # Work directories parked during the run (removal deferred) are gone at its end.
+    assert not (tmp_path / "data" / "runs").exists(), list((tmp_path / "data" / "runs").rglob("*"))[
+        :20
+    ]
+    assert "workroot_spread" in data
