@@ -675,6 +675,10 @@ def test_script(
 _NAMES = [b"a", b"b", b"c", b"d", b"e"]
 _paths = st.lists(st.sampled_from(_NAMES), min_size=1, max_size=3).map(b"/".join)
 _data = st.sampled_from([b"", b"x", b"hello\n", b"y" * 5000])
+# A write of nothing is an open for write and no more: kernel overlayfs copies the file up at
+# the open, layerfs (no OPEN requests) at its first write, a documented difference (design.md,
+# "No OPEN requests") that shows in the parents' nlink. Writes here write something.
+_write_data = st.sampled_from([b"x", b"hello\n", b"y" * 5000])
 
 
 # Exploration aid: LAYERFS_DIFF_SKIP_OPS=fallocate,mknod leaves out operations with a known,
@@ -742,7 +746,7 @@ class WriteMachine(RuleBasedStateMachine):
         if rk != rs:
             self._fail(f"{op!r}: kernel={rk!r} subject={rs!r}")
 
-    @rule(p=_paths, off=st.sampled_from([0, 3, 9000]), data=_data)
+    @rule(p=_paths, off=st.sampled_from([0, 3, 9000]), data=_write_data)
     def write(self, p: bytes, off: int, data: bytes) -> None:
         self._do(("write", p, off, data))
 
