@@ -44,6 +44,7 @@ BIG_FILE = 1 << 20  # removed at once: few inodes, much space
 
 
 def remove_big_files(root: Path) -> None:
+    """Unlink the regular files of ROOT of BIG_FILE bytes or more."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(dirpath, name)
@@ -300,9 +301,12 @@ class Runner:
         if defer and work.name != TRASH:
             remove_big_files(work)
             trash = self.workroot / TRASH
-            trash.mkdir(exist_ok=True)
-            work.rename(trash / work.name)
-            return
+            try:
+                trash.mkdir(exist_ok=True)
+                work.rename(trash / work.name)
+                return
+            except OSError as e:  # cannot park it: remove it now rather than fail the run
+                say(f"  warning: cannot move {work} to the trash ({e.strerror}); removing it")
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
 
     def check_tree(self, target: Target, stack: str) -> str:
