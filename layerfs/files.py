@@ -334,8 +334,6 @@ class Files:
             os.close(fd)
 
     def release(self, fh: int) -> None:
-        if fh & NODE_FH:
-            return  # a node handle lives until the node is forgotten
         h = self.handles.pop(fh, None)
         if h is None:
             return

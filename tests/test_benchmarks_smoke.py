@@ -74,7 +74,6 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     mounts = Path("/proc/self/mounts").read_text()
     assert str(tmp_path) not in mounts
     # Work directories parked during the run (removal deferred) are gone at its end.
-    assert not (tmp_path / "data" / "runs").exists(), list((tmp_path / "data" / "runs").rglob("*"))[
-        :20
-    ]
+    runs = tmp_path / "data" / "runs"
+    assert not runs.exists(), list(runs.rglob("*"))[:20]
     assert "workroot_spread" in data
