@@ -308,13 +308,18 @@ class Namespace:
             drop_name(self.table, node, parent, name)
         return node
 
-    async def rmdir(self, parent: Node, name: bytes) -> Node:
-        self._writable()
-        res, node = await self._settled(parent, name)
+    def _check_rmdir(self, res: Resolution, node: Node) -> None:
         if not res.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if merged_names(self.stack, node):
             raise OSError(errno.ENOTEMPTY, "directory not empty")
+
+    async def rmdir(self, parent: Node, name: bytes) -> Node:
+        self._writable()
+        # before any copy-up, as ovl_do_remove: an rmdir that fails leaves the upper as it was
+        self._check_rmdir(*self._existing(parent, name))
+        res, node = await self._settled(parent, name)
+        self._check_rmdir(res, node)  # again: the copy-up awaited
         udir = self._upper_dir(parent)
         assert self.stack.upper is not None
         path = node.path()
