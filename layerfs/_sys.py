@@ -87,6 +87,18 @@ def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
+def open_tmpfile(dirfd: int) -> int:
+    """An unnamed regular file (O_TMPFILE, mode 0600) in directory DIRFD, for writing."""
+    return os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+
+
+def link_tmpfile(fd: int, newdirfd: int, new: bytes) -> None:
+    """Give the O_TMPFILE FD the name NEW in NEWDIRFD (EEXIST if taken, as RENAME_NOREPLACE)."""
+    _trace("link tmpfile -> %s", new)
+    check_name(new)
+    os.link(proc_path(fd), new, dst_dir_fd=newdirfd, follow_symlinks=True)
+
+
 def readlink_at(dirfd: int, name: bytes) -> bytes:
     return os.readlink(name, dir_fd=dirfd)
 

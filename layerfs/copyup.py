@@ -1,9 +1,9 @@
 """Copy-up: give a lower object a copy in the upper before its first change.
 
 Parents go first (directories: metadata only, never their contents). Every copy is built in
-WORKDIR/work under a temporary name, completed (data, owner, mode, xattrs, times, fsync) and only
-then renamed into place, so a crash leaves either the lower view or the whole copy, never a
-partial file in the upper. Data moves inside the kernel (reflink, else copy_file_range around
+WORKDIR/work, completed (data, owner, mode, xattrs, times, fsync) and only then put into place:
+a regular file as an O_TMPFILE linked in, anything else under a temporary name renamed in. So a
+crash leaves either the lower view or the whole copy, never a partial file in the upper. Data moves inside the kernel (reflink, else copy_file_range around
 holes) on a worker thread, so other requests keep being served. A per-node lock with a
 double-checked "already copied up" test makes racing opens copy once.
 
@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -51,6 +52,7 @@ class CopyUp:
         self.locks = KeyedLock()
         self.limiter = trio.CapacityLimiter(2)
         self._names = itertools.count()
+        self.tmpfile = True  # build regular files as O_TMPFILEs until the upper refuses one
         self.stats = {"files": 0, "dirs": 0, "bytes": 0, "reflink": 0, "metacopy": 0, "filled": 0}
         # nodes whose attributes changed behind the kernel's back (a copied-up directory now
         # reads nlink 1; a broken hard link its own st_ino and nlink): the adapter tells the
@@ -92,35 +94,18 @@ class CopyUp:
         lname = lpath[-1]
         upath = node.path()
         udir = os.dup(self.stack.upper.dirfd(upath[:-1]))
-        work = self.stack.work_fd
-        tmp = self.tmp_name()
         try:
             st = _sys.lstat_at(ldir, lname)
             pst = os.fstat(udir)
-            metacopy = metacopy and stat.S_ISREG(st.st_mode) and data_len is None
-            if metacopy:
-                _build_metacopy(ldir, lname, st, work, tmp)
-            elif stat.S_ISREG(st.st_mode):
-                await self._build_file(ldir, lname, st, work, tmp, data_len)
+            if stat.S_ISREG(st.st_mode):
+                metacopy = metacopy and data_len is None
+                await self._copy_file(ldir, lname, st, udir, upath[-1], data_len, metacopy)
             else:
-                if stat.S_ISDIR(st.st_mode):
-                    _sys.mkdir_at(work, tmp, 0o700)
-                elif stat.S_ISLNK(st.st_mode):
-                    _sys.symlink_at(_sys.readlink_at(ldir, lname), work, tmp)
-                else:
-                    _sys.mknod_at(work, tmp, st.st_mode, st.st_rdev)
-                copy_metadata(ldir, lname, st, work, tmp)
-            try:
-                _sys.renameat2(work, tmp, udir, upath[-1], _sys.RENAME_NOREPLACE)
-            except OSError:
-                _sys.remove_tree_at(work, tmp)
-                raise
+                metacopy = False
+                self._copy_other(ldir, lname, st, udir, upath[-1])
             # Restore the parent's times (best effort), as ovl_copy_up_one does.
             os.utime(udir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
             ust = _sys.lstat_at(udir, upath[-1])
-        except BaseException:
-            _sys.remove_tree_at(work, tmp)
-            raise
         finally:
             os.close(ldir)
             os.close(udir)
@@ -139,28 +124,80 @@ class CopyUp:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
 
-    async def _build_file(
+    async def _copy_file(
         self,
         ldir: int,
         lname: bytes,
         st: os.stat_result,
-        work: int,
-        tmp: bytes,
+        udir: int,
+        uname: bytes,
         data_len: int | None,
+        metacopy: bool,
     ) -> None:
-        length = st.st_size if data_len is None else min(st.st_size, data_len)
+        """Build the copy of regular file LNAME in the workdir, then link it in as UNAME.
+
+        The copy is an O_TMPFILE, as ovl_copy_up_tmpfile: it has no name until it is whole, so
+        a crash leaves nothing in the workdir, and its fsync does not also write the workdir's
+        directory (a new name makes ext4 sync its parent). Where the upper's filesystem has no
+        O_TMPFILE, a named temporary renamed into place.
+        """
+        work = self.stack.work_fd
         src = _sys.open_at(ldir, lname, os.O_RDONLY)
         try:
-            dst = _sys.open_at(work, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            dst, tmp = self._new_file(work)
             try:
-                await self.copy_bytes(src, dst, length, sync=False)
-                copy_metadata(ldir, lname, st, work, tmp)
-                if self.fsync:
+                if metacopy:  # all hole, and the marker: the data stays in the lower for now
+                    os.ftruncate(dst, st.st_size)
+                    os.setxattr(dst, xattrs.METACOPY_W, b"")
+                else:
+                    length = st.st_size if data_len is None else min(st.st_size, data_len)
+                    await self.copy_bytes(src, dst, length, sync=False)
+                copy_file_metadata(ldir, lname, st, dst)
+                if self.fsync and not metacopy:
                     await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
+                if tmp is None:
+                    _sys.link_tmpfile(dst, udir, uname)
+                else:
+                    _sys.renameat2(work, tmp, udir, uname, _sys.RENAME_NOREPLACE)
+            except BaseException:
+                if tmp is not None:
+                    _sys.remove_tree_at(work, tmp)
+                raise
             finally:
                 os.close(dst)
         finally:
             os.close(src)
+
+    def _new_file(self, work: int) -> tuple[int, bytes | None]:
+        """An empty file to build a copy in: an O_TMPFILE, else a named temporary (its name)."""
+        if self.tmpfile:
+            try:
+                return _sys.open_tmpfile(work), None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self.tmpfile = False
+        tmp = self.tmp_name()
+        return _sys.open_at(work, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+
+    def _copy_other(
+        self, ldir: int, lname: bytes, st: os.stat_result, udir: int, uname: bytes
+    ) -> None:
+        """Copy up a directory (metadata only), symlink or special file: build, then rename."""
+        work = self.stack.work_fd
+        tmp = self.tmp_name()
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                _sys.mkdir_at(work, tmp, 0o700)
+            elif stat.S_ISLNK(st.st_mode):
+                _sys.symlink_at(_sys.readlink_at(ldir, lname), work, tmp)
+            else:
+                _sys.mknod_at(work, tmp, st.st_mode, st.st_rdev)
+            copy_metadata(ldir, lname, st, work, tmp)
+            _sys.renameat2(work, tmp, udir, uname, _sys.RENAME_NOREPLACE)
+        except BaseException:
+            _sys.remove_tree_at(work, tmp)
+            raise
 
     async def _fill_data(self, node: Node, data_len: int | None) -> None:
         """Give a metacopy upper file its data, in place; then drop the marker."""
@@ -203,19 +240,8 @@ class CopyUp:
             await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
 
 
-def _build_metacopy(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:
-    """A metacopy of regular file SNAME: its size (all hole), metadata and the marker."""
-    fd = _sys.open_at(ddir, dname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, st.st_size)
-        os.setxattr(fd, xattrs.METACOPY_W, b"")
-    finally:
-        os.close(fd)
-    copy_metadata(sdir, sname, st, ddir, dname)
-
-
 def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:
-    """Give DNAME the owner, mode, xattrs and times of SNAME (whose lstat is ST).
+    """Give DNAME (not followed) the owner, mode, xattrs and times of SNAME (whose lstat is ST).
 
     Order matters: chown clears setuid/setgid and security.capability, so it goes first; then
     mode, then xattrs, then times (any change above bumps them).
@@ -223,13 +249,27 @@ def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname:
     _sys.chown_at(ddir, dname, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dname, stat.S_IMODE(st.st_mode), dir_fd=ddir)
+    _copy_xattrs(sdir, sname, lambda attr, value: _sys.setxattr_at(ddir, dname, attr, value))
+    _sys.utime_at(ddir, dname, st.st_atime_ns, st.st_mtime_ns)
+
+
+def copy_file_metadata(sdir: int, sname: bytes, st: os.stat_result, fd: int) -> None:
+    """copy_metadata for a regular file being built, through its open FD (same order)."""
+    os.chown(fd, st.st_uid, st.st_gid)
+    os.chmod(fd, stat.S_IMODE(st.st_mode))
+    _copy_xattrs(sdir, sname, lambda attr, value: os.setxattr(fd, attr, value))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_xattrs(sdir: int, sname: bytes, setxattr: Callable[[bytes, bytes], None]) -> None:
+    """Set, with SETXATTR, each xattr of SNAME that a copy-up keeps."""
     for attr in xattrs.copy_up_set(_sys.listxattr_at(sdir, sname)):
         value = _sys.getxattr_at(sdir, sname, attr)
-        if value is not None:
-            try:
-                _sys.setxattr_at(ddir, dname, attr, value)
-            except OSError as e:
-                if e.errno not in (95, 1):  # EOPNOTSUPP/EPERM: the upper cannot hold it
-                    raise
-                log.warning("copy-up: xattr %s not kept: %s", os.fsdecode(attr), e.strerror)
-    _sys.utime_at(ddir, dname, st.st_atime_ns, st.st_mtime_ns)
+        if value is None:
+            continue
+        try:
+            setxattr(attr, value)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EPERM):  # the upper cannot hold it
+                raise
+            log.warning("copy-up: xattr %s not kept: %s", os.fsdecode(attr), e.strerror)

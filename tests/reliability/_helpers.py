@@ -166,6 +166,13 @@ def fd_targets(pid: int) -> list[str]:
     return out
 
 
+def copy_in_progress(pid: int, work: PathLike) -> bool:
+    """Whether daemon PID holds a copy-up open in WORK's work directory (an O_TMPFILE shows
+    there as ``#INO (deleted)``, a named temporary as ``#lfs.*``)."""
+    inside = os.path.join(os.fspath(work), "work") + "/"
+    return any(t.startswith(inside) for t in fd_targets(pid))
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:

@@ -2,7 +2,7 @@
 
 The lower file is 200 MiB of which a quarter is data and the rest holes, so a copy-up takes long
 enough to be caught in the act: a writer opens it for append through the mount, the test waits
-for the temporary copy to appear in WORKDIR/work, kills the daemon at a random point of the copy,
+for the daemon to hold the copy open in WORKDIR/work, kills it at a random point of the copy,
 cleans the stale mount with ``layerfs umount`` and remounts. The merged view must show the lower
 version or the complete copy (plus the writer's record, if its write completed), never a partial
 file, and the next mount must leave the workdir empty.
@@ -21,7 +21,7 @@ import pytest
 import xxhash
 from support.mounts import is_mounted
 
-from ._helpers import layerfs_daemon, layerfs_umount, needs_root, probe_errno
+from ._helpers import copy_in_progress, layerfs_daemon, layerfs_umount, needs_root, probe_errno
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow, needs_root]
 
@@ -66,10 +66,10 @@ def _temps(work: Path) -> list[str]:
         return []
 
 
-def _wait_copy_started(work: Path, writer: subprocess.Popen[bytes]) -> None:
+def _wait_copy_started(pid: int, work: Path, writer: subprocess.Popen[bytes]) -> None:
     """Poll every millisecond: on a fast disk the whole copy may take only tens of them."""
     deadline = time.monotonic() + 60
-    while not _temps(work) and writer.poll() is None:
+    while not copy_in_progress(pid, work) and writer.poll() is None:
         assert time.monotonic() < deadline, "the copy-up never started"
         time.sleep(0.001)
 
@@ -106,10 +106,10 @@ def test_kill9_during_copy_up(tmp_path: Path) -> None:
                     [sys.executable, "-c", WRITER, str(mnt / "big"), RECORD.decode()],
                     stderr=subprocess.DEVNULL,
                 )
-                _wait_copy_started(work, writer)
+                _wait_copy_started(d.pid, work, writer)
                 time.sleep(delay)
                 d.kill9()
-                if _temps(work):
+                if not (upper / "big").exists():  # started, never linked into place
                     caught_in_copy += 1
                 writer.wait(timeout=60)
                 # A crashed FUSE daemon leaves "Transport endpoint is not connected".

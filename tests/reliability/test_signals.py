@@ -18,6 +18,7 @@ from support.mounts import is_mounted
 from ._helpers import (
     EXIT_TIMEOUT,
     Daemon,
+    copy_in_progress,
     layerfs_daemon,
     mount_cmd,
     needs_root,
@@ -138,10 +139,7 @@ def test_term_during_copy_up(tmp_path: Path) -> None:
             )
             w = writer
             wait_until(
-                lambda: (
-                    any(n.startswith("#lfs") for n in os.listdir(work / "work"))
-                    or w.poll() is not None
-                ),
+                lambda: copy_in_progress(d.pid, work) or w.poll() is not None,
                 60,
                 "the copy-up to start",
                 interval=0.001,
