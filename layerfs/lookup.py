@@ -32,10 +32,20 @@ class Resolution:
     origin (non-dir) or the merged lower dirs (dir); lower_positive: some lower shows this
     name, so removing it needs a whiteout; origin_nlink: nlink of the lower origin (hard links
     break on copy-up); origin: the real id of the first lower object; metacopy: the upper
-    file's data is lowers[0].
+    file's data is lowers[0]; in_layer: the layer of a non-directory's lower found under its
+    own name in the parent's lowers (a new Node keeps just that, see Node).
     """
 
-    __slots__ = ("lower_positive", "lowers", "metacopy", "origin", "origin_nlink", "st", "upper")
+    __slots__ = (
+        "in_layer",
+        "lower_positive",
+        "lowers",
+        "metacopy",
+        "origin",
+        "origin_nlink",
+        "st",
+        "upper",
+    )
 
     def __init__(
         self,
@@ -46,7 +56,9 @@ class Resolution:
         origin_nlink: int = 1,
         origin: RealId | None = None,
         metacopy: bool = False,
+        in_layer: Layer | None = None,
     ) -> None:
+        self.in_layer = in_layer
         self.metacopy = metacopy
         self.st = st
         self.upper = upper
@@ -117,6 +129,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     positive = False
     origin_nlink = 1
     origin: RealId | None = None
+    in_layer: Layer | None = None
     top_st = upper_st
     if not stop_lowers:
         if len(search) >= INDEX_MIN_LAYERS:
@@ -140,6 +153,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                     origin_nlink = lst.st_nlink
                     origin = real_id(lst.st_dev, lst.st_ino)
                     lowers.append((layer, child))
+                    in_layer = None if redirected else layer
                 break  # a non-directory ends the merge (and hides nothing above it)
             if metacopy:
                 break  # a directory cannot hold a file's data: read the upper as it is
@@ -166,6 +180,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         origin_nlink,
         origin,
         metacopy and bool(lowers),
+        in_layer,
     )
 
 
@@ -253,12 +268,12 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
         key = origin or real  # one int object for both: most nodes are lower files
     node = table.find(key)
     if node is None:
-        node = Node(key, res.is_dir, parent, name, res.upper, res.lowers, origin)
+        node = Node(key, res.is_dir, parent, name, res.upper, res.in_layer or res.lowers, origin)
         node.metacopy = res.metacopy
         return table.add(node)
     if node.parent is not parent or node.name != name:
         if node.is_dir or not node.name:
-            node.parent, node.name = parent, name
+            node.rename(parent, name)
         else:
             aliases = node.aliases
             if aliases is None:

@@ -499,13 +499,13 @@ def drop_name(table: InodeTable, node: Node, parent: Node, name: bytes) -> None:
     if node.aliases:
         node.aliases = [a for a in node.aliases if a != (parent, name)]
         if node.aliases and (node.parent, node.name) == (parent, name):
-            node.parent, node.name = node.aliases[0]
+            node.rename(*node.aliases[0])
         if len(node.aliases) <= 1:
             node.aliases = None
         if node.aliases is None and (node.parent, node.name) != (parent, name):
             return
     if (node.parent, node.name) == (parent, name):
-        node.name = b""  # unlinked: reachable only through open handles now
+        node.rename(node.parent, b"")  # unlinked: reachable only through open handles now
         table.unhash(node)
 
 
@@ -513,7 +513,7 @@ def move_name(node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
     if node.aliases:
         node.aliases = [(p2, n2) if a == (p1, n1) else a for a in node.aliases]
     if (node.parent, node.name) == (p1, n1) or node.is_dir:
-        node.parent, node.name = p2, n2
+        node.rename(p2, n2)
 
 
 def _swap_names(a: Node, p1: Node, n1: bytes, b: Node, p2: Node, n2: bytes) -> None:
