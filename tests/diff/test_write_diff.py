@@ -460,6 +460,30 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"no-fallocate"},
     ),
+    # Nodes looked up first, then renamed or moved with their parents: their lower paths
+    # must stay where the data is (layerfs derives a lower file's path from its parent's).
+    "lower-paths-after-renames": (
+        BASE,
+        [
+            ("read", b"var/log/b"),
+            ("read", b"usr/lib/x/y"),
+            ("read", b"usr/lib/libc.so"),
+            ("rename", b"var/log", b"var/logs"),
+            ("read", b"var/logs/b"),
+            ("append", b"var/logs/b", b"+"),
+            ("read", b"var/logs/b"),
+            ("rename", b"usr/lib", b"lib2"),
+            ("read", b"lib2/x/y"),
+            ("rename", b"lib2/libc.so", b"libc2.so"),
+            ("read", b"libc2.so"),
+            ("chmod", b"lib2/x/y", 0o600),
+            ("rename", b"lib2/x", b"x2"),
+            ("read", b"x2/y"),
+            ("unlink_open", b"var/logs/a", b"through the handle"),
+            ("listdir", b"var/logs"),
+        ],
+        {"rename-dir"},
+    ),
     "tmpfile": (
         BASE,
         [("tmpfile", b"etc", b"anon"), ("tmpfile", b"usr/lib/x", b"anon"), ("listdir", b"etc")],
