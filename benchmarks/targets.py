@@ -163,6 +163,14 @@ class KernelMetacopy(Kernel):
     extra = ",redirect_dir=on,metacopy=on"
 
 
+class KernelVolatile(Kernel):
+    """Kernel overlayfs without syncs (``volatile``): the reference for layerfs -o volatile,
+    and the durability fuse-overlayfs has (it does not fsync a copy-up)."""
+
+    name = "kernel-volatile"
+    extra = ",volatile"
+
+
 class FuseOverlayfs(_Overlay):
     name = "fuse-overlayfs"
     fuse = True
@@ -287,25 +295,27 @@ def _git(*args: str) -> str:
 
 
 ALL_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
-# Opt-in (--targets): metadata-only copy-up on both sides, for the copy-up scenarios.
-EXTRA_TARGETS = ["kernel-metacopy", "layerfs-metacopy"]
+# Opt-in (--targets), for the copy-up scenarios: metadata-only copy-up on both sides, and
+# copy-up without fsync on both sides.
+EXTRA_TARGETS = ["kernel-metacopy", "layerfs-metacopy", "kernel-volatile", "layerfs-volatile"]
 
 
 def make_targets(
     names: list[str], layerfs_cmd: str | None, layerfs_opts: str, layerfs_rev: str | None = None
 ) -> list[Target]:
+    def layerfs(variant: str, opt: str) -> Layerfs:
+        opts = ",".join(filter(None, [layerfs_opts, opt]))
+        return Layerfs(layerfs_cmd, opts, layerfs_rev, name=f"layerfs-{variant}")
+
     table: dict[str, Target] = {
         "native": Native(),
         "kernel": Kernel(),
         "fuse-overlayfs": FuseOverlayfs(),
         "layerfs": Layerfs(layerfs_cmd, layerfs_opts, layerfs_rev),
         "kernel-metacopy": KernelMetacopy(),
-        "layerfs-metacopy": Layerfs(
-            layerfs_cmd,
-            ",".join(filter(None, [layerfs_opts, "metacopy=on"])),
-            layerfs_rev,
-            name="layerfs-metacopy",
-        ),
+        "layerfs-metacopy": layerfs("metacopy", "metacopy=on"),
+        "kernel-volatile": KernelVolatile(),
+        "layerfs-volatile": layerfs("volatile", "volatile"),
     }
 
     unknown = [n for n in names if n not in table]
