@@ -5,8 +5,8 @@ WORKDIR/work, completed (data, owner, mode, xattrs, times, fsync) and only then 
 a regular file as an O_TMPFILE linked in, anything else under a temporary name renamed in. So a
 crash leaves either the lower view or the whole copy, never a partial file in the upper. Data
 moves inside the kernel (reflink, else copy_file_range around holes) on a worker thread, so
-other requests keep being served. A per-node lock with a
-double-checked "already copied up" test makes racing opens copy once.
+other requests keep being served. A per-node lock with a double-checked "already copied up"
+test makes racing opens copy once.
 
 With metacopy on, a change of metadata only (chmod, chown, utimes, xattrs, rename) copies a
 regular file up without its data: a sparse file of the same size marked
