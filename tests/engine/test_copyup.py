@@ -117,7 +117,13 @@ async def test_truncating_open_copies_no_data(tmp_path: Path) -> None:
         ov.close()
 
 
-async def test_copy_up_keeps_holes_metadata_and_capabilities(tmp_path: Path) -> None:
+# A regular file is built as an O_TMPFILE; "named" is the path taken where the upper's
+# filesystem refuses O_TMPFILE (a temporary name in the workdir, renamed into place).
+BUILDS = pytest.mark.parametrize("tmpfile", [True, False], ids=["tmpfile", "named"])
+
+
+@BUILDS
+async def test_copy_up_keeps_holes_metadata_and_capabilities(tmp_path: Path, tmpfile: bool) -> None:
     low, up, work, mnt = make_stack(tmp_path)
     sparse = low / "sparse"
     fd = os.open(sparse, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -130,6 +136,7 @@ async def test_copy_up_keeps_holes_metadata_and_capabilities(tmp_path: Path) -> 
     os.setxattr(sparse, "security.capability", cap)
     os.utime(sparse, ns=(1_000_000_001, 2_000_000_002))
     ov = overlay(low, up, work, mnt)
+    ov.copyup.tmpfile = tmpfile
     try:
         ino = lookup(ov, b"sparse")
         await ov.setxattr(ino, b"user.other", b"1")  # a metadata change: copy-up
@@ -141,16 +148,24 @@ async def test_copy_up_keeps_holes_metadata_and_capabilities(tmp_path: Path) -> 
         assert os.getxattr(up / "sparse", "security.capability") == cap
         assert os.getxattr(up / "sparse", "user.k") == b"v"
         assert ov.getattr(ino).ino == st_l.st_ino  # st_ino survives copy-up
+        fd = os.open(up / "sparse", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 16, 64 << 20) == b"end"
+        finally:
+            os.close(fd)
+        assert ov.copyup.tmpfile == tmpfile  # this filesystem has O_TMPFILE: no fallback
         check_upper(up, work)
     finally:
         ov.close()
 
 
-async def test_failed_copy_up_leaves_nothing(tmp_path: Path) -> None:
+@BUILDS
+async def test_failed_copy_up_leaves_nothing(tmp_path: Path, tmpfile: bool) -> None:
     """A copy-up that fails (here: the lower vanished) leaves the workdir and upper clean."""
     low, up, work, mnt = make_stack(tmp_path)
     (low / "f").write_bytes(b"data")
     ov = overlay(low, up, work, mnt)
+    ov.copyup.tmpfile = tmpfile
     try:
         ino = lookup(ov, b"f")
         os.unlink(low / "f")  # lowers must not change; here we break the rule on purpose
