@@ -157,6 +157,7 @@ class InodeTable:
         self.writable = writable  # a stack with an upper: lower hard links are per name
         self.nodes: dict[int, Node] = {}
         self._by_key: dict[Key, Node] = {}
+        self._peak = 0  # most nodes the two maps held since they were last rebuilt
         self._ids = itertools.count(ROOT_ID + 1)
         # upper (st_dev, st_ino) of a file copied up in this mount -> its node's key, so that a
         # node forgotten and looked up again keeps its identity and st_ino
@@ -187,7 +188,17 @@ class InodeTable:
         node.id = next(self._ids) if node_id is None else node_id
         self.nodes[node.id] = node
         self._by_key[node.key] = node
+        self._peak = max(self._peak, len(self.nodes))
         return node
+
+    def shrink(self) -> None:
+        """Rebuild the maps once they hold a quarter of their peak: a dict never gives back
+        its table (a million nodes: two tables of ~40 MB) as entries go; a new one is sized
+        to what is left. Amortised: each rebuild follows at least 3x its size in removals."""
+        if self._peak > 4096 and len(self.nodes) < self._peak // 4:
+            self.nodes = dict(self.nodes)
+            self._by_key = dict(self._by_key)
+            self._peak = len(self.nodes)
 
     def unhash(self, node: Node) -> None:
         """Take NODE out of the identity map (it has no name left), keeping its node id."""
