@@ -191,7 +191,7 @@ class InodeTable:
         self._peak = max(self._peak, len(self.nodes))
         return node
 
-    def shrink(self) -> None:
+    def compact(self) -> None:
         """Rebuild the maps once they hold a quarter of their peak: a dict never gives back
         its table (a million nodes: two tables of ~40 MB) as entries go; a new one is sized
         to what is left. Amortised: each rebuild follows at least 3x its size in removals."""

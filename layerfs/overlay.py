@@ -158,7 +158,7 @@ class Overlay:
             if ino not in self.table.nodes:
                 self.files.forgotten(ino)
                 self.node_dirs.pop(ino, None)
-        self.table.shrink()
+        self.table.compact()
 
     def counted(self, node: Node) -> Attr:
         """Count a lookup on a node just created and return its attributes."""

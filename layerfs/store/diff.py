@@ -24,6 +24,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from layerfs import xattrs
 from layerfs.store.extract import WH_OPAQUE, WH_PREFIX
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -116,15 +117,12 @@ def _walk(
                 os.close(cfd)
 
 
-REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
-
-
 def redirect_target(dfd: int, name: bytes, lower_parts: list[bytes] | None) -> list[bytes] | None:
     """Where the lower part of upper directory ``name`` lives, if it carries an overlay
     redirect (a renamed directory): absolute from the root, or a name in the parent's lower
     directory ``lower_parts``. None when it has no redirect."""
     path = b"/proc/self/fd/%d/%s" % (dfd, name)
-    for x in REDIRECT_XATTRS:
+    for x in xattrs.REDIRECT:
         try:
             value = os.getxattr(path, x, follow_symlinks=False)
         except OSError:
