@@ -14,23 +14,12 @@ import trio
 import trio.lowlevel
 
 from layerfs.attrs import Caller, SetAttr
-from layerfs.config import MountConfig
 from layerfs.inodes import ROOT_ID
 from layerfs.overlay import Overlay
 
+from ._stack import make_stack, overlay
+
 ROOT = Caller(0, 0, 0o022, 1)
-
-
-def make_stack(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
-    low, up, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
-    for d in (low, up, work, mnt):
-        d.mkdir()
-    return low, up, work, mnt
-
-
-def overlay(low: Path, up: Path, work: Path, mnt: Path) -> Overlay:
-    cfg = MountConfig(lowers=(str(low),), upper=str(up), workdir=str(work), mountpoint=str(mnt))
-    return Overlay(cfg.validate())
 
 
 def check_upper(up: Path, work: Path) -> None:

@@ -5,21 +5,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from layerfs.config import MountConfig
 from layerfs.inodes import ROOT_ID
-from layerfs.overlay import Overlay
+
+from ._stack import make_stack, overlay
 
 
 def test_forget_gives_the_tables_back(tmp_path: Path) -> None:
     """Once the kernel forgot most nodes, the id and identity maps shrink: a dict keeps its
     table at its peak size otherwise (a million nodes: two tables of ~40 MB)."""
-    low, up, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
-    for d in (low, up, work, mnt):
-        d.mkdir()
+    low, up, work, mnt = make_stack(tmp_path)
     for i in range(20_000):
         (low / f"f{i}").touch()
-    cfg = MountConfig(lowers=(str(low),), upper=str(up), workdir=str(work), mountpoint=str(mnt))
-    ov = Overlay(cfg.validate())
+    ov = overlay(low, up, work, mnt)
     try:
         ids = [ov.lookup(ROOT_ID, b"f%d" % i).id for i in range(20_000)]
         peak = sys.getsizeof(ov.table.nodes) + sys.getsizeof(ov.table._by_key)
