@@ -31,7 +31,7 @@ from collections.abc import Callable
 import trio
 
 from layerfs import _sys, xattrs
-from layerfs.inodes import InodeTable, Node, real_id
+from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 from layerfs.locks import KeyedLock
 
@@ -117,7 +117,7 @@ class CopyUp:
                     node.parent.version += 1  # its listing's d_ino changed
                     self.listing_changed.append(node.parent.id)
             # st_ino survives copy-up (OVL_CONST_INO), also once the kernel forgot the node
-            self.table.copied_up[real_id(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
+            self.table.copied_up[self.table.ident(ust.st_dev, ust.st_ino)] = (node.key, node.origin)
         node.upper = True
         node.metacopy = metacopy
         self.changed.append(node.id)

@@ -1,7 +1,7 @@
 """The inode table: merged objects (Nodes), their FUSE node ids, st_ino and lookup counts.
 
-Two numbers per object, as in the FUSE protocol: the node id the kernel uses to name it to us
-(a counter, never reused), and the st_ino users see, which follows kernel overlayfs:
+Two numbers per object, as in the FUSE protocol: the node id the kernel uses to name it to us,
+and the st_ino users see, which follows kernel overlayfs:
 - a directory shows its topmost lower directory's inode number (the upper's if it has none);
 - a lower file shows the lower's number, and keeps it when copied up (OVL_CONST_INO), except a
   file whose lower had several links: its copy-up breaks the link, as with ``index=off``, and
@@ -12,6 +12,10 @@ With layers on several filesystems, the filesystem's index goes into the top bit
 Identity (which node a lookup returns) is the real object: two names of one upper inode are
 one node (a hard link). Lower hard links in a writable stack are one node *per name*, since a
 copy-up through one name must not change what the others show (kernel ``index=off``).
+
+A node's id is its identity where it can be, as fuse-overlayfs uses its inode numbers: one
+int and one map entry per node, not two of each (a walk of a million files keeps a million
+nodes). Ids are reused only once the kernel forgot them, as C daemons reuse their pointers.
 
 Lookup counts follow pyfuse3's contract: +1 per lookup/create/readdirplus entry, -n per
 forget; a node leaves the table at zero unless an open handle keeps it.
@@ -33,19 +37,17 @@ log = logging.getLogger(__name__)
 
 ROOT_ID = 1
 XINO_SHIFT = 56
+# Identities of objects on the stack's filesystems are their xino inode numbers, below 2**63;
+# other objects' are (dev + 1) << 64 | ino. Node ids that are not an identity count from here.
+SPARE_IDS = 1 << 63
+_INO_MASK = (1 << 64) - 1
 
-# A real object's identity, (st_dev << 64) | st_ino: one int, not a tuple of two, since a
-# tree of a million files keeps a million of them.
+# A real object's identity (see InodeTable.ident); a per-name node's is (identity, parent
+# node id, name).
 RealId = int
 Key = RealId | tuple[int, int, bytes]
 
-
-def real_id(dev: int, ino: int) -> RealId:
-    return (dev << 64) | ino
-
-
-def split_real_id(rid: RealId) -> tuple[int, int]:
-    return rid >> 64, rid & 0xFFFF_FFFF_FFFF_FFFF
+_DIR, _UPPER, _METACOPY = 1, 2, 4
 
 
 class Node:
@@ -60,25 +62,27 @@ class Node:
 
     Most nodes are lower files whose one lower object is their own name in the directory their
     parent has in that layer. Such a node keeps only the layer and derives the path when asked:
-    a list, a tuple and a path tuple less per node, about 200 of its 620 bytes. It writes the
-    path down (``pin_lowers``) before its name or parent changes; a directory's lowers, which
-    its children derive theirs from, are always written down and never change.
+    a list, a tuple and a path tuple less per node. It writes the path down (``pin_lowers``)
+    before its name or parent changes; a directory's lowers, which its children derive theirs
+    from, are always written down and never change.
+
+    Memory: a million of these stay while the kernel holds a walked tree, and the allocator
+    hands out 16-byte steps, so the three flags share one int and a directory's listing
+    ``version`` and a file's ``aliases`` (a directory has one name) share one slot: 10 slots,
+    112 bytes.
     """
 
     __slots__ = (
+        "_extra",
+        "_flags",
         "_lowers",
-        "aliases",
         "id",
-        "is_dir",
         "key",
-        "metacopy",
         "name",
         "nlookup",
         "opens",
         "origin",
         "parent",
-        "upper",
-        "version",
     )
 
     def __init__(
@@ -95,17 +99,56 @@ class Node:
         the directory PARENT has in that layer."""
         self.id = 0
         self.key = key
-        self.is_dir = is_dir
+        self._flags = (_DIR if is_dir else 0) | (_UPPER if upper else 0)
         self.parent = parent
         self.name = name
-        self.upper = upper
         self._lowers = lowers or None
         self.origin = origin
-        self.metacopy = False  # upper holds the metadata only; the data is still lowers[0]
         self.nlookup = 0
         self.opens = 0
-        self.version = 0  # bumped on every change of a directory's entries
-        self.aliases: list[tuple[Node, bytes]] | None = None
+        self._extra: int | list[tuple[Node, bytes]] | None = 0 if is_dir else None
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self._flags & _DIR)
+
+    @property
+    def upper(self) -> bool:
+        return bool(self._flags & _UPPER)
+
+    @upper.setter
+    def upper(self, value: bool) -> None:
+        self._flags = self._flags | _UPPER if value else self._flags & ~_UPPER
+
+    @property
+    def metacopy(self) -> bool:
+        """The upper holds the metadata only; the data is still lowers[0]."""
+        return bool(self._flags & _METACOPY)
+
+    @metacopy.setter
+    def metacopy(self, value: bool) -> None:
+        self._flags = self._flags | _METACOPY if value else self._flags & ~_METACOPY
+
+    @property
+    def version(self) -> int:
+        """A directory's listing version, bumped on every change of its entries."""
+        assert isinstance(self._extra, int)
+        return self._extra
+
+    @version.setter
+    def version(self, value: int) -> None:
+        assert isinstance(self._extra, int)
+        self._extra = value
+
+    @property
+    def aliases(self) -> list[tuple[Node, bytes]] | None:
+        """A non-directory's names, once it has more than one."""
+        return None if isinstance(self._extra, int) else self._extra
+
+    @aliases.setter
+    def aliases(self, value: list[tuple[Node, bytes]] | None) -> None:
+        assert not isinstance(self._extra, int)
+        self._extra = value
 
     @property
     def lowers(self) -> list[tuple[Layer, Path]]:
@@ -154,26 +197,43 @@ class InodeTable:
 
     def __init__(self, devs: list[int], *, writable: bool) -> None:
         self._devs = devs
+        self._fsid = {dev: i for i, dev in enumerate(devs) if i < 128}
         self.writable = writable  # a stack with an upper: lower hard links are per name
+        # node id -> node; a node whose id is its key is found by identity here too
         self.nodes: dict[int, Node] = {}
-        self._by_key: dict[Key, Node] = {}
-        self._peak = 0  # most nodes the two maps held since they were last rebuilt
-        self._ids = itertools.count(ROOT_ID + 1)
-        # upper (st_dev, st_ino) of a file copied up in this mount -> its node's key, so that a
-        # node forgotten and looked up again keeps its identity and st_ino
+        # key -> node, for the named nodes whose id is not their key (few)
+        self._others: dict[Key, Node] = {}
+        self._peak = 0  # most nodes the maps held since they were last rebuilt
+        self._spare = itertools.count(SPARE_IDS)
+        # upper identity of a file copied up in this mount -> its node's key and origin, so
+        # that a node forgotten and looked up again keeps its identity and st_ino
         self.copied_up: dict[RealId, tuple[Key, RealId | None]] = {}
 
     def statistics(self) -> dict[str, int]:
         return {"nodes": len(self.nodes), "copied_up": len(self.copied_up)}
 
+    def ident(self, dev: int, ino: int) -> RealId:
+        """The identity of real object (DEV, INO): on the stack's filesystems, the xino inode
+        number it shows (see st_ino), which can serve as its node id too."""
+        fsid = self._fsid.get(dev)
+        if fsid is not None and ino < (1 << XINO_SHIFT):
+            return ino | (fsid << XINO_SHIFT)
+        return ((dev + 1) << 64) | ino
+
     def st_ino(self, dev: int, ino: int) -> int:
         """Map a real (st_dev, st_ino) to the st_ino users see (xino-style when several fs)."""
         if len(self._devs) <= 1 or dev == self._devs[0]:
             return ino
-        fsid = self._devs.index(dev) if dev in self._devs else len(self._devs)
+        fsid = self._fsid.get(dev, len(self._devs))
         if ino < (1 << XINO_SHIFT) and fsid < 128:
             return ino | (fsid << XINO_SHIFT)
         return ino  # does not fit: show it unmapped rather than invent a number
+
+    def st_ino_of(self, rid: RealId) -> int:
+        """The st_ino shown for identity RID."""
+        if rid < SPARE_IDS:
+            return rid
+        return self.st_ino((rid >> 64) - 1, rid & _INO_MASK)
 
     def get(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)
@@ -182,28 +242,40 @@ class InodeTable:
         return node
 
     def find(self, key: Key) -> Node | None:
-        return self._by_key.get(key)
+        """The named node of identity KEY."""
+        node = self.nodes.get(key) if isinstance(key, int) else None
+        if node is not None and node.key == key and node.name:
+            return node
+        return self._others.get(key)
 
     def add(self, node: Node, node_id: int | None = None) -> Node:
-        node.id = next(self._ids) if node_id is None else node_id
-        self.nodes[node.id] = node
-        self._by_key[node.key] = node
+        """Give NODE an id (its key if free, NODE_ID for the root) and enter it."""
+        key = node.key
+        if node_id is None:
+            if isinstance(key, int) and ROOT_ID < key < SPARE_IDS and key not in self.nodes:
+                node_id = key  # the same int object: no second one per node
+            else:
+                node_id = next(self._spare)
+        node.id = node_id
+        self.nodes[node_id] = node
+        if node_id != key:
+            self._others[key] = node
         self._peak = max(self._peak, len(self.nodes))
         return node
 
     def compact(self) -> None:
         """Rebuild the maps once they hold a quarter of their peak: a dict never gives back
-        its table (a million nodes: two tables of ~40 MB) as entries go; a new one is sized
-        to what is left. Amortised: each rebuild follows at least 3x its size in removals."""
+        its table (a million nodes: ~40 MB) as entries go; a new one is sized to what is
+        left. Amortised: each rebuild follows at least 3x its size in removals."""
         if self._peak > 4096 and len(self.nodes) < self._peak // 4:
             self.nodes = dict(self.nodes)
-            self._by_key = dict(self._by_key)
+            self._others = dict(self._others)
             self._peak = len(self.nodes)
 
     def unhash(self, node: Node) -> None:
-        """Take NODE out of the identity map (it has no name left), keeping its node id."""
-        if self._by_key.get(node.key) is node:
-            del self._by_key[node.key]
+        """NODE has no name left: lookups no longer find it by identity; it keeps its id."""
+        if self._others.get(node.key) is node:
+            del self._others[node.key]
 
     def forget(self, node_id: int, n: int) -> None:
         node = self.nodes.get(node_id)
@@ -217,5 +289,5 @@ class InodeTable:
         if node.opens <= 0 and node.nlookup <= 0 and node.id != ROOT_ID:
             if self.nodes.get(node.id) is node:
                 del self.nodes[node.id]
-            if self._by_key.get(node.key) is node:
-                del self._by_key[node.key]
+            if self._others.get(node.key) is node:
+                del self._others[node.key]

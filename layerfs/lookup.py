@@ -19,7 +19,7 @@ import os
 import stat
 
 from layerfs import _sys, whiteout, xattrs
-from layerfs.inodes import InodeTable, Key, Node, RealId, real_id
+from layerfs.inodes import InodeTable, Key, Node
 from layerfs.layers import INDEX_MIN_LAYERS, Layer, LayerStack, Path
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Resolution:
     st: lstat of the top real object; upper: the top object is in the upper; lowers: the
     origin (non-dir) or the merged lower dirs (dir); lower_positive: some lower shows this
     name, so removing it needs a whiteout; origin_nlink: nlink of the lower origin (hard links
-    break on copy-up); origin: the real id of the first lower object; metacopy: the upper
+    break on copy-up); origin: the lstat of the first lower object; metacopy: the upper
     file's data is lowers[0]; in_layer: the layer of a non-directory's lower found under its
     own name in the parent's lowers (a new Node keeps just that, see Node).
     """
@@ -54,7 +54,7 @@ class Resolution:
         lowers: list[tuple[Layer, Path]],
         lower_positive: bool,
         origin_nlink: int = 1,
-        origin: RealId | None = None,
+        origin: os.stat_result | None = None,
         metacopy: bool = False,
         in_layer: Layer | None = None,
     ) -> None:
@@ -128,7 +128,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     lowers: list[tuple[Layer, Path]] = []
     positive = False
     origin_nlink = 1
-    origin: RealId | None = None
+    origin: os.stat_result | None = None
     in_layer: Layer | None = None
     top_st = upper_st
     if not stop_lowers:
@@ -151,16 +151,15 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                     lst = _sys.lstat_at(layer.dirfd(dpath), lname)
                     top_st = top_st or lst
                     origin_nlink = lst.st_nlink
-                    origin = real_id(lst.st_dev, lst.st_ino)
+                    origin = lst
                     lowers.append((layer, child))
                     in_layer = None if redirected else layer
                 break  # a non-directory ends the merge (and hides nothing above it)
             if metacopy:
                 break  # a directory cannot hold a file's data: read the upper as it is
             if origin is None:
-                st = _sys.lstat_at(layer.dirfd(dpath), lname)
-                origin = real_id(st.st_dev, st.st_ino)
-                top_st = top_st or st
+                origin = _sys.lstat_at(layer.dirfd(dpath), lname)
+                top_st = top_st or origin
             lowers.append((layer, child))
             if layer.listing(child).opaque:
                 break
@@ -253,9 +252,9 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     A known node is refreshed (it may have been copied up, or renamed by us); a second name of
     an upper hard link becomes an alias of the same node. See inodes.py for identities.
     """
-    real = real_id(res.st.st_dev, res.st.st_ino)
+    real = table.ident(res.st.st_dev, res.st.st_ino)
     key: Key
-    origin = res.origin
+    origin = table.ident(res.origin.st_dev, res.origin.st_ino) if res.origin is not None else None
     if res.is_dir:
         key = origin or real
     elif res.upper:

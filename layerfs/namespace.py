@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from layerfs import _sys, whiteout, xattrs
 from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp
-from layerfs.inodes import InodeTable, Node, real_id
+from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 from layerfs.lookup import Resolution, lower_positive, node_for, resolve
 from layerfs.readdir import merged_names
@@ -287,7 +287,7 @@ class Namespace:
     def _forget_upper(self, res: Resolution) -> None:
         """The upper object RES named is gone: its inode number may be reused."""
         if res.upper and not res.is_dir and res.st.st_nlink <= 1:
-            self.table.copied_up.pop(real_id(res.st.st_dev, res.st.st_ino), None)
+            self.table.copied_up.pop(self.table.ident(res.st.st_dev, res.st.st_ino), None)
 
     async def unlink(self, parent: Node, name: bytes) -> Node:
         self._writable()

@@ -26,7 +26,7 @@ from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp
 from layerfs.files import NODE_FH, Files, kill_suid
-from layerfs.inodes import ROOT_ID, InodeTable, Node, real_id, split_real_id
+from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import node_for, resolve
 from layerfs.namespace import Namespace
@@ -79,7 +79,7 @@ class Overlay:
         st = os.fstat(top.root_fd)
         # An opaque mark on a layer's root means nothing to the kernel, nor to us.
         lowers: list[tuple[Layer, Path]] = [(layer, ()) for layer in self.stack.lowers]
-        key = real_id(st.st_dev, st.st_ino)
+        key = self.table.ident(st.st_dev, st.st_ino)
         root = Node(key, True, None, b"", self.stack.upper is not None, lowers, key)
         root.nlookup = 1
         return self.table.add(root, ROOT_ID)
@@ -122,8 +122,11 @@ class Overlay:
         if st is None:
             st = self._lstat(node)
         nlink = 1 if node.merged else None  # merged dirs read nlink 1, as in ovl_getattr
-        dev, ino = split_real_id(node.origin) if node.origin is not None else (st.st_dev, st.st_ino)
-        attr = Attr.from_stat(node.id, self.table.st_ino(dev, ino), st, nlink)
+        if node.origin is None:
+            ino = self.table.st_ino(st.st_dev, st.st_ino)
+        else:
+            ino = self.table.st_ino_of(node.origin)
+        attr = Attr.from_stat(node.id, ino, st, nlink)
         if node.metacopy:  # the blocks are the data's, as ovl_getattr reports them
             dirfd, name = self.files.data_location(node)
             attr = attr._replace(blocks=_sys.lstat_at(dirfd, name).st_blocks)
@@ -155,9 +158,10 @@ class Overlay:
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
             self.table.forget(ino, n)
-            if ino not in self.table.nodes:
+            if ino not in self.table.nodes:  # the id may name a new node later
                 self.files.forgotten(ino)
                 self.node_dirs.pop(ino, None)
+                self.dircache.forget(ino)
         self.table.compact()
 
     def counted(self, node: Node) -> Attr:

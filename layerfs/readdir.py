@@ -85,14 +85,18 @@ class DirCache:
         return hit[1]
 
     def put(self, node: Node, entries: list[Entry]) -> None:
-        old = self._lists.pop(node.id, None)
-        if old is not None:
-            self._held -= len(old[1])
+        self.forget(node.id)
         self._lists[node.id] = (node.version, entries)
         self._held += len(entries)
         while self._held > self._max and self._lists:
             _, (_, dropped) = self._lists.popitem(last=False)
             self._held -= len(dropped)
+
+    def forget(self, node_id: int) -> None:
+        """The kernel forgot the directory, and with it the entries it held."""
+        old = self._lists.pop(node_id, None)
+        if old is not None:
+            self._held -= len(old[1])
 
     def clear(self) -> None:
         self._lists.clear()
