@@ -30,8 +30,8 @@ class Resolution:
 
     st: lstat of the top real object; upper: the top object is in the upper; lowers: the
     origin (non-dir) or the merged lower dirs (dir); lower_positive: some lower shows this
-    name, so removing it needs a whiteout; origin_nlink: nlink of the lower origin (hard links
-    break on copy-up); origin: the lstat of the first lower object; metacopy: the upper
+    name, so removing it needs a whiteout; origin: the lstat of the first lower object (its
+    nlink: hard links break on copy-up); metacopy: the upper
     file's data is lowers[0]; in_layer: the layer of a non-directory's lower found under its
     own name in the parent's lowers (a new Node keeps just that, see Node).
     """
@@ -42,7 +42,6 @@ class Resolution:
         "lowers",
         "metacopy",
         "origin",
-        "origin_nlink",
         "st",
         "upper",
     )
@@ -53,7 +52,6 @@ class Resolution:
         upper: bool,
         lowers: list[tuple[Layer, Path]],
         lower_positive: bool,
-        origin_nlink: int = 1,
         origin: os.stat_result | None = None,
         metacopy: bool = False,
         in_layer: Layer | None = None,
@@ -64,7 +62,6 @@ class Resolution:
         self.upper = upper
         self.lowers = lowers
         self.lower_positive = lower_positive
-        self.origin_nlink = origin_nlink
         self.origin = origin
 
     @property
@@ -127,7 +124,6 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
 
     lowers: list[tuple[Layer, Path]] = []
     positive = False
-    origin_nlink = 1
     origin: os.stat_result | None = None
     in_layer: Layer | None = None
     top_st = upper_st
@@ -150,7 +146,6 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 if top_st is None or metacopy:
                     lst = _sys.lstat_at(layer.dirfd(dpath), lname)
                     top_st = top_st or lst
-                    origin_nlink = lst.st_nlink
                     origin = lst
                     lowers.append((layer, child))
                     in_layer = None if redirected else layer
@@ -176,7 +171,6 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         upper_st is not None,
         lowers,
         positive,
-        origin_nlink,
         origin,
         metacopy and bool(lowers),
         in_layer,
@@ -254,14 +248,15 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     """
     real = table.ident(res.st.st_dev, res.st.st_ino)
     key: Key
-    origin = table.ident(res.origin.st_dev, res.origin.st_ino) if res.origin is not None else None
+    origin = None if res.origin is None else table.ident(res.origin.st_dev, res.origin.st_ino)
+    one_link = res.origin is None or res.origin.st_nlink == 1
     if res.is_dir:
         key = origin or real
     elif res.upper:
         # a metacopy found after a remount shows its lower's st_ino, as a fresh copy-up does
-        fallback = origin if res.metacopy and res.origin_nlink == 1 else None
+        fallback = origin if res.metacopy and one_link else None
         key, origin = table.copied_up.get(real, (real, fallback))
-    elif res.origin_nlink > 1 and table.writable:
+    elif not one_link and table.writable:
         key = (real, parent.id, name)  # one node per name (index=off)
     else:
         key = origin or real  # one int object for both: most nodes are lower files
