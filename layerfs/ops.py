@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -34,6 +35,9 @@ from layerfs.overlay import Overlay
 log = logging.getLogger(__name__)
 
 TIMEOUT = 3600.0  # seconds the kernel may trust an entry or an attribute
+# The mount's readahead window, in KiB: the largest READ the kernel sends (max_pages 256), so
+# a sequential read costs a round trip per MiB, not per 128 KiB, the kernel's default.
+READAHEAD_KB = 1024
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -191,6 +195,16 @@ class Operations(pyfuse3.Operations):
         overlay.plain_listings = _ST_INO_OFFSET is not None
         self.hooks: fusehooks.Hooks | None = None
         self._forgotten = 0
+
+    def init(self) -> None:
+        """INIT is being answered (the kernel sets the mount's readahead from the reply):
+        widen it right after."""
+        mountpoint = self.fs.config.mountpoint
+
+        async def widen() -> None:  # procfs and sysfs: never blocks
+            _widen_readahead(mountpoint, READAHEAD_KB)
+
+        trio.lowlevel.spawn_system_task(widen)
 
     def skip_open_requests(self) -> None:
         """Answer OPEN and OPENDIR with ENOSYS from now on, if the hooks that serve requests
@@ -435,6 +449,33 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         await self.fs.removexattr(inode, name)
+
+
+def _widen_readahead(mountpoint: str, kib: int) -> None:
+    """Set the readahead of the FUSE mount at MOUNTPOINT (a resolved path) in sysfs, found by
+    its device number in mountinfo. Nothing may touch the mount itself (not even realpath):
+    this thread serves it. Best effort: without root, sysfs is read-only."""
+    path = os.fsencode(mountpoint)
+    dev = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index(b"-")
+                point = _unescape_mountinfo(fields[4])
+                if point == path and fields[sep + 1].startswith(b"fuse"):
+                    dev = fields[2].decode()  # the last one: a mount on top of others
+        if dev is None:
+            raise OSError(errno.ENOENT, "not in mountinfo", mountpoint)
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except (OSError, ValueError) as e:
+        log.info("readahead left at the kernel's default: %s", e)
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """Undo mountinfo's octal escapes (space, tab, newline, backslash)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
 
 
 def fuse_options(overlay: Overlay) -> set[str]:

@@ -7,6 +7,7 @@ daemon logged no error and exited by itself after ``fusermount3 -u``.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from support.mounts import (
     Subject,
     is_mounted,
     layerfs_command,
+    subject_named,
     unmount_fuse,
 )
 
@@ -331,3 +333,32 @@ def test_lazy_unmount_with_open_file(tmp_path: Path, subject: Subject) -> None:
         finally:
             fh.close()
         assert m.proc.wait(timeout=20) == 0
+
+
+def test_sequential_reads_come_a_window_at_a_time(tmp_path: Path) -> None:
+    """The mount's readahead is widened to READAHEAD_KB once INIT is answered (found through
+    mountinfo, here under a path with a space, which mountinfo escapes): a cold sequential read
+    then costs one READ request per window, not one per 128 KiB, the kernel's default."""
+    from layerfs.ops import READAHEAD_KB
+
+    size = 16 * READAHEAD_KB * 1024
+    spec = LayerSpec([d({b"big": f(os.urandom(size))})])
+    layout = _layout(tmp_path / "with space", spec)
+    with layout.mount(subject_named("layerfs")) as m:
+        st = os.stat(m.mnt)
+        sysfs = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+        deadline = time.monotonic() + 10
+        while int(sysfs.read_text()) != READAHEAD_KB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert int(sysfs.read_text()) == READAHEAD_KB
+
+        def reads() -> int:
+            stats = json.loads(os.getxattr(m.mnt, "trusted.layerfs.statistics"))
+            return int(stats.get("req_read", 0))
+
+        before = reads()
+        with open(m.mnt / "big", "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+        # 16 windows; at the default 128 KiB it would be 16 * READAHEAD_KB / 128
+        assert reads() - before <= 2 * 16 + 2
