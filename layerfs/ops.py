@@ -8,6 +8,7 @@ through us, so entries, attributes and negative lookups are cached for a long ti
 OPENDIR are answered ENOSYS where layerfs.fusehooks could be installed: the kernel then sends
 neither again, keeps file pages across opens and caches listings itself; elsewhere every open
 says keep_cache. CREATE too: new files come as MKNOD, opened by the kernel alone.
+Once INIT is answered, the mount's readahead is widened to the largest READ (READAHEAD_KB).
 """
 
 from __future__ import annotations
