@@ -71,7 +71,7 @@ def _errors(fn: F) -> F:
             if copyup.changed:
                 _invalidate_attrs(copyup.changed)
             if copyup.listing_changed:
-                _invalidate_listings(copyup.listing_changed)
+                await _invalidate_listings(copyup.listing_changed)
 
     return cast(F, wrapper)
 
@@ -126,10 +126,11 @@ def _invalidate_attrs(node_ids: list[int]) -> None:
             pass  # the kernel does not hold this node (ENOENT): nothing cached to drop
 
 
-def _invalidate_listings(node_ids: list[int]) -> None:
-    """Drop the kernel's cached listings of NODE_IDS, from a worker thread after this request:
-    a data invalidation waits for the directory's page locks, which a readdir in flight may
-    hold while it waits for this very loop."""
+async def _invalidate_listings(node_ids: list[int]) -> None:
+    """Drop the kernel's cached listings of NODE_IDS before the request that changed them
+    returns (a readdir right after must see the new d_ino). On a worker thread: a data
+    invalidation waits for the directory's page locks, which a readdir in flight may hold
+    while it waits for its reply; the loop stays free to send it."""
     ids = list(node_ids)
     node_ids.clear()
 
@@ -140,10 +141,7 @@ def _invalidate_listings(node_ids: list[int]) -> None:
             except OSError:
                 pass
 
-    async def task() -> None:
-        await trio.to_thread.run_sync(drop)
-
-    trio.lowlevel.spawn_system_task(task)
+    await trio.to_thread.run_sync(drop)
 
 
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:

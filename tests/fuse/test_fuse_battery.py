@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from support.layerspec import HardLink, LayerSpec, d, f, sym
 from support.mounts import (
+    KERNEL,
     Layout,
     Subject,
     is_mounted,
@@ -362,3 +363,26 @@ def test_sequential_reads_come_a_window_at_a_time(tmp_path: Path) -> None:
                 pass
         # 16 windows; at the default 128 KiB it would be 16 * READAHEAD_KB / 128
         assert reads() - before <= 2 * 16 + 2
+
+
+@pytest.mark.parametrize("where", ["layerfs", "kernel"])
+def test_listing_right_after_a_link_breaking_copy_up(tmp_path: Path, where: str) -> None:
+    """A copy-up that breaks a lower hard link changes the file's st_ino (index=off), so the
+    parent's listing changes its d_ino: a readdir right after the request returns must show
+    the new one, as on kernel overlayfs (layerfs once dropped the kernel's cached listing only
+    after replying, and a quick readdir saw the old d_ino)."""
+    names = [b"f%d" % i for i in range(10)]
+    entries: dict[bytes, object] = {n: f(n) for n in names}
+    entries.update({n + b".hl": HardLink(n) for n in names})
+    layout = _layout(tmp_path, LayerSpec([d(entries)]))
+    subject = KERNEL if where == "kernel" else subject_named("layerfs")
+    with layout.mount(subject) as m:
+        base = os.fsencode(m.mnt)
+        stale = []
+        for n in names:
+            os.listdir(base)  # the kernel now holds the listing
+            os.setxattr(base + b"/" + n, b"user.t", b"x")  # copy-up: the link breaks
+            d_ino = {e.name: e.inode() for e in os.scandir(base)}[n]
+            if d_ino != os.lstat(base + b"/" + n).st_ino:
+                stale.append(n)
+        assert not stale, f"readdir showed the old d_ino of {stale}"
