@@ -114,7 +114,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 elif redirect:
                     search, lname = _redirected(stack, parent, redirect)
                     redirected = True
-            elif st.st_size and stat.S_ISREG(st.st_mode):
+            elif stat.S_ISREG(st.st_mode):  # an empty file may be a metacopy too
                 metacopy, redirect = upper_file_flags(ufd, name)
                 if metacopy and redirect:
                     search, lname = _redirected(stack, parent, redirect)

@@ -417,6 +417,20 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
     ),
     # Metadata changes of lower files, then their data (metacopy=on: copy-up without data,
     # found again through a redirect after a rename, filled in on the first write).
+    # An empty lower file given only new metadata: with metacopy=on, an empty upper file with
+    # the metacopy mark; the first write must fill it (nothing) and drop the mark, also once
+    # the node was looked up again (a listing) in between.
+    "metacopy-empty-file": (
+        LayerSpec([d({b"empty": f(b""), b"other": f(b"x")})]),
+        [
+            ("utime", b"empty", T1),
+            ("listdir", b""),
+            ("stat", b"empty"),
+            ("append", b"empty", b"+"),
+            ("read", b"empty"),
+        ],
+        set(),
+    ),
     "metacopy-paths": (
         BASE,
         [
