@@ -118,7 +118,7 @@ class Node:
 
     @upper.setter
     def upper(self, value: bool) -> None:
-        self._flags = self._flags | _UPPER if value else self._flags & ~_UPPER
+        self._set(_UPPER, value)
 
     @property
     def metacopy(self) -> bool:
@@ -127,7 +127,10 @@ class Node:
 
     @metacopy.setter
     def metacopy(self, value: bool) -> None:
-        self._flags = self._flags | _METACOPY if value else self._flags & ~_METACOPY
+        self._set(_METACOPY, value)
+
+    def _set(self, flag: int, value: bool) -> None:
+        self._flags = self._flags | flag if value else self._flags & ~flag
 
     @property
     def version(self) -> int:
@@ -220,20 +223,17 @@ class InodeTable:
             return ino | (fsid << XINO_SHIFT)
         return ((dev + 1) << 64) | ino
 
-    def st_ino(self, dev: int, ino: int) -> int:
-        """Map a real (st_dev, st_ino) to the st_ino users see (xino-style when several fs)."""
-        if len(self._devs) <= 1 or dev == self._devs[0]:
+    def st_ino(self, rid: RealId) -> int:
+        """The st_ino users see for identity RID (xino-style when several fs)."""
+        if rid < SPARE_IDS:
+            return rid  # the xino number itself (see ident)
+        ino = rid & _INO_MASK
+        if len(self._devs) <= 1:
             return ino
-        fsid = self._fsid.get(dev, len(self._devs))
+        fsid = len(self._devs)  # an object off the stack's filesystems, or one with no index
         if ino < (1 << XINO_SHIFT) and fsid < 128:
             return ino | (fsid << XINO_SHIFT)
         return ino  # does not fit: show it unmapped rather than invent a number
-
-    def st_ino_of(self, rid: RealId) -> int:
-        """The st_ino shown for identity RID."""
-        if rid < SPARE_IDS:
-            return rid
-        return self.st_ino((rid >> 64) - 1, rid & _INO_MASK)
 
     def get(self, node_id: int) -> Node:
         node = self.nodes.get(node_id)

@@ -122,11 +122,8 @@ class Overlay:
         if st is None:
             st = self._lstat(node)
         nlink = 1 if node.merged else None  # merged dirs read nlink 1, as in ovl_getattr
-        if node.origin is None:
-            ino = self.table.st_ino(st.st_dev, st.st_ino)
-        else:
-            ino = self.table.st_ino_of(node.origin)
-        attr = Attr.from_stat(node.id, ino, st, nlink)
+        rid = node.origin if node.origin is not None else self.table.ident(st.st_dev, st.st_ino)
+        attr = Attr.from_stat(node.id, self.table.st_ino(rid), st, nlink)
         if node.metacopy:  # the blocks are the data's, as ovl_getattr reports them
             dirfd, name = self.files.data_location(node)
             attr = attr._replace(blocks=_sys.lstat_at(dirfd, name).st_blocks)
