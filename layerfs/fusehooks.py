@@ -13,7 +13,9 @@ pyfuse3's handler, and the engine serves the request by inode. The write shim al
 writer's credentials (pyfuse3 passes none to write), for clearing setuid/setgid bits. At INIT
 the shim asks for FUSE_CAP_CACHE_SYMLINKS (symlink targets cached by the kernel; pyfuse3 does
 not ask) and drops FUSE_CAP_ATOMIC_O_TRUNC (O_TRUNC must reach us as a SETATTR, since no OPEN
-carries it).
+carries it). ``answer_init`` then lets libfuse answer INIT and adds the one flag it cannot ask
+for, FUSE_HANDLE_KILLPRIV_V2: without it every write is preceded by a GETXATTR of
+security.capability.
 
 Found by symbol, checked by value: the session is pyfuse3's module variable ``session`` (read
 from the ELF symbol table of its extension), and the operation table inside the session is
@@ -24,8 +26,10 @@ leaves the session untouched, and the adapter then answers OPEN as before.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
+import select
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +79,7 @@ class _Ctx(ctypes.Structure):
 class Hooks:
     """Installed hooks; ``writer`` is (uid, gid, pid) of the write request being served."""
 
+    session: int  # struct fuse_session *
     writer: tuple[int, int, int] = (0, 0, 0)
 
 
@@ -149,7 +154,7 @@ def _install(extension: str) -> Hooks | None:
         log.info("no-open hooks: operation table not found in the session")
         return None
 
-    hooks = Hooks()
+    hooks = Hooks(session)
     libfuse = ctypes.CDLL("libfuse3.so.3")
     req_ctx = libfuse.fuse_req_ctx
     req_ctx.restype = ctypes.POINTER(_Ctx)
@@ -203,3 +208,86 @@ def _install(extension: str) -> Hooks | None:
     for index, fn in shims.items():
         ctypes.c_void_p.from_address(table + 8 * index).value = ctypes.cast(fn, _vp).value
     return hooks
+
+
+# The INIT exchange (include/uapi/linux/fuse.h)
+_OP_INIT = 26
+_IN_HEADER, _OUT_HEADER = 40, 16  # sizeof(struct fuse_in_header / fuse_out_header)
+_INIT_FLAGS = 12  # offsetof(struct fuse_init_in / fuse_init_out, flags)
+HANDLE_KILLPRIV_V2 = 1 << 28
+
+
+class _Buf(ctypes.Structure):  # struct fuse_buf
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+        ("mem", _vp),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),
+    ]
+
+
+def answer_init(hooks: Hooks) -> int:
+    """Answer the kernel's INIT request now, through libfuse, adding the flags the kernel
+    offers that libfuse 3.14 cannot ask for (HANDLE_KILLPRIV_V2); return the flags added.
+
+    libfuse builds the reply from the capabilities it knows. FUSE_HANDLE_KILLPRIV_V2 is not
+    one of them, and it is what lets the kernel mark an inode S_NOSEC (SB_NOSEC), after which a
+    write no longer costs a GETXATTR of security.capability first. So the reply libfuse writes
+    is caught in a pipe (the session's fd number is pointed at the pipe for that one write),
+    given the flag, and sent on. Call inside trio, before pyfuse3.main (the init handler
+    starts a task); the INIT is queued from the moment of the mount.
+    """
+    libfuse = ctypes.CDLL("libfuse3.so.3")
+    libc = ctypes.CDLL(None)
+    se = _vp(hooks.session)
+    fd = libfuse.fuse_session_fd(se)
+    if fd < 0 or not select.select([fd], [], [], 10)[0]:
+        return 0  # nothing read: pyfuse3's loop answers INIT as usual
+    buf = _Buf()
+    n = libfuse.fuse_session_receive_buf(se, ctypes.byref(buf))
+    if n <= 0:
+        raise OSError(-n, "cannot read the INIT request")
+    try:
+        request = ctypes.string_at(buf.mem, n)
+        (opcode,) = struct.unpack_from("<I", request, 4)
+        offered = struct.unpack_from("<I", request, _IN_HEADER + _INIT_FLAGS)[0]
+        offered &= HANDLE_KILLPRIV_V2
+        if opcode != _OP_INIT or not offered:
+            libfuse.fuse_session_process_buf(se, ctypes.byref(buf))
+            return 0
+        reply = _caught_reply(fd, lambda: libfuse.fuse_session_process_buf(se, ctypes.byref(buf)))
+    finally:
+        libc.free(_vp(buf.mem))
+    if len(reply) < _OUT_HEADER:
+        raise OSError(errno.EIO, "libfuse wrote no INIT reply")
+    (length, error) = struct.unpack_from("<Ii", reply, 0)
+    added = 0
+    if error == 0 and length == len(reply) >= _OUT_HEADER + _INIT_FLAGS + 4:
+        pos = _OUT_HEADER + _INIT_FLAGS
+        patched = bytearray(reply)
+        (flags,) = struct.unpack_from("<I", patched, pos)
+        struct.pack_into("<I", patched, pos, flags | offered)
+        reply, added = bytes(patched), offered
+    os.write(fd, reply)
+    return added
+
+
+def _caught_reply(fd: int, answer: Any) -> bytes:
+    """What ANSWER writes to FD, written into a pipe instead."""
+    rd, wr = os.pipe()
+    saved = os.dup(fd)
+    try:
+        os.dup2(wr, fd, inheritable=False)
+        try:
+            answer()
+        finally:
+            os.dup2(saved, fd, inheritable=False)
+        os.set_blocking(rd, False)
+        try:
+            return os.read(rd, 1 << 16)
+        except BlockingIOError:
+            return b""
+    finally:
+        for f in (rd, wr, saved):
+            os.close(f)

@@ -19,9 +19,14 @@ import os
 import signal
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
+
+if TYPE_CHECKING:  # imported when serving: the CLI starts without them
+    from layerfs.ops import Operations
+    from layerfs.overlay import Overlay
 
 log = logging.getLogger("layerfs")
 
@@ -50,8 +55,7 @@ def serve(config: MountConfig) -> None:
     if config.foreground:
         _setup_logging(config, detached=False)
         overlay = _open(config)
-        _mount(overlay)
-        _run(overlay)
+        _run(overlay, _mount(overlay))
         return
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -80,7 +84,7 @@ def _daemon(config: MountConfig, ready_fd: int) -> None:
     os.chdir("/")
     try:
         overlay = _open(config)
-        _mount(overlay)
+        ops = _mount(overlay)
     except LayerfsError as e:
         os.write(ready_fd, b"error: " + str(e).encode())
         os._exit(1)
@@ -91,11 +95,11 @@ def _daemon(config: MountConfig, ready_fd: int) -> None:
     _setup_logging(config, detached=True)
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
-    code = _run(overlay)
+    code = _run(overlay, ops)
     os._exit(code)
 
 
-def _open(config: MountConfig):  # type: ignore[no-untyped-def]
+def _open(config: MountConfig) -> Overlay:
     from layerfs.overlay import Overlay
 
     try:
@@ -104,7 +108,7 @@ def _open(config: MountConfig):  # type: ignore[no-untyped-def]
         raise LayerfsError(f"cannot open layers: {e.strerror}: {e.filename or ''}") from None
 
 
-def _mount(overlay) -> None:  # type: ignore[no-untyped-def]
+def _mount(overlay: Overlay) -> Operations:
     import pyfuse3
 
     from layerfs.ops import Operations, fuse_options
@@ -116,9 +120,10 @@ def _mount(overlay) -> None:  # type: ignore[no-untyped-def]
         raise LayerfsError(f"cannot mount {overlay.config.mountpoint}: {e}") from None
     if os.environ.get("LAYERFS_OPEN_REQUESTS") != "1":  # kept for measuring the difference
         ops.skip_open_requests()
+    return ops
 
 
-def _run(overlay) -> int:  # type: ignore[no-untyped-def]
+def _run(overlay: Overlay, ops: Operations) -> int:
     import pyfuse3
     import trio
 
@@ -138,6 +143,7 @@ def _run(overlay) -> int:  # type: ignore[no-untyped-def]
                         return
 
             nursery.start_soon(watch_signals)
+            ops.answer_init()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 

@@ -212,6 +212,13 @@ class Operations(pyfuse3.Operations):
         if self.hooks is not None:
             self.fs.files.no_open = True
 
+    def answer_init(self) -> None:
+        """Answer INIT before pyfuse3's loop starts, with the flags libfuse cannot ask for
+        (layerfs.fusehooks.answer_init); where the hooks are not in, pyfuse3 answers it."""
+        if self.hooks is not None:
+            added = fusehooks.answer_init(self.hooks)
+            log.debug("INIT answered with extra flags %#x", added)
+
     @_errors
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext

@@ -365,6 +365,29 @@ def test_sequential_reads_come_a_window_at_a_time(tmp_path: Path) -> None:
         assert reads() - before <= 2 * 16 + 2
 
 
+def test_writes_skip_the_capability_check(tmp_path: Path) -> None:
+    """INIT is answered with FUSE_HANDLE_KILLPRIV_V2 (layerfs.fusehooks.answer_init), so the
+    kernel marks a written file S_NOSEC: only its first write asks for security.capability
+    (GETXATTR), not every write, as it did with the flags libfuse 3.14 asks for."""
+    layout = _layout(tmp_path, LayerSpec([d({b"f": f(b"lower")})]))
+    with layout.mount(subject_named("layerfs")) as m:
+
+        def getxattrs() -> int:
+            stats = json.loads(os.getxattr(m.mnt, "trusted.layerfs.statistics"))
+            return int(stats.get("req_getxattr", 0))
+
+        before = getxattrs()
+        fd = os.open(m.mnt / "f", os.O_WRONLY | os.O_APPEND)
+        try:
+            for _ in range(50):
+                os.write(fd, b"x" * 100)
+        finally:
+            os.close(fd)
+        # the statistics read itself is one GETXATTR; the first write checks once
+        assert getxattrs() - before <= 3
+        assert (m.mnt / "f").read_bytes() == b"lower" + b"x" * 5000
+
+
 @pytest.mark.parametrize("where", ["layerfs", "kernel"])
 def test_listing_right_after_a_link_breaking_copy_up(tmp_path: Path, where: str) -> None:
     """A copy-up that breaks a lower hard link changes the file's st_ino (index=off), so the

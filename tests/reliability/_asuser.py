@@ -50,6 +50,14 @@ def _chdir_list(p: str) -> list[str]:
     return sorted(os.listdir("."))
 
 
+# struct vfs_cap_data, revision 2, effective, cap_net_raw permitted
+CAP = bytes.fromhex("01000002" + "00200000" + "00" * 12)
+
+
+def _has_cap(p: str) -> bool:
+    return os.getxattr(p, "security.capability") == CAP
+
+
 def _create(p: str) -> object:
     _open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, b"new")
     return _stat(p)
@@ -84,6 +92,8 @@ OPS: dict[str, Callable[..., object]] = {
     "lutime": lambda p: os.utime(p, (1_000_000, 2_000_000), follow_symlinks=False),
     "lsetxattr": lambda p, n, v: os.setxattr(p, n, v.encode(), follow_symlinks=False),
     "chdir_list": _chdir_list,
+    "setcap": lambda p: os.setxattr(p, "security.capability", CAP),
+    "hascap": _has_cap,
 }
 
 

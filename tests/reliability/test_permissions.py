@@ -24,6 +24,7 @@ import pytest
 from support.mounts import mount_kernel
 from support.snapshot import compare, snapshot
 
+from ._asuser import CAP
 from ._helpers import layerfs_daemon, needs_root
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, needs_root]
@@ -66,8 +67,11 @@ def _make_lower(lower: Path) -> None:
         ("suid3", 0o6755),
         ("suid4", 0o6755),
         ("suid5", 0o4777),
+        ("later", 0o666),
     ]:
         _mk(lower / "home" / name, mode, OWNER, G, b"owned")
+    _mk(lower / "pub" / "capf", 0o755, data=SCRIPT)
+    os.setxattr(lower / "pub" / "capf", "security.capability", CAP)
     _mk(lower / "home" / "sub", 0o700, OWNER, G)
     _mk(lower / "home" / "sub" / "f", 0o644, OWNER, G, b"private")
     _mk(lower / "ro", 0o555)
@@ -172,6 +176,22 @@ SCRIPT_OPS: list[list[object]] = [
     op(ROOT, "stat", "home/suid5"),
     op(OWN, "chmod", "home/suid5", 0o6777),
     op(ROOT, "stat", "home/suid5"),
+    # the same once the file was written (the kernel may then mark it S_NOSEC and skip the
+    # checks: a chmod +s or a new capability must undo that)
+    op(OTH, "write", "home/later"),
+    op(OTH, "write", "home/later"),
+    op(OWN, "chmod", "home/later", 0o6777),
+    op(OTH, "write", "home/later"),
+    op(ROOT, "stat", "home/later"),
+    # a write drops the file capability, whoever writes
+    op(ROOT, "hascap", "pub/capf"),
+    op(ROOT, "write", "pub/capf"),
+    op(ROOT, "hascap", "pub/capf"),
+    op(ROOT, "write", "pub/capf"),
+    op(ROOT, "setcap", "pub/capf"),
+    op(ROOT, "hascap", "pub/capf"),
+    op(ROOT, "write", "pub/capf"),
+    op(ROOT, "hascap", "pub/capf"),
     # truncate and utime
     op(OTH, "truncate", "pub/w666", 2),
     op(OTH, "truncate", "pub/r644", 2),
