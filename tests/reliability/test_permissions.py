@@ -68,6 +68,7 @@ def _make_lower(lower: Path) -> None:
         ("suid4", 0o6755),
         ("suid5", 0o4777),
         ("later", 0o666),
+        ("suid6", 0o6777),
     ]:
         _mk(lower / "home" / name, mode, OWNER, G, b"owned")
     _mk(lower / "pub" / "capf", 0o755, data=SCRIPT)
@@ -183,6 +184,8 @@ SCRIPT_OPS: list[list[object]] = [
     op(OWN, "chmod", "home/later", 0o6777),
     op(OTH, "write", "home/later"),
     op(ROOT, "stat", "home/later"),
+    op(OTH, "open_trunc", "home/suid6"),
+    op(ROOT, "stat", "home/suid6"),
     # a write drops the file capability, whoever writes
     op(ROOT, "hascap", "pub/capf"),
     op(ROOT, "write", "pub/capf"),
