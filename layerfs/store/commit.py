@@ -29,14 +29,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, BinaryIO, cast
 
+from layerfs._sys import proc_path
 from layerfs.errors import LayerfsError
 from layerfs.store import oci
 from layerfs.store.diff import LowerStack, redirect_target
 from layerfs.store.digest import HashingWriter, parse_digest, sha256_bytes
-from layerfs.store.extract import PRIVATE_XATTR_PREFIXES, WH_OPAQUE, WH_PREFIX
+from layerfs.store.extract import PRIVATE_XATTR_PREFIXES
 from layerfs.store.pgzip import ParallelGzipWriter
 from layerfs.store.progress import Progress
 from layerfs.store.store import ImageRecord, StagedLayer, Store
+from layerfs.whiteout import OPQ_MARKER, WH_PREFIX
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
@@ -158,10 +160,10 @@ class _UpperWalker:
                 raise CommitError(
                     f"{os.fsdecode(path)}: has {bad[0]} (metacopy uppers are not supported)"
                 )
-            if name == WH_OPAQUE or name.startswith(WH_PREFIX):
+            if name == OPQ_MARKER or name.startswith(WH_PREFIX):
                 # Already OCI form (fuse-overlayfs' fallback); below an opaque materialised
                 # directory a whiteout has nothing left to hide.
-                covered.add(name[len(WH_PREFIX) :] if name != WH_OPAQUE else name)
+                covered.add(name[len(WH_PREFIX) :] if name != OPQ_MARKER else name)
                 if not materialize:
                     self._upper_entry(dfd, name, path, st, {})
                 continue
@@ -191,9 +193,9 @@ class _UpperWalker:
                 if (
                     (opaque or redirect is not None)
                     and not materialize
-                    and not _exists(cfd, WH_OPAQUE)
+                    and not _exists(cfd, OPQ_MARKER)
                 ):
-                    op = self._info(path + b"/" + WH_OPAQUE, st, {})
+                    op = self._info(path + b"/" + OPQ_MARKER, st, {})
                     op.type, op.size, op.mode = tarfile.REGTYPE, 0, 0o644
                     self._add(op)
                 self._dir(
@@ -283,7 +285,7 @@ class _UpperWalker:
 
 
 def _xattrs(dfd: int, name: bytes) -> dict[str, bytes]:
-    path = b"/proc/self/fd/%d/%s" % (dfd, name)
+    path = proc_path(dfd, name)
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from layerfs import xattrs
-from layerfs.store.extract import WH_OPAQUE, WH_PREFIX
+from layerfs._sys import proc_path
+from layerfs.whiteout import OPQ_MARKER, WH_PREFIX
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
@@ -71,7 +72,7 @@ def _walk(
     something that never existed at this path (no change)."""
     names = sorted(os.fsencode(n) for n in os.listdir(dfd))
     for name in names:
-        if name == WH_OPAQUE:
+        if name == OPQ_MARKER:
             continue
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         xattrs = _xattr_names(dfd, name)
@@ -121,7 +122,7 @@ def redirect_target(dfd: int, name: bytes, lower_parts: list[bytes] | None) -> l
     """Where the lower part of upper directory ``name`` lives, if it carries an overlay
     redirect (a renamed directory): absolute from the root, or a name in the parent's lower
     directory ``lower_parts``. None when it has no redirect."""
-    path = b"/proc/self/fd/%d/%s" % (dfd, name)
+    path = proc_path(dfd, name)
     for x in xattrs.REDIRECT:
         try:
             value = os.getxattr(path, x, follow_symlinks=False)
@@ -163,7 +164,7 @@ def _abs(parts: list[bytes]) -> bytes:
 
 def _xattr_names(dfd: int, name: bytes) -> list[str]:
     try:
-        return os.listxattr(b"/proc/self/fd/%d/%s" % (dfd, name), follow_symlinks=False)
+        return os.listxattr(proc_path(dfd, name), follow_symlinks=False)
     except OSError:
         return []
 
@@ -174,7 +175,7 @@ def _is_opaque(fd: int) -> bool:
             if os.getxattr(fd, x) == b"y":
                 return True
     try:
-        os.stat(WH_OPAQUE, dir_fd=fd, follow_symlinks=False)
+        os.stat(OPQ_MARKER, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return True
@@ -268,7 +269,7 @@ class LowerStack:
         for _index, dfd in self._dirs(parts):
             for n in os.listdir(dfd):
                 b = os.fsencode(n)
-                if b == WH_OPAQUE:
+                if b == OPQ_MARKER:
                     continue
                 if b.startswith(WH_PREFIX):
                     hidden.add(b[len(WH_PREFIX) :])

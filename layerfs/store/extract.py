@@ -29,11 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, BinaryIO, cast
 
+from layerfs._sys import proc_path
 from layerfs.errors import LayerfsError
 from layerfs.store.digest import DigestError, HashingReader
+from layerfs.whiteout import OPQ_MARKER, WH_PREFIX
 
-WH_PREFIX = b".wh."
-WH_OPAQUE = b".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 CHUNK = 1 << 20
@@ -245,9 +245,9 @@ class _Extractor:
                 self._dir_times.append(([], *_times(m)))
             return
         base = parts[-1]
-        if base == WH_OPAQUE:
+        if base == OPQ_MARKER:
             pfd = self._parent(parts, create=True)
-            os.setxattr(_proc(pfd), OPAQUE_XATTR, b"y")
+            os.setxattr(proc_path(pfd), OPAQUE_XATTR, b"y")
             self.opaques += 1
             return
         if base.startswith(WH_PREFIX + WH_PREFIX):
@@ -351,15 +351,8 @@ class _Extractor:
         if chmod:  # never on a symlink: Linux has no lchmod
             os.chmod(base, m.mode & 0o7777, dir_fd=pfd)
         for name, value in _xattrs(m):
-            os.setxattr(_proc(pfd, base), name, value, follow_symlinks=False)
+            os.setxattr(proc_path(pfd, base), name, value, follow_symlinks=False)
         os.utime(base, ns=_times(m), dir_fd=pfd, follow_symlinks=False)
-
-
-def _proc(fd: int, name: bytes | None = None) -> bytes:
-    """A path naming ``name`` inside the directory open at ``fd``, for *xattr calls that have
-    no dirfd form: the /proc magic link pins the directory, only ``name`` is resolved."""
-    p = b"/proc/self/fd/%d" % fd
-    return p + b"/" + name if name is not None else p
 
 
 def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from layerfs._sys import proc_path
+
 CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MANIFEST_VERSION = 1
@@ -151,7 +153,7 @@ def _hash_file(
 def _xattr_digest(fd: int, name: bytes | None) -> str:
     # listxattr/getxattr have no dirfd form: name the entry through the /proc magic link.
     # An fd (directories) takes no follow_symlinks argument; the path form must not follow.
-    target: int | bytes = fd if name is None else b"/proc/self/fd/%d/%s" % (fd, name)
+    target: int | bytes = fd if name is None else proc_path(fd, name)
     follow = isinstance(target, int)
     try:
         names = sorted(os.listxattr(target, follow_symlinks=follow))
