@@ -242,7 +242,9 @@ def answer_init(hooks: Hooks) -> int:
     libc = ctypes.CDLL(None)
     se = _vp(hooks.session)
     fd = libfuse.fuse_session_fd(se)
-    if fd < 0 or not select.select([fd], [], [], 10)[0]:
+    poll = select.poll()  # not select(): with many layers open the fd can be above 1023
+    poll.register(fd, select.POLLIN)
+    if not poll.poll(10_000):
         return 0  # nothing read: pyfuse3's loop answers INIT as usual
     buf = _Buf()
     n = libfuse.fuse_session_receive_buf(se, ctypes.byref(buf))

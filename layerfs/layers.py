@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -216,6 +217,16 @@ class LowerIndexes:
         self._held = 0
 
 
+def fd_cache_size(n_layers: int) -> int:
+    """Directory fds each of N_LAYERS layers may keep open: 512, or less where the soft limit
+    on open files would not hold them all beside a reserve for everything else (node
+    descriptors, copy-ups, /dev/fuse); never below 128, so that two paths' fds held at once
+    are not evicted by each other (a cached fd lives until the next miss evicts it)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    reserve = min(256, soft // 4)
+    return max(128, min(512, (soft - reserve) // max(1, n_layers) - 1))
+
+
 class LayerStack:
     """The upper (optional) and the lowers, topmost first; the workdir fd for atomic builds."""
 
@@ -224,12 +235,13 @@ class LayerStack:
         self.lowers: list[Layer] = []
         self.work_fd = -1
         self.indexes = LowerIndexes()
+        cache = fd_cache_size(len(lowers) + (upper is not None))
         try:
             if upper is not None:
-                self.upper = Layer(upper, 0, writable=True)
+                self.upper = Layer(upper, 0, writable=True, fd_cache=cache)
             base = 1 if upper is not None else 0
             for i, path in enumerate(lowers):
-                self.lowers.append(Layer(path, base + i, writable=False))
+                self.lowers.append(Layer(path, base + i, writable=False, fd_cache=cache))
             if upper is not None and workdir is not None:
                 self.work_fd = _prepare_workdir(workdir)
         except BaseException:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -102,10 +103,21 @@ def _daemon(config: MountConfig, ready_fd: int) -> None:
 def _open(config: MountConfig) -> Overlay:
     from layerfs.overlay import Overlay
 
+    _raise_fd_limit()
     try:
         return Overlay(config)
     except OSError as e:
         raise LayerfsError(f"cannot open layers: {e.strerror}: {e.filename or ''}") from None
+
+
+def _raise_fd_limit() -> None:
+    """Lift the soft limit on open files to the hard one, as a daemon that keeps many fds
+    should: the layers cache directory fds (layers.fd_cache_size), and container engines and
+    systemd start programs with a soft limit of 1024 (where a tree walk over three layers
+    used to fail with EMFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _mount(overlay: Overlay) -> Operations:

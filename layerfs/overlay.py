@@ -53,6 +53,10 @@ def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> None:
         os.utime(fd, ns=(atime, mtime))
 
 
+# errors of the daemon, not of an entry: a listing stops at them rather than skip the entry
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
 class Overlay:
     """A mounted layer stack, served by the methods below."""
 
@@ -319,26 +323,30 @@ class Overlay:
                 name, ino, mode = dh.plain[i]
                 yield name, None, Attr(0, ino, mode, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0), i + 1
             return
+        sent_any = False
         for i in range(start, len(dh.names)):
             name = dh.names[i]
             if name == b".":
                 child = node
+                attr = self.attr(child)
             elif name == b"..":
                 child = node.parent or node
+                attr = self.attr(child)
             else:
                 try:
                     res = resolve(self.stack, node, name)
-                except OSError:
-                    continue
+                except OSError as e:
+                    if e.errno not in _OUT_OF_RESOURCES:
+                        continue  # unreadable or gone since the snapshot: skipped
+                    if sent_any:
+                        return  # end this reply here: the next one starts at NAME again
+                    raise  # never a listing that silently lacks an entry
                 if res is None:
                     continue  # removed since the snapshot
                 child = node_for(self.table, node, name, res)
                 attr = self.attr(child, res.st)
-                dh.sent[i] = (name, attr.ino, attr.mode)
-                yield name, child, attr, i + 1
-                continue
-            attr = self.attr(child)
             dh.sent[i] = (name, attr.ino, attr.mode)
+            sent_any = True
             yield name, child, attr, i + 1
         if len(dh.sent) == len(dh.names) and dh.version == node.version:
             self.dircache.put(node, [dh.sent[i] for i in range(len(dh.names))])

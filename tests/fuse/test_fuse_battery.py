@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -363,6 +364,40 @@ def test_sequential_reads_come_a_window_at_a_time(tmp_path: Path) -> None:
                 pass
         # 16 windows; at the default 128 KiB it would be 16 * READAHEAD_KB / 128
         assert reads() - before <= 2 * 16 + 2
+
+
+def test_walk_under_a_low_open_files_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon started with soft and hard limits of 1024 open files (systemd's and many
+    container engines' soft default; here both, so it cannot lift it) walks 400 directories
+    merged from three layers as kernel overlayfs does: the layers' caches of directory fds
+    are sized to the limit (each held up to 512 before, and listings came back without the
+    entries whose lookup failed with EMFILE)."""
+    names = [b"d%03d" % i for i in range(400)]
+    spec = LayerSpec([d({n: d({b"f%d" % k: f(n)}) for n in names}) for k in range(3)])
+
+    def walk(
+        where: str, subject: Subject
+    ) -> tuple[set[tuple[str, tuple[str, ...]]], list[OSError]]:
+        errors: list[OSError] = []
+        with _layout(tmp_path / where, spec).mount(subject) as m:
+            seen = {
+                (os.path.relpath(top, m.mnt), tuple(sorted(files)))
+                for top, _, files in os.walk(m.mnt, onerror=errors.append)
+            }
+        return seen, errors
+
+    want, _ = walk("kernel", KERNEL)
+    assert len(want) == len(names) + 1
+    command = layerfs_command()
+    for limit, must_complete in ((1024, True), (80, False)):
+        limited = ["prlimit", f"--nofile={limit}:{limit}", *command]
+        monkeypatch.setenv("LAYERFS_COMMAND", shlex.join(limited))
+        got, errors = walk(f"layerfs-{limit}", subject_named("layerfs"))
+        if must_complete:
+            assert not errors, errors[:3]
+        # Far below what the caches need, the daemon runs out of fds: the walk may then fail,
+        # but a listing must never come back silently short of entries.
+        assert got == want or errors, f"limit {limit}: {len(got)} of {len(want)} directories"
 
 
 def test_writes_skip_the_capability_check(tmp_path: Path) -> None:
