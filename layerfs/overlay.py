@@ -326,11 +326,8 @@ class Overlay:
         sent_any = False
         for i in range(start, len(dh.names)):
             name = dh.names[i]
-            if name == b".":
-                child = node
-                attr = self.attr(child)
-            elif name == b"..":
-                child = node.parent or node
+            if name in (b".", b".."):
+                child = node if name == b"." else node.parent or node
                 attr = self.attr(child)
             else:
                 try:

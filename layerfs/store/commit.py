@@ -32,18 +32,17 @@ from typing import IO, BinaryIO, cast
 from layerfs._sys import proc_path
 from layerfs.errors import LayerfsError
 from layerfs.store import oci
-from layerfs.store.diff import LowerStack, redirect_target
+from layerfs.store.diff import OPAQUE_XATTRS, WHITEOUT_XATTRS, LowerStack, redirect_target
 from layerfs.store.digest import HashingWriter, parse_digest, sha256_bytes
 from layerfs.store.extract import PRIVATE_XATTR_PREFIXES
 from layerfs.store.pgzip import ParallelGzipWriter
 from layerfs.store.progress import Progress
 from layerfs.store.store import ImageRecord, StagedLayer, Store
 from layerfs.whiteout import OPQ_MARKER, WH_PREFIX
+from layerfs.xattrs import METACOPY
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
-WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
-UNSUPPORTED_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
+UNSUPPORTED_XATTRS = tuple(x.decode() for x in METACOPY)
 
 
 class CommitError(LayerfsError):

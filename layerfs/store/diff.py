@@ -29,8 +29,8 @@ from layerfs._sys import proc_path
 from layerfs.whiteout import OPQ_MARKER, WH_PREFIX
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
-WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+OPAQUE_XATTRS = tuple(x.decode() for x in xattrs.OPAQUE)  # as os.listxattr names them
+WHITEOUT_XATTRS = tuple(x.decode() for x in xattrs.WHITEOUT)
 
 
 @dataclass(frozen=True, slots=True, order=True)

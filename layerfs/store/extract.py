@@ -33,9 +33,9 @@ from layerfs._sys import proc_path
 from layerfs.errors import LayerfsError
 from layerfs.store.digest import DigestError, HashingReader
 from layerfs.whiteout import OPQ_MARKER, WH_PREFIX
+from layerfs.xattrs import OPAQUE_W, PRIVATE_PREFIXES
 
-OPAQUE_XATTR = "trusted.overlay.opaque"
-PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+PRIVATE_XATTR_PREFIXES = tuple(x.decode() for x in PRIVATE_PREFIXES)  # os.listxattr's str
 CHUNK = 1 << 20
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -247,7 +247,7 @@ class _Extractor:
         base = parts[-1]
         if base == OPQ_MARKER:
             pfd = self._parent(parts, create=True)
-            os.setxattr(proc_path(pfd), OPAQUE_XATTR, b"y")
+            os.setxattr(proc_path(pfd), OPAQUE_W, b"y")
             self.opaques += 1
             return
         if base.startswith(WH_PREFIX + WH_PREFIX):

@@ -415,8 +415,6 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"copyup-holes"},
     ),
-    # Metadata changes of lower files, then their data (metacopy=on: copy-up without data,
-    # found again through a redirect after a rename, filled in on the first write).
     # An empty lower file given only new metadata: with metacopy=on, an empty upper file with
     # the metacopy mark; the first write must fill it (nothing) and drop the mark, also once
     # the node was looked up again (a listing) in between.
@@ -431,6 +429,8 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         set(),
     ),
+    # Metadata changes of lower files, then their data (metacopy=on: copy-up without data,
+    # found again through a redirect after a rename, filled in on the first write).
     "metacopy-paths": (
         BASE,
         [

@@ -31,6 +31,13 @@ from support.mounts import (
 pytestmark = pytest.mark.fuse
 
 
+def _requests(mnt: Path, op: str) -> int:
+    """How many OP requests the layerfs daemon at MNT has served (its statistics xattr;
+    reading it is a GETXATTR itself)."""
+    stats = json.loads(os.getxattr(mnt, "trusted.layerfs.statistics"))
+    return int(stats.get(f"req_{op}", 0))
+
+
 def _layout(tmp_path: Path, spec: LayerSpec, *, upper: bool = True) -> Layout:
     layout = Layout.create(tmp_path / "fs", len(spec.layers), upper=upper)
     spec.materialize(layout.lowers)
@@ -354,16 +361,12 @@ def test_sequential_reads_come_a_window_at_a_time(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert int(sysfs.read_text()) == READAHEAD_KB
 
-        def reads() -> int:
-            stats = json.loads(os.getxattr(m.mnt, "trusted.layerfs.statistics"))
-            return int(stats.get("req_read", 0))
-
-        before = reads()
+        before = _requests(m.mnt, "read")
         with open(m.mnt / "big", "rb") as fh:
             while fh.read(1 << 20):
                 pass
         # 16 windows; at the default 128 KiB it would be 16 * READAHEAD_KB / 128
-        assert reads() - before <= 2 * 16 + 2
+        assert _requests(m.mnt, "read") - before <= 2 * 16 + 2
 
 
 def test_walk_under_a_low_open_files_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -406,12 +409,7 @@ def test_writes_skip_the_capability_check(tmp_path: Path) -> None:
     (GETXATTR), not every write, as it did with the flags libfuse 3.14 asks for."""
     layout = _layout(tmp_path, LayerSpec([d({b"f": f(b"lower")})]))
     with layout.mount(subject_named("layerfs")) as m:
-
-        def getxattrs() -> int:
-            stats = json.loads(os.getxattr(m.mnt, "trusted.layerfs.statistics"))
-            return int(stats.get("req_getxattr", 0))
-
-        before = getxattrs()
+        before = _requests(m.mnt, "getxattr")
         fd = os.open(m.mnt / "f", os.O_WRONLY | os.O_APPEND)
         try:
             for _ in range(50):
@@ -419,7 +417,7 @@ def test_writes_skip_the_capability_check(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         # the statistics read itself is one GETXATTR; the first write checks once
-        assert getxattrs() - before <= 3
+        assert _requests(m.mnt, "getxattr") - before <= 3
         assert (m.mnt / "f").read_bytes() == b"lower" + b"x" * 5000
 
 
