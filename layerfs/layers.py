@@ -37,6 +37,8 @@ class Listing:
     # that deleted and re-added NAME) is an entry first: entries win over whiteouts.
     whiteouts: frozenset[bytes]
     opaque: bool
+    # the directory's own overlay.redirect (a renamed directory of a former upper), as stored
+    redirect: bytes | None = None
 
 
 class Layer:
@@ -150,7 +152,9 @@ def read_listing(fd: int) -> Listing:
             elif e.is_file(follow_symlinks=False):
                 maybe_x.append(name)
             entries[name] = False
-    opq = [_fgetxattr(fd, a) for a in xattrs.OPAQUE]
+    # one listxattr: most directories carry no overlay xattr at all
+    present = set(_flistxattr(fd))
+    opq = [_fgetxattr(fd, a) for a in xattrs.OPAQUE if a in present]
     if any(v is not None and v.startswith(b"y") for v in opq):
         opaque = True
     if any(v is not None and v.startswith(b"x") for v in opq):
@@ -159,7 +163,17 @@ def read_listing(fd: int) -> Listing:
             if whiteout.is_whiteout_at(fd, name, st.st_mode, st.st_rdev, st.st_size):
                 del entries[name]
                 wh.add(name)
-    return Listing(entries, frozenset(wh), opaque)
+    redirect = next((_fgetxattr(fd, a) for a in xattrs.REDIRECT if a in present), None)
+    return Listing(entries, frozenset(wh), opaque, redirect or None)
+
+
+def _flistxattr(fd: int) -> list[bytes]:
+    try:
+        return [os.fsencode(n) for n in os.listxattr(fd)]
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return []
+        raise
 
 
 def _fgetxattr(fd: int, attr: bytes) -> bytes | None:
@@ -235,6 +249,7 @@ class LayerStack:
         self.lowers: list[Layer] = []
         self.work_fd = -1
         self.indexes = LowerIndexes()
+        self.root_lowers: list[tuple[Layer, Path]] | None = None  # see lookup._root_lowers
         cache = fd_cache_size(len(lowers) + (upper is not None))
         try:
             if upper is not None:

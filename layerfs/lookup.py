@@ -2,8 +2,9 @@
 
 A name resolves to the topmost layer that has it; a whiteout hides it and everything below; a
 directory merges with same-named directories below it until one is opaque; a non-directory
-hides everything below it (and a directory hides a non-directory below). An upper directory
-renamed by us carries a redirect to where its lower part lives (kernel ``redirect_dir``). An
+hides everything below it (and a directory hides a non-directory below). A renamed directory
+carries a redirect to where its lower part lives (kernel ``redirect_dir``), followed in the
+upper and in lowers that were uppers once, and stopped where the merge would stop. An
 upper file marked metacopy holds metadata only: its data is the lower file at the same name or
 at its redirect (kernel ``metacopy``).
 
@@ -91,15 +92,79 @@ def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
     return opaque, redirect
 
 
+class _Lookup:
+    """The name being looked up through the lowers and whether to go on (ovl_lookup_data).
+
+    NAME is one name in the parent's lower directories, or (ABSOLUTE) a path from each lower
+    layer's root: a redirect found on the way rewrites it for the layers below.
+    """
+
+    __slots__ = ("absolute", "name", "stop")
+
+    def __init__(self, name: bytes, stop: bool) -> None:
+        self.name: tuple[bytes, ...] = (name,)
+        self.absolute = False
+        self.stop = stop
+
+    def redirect(self, value: bytes, pos: int) -> None:
+        """Apply a redirect found on component POS of the name (ovl_check_redirect)."""
+        if value.startswith(b"/"):
+            parts = tuple(p for p in value.split(b"/") if p)
+            if not parts:
+                raise OSError(errno.EACCES, "invalid overlay.redirect")
+            for part in parts:
+                _valid_redirect_part(part)
+            self.name = parts + self.name[pos + 1 :]
+            self.absolute = True
+            # an absolute redirect below an opaque ancestor of the walk goes on below it
+            self.stop = False
+        else:
+            _valid_redirect_part(value)
+            self.name = (*self.name[:pos], value, *self.name[pos + 1 :])
+
+
+def _lookup_layer(layer: Layer, base: Path, d: _Lookup, bottom: bool) -> tuple[Path, bool] | None:
+    """Look D's name up in LAYER from BASE, one component at a time (ovl_lookup_layer).
+
+    Returns (path, is_dir) of what the last component names, or None. On the way: a whiteout
+    or a non-directory stops the lookup in the layers below; an opaque directory stops it too
+    (once this layer's walk is done); a directory's redirect rewrites the name for the layers
+    below. The bottom layer's directories are not asked (nothing lies below them).
+    """
+    path = base
+    rem = len(d.name) - 1  # components after the current one: counted from the end, since a
+    while True:  # redirect may rewrite the components before them
+        pos = len(d.name) - 1 - rem
+        comp = d.name[pos]
+        listing = layer.listing(path)
+        is_dir = listing.entries.get(comp)
+        if is_dir is None:
+            if comp in listing.whiteouts:
+                d.stop = True
+            return None
+        path = (*path, comp)
+        if not is_dir:
+            d.stop = True  # layerfs reads no metacopy chain in the lowers
+            return (path, False) if rem == 0 else None
+        if not bottom:
+            child = layer.listing(path)
+            if child.opaque:
+                d.stop = True
+            elif child.redirect is not None:
+                d.redirect(child.redirect, pos)
+        if rem == 0:
+            return path, True
+        rem -= 1
+
+
 def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     """Resolve NAME in the merged directory PARENT; None when the name does not exist."""
     if name.startswith(whiteout.WH_PREFIX):
         return None  # format markers are never entries of the merged view
     ppath = parent.path()
     upper_st: os.stat_result | None = None
-    search: list[tuple[Layer, Path]] = parent.lowers
-    lname = name
-    stop_lowers = redirected = metacopy = False
+    d = _Lookup(name, False)
+    redirected = metacopy = False
     if parent.upper and stack.upper is not None:
         ufd = stack.upper.dirfd(ppath)
         st = _sys.lstat_at_or_none(ufd, name)
@@ -110,14 +175,14 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
             if stat.S_ISDIR(st.st_mode):
                 opaque, redirect = upper_dir_flags(ufd, name)
                 if opaque:
-                    stop_lowers = True
+                    d.stop = True
                 elif redirect:
-                    search, lname = _redirected(stack, parent, redirect)
+                    d.redirect(redirect, 0)
                     redirected = True
             elif stat.S_ISREG(st.st_mode):  # an empty file may be a metacopy too
                 metacopy, redirect = upper_file_flags(ufd, name)
                 if metacopy and redirect:
-                    search, lname = _redirected(stack, parent, redirect)
+                    d.redirect(redirect, 0)
                     redirected = True
         elif whiteout.has_oci_whiteout(ufd, name):
             return None  # .wh.NAME whiteout, as fuse-overlayfs writes where mknod is refused
@@ -127,40 +192,45 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     origin: os.stat_result | None = None
     in_layer: Layer | None = None
     top_st = upper_st
-    if not stop_lowers:
-        if len(search) >= INDEX_MIN_LAYERS:
-            start = stack.indexes.first(search).get(lname, -1)
-            search = search[start:] if start >= 0 else []  # before it: no entry, no whiteout
-        for layer, dpath in search:
-            listing = layer.listing(dpath)
-            is_dir = listing.entries.get(lname)
-            if is_dir is None:
-                if lname in listing.whiteouts:
-                    break
-                continue
-            positive = True
-            if upper_st is not None and not stat.S_ISDIR(upper_st.st_mode) and not metacopy:
-                break  # an upper non-dir: the lowers only tell whether a whiteout is needed
-            child = (*dpath, lname)
-            if not is_dir:
-                if top_st is None or metacopy:
-                    lst = _sys.lstat_at(layer.dirfd(dpath), lname)
-                    top_st = top_st or lst
-                    origin = lst
-                    lowers.append((layer, child))
-                    in_layer = None if redirected else layer
-                break  # a non-directory ends the merge (and hides nothing above it)
-            if metacopy:
-                break  # a directory cannot hold a file's data: read the upper as it is
-            if origin is None:
-                origin = _sys.lstat_at(layer.dirfd(dpath), lname)
-                top_st = top_st or origin
-            lowers.append((layer, child))
-            if layer.listing(child).opaque:
-                break
+    search: list[tuple[Layer, Path]] = _root_lowers(stack) if d.absolute else parent.lowers
+    i = 0
+    if not d.stop and not d.absolute and len(search) >= INDEX_MIN_LAYERS:
+        i = stack.indexes.first(search).get(d.name[0], -1)  # before it: no entry, no whiteout
+        if i < 0:
+            i = len(search)
+    bottom = stack.lowers[-1] if stack.lowers else None
+    while not d.stop and i < len(search):
+        layer, dpath = search[i]
+        i += 1
+        renamed = redirected or d.name != (name,)
+        found = _lookup_layer(layer, () if d.absolute else dpath, d, layer is bottom)
+        if found is None:
+            continue
+        child, is_dir = found
+        positive = True
+        if upper_st is not None and not stat.S_ISDIR(upper_st.st_mode) and not metacopy:
+            break  # an upper non-dir: the lowers only tell whether a whiteout is needed
+        if not is_dir:
+            if top_st is None or metacopy:
+                lst = _sys.lstat_at(*layer.locate(child))
+                top_st = top_st or lst
+                origin = lst
+                lowers.append((layer, child))
+                in_layer = None if renamed else layer
+            break  # a non-directory ends the merge (and hides nothing above it)
+        if metacopy:
+            break  # a directory cannot hold a file's data: read the upper as it is
+        if origin is None:
+            origin = _sys.lstat_at(*layer.locate(child))
+            top_st = top_st or origin
+        lowers.append((layer, child))
+        if d.absolute and search is not _root_lowers(stack):
+            # the rest of the merge is found from the root, below this layer
+            search = _root_lowers(stack)
+            i = stack.lowers.index(layer) + 1
     if top_st is None:
         return None
-    if upper_st is not None and (redirected or stop_lowers):
+    if upper_st is not None and (redirected or d.stop):
         # whether removing NAME needs a whiteout depends on NAME in the parent's lowers, not
         # on where (or whether) the directory's own merge continues
         positive = lower_positive(stack, parent, name)
@@ -175,6 +245,14 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         metacopy and bool(lowers),
         in_layer,
     )
+
+
+def _root_lowers(stack: LayerStack) -> list[tuple[Layer, Path]]:
+    """Every lower layer's root, topmost first: where an absolute redirect is looked up."""
+    roots = stack.root_lowers
+    if roots is None:
+        roots = stack.root_lowers = [(layer, ()) for layer in stack.lowers]
+    return roots
 
 
 def upper_file_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
@@ -194,32 +272,6 @@ def _listed_redirect(fd: int, name: bytes, names: set[bytes]) -> bytes | None:
         if attr in names:
             return _sys.getxattr_at(fd, name, attr)
     return None
-
-
-def _redirected(
-    stack: LayerStack, parent: Node, redirect: bytes
-) -> tuple[list[tuple[Layer, Path]], bytes]:
-    """Where the lower part of a renamed directory lives: (search dirs, name to look up).
-
-    A redirect is data from the upper, never a path to walk as such: each component must be a
-    plain name (no ``..``), or the lookup is refused (EACCES), as the kernel refuses it.
-    """
-    if redirect.startswith(b"/"):
-        parts = tuple(p for p in redirect.split(b"/") if p)
-        if not parts:
-            return [], b""
-        for part in parts:
-            _valid_redirect_part(part)
-        dirs: list[tuple[Layer, Path]] = []
-        for layer in stack.lowers:
-            try:
-                layer.dirfd(parts[:-1])
-            except OSError:
-                continue
-            dirs.append((layer, parts[:-1]))
-        return dirs, parts[-1]
-    _valid_redirect_part(redirect)
-    return parent.lowers, redirect
 
 
 def _valid_redirect_part(part: bytes) -> None:

@@ -148,6 +148,37 @@ PERM = LayerSpec(
     ]
 )
 
+REDIRECT = b"trusted.overlay.redirect"
+# What kernel overlayfs left in an upper after `mv a/x moved; mv a/y a/renamed; mv b/c/d deep;
+# mv o/x cut` over REDIRECTED_LOWERS (o is opaque in the first of them).
+REDIRECTED_UPPER = d(
+    {
+        b"a": d({b"x": wh(), b"y": wh(), b"renamed": d(xattrs={REDIRECT: b"y"})}),
+        b"b": d({b"c": d({b"d": wh()})}),
+        b"o": d({b"x": wh()}),
+        b"moved": d({b"up": f(b"u")}, xattrs={REDIRECT: b"/a/x"}),
+        b"deep": d(xattrs={REDIRECT: b"/b/c/d"}),
+        b"cut": d(xattrs={REDIRECT: b"/o/x"}),
+    }
+)
+REDIRECTED_LOWERS = [
+    d(
+        {
+            b"a": d({b"x": d({b"f": f(b"f1")}), b"y": d({b"g": f(b"g1")})}),
+            b"o": d({b"x": d({b"seen": f(b"s")})}, opaque="trusted"),
+            b"b": d({b"c": d({b"d": d({b"g": f(b"g")})})}),
+        }
+    ),
+    d(
+        {
+            b"a": d({b"x": d({b"f2": f(b"f2")}), b"y": d({b"g2": f(b"g2")})}),
+            b"o": d({b"x": d({b"hidden": f(b"h")})}),
+            b"b": d({b"c": wh()}),
+        }
+    ),
+    d({b"b": d({b"c": d({b"d": d({b"under-whiteout": f(b"w")})})})}),
+]
+
 SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
     "copy-up-write": (
         BASE,
@@ -495,6 +526,40 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("read", b"x2/y"),
             ("unlink_open", b"var/logs/a", b"through the handle"),
             ("listdir", b"var/logs"),
+        ],
+        {"rename-dir"},
+    ),
+    # A directory renamed out of an opaque lower directory: after a remount its redirect must
+    # stop where the opaque directory stops the merge, never show what it hid (ovl_lookup_single).
+    "rename-from-opaque-dir": (
+        LayerSpec(
+            [
+                d({b"a": d({b"x": d({b"f": f(b"f")})}, opaque="trusted")}),
+                d({b"a": d({b"x": d({b"mid": f(b"m")})})}),
+                d({b"a": d({b"x": d({b"hidden": f(b"h")})})}),
+            ]
+        ),
+        [("rename", b"a/x", b"y"), ("listdir", b"y"), ("rename", b"y", b"a/z"), ("listdir", b"a")],
+        {"rename-dir"},
+    ),
+    # Uppers of earlier mounts stacked as lowers (a container's upper under a new one): their
+    # renamed directories carry redirects, absolute and relative, that the lookup follows
+    # through each layer below, stopped by opaque directories and whiteouts on the way.
+    "lower-redirects": (
+        LayerSpec([REDIRECTED_UPPER, *REDIRECTED_LOWERS]),
+        [
+            ("listdir", b"moved"),
+            ("listdir", b"a/renamed"),
+            ("listdir", b"deep"),
+            ("listdir", b"cut"),
+            ("read", b"moved/f"),
+            ("create", b"moved/new", b"n"),
+            ("rename", b"moved", b"a/again"),
+            ("listdir", b"a/again"),
+            ("rename", b"a/renamed", b"renamed2"),
+            ("listdir", b"renamed2"),
+            ("unlink", b"deep/g"),
+            ("rmtree", b"cut"),
         ],
         {"rename-dir"},
     ),
