@@ -114,7 +114,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if args.image:
         from layerfs.store.cli import record_upper
 
-        record_upper(args.image, upper_merged[0], args.store)
+        record_upper(args.image, upper_merged[0], args.store, upper_merged[1])
     return 0
 
 

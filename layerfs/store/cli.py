@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -45,10 +46,11 @@ def lowers_for_image(ref: str, store: str | None) -> list[str]:
     return _store(store).lowers(ref)
 
 
-def record_upper(ref: str, upper: str, store: str | None) -> None:
-    """Record that ``upper`` is mounted on image ``ref`` (call after ``mount --image``), so
-    that ``diff``/``commit`` need no ``--image`` and ``image rm`` protects the image."""
-    _store(store).record_upper(ref, upper)
+def record_upper(ref: str, upper: str, store: str | None, merged: str | None = None) -> None:
+    """Record that ``upper`` is mounted on image ``ref`` at ``merged`` (call after ``mount
+    --image``), so that ``diff``/``commit`` need no ``--image``, ``commit`` knows the upper
+    is in use while ``merged`` is mounted, and ``image rm`` protects the image."""
+    _store(store).record_upper(ref, upper, merged)
 
 
 def _store_opt(p: argparse.ArgumentParser) -> None:
@@ -58,6 +60,25 @@ def _store_opt(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"layer store directory (default $LAYERFS_STORE or {default_store()})",
     )
+
+
+def _max_size_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-size",
+        type=_parse_size,
+        metavar="SIZE",
+        help="refuse a layer whose files add up to more than SIZE (apparent; K, M, G, T suffixes)",
+    )
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--tag", action="append", dest="tags", metavar="NAME", help="tag in the store (repeatable)"
     )
+    _max_size_opt(p)
     p.set_defaults(func=_guard(_cmd_import))
 
     p = isub.add_parser("ls", help="list images with sizes and shared layers")
@@ -112,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("upper", metavar="UPPER")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--image", metavar="REF", help="the image the upper sits on (tells A from C)")
-    g.add_argument("--lowers", metavar="L1:L2", help="lower directories, topmost first")
+    g.add_argument("--lowers", metavar="L1:L2", help="lowers, topmost first ('' for none)")
     p.set_defaults(func=_guard(_cmd_diff))
 
     p = subparsers.add_parser("commit", help="write an upper as a new image layer")
@@ -128,6 +150,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip")
     p.add_argument("--message", "-m", help="history comment")
     p.add_argument("--author", help="config author")
+    p.add_argument("--force", action="store_true", help="commit even if the upper is mounted")
     p.set_defaults(func=_guard(_cmd_commit))
 
 
@@ -139,6 +162,8 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
+        except BrokenPipeError:
+            raise  # the reader went away (``| head``): run() ends quietly
         except OSError as e:
             raise LayerfsError(str(e)) from None
 
@@ -151,14 +176,22 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     platform = Platform.parse(args.platform) if args.platform else None
     tags = tuple(args.tags) if args.tags else None
-    rec = store.import_layout(args.layout, platform=platform, tags=tags, progress=_progress())
+    rec = store.import_layout(
+        args.layout, platform=platform, tags=tags, progress=_progress(), max_size=args.max_size
+    )
     names = store.tags_of(rec.manifest_digest)
+    _say_moved(store)
     print(f"{rec.manifest_digest} {' '.join(names)}".rstrip())
     return 0
 
 
+def _say_moved(store: Store) -> None:
+    for tag, old in store.moved_tags:
+        print(f"layerfs: tag {tag} moved from {old[:19]} to this image", file=sys.stderr)
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
-    store = _store(args.store)
+    store = _store(args.store).require()
     users = store.layer_users()
     sizes: dict[str, int] = {}
     for d in users:
@@ -202,7 +235,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    store = _store(args.store)
+    store = _store(args.store).require()
     for ref in args.refs:
         freed = store.remove(ref, force=args.force)
         print(f"removed {ref}" + (f" (freed {len(freed)} layers)" if freed else ""))
@@ -210,7 +243,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    store = _store(args.store)
+    store = _store(args.store).require()
     rec = store.resolve(args.ref)
     users = store.layer_users()
     layers = []
@@ -239,7 +272,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    store = _store(args.store)
+    store = _store(args.store).require()
     status = 0
     for ref in args.refs:
         result = store.verify(ref, progress=_progress())
@@ -255,14 +288,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
-    _store(args.store).tag(args.ref, args.tag)
+    _store(args.store).require().tag(args.ref, args.tag)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from layerfs.store.commit import export_layout
 
-    store = _store(args.store)
+    store = _store(args.store).require()
     rec = store.resolve(args.ref)
     path, _, tag = args.layout.partition(":")
     names = store.tags_of(rec.manifest_digest)
@@ -274,13 +307,18 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from layerfs.store.diff import changes
 
     lowers: list[str] | None = None
-    if args.lowers:
-        lowers = args.lowers.split(":")
+    if args.lowers is not None:
+        lowers = [p for p in args.lowers.split(":") if p]  # '': an upper on nothing
     else:
         store = _store(args.store)
         ref = args.image or store.image_for_upper(args.upper)
-        if ref is not None:
-            lowers = store.lowers(ref)
+        if ref is None:
+            # Without lowers, A and C cannot be told apart: say so rather than print all A.
+            raise LayerfsError(
+                f"no image recorded for {args.upper} in store {store.root}: "
+                "name it with --image REF (and --store DIR) or --lowers L1:L2"
+            )
+        lowers = store.require().lowers(ref)
     for change in changes(args.upper, lowers):
         _print_name(str(change))
     return 0
@@ -293,6 +331,15 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     base = args.image or store.image_for_upper(args.upper)
     if base is None:
         raise LayerfsError(f"no image recorded for {args.upper}: name it with --image REF")
+    from layerfs.store.mounts import mounts_using
+
+    live = mounts_using(args.upper, store.merged_for_upper(args.upper))
+    if live and not args.force:
+        raise LayerfsError(
+            f"{args.upper} is still mounted on {live[0]}: files changing while it is read "
+            "give a layer of no single moment; unmount (or stop the container) first, or "
+            "use --force"
+        )
     rec = commit(
         store,
         args.upper,
@@ -304,6 +351,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
         author=args.author,
         progress=_progress(),
     )
+    _say_moved(store)
     print(f"{rec.manifest_digest} {' '.join(store.tags_of(rec.manifest_digest))}".rstrip())
     return 0
 
@@ -317,18 +365,23 @@ def _print_name(line: str) -> None:
 
 
 def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    from layerfs.store.progress import human_size
+
+    return human_size(n)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed store subcommand, turning store errors into one-line messages."""
     try:
         rc: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # ``layerfs image inspect REF | head``: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's own final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     except LayerfsError as e:
         print(f"layerfs: {e}", file=sys.stderr)
         return 1

@@ -17,23 +17,23 @@ Must not import: pyfuse3, trio.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import io
 import json
 import os
-import shutil
 import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, BinaryIO, cast
 
-from layerfs._sys import proc_path
+from layerfs._sys import copy_data, proc_path
 from layerfs.errors import LayerfsError
 from layerfs.store import oci
 from layerfs.store.diff import OPAQUE_XATTRS, WHITEOUT_XATTRS, LowerStack, redirect_target
-from layerfs.store.digest import HashingWriter, parse_digest, sha256_bytes
+from layerfs.store.digest import HashingWriter, parse_digest, sha256_bytes, sha256_file
 from layerfs.store.extract import PRIVATE_XATTR_PREFIXES
 from layerfs.store.pgzip import ParallelGzipWriter
 from layerfs.store.progress import Progress
@@ -419,8 +419,10 @@ def _opener(path: str) -> Callable[[], BinaryIO]:
 def export_layout(store: Store, record: ImageRecord, layout_dir: str, tag: str | None) -> None:
     """Write an image from the store into an OCI image layout (created if missing).
 
-    Blobs are hard-linked when the layout is on the store's filesystem, else copied; the
-    index entry for ``tag`` is replaced. index.json is replaced atomically, last.
+    Blobs are copied (reflinked where the filesystem can), never hard-linked: an edit of the
+    layout must not reach the store. Each blob is verified against its digest as it is
+    shipped, a blob already in the layout too (a damaged one is replaced). The index entry for
+    ``tag`` is replaced; index.json is replaced atomically, last.
     """
     blobs = os.path.join(layout_dir, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
@@ -430,13 +432,24 @@ def export_layout(store: Store, record: ImageRecord, layout_dir: str, tag: str |
     digests = [record.manifest_digest, record.config_digest, *(x.digest for x in record.layers)]
     for digest in digests:
         dst = os.path.join(blobs, parse_digest(digest))
-        if os.path.exists(dst):
+        if os.path.exists(dst) and sha256_file(dst)[0] == digest:
             continue
         tmp = dst + ".tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        src_fd = os.open(store.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.link(store.blob_path(digest), tmp)
-        except OSError:
-            shutil.copyfile(store.blob_path(digest), tmp)
+            dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                copy_data(src_fd, dst_fd, os.fstat(src_fd).st_size)
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+        got = sha256_file(tmp)[0]
+        if got != digest:
+            os.unlink(tmp)
+            raise CommitError(f"store blob {digest} is damaged (its sha256 is {got})")
         os.replace(tmp, dst)
     index_path = os.path.join(layout_dir, "index.json")
     try:

@@ -9,9 +9,9 @@ a test checks both on the same upper:
   holds now is A, or C where the name existed below;
 - a directory present below with the same mode, size and mtime is not a change by itself,
   but every ancestor of an A or D is C;
-- a renamed (redirected) directory is A under its new name, and so is every upper entry
-  below it; a whiteout below it hides nothing that existed at its path, so it is no change
-  (containers/storage mounts without redirects and never sees one).
+- a renamed (redirected) directory is A under its new name, and so is everything below it,
+  from the upper or from its lower part (as ``podman diff`` lists it); a whiteout below it
+  hides nothing that existed at its path, so it is no change.
 
 Must not import: pyfuse3, trio.
 """
@@ -112,10 +112,34 @@ def _walk(
                 if redirect is not None:
                     child_lower = redirect
                 inside = renamed or redirect is not None
+                if inside and _is_opaque(cfd):
+                    child_lower = None  # nothing below shows through
                 _walk(cfd, path, child_lower, low, out, changed_dirs, inside)
         finally:
             if cfd >= 0:
                 os.close(cfd)
+    if renamed and lower_parts is not None:
+        # In a renamed directory every name is new, also those only its lower part holds
+        # (podman diff and a tree comparison list them all): each is A, whole subtrees too.
+        shown = {n[len(WH_PREFIX) :] if n.startswith(WH_PREFIX) else n for n in names}
+        for name in low.children(lower_parts):
+            if name not in shown:
+                _lower_added(low, [*lower_parts, name], [*parts, name], out, changed_dirs)
+
+
+def _lower_added(
+    low: LowerStack,
+    lower_parts: list[bytes],
+    parts: list[bytes],
+    out: list[Change],
+    changed_dirs: set[bytes],
+) -> None:
+    """Report the lower object at ``lower_parts`` (and all below it) as added at ``parts``."""
+    _record(out, changed_dirs, parts, "A")
+    st = low.lookup(lower_parts)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        for name in low.children(lower_parts):
+            _lower_added(low, [*lower_parts, name], [*parts, name], out, changed_dirs)
 
 
 def redirect_target(dfd: int, name: bytes, lower_parts: list[bytes] | None) -> list[bytes] | None:

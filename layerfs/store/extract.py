@@ -18,6 +18,7 @@ Must not import: pyfuse3, trio.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import os
@@ -31,6 +32,7 @@ from typing import IO, BinaryIO, cast
 
 from layerfs._sys import proc_path
 from layerfs.errors import LayerfsError
+from layerfs.store.diff import LowerStack
 from layerfs.store.digest import DigestError, HashingReader
 from layerfs.whiteout import OPQ_MARKER, WH_PREFIX
 from layerfs.xattrs import OPAQUE_W, PRIVATE_PREFIXES
@@ -98,13 +100,17 @@ def extract_blob(
     diff_id: str,
     dest: str | None,
     progress: Callable[[int], None] | None = None,
+    lowers: list[str] | None = None,
+    max_size: int | None = None,
 ) -> ExtractStats:
     """Stream one layer blob: verify its digest and diffID, extract it into ``dest``.
 
     With ``dest`` None the tar is only hashed (the layer is already in the store, but this
     blob has not been seen: its diffID must still be proved). Both digests are checked here
     again even when the caller verified the blob first. Raises DigestError or ExtractError;
-    the caller owns ``dest`` and removes it on failure.
+    the caller owns ``dest`` and removes it on failure. ``lowers`` (topmost first) are the
+    extracted layers below this one; ``max_size`` refuses a layer whose files add up to more
+    bytes (apparent sizes).
     """
     outer = HashingReader(blob, limit=size)
     try:
@@ -113,7 +119,9 @@ def extract_blob(
             inner.read_all()
             stats = ExtractStats(0, 0, 0, 0, 0, 0)
         else:
-            stats = _extract_tar(inner, dest, lambda: progress(outer.count) if progress else None)
+            tick = lambda: progress(outer.count) if progress else None  # noqa: E731
+            with LowerStack(lowers or []) as low:
+                stats = _extract_tar(inner, dest, tick, low if lowers else None, max_size)
             inner.read_all()  # the zero blocks and padding after the tar end marker
         outer.read_all()  # anything after the compressed stream's end
     except tarfile.TarError as e:
@@ -137,14 +145,24 @@ def extract_blob(
     )
 
 
-def _extract_tar(stream: HashingReader, dest: str, tick: Callable[[], None]) -> ExtractStats:
+def _extract_tar(
+    stream: HashingReader,
+    dest: str,
+    tick: Callable[[], None],
+    lowers: LowerStack | None,
+    max_size: int | None,
+) -> ExtractStats:
     root_fd = os.open(dest, _DIR_FLAGS)
     try:
-        ex = _Extractor(root_fd)
+        ex = _Extractor(root_fd, lowers, max_size)
         src = cast(IO[bytes], stream)
         with tarfile.open(fileobj=src, mode="r|", errors="surrogateescape") as tf:
             for member in tf:
-                ex.member(tf, member)
+                try:
+                    ex.member(tf, member)
+                except OSError as e:
+                    # A full disk (or any refusal) names the entry, as umoci does.
+                    raise ExtractError(f"tar entry {member.name!r}: {e.strerror or e}") from None
                 tick()
         ex.finish()
         return ExtractStats(ex.entries, ex.whiteouts, ex.opaques, ex.file_bytes, 0, 0)
@@ -155,10 +173,16 @@ def _extract_tar(stream: HashingReader, dest: str, tick: Callable[[], None]) -> 
 class _Extractor:
     """Applies tar members below ``root_fd``; see the module docstring for the rules."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(
+        self, root_fd: int, lowers: LowerStack | None = None, max_size: int | None = None
+    ) -> None:
         self.root_fd = root_fd
+        self.lowers = lowers  # the layers below this one, for directories a tar only implies
+        self.max_size = max_size
+        self.apparent = 0  # sum of regular files' sizes, holes included
         self.entries = self.whiteouts = self.opaques = self.file_bytes = 0
-        self._dir_times: list[tuple[list[bytes], int, int]] = []
+        # directory -> (atime, mtime), set last; an entry of the tar replaces an implied one.
+        self._dir_times: dict[tuple[bytes, ...], tuple[int, int]] = {}
         self._cached: tuple[tuple[bytes, ...], int] | None = None
 
     # -- walking ---------------------------------------------------------------------------
@@ -170,8 +194,8 @@ class _Extractor:
             return self._cached[1]
         fd = os.dup(self.root_fd)
         try:
-            for comp in key:
-                fd = self._step(fd, comp, parts, create=create)
+            for depth, comp in enumerate(key):
+                fd = self._step(fd, comp, parts, create=create, depth=depth)
         except BaseException:
             os.close(fd)
             raise
@@ -179,15 +203,19 @@ class _Extractor:
         self._cached = (key, fd)
         return fd
 
-    def _step(self, fd: int, comp: bytes, parts: list[bytes], *, create: bool) -> int:
+    def _step(
+        self, fd: int, comp: bytes, parts: list[bytes], *, create: bool, depth: int = -1
+    ) -> int:
         try:
             nfd = os.open(comp, _PATH_FLAGS, dir_fd=fd)
         except FileNotFoundError:
             if not create:
                 raise ExtractError(f"hard link target {_show(parts)} does not exist") from None
-            # Tars may omit parent directories; create them as umoci and containerd do.
+            # Tars may omit parent directories (umoci repack, many builders): the directory
+            # is only implied, so it keeps what the layers below say about it.
             os.mkdir(comp, 0o755, dir_fd=fd)
             nfd = os.open(comp, _PATH_FLAGS, dir_fd=fd)
+            self._implied(nfd, parts[: depth + 1])
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -199,6 +227,28 @@ class _Extractor:
         os.close(fd)
         return nfd
 
+    def _implied(self, fd: int, parts: list[bytes]) -> None:
+        """Give directory ``parts``, just created because an entry needs it, the metadata
+        of the same directory in the layers below (as ``umoci unpack``, which extracts onto
+        the tree below, keeps it); with none below it stays 0755 root:root, stamped now."""
+        if self.lowers is None:
+            return
+        found = self.lowers.locate(parts)
+        if found is None or not stat.S_ISDIR(found[1].st_mode):
+            return
+        index, st = found
+        path = proc_path(fd)
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+        pfd = self.lowers.open_dir(index, parts[:-1])
+        try:
+            for name, value in _lower_xattrs(pfd, parts[-1]):
+                os.setxattr(path, name, value)
+        finally:
+            os.close(pfd)
+        # Set last, in finish(), unless the tar names the directory itself later.
+        self._dir_times.setdefault(tuple(parts), (st.st_atime_ns, st.st_mtime_ns))
+
     def _drop_cache(self) -> None:
         if self._cached is not None:
             os.close(self._cached[1])
@@ -207,7 +257,8 @@ class _Extractor:
     def finish(self) -> None:
         """Set directory times last: creating their entries changed them."""
         self._drop_cache()
-        for parts, atime, mtime in reversed(self._dir_times):
+        for key, (atime, mtime) in reversed(self._dir_times.items()):
+            parts = list(key)
             if not parts:
                 os.utime(self.root_fd, ns=(atime, mtime))
                 continue
@@ -242,7 +293,7 @@ class _Extractor:
         if not parts:
             if m.isdir():
                 self._meta_fd(self.root_fd, m, is_dir=True)
-                self._dir_times.append(([], *_times(m)))
+                self._dir_times[()] = _times(m)
             return
         base = parts[-1]
         if base == OPQ_MARKER:
@@ -273,7 +324,7 @@ class _Extractor:
                 self._meta_fd(fd, m, is_dir=True)
             finally:
                 os.close(fd)
-            self._dir_times.append((parts, *_times(m)))
+            self._dir_times[tuple(parts)] = _times(m)
         elif m.isreg():
             self._file(tf, m, pfd, base)
         elif m.issym():
@@ -300,16 +351,44 @@ class _Extractor:
             self._clear(pfd, base, keep_dir=False)
             fd = os.open(base, flags, 0o600, dir_fd=pfd)
         try:
-            src = tf.extractfile(m)
-            if src is not None:
-                while data := src.read(CHUNK):
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    self.file_bytes += len(data)
+            self.apparent += m.size
+            if self.max_size is not None and self.apparent > self.max_size:
+                raise ExtractError(
+                    f"tar entry {m.name!r}: the layer unpacks to more than the limit of "
+                    f"{self.max_size} bytes"
+                )
+            sparse = cast("list[tuple[int, int]] | None", getattr(m, "sparse", None))
+            if sparse is not None:
+                # A GNU or PAX sparse member: its data regions are stored one after the
+                # other; write each at its offset, so the holes stay holes (a 100 GiB-apparent
+                # file in a 20 KiB tar takes 20 KiB here too). The stream only moves forward.
+                raw = cast(IO[bytes], tf.fileobj)
+                raw.seek(m.offset_data)
+                for offset, length in sparse:
+                    self._copy(raw, fd, length, offset)
+                os.ftruncate(fd, m.size)
+            elif (src := tf.extractfile(m)) is not None:
+                self._copy(src, fd, None, None)
             self._meta_fd(fd, m)
         finally:
             os.close(fd)
+
+    def _copy(self, src: IO[bytes], fd: int, length: int | None, offset: int | None) -> None:
+        """Copy ``length`` bytes (all, if None) of ``src`` to ``fd`` at ``offset`` (or on)."""
+        left = length
+        while left is None or left > 0:
+            data = src.read(CHUNK if left is None else min(CHUNK, left))
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+                view = view[n:]
+                if offset is not None:
+                    offset += n
+            self.file_bytes += len(data)
+            if left is not None:
+                left -= len(data)
 
     def _link(self, m: tarfile.TarInfo, pfd: int, base: bytes, parts: list[bytes]) -> None:
         target = split_path(m.linkname)
@@ -364,6 +443,22 @@ def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
         if name.startswith(PRIVATE_XATTR_PREFIXES):
             continue
         out.append((name, value.encode("utf-8", "surrogateescape")))
+    return out
+
+
+def _lower_xattrs(pfd: int, name: bytes) -> list[tuple[str, bytes]]:
+    """The public xattrs of ``name`` in directory ``pfd`` (overlay-private ones stay below)."""
+    path = proc_path(pfd, name)
+    out = []
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+    for x in names:
+        if x.startswith(PRIVATE_XATTR_PREFIXES):
+            continue
+        with contextlib.suppress(OSError):
+            out.append((x, os.getxattr(path, x, follow_symlinks=False)))
     return out
 
 

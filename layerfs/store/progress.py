@@ -31,12 +31,14 @@ class Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last < 0.2:
+        # Throttled, but the end of a phase is always shown (else a fast phase's line could
+        # stop at whatever fraction the last tick happened to show).
+        if now - self._last < 0.2 and not (self._total and done >= self._total):
             return
         self._last = now
-        text = f"{self._label}: {_mib(done)}"
+        text = f"{self._label}: {human_size(done)}"
         if self._total:
-            text += f" / {_mib(self._total)} ({100 * done // max(self._total, 1)}%)"
+            text += f" / {human_size(self._total)} ({min(100, 100 * done // self._total)}%)"
         self._stream.write("\r\x1b[K" + text)
         self._stream.flush()
         self._shown = True
@@ -52,5 +54,11 @@ class Progress:
         self._shown = False
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+def human_size(n: int) -> str:
+    """``512 B``, ``12.0 KiB``, ``3.4 MiB``: small layers do not show as 0.0 MiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

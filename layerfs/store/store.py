@@ -137,6 +137,8 @@ class Store:
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.tags_path = os.path.join(self.root, "tags.json")
         self.uppers_dir = os.path.join(self.root, "uppers")
+        # (tag, digest it named before) for each tag the last import or commit moved.
+        self.moved_tags: list[tuple[str, str]] = []
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -197,6 +199,7 @@ class Store:
         platform: oci.Platform | None = None,
         tags: tuple[str, ...] | None = None,
         progress: Progress | None = None,
+        max_size: int | None = None,
     ) -> ImageRecord:
         """Import one image from an OCI layout (``DIR[:TAG]``), verifying every digest.
 
@@ -208,7 +211,7 @@ class Store:
             if not os.path.isdir(path):
                 layout_dir = os.path.join(scratch, "archive")
                 _unpack_archive(path, layout_dir)
-            layout = oci.Layout(layout_dir)
+            layout = oci.Layout(layout_dir, None if layout_dir == path else path)
             img = layout.resolve(tag, platform or oci.Platform.host())
             if tags is None:
                 tags = (tag,) if tag else _ref_names(layout, img.manifest_desc.digest)
@@ -235,6 +238,7 @@ class Store:
                 source=os.path.abspath(path) + (f":{tag}" if tag else ""),
                 tags=tags,
                 progress=progress,
+                max_size=max_size,
             )
 
     def ingest(
@@ -246,6 +250,7 @@ class Store:
         source: str,
         tags: tuple[str, ...],
         progress: Progress | None = None,
+        max_size: int | None = None,
     ) -> ImageRecord:
         """Verify and extract ``layers``, then publish blobs, layers, record and tags.
 
@@ -258,7 +263,17 @@ class Store:
         with self.staging() as st:
             staged_layers: set[str] = set()
             for i, layer in enumerate(layers):
-                self._stage_layer(st, layer, known, staged_layers, i, len(layers), progress)
+                # The layers below, topmost first: a directory this layer's tar only implies
+                # takes their metadata. Each is in the store or staged by now.
+                below = [
+                    self.layer_root(x.diff_id)
+                    if self.has_layer(x.diff_id)
+                    else os.path.join(st, "layers", parse_digest(x.diff_id), "diff")
+                    for x in reversed(layers[:i])
+                ]
+                self._stage_layer(
+                    st, layer, known, staged_layers, i, len(layers), progress, below, max_size
+                )
             for digest, data in (
                 (manifest_desc.digest, manifest_bytes),
                 (config_digest, config_bytes),
@@ -295,6 +310,11 @@ class Store:
             else:
                 _write_json(rec_path, record.to_json())
             current = self.tags()
+            self.moved_tags = [
+                (t, current[t])
+                for t in tags
+                if current.get(t, record.manifest_digest) != record.manifest_digest
+            ]
             current.update(dict.fromkeys(tags, record.manifest_digest))
             _write_json(self.tags_path, current)
         return record
@@ -308,6 +328,8 @@ class Store:
         index: int,
         count: int,
         progress: Progress | None,
+        below: list[str],
+        max_size: int | None,
     ) -> None:
         desc, diff_id = layer.desc, layer.diff_id
         compression = oci.LAYER_TYPES.get(desc.media_type)
@@ -334,7 +356,10 @@ class Store:
             if progress is not None:
                 progress.start(f"layer {index + 1}/{count} {desc.digest[7:19]} copy", desc.size)
             with layer.open_blob() as src:
-                copy_verified(src, staged_blob, desc.digest, desc.size, tick)
+                try:
+                    copy_verified(src, staged_blob, desc.digest, desc.size, tick)
+                except OSError as e:
+                    raise StoreError(f"layer {desc.digest}: copying the blob: {e}") from None
             source = staged_blob
         layer_dir = os.path.join(st, "layers", parse_digest(diff_id))
         dest = None if have_layer else os.path.join(layer_dir, "diff")
@@ -351,6 +376,8 @@ class Store:
                 diff_id=diff_id,
                 dest=dest,
                 progress=tick,
+                lowers=below,
+                max_size=max_size,
             )
         known[desc.digest] = diff_id
         if dest is None:
@@ -487,24 +514,42 @@ class Store:
         key = hashlib.sha256(os.fsencode(os.path.realpath(upper))).hexdigest()
         return os.path.join(self.uppers_dir, key + ".json")
 
-    def record_upper(self, ref: str, upper: str) -> None:
-        """Note that ``upper`` sits on image ``ref`` (``layerfs mount --image`` calls this):
-        ``diff`` and ``commit`` then find the image alone, and ``image rm`` refuses to remove an
+    def record_upper(self, ref: str, upper: str, merged: str | None = None) -> None:
+        """Note that ``upper`` sits on image ``ref`` (``layerfs mount --image`` calls this,
+        with the mount point ``merged``): ``diff`` and ``commit`` then find the image alone,
+        ``commit`` knows whether it is still mounted, and ``image rm`` refuses to remove an
         image an existing upper still sits on."""
         rec = self.resolve(ref)
         os.makedirs(self.uppers_dir, exist_ok=True)
-        _write_json(
-            self._upper_record(upper),
-            {"upper": os.path.realpath(upper), "image": rec.manifest_digest, "created": _now()},
-        )
+        info = {"upper": os.path.realpath(upper), "image": rec.manifest_digest, "created": _now()}
+        if merged is not None:
+            info["merged"] = os.path.realpath(merged)
+        _write_json(self._upper_record(upper), info)
+
+    def _upper_info(self, upper: str) -> dict[str, object] | None:
+        try:
+            with open(self._upper_record(upper), encoding="utf-8") as f:
+                info: dict[str, object] = json.load(f)
+        except FileNotFoundError:
+            return None
+        return info
 
     def image_for_upper(self, upper: str) -> str | None:
         """The manifest digest of the image ``upper`` was recorded on, if any."""
-        try:
-            with open(self._upper_record(upper), encoding="utf-8") as f:
-                return str(json.load(f)["image"])
-        except FileNotFoundError:
-            return None
+        info = self._upper_info(upper)
+        return None if info is None else str(info["image"])
+
+    def merged_for_upper(self, upper: str) -> str | None:
+        """The mount point recorded for ``upper`` by ``layerfs mount --image``, if any."""
+        info = self._upper_info(upper)
+        merged = None if info is None else info.get("merged")
+        return str(merged) if merged else None
+
+    def require(self) -> Store:
+        """This store, for commands that only read it: refuse a directory that is not one."""
+        if not os.path.isdir(self.root):
+            raise StoreError(f"no layer store at {self.root}")
+        return self
 
     def uppers_on(self, digest: str) -> list[str]:
         """Existing upper directories recorded on image ``digest``; stale records are dropped."""

@@ -137,9 +137,12 @@ def _entry(
 def _hash_file(
     dfd: int, name: bytes, done: list[int], progress: Callable[[int], None] | None
 ) -> str:
-    h = _xxh3_128()
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     try:
+        st = os.fstat(fd)
+        if st.st_blocks * 512 < st.st_size:
+            return _hash_sparse(fd, st.st_size)
+        h = _xxh3_128()
         while data := os.read(fd, CHUNK):
             h.update(data)
             done[0] += len(data)
@@ -148,6 +151,32 @@ def _hash_file(
     finally:
         os.close(fd)
     return str(h.hexdigest())
+
+
+def _hash_sparse(fd: int, size: int) -> str:
+    """The digest of a file with holes, read without its holes (a 100 GiB-apparent file of a
+    few data blocks hashes in microseconds): each non-zero CHUNK-aligned block of the data
+    regions, with its offset, and the size. Zero blocks count as holes, so the digest is the
+    same whatever the hole layout; it differs from a dense file's (prefix ``s:``)."""
+    h = _xxh3_128()
+    h.update(size.to_bytes(8, "little"))
+    pos = 0
+    zero = bytes(CHUNK)
+    while pos < size:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break  # ENXIO: only a hole is left
+        end = os.lseek(fd, pos, os.SEEK_HOLE)
+        block = pos - pos % CHUNK
+        while block < end:
+            data = os.pread(fd, CHUNK, block)
+            if data and data != zero[: len(data)]:
+                h.update(block.to_bytes(8, "little"))
+                h.update(data)
+            block += CHUNK
+        pos = block
+    return "s:" + str(h.hexdigest())
 
 
 def _xattr_digest(fd: int, name: bytes | None) -> str:

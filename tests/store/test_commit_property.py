@@ -169,6 +169,9 @@ def test_commit_reproduces_container_tree(mounter: str, ops: list[tuple[str, str
                 assert path in before and path in after, change
         # Everything that differs is reported (A/C/D, or below an added/removed directory).
         reported = {os.fsdecode(c.path)[1:] for c in changes(str(upper), store.lowers("base"))}
+        # A name that is new (below a renamed directory too) is reported itself.
+        for path in set(after) - set(before):
+            assert path in reported, path
         for path in set(before) ^ set(after) | {
             p for p in before if p in after and before[p] != after[p]
         }:

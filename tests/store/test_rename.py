@@ -71,6 +71,12 @@ def test_commit_renamed_directories(store: Store, tmp_path: Path, mounter: str) 
 
     lines = {str(c) for c in changes(str(upper), store.lowers("base"))}
     assert {"A /usr/tools", "D /var/cache", "A /moved", "A /usr/tools/sub/new"} <= lines
+    # Every name below a renamed directory is new, from the upper or from the lower part:
+    # all are A, as podman diff and a tree comparison have them.
+    for top in ("usr/tools", "moved"):
+        below = {f"A /{p}" for p in expected if p.startswith(top + "/")}
+        assert below <= lines, below - lines
+        assert {x for x in lines if x[2:].startswith(f"/{top}/")} == below
 
     commit(store, str(upper), "base", ("renamed",))
     ro = tmp_path / "ro"
