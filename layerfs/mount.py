@@ -13,6 +13,7 @@ Must not import: mount_helper.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -103,11 +104,32 @@ def _daemon(config: MountConfig, ready_fd: int) -> None:
 def _open(config: MountConfig) -> Overlay:
     from layerfs.overlay import Overlay
 
+    _lock_workdir(config)
     _raise_fd_limit()
     try:
         return Overlay(config)
     except OSError as e:
         raise LayerfsError(f"cannot open layers: {e.strerror}: {e.filename or ''}") from None
+
+
+_workdir_lock: int | None = None  # held open, and so locked, for the daemon's life
+
+
+def _lock_workdir(config: MountConfig) -> None:
+    """Take an exclusive flock on the workdir, held until the daemon exits: a second daemon on
+    the same upper (two mounts of one container's snapshot) would corrupt it, so its mount fails
+    with EBUSY. Kernel overlayfs refuses a workdir in use only with index=on (a warning
+    otherwise); layerfs always refuses."""
+    global _workdir_lock
+    if config.workdir is None:
+        return
+    fd = os.open(config.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LayerfsError(f"workdir {config.workdir} is in use by another mount (EBUSY)") from None
+    _workdir_lock = fd
 
 
 def _raise_fd_limit() -> None:

@@ -19,6 +19,11 @@ APT_PACKAGES=(
     attr kmod fuse-overlayfs
     podman runc crun skopeo umoci uidmap slirp4netns
     fio debootstrap busybox-static
+    # layerfs-snapshotter: containerd (1.6) for the end-to-end test; Go and containerd's Go
+    # sources for its conformance suite (GOPATH mode). The two github.com/golang/protobuf
+    # packages conflict and either satisfies grpc's dependency: 1.5 is named, the one that
+    # goes with Debian's google.golang.org/protobuf.
+    containerd golang golang-github-containerd-containerd-dev golang-github-golang-protobuf-1-5-dev
 )
 
 # Minimum Python for the venv (pyproject: requires-python >= 3.11).

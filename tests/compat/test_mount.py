@@ -369,3 +369,52 @@ def test_mount8_type_and_fstab(program: Program, storage: Storage, tmp_path: Pat
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["top", "base", "top", "1", "done"], r.stdout + r.stderr
     assert wait_no_daemon(storage.merged) == []
+
+
+def test_second_mount_of_one_upper_is_busy(
+    program: Program, storage: Storage, tmp_path: Path
+) -> None:
+    """Two daemons on one upper would corrupt it (a second Mounts of one containerd snapshot,
+    a second podman mount): the second mount fails with EBUSY while the first serves on, and
+    the lock goes with the first daemon."""
+    if program.name != "layerfs":
+        pytest.skip("fuse-overlayfs does not lock its workdir")
+    top, bottom = storage.layer_links
+    h, ctr = storage.home, storage.container
+    label = f"lowerdir={h}/{top}:{h}/{bottom},upperdir={h}/{ctr}/diff,workdir={h}/{ctr}/work"
+    second = tmp_path / "second"
+    second.mkdir()
+    code, err, _ = run_like_containers_storage(program, storage, label, str(storage.merged))
+    assert code == 0, err
+    try:
+        code, err, _ = run_like_containers_storage(program, storage, label, str(second))
+        assert code != 0 and "EBUSY" in err, err
+        assert not is_mounted(second)
+        check_merged_view(storage.merged)
+        unmount_and_check_exit(storage.merged)
+        code, err, _ = run_like_containers_storage(program, storage, label, str(second))
+        assert code == 0, err
+        check_merged_view(second)
+        unmount_and_check_exit(second)
+    finally:
+        reap(second)
+
+
+@pytest.mark.kernel_overlay
+def test_kernel_overlay_refuses_a_busy_workdir_with_index_on(tmp_path: Path) -> None:
+    """The reference for the test above: kernel overlayfs's EBUSY (it only warns without
+    index=on)."""
+    for d in ("lower", "upper", "work", "m1", "m2"):
+        (tmp_path / d).mkdir()
+    opts = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work,index=on"
+    mount = ["mount", "-t", "overlay", "overlay", "-o", opts]
+    subprocess.run([*mount, str(tmp_path / "m1")], check=True)
+    try:
+        r = subprocess.run([*mount, str(tmp_path / "m2")], capture_output=True, text=True)
+        # mount(8) words EBUSY from overlay oddly ("already mounted on ..."); the kernel log
+        # says "upperdir is in-use as upperdir/workdir of another mount"
+        busy = r.returncode != 0 and not os.path.ismount(tmp_path / "m2")
+    finally:
+        for m in ("m2", "m1"):
+            subprocess.run(["umount", str(tmp_path / m)], capture_output=True)
+    assert busy, r.stderr
