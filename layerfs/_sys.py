@@ -58,7 +58,9 @@ def proc_path(dirfd: int, name: bytes = b"") -> bytes:
     """Return a path naming NAME inside the directory DIRFD, for calls that take no dir_fd.
 
     The kernel resolves ``/proc/self/fd/N`` to the directory itself, so the only component
-    walked is NAME, and callers pass ``follow_symlinks=False``.
+    walked is NAME, and callers pass ``follow_symlinks=False``; without NAME they must follow
+    (the link itself is procfs': an xattr call on it answers EOPNOTSUPP), and only reach
+    DIRFD's directory by it.
     """
     if name:
         return b"/proc/self/fd/%d/%s" % (dirfd, name)
@@ -106,7 +108,7 @@ def readlink_at(dirfd: int, name: bytes) -> bytes:
 def getxattr_at(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
     """Return the value of ATTR on NAME (not followed), or None when it is absent/unsupported."""
     try:
-        return os.getxattr(proc_path(dirfd, name), attr, follow_symlinks=False)
+        return os.getxattr(proc_path(dirfd, name), attr, follow_symlinks=not name)
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return None
@@ -115,7 +117,7 @@ def getxattr_at(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
 
 def listxattr_at(dirfd: int, name: bytes) -> list[bytes]:
     try:
-        names = os.listxattr(proc_path(dirfd, name), follow_symlinks=False)
+        names = os.listxattr(proc_path(dirfd, name), follow_symlinks=not name)
     except OSError as e:
         if e.errno == errno.ENOTSUP:
             return []
@@ -125,12 +127,12 @@ def listxattr_at(dirfd: int, name: bytes) -> list[bytes]:
 
 def setxattr_at(dirfd: int, name: bytes, attr: bytes, value: bytes, flags: int = 0) -> None:
     _trace("setxattr %s %s", name, attr)
-    os.setxattr(proc_path(dirfd, name), attr, value, flags, follow_symlinks=False)
+    os.setxattr(proc_path(dirfd, name), attr, value, flags, follow_symlinks=not name)
 
 
 def removexattr_at(dirfd: int, name: bytes, attr: bytes) -> None:
     _trace("removexattr %s %s", name, attr)
-    os.removexattr(proc_path(dirfd, name), attr, follow_symlinks=False)
+    os.removexattr(proc_path(dirfd, name), attr, follow_symlinks=not name)
 
 
 def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:

@@ -13,9 +13,10 @@ pyfuse3's handler, and the engine serves the request by inode. The write shim al
 writer's credentials (pyfuse3 passes none to write), for clearing setuid/setgid bits. At INIT
 the shim asks for FUSE_CAP_CACHE_SYMLINKS (symlink targets cached by the kernel; pyfuse3 does
 not ask) and drops FUSE_CAP_ATOMIC_O_TRUNC (O_TRUNC must reach us as a SETATTR, since no OPEN
-carries it). ``answer_init`` then lets libfuse answer INIT and adds the one flag it cannot ask
-for, FUSE_HANDLE_KILLPRIV_V2: without it every write is preceded by a GETXATTR of
-security.capability.
+carries it); it asks for FUSE_CAP_POSIX_ACL with FUSE_CAP_DONT_MASK, so the kernel enforces
+POSIX ACLs and leaves their inheritance (and the umask) to layerfs.acl. ``answer_init`` then
+lets libfuse answer INIT and adds the one flag it cannot ask for, FUSE_HANDLE_KILLPRIV_V2:
+without it every write is preceded by a GETXATTR of security.capability.
 
 Found by symbol, checked by value: the session is pyfuse3's module variable ``session`` (read
 from the ELF symbol table of its extension), and the operation table inside the session is
@@ -46,6 +47,8 @@ _FI_FH = 16  # offsetof(struct fuse_file_info, fh)
 _CONN_CAPABLE, _CONN_WANT = 20, 24  # offsetof(struct fuse_conn_info, capable / want)
 NOBODY = 0xFFFF_FFFF
 CAP_ATOMIC_O_TRUNC = 1 << 3
+CAP_DONT_MASK = 1 << 6
+CAP_POSIX_ACL = 1 << 19
 CAP_CACHE_SYMLINKS = 1 << 23
 
 _c_ino = ctypes.c_uint64
@@ -176,6 +179,10 @@ def _install(extension: str) -> Hooks | None:
         want.value &= ~CAP_ATOMIC_O_TRUNC
         if capable & CAP_CACHE_SYMLINKS:
             want.value |= CAP_CACHE_SYMLINKS
+        if capable & CAP_POSIX_ACL and capable & CAP_DONT_MASK:
+            # the kernel enforces ACLs; new objects get their modes unmasked, with the umask
+            # beside: inheriting a default ACL (or applying the umask) is ours (layerfs.acl)
+            want.value |= CAP_POSIX_ACL | CAP_DONT_MASK
 
     def write_buf(req: int, ino: int, bufv: int, off: int, fi: int | None) -> None:
         mark(ino, fi)

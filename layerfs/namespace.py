@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from layerfs import _sys, whiteout, xattrs
+from layerfs import _sys, acl, whiteout, xattrs
 from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp
 from layerfs.inodes import InodeTable, Node
@@ -173,7 +173,8 @@ class Namespace:
     ) -> tuple[Node, int]:
         """Create regular file NAME; return its node and an fd opened with FLAGS."""
         udir = await self._prepare_parent(parent, name)
-        uid, gid, mode = self._owner(os.fstat(udir), caller, False, mode & ~caller.umask)
+        acls = _inherit(udir, stat.S_IFREG | stat.S_IMODE(mode), caller)
+        uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
         fds: list[int] = []
 
         def build(dirfd: int, n: bytes) -> None:
@@ -181,6 +182,7 @@ class Namespace:
             fds.append(fd)
             os.fchown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
+            _set_acls(dirfd, n, acls)
 
         try:
             self._place(udir, name, build)
@@ -193,7 +195,8 @@ class Namespace:
 
     async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
         udir = await self._prepare_parent(parent, name)
-        uid, gid, mode = self._owner(os.fstat(udir), caller, True, mode & ~caller.umask)
+        acls = _inherit(udir, stat.S_IFDIR | stat.S_IMODE(mode), caller)
+        uid, gid, mode = self._owner(os.fstat(udir), caller, True, acls.mode)
         # Over a whiteout, what it hid must stay hidden; in a merged parent, the kernel marks
         # every new directory opaque too (ovl_create_upper: "just an optimization").
         opaque = self._whiteout_state(udir, name) != "none" or bool(parent.lowers)
@@ -204,18 +207,21 @@ class Namespace:
                 _sys.setxattr_at(dirfd, n, xattrs.OPAQUE_W, b"y")
             _sys.chown_at(dirfd, n, uid, gid)
             os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
+            _set_acls(dirfd, n, acls)
 
         self._place(udir, name, build)
         return self._finish_new(parent, name)
 
     async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
         udir = await self._prepare_parent(parent, name)
-        uid, gid, mode = self._owner(os.fstat(udir), caller, False, mode & ~caller.umask)
+        acls = _inherit(udir, mode, caller)
+        uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
 
         def build(dirfd: int, n: bytes) -> None:
             _sys.mknod_at(dirfd, n, stat.S_IFMT(mode) | 0o600, rdev)
             _sys.chown_at(dirfd, n, uid, gid)
             os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
+            _set_acls(dirfd, n, acls)
 
         self._place(udir, name, build)
         return self._finish_new(parent, name)
@@ -475,6 +481,22 @@ class Namespace:
             samedir = _sys.lstat_at(*layer.locate(lpath)).st_nlink == 1
         value = path[-1] if samedir else b"/" + b"/".join(node.lowers[0][1])
         _sys.setxattr_at(udir, path[-1], xattrs.REDIRECT_W, value)
+
+
+def _inherit(udir: int, mode: int, caller: Caller) -> acl.NewAcls:
+    """Mode and ACLs of a new object of MODE in upper directory UDIR (posix_acl_create): the
+    directory's default ACL, else the caller's umask. The kernel leaves both to us under
+    FUSE_POSIX_ACL; without it, it applied the umask already (applying it again changes
+    nothing)."""
+    return acl.inherit(_sys.getxattr_at(udir, b"", acl.DEFAULT), mode, caller.umask)
+
+
+def _set_acls(dirfd: int, name: bytes, acls: acl.NewAcls) -> None:
+    """Give NAME the ACLs it inherited (after its mode: the access ACL matches it)."""
+    if acls.access is not None:
+        _sys.setxattr_at(dirfd, name, acl.ACCESS, acls.access)
+    if acls.default is not None:
+        _sys.setxattr_at(dirfd, name, acl.DEFAULT, acls.default)
 
 
 def _is_ancestor(node: Node, other: Node) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from layerfs import fusehooks
+from layerfs import acl, fusehooks
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.files import NODE_FH
 from layerfs.overlay import Overlay
@@ -448,7 +448,8 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        await self.fs.setxattr(inode, name, value)
+        caller = _caller(ctx, groups=name == acl.ACCESS)  # groups: for setgid clearing
+        await self.fs.setxattr(inode, name, value, caller)
 
     @_errors
     async def removexattr(

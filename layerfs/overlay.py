@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import trio
 
-from layerfs import _sys, xattrs
+from layerfs import _sys, acl, xattrs
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp
@@ -380,7 +380,7 @@ class Overlay:
             if fd is None:
                 raise
             return fd, True
-        return _sys.proc_path(dirfd, real), False
+        return _sys.proc_path(dirfd, real), not real  # a layer's root: the fd's link, followed
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
@@ -398,10 +398,20 @@ class Overlay:
             names = []
         return xattrs.visible([os.fsencode(n) for n in names])
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    async def setxattr(
+        self, ino: int, name: bytes, value: bytes, caller: Caller | None = None
+    ) -> None:
         if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
             raise OSError(errno.EPERM, "overlay-private attribute")
         where, is_fd = self._xattr_path(await self._copied_up(ino))
+        groups = caller.kill_priv_groups() if caller is not None else None
+        if name == acl.ACCESS and groups is not None:
+            # As ovl_set_acl: a caller outside the file's group (without CAP_FSETID) loses
+            # setgid; the daemon's own setxattr would keep it (we are root). FUSE tells us
+            # only with FUSE_SETXATTR_EXT, which pyfuse3 does not pass on: decided here.
+            st = os.stat(where, follow_symlinks=is_fd)
+            if st.st_mode & stat.S_ISGID and st.st_gid not in groups:
+                os.chmod(where, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID, follow_symlinks=is_fd)
         os.setxattr(where, xattrs.to_real(name), value, follow_symlinks=is_fd)
 
     async def removexattr(self, ino: int, name: bytes) -> None:

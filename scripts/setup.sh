@@ -16,7 +16,7 @@ APT_PACKAGES=(
     # build and run
     fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev
     # tests and tools
-    attr kmod fuse-overlayfs
+    attr acl kmod fuse-overlayfs
     podman runc crun skopeo umoci uidmap slirp4netns
     fio debootstrap busybox-static
     # layerfs-snapshotter: containerd (1.6) for the end-to-end test; Go and containerd's Go

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -63,6 +64,14 @@ def _create(p: str) -> object:
     return _stat(p)
 
 
+def _acl_tool(*argv: str) -> object:
+    """Run setfacl/getfacl (the acl package): its output, or the errno text it printed."""
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return ["exit", r.returncode, r.stderr.strip().rsplit(": ", 1)[-1]]
+    return r.stdout
+
+
 OPS: dict[str, Callable[..., object]] = {
     "stat": _stat,
     "read": lambda p: _open(p, os.O_RDONLY),
@@ -94,6 +103,8 @@ OPS: dict[str, Callable[..., object]] = {
     "chdir_list": _chdir_list,
     "setcap": lambda p: os.setxattr(p, "security.capability", CAP),
     "hascap": _has_cap,
+    "setfacl": lambda *a: _acl_tool("setfacl", *a),
+    "getfacl": lambda p: _acl_tool("getfacl", "--omit-header", "--numeric", p),
 }
 
 

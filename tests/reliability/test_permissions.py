@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, needs_root]
 
 ASUSER = Path(__file__).with_name("_asuser.py")
 OWNER, OTHER, G = 1000, 65534, 1000
+ACLU = 2001  # a user that only ACL entries name
 SCRIPT = b"#!/bin/sh\nexit 7\n"
 
 
@@ -85,13 +86,45 @@ def _make_lower(lower: Path) -> None:
     _mk(lower / "wdir", 0o777)
     _mk(lower / "wdir" / "of", 0o644, OWNER, G, b"owner's file")
     _mk(lower / "sgdir", 0o2777, 0, G)
+    _make_acl_lower(lower / "acl")
+
+
+def _setfacl(path: Path, *args: str) -> None:
+    subprocess.run(["setfacl", *args, str(path)], check=True)
+
+
+def _make_acl_lower(acl: Path) -> None:
+    """Objects whose POSIX ACLs say more than their mode (setfacl, as root)."""
+    _mk(acl, 0o755)
+    _mk(acl / "deny", 0o644, data=b"not for 2001")
+    _setfacl(acl / "deny", "-m", f"u:{ACLU}:---")
+    _mk(acl / "ddeny", 0o755)
+    _mk(acl / "ddeny" / "f", 0o644, data=b"behind an ACL")
+    _setfacl(acl / "ddeny", "-m", f"u:{ACLU}:---")
+    _mk(acl / "grant", 0o640, data=b"for 2001")
+    _setfacl(acl / "grant", "-m", f"u:{ACLU}:r--")
+    _mk(acl / "grantw", 0o640, data=b"2001 may write")
+    _setfacl(acl / "grantw", "-m", f"u:{ACLU}:rw-")
+    _mk(acl / "gdeny", 0o644, data=b"not for group 65534")
+    _setfacl(acl / "gdeny", "-m", f"g:{OTHER}:---")
+    # a directory handing down a default ACL (group bits narrower than the mode asked)
+    _mk(acl / "dflt", 0o755)
+    _mk(acl / "dflt" / "old", 0o644, data=b"old")
+    _setfacl(acl / "dflt", "-m", f"u:{ACLU}:rwx")
+    _setfacl(acl / "dflt", "-d", "-m", f"u::rwx,g::r-x,o::---,u:{ACLU}:rwx,m::rwx")
+    _mk(acl / "open", 0o777)  # no default ACL: the umask applies
+    _mk(acl / "odir", 0o777, OWNER, G)
+    _mk(acl / "own644", 0o644, OWNER, G, b"owner's")
+    _mk(acl / "ownacl", 0o660, OWNER, G, b"owner's, shared")
+    _setfacl(acl / "ownacl", "-m", f"u:{ACLU}:rw-")
+    _mk(acl / "sgid", 0o2750, OWNER, 0, b"setgid, group 0")
 
 
 OTH, OWN, ROOT = OTHER, OWNER, 0
 
 
 def op(uid: int, name: str, *args: object) -> list[object]:
-    gid = {OTH: OTHER, OWN: G, ROOT: 0}[uid]
+    gid = {OTH: OTHER, OWN: G, ROOT: 0, ACLU: ACLU}[uid]
     return [uid, gid, name, *args]
 
 
@@ -218,6 +251,61 @@ SCRIPT_OPS: list[list[object]] = [
     op(OTH, "create", "sgdir/f"),
     op(OTH, "mkdir", "sgdir/d"),
     op(OTH, "create", "sgdir/d/f"),
+    # POSIX ACLs: enforced as the kernel does (named user and group entries, the mask)
+    op(OTH, "getfacl", ""),  # the root: its xattrs are read through its fd
+    op(ACLU, "read", "acl/deny"),
+    op(OTH, "read", "acl/deny"),
+    op(ACLU, "listdir", "acl/ddeny"),
+    op(ACLU, "stat", "acl/ddeny/f"),
+    op(ACLU, "read", "acl/grant"),
+    op(ACLU, "write", "acl/grant"),
+    op(OTH, "read", "acl/grant"),
+    op(OTH, "read", "acl/gdeny"),
+    op(ACLU, "write", "acl/grantw"),  # a copy-up keeps the ACL
+    op(ROOT, "getfacl", "acl/grantw"),
+    op(ACLU, "read", "acl/grantw"),
+    # new objects inherit the default ACL (no umask then), or get the umask
+    op(ACLU, "create", "acl/dflt/new"),
+    op(ROOT, "getfacl", "acl/dflt/new"),
+    op(ACLU, "mkdir", "acl/dflt/nd"),
+    op(ROOT, "getfacl", "acl/dflt/nd"),
+    op(ACLU, "create", "acl/dflt/nd/f"),
+    op(ROOT, "getfacl", "acl/dflt/nd/f"),
+    op(ACLU, "mknod_fifo", "acl/dflt/fifo"),
+    op(ROOT, "getfacl", "acl/dflt/fifo"),
+    op(ACLU, "symlink", "=new", "acl/dflt/sym"),
+    op(ROOT, "unlink", "acl/dflt/old"),
+    op(ACLU, "create", "acl/dflt/old"),  # over a whiteout
+    op(ROOT, "getfacl", "acl/dflt/old"),
+    op(OTH, "read", "acl/dflt/new"),
+    op(OTH, "create", "acl/open/f"),
+    op(ROOT, "getfacl", "acl/open/f"),
+    # setfacl: the mode follows the ACL; only the owner may; a default ACL set through us
+    op(OTH, "setfacl", "=-m", f"=u:{OTHER}:rw-", "acl/own644"),
+    op(OWN, "setfacl", "=-m", f"=u:{ACLU}:---,g::rw-", "acl/own644"),
+    op(ROOT, "stat", "acl/own644"),
+    op(ROOT, "getfacl", "acl/own644"),
+    op(ACLU, "read", "acl/own644"),
+    op(OTH, "read", "acl/own644"),
+    op(OWN, "setfacl", "=-d", "=-m", f"=u:{OTHER}:rwx", "acl/odir"),
+    op(OTH, "mkdir", "acl/odir/d"),
+    op(OTH, "create", "acl/odir/d/f"),
+    op(ROOT, "getfacl", "acl/odir/d/f"),
+    op(OWN, "setfacl", "=-m", "=u::rwx", "acl/odir/d/f"),  # not the owner: refused
+    # chmod narrows the mask, and widens it again
+    op(OWN, "chmod", "acl/ownacl", 0o600),
+    op(ROOT, "getfacl", "acl/ownacl"),
+    op(ACLU, "read", "acl/ownacl"),
+    op(OWN, "chmod", "acl/ownacl", 0o640),
+    op(ACLU, "read", "acl/ownacl"),
+    op(ACLU, "write", "acl/ownacl"),
+    op(OWN, "setfacl", "=-b", "acl/ownacl"),
+    op(ROOT, "stat", "acl/ownacl"),
+    op(ACLU, "read", "acl/ownacl"),
+    # setting an ACL clears setgid when the owner is not in the file's group
+    op(OWN, "setfacl", "=-m", f"=u:{ACLU}:r--", "acl/sgid"),
+    op(ROOT, "stat", "acl/sgid"),
+    op(ACLU, "read", "acl/sgid"),
 ]
 
 
