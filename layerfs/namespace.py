@@ -30,6 +30,10 @@ from layerfs.readdir import merged_names
 
 log = logging.getLogger(__name__)
 
+# The longest absolute redirect written (the kernel's overlay.redirect_max module parameter,
+# 256 by default): a rename that needs a longer one answers EXDEV, as the kernel does.
+REDIRECT_MAX = 256
+
 
 class Namespace:
     """Namespace operations of one mount."""
@@ -479,8 +483,34 @@ class Namespace:
         if samedir and not node.is_dir:
             layer, lpath = node.lowers[0]
             samedir = _sys.lstat_at(*layer.locate(lpath)).st_nlink == 1
-        value = path[-1] if samedir else b"/" + b"/".join(node.lowers[0][1])
-        _sys.setxattr_at(udir, path[-1], xattrs.REDIRECT_W, value)
+        value = path[-1] if samedir else self._absolute_redirect(node)
+        try:
+            _sys.setxattr_at(udir, path[-1], xattrs.REDIRECT_W, value)
+        except OSError as e:
+            # as ovl_set_redirect: any failure is EXDEV, so that mv copies instead
+            raise OSError(errno.EXDEV, f"cannot set redirect: {e.strerror}") from None
+
+    def _absolute_redirect(self, node: Node) -> bytes:
+        """The absolute redirect of NODE, as ovl_get_redirect builds it: its merged path, with
+        each ancestor's own redirect (read from the upper) standing for the ancestor's name, up
+        to the first absolute one. Longer than REDIRECT_MAX: EXDEV (mv copies instead)."""
+        assert self.stack.upper is not None
+        parts: list[bytes] = []
+        n: Node | None = node
+        while n is not None and n.parent is not None:
+            part = n.name
+            if n.upper:
+                part = whiteout.redirect_of(*self.stack.upper.locate(n.path())) or part
+            parts.append(part)
+            if part.startswith(b"/"):
+                break
+            n = n.parent
+        value = b"/".join(reversed(parts))
+        if not value.startswith(b"/"):
+            value = b"/" + value
+        if len(value) > REDIRECT_MAX:
+            raise OSError(errno.EXDEV, "redirect longer than redirect_max")
+        return value
 
 
 def _inherit(udir: int, mode: int, caller: Caller) -> acl.NewAcls:

@@ -148,6 +148,7 @@ PERM = LayerSpec(
     ]
 )
 
+LONG, LONG_OK, LONG_OVER = b"a" * 200, b"b" * 54, b"c" * 55  # "/" + 200 + "/" + 54 = 256
 REDIRECT = b"trusted.overlay.redirect"
 # What kernel overlayfs left in an upper after `mv a/x moved; mv a/y a/renamed; mv b/c/d deep;
 # mv o/x cut` over REDIRECTED_LOWERS (o is opaque in the first of them).
@@ -171,7 +172,7 @@ REDIRECTED_LOWERS = [
     ),
     d(
         {
-            b"a": d({b"x": d({b"f2": f(b"f2")}), b"y": d({b"g2": f(b"g2")})}),
+            b"a": d({b"x": d({b"f2": f(b"f2"), b"sub": d({b"s": f()})}), b"y": d({b"g2": f()})}),
             b"o": d({b"x": d({b"hidden": f(b"h")})}),
             b"b": d({b"c": wh()}),
         }
@@ -554,12 +555,46 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("listdir", b"cut"),
             ("read", b"moved/f"),
             ("create", b"moved/new", b"n"),
+            ("rename", b"moved/sub", b"sub2"),
+            ("listdir", b"sub2"),
             ("rename", b"moved", b"a/again"),
             ("listdir", b"a/again"),
             ("rename", b"a/renamed", b"renamed2"),
             ("listdir", b"renamed2"),
             ("unlink", b"deep/g"),
             ("rmtree", b"cut"),
+        ],
+        {"rename-dir"},
+    ),
+    # Absolute redirects are built from the merged path (a renamed ancestor's own redirect
+    # standing for its name) and may be 256 bytes long (overlay.redirect_max): a longer one
+    # answers EXDEV, so that mv copies.
+    "long-redirects": (
+        LayerSpec(
+            [
+                d(
+                    {
+                        LONG: d(
+                            {
+                                LONG_OK: d({b"f": f()}),
+                                LONG_OVER: d({b"f": f()}),
+                                b"p": d({b"q": d({b"s": d({b"t": f()})})}),
+                            }
+                        )
+                    }
+                )
+            ]
+        ),
+        [
+            ("rename", LONG + b"/" + LONG_OK, b"ok"),
+            ("rename", LONG + b"/" + LONG_OVER, b"over"),
+            ("rename", LONG + b"/p", b"short"),
+            ("rename", b"short/q", b"short/r"),
+            ("rename", b"short/r/s", b"s2"),
+            ("listdir", b"s2"),
+            ("mkdir", LONG + b"/new"),
+            ("rename", LONG + b"/" + LONG_OVER, LONG + b"/new/x"),
+            ("listdir", LONG),
         ],
         {"rename-dir"},
     ),
