@@ -76,6 +76,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             kw["redirect_dir"] = value in ("on", "follow")
         elif key == "metacopy":
             kw["metacopy"] = value == "on"
+        elif key == "userxattr":
+            kw["userxattr"] = True
         elif key == "fsync":
             kw["fsync"] = value != "0"
         elif key in ("rw", "dev", "suid", "exec"):

@@ -10,6 +10,7 @@ Must not import: pyfuse3, trio.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -43,8 +44,12 @@ class MountConfig:
     fsname: str = "layerfs"
     volatile: bool = False  # skip fsync of copy-ups (as overlayfs "volatile")
     fsync: bool = True  # honour fsync requests (fuse-overlayfs "fsync=0" turns them off)
-    redirect_dir: bool = True  # rename lower dirs with a redirect; False: EXDEV (redirect_dir=off)
+    # rename lower dirs with a redirect; False: EXDEV (redirect_dir=off); None: on, but off with
+    # userxattr, as the kernel (whose userxattr mounts refuse redirect_dir=on)
+    redirect_dir: bool | None = None
     metacopy: bool = False  # metadata-only copy-up (kernel metacopy=on); off: readable by all
+    # write user.overlay.* xattrs (kernel "-o userxattr"); None: when in a user namespace
+    userxattr: bool | None = None
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
     squash_to_uid: int | None = None
@@ -53,6 +58,16 @@ class MountConfig:
     extra_fuse_options: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
 
+    @property
+    def user_xattrs(self) -> bool:
+        """Write ``user.overlay.*``: asked for, or chosen outside the initial user namespace."""
+        return in_user_namespace() if self.userxattr is None else self.userxattr
+
+    @property
+    def redirects(self) -> bool:
+        """Rename lower directories with a redirect xattr (else EXDEV, and mv copies)."""
+        return not self.user_xattrs if self.redirect_dir is None else self.redirect_dir
+
     def validate(self) -> MountConfig:
         """Check every directory and their relations; return a normalised copy or raise."""
         if not self.lowers:
@@ -60,7 +75,7 @@ class MountConfig:
         lowers = tuple(_existing_dir(p, "lower layer") for p in self.lowers)
         upper = _existing_dir(self.upper, "upper directory") if self.upper else None
         workdir = self.workdir
-        if self.metacopy and not self.redirect_dir:
+        if self.metacopy and not self.redirects:
             # a renamed metacopy file finds its data through a redirect (as the kernel says)
             raise LayerfsError("metacopy=on requires redirect_dir=on")
         if upper is None and workdir:
@@ -89,6 +104,21 @@ class MountConfig:
         return dataclasses.replace(
             self, lowers=lowers, upper=upper, workdir=workdir, mountpoint=mnt
         )
+
+
+@functools.cache
+def in_user_namespace() -> bool:
+    """True when this process is not in the initial user namespace (podman rootless, unshare).
+
+    The initial namespace maps every id onto itself: ``/proc/self/uid_map`` is ``0 0 4294967295``
+    there and nowhere else (the test podman makes, in rootless.IsRootless).
+    """
+    try:
+        with open("/proc/self/uid_map", "rb") as fh:
+            fields = fh.read().split()
+    except OSError:
+        return False
+    return fields != [b"0", b"0", b"4294967295"]
 
 
 def _existing_dir(path: str, what: str) -> str:

@@ -9,10 +9,10 @@ other requests keep being served. A per-node lock with a double-checked "already
 test makes racing opens copy once.
 
 With metacopy on, a change of metadata only (chmod, chown, utimes, xattrs, rename) copies a
-regular file up without its data: a sparse file of the same size marked
-``trusted.overlay.metacopy``, whose data is read from the lower until the first write fills it
-in place (the marker goes last, so a crash mid-fill still reads the lower), as kernel overlayfs
-with ``metacopy=on`` does (ovl_copy_up_meta_inode_data).
+regular file up without its data: a sparse file of the same size marked ``overlay.metacopy``
+(``trusted.``, or ``user.`` with userxattr), whose data is read from the lower until the first
+write fills it in place (the marker goes last, so a crash mid-fill still reads the lower), as
+kernel overlayfs with ``metacopy=on`` does (ovl_copy_up_meta_inode_data).
 
 Kernel analogue: fs/overlayfs/copy_up.c (ovl_copy_up_one, ovl_copy_up_file, ovl_set_attr).
 Must not import: pyfuse3.
@@ -43,9 +43,16 @@ class CopyUp:
     """The copy-up engine of one mount."""
 
     def __init__(
-        self, stack: LayerStack, table: InodeTable, *, fsync: bool = True, metacopy: bool = False
+        self,
+        stack: LayerStack,
+        table: InodeTable,
+        *,
+        fsync: bool = True,
+        metacopy: bool = False,
+        names: xattrs.Names = xattrs.TRUSTED,
     ) -> None:
         self.stack = stack
+        self.names = names  # the overlay xattrs this mount writes
         self.table = table
         self.fsync = fsync
         self.metacopy = metacopy
@@ -148,7 +155,7 @@ class CopyUp:
             try:
                 if metacopy:  # all hole, and the marker: the data stays in the lower for now
                     os.ftruncate(dst, st.st_size)
-                    os.setxattr(dst, xattrs.METACOPY_W, b"")
+                    os.setxattr(dst, self.names.metacopy, b"")
                 else:
                     length = st.st_size if data_len is None else min(st.st_size, data_len)
                     await self.copy_bytes(src, dst, length, sync=False)

@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from layerfs import _sys, acl, whiteout, xattrs
+from layerfs import _sys, acl, whiteout
 from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp
 from layerfs.inodes import InodeTable, Node
@@ -45,6 +45,7 @@ class Namespace:
         self.stack = stack
         self.table = table
         self.copyup = copyup
+        self.names = copyup.names  # the overlay xattrs this mount writes
         self.mknod_whiteouts = True  # cleared when the upper refuses mknod (then .wh.NAME)
         # wraps the removal of a non-directory's name, given (node, st_mode): Files keeps the
         # data of a node the kernel may hold open (Files.keeping_data)
@@ -202,13 +203,16 @@ class Namespace:
         acls = _inherit(udir, stat.S_IFDIR | stat.S_IMODE(mode), caller)
         uid, gid, mode = self._owner(os.fstat(udir), caller, True, acls.mode)
         # Over a whiteout, what it hid must stay hidden; in a merged parent, the kernel marks
-        # every new directory opaque too (ovl_create_upper: "just an optimization").
-        opaque = self._whiteout_state(udir, name) != "none" or bool(parent.lowers)
+        # every new directory opaque too (ovl_create_upper: "just an optimization"), when it
+        # follows redirects (not with redirect_dir=off/nofollow, nor userxattr's default).
+        opaque = self._whiteout_state(udir, name) != "none" or (
+            bool(parent.lowers) and self.redirect_dir
+        )
 
         def build(dirfd: int, n: bytes) -> None:
             _sys.mkdir_at(dirfd, n, 0o700)
             if opaque:
-                _sys.setxattr_at(dirfd, n, xattrs.OPAQUE_W, b"y")
+                _sys.setxattr_at(dirfd, n, self.names.opaque, b"y")
             _sys.chown_at(dirfd, n, uid, gid)
             os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
             _set_acls(dirfd, n, acls)
@@ -402,7 +406,7 @@ class Namespace:
                 )
             ):
                 # a pure upper dir landing on a name the lowers still hold must hide them
-                _sys.setxattr_at(d1, n1, xattrs.OPAQUE_W, b"y")
+                _sys.setxattr_at(d1, n1, self.names.opaque, b"y")
             if dst_res is not None and dst_res.upper and dst_res.is_dir:
                 # an empty merged target may still hold whiteouts: move it away first
                 work = self.stack.work_fd
@@ -485,7 +489,7 @@ class Namespace:
             samedir = _sys.lstat_at(*layer.locate(lpath)).st_nlink == 1
         value = path[-1] if samedir else self._absolute_redirect(node)
         try:
-            _sys.setxattr_at(udir, path[-1], xattrs.REDIRECT_W, value)
+            _sys.setxattr_at(udir, path[-1], self.names.redirect, value)
         except OSError as e:
             # as ovl_set_redirect: any failure is EXDEV, so that mv copies instead
             raise OSError(errno.EXDEV, f"cannot set redirect: {e.strerror}") from None

@@ -64,10 +64,16 @@ class Overlay:
         self.config = config
         self.stack = LayerStack(config.lowers, config.upper, config.workdir)
         self.table = InodeTable(self.stack.devs, writable=self.stack.upper is not None)
+        # the overlay xattrs written in the upper: trusted.overlay.*, or user.overlay.*
+        self.names = xattrs.names_for(config.user_xattrs)
         self.copyup = CopyUp(
-            self.stack, self.table, fsync=not config.volatile, metacopy=config.metacopy
+            self.stack,
+            self.table,
+            fsync=not config.volatile,
+            metacopy=config.metacopy,
+            names=self.names,
         )
-        self.ns = Namespace(self.stack, self.table, self.copyup, redirect_dir=config.redirect_dir)
+        self.ns = Namespace(self.stack, self.table, self.copyup, redirect_dir=config.redirects)
         self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
         self.ns.keeping_data = self.files.keeping_data
         self.dirs: dict[int, DirHandle] = {}
@@ -383,10 +389,10 @@ class Overlay:
         return _sys.proc_path(dirfd, real), not real  # a layer's root: the fd's link, followed
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
+        if not xattrs.user_may_name(name, self.names):
             raise OSError(errno.ENODATA, "no such attribute")
         where, is_fd = self._xattr_path(self.table.get(ino))
-        return os.getxattr(where, xattrs.to_real(name), follow_symlinks=is_fd)
+        return os.getxattr(where, xattrs.to_real(name, self.names), follow_symlinks=is_fd)
 
     def listxattr(self, ino: int) -> list[bytes]:
         where, is_fd = self._xattr_path(self.table.get(ino))
@@ -401,9 +407,16 @@ class Overlay:
     async def setxattr(
         self, ino: int, name: bytes, value: bytes, caller: Caller | None = None
     ) -> None:
-        if xattrs.is_private(name) and not name.startswith(xattrs.ESCAPE_PREFIX):
+        private = not xattrs.user_may_name(name, self.names)
+        if private and not (self.names is xattrs.USER and name.startswith(xattrs.TRUSTED.prefix)):
             raise OSError(errno.EPERM, "overlay-private attribute")
-        where, is_fd = self._xattr_path(await self._copied_up(ino))
+        node = await self._copied_up(ino)
+        if private:
+            # With userxattr the kernel takes trusted.overlay.X for the user's own: it copies
+            # up, then the filesystem refuses (no CAP_SYS_ADMIN in a user namespace). layerfs
+            # reads it as bookkeeping, so it refuses it there too.
+            raise OSError(errno.EPERM, "overlay-private attribute")
+        where, is_fd = self._xattr_path(node)
         groups = caller.kill_priv_groups() if caller is not None else None
         if name == acl.ACCESS and groups is not None:
             # As ovl_set_acl: a caller outside the file's group (without CAP_FSETID) loses
@@ -412,12 +425,12 @@ class Overlay:
             st = os.stat(where, follow_symlinks=is_fd)
             if st.st_mode & stat.S_ISGID and st.st_gid not in groups:
                 os.chmod(where, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID, follow_symlinks=is_fd)
-        os.setxattr(where, xattrs.to_real(name), value, follow_symlinks=is_fd)
+        os.setxattr(where, xattrs.to_real(name, self.names), value, follow_symlinks=is_fd)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         self.getxattr(ino, name)  # ENODATA before any copy-up
         where, is_fd = self._xattr_path(await self._copied_up(ino))
-        os.removexattr(where, xattrs.to_real(name), follow_symlinks=is_fd)
+        os.removexattr(where, xattrs.to_real(name, self.names), follow_symlinks=is_fd)
 
     async def _copied_up(self, ino: int) -> Node:
         node = self.table.get(ino)

@@ -2,7 +2,7 @@
 
 Every option lands in exactly one row of the table (docs/containers.md prints it):
 
-* mapped onto MountConfig: lowerdir, lowerdir+, upperdir, workdir, volatile, fsync,
+* mapped onto MountConfig: lowerdir, lowerdir+, upperdir, workdir, volatile, fsync, userxattr,
   uidmapping, gidmapping, squash_to_uid, squash_to_gid, squash_to_root, allow_other, debug,
   fsname, log, ro/rw;
 * passed to the kernel as FUSE mount flags (libfuse accepts exactly these): rw, ro, suid, nosuid,
@@ -78,7 +78,7 @@ _IGNORED_FLAGS = frozenset(
         "iversion", "noiversion", "default_permissions", "allow_root", "auto_unmount",
         "nonempty", "kernel_cache", "auto_cache", "noauto_cache", "clone_fd", "splice_read",
         "splice_write", "splice_move", "no_splice_read", "no_splice_write", "no_splice_move",
-        "static_nlink", "noacl", "acl", "ino32_t", "userxattr", "drop_privileges",
+        "static_nlink", "noacl", "acl", "ino32_t", "drop_privileges",
         "remount", "bind", "rbind",
     }
 )  # fmt: skip
@@ -118,7 +118,8 @@ class _State:
     workdir: str | None = None
     volatile: bool = False
     fsync: bool = True
-    redirect_dir: bool = True
+    redirect_dir: bool | None = None  # None: on, off with userxattr (MountConfig.redirects)
+    userxattr: bool | None = None  # None: chosen by the user namespace we run in
     metacopy: bool = False
     uid_mappings: list[IdMapping] = field(default_factory=list)
     gid_mappings: list[IdMapping] = field(default_factory=list)
@@ -176,6 +177,7 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
         volatile=st.volatile,
         fsync=st.fsync,
         redirect_dir=st.redirect_dir,
+        userxattr=st.userxattr,
         metacopy=st.metacopy,
         uid_mappings=tuple(st.uid_mappings),
         gid_mappings=tuple(st.gid_mappings),
@@ -234,6 +236,8 @@ def _apply_one(st: _State, name: str, has_value: bool, raw: str, cwd: str) -> No
         st.metacopy = mode == "on"
     elif name in ("squash_to_uid", "squash_to_gid"):
         setattr(st, name, _parse_id(name, _need(name, has_value, value)))
+    elif name == "userxattr" and not has_value:
+        st.userxattr = True
     elif name == "squash_to_root":
         st.squash_to_root = True
     elif name == "allow_other":

@@ -60,9 +60,10 @@ from support.snapshot import (
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay]
 
 
-@pytest.fixture(params=["layerfs", "layerfs-metacopy", "fuse-overlayfs"])
+@pytest.fixture(params=["layerfs", "layerfs-metacopy", "layerfs-userns", "fuse-overlayfs"])
 def subject(request: pytest.FixtureRequest) -> Subject:
-    """As conftest's, plus layerfs with metacopy=on against the kernel with metacopy=on."""
+    """As conftest's, plus layerfs with metacopy=on against the kernel with metacopy=on, and
+    layerfs rootless (in a user namespace) against the kernel there, with userxattr."""
     return subject_named(request.param)
 
 
@@ -254,6 +255,22 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("listxattr", b"etc/hosts"),
         ],
         {"xattr-escape"},
+    ),
+    # With userxattr the kernel escapes the user namespace's overlay names instead
+    # (user.overlay.overlay.*); without it, it stores them as ordinary xattrs, where layerfs,
+    # which reads both namespaces always, refuses them.
+    "xattr-escape-user": (
+        BASE,
+        [
+            ("setxattr", b"etc/hosts", b"user.overlay.opaque", b"y"),
+            ("getxattr", b"etc/hosts", b"user.overlay.opaque"),
+            ("listxattr", b"etc/hosts"),
+            ("setxattr", b"usr/lib", b"user.overlay.redirect", b"/etc"),
+            ("listdir", b"usr/lib"),
+            ("removexattr", b"usr/lib", b"user.overlay.redirect"),
+            ("listxattr", b"usr/lib"),
+        ],
+        {"user-overlay-names"},
     ),
     "create-unlink-recreate": (
         BASE,
@@ -791,6 +808,8 @@ def test_script(
     tmp_path: Path, subject: Subject, request: pytest.FixtureRequest, name: str
 ) -> None:
     spec, script, needs = SCRIPTS[name]
+    if subject.userns and any(op[0] == "as_user" for op in script):
+        pytest.skip("a mount in a user namespace is reached through /proc/PID/root: root only")
     expect_quirks(request, subject, needs)
     pair = Pair.create(tmp_path, subject, spec)
     t0 = time.time_ns()
@@ -1011,6 +1030,9 @@ def machine_for(tmp: Path, subject: Subject) -> type[WriteMachine]:
 def test_random_operations(tmp_path: Path, subject: Subject) -> None:
     explore_only_layerfs(subject)
     steps = int(os.environ.get("LAYERFS_HYPOTHESIS_STEPS", "15"))
+    kw = {}
+    if subject.userns and "LAYERFS_HYPOTHESIS_EXAMPLES" not in os.environ:
+        kw["max_examples"] = 5  # its code is layerfs's: a few stacks to check the namespace
     run_state_machine_as_test(
-        machine_for(tmp_path, subject), settings=settings(stateful_step_count=steps)
+        machine_for(tmp_path, subject), settings=settings(stateful_step_count=steps, **kw)
     )

@@ -61,6 +61,7 @@ def ignored_fields(s: Mounted | Subject) -> frozenset[str]:
         "dir-nlink": "dir_nlink",
         "hidden-hardlink-nlink": "file_nlink",
         "copyup-parent-mtime": "dir_mtime",
+        "userxattr-link-ino": "links",
     }
     return frozenset(field for quirk, field in table.items() if quirk in quirks)
 
@@ -94,7 +95,7 @@ def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
         odd_names=base.odd_names,
         xattrs=base.xattrs,
         setgid_dirs=base.setgid_dirs and "setgid-inherit" not in subject.quirks,
-        setid_files=base.setid_files and "copyup-suid" not in subject.quirks,
+        setid_files=base.setid_files and not {"copyup-suid", "userns-setgid"} & subject.quirks,
         min_layers=base.min_layers,
         max_layers=base.max_layers,
     )
