@@ -37,19 +37,6 @@ def serve(config: MountConfig) -> None:
     """Validate CONFIG and serve it; return once the mount is live (or, in the foreground,
     once it is gone). Raise LayerfsError with a one-line reason when it cannot be mounted."""
     config = config.validate()
-    if (
-        config.uid_mappings
-        or config.gid_mappings
-        or config.squash_to_uid is not None
-        or config.squash_to_gid is not None
-    ):
-        # Parsed (containers/storage sends them for user-namespaced containers) but not
-        # applied yet: say so rather than pretend.
-        print(
-            "layerfs: warning: uid/gid mappings and squash_to_* are not applied: "
-            "ownership is shown as stored in the layers",
-            file=sys.stderr,
-        )
     if not os.path.exists("/dev/fuse"):
         raise LayerfsError("/dev/fuse does not exist (is the fuse module loaded?)")
     if config.allow_other and os.geteuid() != 0 and not _user_allow_other():

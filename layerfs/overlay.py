@@ -13,6 +13,7 @@ Must not import: pyfuse3.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp
 from layerfs.files import NODE_FH, Files, kill_suid
+from layerfs.idmap import IdMap
 from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import node_for, resolve
@@ -66,6 +68,7 @@ class Overlay:
         self.table = InodeTable(self.stack.devs, writable=self.stack.upper is not None)
         # the overlay xattrs written in the upper: trusted.overlay.*, or user.overlay.*
         self.names = xattrs.names_for(config.user_xattrs)
+        self.ids = IdMap.of(config)  # ids shown vs stored (uidmapping=, squash_to_uid=, ...)
         self.copyup = CopyUp(
             self.stack,
             self.table,
@@ -137,7 +140,7 @@ class Overlay:
         if node.metacopy:  # the blocks are the data's, as ovl_getattr reports them
             dirfd, name = self.files.data_location(node)
             attr = attr._replace(blocks=_sys.lstat_at(dirfd, name).st_blocks)
-        return attr
+        return self.ids.attr(attr) if self.ids.active else attr
 
     def getattr(self, ino: int) -> Attr:
         return self.attr(self.table.get(ino))
@@ -177,6 +180,13 @@ class Overlay:
         return self.attr(node)
 
     async def setattr(self, ino: int, ch: SetAttr, fh: int | None, caller: Caller) -> Attr:
+        caller = self.ids.caller(caller)
+        if self.ids.active:  # chown to shown ids: store them as the layers keep them
+            ch = dataclasses.replace(
+                ch,
+                uid=None if ch.uid is None else self.ids.store_uid(ch.uid),
+                gid=None if ch.gid is None else self.ids.store_gid(ch.gid),
+            )
         node = self.table.get(ino)
         if self.stack.upper is None:
             raise OSError(errno.EROFS, "read-only stack")
@@ -229,6 +239,7 @@ class Overlay:
     # -- files -------------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int, caller: Caller) -> int:
+        caller = self.ids.caller(caller)
         node = self.table.get(ino)
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
@@ -237,6 +248,7 @@ class Overlay:
     async def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[int, Attr]:
+        caller = self.ids.caller(caller)
         parent = self.table.get(parent_ino)
         node, fd = await self.ns.create(parent, name, mode, flags, caller)
         fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
@@ -248,16 +260,19 @@ class Overlay:
     # -- namespace ---------------------------------------------------------------------------
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        caller = self.ids.caller(caller)
         node = await self.ns.mkdir(self.table.get(parent_ino), name, mode, caller)
         return self.counted(node)
 
     async def mknod(
         self, parent_ino: int, name: bytes, mode: int, rdev: int, caller: Caller
     ) -> Attr:
+        caller = self.ids.caller(caller)
         node = await self.ns.mknod(self.table.get(parent_ino), name, mode, rdev, caller)
         return self.counted(node)
 
     async def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        caller = self.ids.caller(caller)
         node = await self.ns.symlink(self.table.get(parent_ino), name, target, caller)
         return self.counted(node)
 
@@ -417,6 +432,8 @@ class Overlay:
             # reads it as bookkeeping, so it refuses it there too.
             raise OSError(errno.EPERM, "overlay-private attribute")
         where, is_fd = self._xattr_path(node)
+        if caller is not None:
+            caller = self.ids.caller(caller)
         groups = caller.kill_priv_groups() if caller is not None else None
         if name == acl.ACCESS and groups is not None:
             # As ovl_set_acl: a caller outside the file's group (without CAP_FSETID) loses

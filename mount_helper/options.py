@@ -283,8 +283,13 @@ def _is_mapping(text: str) -> bool:
 
 
 def _parse_mapping(text: str, name: str) -> list[IdMapping]:
-    """Parse fuse-overlayfs' ``C:H:N[:C2:H2:N2...]`` (container id, host id, count)."""
-    parts = text.split(":")
+    """Parse fuse-overlayfs' ``C:H:N[:C2:H2:N2...]`` (container id, host id, count).
+
+    containers/storage writes each range as ``:C:H:N`` after the ``=`` (``uidmapping=:0:500000:
+    65536``, podman ``--uidmap``): one leading colon is accepted, as fuse-overlayfs' sscanf
+    loop skips it.
+    """
+    parts = text.removeprefix(":").split(":")
     if len(parts) % 3 != 0 or not all(p.isdigit() for p in parts):
         raise LayerfsError(
             f"invalid {name}={text}: expected CONTAINER_ID:HOST_ID:COUNT[:...] triples"

@@ -47,6 +47,17 @@ def test_containers_storage_full_label() -> None:
     assert c.warnings == ()
 
 
+def test_containers_storage_id_mapping_form() -> None:
+    # overlay.go writes each range as ":C:H:N" after the "=" (podman --uidmap 0:500000:65536)
+    c = cfg("lowerdir=/a,uidmapping=:0:500000:65536,gidmapping=:0:1000:1:1:100000:65536")
+    assert c.uid_mappings == (IdMapping(0, 500000, 65536),)
+    assert c.gid_mappings == (IdMapping(0, 1000, 1), IdMapping(1, 100000, 65536))
+    assert c.warnings == ()
+    for bad in ("uidmapping=::0:1:1", "uidmapping=:0:1", "uidmapping=:"):
+        with pytest.raises(LayerfsError):
+            cfg(f"lowerdir=/a,{bad}")
+
+
 def test_squash_options_and_xattr_permissions() -> None:
     c = cfg("lowerdir=/a,upperdir=/u,workdir=/w,squash_to_uid=1000,squash_to_gid=1001")
     assert (c.squash_to_uid, c.squash_to_gid) == (1000, 1001)

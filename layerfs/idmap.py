@@ -1,0 +1,84 @@
+"""Id mapping (fuse-overlayfs ``uidmapping=``/``gidmapping=``, ``squash_to_uid=``/``gid=``).
+
+A range ``S:K:N`` shows an object stored in the layers with id S+i as owned by id K+i, and
+stores a caller's (or a chown's) id K+i as S+i: images keep their own ids on disk while the
+container's processes, whose user namespace maps them onto K..K+N-1, see them as theirs. An id
+outside every range shows as, and is stored as, the overflow id 65534, as the kernel does for
+ids a user namespace does not map. ``squash_to_*`` shows every object owned by one id.
+
+The engine works in stored ids; the Overlay facade translates at its edge.
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from layerfs.attrs import Attr, Caller
+from layerfs.config import IdMapping, MountConfig
+
+OVERFLOW_ID = 65534
+
+
+def _shown(mappings: Sequence[IdMapping], stored: int) -> int:
+    for m in mappings:
+        if m.inner <= stored < m.inner + m.count:
+            return m.outer + stored - m.inner
+    return OVERFLOW_ID
+
+
+def _stored(mappings: Sequence[IdMapping], shown: int) -> int:
+    for m in mappings:
+        if m.outer <= shown < m.outer + m.count:
+            return m.inner + shown - m.outer
+    return OVERFLOW_ID
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IdMap:
+    uids: tuple[IdMapping, ...] = ()
+    gids: tuple[IdMapping, ...] = ()
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+
+    @classmethod
+    def of(cls, config: MountConfig) -> IdMap:
+        return cls(config.uid_mappings, config.gid_mappings, config.squash_to_uid,
+                   config.squash_to_gid)  # fmt: skip
+
+    @property
+    def active(self) -> bool:
+        squash = self.squash_uid is not None or self.squash_gid is not None
+        return bool(self.uids or self.gids) or squash
+
+    def show_uid(self, stored: int) -> int:
+        if self.squash_uid is not None:
+            return self.squash_uid
+        return _shown(self.uids, stored) if self.uids else stored
+
+    def show_gid(self, stored: int) -> int:
+        if self.squash_gid is not None:
+            return self.squash_gid
+        return _shown(self.gids, stored) if self.gids else stored
+
+    def store_uid(self, shown: int) -> int:
+        return _stored(self.uids, shown) if self.uids else shown
+
+    def store_gid(self, shown: int) -> int:
+        return _stored(self.gids, shown) if self.gids else shown
+
+    def attr(self, a: Attr) -> Attr:
+        """A as the mount shows it."""
+        return a._replace(uid=self.show_uid(a.uid), gid=self.show_gid(a.gid))
+
+    def caller(self, c: Caller) -> Caller:
+        """C in stored ids: the owner its new objects get, the groups its checks use."""
+        if not (self.uids or self.gids):
+            return c
+        return dataclasses.replace(
+            c,
+            uid=self.store_uid(c.uid),
+            gid=self.store_gid(c.gid),
+            groups=frozenset(self.store_gid(g) for g in c.groups),
+        )
