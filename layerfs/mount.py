@@ -21,6 +21,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from layerfs.config import MountConfig
@@ -100,22 +101,34 @@ def _open(config: MountConfig) -> Overlay:
 
 
 _workdir_lock: int | None = None  # held open, and so locked, for the daemon's life
+# How long a mount waits for the lock: a daemon whose mount was just unmounted still holds it
+# until it exits (containerd's clients unmount a temporary mount of a rootfs and the shim
+# mounts it again at once).
+WORKDIR_LOCK_WAIT = 5.0
 
 
 def _lock_workdir(config: MountConfig) -> None:
     """Take an exclusive flock on the workdir, held until the daemon exits: a second daemon on
     the same upper (two mounts of one container's snapshot) would corrupt it, so its mount fails
-    with EBUSY. Kernel overlayfs refuses a workdir in use only with index=on (a warning
-    otherwise); layerfs always refuses."""
+    with EBUSY once the holder has not let go for WORKDIR_LOCK_WAIT seconds. Kernel overlayfs
+    refuses a workdir in use only with index=on (a warning otherwise); layerfs always
+    refuses."""
     global _workdir_lock
     if config.workdir is None:
         return
     fd = os.open(config.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise LayerfsError(f"workdir {config.workdir} is in use by another mount (EBUSY)") from None
+    deadline = time.monotonic() + WORKDIR_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise LayerfsError(
+                    f"workdir {config.workdir} is in use by another mount (EBUSY)"
+                ) from None
+            time.sleep(0.02)
     _workdir_lock = fd
 
 

@@ -31,6 +31,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="kernel overlay mounts for image unpack (auto: when root in the initial user "
         "namespace)",
     )
+    p.add_argument(
+        "--fuse-program",
+        default="mount.layerfs",
+        help="the FUSE program containerd runs for layered mounts (default mount.layerfs; "
+        "fuse-overlayfs takes the same options: for comparisons)",
+    )
     p.add_argument("--debug", action="store_true", help="log every error answered")
     return p.parse_args(argv)
 
@@ -43,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     kernel_extract = {"auto": None, "on": True, "off": False}[args.kernel_extract]
-    sn = Snapshotter(args.root, kernel_extract=kernel_extract)
+    sn = Snapshotter(
+        args.root, kernel_extract=kernel_extract, fuse_type=f"fuse3.{args.fuse_program}"
+    )
     sn.cleanup()  # repair what a crash left
     address = os.path.abspath(args.address)
     os.makedirs(os.path.dirname(address), exist_ok=True)

@@ -44,9 +44,11 @@ def mounts_for(
     parent_fs: Sequence[str],
     labels: Mapping[str, str],
     kernel_overlay: bool,
+    fuse_type: str = FUSE_TYPE,
 ) -> list[Mount]:
     """The mounts of one snapshot; PARENT_FS nearest first. KERNEL_OVERLAY asks for the kernel
-    overlay mount (the caller decides when: extract snapshots, root)."""
+    overlay mount (the caller decides when: extract snapshots, root); FUSE_TYPE names another
+    program with the same options (fuse3.fuse-overlayfs, for comparisons)."""
     if not parent_fs:
         return [Mount("bind", fs, ("rw" if kind_active else "ro", "rbind"))]
     if not kind_active and len(parent_fs) == 1:
@@ -63,7 +65,7 @@ def mounts_for(
         if labels.get(label):
             # containerd separates ranges with ",", which would split the -o list
             options.append(f"{name}=" + labels[label].replace(",", ":"))
-    return [Mount(FUSE_TYPE, "overlay", tuple(options))]
+    return [Mount(fuse_type, "overlay", tuple(options))]
 
 
 def _kernel_has_index_param() -> bool:

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from layerfs_snapshotter import filters
 from layerfs_snapshotter.errors import AlreadyExists, FailedPrecondition
 from layerfs_snapshotter.metadata import ACTIVE, COMMITTED, VIEW, Info, MetaStore, Tx
-from layerfs_snapshotter.mounts import Mount, is_extract_key, mounts_for, root_in_initial_userns
+from layerfs_snapshotter.mounts import (
+    FUSE_TYPE,
+    Mount,
+    is_extract_key,
+    mounts_for,
+    root_in_initial_userns,
+)
 
 log = logging.getLogger("layerfs-snapshotter")
 
@@ -38,7 +44,9 @@ class Usage:
 
 
 class Snapshotter:
-    def __init__(self, root: str, *, kernel_extract: bool | None = None) -> None:
+    def __init__(
+        self, root: str, *, kernel_extract: bool | None = None, fuse_type: str = FUSE_TYPE
+    ) -> None:
         self.root = os.path.abspath(root)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.snapshots = os.path.join(self.root, "snapshots")
@@ -47,6 +55,7 @@ class Snapshotter:
         if kernel_extract is None:
             kernel_extract = root_in_initial_userns()
         self.kernel_extract = kernel_extract
+        self.fuse_type = fuse_type
         self._removing: set[str] = set()  # rm-* names whose removal is under way
         self._removing_lock = threading.Lock()
 
@@ -175,6 +184,7 @@ class Snapshotter:
             parent_fs=[self.fs_path(p) for p in parents],
             labels=info.labels,
             kernel_overlay=self.kernel_extract and active and is_extract_key(info.name),
+            fuse_type=self.fuse_type,
         )
 
     def _claim(self, name: str) -> str | None:

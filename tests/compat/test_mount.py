@@ -15,9 +15,12 @@ behaves as the program it replaces. After every unmount no daemon may be left be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from compat.helpers import (
+    daemon_pids,
     engine_missing,
     helper_command,
     helper_env,
@@ -428,8 +432,9 @@ def test_second_mount_of_one_upper_is_busy(
     program: Program, storage: Storage, tmp_path: Path
 ) -> None:
     """Two daemons on one upper would corrupt it (a second Mounts of one containerd snapshot,
-    a second podman mount): the second mount fails with EBUSY while the first serves on, and
-    the lock goes with the first daemon."""
+    a second podman mount): the second mount fails with EBUSY while the first serves on. A
+    mount made while the previous daemon is still exiting after its unmount (ctr unmounts its
+    temporary mount of a rootfs and the shim mounts it at once) waits for it and succeeds."""
     if program.name != "layerfs":
         pytest.skip("fuse-overlayfs does not lock its workdir")
     top, bottom = storage.layer_links
@@ -439,17 +444,26 @@ def test_second_mount_of_one_upper_is_busy(
     second.mkdir()
     code, err, _ = run_like_containers_storage(program, storage, label, str(storage.merged))
     assert code == 0, err
+    first = daemon_pids(storage.merged)
     try:
         code, err, _ = run_like_containers_storage(program, storage, label, str(second))
         assert code != 0 and "EBUSY" in err, err
         assert not is_mounted(second)
         check_merged_view(storage.merged)
-        unmount_and_check_exit(storage.merged)
+        # unmount while the daemon is stopped: it still holds the lock when the next mount
+        # starts, and lets go when it runs on and exits
+        for pid in first:
+            os.kill(pid, signal.SIGSTOP)
+        subprocess.run(["fusermount3", "-u", "-z", str(storage.merged)], check=True)
+        threading.Timer(1.0, lambda: [os.kill(p, signal.SIGCONT) for p in first]).start()
         code, err, _ = run_like_containers_storage(program, storage, label, str(second))
         assert code == 0, err
         check_merged_view(second)
         unmount_and_check_exit(second)
     finally:
+        for pid in first:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         reap(second)
 
 

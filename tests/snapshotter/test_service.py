@@ -224,3 +224,13 @@ def test_fuse_mount_of_a_prepared_snapshot() -> None:
         assert (upper / "bottom").is_char_device()  # a whiteout
         assert c.call("Usage", pb.UsageRequest(key="b")).inodes == 3
     shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_fuse_program_option_names_the_mount_type() -> None:
+    """--fuse-program (for comparisons: fuse-overlayfs takes the same options)."""
+    with running("--kernel-extract", "off", "--fuse-program", "fuse-overlayfs") as svc:
+        c = svc.client
+        prepare(c, "a")
+        commit(c, "l1", "a")
+        (m,) = prepare(c, "b", "l1")
+        assert m.type == "fuse3.fuse-overlayfs"

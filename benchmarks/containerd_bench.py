@@ -1,0 +1,249 @@
+"""containerd on layerfs-snapshotter against containerd's overlayfs snapshotter.
+
+    python -m benchmarks.containerd_bench [--size-mb 64] [--repeat 3] [--runs 5] [--json OUT]
+
+A private containerd (its own root, state, sockets; CRI off) with layerfs-snapshotter as proxy
+plugins, one image (Debian's static busybox, then a generated rootfs-like tree of SIZE MiB as a
+second layer: benchmarks.images_bench.make_tree) as an OCI archive. Per snapshotter:
+- unpack: ``ctr image import --snapshotter S`` after ``ctr image rm --sync`` (content stays in
+  containerd's store, so this is the unpack plus a content check common to all);
+- run: ``ctr run --rm --snapshotter S IMG ID true`` (prepare, mount, runc, unmount, remove).
+Snapshotters: ``overlayfs`` (containerd's, kernel overlayfs), ``layerfs`` (unpack through
+kernel overlay mounts), ``layerfs-fuse-unpack`` (``--kernel-extract off``: unpack through layerfs
+mounts), ``fuse-overlayfs`` (the same service handing out ``fuse3.fuse-overlayfs`` mounts, as
+fuse-overlayfs-snapshotter does). Median wall times. Standalone: root, containerd, runc,
+busybox-static, fuse-overlayfs (Debian packages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.images_bench import make_tree
+
+IMAGE = "docker.io/library/layerfs-bench:1"
+CONFIG = """\
+version = 2
+root = "{tmp}/root"
+state = "{tmp}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{tmp}/containerd.sock"
+[ttrpc]
+  address = "{tmp}/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{tmp}/opt"
+{proxies}"""
+# name -> layerfs-snapshotter arguments (overlayfs is containerd's own)
+PROXIES: dict[str, list[str]] = {
+    "layerfs": [],
+    "layerfs-fuse-unpack": ["--kernel-extract", "off"],
+    "fuse-overlayfs": ["--kernel-extract", "off", "--fuse-program", "fuse-overlayfs"],
+}
+NAMESPACE = "layerfs-bench"
+
+
+def _dir_tar(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for p in sorted(root.rglob("*")):
+            info = tar.gettarinfo(str(p), arcname=str(p.relative_to(root)))
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if info.isfile():
+                with p.open("rb") as fh:
+                    tar.addfile(info, fh)
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def build_archive(tmp: Path, size_mb: int) -> Path:
+    busybox = Path("/bin/busybox")
+    base = tmp / "base"
+    (base / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, base / "bin/busybox")
+    for applet in ("sh", "true"):
+        (base / "bin" / applet).symlink_to("busybox")
+    for d in ("proc", "sys", "dev", "etc"):
+        (base / d).mkdir()
+    make_tree(tmp / "tree", size_mb)
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes) -> dict[str, object]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return {"digest": digest, "size": len(data)}
+
+    layers = [
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar", **blob(_dir_tar(d))}
+        for d in (base, tmp / "tree")
+    ]
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    config = {
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in layers]},
+    }
+    cfg = {"mediaType": "application/vnd.oci.image.config.v1+json"}
+    cfg.update(blob(json.dumps(config).encode()))  # type: ignore[arg-type]
+    manifest = {"schemaVersion": 2, "config": cfg, "layers": layers}
+    mdesc: dict[str, object] = {"mediaType": "application/vnd.oci.image.manifest.v1+json"}
+    mdesc.update(blob(json.dumps(manifest).encode()))
+    mdesc["annotations"] = {"io.containerd.image.name": IMAGE}
+    archive = tmp / "image.tar"
+    with tarfile.open(archive, "w") as tar:
+
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        add("index.json", json.dumps({"schemaVersion": 2, "manifests": [mdesc]}).encode())
+        for digest, data in blobs.items():
+            add(f"blobs/sha256/{digest.split(':')[1]}", data)
+    shutil.rmtree(tmp / "tree")
+    return archive
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.bin = Path(sys.executable).parent
+        self.env = dict(os.environ, PATH=f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.run_before = {d: self._listing(d) for d in ("s", "fifo")}
+
+    @staticmethod
+    def _listing(d: str) -> set[Path]:
+        p = Path("/run/containerd", d)
+        return set(p.iterdir()) if p.is_dir() else set()
+
+    def start(self) -> None:
+        proxies = ""
+        for name, args in PROXIES.items():
+            sock = self.tmp / f"{name}.sock"
+            proxies += f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = "{sock}"\n'
+            cmd = [str(self.bin / "layerfs-snapshotter"), "--address", str(sock)]
+            self._spawn([*cmd, "--root", str(self.tmp / name), *args], sock)
+        (self.tmp / "config.toml").write_text(CONFIG.format(tmp=self.tmp, proxies=proxies))
+        self._spawn(
+            ["containerd", "--config", str(self.tmp / "config.toml")], self.tmp / "containerd.sock"
+        )
+        time.sleep(0.5)
+
+    def _spawn(self, cmd: list[str], sock: Path) -> None:
+        log = (self.tmp / "log").open("ab")
+        p = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+            start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(p)
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[0]} did not start: see {self.tmp}/log")
+            time.sleep(0.05)
+
+    def ctr(self, *args: str) -> None:
+        subprocess.run(
+            ["ctr", "--address", str(self.tmp / "containerd.sock"), "-n", NAMESPACE, *args],
+            check=True, capture_output=True, env=self.env, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+        for d, before in self.run_before.items():
+            for p in self._listing(d) - before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+        shutil.rmtree(Path("/run/containerd/runc", NAMESPACE), ignore_errors=True)
+
+
+def timed(fn: object, *args: str) -> float:
+    t0 = time.perf_counter()
+    fn(*args)  # type: ignore[operator]
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.containerd_bench")
+    ap.add_argument("--size-mb", type=int, default=64, help="second layer's size (default 64)")
+    ap.add_argument("--repeat", type=int, default=3, help="unpacks per snapshotter")
+    ap.add_argument("--runs", type=int, default=5, help="'ctr run --rm' per snapshotter")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    for tool in ("containerd", "ctr", "runc", "fuse-overlayfs", "mount.fuse3"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not installed (scripts/setup.sh)", file=sys.stderr)
+            return 2
+    snapshotters = ["overlayfs", *PROXIES]
+    results: dict[str, dict[str, list[float]]] = {
+        s: {"unpack": [], "run": []} for s in snapshotters
+    }
+    with tempfile.TemporaryDirectory(prefix="layerfs-ctrd-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        archive = build_archive(tmp, args.size_mb)
+        env = Env(tmp)
+        try:
+            env.start()
+            env.ctr("image", "import", "--no-unpack", str(archive))
+            for rep in range(args.repeat):
+                for s in snapshotters:
+                    imp = ("image", "import", "--snapshotter", s, str(archive))
+                    results[s]["unpack"].append(timed(env.ctr, *imp))
+                    if rep < args.repeat - 1:
+                        env.ctr("image", "rm", "--sync", IMAGE)
+                        env.ctr("image", "import", "--no-unpack", str(archive))
+            for i in range(args.runs):
+                for s in snapshotters:
+                    run = ("run", "--rm", "--snapshotter", s, IMAGE, f"b-{s}-{i}", "true")
+                    results[s]["run"].append(timed(env.ctr, *run))
+            env.ctr("image", "rm", "--sync", IMAGE)
+        finally:
+            env.stop()
+            with open("/proc/self/mountinfo") as f:
+                left = sorted((ln.split()[4] for ln in f if tmp_s in ln), reverse=True)
+            for target in left:
+                subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    ref = {k: statistics.median(v) for k, v in results["overlayfs"].items()}
+    print(f"image: busybox + {args.size_mb} MiB tree; median of {args.repeat} unpacks and "
+          f"{args.runs} runs")  # fmt: skip
+    print(f"{'snapshotter':<22} {'unpack s':>9} {'x ovl':>6} {'run s':>7} {'x ovl':>6}")
+    rows = []
+    for s in snapshotters:
+        u, r = (statistics.median(results[s][k]) for k in ("unpack", "run"))
+        print(f"{s:<22} {u:>9.2f} {u / ref['unpack']:>6.2f} {r:>7.2f} {r / ref['run']:>6.2f}")
+        rows.append({"snapshotter": s, "unpack_s": u, "run_s": r, "runs": results[s]})
+    if args.json:
+        meta = {
+            "benchmark": "containerd",
+            "size_mb": args.size_mb,
+            "kernel": platform.release(),
+            "cpu_count": os.cpu_count(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
