@@ -6,7 +6,9 @@ hard links, owners and modes, imported with ``ctr image import``. Compared again
 own overlayfs snapshotter on the same image: the image as a container sees it, and after
 writes, deletes, renames and an opaque directory made inside the container (tar archives
 written to a bind-mounted file, read member by member: names, types, modes, owners, mtimes,
-link targets, content). Then: the container's root is fuse.layerfs; Usage; a detached
+link targets, content), and the owners a user-namespaced container sees (``--remap-labels``:
+the mapping labels reach mount.layerfs) against overlayfs's chowned copy. Then: the
+container's root is fuse.layerfs; Usage; a detached
 container survives restarts of containerd and of the snapshotter; ``ctr image rm --sync``
 leaves no snapshot, directory, mount or daemon; an unpack through the FUSE mount (kernel
 extract off) gives what the kernel overlay unpack gave."""
@@ -51,6 +53,13 @@ chown 1:1 base/mod.txt
 ln base/link_src base/link_hard
 echo more >> base/hard_a
 tar -c -f /out/after.tar bin etc base
+"""
+
+USERNS_SCRIPT = """set -e
+stat -c '%u %g %n' /base/keep.txt /base/owned /base/l2dir > /out/ids
+echo x > /base/new
+chown 7:8 /base/mod.txt
+stat -c '%u %g %n' /base/new /base/mod.txt >> /out/ids
 """
 
 
@@ -161,6 +170,7 @@ def containerd() -> Iterator[Containerd]:
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (scripts/setup.sh)")
     tmp = Path(tempfile.mkdtemp(prefix="layerfs-snap-e2e-"))
+    tmp.chmod(0o711)  # runc in a user namespace must reach the rootfs under state/
     cd = Containerd(tmp)
     try:
         yield cd
@@ -213,6 +223,26 @@ def test_containerd_end_to_end(containerd: Containerd) -> None:
             k: (ref.get(k), got.get(k)) for k in ref.keys() | got.keys() if ref.get(k) != got.get(k)
         }
     assert "base/olddir/new" in ref and "base/olddir/a" not in ref  # the image had its opaque dir
+
+    # a user-namespaced container: ctr --remap-labels hands the mapping to the snapshotter as
+    # labels and mount.layerfs shows the image's ids shifted; overlayfs gets a chowned copy
+    # (ctr without --remap-labels). Inside, both must show the ids the image stores.
+    seen = {}
+    for snapshotter, remap in (("overlayfs", ()), ("layerfs", ("--remap-labels",))):
+        out = tmp / f"userns-{snapshotter}"
+        out.mkdir()
+        out.chmod(0o777)
+        cd.ctr(
+            "run", "--rm", "--snapshotter", snapshotter, *remap,
+            "--uidmap", "0:100000:65536", "--gidmap", "0:200000:65536",
+            "--mount", f"type=bind,src={out},dst=/out,options=rbind:rw",
+            IMAGE, f"userns-{snapshotter}", "sh", "-c", USERNS_SCRIPT,
+        )  # fmt: skip
+        seen[snapshotter] = (out / "ids").read_text()
+    assert seen["layerfs"] == seen["overlayfs"], seen
+    assert seen["layerfs"].splitlines()[:3] == [
+        "0 0 /base/keep.txt", "1000 1001 /base/owned", "5 6 /base/l2dir",
+    ], seen  # fmt: skip
 
     # a detached container: its root is fuse.layerfs, Usage sees its writes
     cd.ctr(
