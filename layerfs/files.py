@@ -302,6 +302,25 @@ class Files:
             if close:
                 os.close(fd)
 
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) MODE on the upper file, copied up first as for a write (kernel
+        overlayfs copied it up at the open for write). On a worker thread: allocating or
+        zeroing a large range takes the upper filesystem a while."""
+        if not fh & NODE_FH:
+            h = self.get(fh)
+            if not h.writable:
+                raise OSError(errno.EBADF, "not open for writing")
+            fd, close = os.dup(h.fd), True  # a thread may outlive the handle
+        else:
+            fd, close = await self._node_write_fd(self.table.get(fh & ~NODE_FH))
+            if not close:  # a pinned node's own descriptor
+                fd, close = os.dup(fd), True
+        try:
+            await trio.to_thread.run_sync(_sys.fallocate, fd, mode, offset, length)
+        finally:
+            if close:
+                os.close(fd)
+
     async def _pins_released(self) -> bool:
         """Wait a little for the kernel to forget files deleted just before (their FORGET
         follows the unlink by a few ms), whose pinned data still fills the disk; True if

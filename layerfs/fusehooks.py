@@ -16,7 +16,8 @@ not ask) and drops FUSE_CAP_ATOMIC_O_TRUNC (O_TRUNC must reach us as a SETATTR, 
 carries it); it asks for FUSE_CAP_POSIX_ACL with FUSE_CAP_DONT_MASK, so the kernel enforces
 POSIX ACLs and leaves their inheritance (and the umask) to layerfs.acl. ``answer_init`` then
 lets libfuse answer INIT and adds the one flag it cannot ask for, FUSE_HANDLE_KILLPRIV_V2:
-without it every write is preceded by a GETXATTR of security.capability.
+without it every write is preceded by a GETXATTR of security.capability. ``serve_fallocate``
+fills the table's FALLOCATE entry, which pyfuse3 leaves empty.
 
 Found by symbol, checked by value: the session is pyfuse3's module variable ``session`` (read
 from the ELF symbol table of its extension), and the operation table inside the session is
@@ -32,6 +33,7 @@ import logging
 import os
 import select
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 # struct fuse_lowlevel_ops (libfuse 3.x): entry indexes
 _N_OPS = 44
 _INIT, _READ, _FSYNC, _FSYNCDIR, _WRITE_BUF, _READDIRPLUS = 0, 15, 19, 23, 36, 41
+_FALLOCATE = 40
 _FI_FH = 16  # offsetof(struct fuse_file_info, fh)
 _CONN_CAPABLE, _CONN_WANT = 20, 24  # offsetof(struct fuse_conn_info, capable / want)
 NOBODY = 0xFFFF_FFFF
@@ -57,6 +60,7 @@ _INIT_ARGS = (_vp, _vp)
 _READ_ARGS = (_vp, _c_ino, ctypes.c_size_t, ctypes.c_int64, _vp)
 _FSYNC_ARGS = (_vp, _c_ino, ctypes.c_int, _vp)
 _WRITE_BUF_ARGS = (_vp, _c_ino, _vp, ctypes.c_int64, _vp)
+_FALLOCATE_ARGS = (_vp, _c_ino, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, _vp)
 
 
 def _shim_type(args: tuple[type, ...]) -> type:
@@ -83,6 +87,7 @@ class Hooks:
     """Installed hooks; ``writer`` is (uid, gid, pid) of the write request being served."""
 
     session: int  # struct fuse_session *
+    table: int = 0  # its struct fuse_lowlevel_ops
     writer: tuple[int, int, int] = (0, 0, 0)
 
 
@@ -157,7 +162,7 @@ def _install(extension: str) -> Hooks | None:
         log.info("no-open hooks: operation table not found in the session")
         return None
 
-    hooks = Hooks(session)
+    hooks = Hooks(session, table)
     libfuse = ctypes.CDLL("libfuse3.so.3")
     req_ctx = libfuse.fuse_req_ctx
     req_ctx.restype = ctypes.POINTER(_Ctx)
@@ -215,6 +220,42 @@ def _install(extension: str) -> Hooks | None:
     for index, fn in shims.items():
         ctypes.c_void_p.from_address(table + 8 * index).value = ctypes.cast(fn, _vp).value
     return hooks
+
+
+def serve_fallocate(
+    hooks: Hooks,
+    fallocate: Callable[[int, int, int, int], Awaitable[None]],
+    spawn: Callable[..., object],
+) -> None:
+    """Serve FALLOCATE, which pyfuse3 leaves out of its operation table (libfuse then answers
+    ENOSYS, and the kernel EOPNOTSUPP for good): await FALLOCATE(fh, mode, offset, length) in
+    a task started by SPAWN(async_fn, *args) (trio.lowlevel.spawn_system_task: the handler
+    runs inside pyfuse3's loop, on the trio thread) and answer with the errno it raised
+    (an ``errno`` attribute: OSError, pyfuse3.FUSEError), 0 when it returned. FH is the
+    request's handle, or ``NODE_FH | inode`` without one."""
+    libfuse = ctypes.CDLL("libfuse3.so.3")
+    reply_err = libfuse.fuse_reply_err
+    reply_err.argtypes = [_vp, ctypes.c_int]
+
+    async def run(req: int, fh: int, mode: int, offset: int, length: int) -> None:
+        err = 0
+        try:
+            await fallocate(fh, mode, offset, length)
+        except Exception as e:  # every request gets its answer, whatever happened
+            err = getattr(e, "errno", None) or errno.EIO
+        reply_err(req, err)
+
+    def shim(req: int, ino: int, mode: int, offset: int, length: int, fi: int | None) -> None:
+        fh = ctypes.c_uint64.from_address(fi + _FI_FH).value if fi else 0
+        try:
+            spawn(run, req, fh or NODE_FH | ino, mode, offset, length)
+        except Exception:
+            log.exception("cannot serve FALLOCATE")
+            reply_err(req, errno.EIO)
+
+    fn = _shim_type(_FALLOCATE_ARGS)(shim)
+    _keep.append(fn)
+    ctypes.c_void_p.from_address(hooks.table + 8 * _FALLOCATE).value = ctypes.cast(fn, _vp).value
 
 
 # The INIT exchange (include/uapi/linux/fuse.h)

@@ -211,6 +211,7 @@ class Operations(pyfuse3.Operations):
         self.hooks = fusehooks.install(pyfuse3.__file__)
         if self.hooks is not None:
             self.fs.files.no_open = True
+            fusehooks.serve_fallocate(self.hooks, self.fallocate, trio.lowlevel.spawn_system_task)
 
     def answer_init(self) -> None:
         """Answer INIT before pyfuse3's loop starts, with the flags libfuse cannot ask for
@@ -410,6 +411,11 @@ class Operations(pyfuse3.Operations):
                 break
             if node is not None and name not in (b".", b".."):
                 node.nlookup += 1  # readdirplus: the kernel now holds a reference
+
+    @_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """FALLOCATE, served through layerfs.fusehooks (pyfuse3 does not forward it)."""
+        await self.fs.files.fallocate(fh, mode, offset, length)
 
     @_errors
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:

@@ -47,7 +47,19 @@ from support.layerspec import (
     wh,
 )
 from support.mounts import Layout, Mounted, Subject, subject_named
-from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply, apply_all, compare_results
+from support.ops import (
+    COLLAPSE_RANGE,
+    INSERT_RANGE,
+    KEEP_SIZE,
+    PUNCH_HOLE,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ZERO_RANGE,
+    Op,
+    apply,
+    apply_all,
+    compare_results,
+)
 from support.snapshot import (
     Snapshot,
     compare,
@@ -515,13 +527,33 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    # every mode FUSE passes on (fs/fuse/file.c, fuse_file_fallocate), copying up first
     "fallocate": (
         BASE,
         [
             ("fallocate", b"usr/lib/libc.so", 0, 100_000),
             ("fallocate", b"usr/lib/x/y", 4096, 10),
+            ("fallocate", b"usr/lib/libc.so", 0, 300_000, KEEP_SIZE),
+            ("fallocate", b"usr/lib/libc.so", 8192, 16384, PUNCH_HOLE | KEEP_SIZE),
+            ("fallocate", b"usr/lib/libc.so", 50_000, 5000, ZERO_RANGE),
+            ("fallocate", b"usr/lib/libc.so", 90_000, 30_000, ZERO_RANGE | KEEP_SIZE),
+            ("fallocate", b"usr/bin/ls", 4096, 4096, PUNCH_HOLE | KEEP_SIZE),
+            ("fallocate", b"usr/bin/ls", 0, 10, PUNCH_HOLE),  # EOPNOTSUPP without KEEP_SIZE
+            ("read", b"usr/lib/libc.so"),
+            ("fallocate", b"etc", 0, 10),  # a directory: EBADF at the open already
         ],
-        {"no-fallocate"},
+        set(),
+    ),
+    # FUSE refuses COLLAPSE_RANGE and INSERT_RANGE itself (EOPNOTSUPP); kernel overlayfs
+    # passes them to an upper that has them (ext4: block-aligned ranges)
+    "fallocate-shift": (
+        BASE,
+        [
+            ("fallocate", b"usr/lib/libc.so", 0, 100_000),
+            ("fallocate", b"usr/lib/libc.so", 4096, 4096, COLLAPSE_RANGE),
+            ("fallocate", b"usr/lib/libc.so", 0, 8192, INSERT_RANGE),
+        ],
+        {"no-fallocate-shift"},
     ),
     # Nodes looked up first, then renamed or moved with their parents: their lower paths
     # must stay where the data is (layerfs derives a lower file's path from its parent's).
@@ -846,7 +878,6 @@ _ENV_SKIP_OPS = frozenset(filter(None, os.environ.get("LAYERFS_DIFF_SKIP_OPS", "
 _SKIP_OPS = {
     "removexattr": "removexattr-copyup",
     "truncate": "truncate-same-size",
-    "fallocate": "no-fallocate",
 }
 
 
@@ -971,9 +1002,16 @@ class WriteMachine(RuleBasedStateMachine):
     def open_trunc(self, p: bytes, data: bytes) -> None:
         self._do(("open_trunc", p, data))
 
-    @rule(p=_paths, size=st.sampled_from([1, 100_000]))
-    def fallocate(self, p: bytes, size: int) -> None:
-        self._do(("fallocate", p, 0, size))
+    @rule(
+        p=_paths,
+        off=st.sampled_from([0, 4096, 5000]),
+        size=st.sampled_from([1, 8192, 100_000]),
+        mode=st.sampled_from(
+            [0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE, ZERO_RANGE | KEEP_SIZE]
+        ),
+    )
+    def fallocate(self, p: bytes, off: int, size: int, mode: int) -> None:
+        self._do(("fallocate", p, off, size, mode))
 
     @rule(p=_paths, kind=st.sampled_from(["chr", "sock"]))
     def mknod(self, p: bytes, kind: str) -> None:

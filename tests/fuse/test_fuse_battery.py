@@ -6,6 +6,7 @@ daemon logged no error and exited by itself after ``fusermount3 -u``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -442,3 +443,36 @@ def test_listing_right_after_a_link_breaking_copy_up(tmp_path: Path, where: str)
             if d_ino != os.lstat(base + b"/" + n).st_ino:
                 stale.append(n)
         assert not stale, f"readdir showed the old d_ino of {stale}"
+
+
+def test_fallocate_punches_a_hole_in_the_upper(tmp_path: Path) -> None:
+    """FALLOCATE reaches the upper file (layerfs.fusehooks.serve_fallocate; pyfuse3 forwards
+    none, and the kernel answered EOPNOTSUPP): a punched range of a lower file is a hole of
+    the copied-up file, not zeros written, and a KEEP_SIZE allocation keeps the size."""
+    keep_size, punch_hole = 0x01, 0x02
+    layout = _layout(tmp_path, LayerSpec([d({b"f": f(b"x" * 65536)})]))
+    assert layout.upper is not None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+    def fallocate(fd: int, mode: int, off: int, length: int) -> None:
+        assert libc.fallocate(fd, mode, off, length) == 0, os.strerror(ctypes.get_errno())
+
+    with layout.mount(subject_named("layerfs")) as m:
+        fd = os.open(m.mnt / "f", os.O_WRONLY)
+        ufd = -1
+        try:
+            fallocate(fd, punch_hole | keep_size, 16384, 16384)
+            # before any read: a cached page over an unwritten range counts as data
+            ufd = os.open(layout.upper / "f", os.O_RDONLY)
+            assert os.lseek(ufd, 0, os.SEEK_HOLE) == 16384
+            assert os.lseek(ufd, 16384, os.SEEK_DATA) == 32768
+            fallocate(fd, keep_size, 0, 1 << 20)
+            st = os.fstat(ufd)
+            assert st.st_size == 65536 and st.st_blocks * 512 >= 1 << 20
+        finally:
+            os.close(fd)
+            if ufd >= 0:
+                os.close(ufd)
+        assert (m.mnt / "f").read_bytes() == b"x" * 16384 + bytes(16384) + b"x" * 32768
+        assert (m.mnt / "f").stat().st_size == 65536

@@ -444,6 +444,7 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "truncate-same-size",  # truncate of a lower file to its size: no copy-up, no new mtime
         "copyup-holes",  # copy-up writes holes out as zeros (the kernel skips them)
         "no-tmpfile",  # open(dir, O_TMPFILE): EOPNOTSUPP (the kernel copies the dir up)
+        "no-fallocate-shift",  # FUSE refuses fallocate's COLLAPSE_RANGE and INSERT_RANGE
         "wh-names",  # refuses user names starting with .wh. (EINVAL), hides them
         "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
         "user-overlay-names",  # setxattr of user.overlay.* fails (ENODATA); kernel stores it
@@ -453,7 +454,8 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
 # Not bugs of the engine, and documented in docs/design.md ("Caveats"):
 LAYERFS_LIMITS = frozenset(
     {
-        "no-fallocate",  # pyfuse3 3.5 forwards no FALLOCATE: the kernel answers EOPNOTSUPP
+        # FUSE itself refuses fallocate's COLLAPSE_RANGE and INSERT_RANGE (EOPNOTSUPP)
+        "no-fallocate-shift",
         "no-tmpfile",  # libfuse 3.14 has no TMPFILE request: open(dir, O_TMPFILE) fails
         # names starting with .wh. are whiteout markers on disk: layerfs refuses to create
         # them (EPERM) rather than let a user write a whiteout; the kernel creates them

@@ -233,17 +233,22 @@ def _open_trunc(p: bytes, data: bytes) -> object:
     return os.lstat(p).st_size
 
 
-def _fallocate(p: bytes, offset: int, length: int) -> object:
+# fallocate(2) modes (linux/falloc.h)
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x01, 0x02, 0x08, 0x10, 0x20
+
+
+def _fallocate(p: bytes, offset: int, length: int, mode: int = 0) -> object:
     fd = os.open(p, os.O_WRONLY | _NB)
     try:
         # fallocate(2) itself: glibc's posix_fallocate would hide EOPNOTSUPP behind an
         # emulation by writes (which then fails with EBADF on an O_WRONLY fd).
-        if _libc.fallocate(fd, 0, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
         os.fsync(fd)
     finally:
         os.close(fd)
+    # (not st_blocks: an upper's xattr block counts in it, and the two uppers' xattrs differ)
     return os.lstat(p).st_size
 
 
