@@ -71,6 +71,14 @@ def _max_size_opt(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _insecure_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain HTTP and unverified TLS (localhost needs no flag for HTTP)",
+    )
+
+
 def _parse_size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -96,9 +104,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _max_size_opt(p)
     p.set_defaults(func=_guard(_cmd_import))
 
+    p = isub.add_parser("pull", help="pull an image from a registry")
+    _store_opt(p)
+    p.add_argument("ref", metavar="[REGISTRY/]REPO[:TAG|@DIGEST]")
+    p.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
+    p.add_argument(
+        "--tag", action="append", dest="tags", metavar="NAME", help="tag in the store (repeatable)"
+    )
+    _insecure_opt(p)
+    _max_size_opt(p)
+    p.add_argument("--jobs", type=int, default=4, metavar="N", help="blobs fetched at once")
+    p.set_defaults(func=_guard(_cmd_pull))
+
+    p = isub.add_parser("push", help="push an image to a registry")
+    _store_opt(p)
+    p.add_argument("ref", metavar="IMAGE")
+    p.add_argument("dest", metavar="[REGISTRY/]REPO:TAG")
+    _insecure_opt(p)
+    p.add_argument(
+        "--chunk-size",
+        type=_parse_size,
+        metavar="SIZE",
+        help="upload blobs larger than SIZE in chunks of SIZE (default 64M)",
+    )
+    p.set_defaults(func=_guard(_cmd_push))
+
     p = isub.add_parser("ls", help="list images with sizes and shared layers")
     _store_opt(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--digests", action="store_true", help="show repository and digest pulled")
     p.set_defaults(func=_guard(_cmd_ls))
 
     p = isub.add_parser("rm", help="remove images (or tags); free layers no image uses")
@@ -190,6 +224,42 @@ def _say_moved(store: Store) -> None:
         print(f"layerfs: tag {tag} moved from {old[:19]} to this image", file=sys.stderr)
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from layerfs.store.oci import Platform
+    from layerfs.store.pull import pull
+
+    store = _store(args.store)
+    platform = Platform.parse(args.platform) if args.platform else None
+    rec = pull(
+        store,
+        args.ref,
+        platform=platform,
+        insecure=args.insecure,
+        tags=tuple(args.tags) if args.tags else None,
+        max_size=args.max_size,
+        jobs=args.jobs,
+    )
+    _say_moved(store)
+    print(f"Digest: {rec.repo_digest}", file=sys.stderr)
+    print(f"{rec.manifest_digest} {' '.join(store.tags_of(rec.manifest_digest))}".rstrip())
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from layerfs.store.push import CHUNK_SIZE, push
+
+    store = _store(args.store).require()
+    digest = push(
+        store,
+        args.ref,
+        args.dest,
+        insecure=args.insecure,
+        chunk_size=args.chunk_size or CHUNK_SIZE,
+    )
+    print(digest)
+    return 0
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args.store).require()
     users = store.layer_users()
@@ -213,23 +283,29 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 "unique_size": sum(sizes.get(d, 0) for d in layers if users.get(d, 0) == 1),
                 "platform": rec.platform,
                 "created": rec.created,
+                "repository": rec.repository,
+                "repo_digest": rec.repo_digest,
             }
         )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    digests = f"  {'REPOSITORY':<40} REPO DIGEST" if args.digests else ""
     print(
         f"{'TAG':<32} {'DIGEST':<13} {'LAYERS':>6} {'SHARED':>6} {'SIZE':>10} {'UNIQUE':>10}"
-        "  PLATFORM"
+        f"  {'PLATFORM':<12}{digests}".rstrip()
     )
     for r in rows:
         tags = r["tags"] or ["<none>"]
         assert isinstance(tags, list)
+        extra = ""
+        if args.digests:
+            extra = f"  {r['repository'] or '<none>':<40} {r['repo_digest'] or r['digest']}"
         for t in tags:
             print(
                 f"{t:<32} {str(r['digest'])[7:19]:<13} {r['layers']:>6} {r['shared_layers']:>6} "
                 f"{_size(int(str(r['size']))):>10} {_size(int(str(r['unique_size']))):>10}"
-                f"  {r['platform']}"
+                f"  {r['platform']:<12}{extra}".rstrip()
             )
     return 0
 

@@ -237,22 +237,7 @@ class Layout:
         raise OciError("indexes nested too deeply")
 
     def _pick(self, entries: list[dict[str, object]], platform: Platform, what: str) -> Descriptor:
-        if not entries:
-            raise OciError(f"{what}: no manifests")
-        with_platform = [e for e in entries if "platform" in e]
-        if len(entries) == 1 and not with_platform:
-            return Descriptor.parse(entries[0], what)
-        matching = [e for e in entries if platform.matches(e.get("platform"))]
-        if not matching:
-            if not with_platform:
-                raise OciError(f"{what}: {len(entries)} images and no tag given; name a tag")
-            have = sorted(_platform_str(e.get("platform")) for e in with_platform)
-            raise OciError(f"{what}: no manifest for platform {platform} (has: {', '.join(have)})")
-        if len(matching) > 1:
-            # Prefer an exact variant match over an entry with no variant.
-            exact = [e for e in matching if _variant(e) == platform.variant]
-            matching = exact or matching
-        return Descriptor.parse(matching[0], what)
+        return pick_manifest(entries, platform, what)
 
     def _image(self, desc: Descriptor) -> ResolvedImage:
         mbytes, manifest = self.read_json_blob(desc, "manifest")
@@ -273,6 +258,31 @@ class Layout:
                 f"config lists {len(diff_ids)} diff_ids for {len(layers)} manifest layers"
             )
         return ResolvedImage(desc, mbytes, manifest, config_desc, cbytes, config, layers, diff_ids)
+
+
+def pick_manifest(entries: list[dict[str, object]], platform: Platform, what: str) -> Descriptor:
+    """The entry of an index for ``platform``; the error lists the platforms there are."""
+    if not entries:
+        raise OciError(f"{what}: no manifests")
+    with_platform = [e for e in entries if "platform" in e]
+    if len(entries) == 1 and not with_platform:
+        return Descriptor.parse(entries[0], what)
+    matching = [e for e in entries if platform.matches(e.get("platform"))]
+    if not matching:
+        if not with_platform:
+            raise OciError(f"{what}: {len(entries)} images and no tag given; name a tag")
+        have = sorted(_platform_str(e.get("platform")) for e in with_platform)
+        raise OciError(f"{what}: no manifest for platform {platform} (has: {', '.join(have)})")
+    if len(matching) > 1:
+        # Prefer an exact variant match over an entry with no variant.
+        exact = [e for e in matching if _variant(e) == platform.variant]
+        matching = exact or matching
+    return Descriptor.parse(matching[0], what)
+
+
+def index_entries(index: dict[str, object], what: str) -> list[dict[str, object]]:
+    """The ``manifests`` of an image index (manifest list)."""
+    return _manifests(index, what)
 
 
 def config_diff_ids(config: dict[str, object]) -> tuple[str, ...]:

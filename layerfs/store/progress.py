@@ -62,3 +62,52 @@ def human_size(n: int) -> str:
             return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+class LayerLines:
+    """One status line per layer, as ``docker pull`` prints them (``1a2b3c4d5e6f: Downloading
+    3.1 MiB / 9.8 MiB``). On a terminal the block of lines is redrawn in place; elsewhere each
+    change of status (not each byte count) is printed once, so logs stay short. Thread-safe."""
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
+        import threading
+
+        self._stream = stream if stream is not None else sys.stderr
+        self.tty = self._stream.isatty() if tty is None else tty
+        self._lock = threading.Lock()
+        self._lines: dict[str, str] = {}
+        self._drawn = 0
+        self._last = 0.0
+
+    def status(self, key: str, text: str) -> None:
+        """Set the line of ``key`` (a digest) to ``text`` (a status change: always shown)."""
+        with self._lock:
+            self._lines[key] = text
+            if self.tty:
+                self._draw()
+            else:
+                self._stream.write(f"{_short(key)}: {text}\n")
+                self._stream.flush()
+
+    def bytes(self, key: str, verb: str, done: int, total: int) -> None:
+        """A byte count for ``key``: shown on a terminal (throttled), not in logs."""
+        if not self.tty:
+            return
+        with self._lock:
+            self._lines[key] = f"{verb} {human_size(done)} / {human_size(total)}"
+            now = time.monotonic()
+            if now - self._last >= 0.1 or done >= total:
+                self._draw()
+
+    def _draw(self) -> None:
+        self._last = time.monotonic()
+        out = "\x1b[F" * self._drawn if self._drawn else ""
+        for key, text in self._lines.items():
+            out += f"\r\x1b[K{_short(key)}: {text}\n"
+        self._drawn = len(self._lines)
+        self._stream.write(out)
+        self._stream.flush()
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]

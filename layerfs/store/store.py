@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -73,9 +74,15 @@ class ImageRecord:
     platform: str
     created: str
     source: str
+    # Set by a pull: the registry/repository, and the digest pulled (an index's, for a
+    # multi-platform image), as ``image ls --digests`` shows them.
+    repository: str = ""
+    repo_digest: str = ""
 
     def to_json(self) -> dict[str, object]:
+        extra = {"repository": self.repository, "repo_digest": self.repo_digest}
         return {
+            **{k: v for k, v in extra.items() if v},
             "manifest_digest": self.manifest_digest,
             "manifest_size": self.manifest_size,
             "manifest_media_type": self.manifest_media_type,
@@ -110,6 +117,8 @@ class ImageRecord:
             platform=str(obj["platform"]),
             created=str(obj["created"]),
             source=str(obj["source"]),
+            repository=str(obj.get("repository", "")),
+            repo_digest=str(obj.get("repo_digest", "")),
         )
 
     @property
@@ -251,13 +260,15 @@ class Store:
         tags: tuple[str, ...],
         progress: Progress | None = None,
         max_size: int | None = None,
+        repository: str = "",
+        repo_digest: str = "",
     ) -> ImageRecord:
         """Verify and extract ``layers``, then publish blobs, layers, record and tags.
 
         The caller holds the lock. ``manifest`` and ``config`` bytes are already verified
         against their digests by the caller (they were read through a descriptor or built).
         """
-        known = self._blob_diff_ids()
+        known = self.blob_diff_ids()
         manifest_desc, manifest_bytes = manifest
         config_digest, config_bytes, config_obj = config
         with self.staging() as st:
@@ -303,10 +314,18 @@ class Store:
                 platform=_config_platform(config_obj),
                 created=_now(),
                 source=source,
+                repository=repository,
+                repo_digest=repo_digest,
             )
             rec_path = os.path.join(self.images_dir, parse_digest(record.manifest_digest) + ".json")
             if os.path.exists(rec_path):
-                record = self._load_record(rec_path)  # re-import: keep the first record
+                old = self._load_record(rec_path)  # re-import: keep the first record,
+                if repository and (old.repository, old.repo_digest) != (repository, repo_digest):
+                    old = dataclasses.replace(  # noting where it was pulled from last
+                        old, repository=repository, repo_digest=repo_digest
+                    )
+                    _write_json(rec_path, old.to_json())
+                record = old
             else:
                 _write_json(rec_path, record.to_json())
             current = self.tags()
@@ -405,7 +424,7 @@ class Store:
         if progress is not None:
             progress.finish()
 
-    def _blob_diff_ids(self) -> dict[str, str]:
+    def blob_diff_ids(self) -> dict[str, str]:
         """Compressed-blob digest -> diffID, as proved by earlier imports."""
         out: dict[str, str] = {}
         for rec in self.images():

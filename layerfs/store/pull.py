@@ -1,0 +1,205 @@
+"""``layerfs image pull``: an image from a registry into the store, as an engine pulls it.
+
+Resolve the reference (a tag, or a digest the manifest is checked against); an index or
+Docker manifest list picks the platform (the host's, or the one asked for) and says which
+exist when none fits; then the config and every layer blob the store does not hold are
+fetched, several at once, each verified against its digest while it streams. The image is
+then ingested like an import (each layer checked against its diffID while it is extracted)
+and recorded with its repository, tag and the digest pulled.
+
+Downloads land in ``STORE/downloads/HEX`` (a ``.part`` while in flight), renamed there only
+once verified, under a per-blob lock (``HEX.lock``, flock): two pulls that share a layer
+fetch it once, the second waiting for the first. An interrupted pull (Ctrl-C, kill, a full
+disk) leaves the store's images, layers and tags as they were; the verified downloads stay,
+and the next pull goes on from them. A completed pull deletes the downloads it used.
+
+Must not import: pyfuse3, trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
+
+from layerfs.store import oci
+from layerfs.store.digest import DigestError, parse_digest, sha256_bytes
+from layerfs.store.progress import LayerLines
+from layerfs.store.reference import Reference
+from layerfs.store.registry import Registry, RegistryError
+from layerfs.store.store import ImageRecord, StagedLayer, Store
+
+JOBS = 4
+
+
+class Downloads:
+    """Verified blobs fetched for the store but not yet in it, with a lock per blob."""
+
+    def __init__(self, store: Store) -> None:
+        self.dir = os.path.join(store.root, "downloads")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.dir, parse_digest(digest))
+
+    @contextlib.contextmanager
+    def locked(self, digest: str) -> Iterator[str]:
+        """Hold blob ``digest``'s lock; yield the path where its verified copy lives."""
+        final = self.path(digest)
+        fd = os.open(final + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield final
+        finally:
+            os.close(fd)
+
+    def discard(self, digest: str) -> None:
+        for suffix in ("", ".part"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(digest) + suffix)
+
+
+def pull(
+    store: Store,
+    ref_text: str,
+    *,
+    platform: oci.Platform | None = None,
+    insecure: bool = False,
+    tags: tuple[str, ...] | None = None,
+    lines: LayerLines | None = None,
+    jobs: int = JOBS,
+    max_size: int | None = None,
+    registry: Registry | None = None,
+) -> ImageRecord:
+    """Pull ``ref_text`` (``[REGISTRY/]REPO[:TAG|@DIGEST]``) into ``store``.
+
+    Tags default to ``REGISTRY/REPO:TAG`` (none for a pull by digest alone).
+    """
+    ref = Reference.parse(ref_text)
+    lines = lines if lines is not None else LayerLines()
+    scope = f"repository:{ref.repository}:pull"
+    reg = registry or Registry(ref.api_host, insecure=insecure, scopes=(scope,))
+    with reg:
+        top_bytes, top_type = reg.get_manifest(ref.repository, ref.reference)
+        top_digest = sha256_bytes(top_bytes)
+        if ref.digest is not None and top_digest != ref.digest:
+            raise DigestError(f"{ref}: the registry's manifest has digest {top_digest}")
+        top = _json(top_bytes, f"{ref}: manifest")
+        media_type = str(top.get("mediaType") or top_type)
+        if media_type in oci.INDEX_TYPES:
+            want = platform or oci.Platform.host()
+            desc = oci.pick_manifest(oci.index_entries(top, str(ref)), want, str(ref))
+            mbytes, _ = reg.get_manifest(ref.repository, desc.digest)
+            if len(mbytes) != desc.size or sha256_bytes(mbytes) != desc.digest:
+                raise DigestError(f"{ref}: manifest {desc.digest} does not match the index")
+            manifest_desc = oci.Descriptor(desc.media_type, desc.digest, desc.size)
+        else:
+            mbytes = top_bytes
+            manifest_desc = oci.Descriptor(media_type, top_digest, len(top_bytes))
+        if manifest_desc.media_type not in oci.MANIFEST_TYPES:
+            raise oci.OciError(
+                f"{ref}: manifest media type {manifest_desc.media_type!r} is not supported "
+                "(OCI or Docker schema 2 only)"
+            )
+        manifest = _json(mbytes, f"{ref}: manifest")
+        config_desc = oci.Descriptor.parse(manifest.get("config"), "manifest config")
+        if config_desc.media_type not in oci.CONFIG_TYPES:
+            raise oci.OciError(f"unknown config media type {config_desc.media_type!r}")
+        raw_layers = manifest.get("layers")
+        if not isinstance(raw_layers, list):
+            raise oci.OciError(f"manifest {manifest_desc.digest}: no layers list")
+        layers = [oci.Descriptor.parse(d, "manifest layer") for d in raw_layers]
+        for layer in layers:
+            if layer.media_type not in oci.LAYER_TYPES:
+                raise oci.OciError(f"layer {layer.digest}: unknown media type {layer.media_type!r}")
+        cbytes = reg.get_small_blob(ref.repository, config_desc, "config")
+        config = _json(cbytes, "config")
+        diff_ids = oci.config_diff_ids(config)
+        if len(diff_ids) != len(layers):
+            raise oci.OciError(
+                f"config lists {len(diff_ids)} diff_ids for {len(layers)} manifest layers"
+            )
+
+        downloads = Downloads(store)
+        known = store.blob_diff_ids()
+        fetch: dict[str, oci.Descriptor] = {}
+        for d, diff_id in zip(layers, diff_ids, strict=True):
+            if known.get(d.digest) == diff_id and store.has_layer(diff_id):
+                lines.status(d.digest, "Already exists")
+            elif d.digest not in fetch:
+                fetch[d.digest] = d
+                lines.status(d.digest, "Pulling fs layer")
+
+        def get(d: oci.Descriptor) -> None:
+            _fetch_blob(reg, ref.repository, d, downloads, lines)
+
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pull") as pool:
+            # list(): wait for all, and raise the first error.
+            list(pool.map(get, fetch.values()))
+
+    staged = [
+        StagedLayer(d, diff_id, _opener(store, downloads, d.digest))
+        for d, diff_id in zip(layers, diff_ids, strict=True)
+    ]
+    if tags is None:
+        tags = (f"{ref.name}:{ref.tag}",) if ref.tag else ()
+    with store.locked():
+        for d in fetch.values():
+            lines.status(d.digest, "Extracting")
+        record = store.ingest(
+            staged,
+            manifest=(manifest_desc, mbytes),
+            config=(config_desc.digest, cbytes, config),
+            source=str(ref),
+            tags=tags,
+            max_size=max_size,
+            repository=ref.name,
+            repo_digest=top_digest,
+        )
+    for d in fetch.values():
+        downloads.discard(d.digest)
+        lines.status(d.digest, "Pull complete")
+    return record
+
+
+def _fetch_blob(
+    reg: Registry, repo: str, d: oci.Descriptor, downloads: Downloads, lines: LayerLines
+) -> None:
+    with downloads.locked(d.digest) as final:
+        if os.path.exists(final):
+            # Verified by an earlier (or a concurrent) pull that did not ingest it yet.
+            lines.status(d.digest, "Download complete (already downloaded)")
+            return
+
+        def tick(done: int) -> None:
+            lines.bytes(d.digest, "Downloading", done, d.size)
+
+        part = final + ".part"
+        try:
+            reg.download_blob(repo, d, part, tick)
+        except OSError as e:
+            raise RegistryError(f"layer {d.digest}: writing the download: {e}") from None
+        os.rename(part, final)
+        lines.status(d.digest, "Download complete")
+
+
+def _opener(store: Store, downloads: Downloads, digest: str) -> Callable[[], BinaryIO]:
+    def open_blob() -> BinaryIO:
+        path = store.blob_path(digest) if store.has_blob(digest) else downloads.path(digest)
+        return open(path, "rb")
+
+    return open_blob
+
+
+def _json(data: bytes, what: str) -> dict[str, object]:
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise oci.OciError(f"{what}: invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise oci.OciError(f"{what}: not a JSON object")
+    return obj

@@ -1,0 +1,375 @@
+"""``layerfs image pull`` and ``push`` against a real registry (Debian's docker-registry,
+distribution 2.8) filled by skopeo from layouts ``ocitools`` builds, and the pushed images
+read back by skopeo and podman."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.mounts import mount_kernel
+
+from layerfs.store.store import Store
+from store.ocitools import E, snapshot, write_image, write_platform_index
+from store.registry_env import LocalRegistry, auth_file, local_registry, registry_binary
+
+pytestmark = [pytest.mark.external]
+
+CLI = [sys.executable, "-m", "layerfs.store.cli"]
+BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
+
+
+def _need() -> None:
+    missing = [t for t in ("skopeo",) if shutil.which(t) is None]
+    if registry_binary() is None:
+        missing.append("docker-registry")
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian packages)")
+
+
+def _base_layer() -> list[E]:
+    out = [
+        E("bin", "d", mode=0o755),
+        E("etc", "d", mode=0o755),
+        E("etc/hello", data=b"hello from the registry\n"),
+        E("srv", "d", mode=0o750, uid=1000, gid=1000),
+        E("srv/data", data=os.urandom(300_000)),
+    ]
+    if BUSYBOX is not None:
+        out.append(E("bin/busybox", data=Path(BUSYBOX).read_bytes(), mode=0o755))
+        out += [E(f"bin/{a}", "l", link="busybox") for a in ("sh", "cat", "ls", "test")]
+    return out
+
+
+TOP = [E("etc/hello", data=b"second layer\n"), E("srv/.wh.data"), E("srv/new", data=b"n")]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    """A registry holding test/base:1 (gzip, 2 layers), test/zstd:1, test/plain:1 (an
+    uncompressed layer), test/docker:1 (Docker schema 2) and test/multi:1 (an index of
+    linux/amd64 and linux/arm64)."""
+    _need()
+    tmp = tmp_path_factory.mktemp("registry")
+    with local_registry(tmp / "reg") as r:
+        src = tmp / "src"
+        write_image(src, [_base_layer(), TOP], tag="base")
+        r.skopeo_copy(f"oci:{src}:base", "test/base:1")
+        r.skopeo_copy(f"oci:{src}:base", "test/docker:1", docker_v2s2=True)
+        write_image(tmp / "zstd", [[E("z", data=b"zstd layer")]], tag="z", compression="zstd")
+        r.skopeo_copy(f"oci:{tmp / 'zstd'}:z", "test/zstd:1")
+        write_image(tmp / "plain", [[E("p", data=b"plain layer")]], tag="p", compression="none")
+        r.skopeo_copy(f"oci:{tmp / 'plain'}:p", "test/plain:1")
+        multi = tmp / "multi"
+        amd = write_image(multi, [[E("arch", data=b"amd64")]], tag=None, arch="amd64")
+        arm = write_image(multi, [[E("arch", data=b"arm64")]], tag=None, arch="arm64")
+        write_platform_index(
+            multi,
+            [(amd, {"os": "linux", "architecture": "amd64"}),
+             (arm, {"os": "linux", "architecture": "arm64"})],
+            "m",
+        )  # fmt: skip
+        r.skopeo_copy(f"oci:{multi}:m", "test/multi:1", all_images=True)
+        yield r
+
+
+def _manifest_digest(reg: LocalRegistry, repo_tag: str) -> str:
+    out = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{reg.host}/{repo_tag}"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(out).hexdigest()
+
+
+@pytest.mark.kernel_overlay
+def test_pull_by_tag_and_digest(reg: LocalRegistry, tmp_path: Path) -> None:
+    """A pull gives the manifest the registry holds, tagged and recorded with repository and
+    digest, whose layers mount to the tree the same image imported from its layout gives."""
+    store = Store(str(tmp_path / "store"))
+    ref = f"{reg.host}/test/base:1"
+    r = _cli("image", "pull", "--store", store.root, ref)
+    assert r.returncode == 0, r.stderr
+    digest = _manifest_digest(reg, "test/base:1")
+    rec = store.resolve(ref)
+    assert rec.manifest_digest == digest == rec.repo_digest
+    assert rec.repository == f"{reg.host}/test/base"
+    assert r.stderr.count("Pull complete") == 2 and f"Digest: {digest}" in r.stderr
+    ls = _cli("image", "ls", "--digests", "--store", store.root)
+    assert f"{reg.host}/test/base" in ls.stdout and digest in ls.stdout
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mount_kernel(store.lowers(ref), None, None, mnt):
+        tree = snapshot(mnt)
+    assert (tree["etc/hello"], "srv/data" in tree) == (tree["etc/hello"], False)
+    assert "srv/new" in tree
+    # By digest: the same image, no download (every layer is there), no new tag.
+    again = _cli("image", "pull", "--store", store.root, f"{reg.host}/test/base@{digest}")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("Already exists") == 2
+    assert len(store.images()) == 1
+    bad = "sha256:" + "0" * 64
+    r = _cli("image", "pull", "--store", store.root, f"{reg.host}/test/base@{bad}")
+    assert r.returncode == 1 and "not found" in r.stderr
+    assert store.verify(ref) == {d: [] for d in rec.diff_ids}
+
+
+def test_pull_media_types(reg: LocalRegistry, tmp_path: Path) -> None:
+    """zstd, uncompressed and Docker schema 2 images pull and extract."""
+    store = Store(str(tmp_path / "store"))
+    for repo, name, data in (
+        ("test/zstd:1", "z", b"zstd layer"),
+        ("test/plain:1", "p", b"plain layer"),
+        ("test/docker:1", "etc/hello", b"second layer\n"),
+    ):
+        r = _cli("image", "pull", "--store", store.root, f"{reg.host}/{repo}")
+        assert r.returncode == 0, r.stderr
+        assert (Path(store.lowers(f"{reg.host}/{repo}")[0]) / name).read_bytes() == data
+    layer_types = {
+        repo: store.resolve(f"{reg.host}/test/{repo}:1").layers[0].media_type
+        for repo in ("zstd", "plain", "docker")
+    }
+    assert layer_types == {
+        "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+        "plain": "application/vnd.oci.image.layer.v1.tar",
+        "docker": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    }
+    docker = store.resolve(f"{reg.host}/test/docker:1")
+    assert docker.manifest_media_type == "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def test_pull_platform_from_index(reg: LocalRegistry, tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    ref = f"{reg.host}/test/multi:1"
+    r = _cli("image", "pull", "--store", store.root, "--platform", "linux/arm64", ref)
+    assert r.returncode == 0, r.stderr
+    rec = store.resolve(ref)
+    assert rec.platform == "linux/arm64"
+    assert rec.repo_digest == _manifest_digest(reg, "test/multi:1") != rec.manifest_digest
+    assert (Path(store.lowers(ref)[0]) / "arch").read_bytes() == b"arm64"
+    r = _cli("image", "pull", "--store", store.root, "--platform", "linux/s390x", ref)
+    assert r.returncode == 1
+    assert "no manifest for platform linux/s390x (has: linux/amd64, linux/arm64)" in r.stderr
+    r = _cli("image", "pull", "--store", store.root, f"{reg.host}/test/nothing:1")
+    assert r.returncode == 1 and "not found" in r.stderr
+
+
+@pytest.mark.kernel_overlay
+@pytest.mark.slow
+def test_round_trip_push_to_skopeo_and_podman(reg: LocalRegistry, tmp_path: Path) -> None:
+    """pull, mount, change, commit, push (blobs of the base mounted from its repository, the
+    new one uploaded in chunks), then skopeo copies the pushed image and podman pulls and
+    runs it."""
+    store = Store(str(tmp_path / "store"))
+    ref = f"{reg.host}/test/base:1"
+    assert _cli("image", "pull", "--store", store.root, ref).returncode == 0
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    with mount_kernel(store.lowers(ref), upper, work, mnt):
+        (mnt / "etc/pushed").write_bytes(os.urandom(40_000))
+        (mnt / "etc/hello").write_text("changed before the push\n")
+        expected = snapshot(mnt)
+    r = _cli("commit", "--store", store.root, "--image", ref, "--tag", "mine", str(upper))
+    assert r.returncode == 0, r.stderr
+    dest = f"{reg.host}/pushed/mine:2"
+    r = _cli("image", "push", "--store", store.root, "--chunk-size", "16K", "mine", dest)
+    assert r.returncode == 0, r.stderr
+    rec = store.resolve("mine")
+    assert r.stdout.strip() == rec.manifest_digest == _manifest_digest(reg, "pushed/mine:2")
+    assert r.stderr.count("Mounted from test/base") == 2, r.stderr
+    log = reg.log.read_text(errors="replace")
+    assert '"PATCH /v2/pushed/mine/blobs/uploads/' in log
+    # Pushed again: every blob is there already.
+    r = _cli("image", "push", "--store", store.root, "mine", dest)
+    assert r.returncode == 0 and r.stderr.count("Layer already exists") == 4, r.stderr
+
+    out = tmp_path / "copied"
+    subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{dest}", f"oci:{out}:x"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    again = Store(str(tmp_path / "store2"))
+    again.import_layout(f"{out}:x")
+    with mount_kernel(again.lowers("x"), None, None, mnt):
+        assert snapshot(mnt) == expected
+
+    if shutil.which("podman") is None or BUSYBOX is None:
+        pytest.skip("needs podman and busybox-static for the podman half")
+    conf = tmp_path / "storage.conf"
+    conf.write_text(
+        f'[storage]\ndriver = "vfs"\ngraphroot = "{tmp_path}/g"\nrunroot = "{tmp_path}/r"\n'
+    )
+    env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf), "HOME": str(tmp_path)}
+
+    def podman(*args: str) -> str:
+        p = subprocess.run(
+            ["podman", "--cgroup-manager", "cgroupfs", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=240,
+        )
+        assert p.returncode == 0, f"podman {args}: {p.stderr}"
+        return p.stdout
+
+    try:
+        podman("pull", "--tls-verify=false", dest)
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        limits = [f"--ulimit=nofile={min(nofile, 4096)}", f"--ulimit=nproc={min(nproc, 4096)}"]
+        runtime = ["--runtime", "runc"] if shutil.which("runc") else []
+        output = podman(
+            "run", "--rm", "--network", "none", *runtime, *limits, dest,
+            "/bin/sh", "-c", "cat /etc/hello; ls /srv /etc",
+        )  # fmt: skip
+        assert "changed before the push" in output
+        assert "pushed" in output and "new" in output and "data" not in output
+    finally:
+        subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True, timeout=120)
+
+
+def test_auth_basic_from_auth_files(tmp_path: Path) -> None:
+    """An htpasswd registry: refused without credentials (the message says so), with wrong
+    ones ("refused"), and pulled with credentials from $REGISTRY_AUTH_FILE (podman's) or
+    ~/.docker/config.json."""
+    _need()
+    with local_registry(tmp_path / "reg", auth=True) as r:
+        assert r.user is not None and r.password is not None
+        write_image(tmp_path / "src", [[E("a", data=b"auth")]], tag="a")
+        r.skopeo_copy(f"oci:{tmp_path / 'src'}:a", "secret/img:1")
+        home = tmp_path / "home"
+        home.mkdir()
+        clean = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
+        }
+        env = {**clean, "HOME": str(home)}
+        store = Store(str(tmp_path / "store"))
+        ref = f"{r.host}/secret/img:1"
+        res = _cli("image", "pull", "--store", store.root, ref, env=env)
+        assert res.returncode == 1 and "credentials needed" in res.stderr, res.stderr
+        wrong = auth_file(tmp_path / "wrong.json", r.host, r.user, "nope")
+        res = _cli(
+            "image",
+            "pull",
+            "--store",
+            store.root,
+            ref,
+            env={**env, "REGISTRY_AUTH_FILE": str(wrong)},
+        )
+        assert res.returncode == 1 and "refused" in res.stderr, res.stderr
+        good = auth_file(tmp_path / "auth.json", r.host, r.user, r.password)
+        res = _cli(
+            "image",
+            "pull",
+            "--store",
+            store.root,
+            ref,
+            env={**env, "REGISTRY_AUTH_FILE": str(good)},
+        )
+        assert res.returncode == 0, res.stderr
+        (home / ".docker").mkdir()
+        token = base64.b64encode(f"{r.user}:{r.password}".encode()).decode()
+        (home / ".docker/config.json").write_text(
+            json.dumps({"auths": {f"http://{r.host}": {"auth": token}}})
+        )
+        store2 = Store(str(tmp_path / "store2"))
+        res = _cli("image", "pull", "--store", store2.root, ref, env=env)
+        assert res.returncode == 0, res.stderr
+        res = _cli("image", "push", "--store", store2.root, ref, f"{r.host}/secret/copy:1", env=env)
+        assert res.returncode == 0, res.stderr
+
+
+def _big_image(tmp: Path, name: str, shared: bytes, own: bytes) -> Path:
+    layout = tmp / name
+    write_image(
+        layout, [[E("shared", data=shared)], [E("own", data=own)]], tag=name, compression="none"
+    )
+    return layout
+
+
+def test_concurrent_pulls_fetch_shared_layer_once(reg: LocalRegistry, tmp_path: Path) -> None:
+    """Two pulls at once of images that share a layer: the registry serves that blob once."""
+    shared = os.urandom(8 << 20)
+    for name in ("c1", "c2"):
+        layout = _big_image(tmp_path, name, shared, name.encode() * 1000)
+        reg.skopeo_copy(f"oci:{layout}:{name}", f"conc/{name}:1")
+    store = Store(str(tmp_path / "store"))
+    index = json.loads((tmp_path / "c1/index.json").read_text())
+    manifest = json.loads(
+        (tmp_path / "c1/blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
+    )
+    shared_digest = manifest["layers"][0]["digest"]
+    procs = [
+        subprocess.Popen(
+            [*CLI, "image", "pull", "--store", store.root, f"{reg.host}/conc/{n}:1"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in ("c1", "c2")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    assert reg.blob_gets(shared_digest) == 1
+    assert len(store.images()) == 2 and len(store.layer_users()) == 3
+    # The downloads were ingested and deleted (only their lock files stay).
+    assert all(f.endswith(".lock") for f in os.listdir(Path(store.root) / "downloads"))
+
+
+def test_interrupted_pull_resumes_from_verified_layers(reg: LocalRegistry, tmp_path: Path) -> None:
+    """A pull killed (SIGKILL) after its first layer arrived leaves the store as it was; the
+    next pull fetches only what was missing."""
+    first = os.urandom(1 << 20)
+    second = os.urandom(48 << 20)
+    layout = _big_image(tmp_path, "kill", first, second)
+    reg.skopeo_copy(f"oci:{layout}:kill", "kill/img:1")
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(
+        (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
+    )
+    d1, d2 = (x["digest"] for x in manifest["layers"])
+    store = Store(str(tmp_path / "store"))
+    ref = f"{reg.host}/kill/img:1"
+    # One download at a time, the small layer first: kill when it is complete.
+    p = subprocess.Popen(
+        [*CLI, "image", "pull", "--jobs", "1", "--store", store.root, ref],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stderr is not None
+    for line in p.stderr:
+        if line.startswith(d1[7:19] + ": Download complete"):
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert store.images() == [] and store.tags() == {}
+    assert not (Path(store.root) / "layers").exists() or not any(
+        (Path(store.root) / "layers").iterdir()
+    )
+    r = _cli("image", "pull", "--store", store.root, ref)
+    assert r.returncode == 0, r.stderr
+    assert reg.blob_gets(d1) == 1  # verified before the kill, not fetched again
+    assert reg.blob_gets(d2) >= 1
+    assert store.verify(ref) == {d: [] for d in store.resolve(ref).diff_ids}

@@ -1,0 +1,183 @@
+"""The registry client's protocol paths a local docker-registry does not exercise: the bearer
+token challenge (distribution needs a token server with signing certificates for it), 5xx
+answers, and a blob stream cut off mid-way. httpx's MockTransport plays the registry: no
+filesystem is mocked."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from layerfs.store import oci
+from layerfs.store.auth import AuthError, parse_challenge
+from layerfs.store.digest import DigestError
+from layerfs.store.registry import Registry
+
+BLOB = os.urandom(3 << 20)
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+DESC = oci.Descriptor("application/vnd.oci.image.layer.v1.tar", DIGEST, len(BLOB))
+TOKEN_URL = "https://auth.example/token"
+
+
+class Registry401:
+    """A registry behind a token server that wants user:pass for pull scope."""
+
+    def __init__(self) -> None:
+        self.token_requests: list[httpx.URL] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            self.token_requests.append(request.url)
+            basic = "Basic " + base64.b64encode(b"user:pass").decode()
+            if request.headers.get("Authorization") != basic:
+                return httpx.Response(401)
+            scope = request.url.params.get("scope")
+            return httpx.Response(200, json={"token": f"tok:{scope}"})
+        if request.headers.get("Authorization") != "Bearer tok:repository:a/b:pull":
+            challenge = (
+                f'Bearer realm="{TOKEN_URL}",service="reg.example",scope="repository:a/b:pull"'
+            )
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        if request.url.path == "/v2/":
+            return httpx.Response(200)
+        return httpx.Response(200, content=BLOB)
+
+
+def _auth_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, creds: bytes | None) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("XDG_RUNTIME_DIR", "DOCKER_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "auth.json"
+    auths = {"reg.example": {"auth": base64.b64encode(creds).decode()}} if creds else {}
+    path.write_text(json.dumps({"auths": auths}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(path))
+
+
+def test_bearer_challenge_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _auth_env(tmp_path, monkeypatch, b"user:pass")
+    fake = Registry401()
+    with Registry("reg.example", transport=httpx.MockTransport(fake), backoff=0) as reg:
+        reg.download_blob("a/b", DESC, str(tmp_path / "blob"))
+        reg.download_blob("a/b", DESC, str(tmp_path / "blob2"))
+    assert (tmp_path / "blob").read_bytes() == BLOB
+    # One token for both requests (kept per realm, service and scope), fetched with Basic.
+    assert len(fake.token_requests) == 1
+    assert fake.token_requests[0].params.get("service") == "reg.example"
+
+
+def test_bearer_wrong_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _auth_env(tmp_path, monkeypatch, b"user:wrong")
+    with (
+        Registry("reg.example", transport=httpx.MockTransport(Registry401()), backoff=0) as reg,
+        pytest.raises(AuthError, match="check the credentials"),
+    ):
+        reg.download_blob("a/b", DESC, str(tmp_path / "blob"))
+
+
+def test_parse_challenge() -> None:
+    scheme, params = parse_challenge(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/alpine:pull"'
+    )
+    assert scheme == "bearer"
+    assert params == {
+        "realm": "https://auth.docker.io/token",
+        "service": "registry.docker.io",
+        "scope": "repository:library/alpine:pull",
+    }
+
+
+class _CutStream(httpx.SyncByteStream):
+    def __init__(self, data: bytes, cut: int) -> None:
+        self.data, self.cut = data, cut
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.data[: self.cut]
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_retries_5xx_and_resumes_cut_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two 503s, then a stream cut at 1 MiB: the download retries and resumes with Range
+    (the registry sees ``bytes=1048576-``), and the file is the blob, verified."""
+    _auth_env(tmp_path, monkeypatch, None)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        rng = request.headers.get("Range", "")
+        seen.append(rng)
+        if request.url.path == "/v2/":
+            return httpx.Response(200)
+        if len(seen) <= 3:
+            return httpx.Response(503)
+        if not rng:
+            return httpx.Response(200, stream=_CutStream(BLOB, 1 << 20))
+        start = int(rng.removeprefix("bytes=").rstrip("-"))
+        return httpx.Response(206, content=BLOB[start:])
+
+    with Registry("reg.example", transport=httpx.MockTransport(handler), backoff=0) as reg:
+        reg.download_blob("a/b", DESC, str(tmp_path / "blob"))
+    assert (tmp_path / "blob").read_bytes() == BLOB
+    assert seen[-1] == f"bytes={1 << 20}-"
+
+
+def test_tampered_blob_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _auth_env(tmp_path, monkeypatch, None)
+    bad = bytearray(BLOB)
+    bad[100] ^= 1
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, content=bytes(bad) + (b"x" if "long" in str(request.url) else b"")
+        )
+
+    with Registry("reg.example", transport=httpx.MockTransport(handler), backoff=0) as reg:
+        with pytest.raises(DigestError, match="digest mismatch"):
+            reg.download_blob("a/b", DESC, str(tmp_path / "blob"))
+        with pytest.raises(DigestError, match="longer"):
+            reg.download_blob("long/b", DESC, str(tmp_path / "blob"))
+
+
+def test_https_only_unless_local() -> None:
+    from layerfs.store.registry import plain_http_allowed
+
+    assert plain_http_allowed("localhost:5000", False)
+    assert plain_http_allowed("127.0.0.1:5000", False)
+    assert plain_http_allowed("[::1]:5000", False)
+    assert not plain_http_allowed("registry.example:5000", False)
+    assert not plain_http_allowed("10.0.0.1", False)
+    assert plain_http_allowed("registry.example:5000", True)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("user/app:1.2", ("docker.io", "user/app", "1.2", None)),
+        ("localhost:5000/a/b", ("localhost:5000", "a/b", "latest", None)),
+        ("127.0.0.1:5000/x:t", ("127.0.0.1:5000", "x", "t", None)),
+        ("quay.io/org/img@sha256:" + "a" * 64, ("quay.io", "org/img", None, "sha256:" + "a" * 64)),
+        ("localhost/img:v1", ("localhost", "img", "v1", None)),
+    ],
+)
+def test_reference_parse(text: str, want: tuple[str, str, str | None, str | None]) -> None:
+    from layerfs.store.reference import Reference
+
+    r = Reference.parse(text)
+    assert (r.registry, r.repository, r.tag, r.digest) == want
+
+
+@pytest.mark.parametrize("text", ["Upper/case", "a//b", "img:bad tag", "img@sha256:12"])
+def test_reference_refused(text: str) -> None:
+    from layerfs.store.reference import Reference, ReferenceError
+
+    with pytest.raises(ReferenceError):
+        Reference.parse(text)
