@@ -91,6 +91,24 @@ def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
+def open_data(dirfd: int, name: bytes, flags: int) -> int:
+    """Open regular file NAME in DIRFD for its data, with FLAGS; EIO for anything else.
+
+    The one way layer files are opened for reading or writing data. What a layer holds under
+    a name (a planted metacopy or redirect may point anywhere) is checked on an ``O_PATH``
+    descriptor before the real open, which then reopens that very inode: a device is never
+    opened (its driver would run, a disk would be read) and a FIFO never blocks the serving
+    loop waiting for a writer; a symlink is not followed.
+    """
+    path_fd = open_at(dirfd, name, os.O_PATH)
+    try:
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            raise OSError(errno.EIO, "not a regular file where data was expected")
+        return os.open(proc_path(path_fd), (flags & ~os.O_CREAT) | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+
+
 def open_tmpfile(dirfd: int) -> int:
     """An unnamed regular file (O_TMPFILE, mode 0600) in directory DIRFD, for writing."""
     return os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dirfd)

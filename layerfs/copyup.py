@@ -149,7 +149,7 @@ class CopyUp:
         O_TMPFILE, a named temporary renamed into place.
         """
         work = self.stack.work_fd
-        src = _sys.open_at(ldir, lname, os.O_RDONLY)
+        src = _sys.open_data(ldir, lname, os.O_RDONLY)
         try:
             dst, tmp = self._new_file(work)
             try:
@@ -213,9 +213,9 @@ class CopyUp:
         upath = node.path()
         if not upath:
             raise OSError(errno.ENOENT, "unlinked metacopy file")
-        src = _sys.open_at(*layer.locate(lpath), os.O_RDONLY)
+        src = _sys.open_data(*layer.locate(lpath), os.O_RDONLY)
         try:
-            dst = _sys.open_at(*self.stack.upper.locate(upath), os.O_WRONLY)
+            dst = _sys.open_data(*self.stack.upper.locate(upath), os.O_WRONLY)
             try:
                 ust = os.fstat(dst)
                 length = ust.st_size if data_len is None else min(ust.st_size, data_len)

@@ -156,7 +156,7 @@ class Files:
         real_flags = os.O_RDWR if writable else os.O_RDONLY
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
-        fd = _sys.open_at(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
+        fd = _sys.open_data(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
         return self.add(fd, node, self._on_upper(node), writable, caller.kill_priv_groups())
 
     def get(self, fh: int) -> Handle:
@@ -176,7 +176,7 @@ class Files:
         if h is not None:  # a stale entry of a reused id
             self._drop(node.id)
         dirfd, name = self.data_location(node)
-        h = Handle(_sys.open_at(dirfd, name, os.O_RDONLY), node, self._on_upper(node), False)
+        h = Handle(_sys.open_data(dirfd, name, os.O_RDONLY), node, self._on_upper(node), False)
         self.by_node[node.id] = h
         if len(self.by_node) > self.max_node_fds:
             self._evict()
@@ -214,7 +214,7 @@ class Files:
             return
         writable = self._on_upper(node)
         dirfd, name = self.data_location(node)
-        fd = _sys.open_at(dirfd, name, os.O_RDWR if writable else os.O_RDONLY)
+        fd = _sys.open_data(dirfd, name, os.O_RDWR if writable else os.O_RDONLY)
         try:
             yield
         except BaseException:
@@ -254,12 +254,12 @@ class Files:
         if not self._on_upper(node):
             await self.copyup.copy_up(node)  # the first write copies the file up
         dirfd, name = self.real_location(node)
-        return _sys.open_at(dirfd, name, os.O_WRONLY), True
+        return _sys.open_data(dirfd, name, os.O_WRONLY), True
 
     def _follow_copy_up(self, h: Handle) -> None:
         if not h.on_upper and self._on_upper(h.node):
             dirfd, name = self.real_location(h.node)
-            fd = _sys.open_at(dirfd, name, os.O_RDONLY)
+            fd = _sys.open_data(dirfd, name, os.O_RDONLY)
             h.old_fds.append(h.fd)  # a read on a worker thread may still be using it
             h.fd, h.on_upper = fd, True
 

@@ -250,6 +250,7 @@ class LayerStack:
         self.work_fd = -1
         self.indexes = LowerIndexes()
         self.root_lowers: list[tuple[Layer, Path]] | None = None  # see lookup._root_lowers
+        self.metacopy = False  # follow metacopy marks of the upper (kernel metacopy=on)
         cache = fd_cache_size(len(lowers) + (upper is not None))
         try:
             if upper is not None:

@@ -181,6 +181,10 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                     redirected = True
             elif stat.S_ISREG(st.st_mode):  # an empty file may be a metacopy too
                 metacopy, redirect = upper_file_flags(ufd, name)
+                if metacopy and not stack.metacopy:
+                    # the kernel's "refusing to follow metacopy origin": an upper's mark may
+                    # not make another file's data readable on a mount that never wrote one
+                    raise OSError(errno.EPERM, "metacopy upper file on a metacopy=off mount")
                 if metacopy and redirect:
                     d.redirect(redirect, 0)
                     redirected = True
@@ -213,13 +217,15 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         if not is_dir:
             if top_st is None or metacopy:
                 lst = _sys.lstat_at(*layer.locate(child))
+                if metacopy and not stat.S_ISREG(lst.st_mode):
+                    break  # a metacopy's data is a regular file, never a device or FIFO
                 top_st = top_st or lst
                 origin = lst
                 lowers.append((layer, child))
                 in_layer = None if renamed else layer
             break  # a non-directory ends the merge (and hides nothing above it)
         if metacopy:
-            break  # a directory cannot hold a file's data: read the upper as it is
+            break  # a directory cannot hold a file's data: no data found (EIO below)
         if origin is None:
             origin = _sys.lstat_at(*layer.locate(child))
             top_st = top_st or origin
@@ -235,7 +241,9 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         # on where (or whether) the directory's own merge continues
         positive = lower_positive(stack, parent, name)
     if metacopy and not lowers:
+        # ovl_lookup: "metacopy with no lower data found - abort lookup"
         log.warning("metacopy file %s has no lower data", os.fsdecode(name))
+        raise OSError(errno.EIO, "metacopy file without lower data")
     return Resolution(
         top_st,
         upper_st is not None,

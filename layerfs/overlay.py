@@ -65,6 +65,7 @@ class Overlay:
     def __init__(self, config: MountConfig) -> None:
         self.config = config
         self.stack = LayerStack(config.lowers, config.upper, config.workdir)
+        self.stack.metacopy = config.metacopy
         self.table = InodeTable(self.stack.devs, writable=self.stack.upper is not None)
         # the overlay xattrs written in the upper: trusted.overlay.*, or user.overlay.*
         self.names = xattrs.names_for(config.user_xattrs)
@@ -204,7 +205,7 @@ class Overlay:
             return self.attr(node)
         if ch.size is not None:
             h = self.files.handles.get(fh) if fh else None  # 0: no OPEN was sent
-            fd = h.fd if h is not None else _sys.open_at(dirfd, name, os.O_WRONLY)
+            fd = h.fd if h is not None else _sys.open_data(dirfd, name, os.O_WRONLY)
             try:
                 os.ftruncate(fd, ch.size)
                 groups = caller.kill_priv_groups()
@@ -355,7 +356,14 @@ class Overlay:
                     res = resolve(self.stack, node, name)
                 except OSError as e:
                     if e.errno not in _OUT_OF_RESOURCES:
-                        continue  # unreadable or gone since the snapshot: skipped
+                        # the kernel lists a name whose lookup fails (a planted metacopy with
+                        # no data, a bad redirect) with its real d_ino: a nodeless entry
+                        bare = self._bare_entry(node, name)
+                        if bare is not None:
+                            dh.sent[i] = (name, bare.ino, bare.mode)
+                            sent_any = True
+                            yield name, None, bare, i + 1
+                        continue  # gone since the snapshot: skipped
                     if sent_any:
                         return  # end this reply here: the next one starts at NAME again
                     raise  # never a listing that silently lacks an entry
@@ -368,6 +376,15 @@ class Overlay:
             yield name, child, attr, i + 1
         if len(dh.sent) == len(dh.names) and dh.version == node.version:
             self.dircache.put(node, [dh.sent[i] for i in range(len(dh.names))])
+
+    def _bare_entry(self, parent: Node, name: bytes) -> Attr | None:
+        """st_ino and type of upper entry NAME of PARENT, for a listing (None: not there)."""
+        if not parent.upper or self.stack.upper is None:
+            return None
+        st = _sys.lstat_at_or_none(self.stack.upper.dirfd(parent.path()), name)
+        if st is None:
+            return None
+        return Attr(0, st.st_ino, stat.S_IFMT(st.st_mode), 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     async def fsyncdir(self, fh: int) -> None:
         """fsync the directory's upper part (what a rename or create there changed)."""

@@ -36,6 +36,15 @@ def _open(p: str, flags: int, data: bytes = b"") -> object:
     return None
 
 
+def _head(p: str) -> str:
+    """The first 64 bytes of file P, as hex (a non-blocking open: a FIFO answers at once)."""
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, 64).hex()
+    finally:
+        os.close(fd)
+
+
 def _then_stat(fn: Callable[..., None]) -> Callable[..., object]:
     """FN(*args), then the lstat of the path it made (its last argument)."""
 
@@ -75,6 +84,7 @@ def _acl_tool(*argv: str) -> object:
 OPS: dict[str, Callable[..., object]] = {
     "stat": _stat,
     "read": lambda p: _open(p, os.O_RDONLY),
+    "head": _head,
     "write": lambda p: _open(p, os.O_WRONLY | os.O_APPEND, b"w"),
     "open_rdwr": lambda p: _open(p, os.O_RDWR),
     "open_trunc": lambda p: _open(p, os.O_WRONLY | os.O_TRUNC),

@@ -9,20 +9,23 @@ directory outside every layer: the absolute paths the symlinks name point at it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.mounts import mount_kernel
 from support.snapshot import compare, snapshot
 
-from ._helpers import fd_targets, layerfs_daemon, needs_root, tree_state
+from ._helpers import Daemon, fd_targets, layerfs_daemon, needs_root, tree_state
 
 pytestmark = [pytest.mark.fuse, needs_root]
 
@@ -102,14 +105,38 @@ def _ops() -> list[list[object]]:
 
 
 def _run_chroot(root: Path, ops: list[list[object]]) -> list[object]:
-    r = subprocess.run(
-        [sys.executable, str(ASUSER), str(root), "--chroot"],
-        input=json.dumps(ops),
-        capture_output=True,
+    return _run_ops(root, ops, chroot=True)
+
+
+def _run_ops(
+    root: Path,
+    ops: list[list[object]],
+    *,
+    chroot: bool = False,
+    timeout: float = 120,
+    daemon: Daemon | None = None,
+) -> list[object]:
+    """Outcomes of OPS on ROOT (see _asuser.py). Fails if they do not finish within TIMEOUT
+    (a request the daemon never answers: its loop is blocked); then DAEMON is killed, so that
+    the callers stuck on the mount get their answer (ENOTCONN) and the mount can go."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ASUSER), str(root), *(["--chroot"] if chroot else [])],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
-        check=False,
+        start_new_session=True,  # its per-operation children too, for the kill below
     )
+    try:
+        stdout, stderr = proc.communicate(json.dumps(ops), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if daemon is not None:
+            daemon.kill9()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"operations on {root} blocked for {timeout}s: {ops}") from None
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert r.returncode == 0, r.stderr
     out: list[object] = json.loads(r.stdout)
     return out
@@ -446,3 +473,77 @@ def test_hostile_redirect_in_the_upper_stays_inside(tmp_path: Path, redirect: by
     for name, entries in seen.items():
         assert not {"c", "sub", "passwd"} & set(entries), f"{name} merged the canary: {entries}"
     assert seen["layerfs"] == seen["kernel"]
+
+
+@contextlib.contextmanager
+def _loop_device(path: Path, data: bytes) -> Iterator[int]:
+    """A loop block device over a file holding DATA (a "disk" with a known secret): its rdev."""
+    path.write_bytes(data)
+    r = subprocess.run(
+        ["losetup", "--find", "--show", str(path)], capture_output=True, text=True, check=False
+    )
+    if r.returncode != 0:
+        pytest.skip(f"no loop device: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield os.stat(dev).st_rdev
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+SECRET = b"RAW DISK SECRET " * 256  # 4 KiB: one block the loop device serves
+METACOPY_TARGETS = ("blk", "chr", "fifo", "sock", "dir", "symlink", "absent", "reg")
+
+
+def _plant_metacopy_over_specials(lower: Path, upper: Path, blk: int) -> None:
+    """Lower: NAME as every kind of object; upper: NAME as a 64-byte file marked metacopy, so
+    that its data would be read from the lower's NAME (an upper from an untrusted source)."""
+    os.mknod(lower / "blk", stat.S_IFBLK | 0o644, blk)
+    os.mknod(lower / "chr", stat.S_IFCHR | 0o644, os.makedev(1, 9))  # /dev/urandom
+    os.mkfifo(lower / "fifo", 0o644)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(lower / "sock"))
+    (lower / "dir").mkdir()
+    os.symlink("reg", lower / "symlink")
+    (lower / "reg").write_bytes(b"lower data\n")
+    for name in METACOPY_TARGETS:
+        with open(upper / name, "wb") as fh:
+            fh.truncate(64)
+        os.setxattr(upper / name, b"trusted.overlay.metacopy", b"")
+
+
+@pytest.mark.kernel_overlay
+@pytest.mark.parametrize("metacopy", ["on", "off"])
+def test_planted_metacopy_never_opens_a_special_file(tmp_path: Path, metacopy: str) -> None:
+    """A metacopy mark planted over a lower device, FIFO, socket, directory or symlink: the
+    kernel refuses the lookup (EIO with metacopy=on, EPERM with it off). layerfs used to read
+    the block device (a raw disk, through a nodev mount, for any user) and to block its whole
+    loop in the open of the FIFO."""
+    options = (f"metacopy={metacopy}",)
+    ops: list[list[object]] = [[0, 0, "listdir", ""]]
+    for name in METACOPY_TARGETS:
+        ops += [[0, 0, "stat", name], [0, 0, "head", name], [1000, 1000, "head", name]]
+    seen = {}
+    with _loop_device(tmp_path / "disk.img", SECRET) as blk:
+        for subject in ("layerfs", "kernel"):
+            d = tmp_path / subject
+            lower, upper, work, mnt = (d / n for n in ("lower", "upper", "work", "merged"))
+            for p in (lower, upper, work, mnt):
+                p.mkdir(parents=True)
+            _plant_metacopy_over_specials(lower, upper, blk)
+            specials = {str(lower / n) for n in ("blk", "chr", "fifo", "sock")}
+            if subject == "layerfs":
+                with layerfs_daemon([lower], upper, work, mnt, options=options) as daemon:
+                    seen[subject] = _run_ops(mnt, ops, timeout=30, daemon=daemon)
+                    assert not specials & set(fd_targets(daemon.pid))
+                    assert daemon.alive()
+            else:
+                with mount_kernel([lower], upper, work, mnt, options=options):
+                    seen[subject] = _run_ops(mnt, ops, timeout=30)
+    assert SECRET[:64].hex() not in json.dumps(seen["layerfs"]), "layerfs read the disk"
+    diffs = [
+        f"{op}: kernel {k} layerfs {s}"
+        for op, k, s in zip(ops, seen["kernel"], seen["layerfs"], strict=True)
+        if k != s
+    ]
+    assert not diffs, "\n".join(diffs)
