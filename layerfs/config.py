@@ -60,8 +60,11 @@ class MountConfig:
 
     @property
     def user_xattrs(self) -> bool:
-        """Write ``user.overlay.*``: asked for, or chosen outside the initial user namespace."""
-        return in_user_namespace() if self.userxattr is None else self.userxattr
+        """Write ``user.overlay.*``: asked for, or chosen where ``trusted.*`` cannot be set:
+        outside the initial user namespace, or by a daemon that is not root."""
+        if self.userxattr is not None:
+            return self.userxattr
+        return in_user_namespace() or os.geteuid() != 0
 
     @property
     def redirects(self) -> bool:

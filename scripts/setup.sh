@@ -6,6 +6,9 @@
 #   2. /dev/fuse (modprobe fuse when it is missing)
 #   3. .venv in the repo, with `pip install -e '.[dev]'` (redone only when pyproject.toml,
 #      the Python version or this script's pip step changes)
+#   4. the unprivileged user the rootless podman test runs as (layerfs-rootless, with
+#      subordinate uid/gid ranges): made here because the test session may not change
+#      /etc/passwd (tests/conftest.py checks it)
 #
 # Environment: LAYERFS_SKIP_APT=1 skips step 1 (for machines set up by other means).
 set -euo pipefail
@@ -146,6 +149,24 @@ else
         || die "the venv cannot import pyfuse3/trio/xxhash after install"
     printf '%s\n' "$want_stamp" >"$stamp"
     say "venv: installed"
+fi
+
+# --- 4. the rootless test user --------------------------------------------------------------
+rootless_user=layerfs-rootless
+if [ "$(id -u)" -ne 0 ]; then
+    say "user $rootless_user: skipped (not root)"
+elif id "$rootless_user" >/dev/null 2>&1 && grep -q "^$rootless_user:" /etc/subuid \
+    && grep -q "^$rootless_user:" /etc/subgid; then
+    say "user $rootless_user: present"
+else
+    if ! id "$rootless_user" >/dev/null 2>&1; then
+        # useradd -m gives a new user subordinate id ranges (login.defs SUB_UID_*)
+        useradd -m -s /bin/sh -c "layerfs rootless podman tests" "$rootless_user"
+    fi
+    if ! grep -q "^$rootless_user:" /etc/subuid || ! grep -q "^$rootless_user:" /etc/subgid; then
+        usermod --add-subuids 300000-365535 --add-subgids 300000-365535 "$rootless_user"
+    fi
+    say "user $rootless_user: created"
 fi
 
 say "done"

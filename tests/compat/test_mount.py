@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -382,6 +383,29 @@ def test_mount_flags_follow_options(
     assert expected <= flags, flags
     assert not absent & flags, flags
     unmount_and_check_exit(storage.merged)
+
+
+def test_device_nodes_by_default_as_root(program: Program, storage: Storage) -> None:
+    # podman drops flag options (mountopt = "nodev") before it runs the program: the label
+    # below is what it sends (test_options: test_podman_4_3_golden_argv). layerfs then mounts
+    # as kernel overlayfs does without options: devices and setuid work where the caller's
+    # privileges allow (root here; a user namespace's mounts never honour device nodes).
+    # fuse-overlayfs keeps libfuse's nodev.
+    top, bottom = storage.layer_links
+    ctr = storage.container
+    label = f"lowerdir={top}:{bottom},upperdir={ctr}/diff,workdir={ctr}/work,volatile"
+    rc, err, _ = run_like_containers_storage(program, storage, label, f"{ctr}/merged")
+    assert rc == 0, err
+    try:
+        flags = mount_flags(storage.merged)
+        assert "nosuid" not in flags
+        assert ("nodev" in flags) == (program.name == "fuse-overlayfs"), flags
+        if program.name == "layerfs":
+            os.mknod(storage.merged / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            with open(storage.merged / "null", "wb") as fh:  # nodev: EACCES
+                fh.write(b"x")
+    finally:
+        unmount_and_check_exit(storage.merged)
 
 
 NAMESPACE_SCRIPT = r"""

@@ -52,6 +52,8 @@ class PodmanEnv:
     env: dict[str, str] = field(default_factory=dict)
     # podman's stderr lines at level warning or error, from calls that succeeded.
     complaints: list[str] = field(default_factory=list)
+    # rootless: podman runs as this user (setpriv, a clean environment), which owns ``root``
+    user: str | None = None
 
     @property
     def graphroot(self) -> Path:
@@ -97,6 +99,10 @@ class PodmanEnv:
             f'network_config_dir = "{self.root}/net"',
         ]
         (self.root / "containers.conf").write_text("\n".join(containers) + "\n")
+        if self.user is not None:
+            shutil.chown(self.root, self.user, self.user)
+            for p in self.root.rglob("*"):
+                shutil.chown(p, self.user, self.user)
         # No search registries, no registries at all: a short name can never reach out.
         (self.root / "registries.conf").write_text("unqualified-search-registries = []\n")
         policy = {"default": [{"type": "insecureAcceptAnything"}]}
@@ -123,7 +129,7 @@ class PodmanEnv:
         timeout: float = COMMAND_TIMEOUT,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``podman ARGS`` with the private config; raise PodmanError when it fails."""
-        cmd = ["podman", *args]
+        cmd = self.argv(*args)
         data = input.encode() if isinstance(input, str) else input
         try:
             r = subprocess.run(
@@ -153,10 +159,18 @@ class PodmanEnv:
             )
         return res
 
+    def argv(self, *args: str) -> list[str]:
+        """The command line of ``podman ARGS``: as ``user``, when rootless."""
+        if self.user is None:
+            return ["podman", *args]
+        who = [f"--reuid={self.user}", f"--regid={self.user}", "--init-groups"]
+        env = [f"{k}={v}" for k, v in self.env.items()]
+        return ["setpriv", *who, "env", "-i", *env, "podman", *args]
+
     def popen(self, *args: str) -> subprocess.Popen[bytes]:
         """Start ``podman ARGS`` without waiting (for concurrent starts)."""
         return subprocess.Popen(
-            ["podman", *args],
+            self.argv(*args),
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -109,3 +109,14 @@ def test_user_namespace_is_detected(tmp_path: Path) -> None:
         "C((), '/', userxattr=False).redirects)"
     )
     assert _in_userns(tmp_path, code) == "False True True"
+
+
+def test_unprivileged_daemon_writes_user_xattrs(tmp_path: Path) -> None:
+    code = "from layerfs.config import MountConfig as C; print(C((), '/').user_xattrs)"
+    as_nobody = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert as_nobody.stdout.strip() == "True", as_nobody.stderr

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Install layerfs for every user of the machine (as root): a venv built with the system's
+# python3 under PREFIX (default /opt/layerfs), holding this checkout as a plain (non-editable)
+# package, with `layerfs` and `mount.layerfs` linked into BINDIR (default /usr/local/bin).
+#
+# The checkout's own .venv (scripts/setup.sh) is for development: it may be built with a Python
+# only its owner can read (a pyenv under /root), and it runs the checkout's files in place. A
+# rootless podman runs its mount program as the user who runs podman, so the program, its
+# interpreter and its packages must be readable and executable by everyone: this is that.
+#
+#   scripts/install-system.sh [--prefix DIR] [--bindir DIR|--no-links] [--python PYTHON]
+#
+# Needs python3 >= 3.11 with venv and its headers, and libfuse3's (pyfuse3 is built from
+# source): Debian packages python3-venv python3-dev libfuse3-dev pkg-config gcc fuse3, all in
+# scripts/setup.sh's list. Rerun it after updating the checkout: the venv is rebuilt in place.
+set -euo pipefail
+
+prefix=/opt/layerfs
+bindir=/usr/local/bin
+python=/usr/bin/python3
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --prefix) prefix=$2; shift 2 ;;
+    --bindir) bindir=$2; shift 2 ;;
+    --no-links) bindir=""; shift ;;
+    --python) python=$2; shift 2 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "install-system: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+say() { printf 'install-system: %s\n' "$*"; }
+
+"$python" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' \
+    || { say "$("$python" -V 2>&1) is too old: layerfs needs Python >= 3.11"; exit 1; }
+
+# Everything installed must be readable by all, whatever the caller's umask.
+umask 022
+mkdir -p "$prefix"
+venv=$prefix/venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+    rm -rf "$venv"
+    say "creating $venv with $("$python" -V 2>&1) ($python)"
+    "$python" -m venv "$venv"
+fi
+say "pip install $repo"
+# A copy of the checkout, not an editable install: the venv must not depend on the checkout
+# staying where it is, nor on its directory being readable by the users who run layerfs.
+PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
+    "$venv/bin/python" -m pip install -q --upgrade --force-reinstall --no-deps "$repo" </dev/null
+PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
+    "$venv/bin/python" -m pip install -q "$repo" </dev/null
+"$venv/bin/python" -c 'import layerfs.mount, mount_helper.main, pyfuse3, trio, xxhash'
+chmod -R a+rX "$prefix"
+
+if [ -n "$bindir" ]; then
+    mkdir -p "$bindir"
+    for exe in layerfs mount.layerfs; do
+        ln -sfn "$venv/bin/$exe" "$bindir/$exe"
+    done
+    say "linked $bindir/layerfs and $bindir/mount.layerfs -> $venv/bin"
+fi
+say "done: $("$venv/bin/mount.layerfs" --version 2>&1 | head -1)"
