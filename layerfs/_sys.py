@@ -293,3 +293,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+CAP_SYS_ADMIN = 21
+
+
+def has_cap_sys_admin(pid: int) -> bool | None:
+    """Whether process PID holds CAP_SYS_ADMIN in our user namespace (the kernel asks for it in
+    the initial one, where the daemon normally runs); None when PID cannot be read (gone)."""
+    try:
+        if os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user"):
+            return False
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except OSError:
+        return None
+    return None

@@ -221,6 +221,9 @@ class Namespace:
         return self._finish_new(parent, name)
 
     async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # a 0/0 device is a whiteout: "don't allow creation of whiteout on overlay" (ovl_mknod)
+            raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
         udir = await self._prepare_parent(parent, name)
         acls = _inherit(udir, mode, caller)
         uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
@@ -356,6 +359,8 @@ class Namespace:
 
     async def rename(self, p1: Node, n1: bytes, p2: Node, n2: bytes, flags: int) -> Node | None:
         """Rename; return the node that NAME2 named before, if it was replaced."""
+        if flags & ~(_sys.RENAME_EXCHANGE | _sys.RENAME_NOREPLACE):
+            raise OSError(errno.EINVAL, "unsupported rename flags")  # RENAME_WHITEOUT (ovl_rename)
         self._writable()
         assert self.stack.upper is not None
         _sys.check_new_name(n2)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from layerfs import acl, fusehooks
+from layerfs import _sys, acl, fusehooks
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.files import NODE_FH
 from layerfs.overlay import Overlay
@@ -171,6 +171,13 @@ def _caller(ctx: pyfuse3.RequestContext, *, groups: bool = False) -> Caller:
     which only setgid clearing on writes by non-root callers needs."""
     caller = Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
     return _caller_groups(caller) if groups and ctx.uid != 0 else caller
+
+
+def _may_list_trusted(ctx: pyfuse3.RequestContext) -> bool:
+    """Whether the caller may see ``trusted.*`` names: CAP_SYS_ADMIN, as the kernel asks
+    (root when its process is gone)."""
+    cap = _sys.has_cap_sys_admin(ctx.pid)
+    return ctx.uid == 0 if cap is None else cap
 
 
 def _caller_groups(caller: Caller) -> Caller:
@@ -448,7 +455,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[bytes]:
-        return self.fs.listxattr(inode)
+        return self.fs.listxattr(inode, trusted=_may_list_trusted(ctx))
 
     @_errors
     async def setxattr(

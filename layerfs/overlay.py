@@ -426,7 +426,9 @@ class Overlay:
         where, is_fd = self._xattr_path(self.table.get(ino))
         return os.getxattr(where, xattrs.to_real(name, self.names), follow_symlinks=is_fd)
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: int, *, trusted: bool = True) -> list[bytes]:
+        """The xattr names of INO a caller sees; TRUSTED: with the ``trusted.*`` ones, which
+        the kernel lists only to CAP_SYS_ADMIN (ovl_can_list)."""
         where, is_fd = self._xattr_path(self.table.get(ino))
         try:
             names = os.listxattr(where, follow_symlinks=is_fd)
@@ -434,7 +436,8 @@ class Overlay:
             if e.errno != errno.ENOTSUP:
                 raise
             names = []
-        return xattrs.visible([os.fsencode(n) for n in names])
+        shown = xattrs.visible([os.fsencode(n) for n in names])
+        return shown if trusted else [n for n in shown if not n.startswith(b"trusted.")]
 
     async def setxattr(
         self, ino: int, name: bytes, value: bytes, caller: Caller | None = None

@@ -10,6 +10,7 @@ uid/gid with no supplementary groups and no capabilities (what ``setpriv --reuid
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -43,6 +44,13 @@ def _head(p: str) -> str:
         return os.read(fd, 64).hex()
     finally:
         os.close(fd)
+
+
+def _renameat2(a: str, b: str, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, a.encode(), -100, b.encode(), flags) != 0:  # AT_FDCWD
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _then_stat(fn: Callable[..., None]) -> Callable[..., object]:
@@ -85,6 +93,11 @@ OPS: dict[str, Callable[..., object]] = {
     "stat": _stat,
     "read": lambda p: _open(p, os.O_RDONLY),
     "head": _head,
+    "listxattr": lambda p: sorted(os.listxattr(p, follow_symlinks=False)),
+    "mknod_chr": lambda p, major, minor: os.mknod(
+        p, 0o644 | stat.S_IFCHR, os.makedev(major, minor)
+    ),
+    "rename_whiteout": lambda a, b: _renameat2(a, b, 4),
     "write": lambda p: _open(p, os.O_WRONLY | os.O_APPEND, b"w"),
     "open_rdwr": lambda p: _open(p, os.O_RDWR),
     "open_trunc": lambda p: _open(p, os.O_WRONLY | os.O_TRUNC),

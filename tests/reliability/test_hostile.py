@@ -547,3 +547,59 @@ def test_planted_metacopy_never_opens_a_special_file(tmp_path: Path, metacopy: s
         if k != s
     ]
     assert not diffs, "\n".join(diffs)
+
+
+@pytest.mark.kernel_overlay
+def test_whiteout_operations_and_trusted_names_as_the_kernel(tmp_path: Path) -> None:
+    """mknod of a 0/0 character device (a whiteout) is refused with EPERM, writing nothing
+    (layerfs answered EIO and left a whiteout); renameat2(RENAME_WHITEOUT) is EINVAL (layerfs
+    ignored the flag); listxattr hides ``trusted.*`` names from a caller without
+    CAP_SYS_ADMIN. As root and as uid 1000, against kernel overlayfs; the uppers compared."""
+    ops: list[list[object]] = [
+        [0, 0, "mknod_chr", "wh", 0, 0],
+        [0, 0, "mknod_chr", "d/wh", 0, 0],
+        [0, 0, "mknod_chr", "null", 1, 3],
+        [0, 0, "rename_whiteout", "f", "f2"],
+        [0, 0, "rename_whiteout", "d/g", "d/g2"],
+        [0, 0, "listdir", ""],
+        [0, 0, "listdir", "d"],
+    ]
+    for uid in (0, 1000):
+        ops += [[uid, uid, "listxattr", n] for n in ("f", "d", "d/g", "up")]
+    seen, uppers = {}, {}
+    for subject in ("layerfs", "kernel"):
+        d = tmp_path / subject
+        lower, upper, work, mnt = (d / n for n in ("lower", "upper", "work", "merged"))
+        for p in (lower / "d", upper, work, mnt):
+            p.mkdir(parents=True)
+        for f in (lower / "f", lower / "d" / "g", upper / "up"):
+            f.write_text("x")
+            os.setxattr(f, b"trusted.planted", b"t")
+            os.setxattr(f, b"user.mine", b"u")
+        os.setxattr(lower / "d", b"trusted.dir", b"t")
+        os.chmod(lower / "d", 0o777)
+        if subject == "layerfs":
+            with layerfs_daemon([lower], upper, work, mnt) as daemon:
+                # chroot: uid 1000 could not search the test's 0700 directory
+                seen[subject] = _run_ops(mnt, ops, chroot=True, timeout=60, daemon=daemon)
+        else:
+            with mount_kernel([lower], upper, work, mnt):
+                seen[subject] = _run_ops(mnt, ops, chroot=True, timeout=60)
+        uppers[subject] = sorted(
+            (
+                os.path.relpath(os.path.join(r, n), upper),
+                stat.S_IFMT(os.lstat(os.path.join(r, n)).st_mode),
+            )
+            for r, ds, fs in os.walk(upper)
+            for n in ds + fs
+        )
+    diffs = [
+        f"{op}: kernel {k} layerfs {s}"
+        for op, k, s in zip(ops, seen["kernel"], seen["layerfs"], strict=True)
+        if k != s
+    ]
+    assert not diffs, "\n".join(diffs)
+    assert uppers["layerfs"] == uppers["kernel"]
+    # the reference says what the test claims
+    assert seen["kernel"][0] == ["err", "EPERM"]
+    assert seen["kernel"][-1] == ["ok", ["user.mine"]]
