@@ -129,6 +129,7 @@ class Env:
         self.env = dict(os.environ, PATH=f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.run_before = {d: self._listing(d) for d in ("s", "fifo")}
+        self.run_existed = Path("/run/containerd").exists()
 
     @staticmethod
     def _listing(d: str) -> set[Path]:
@@ -176,6 +177,8 @@ class Env:
             for p in self._listing(d) - before:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
         shutil.rmtree(Path("/run/containerd/runc", NAMESPACE), ignore_errors=True)
+        if not self.run_existed:  # the runc shims made it
+            shutil.rmtree("/run/containerd", ignore_errors=True)
 
 
 def timed(fn: object, *args: str) -> float:
