@@ -37,10 +37,24 @@ from layerfs.readdir import DirCache, DirHandle, merged_names
 log = logging.getLogger(__name__)
 
 
+def _truncate(fd: int, size: int, caller: Caller) -> None:
+    """ftruncate FD for CALLER, keeping setuid/setgid bits for a caller that keeps them.
+
+    The kernel clears them on a truncate by a process without CAP_FSETID in the initial user
+    namespace, which a rootless daemon never has, whoever asked; kernel overlayfs truncates
+    its upper file without that check (notify_change). Clearing for unprivileged callers is
+    kill_suid's part.
+    """
+    mode = os.fstat(fd).st_mode if caller.kill_priv_groups() is None else 0
+    os.ftruncate(fd, size)
+    if mode & (stat.S_ISUID | stat.S_ISGID) and os.fstat(fd).st_mode != mode:
+        os.fchmod(fd, stat.S_IMODE(mode))
+
+
 def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> None:
     """setattr on an open file that has no name left (unlinked while open)."""
     if ch.size is not None:
-        os.ftruncate(fd, ch.size)
+        _truncate(fd, ch.size, caller)
         groups = caller.kill_priv_groups()
         if groups is not None and ch.mode is None:
             kill_suid(fd, groups)
@@ -207,7 +221,7 @@ class Overlay:
             h = self.files.handles.get(fh) if fh else None  # 0: no OPEN was sent
             fd = h.fd if h is not None else _sys.open_data(dirfd, name, os.O_WRONLY)
             try:
-                os.ftruncate(fd, ch.size)
+                _truncate(fd, ch.size, caller)
                 groups = caller.kill_priv_groups()
                 if groups is not None and ch.mode is None:
                     kill_suid(fd, groups)

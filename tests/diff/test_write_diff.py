@@ -428,6 +428,31 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"wh-names"},
     ),
+    # A truncate by root keeps setuid/setgid (CAP_FSETID); a rootless daemon's own ftruncate
+    # would drop them (it has no CAP_FSETID in the initial namespace), the kernel's does not.
+    "truncate-setid-as-root": (
+        LayerSpec(
+            [
+                d(
+                    {
+                        b"sg": f(b"data", mode=0o2755, gid=65534),
+                        b"su": f(b"data", mode=0o4755, uid=1000),
+                        b"both": f(b"data", mode=0o6750, uid=7, gid=8),
+                    }
+                )
+            ]
+        ),
+        [
+            ("open_trunc", b"sg", b""),
+            ("stat", b"sg"),
+            ("truncate", b"su", 2),
+            ("stat", b"su"),
+            ("truncate", b"both", 0),
+            ("truncate", b"both", 10),
+            ("stat", b"both"),
+        ],
+        {"copyup-suid"},
+    ),
     "mmap-write": (
         BASE,
         [("mmap_write", b"etc/passwd", b"MM"), ("read", b"etc/passwd"), ("stat", b"etc/passwd")],

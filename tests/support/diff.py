@@ -95,7 +95,7 @@ def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
         odd_names=base.odd_names,
         xattrs=base.xattrs,
         setgid_dirs=base.setgid_dirs and "setgid-inherit" not in subject.quirks,
-        setid_files=base.setid_files and not {"copyup-suid", "userns-setgid"} & subject.quirks,
+        setid_files=base.setid_files and "copyup-suid" not in subject.quirks,
         min_layers=base.min_layers,
         max_layers=base.max_layers,
     )

@@ -491,9 +491,7 @@ SUBJECTS: dict[str, Subject] = {
         # The kernel with userxattr writes an empty overlay.origin (no file handle), so after
         # link() the new name of a copied-up file shows the upper's st_ino and the old one the
         # lower's; layerfs shows one inode for both names, as it does with trusted xattrs.
-        # userns-setgid: an open(O_TRUNC) of a lower 02755 file of group 65534 loses the
-        # setgid bit rootless (kernel: kept); under investigation, kept out of random stacks.
-        (LAYERFS_LIMITS - {"user-overlay-names"}) | {"userxattr-link-ino", "userns-setgid"},
+        (LAYERFS_LIMITS - {"user-overlay-names"}) | {"userxattr-link-ino"},
         ("userxattr", "redirect_dir=nofollow"),
         userns=True,
     ),
