@@ -461,6 +461,10 @@ def run(args: argparse.Namespace) -> int:
     except LayerfsError as e:
         print(f"layerfs: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: whatever was half done is staging or a download, never the store itself.
+        print("layerfs: interrupted", file=sys.stderr)
+        return 130
     return rc
 
 

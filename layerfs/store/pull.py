@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
@@ -134,15 +135,28 @@ def pull(
                 fetch[d.digest] = d
                 lines.status(d.digest, "Pulling fs layer")
 
+        stop = threading.Event()
+
         def get(d: oci.Descriptor) -> None:
-            _fetch_blob(reg, ref.repository, d, downloads, lines)
+            _fetch_blob(reg, ref.repository, d, downloads, lines, stop)
 
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pull") as pool:
-            # list(): wait for all, and raise the first error.
-            list(pool.map(get, fetch.values()))
+            try:
+                # list(): wait for all, and raise the first error.
+                list(pool.map(get, fetch.values()))
+            except BaseException:
+                # Ctrl-C or a failed blob: the other downloads stop at their next chunk
+                # instead of running to the end while the pool is shut down.
+                stop.set()
+                raise
 
     staged = [
-        StagedLayer(d, diff_id, _opener(store, downloads, d.digest))
+        StagedLayer(
+            d,
+            diff_id,
+            _opener(store, downloads, d.digest),
+            downloads.path(d.digest) if d.digest in fetch else None,
+        )
         for d, diff_id in zip(layers, diff_ids, strict=True)
     ]
     if tags is None:
@@ -166,8 +180,17 @@ def pull(
     return record
 
 
+class PullStopped(RegistryError):
+    """A download given up because another one failed or the pull was interrupted."""
+
+
 def _fetch_blob(
-    reg: Registry, repo: str, d: oci.Descriptor, downloads: Downloads, lines: LayerLines
+    reg: Registry,
+    repo: str,
+    d: oci.Descriptor,
+    downloads: Downloads,
+    lines: LayerLines,
+    stop: threading.Event,
 ) -> None:
     with downloads.locked(d.digest) as final:
         if os.path.exists(final):
@@ -176,6 +199,8 @@ def _fetch_blob(
             return
 
         def tick(done: int) -> None:
+            if stop.is_set():
+                raise PullStopped(f"layer {d.digest}: download stopped")
             lines.bytes(d.digest, "Downloading", done, d.size)
 
         part = final + ".part"

@@ -133,6 +133,9 @@ class StagedLayer:
     desc: oci.Descriptor
     diff_id: str
     open_blob: Callable[[], BinaryIO]
+    # A file inside the store (a pull's download) already checked against desc: linked into
+    # staging instead of copied. Extraction checks both digests again before anything is kept.
+    verified_path: str | None = None
 
 
 class Store:
@@ -369,6 +372,9 @@ class Store:
             source = self.blob_path(desc.digest)
         elif os.path.exists(staged_blob):
             source = staged_blob  # verified earlier in this import (a layer listed twice)
+        elif layer.verified_path is not None:
+            os.link(layer.verified_path, staged_blob)
+            source = staged_blob
         else:
             # Verify before parsing: the blob is copied into staging and must match its
             # digest and size before anything reads it as gzip or tar.

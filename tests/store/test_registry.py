@@ -373,3 +373,26 @@ def test_interrupted_pull_resumes_from_verified_layers(reg: LocalRegistry, tmp_p
     assert reg.blob_gets(d1) == 1  # verified before the kill, not fetched again
     assert reg.blob_gets(d2) >= 1
     assert store.verify(ref) == {d: [] for d in store.resolve(ref).diff_ids}
+
+
+def test_ctrl_c_stops_a_pull_cleanly(reg: LocalRegistry, tmp_path: Path) -> None:
+    """SIGINT during the downloads: the pull ends with "interrupted" (exit 130, no
+    traceback), and the store holds no image, layer or tag."""
+    layout = _big_image(tmp_path, "int", os.urandom(1 << 20), os.urandom(32 << 20))
+    reg.skopeo_copy(f"oci:{layout}:int", "int/img:1")
+    store = Store(str(tmp_path / "store"))
+    p = subprocess.Popen(
+        [*CLI, "image", "pull", "--jobs", "1", "--store", store.root, f"{reg.host}/int/img:1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stderr is not None
+    for line in p.stderr:
+        if "Download complete" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    rest = p.stderr.read()
+    p.wait(timeout=60)
+    assert p.returncode == 130, rest
+    assert "layerfs: interrupted" in rest and "Traceback" not in rest
+    assert store.images() == [] and store.tags() == {}
