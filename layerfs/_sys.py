@@ -15,7 +15,9 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import stat
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
 def open_at(dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
     """Open NAME in DIRFD without following a symlink."""
     check_name(name)
+    if flags & (os.O_CREAT | os.O_TRUNC):
+        sys.audit("layerfs.open", name, dirfd)  # a crash point (crash_at)
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
@@ -111,6 +115,7 @@ def open_data(dirfd: int, name: bytes, flags: int) -> int:
 
 def open_tmpfile(dirfd: int) -> int:
     """An unnamed regular file (O_TMPFILE, mode 0600) in directory DIRFD, for writing."""
+    sys.audit("layerfs.open", b".", dirfd)  # a crash point (crash_at)
     return os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
 
 
@@ -119,6 +124,16 @@ def link_tmpfile(fd: int, newdirfd: int, new: bytes) -> None:
     _trace("link tmpfile -> %s", new)
     check_name(new)
     os.link(proc_path(fd), new, dst_dir_fd=newdirfd, follow_symlinks=True)
+
+
+def is_empty_dir_at(dirfd: int, name: bytes) -> bool:
+    """True if directory NAME in DIRFD has no entries (whiteouts count as entries)."""
+    fd = open_dir_at(dirfd, name)
+    try:
+        with os.scandir(fd) as it:
+            return next(it, None) is None
+    finally:
+        os.close(fd)
 
 
 def readlink_at(dirfd: int, name: bytes) -> bytes:
@@ -160,6 +175,7 @@ def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int =
     if flags == 0:
         os.rename(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
         return
+    sys.audit("layerfs.renameat2", old, olddirfd, new, newdirfd)  # a crash point (crash_at)
     if _renameat2(olddirfd, old, newdirfd, new, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -172,6 +188,7 @@ def mkdir_at(dirfd: int, name: bytes, mode: int) -> None:
 
 def mknod_at(dirfd: int, name: bytes, mode: int, rdev: int = 0) -> None:
     _trace("mknod %s %o", name, mode)
+    sys.audit("layerfs.mknod", name, dirfd)  # os.mknod raises no audit event of its own
     os.mknod(name, mode, rdev, dir_fd=dirfd)
 
 
@@ -311,3 +328,74 @@ def has_cap_sys_admin(pid: int) -> bool | None:
     except OSError:
         return None
     return None
+
+
+# Python audit events (sys.addaudithook) that announce a change to a filesystem, and where each
+# keeps its target(s) as (path, dir_fd) argument positions; ours above cover the calls Python
+# does not audit (mknod, renameat2 through ctypes) and creating opens (``open`` carries no
+# dir_fd).
+_MUTATING_EVENTS: dict[str, tuple[tuple[int, int | None], ...]] = {
+    "os.chmod": ((0, 2),),
+    "os.chown": ((0, 3),),
+    "os.link": ((0, 2), (1, 3)),
+    "os.mkdir": ((0, 2),),
+    "os.remove": ((0, 1),),
+    "os.removexattr": ((0, None),),
+    "os.rename": ((0, 2), (1, 3)),
+    "os.rmdir": ((0, 1),),
+    "os.setxattr": ((0, None),),
+    "os.symlink": ((1, 2),),
+    "os.truncate": ((0, None),),
+    "os.utime": ((0, 3),),
+    "layerfs.mknod": ((0, 1),),
+    "layerfs.open": ((0, 1),),
+    "layerfs.renameat2": ((0, 1), (2, 3)),
+}
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _target(path: object, dir_fd: object) -> str:
+    """The absolute path an audited call changes (the fds it names resolved)."""
+    if isinstance(path, int):
+        return _fd_path(path)
+    p = os.fsdecode(path)  # type: ignore[arg-type]
+    if p.startswith("/proc/self/fd/"):
+        num, _, rest = p[len("/proc/self/fd/") :].partition("/")
+        return _fd_path(int(num)) + "/" + rest
+    if os.path.isabs(p) or not isinstance(dir_fd, int):
+        return p
+    return _fd_path(dir_fd) + "/" + p
+
+
+def crash_at(n: int, work_fd: int = -1) -> None:
+    """Fault injection: SIGKILL this process just before its Nth change to a filesystem.
+
+    Counted are the calls that change a namespace or metadata (renames, links, unlinks,
+    mkdir/mknod/symlink, chmod/chown/utime/truncate, xattrs, opens that create or truncate);
+    writes of data are not (an interrupted write is torn under the kernel's overlay too). With
+    WORK_FD, changes made only inside that workdir are not counted either: a crash before the
+    next change outside it leaves the same layers, and a remount empties the workdir. The audit
+    hook runs before the call, so call N never happens: the disk holds exactly what a kill -9
+    between calls N-1 and N leaves (nothing is buffered in userspace). Set by the daemon's
+    ``LAYERFS_CRASH_AT`` environment variable; tests only.
+    """
+    count = 0
+    work = _fd_path(work_fd) + "/" if work_fd >= 0 else None
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        nonlocal count
+        where = _MUTATING_EVENTS.get(event)
+        if where is None:
+            return
+        if work is not None and all(
+            _target(args[p], None if d is None else args[d]).startswith(work) for p, d in where
+        ):
+            return
+        count += 1
+        if count >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)

@@ -153,13 +153,17 @@ class CopyUp:
         try:
             dst, tmp = self._new_file(work)
             try:
+                length = st.st_size if data_len is None else min(st.st_size, data_len)
                 if metacopy:  # all hole, and the marker: the data stays in the lower for now
                     os.ftruncate(dst, st.st_size)
                     os.setxattr(dst, self.names.metacopy, b"")
                 else:
-                    length = st.st_size if data_len is None else min(st.st_size, data_len)
                     await self.copy_bytes(src, dst, length, sync=False)
                 copy_file_metadata(ldir, lname, st, dst)
+                if length < st.st_size:
+                    # the copy holds the truncation's result already: its times too, so that
+                    # a crash before the truncate itself leaves the after state, not a mix
+                    os.utime(dst)
                 if self.fsync and not metacopy:
                     await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
                 if tmp is None:

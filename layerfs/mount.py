@@ -24,6 +24,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from layerfs import _sys
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
 
@@ -182,6 +183,9 @@ def _run(overlay: Overlay, ops: Operations) -> int:
             nursery.cancel_scope.cancel()
 
     code = 0
+    if crash := os.environ.get("LAYERFS_CRASH_AT"):  # the crash-point tests' fault injection
+        work = -1 if os.environ.get("LAYERFS_CRASH_WORK") == "1" else overlay.stack.work_fd
+        _sys.crash_at(int(crash), work)
     try:
         trio.run(main)
     except BaseException:

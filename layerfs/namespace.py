@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 
 from layerfs import _sys, acl, whiteout
 from layerfs.attrs import Caller
-from layerfs.copyup import CopyUp
+from layerfs.copyup import CopyUp, copy_metadata
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 from layerfs.lookup import Resolution, lower_positive, node_for, resolve
@@ -107,9 +107,28 @@ class Namespace:
             _sys.renameat2(work, tmp, udir, name, _sys.RENAME_EXCHANGE)
             _sys.remove_tree_at(work, tmp)
         else:
+            self._whiteout_name(udir, name)  # .wh.NAME first: NAME wins until it is gone
             _sys.renameat2(udir, name, work, tmp)
             _sys.remove_tree_at(work, tmp)
-            self._whiteout_name(udir, name)
+
+    def _clear_empty(self, udir: int, name: bytes) -> None:
+        """Swap the upper directory NAME, empty in the merged view but maybe holding whiteouts,
+        for an empty opaque copy of it, as ovl_clear_empty: a rename can then replace it in
+        one step. Removing it first would show the lowers' entries until the rename."""
+        if _sys.is_empty_dir_at(udir, name):
+            return
+        work = self.stack.work_fd
+        tmp = self.copyup.tmp_name()
+        st = _sys.lstat_at(udir, name)
+        try:
+            _sys.mkdir_at(work, tmp, 0o700)
+            _sys.setxattr_at(work, tmp, self.names.opaque, b"y")
+            copy_metadata(udir, name, st, work, tmp)
+            _sys.renameat2(work, tmp, udir, name, _sys.RENAME_EXCHANGE)
+        except BaseException:
+            _sys.remove_tree_at(work, tmp)
+            raise
+        _sys.remove_tree_at(work, tmp)  # the old directory and its whiteouts
 
     def _place(
         self, udir: int, name: bytes, build: Callable[[int, bytes], None], *, one_step: bool = False
@@ -412,30 +431,42 @@ class Namespace:
             ):
                 # a pure upper dir landing on a name the lowers still hold must hide them
                 _sys.setxattr_at(d1, n1, self.names.opaque, b"y")
+            # Every step below leaves a valid tree on disk: the rename is one call, and what
+            # prepares or cleans up around it changes nothing the merged view shows.
             if dst_res is not None and dst_res.upper and dst_res.is_dir:
-                # an empty merged target may still hold whiteouts: move it away first
-                work = self.stack.work_fd
-                tmp = self.copyup.tmp_name()
-                _sys.renameat2(d2, n2, work, tmp)
-                _sys.remove_tree_at(work, tmp)
+                # an empty merged target may still hold whiteouts (ovl_clear_empty)
+                self._clear_empty(d2, n2)
             state = self._whiteout_state(d2, n2) if dst_res is None or not dst_res.upper else "none"
-            if state == "char" and src_res.is_dir:
-                _sys.unlink_at(d2, n2)  # a directory cannot be renamed over a char device
-            elif state == "oci":
-                _sys.unlink_at(d2, whiteout.WH_PREFIX + n2)
             need_whiteout = src_res.lower_positive
-            if need_whiteout and self.mknod_whiteouts:
+            flags = 0
+            cleanup = False
+            if state == "char":
+                # ovl_rename: the source changes places with the whiteout, which then hides
+                # the lowers' N1, or is removed when nothing below has N1 (a directory cannot
+                # replace a char device; removing the whiteout first would show the lowers)
+                flags = _sys.RENAME_EXCHANGE
+                cleanup = not need_whiteout
+                need_whiteout = False
+            elif need_whiteout and not self.mknod_whiteouts:
+                self._whiteout_name(d1, n1)  # .wh.N1 beside N1: the name still wins
+                need_whiteout = False
+            if need_whiteout:
                 try:
                     _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_WHITEOUT)
                     need_whiteout = False
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
                         raise
+                    # an upper without RENAME_WHITEOUT: two steps, the lowers' N1 shows between
                     _sys.renameat2(d1, n1, d2, n2)
             else:
-                _sys.renameat2(d1, n1, d2, n2)
-            if need_whiteout:
+                _sys.renameat2(d1, n1, d2, n2, flags)
+            if cleanup:
+                _sys.unlink_at(d1, n1)
+            elif need_whiteout:
                 self._whiteout_name(d1, n1)
+            if state == "oci":
+                _sys.unlink_at(d2, whiteout.WH_PREFIX + n2)  # after: until then N2 wins
             self.stack.upper.forget_prefix(old_path)
             if dst is not None:
                 self.stack.upper.forget_prefix(dst.path())

@@ -85,10 +85,12 @@ def layerfs_daemon(
     *,
     options: Sequence[str] = (),
     log: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Daemon]:
     """Run ``layerfs mount -f`` and wait for the mount; always unmount and reap it afterwards.
 
-    The caller may kill the daemon, or unmount it, inside the block.
+    The caller may kill the daemon, or unmount it, inside the block. ENV: added to the
+    daemon's environment.
     """
     mnt = Path(mnt)
     log = log or mnt.parent / f"{mnt.name}.log"
@@ -99,6 +101,7 @@ def layerfs_daemon(
             stdout=out,
             stderr=out,
             start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
     d = Daemon(proc, mnt, log)
     try:
