@@ -222,8 +222,8 @@ class Namespace:
         acls = _inherit(udir, stat.S_IFDIR | stat.S_IMODE(mode), caller)
         uid, gid, mode = self._owner(os.fstat(udir), caller, True, acls.mode)
         # Over a whiteout, what it hid must stay hidden; in a merged parent, the kernel marks
-        # every new directory opaque too (ovl_create_upper: "just an optimization"), when it
-        # follows redirects (not with redirect_dir=off/nofollow, nor userxattr's default).
+        # every new directory opaque too (ovl_create_upper: "just an optimization"), with
+        # redirect_dir=on only (measured: not off/nofollow/follow, nor userxattr's default).
         opaque = self._whiteout_state(udir, name) != "none" or (
             bool(parent.lowers) and self.redirect_dir
         )
