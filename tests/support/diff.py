@@ -33,7 +33,7 @@ class Pair:
         subj = Layout.create(root / "s", len(spec.layers), upper=upper)
         ref = Layout.create(root / "k", len(spec.layers), upper=upper)
         spec.materialize(subj.lowers)
-        spec.to_kernel_form().materialize(ref.lowers)
+        spec.to_kernel_form("user" if subject.userns else "trusted").materialize(ref.lowers)
         for layout in (subj, ref):
             if layout.upper is not None:
                 # The upper root is what both mounts show as the root: same mtime for both.

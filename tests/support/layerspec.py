@@ -125,9 +125,10 @@ class LayerSpec:
         for layer, d in zip(self.layers, dirs, strict=True):
             write_layer(layer, os.fsencode(d))
 
-    def to_kernel_form(self) -> LayerSpec:
-        """Return a copy in the dialects kernel overlayfs reads (char 0/0, trusted xattrs)."""
-        return LayerSpec([_kernel_form(layer, is_root=True) for layer in self.layers])
+    def to_kernel_form(self, opaque: OpaqueStyle = "trusted") -> LayerSpec:
+        """Return a copy in the dialects kernel overlayfs reads (char 0/0, OPAQUE xattrs:
+        ``user`` for a kernel mounted ``userxattr``, which reads no other)."""
+        return LayerSpec([_kernel_form(layer, opaque, is_root=True) for layer in self.layers])
 
     def dialects(self) -> set[str]:
         """Which whiteout/opaque dialects and features the spec uses (for subject quirks)."""
@@ -152,7 +153,7 @@ def walk(d: Dir, prefix: bytes = b"") -> Iterator[tuple[bytes, Node]]:
             yield from walk(node, path + b"/")
 
 
-def _kernel_form(d: Dir, *, is_root: bool = False) -> Dir:
+def _kernel_form(d: Dir, opaque: OpaqueStyle, *, is_root: bool = False) -> Dir:
     entries: dict[bytes, Node] = {}
     for name, node in d.entries.items():
         # The kernel (6.18) treats an xattr whiteout as a whiteout on lookup also in an
@@ -160,10 +161,10 @@ def _kernel_form(d: Dir, *, is_root: bool = False) -> Dir:
         if isinstance(node, Whiteout):
             entries[name] = Whiteout("char")
         elif isinstance(node, Dir):
-            entries[name] = _kernel_form(node)
+            entries[name] = _kernel_form(node, opaque)
         else:
             entries[name] = node
-    return Dir(entries, d.meta, "trusted" if d.opaque and not is_root else None)
+    return Dir(entries, d.meta, opaque if d.opaque and not is_root else None)
 
 
 # --- writing ------------------------------------------------------------------------------
