@@ -149,12 +149,10 @@ class ResolvedImage:
 
 
 def split_layout_ref(arg: str) -> tuple[str, str | None]:
-    """Split ``[oci:|oci-archive:]PATH[:TAG]`` into (PATH, TAG); PATH is a layout directory
-    or a tar of one. A colon is a tag separator only when the part before it exists and the
-    whole does not (paths may contain colons)."""
-    if arg.startswith("docker-archive:"):
-        raise OciError(docker_archive_refusal(arg.removeprefix("docker-archive:")))
-    for prefix in ("oci:", "oci-archive:"):
+    """Split ``[oci:|oci-archive:|docker-archive:]PATH[:TAG]`` into (PATH, TAG); PATH is a
+    layout directory, a tar of one, or a docker archive. A colon is a tag separator only when
+    the part before it exists and the whole does not (paths may contain colons)."""
+    for prefix in ("oci:", "oci-archive:", "docker-archive:"):
         arg = arg.removeprefix(prefix)
     if os.path.exists(arg):
         return arg, None
@@ -164,27 +162,16 @@ def split_layout_ref(arg: str) -> tuple[str, str | None]:
     raise OciError(f"{arg}: no such OCI layout directory or archive")
 
 
-def docker_archive_refusal(path: str) -> str:
-    return (
-        f"{path} is a docker-archive (docker save / podman save --format docker-archive: "
-        "manifest.json and layer tars), not an OCI layout; convert it first with "
-        f"'skopeo copy docker-archive:{path} oci:DIR:TAG', or save with --format oci-archive"
-    )
-
-
 class Layout:
     """Read access to one OCI image layout directory."""
 
-    def __init__(self, path: str, source: str | None = None) -> None:
-        """``source``: the archive ``path`` was unpacked from, for messages."""
+    def __init__(self, path: str) -> None:
         self.path = path
         marker = os.path.join(path, "oci-layout")
         try:
             with open(marker, "rb") as f:
                 info = json.loads(f.read(MAX_JSON))
         except FileNotFoundError:
-            if os.path.exists(os.path.join(path, "manifest.json")):
-                raise OciError(docker_archive_refusal(source or path)) from None
             raise OciError(f"{path}: no oci-layout file (not an OCI image layout)") from None
         except ValueError as e:
             raise OciError(f"{marker}: invalid JSON: {e}") from None

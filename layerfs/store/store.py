@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from layerfs.errors import LayerfsError
-from layerfs.store import default_store, oci, verify
+from layerfs.store import default_store, dockerarchive, oci, verify
 from layerfs.store.digest import DigestError, copy_verified, parse_digest
 from layerfs.store.extract import extract_blob
 from layerfs.store.progress import Progress
@@ -213,9 +213,11 @@ class Store:
         progress: Progress | None = None,
         max_size: int | None = None,
     ) -> ImageRecord:
-        """Import one image from an OCI layout (``DIR[:TAG]``), verifying every digest.
+        """Import one image from an OCI layout (``DIR[:TAG]``), a tar of one, or a docker
+        archive (``FILE[:NAME:TAG]``), verifying every digest.
 
-        Tags default to the layout's ref name. Nothing is left behind on failure.
+        Tags default to the layout's ref name (the archive's RepoTags). Nothing is left behind
+        on failure.
         """
         path, tag = oci.split_layout_ref(layout_ref)
         with self.locked(), self.staging() as scratch:
@@ -223,15 +225,26 @@ class Store:
             if not os.path.isdir(path):
                 layout_dir = os.path.join(scratch, "archive")
                 _unpack_archive(path, layout_dir)
-            layout = oci.Layout(layout_dir, None if layout_dir == path else path)
-            img = layout.resolve(tag, platform or oci.Platform.host())
-            if tags is None:
-                tags = (tag,) if tag else _ref_names(layout, img.manifest_desc.digest)
+            if dockerarchive.is_docker_archive(layout_dir):
+                archive = dockerarchive.read(layout_dir, tag, path)
+                img = archive.image
+                if tags is None:
+                    tags = (tag,) if tag else archive.repo_tags
+
+                def blob_path(digest: str) -> str:
+                    return archive.blob_paths[digest]
+
+            else:
+                layout = oci.Layout(layout_dir)
+                img = layout.resolve(tag, platform or oci.Platform.host())
+                if tags is None:
+                    tags = (tag,) if tag else _ref_names(layout, img.manifest_desc.digest)
+                blob_path = layout.blob_path
 
             def opener(d: oci.Descriptor) -> Callable[[], BinaryIO]:
                 def open_blob() -> BinaryIO:
                     try:
-                        return open(layout.blob_path(d.digest), "rb")
+                        return open(blob_path(d.digest), "rb")
                     except FileNotFoundError:
                         raise oci.OciError(
                             f"layer blob {d.digest} is missing from {path}"

@@ -266,6 +266,23 @@ def test_import_oci_archive(built: Built, tmp_path: Path) -> None:
     assert (Path(lower) / "etc/hello").read_text() == "hello from the base\n"
 
 
+def test_import_podman_docker_archive(built: Built, tmp_path: Path) -> None:
+    """``podman save --format docker-archive`` imports to the image its oci-archive gives:
+    same config, diffIDs and tree."""
+    docker, oci_tar = tmp_path / "docker.tar", tmp_path / "oci.tar"
+    built.podman("save", "--format", "docker-archive", "-o", str(docker), "localhost/lfs-base:1")
+    built.podman("save", "--format", "oci-archive", "-o", str(oci_tar), "localhost/lfs-base:1")
+    store = Store(str(tmp_path / "store"))
+    assert cli.main(["image", "import", "--store", store.root, f"docker-archive:{docker}"]) == 0
+    ref = Store(str(tmp_path / "ref"))
+    ref.import_layout(f"oci-archive:{oci_tar}")
+    got, want = store.resolve("localhost/lfs-base:1"), ref.resolve("localhost/lfs-base:1")
+    assert (got.config_digest, got.diff_ids) == (want.config_digest, want.diff_ids)
+    assert snapshot(store.lowers("localhost/lfs-base:1")[0]) == snapshot(
+        ref.lowers("localhost/lfs-base:1")[0]
+    )
+
+
 # Paths libpod itself leaves out of ``podman diff`` (its own mount points and generated files,
 # libpod/diff.go containerMounts): not overlay semantics, so filtered from ours too.
 PODMAN_OWN = {
