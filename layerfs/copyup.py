@@ -224,13 +224,13 @@ class CopyUp:
                 ust = os.fstat(dst)
                 length = ust.st_size if data_len is None else min(ust.st_size, data_len)
                 await self.copy_bytes(src, dst, length)
+                os.utime(dst, ns=(ust.st_atime_ns, ust.st_mtime_ns))  # filling is no change
                 for attr in xattrs.METACOPY:  # a mark left on filled data would hide writes
                     try:
                         os.removexattr(dst, attr)
                     except OSError as e:
                         if e.errno != errno.ENODATA:
                             raise
-                os.utime(dst, ns=(ust.st_atime_ns, ust.st_mtime_ns))  # filling is no change
             finally:
                 os.close(dst)
         finally:

@@ -66,6 +66,14 @@ def _append(p: Path) -> None:
         fh.write(b"appended\n")
 
 
+def _fallocate(p: Path) -> None:
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
+
+
 def _setxattr(p: Path) -> None:
     os.setxattr(p, "user.crash", b"v", follow_symlinks=False)
 
@@ -99,6 +107,13 @@ class Scenario:
     lower: Lower
     pre: Op
     op: Op
+    options: tuple[str, ...] = ()  # mount options, of layerfs and of the kernel's overlay alike
+    # A metacopy file's data is filled in place: its mtime moves with the writes and is set
+    # back after them, so a crash in between shows the fill's time (the content unchanged).
+    mtime_may_move: bool = False
+
+
+META = ("metacopy=on",)
 
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: a copy-up with data
@@ -121,6 +136,7 @@ SCENARIOS = [
     ),
     # --- rename ---
     Scenario("rename_lower_dir", AB, sh(), lambda m: os.rename(m / "a", m / "c")),
+    Scenario("rename_lower_dir_across_dirs", AB, sh(), lambda m: os.rename(m / "a", m / "b/a")),
     Scenario(
         "rename_lower_dir_over_whiteout",
         AB,
@@ -204,6 +220,24 @@ SCENARIOS = [
     Scenario("copy_up_by_setxattr", F, sh(), lambda m: _setxattr(m / "f")),
     Scenario("copy_up_by_utime", F, sh(), lambda m: os.utime(m / "f", (1, 2))),
     Scenario("copy_up_dir_by_chmod", AB, sh(), lambda m: os.chmod(m / "a", 0o700)),
+    Scenario("copy_up_by_fallocate", F, sh(), lambda m: _fallocate(m / "f")),
+    # --- metacopy: metadata first, the data at the first write (filled in place) ---
+    Scenario("metacopy_by_chmod", {"f": BIG}, sh(), lambda m: os.chmod(m / "f", 0o600), META),
+    Scenario(
+        "metacopy_fill_by_append",
+        {"f": BIG},
+        lambda m: os.chmod(m / "f", 0o600),
+        lambda m: _append(m / "f"),
+        META,
+        mtime_may_move=True,
+    ),
+    Scenario(
+        "metacopy_rename_across_dirs",
+        {"f": BIG, "d": None},
+        sh(),
+        lambda m: os.rename(m / "f", m / "d/f"),
+        META,
+    ),
     # --- creation, in a lower directory and over a whiteout ---
     Scenario("create_in_lower_dir", AB, sh(), lambda m: _create(m / "a/n")),
     Scenario("create_over_whiteout", F, sh("rm f"), lambda m: _create(m / "f")),
@@ -258,10 +292,11 @@ class Sweep:
 
     def match(self, snap: Snapshot) -> tuple[str, list[str]]:
         """Which reference state SNAP is ("before"/"after"), or "" and its differences."""
-        d_before = compare(self.before, snap, ignore=IGNORE, since_ns=self.since_ns)
+        ignore = IGNORE | {"file_mtime"} if self.sc.mtime_may_move else IGNORE
+        d_before = compare(self.before, snap, ignore=ignore, since_ns=self.since_ns)
         if not d_before:
             return "before", []
-        d_after = compare(self.after, snap, ignore=IGNORE, since_ns=self.since_ns)
+        d_after = compare(self.after, snap, ignore=ignore, since_ns=self.since_ns)
         if not d_after:
             return "after", []
         return "", ["vs before:", *d_before, "vs after:", *d_after]
@@ -269,12 +304,12 @@ class Sweep:
     def verify(self, k: int, run: Path) -> str:
         """Remount crashed run RUN (layerfs, then kernel overlayfs); the state both show."""
         upper, work, mnt = run / "upper", run / "work", run / "mnt"
-        with layerfs_daemon([self.lower], upper, work, mnt):
+        with layerfs_daemon([self.lower], upper, work, mnt, options=self.sc.options):
             assert os.listdir(work / "work") == [], "the remount must clean the workdir"
             state, diffs = self.match(snapshot(mnt))
         what = f"{self.sc.name}: crash before change {k}"
         assert state, f"{what}, layerfs remount:\n" + "\n".join(diffs)
-        with mount_kernel([self.lower], upper, work, mnt):
+        with mount_kernel([self.lower], upper, work, mnt, options=self.sc.options):
             kstate, diffs = self.match(snapshot(mnt))
         assert kstate == state, (
             f"{what}: layerfs shows {state}, kernel overlayfs on the same upper "
@@ -291,7 +326,8 @@ class Sweep:
         mnt.mkdir()
         upper, work = run / "upper", run / "work"
         env = {"LAYERFS_CRASH_AT": str(k)}
-        with layerfs_daemon([self.lower], upper, work, mnt, env=env) as d:
+        opts = self.sc.options
+        with layerfs_daemon([self.lower], upper, work, mnt, options=opts, env=env) as d:
             err = _run_op(self.sc.op, mnt)
             if err == 0 and d.alive():
                 state, diffs = self.match(snapshot(mnt))
@@ -341,14 +377,14 @@ def test_crash_at_every_point(tmp_path: Path, sc: Scenario) -> None:
     (tpl / "work").mkdir()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with layerfs_daemon([lower], tpl / "upper", tpl / "work", mnt):
+    with layerfs_daemon([lower], tpl / "upper", tpl / "work", mnt, options=sc.options):
         sc.pre(mnt)
     # The kernel's view of the same upper before and after the operation: the only two states
     # a crash may leave.
     ref = tmp_path / "ref"
     _copy(tpl, ref)
     since_ns = time.time_ns()
-    with mount_kernel([lower], ref / "upper", ref / "work", mnt):
+    with mount_kernel([lower], ref / "upper", ref / "work", mnt, options=sc.options):
         before = snapshot(mnt)
         sc.op(mnt)
         after = snapshot(mnt)
