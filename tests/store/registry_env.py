@@ -76,11 +76,14 @@ def _htpasswd(path: Path, user: str, password: str) -> None:
 
 
 @contextlib.contextmanager
-def local_registry(root: Path, *, auth: bool = False) -> Iterator[LocalRegistry]:
-    """Run a registry under ``root`` until the context ends."""
+def local_registry(
+    root: Path, *, auth: bool = False, port: int | None = None
+) -> Iterator[LocalRegistry]:
+    """Run a registry under ``root`` until the context ends (on ``port``, else a free one;
+    the same ``root`` and port again: the same registry, restarted)."""
     binary = registry_binary()
     assert binary is not None
-    port = _free_port()
+    port = port or _free_port()
     root.mkdir(parents=True, exist_ok=True)
     storage = root / "storage"
     storage.mkdir(exist_ok=True)
@@ -110,7 +113,7 @@ def local_registry(root: Path, *, auth: bool = False) -> Iterator[LocalRegistry]
         ]
     (root / "config.yml").write_text("\n".join(config) + "\n")
     log = root / "registry.log"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(
             [binary, "serve", str(root / "config.yml")],
             stdout=out,

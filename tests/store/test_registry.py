@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -396,3 +397,27 @@ def test_ctrl_c_stops_a_pull_cleanly(reg: LocalRegistry, tmp_path: Path) -> None
     assert p.returncode == 130, rest
     assert "layerfs: interrupted" in rest and "Traceback" not in rest
     assert store.images() == [] and store.tags() == {}
+
+
+def test_pull_waits_for_a_registry_that_comes_back(tmp_path: Path) -> None:
+    """Refused connections are retried with back-off: a pull started while the registry is
+    down succeeds once it is back (same port and storage) a moment later."""
+    _need()
+    layout = _big_image(tmp_path, "back", os.urandom(1 << 20), b"own")
+    with local_registry(tmp_path / "reg") as r:
+        r.skopeo_copy(f"oci:{layout}:back", "back/img:1")
+        host = r.host
+    store = Store(str(tmp_path / "store"))
+    p = subprocess.Popen(
+        [*CLI, "image", "pull", "--store", store.root, f"{host}/back/img:1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    assert p.poll() is None  # still trying
+    with local_registry(tmp_path / "reg", port=int(host.rsplit(":", 1)[1])):
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert store.verify(f"{host}/back/img:1") == {
+        d: [] for d in store.resolve(f"{host}/back/img:1").diff_ids
+    }
