@@ -229,7 +229,12 @@ def utime_at(dirfd: int, name: bytes, atime_ns: int, mtime_ns: int) -> None:
 
 
 def remove_tree_at(dirfd: int, name: bytes) -> None:
-    """Remove NAME and everything below it, never following symlinks (workdir cleanup)."""
+    """Remove NAME and everything below it, never following symlinks (workdir cleanup).
+
+    A loop, not recursion, holding one directory fd: a leftover thousands of levels deep (a
+    crash in a deep copy-up, or planted) must neither exhaust the stack nor the fds and stop
+    the mount. Going back up opens ``..``, checked to be the directory we came from.
+    """
     st = lstat_at_or_none(dirfd, name)
     if st is None:
         return
@@ -237,9 +242,34 @@ def remove_tree_at(dirfd: int, name: bytes) -> None:
         unlink_at(dirfd, name)
         return
     fd = open_dir_at(dirfd, name)
+    below: list[tuple[bytes, int, int]] = []  # each level entered: (name, its parent's dev, ino)
     try:
-        for child in os.listdir(fd):
-            remove_tree_at(fd, os.fsencode(child))
+        while True:
+            subdir = None
+            with os.scandir(fd) as it:
+                for entry in it:
+                    child = os.fsencode(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        subdir = child
+                        break
+                    unlink_at(fd, child)
+            if subdir is not None:
+                pst = os.fstat(fd)
+                down = open_dir_at(fd, subdir)
+                os.close(fd)
+                fd = down
+                below.append((subdir, pst.st_dev, pst.st_ino))
+                continue
+            if not below:
+                break
+            sub, dev, ino = below.pop()
+            up = os.open(b"..", O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            ust = os.fstat(fd)
+            if (ust.st_dev, ust.st_ino) != (dev, ino):
+                raise OSError(errno.ESTALE, "directory moved during removal", sub)
+            rmdir_at(fd, sub)
     finally:
         os.close(fd)
     rmdir_at(dirfd, name)

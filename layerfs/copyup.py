@@ -84,9 +84,18 @@ class CopyUp:
             return
         if self.stack.upper is None:
             raise OSError(30, "read-only stack")  # EROFS
+        # parents first, top down, in a loop: a tree may be thousands of levels deep
+        missing: list[Node] = []
         parent = node.parent
-        if parent is not None and not parent.upper:
-            await self.copy_up(parent)
+        while parent is not None and not parent.upper:
+            missing.append(parent)
+            parent = parent.parent
+        for parent in reversed(missing):
+            await self._copy_up_one(parent, None, meta=False)
+        await self._copy_up_one(node, data_len, meta=meta)
+
+    async def _copy_up_one(self, node: Node, data_len: int | None, *, meta: bool) -> None:
+        """Copy NODE up, its parent being in the upper already."""
         async with self.locks.hold(node.key):
             # re-read: another request may have copied it meanwhile (ovl_already_copied_up)
             if not node.upper:

@@ -82,12 +82,17 @@ class Layer:
         if fd is not None:
             self._fds.move_to_end(path)
             return fd
-        parent = self.dirfd(path[:-1])
-        fd = _sys.open_dir_at(parent, path[-1])
-        self._fds[path] = fd
-        if len(self._fds) > self._fd_cache:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
+        # walk down from the deepest cached ancestor, in a loop (trees can be 5,000 deep)
+        depth = len(path) - 1
+        while depth and path[:depth] not in self._fds:
+            depth -= 1
+        fd = self._fds[path[:depth]] if depth else self.root_fd
+        for end in range(depth + 1, len(path) + 1):
+            fd = _sys.open_dir_at(fd, path[end - 1])
+            self._fds[path[:end]] = fd
+            if len(self._fds) > self._fd_cache:
+                _, old = self._fds.popitem(last=False)  # never FD's parent: just used
+                os.close(old)
         return fd
 
     def clear_listings(self) -> None:

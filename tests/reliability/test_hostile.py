@@ -10,6 +10,7 @@ directory outside every layer: the absolute paths the symlinks name point at it 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ from pathlib import Path
 import pytest
 from support.mounts import mount_kernel
 from support.snapshot import compare, snapshot
+
+from layerfs._sys import remove_tree_at
 
 from ._helpers import Daemon, fd_targets, layerfs_daemon, needs_root, tree_state
 
@@ -603,3 +606,111 @@ def test_whiteout_operations_and_trusted_names_as_the_kernel(tmp_path: Path) -> 
     # the reference says what the test claims
     assert seen["kernel"][0] == ["err", "EPERM"]
     assert seen["kernel"][-1] == ["ok", ["user.mine"]]
+
+
+DEEP = (
+    5000  # levels: kernel overlayfs copies up 5,000 parents; layerfs recursed, and failed at 1,000
+)
+
+
+def _make_chain(top: Path, depth: int, leaf: bytes | None = None) -> None:
+    """DEPTH nested directories ``d`` under TOP (far over PATH_MAX: made fd by fd), and a
+    file ``f`` holding LEAF at the bottom."""
+    fd = os.open(top, os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        if leaf is not None:
+            f = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+            os.write(f, leaf)
+            os.close(f)
+    finally:
+        os.close(fd)
+
+
+def _deep_ops(root: Path, depth: int) -> list[object]:
+    """At the bottom of ROOT's chain: mkdir, append to f (each copies up every parent), list."""
+    out: list[object] = []
+    fd = os.open(root, os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            nfd = os.open("d", os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        for step in ("mkdir", "append", "list"):
+            try:
+                if step == "mkdir":
+                    os.mkdir("new", dir_fd=fd)
+                    out.append("ok")
+                elif step == "append":
+                    f = os.open("f", os.O_WRONLY | os.O_APPEND, dir_fd=fd)
+                    os.write(f, b"+upper")
+                    os.close(f)
+                    f = os.open("f", os.O_RDONLY, dir_fd=fd)
+                    out.append(os.read(f, 100).decode())
+                    os.close(f)
+                else:
+                    out.append(sorted(os.listdir(fd)))
+            except OSError as e:
+                out.append(errno.errorcode.get(e.errno or 0, str(e.errno)))
+    finally:
+        os.close(fd)
+    return out
+
+
+@pytest.mark.kernel_overlay
+def test_copy_up_and_workdir_cleanup_5000_levels_deep(tmp_path: Path) -> None:
+    """A mkdir and a write at the bottom of a 5,000-level lower tree copy up every parent, as
+    kernel overlayfs does (layerfs copied parents up recursively: EIO from 1,000 levels); a
+    5,000-level leftover in the workdir is emptied by the next mount (its recursive clean-up
+    failed every later mount)."""
+    try:
+        seen = _deep_runs(tmp_path)
+    finally:  # pytest's own clean-up recurses, and fails on trees this deep
+        fd = os.open(tmp_path, os.O_DIRECTORY)
+        try:
+            for subject in ("layerfs", "kernel"):
+                remove_tree_at(fd, subject.encode())
+        finally:
+            os.close(fd)
+    assert seen["kernel"] == ["ok", "deep+upper", ["f", "new"]]
+    assert seen["layerfs"] == seen["kernel"]
+    assert seen["layerfs-upper"] == seen["kernel-upper"]
+
+
+def _deep_runs(tmp_path: Path) -> dict[str, list[object]]:
+    seen: dict[str, list[object]] = {}
+    for subject in ("layerfs", "kernel"):
+        d = tmp_path / subject
+        lower, upper, work, mnt = (d / n for n in ("lower", "upper", "work", "merged"))
+        for p in (lower, upper, work / "work" / "#lfs.1.0", mnt):
+            p.mkdir(parents=True)
+        _make_chain(lower, DEEP, b"deep")
+        if subject == "layerfs":
+            _make_chain(work / "work" / "#lfs.1.0", DEEP, b"left over")
+            with layerfs_daemon([lower], upper, work, mnt) as daemon:
+                assert os.listdir(work / "work") == []
+                seen[subject] = _deep_ops(mnt, DEEP)
+                assert daemon.alive()
+        else:
+            os.rmdir(work / "work" / "#lfs.1.0")
+            with mount_kernel([lower], upper, work, mnt):
+                seen[subject] = _deep_ops(mnt, DEEP)
+        seen[subject + "-upper"] = list(_deep_ops_upper(upper, DEEP))
+    return seen
+
+
+def _deep_ops_upper(upper: Path, depth: int) -> list[str]:
+    """The bottom of UPPER's chain: what the copy-ups left there."""
+    fd = os.open(upper, os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            nfd = os.open("d", os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
