@@ -477,7 +477,9 @@ class Store:
             return ImageRecord.from_json(json.load(f))
 
     def resolve(self, ref: str) -> ImageRecord:
-        """Find an image by tag, ``NAME`` (meaning ``NAME:latest``), digest or digest prefix."""
+        """Find an image by tag, ``NAME`` (meaning ``NAME:latest``), digest, digest prefix, or
+        a registry reference as docker shortens it (``alpine`` for the tag
+        ``docker.io/library/alpine:latest`` a pull gave)."""
         tags = self.tags()
         digest = tags.get(ref) or (
             tags.get(ref + ":latest") if ":" not in ref.rsplit("/", 1)[-1] else None
@@ -492,6 +494,18 @@ class Store:
                 return found[0]
             if len(found) > 1:
                 raise StoreError(f"image reference {ref!r} is ambiguous ({len(found)} images)")
+        # A registry name as docker spells it short: "alpine" for the tag a pull gave it,
+        # "docker.io/library/alpine:latest"; "repo@sha256:..." for that digest.
+        from layerfs.store.reference import Reference, ReferenceError
+
+        try:
+            named = Reference.parse(ref)
+        except ReferenceError:
+            named = None
+        if named is not None:
+            digest = named.digest or tags.get(f"{named.name}:{named.tag}")
+            if digest is not None and digest in records:
+                return records[digest]
         raise StoreError(f"no image {ref!r} in store {self.root}")
 
     def tags_of(self, digest: str) -> list[str]:

@@ -166,6 +166,7 @@ def test_https_only_unless_local() -> None:
         ("127.0.0.1:5000/x:t", ("127.0.0.1:5000", "x", "t", None)),
         ("quay.io/org/img@sha256:" + "a" * 64, ("quay.io", "org/img", None, "sha256:" + "a" * 64)),
         ("localhost/img:v1", ("localhost", "img", "v1", None)),
+        ("docker.io/alpine", ("docker.io", "library/alpine", "latest", None)),
     ],
 )
 def test_reference_parse(text: str, want: tuple[str, str, str | None, str | None]) -> None:

@@ -282,3 +282,21 @@ def _ls_json(store: Store) -> list[dict[str, Any]]:
         assert cli.main(["image", "ls", "--json", "--store", store.root]) == 0
     rows: list[dict[str, Any]] = json.loads(buf.getvalue())
     return rows
+
+
+def test_resolve_short_registry_names(store: Store, layout: Path) -> None:
+    """An image tagged by a pull (``docker.io/library/alpine:3``) is found by the short names
+    docker accepts for it, and by ``NAME@DIGEST``; other names are not."""
+    write_image(layout, [[E("a", data=b"a")]], tag="x")
+    store.import_layout(str(layout), tags=("docker.io/library/alpine:3",))
+    rec = store.resolve("docker.io/library/alpine:3")
+    for name in (
+        "alpine:3",
+        "library/alpine:3",
+        "docker.io/alpine:3",
+        f"alpine@{rec.manifest_digest}",
+    ):
+        assert store.resolve(name) == rec, name
+    for name in ("alpine", "alpine:4", "quay.io/alpine:3"):
+        with pytest.raises(LayerfsError):
+            store.resolve(name)
