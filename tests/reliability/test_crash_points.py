@@ -66,6 +66,10 @@ def _append(p: Path) -> None:
         fh.write(b"appended\n")
 
 
+def _open_trunc(p: Path) -> None:
+    os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+
+
 def _fallocate(p: Path) -> None:
     fd = os.open(p, os.O_WRONLY)
     try:
@@ -137,6 +141,12 @@ SCENARIOS = [
     # --- rename ---
     Scenario("rename_lower_dir", AB, sh(), lambda m: os.rename(m / "a", m / "c")),
     Scenario("rename_lower_dir_across_dirs", AB, sh(), lambda m: os.rename(m / "a", m / "b/a")),
+    Scenario(
+        "rename_merged_dir_across_dirs",
+        AB,
+        sh("write a/new n", "rm a/x"),
+        lambda m: os.rename(m / "a", m / "b/a"),
+    ),
     Scenario(
         "rename_lower_dir_over_whiteout",
         AB,
@@ -221,6 +231,7 @@ SCENARIOS = [
     Scenario("copy_up_by_utime", F, sh(), lambda m: os.utime(m / "f", (1, 2))),
     Scenario("copy_up_dir_by_chmod", AB, sh(), lambda m: os.chmod(m / "a", 0o700)),
     Scenario("copy_up_by_fallocate", F, sh(), lambda m: _fallocate(m / "f")),
+    Scenario("copy_up_by_open_trunc", {"f": BIG}, sh(), lambda m: _open_trunc(m / "f")),
     # --- metacopy: metadata first, the data at the first write (filled in place) ---
     Scenario("metacopy_by_chmod", {"f": BIG}, sh(), lambda m: os.chmod(m / "f", 0o600), META),
     Scenario(
