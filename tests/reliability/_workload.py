@@ -242,8 +242,22 @@ class Worker:
             if not movable:
                 return
             src = rnd.choice(movable)
-            dst = f"{rnd.choice(dirs)}/r{rnd.randrange(20)}"
-            if dst in self.dirs or dst in self.files or dst.startswith(src + "/") or dst == src:
+            # Over an empty directory too: one whose lower entries were deleted holds their
+            # whiteouts, and replacing it must never show them again (issue 16).
+            empty = [
+                d
+                for d in movable
+                if d != src
+                and not src.startswith(d + "/")
+                and not any(x.startswith(d + "/") for x in [*files, *dirs])
+            ]
+            if empty and rnd.random() < 0.4:
+                dst = rnd.choice(empty)
+            else:
+                dst = f"{rnd.choice(dirs)}/r{rnd.randrange(20)}"
+                if dst in self.dirs or dst in self.files:
+                    return
+            if dst.startswith(src + "/") or dst == src:
                 return
             if dst.count("/") > 6:
                 return
