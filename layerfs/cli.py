@@ -10,9 +10,18 @@ import argparse
 import os
 import sys
 
-from layerfs import __version__
+from layerfs import __version__, _sys
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
+
+# Options that take no value, and the values the others take (as the kernel's fs_parse:
+# anything else is "bad value", not a silent default).
+_FLAGS = frozenset({"allow_other", "noallow_other", "volatile", "userxattr", "rw", "ro"})
+_VALUES: dict[str, tuple[str, ...]] = {
+    "redirect_dir": ("on", "follow", "nofollow", "off"),
+    "metacopy": ("on", "off"),
+    "fsync": ("0", "1"),
+}
 
 
 def default_workdir(upper: str) -> str:
@@ -44,7 +53,8 @@ def split_lowers(spec: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _mount_config(args: argparse.Namespace) -> MountConfig:
+def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
+    """The validated configuration, and whether its (default) workdir was made for it."""
     paths: list[str] = args.paths
     if len(paths) == 2:
         lowers_spec, upper, merged = paths[0], None, paths[1]
@@ -53,19 +63,16 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     else:
         raise LayerfsError("usage: layerfs mount LOWER1[:LOWER2...] [UPPER] MERGED")
     lowers = split_lowers(lowers_spec)
-    workdir = args.workdir
-    if upper is not None and workdir is None:
-        # Check everything else first: bad input must leave nothing behind.
-        MountConfig(lowers=lowers, mountpoint=merged).validate()
-        if not os.path.isdir(upper):
-            raise LayerfsError(f"upper directory {upper} does not exist")
-        workdir = default_workdir(upper)
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
     warnings: list[str] = []
     kw: dict[str, object] = {}
     extra: list[str] = []
     for opt in filter(None, ",".join(args.options or []).split(",")):
-        key, _, value = opt.partition("=")
+        key, eq, value = opt.partition("=")
+        if key in _FLAGS and eq:
+            raise LayerfsError(f"option {key}: bad value {value!r} (it takes none)")
+        if key in _VALUES and value not in _VALUES[key]:
+            expected = ", ".join(_VALUES[key])
+            raise LayerfsError(f"option {key}: bad value {value!r} (expected {expected})")
         if key == "allow_other":
             kw["allow_other"] = True
         elif key == "noallow_other":
@@ -86,9 +93,12 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
             extra.append(key)
         else:
             warnings.append(f"unknown option {opt!r} ignored")
-    for w in warnings:
-        print(f"layerfs: warning: {w}", file=sys.stderr)
-    return MountConfig(
+    workdir = args.workdir
+    new_workdir = False
+    if upper is not None and workdir is None:
+        workdir = default_workdir(upper)
+        new_workdir = not os.path.lexists(workdir)
+    config = MountConfig(
         lowers=lowers,
         upper=upper,
         workdir=workdir,
@@ -99,6 +109,15 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         extra_fuse_options=tuple(extra),
         **kw,  # type: ignore[arg-type]
     )
+    # Everything is checked before anything is made: bad input leaves nothing behind (the
+    # default workdir is created only once the whole configuration holds).
+    config.validate(new_workdir=new_workdir)
+    for w in warnings:
+        print(f"layerfs: warning: {w}", file=sys.stderr)
+    if new_workdir:
+        assert workdir is not None
+        os.mkdir(workdir, 0o700)
+    return config, new_workdir
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
@@ -112,7 +131,18 @@ def _cmd_mount(args: argparse.Namespace) -> int:
             raise LayerfsError("usage: layerfs mount --image REF UPPER MERGED")
         lowers = lowers_for_image(args.image, args.store)
         args.paths = [":".join(p.replace(":", "\\:") for p in lowers), *upper_merged]
-    serve(_mount_config(args))
+    config, new_workdir = _mount_config(args)
+    try:
+        serve(config)
+    except BaseException:
+        if new_workdir and config.workdir is not None:  # a failed mount leaves nothing behind
+            parent, name = os.path.split(config.workdir)
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _sys.remove_tree_at(fd, os.fsencode(name))
+            finally:
+                os.close(fd)
+        raise
     if args.image:
         from layerfs.store.cli import record_upper
 

@@ -71,8 +71,11 @@ class MountConfig:
         """Rename lower directories with a redirect xattr (else EXDEV, and mv copies)."""
         return not self.user_xattrs if self.redirect_dir is None else self.redirect_dir
 
-    def validate(self) -> MountConfig:
-        """Check every directory and their relations; return a normalised copy or raise."""
+    def validate(self, *, new_workdir: bool = False) -> MountConfig:
+        """Check every directory and their relations; return a normalised copy or raise.
+
+        NEW_WORKDIR: the workdir does not exist yet (the caller makes it once this passes):
+        its parent is checked in its place."""
         if not self.lowers:
             raise LayerfsError("no lower layer given (lowerdir is empty)")
         lowers = tuple(_existing_dir(p, "lower layer") for p in self.lowers)
@@ -86,8 +89,15 @@ class MountConfig:
         if upper is not None:
             if workdir is None:
                 raise LayerfsError("an upper directory needs a workdir (--workdir / workdir=)")
-            workdir = _existing_dir(workdir, "workdir")
-            if os.stat(workdir).st_dev != os.stat(upper).st_dev:
+            if new_workdir:
+                parent = _existing_dir(os.path.dirname(os.path.abspath(workdir)), "workdir parent")
+                workdir = os.path.join(parent, os.path.basename(workdir.rstrip("/")))
+            else:
+                workdir = _existing_dir(workdir, "workdir")
+            if (
+                os.stat(os.path.dirname(workdir) if new_workdir else workdir).st_dev
+                != os.stat(upper).st_dev
+            ):
                 raise LayerfsError(
                     f"workdir {workdir} is not on the same filesystem as upper {upper}"
                 )

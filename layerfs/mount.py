@@ -17,11 +17,14 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from layerfs import _sys
@@ -143,16 +146,42 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """What C code (libfuse) writes to fd 2 inside the block: the list's lines, after it."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines += tmp.read().decode(errors="replace").splitlines()
+
+
 def _mount(overlay: Overlay) -> Operations:
     import pyfuse3
 
     from layerfs.ops import Operations, fuse_options
 
     ops = Operations(overlay)
-    try:
-        pyfuse3.init(ops, overlay.config.mountpoint, fuse_options(overlay))
-    except RuntimeError as e:
-        raise LayerfsError(f"cannot mount {overlay.config.mountpoint}: {e}") from None
+    with _stderr_captured() as said:
+        try:
+            pyfuse3.init(ops, overlay.config.mountpoint, fuse_options(overlay))
+        except RuntimeError as e:
+            failed: RuntimeError | None = e
+        else:
+            failed = None
+    if failed is not None:
+        # one message: libfuse's own line (the reason: "fuse: device not found", ...) in ours
+        why = "; ".join(ln for ln in said if ln) or str(failed)
+        raise LayerfsError(f"cannot mount {overlay.config.mountpoint}: {why}") from None
+    for line in said:
+        print(line, file=sys.stderr)
     if os.environ.get("LAYERFS_OPEN_REQUESTS") != "1":  # kept for measuring the difference
         ops.skip_open_requests()
     return ops
@@ -242,6 +271,22 @@ def _user_allow_other() -> bool:
         return False
 
 
+FSTYPE = "fuse.layerfs"  # the type /proc/self/mountinfo shows (subtype=layerfs)
+
+
+def mount_fstype(path: str) -> str | None:
+    """The filesystem type of the mount on PATH (the topmost), from /proc/self/mountinfo."""
+    found = None
+    want = os.fsencode(path)
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            left, _, right = line.partition(b" - ")
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), left.split()[4])
+            if point == want:
+                found = right.split()[0].decode(errors="replace")
+    return found
+
+
 def umount(mountpoint: str) -> None:
     """Unmount MOUNTPOINT; a stale mount (daemon gone) is detached lazily."""
     path = os.path.abspath(mountpoint)
@@ -252,6 +297,11 @@ def umount(mountpoint: str) -> None:
         stale = True
     if not stale and not os.path.ismount(path):
         raise LayerfsError(f"{mountpoint} is not a mount point")
+    fstype = mount_fstype(path if stale else os.path.realpath(path))
+    if fstype != FSTYPE:
+        # never lazily detach somebody else's filesystem
+        what = f"a {fstype} mount" if fstype else "not in this mount namespace's table"
+        raise LayerfsError(f"{mountpoint} is not a layerfs mount ({what})")
     cmd = ["fusermount3", "-u"] + (["-z"] if stale else []) + [path]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:

@@ -9,6 +9,7 @@ live mount. Unknown ``-o`` options only warn, and a non-UTF-8 layer path is a va
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,32 @@ CASES: dict[str, Args] = {
         _mount(os.fsencode(e.root) + b"/l\xff\xfe", s(e.upper), s(e.mnt), s(e.work)),
         b"/l\xff\xfe",  # the bytes as given, not a surrogate escape such as "\udcff"
     ),
+    # validated before the default workdir is made: it was left behind, inside the lower
+    "upper inside lower, default workdir": lambda e: (
+        _mount(s(e.lower), s(e.lower / "sub"), s(e.mnt), None),
+        b"sub",
+    ),
+    "upper is a file, default workdir": lambda e: (
+        _mount(s(e.lower), s(e.root / "a-file"), s(e.mnt), None),
+        b"a-file is not a directory",  # not "does not exist"
+    ),
+    "workdir parent missing, default workdir": lambda e: (
+        _mount(s(e.lower), s(e.root / "no-parent" / "upper"), s(e.mnt), None),
+        b"no-parent",
+    ),
+    # bad values of known options are errors, as the kernel's "bad value"
+    "redirect_dir=yes": lambda e: (
+        [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "redirect_dir=yes"],
+        b"redirect_dir: bad value 'yes'",
+    ),
+    "metacopy=yess": lambda e: (
+        [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "metacopy=yess"],
+        b"metacopy: bad value 'yess'",
+    ),
+    "allow_other=foo": lambda e: (
+        [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "allow_other=foo"],
+        b"allow_other: bad value 'foo'",
+    ),
     "too many paths": lambda e: ([*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "x"], b""),
 }
 
@@ -285,3 +312,36 @@ def test_stale_mount_point_is_refused_until_cleaned(tmp_path: Path) -> None:
         assert (mnt / "f").read_text() == "x"
         unmount_any(mnt)
         wait_until(lambda: not pids_naming(mnt), 20, "the daemon to exit")
+
+
+def test_no_access_to_dev_fuse_one_message_nothing_left(env: Env) -> None:
+    """Without /dev/fuse (a private mount namespace with /dev/null over it): one error line,
+    libfuse's reason inside ours (it used to print its own line too), and the default workdir
+    made for the mount removed again."""
+    before = tree_state(env.root)
+    cmd = " ".join(
+        shlex.quote(os.fsdecode(a))
+        for a in (*layerfs_command(), *_mount(s(env.lower), s(env.upper), s(env.mnt), None))
+    )
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount --bind /dev/null /dev/fuse && exec {cmd}"],
+        cwd=env.root, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(b"layerfs: cannot mount"), r.stderr
+    assert b"fuse" in lines[0].split(b":", 2)[2], "libfuse's reason is not in the message"
+    # the workdir came and went: only the times of the directory that held it changed
+    after = tree_state(env.root)
+    assert after.pop(b".")[:4] == before.pop(b".")[:4]
+    assert after == before, "a failed mount left something behind"
+
+
+def test_umount_refuses_what_is_not_layerfs(env: Env) -> None:
+    """``layerfs umount`` on another filesystem's mount point (a tmpfs) refuses, naming its
+    type; it used to detach it with ``umount -l``."""
+    r = _run(["umount", s(env.mounted)], env.root)
+    assert r.returncode == 1
+    assert b"is not a layerfs mount (a tmpfs mount)" in r.stderr, r.stderr
+    assert is_mounted(env.mounted)
