@@ -32,6 +32,8 @@ class Pair:
         root = Path(tempfile.mkdtemp(dir=tmp, prefix="pair-"))
         subj = Layout.create(root / "s", len(spec.layers), upper=upper)
         ref = Layout.create(root / "k", len(spec.layers), upper=upper)
+        if subject.userns:  # rootless: the layers carry user.overlay.* markers only
+            spec = spec.user_namespace_form()
         spec.materialize(subj.lowers)
         spec.to_kernel_form("user" if subject.userns else "trusted").materialize(ref.lowers)
         for layout in (subj, ref):

@@ -130,6 +130,12 @@ class LayerSpec:
         ``user`` for a kernel mounted ``userxattr``, which reads no other)."""
         return LayerSpec([_kernel_form(layer, opaque, is_root=True) for layer in self.layers])
 
+    def user_namespace_form(self) -> LayerSpec:
+        """Return a copy with every trusted.overlay.* marker in its user.overlay.* form: what a
+        rootless engine's layers hold, since a user namespace can neither set nor read the
+        trusted.* names (layerfs there, like the kernel's userxattr mounts, sees none)."""
+        return LayerSpec([_user_form(layer) for layer in self.layers])
+
     def dialects(self) -> set[str]:
         """Which whiteout/opaque dialects and features the spec uses (for subject quirks)."""
         found: set[str] = set()
@@ -165,6 +171,18 @@ def _kernel_form(d: Dir, opaque: OpaqueStyle, *, is_root: bool = False) -> Dir:
         else:
             entries[name] = node
     return Dir(entries, d.meta, opaque if d.opaque and not is_root else None)
+
+
+def _user_form(d: Dir) -> Dir:
+    entries: dict[bytes, Node] = {}
+    for name, node in d.entries.items():
+        if isinstance(node, Whiteout) and node.style == "xattr":
+            entries[name] = Whiteout("user_xattr")
+        elif isinstance(node, Dir):
+            entries[name] = _user_form(node)
+        else:
+            entries[name] = node
+    return Dir(entries, d.meta, "user" if d.opaque == "trusted" else d.opaque)
 
 
 # --- writing ------------------------------------------------------------------------------
