@@ -27,8 +27,9 @@ APT_PACKAGES=(
     # packages conflict and either satisfies grpc's dependency: 1.5 is named, the one that
     # goes with Debian's google.golang.org/protobuf.
     containerd golang golang-github-containerd-containerd-dev golang-github-golang-protobuf-1-5-dev
-    # image pull/push tests: a local registry (distribution 2.8) and htpasswd for its auth
-    docker-registry apache2-utils
+    # image pull/push tests: a local registry (distribution 2.8), htpasswd for its basic auth,
+    # openssl to sign its bearer tokens
+    docker-registry apache2-utils openssl
 )
 
 # Minimum Python for the venv (pyproject: requires-python >= 3.11).

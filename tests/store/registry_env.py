@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from store.token_server import ISSUER, SERVICE, TokenServer
+
 START_TIMEOUT = 30.0
 
 
@@ -77,10 +79,11 @@ def _htpasswd(path: Path, user: str, password: str) -> None:
 
 @contextlib.contextmanager
 def local_registry(
-    root: Path, *, auth: bool = False, port: int | None = None
+    root: Path, *, auth: bool = False, port: int | None = None, token: TokenServer | None = None
 ) -> Iterator[LocalRegistry]:
     """Run a registry under ``root`` until the context ends (on ``port``, else a free one;
-    the same ``root`` and port again: the same registry, restarted)."""
+    the same ``root`` and port again: the same registry, restarted). ``auth``: htpasswd;
+    ``token``: bearer tokens from that token server."""
     binary = registry_binary()
     assert binary is not None
     port = port or _free_port()
@@ -102,6 +105,16 @@ def local_registry(
         f"  addr: 127.0.0.1:{port}",
     ]
     user = password = None
+    if token is not None:
+        user, password = token.user, token.password
+        config += [
+            "auth:",
+            "  token:",
+            f"    realm: {token.url}",
+            f"    service: {SERVICE}",
+            f"    issuer: {ISSUER}",
+            f"    rootcertbundle: {token.cert}",
+        ]
     if auth:
         user, password = "layerfs-registry", "s3cret-registry"
         _htpasswd(root / "htpasswd", user, password)

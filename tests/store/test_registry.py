@@ -22,6 +22,7 @@ from support.mounts import mount_kernel
 from layerfs.store.store import Store
 from store.ocitools import E, snapshot, write_image, write_platform_index
 from store.registry_env import LocalRegistry, auth_file, local_registry, registry_binary
+from store.token_server import token_server
 
 pytestmark = [pytest.mark.external]
 
@@ -421,3 +422,45 @@ def test_pull_waits_for_a_registry_that_comes_back(tmp_path: Path) -> None:
     assert store.verify(f"{host}/back/img:1") == {
         d: [] for d in store.resolve(f"{host}/back/img:1").diff_ids
     }
+
+
+def test_bearer_token_auth(tmp_path: Path) -> None:
+    """A registry behind a token server (distribution's ``auth: token``, as Docker Hub runs
+    it): the pull answers the Bearer challenge with a token fetched with the auth file's
+    credentials for the repository's pull scope; a push asks for pull,push; without
+    credentials the registry refuses."""
+    _need()
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    with (
+        token_server(tmp_path / "tok", "layerfs-tok", "tok-secret") as tok,
+        local_registry(tmp_path / "reg", token=tok) as r,
+    ):
+        write_image(tmp_path / "src", [[E("t", data=b"token")]], tag="t")
+        r.skopeo_copy(f"oci:{tmp_path / 'src'}:t", "tok/img:1")
+        home = tmp_path / "home"
+        home.mkdir()
+        clean = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
+        }
+        env = {**clean, "HOME": str(home)}
+        store = Store(str(tmp_path / "store"))
+        ref = f"{r.host}/tok/img:1"
+        res = _cli("image", "pull", "--store", store.root, ref, env=env)
+        assert res.returncode == 1 and "credentials needed" in res.stderr, res.stderr
+        good = auth_file(tmp_path / "auth.json", r.host, tok.user, tok.password)
+        env["REGISTRY_AUTH_FILE"] = str(good)
+        tok.requests.clear()
+        res = _cli("image", "pull", "--store", store.root, ref, env=env)
+        assert res.returncode == 0, res.stderr
+        assert (Path(store.lowers(ref)[0]) / "t").read_bytes() == b"token"
+        assert tok.requests and all(q["authed"] for q in tok.requests)
+        scopes = [s for q in tok.requests for s in q["scope"]]
+        assert "repository:tok/img:pull" in scopes
+        tok.requests.clear()
+        res = _cli("image", "push", "--store", store.root, ref, f"{r.host}/tok/copy:1", env=env)
+        assert res.returncode == 0, res.stderr
+        scopes = [s for q in tok.requests for s in q["scope"]]
+        assert "repository:tok/copy:pull,push" in scopes

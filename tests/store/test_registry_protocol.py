@@ -1,7 +1,6 @@
-"""The registry client's protocol paths a local docker-registry does not exercise: the bearer
-token challenge (distribution needs a token server with signing certificates for it), 5xx
-answers, and a blob stream cut off mid-way. httpx's MockTransport plays the registry: no
-filesystem is mocked."""
+"""The registry client's protocol paths the local docker-registry does not exercise: the
+token cache and the token server's refusal, 5xx answers, and a blob stream cut off mid-way.
+httpx's MockTransport plays the registry: no filesystem is mocked."""
 
 from __future__ import annotations
 
