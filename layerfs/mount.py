@@ -1,139 +1,117 @@
-"""Serve a MountConfig: open the layers, mount, detach, and exit when the mount goes away.
+"""Serve a MountConfig: check, mount, leave a daemon serving it, and return at once.
 
-The order is fixed by pyfuse3 and by container engines: layer fds are opened and the mount is
-made *before* trio or any thread starts (a fork after that is unsafe); the caller returns only
-once the mount is live (a readiness pipe carries "ok" or the error), and the detached daemon
-holds none of the caller's stdin/stdout/stderr (podman reads stderr to EOF). When the kernel
-ends the session (``fusermount3 -u``, ``umount -l``) ``pyfuse3.main`` returns and the daemon
-exits; SIGTERM/SIGINT unmount; SIGHUP is ignored.
+The caller pays only for what can refuse the mount (layerfs.premount): the config, the
+layers, the workdir lock, and mount(2) of a fresh /dev/fuse fd. A live mount is a mounted fd
+(the kernel queues requests until someone reads them), so the caller returns right after
+mount(2), in milliseconds, while the detached daemon it forked imports trio and pyfuse3,
+opens the layers and serves the fd it inherited (libfuse's ``/dev/fd/N`` mount point). The
+daemon is forked before any thread or trio exists, and lets go of the caller's stdin, stdout
+and stderr first (podman reads stderr to EOF). Should it fail after all, it logs why and
+detaches the mount. When the kernel ends the session (``fusermount3 -u``, ``umount -l``)
+``pyfuse3.main`` returns and the daemon exits; SIGTERM/SIGINT unmount; SIGHUP is ignored.
 
-Must not import: mount_helper.
+Must not import: mount_helper. Imported by ``mount.layerfs`` on every mount: logging,
+pyfuse3, trio and the engine are imported by the daemon only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import logging
-import logging.handlers
 import os
-import re
-import resource
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from layerfs import _sys
+from layerfs import premount
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
 
+TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
 if TYPE_CHECKING:  # imported when serving: the CLI starts without them
     from layerfs.ops import Operations
     from layerfs.overlay import Overlay
 
-log = logging.getLogger("layerfs")
-
 
 def serve(config: MountConfig) -> None:
-    """Validate CONFIG and serve it; return once the mount is live (or, in the foreground,
-    once it is gone). Raise LayerfsError with a one-line reason when it cannot be mounted."""
+    """Validate CONFIG and mount it; return once the mount is live (or, in the foreground,
+    once it is gone). Raise LayerfsError with a one-line reason when it cannot be mounted;
+    nothing is mounted then."""
     config = config.validate()
     if not os.path.exists("/dev/fuse"):
         raise LayerfsError("/dev/fuse does not exist (is the fuse module loaded?)")
     if config.allow_other and os.geteuid() != 0 and not _user_allow_other():
         raise LayerfsError("allow_other needs root or user_allow_other in /etc/fuse.conf")
+    opts = premount.options(config)
+    premount.check_layers(config)
+    # The workdir lock: the daemon inherits the fd and holds it (never closed) for its life.
+    lock_fd = premount.lock_workdir(config.workdir) if config.workdir is not None else -1
+    try:
+        fuse_fd = premount.mount(config, opts)
+    except BaseException:
+        _close(lock_fd)
+        raise
     if config.foreground:
         _setup_logging(config, detached=False)
-        overlay = _open(config)
-        _run(overlay, _mount(overlay))
+        code = _serve_fd(config, fuse_fd)
+        if code:
+            raise LayerfsError("the daemon failed (see the log above)")
         return
-    rfd, wfd = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        premount.unmount_lazy(config.mountpoint)
+        raise LayerfsError(f"cannot start the daemon: {e.strerror}") from None
     if pid == 0:  # first child: new session, then the daemon proper
-        os.close(rfd)
+        code = 1
         try:
             os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            _daemon(config, wfd)
-        except BaseException as e:  # report anything to the waiting caller
-            with contextlib.suppress(OSError):
-                os.write(wfd, b"error: " + str(e).encode(errors="replace"))
-        os._exit(1)
-    os.close(wfd)
+            # The caller's stdio is let go before the caller can exit (it waits for this
+            # child): a caller reading our stderr to EOF (podman) returns with us.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            code = _daemon(config, fuse_fd) if os.fork() == 0 else 0
+        finally:
+            os._exit(code)
+    os.close(fuse_fd)
+    _close(lock_fd)
     os.waitpid(pid, 0)
-    with os.fdopen(rfd, "rb") as r:
-        status = r.read()
-    if status != b"ok":
-        msg = status.decode(errors="replace").removeprefix("error: ").strip()
-        raise LayerfsError(msg or "the daemon died before the mount was live")
 
 
-def _daemon(config: MountConfig, ready_fd: int) -> None:
-    """The detached daemon: mount, signal readiness, let go of the caller's stdio, serve."""
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
+
+
+def _daemon(config: MountConfig, fuse_fd: int) -> int:
+    """The detached daemon: stdio already on /dev/null; leave the caller's cwd, log, serve."""
     os.chdir("/")
     try:
+        _setup_logging(config, detached=True)
+    except BaseException:
+        premount.unmount_lazy(config.mountpoint)
+        return 1
+    return _serve_fd(config, fuse_fd)
+
+
+def _serve_fd(config: MountConfig, fuse_fd: int) -> int:
+    """Open the layers and serve the mounted FUSE_FD until the mount goes; return the exit
+    status. A failure before serving detaches the mount (its requests would hang)."""
+    import logging
+
+    try:
         overlay = _open(config)
-        ops = _mount(overlay)
-    except LayerfsError as e:
-        os.write(ready_fd, b"error: " + str(e).encode())
-        os._exit(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    _setup_logging(config, detached=True)
-    os.write(ready_fd, b"ok")
-    os.close(ready_fd)
-    code = _run(overlay, ops)
-    os._exit(code)
+        ops = _session(overlay, fuse_fd)
+    except BaseException:
+        logging.getLogger("layerfs").exception("cannot serve %s", config.mountpoint)
+        premount.unmount_lazy(config.mountpoint)
+        return 1
+    return _run(overlay, ops)
 
 
 def _open(config: MountConfig) -> Overlay:
     from layerfs.overlay import Overlay
 
-    _lock_workdir(config)
     _raise_fd_limit()
-    try:
-        return Overlay(config)
-    except OSError as e:
-        raise LayerfsError(f"cannot open layers: {e.strerror}: {e.filename or ''}") from None
-
-
-_workdir_lock: int | None = None  # held open, and so locked, for the daemon's life
-# How long a mount waits for the lock: a daemon whose mount was just unmounted still holds it
-# until it exits (containerd's clients unmount a temporary mount of a rootfs and the shim
-# mounts it again at once).
-WORKDIR_LOCK_WAIT = 5.0
-
-
-def _lock_workdir(config: MountConfig) -> None:
-    """Take an exclusive flock on the workdir, held until the daemon exits: a second daemon on
-    the same upper (two mounts of one container's snapshot) would corrupt it, so its mount fails
-    with EBUSY once the holder has not let go for WORKDIR_LOCK_WAIT seconds. Kernel overlayfs
-    refuses a workdir in use only with index=on (a warning otherwise); layerfs always
-    refuses."""
-    global _workdir_lock
-    if config.workdir is None:
-        return
-    fd = os.open(config.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    deadline = time.monotonic() + WORKDIR_LOCK_WAIT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise LayerfsError(
-                    f"workdir {config.workdir} is in use by another mount (EBUSY)"
-                ) from None
-            time.sleep(0.02)
-    _workdir_lock = fd
+    return Overlay(config)
 
 
 def _raise_fd_limit() -> None:
@@ -141,56 +119,34 @@ def _raise_fd_limit() -> None:
     should: the layers cache directory fds (layers.fd_cache_size), and container engines and
     systemd start programs with a soft limit of 1024 (where a tree walk over three layers
     used to fail with EMFILE)."""
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """What C code (libfuse) writes to fd 2 inside the block: the list's lines, after it."""
-    lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines += tmp.read().decode(errors="replace").splitlines()
-
-
-def _mount(overlay: Overlay) -> Operations:
+def _session(overlay: Overlay, fuse_fd: int) -> Operations:
+    """A libfuse session on the mounted fd (pyfuse3.init with the mount point /dev/fd/N)."""
     import pyfuse3
 
-    from layerfs.ops import Operations, fuse_options
+    from layerfs.ops import Operations
 
     ops = Operations(overlay)
-    with _stderr_captured() as said:
-        try:
-            pyfuse3.init(ops, overlay.config.mountpoint, fuse_options(overlay))
-        except RuntimeError as e:
-            failed: RuntimeError | None = e
-        else:
-            failed = None
-    if failed is not None:
-        # one message: libfuse's own line (the reason: "fuse: device not found", ...) in ours
-        why = "; ".join(ln for ln in said if ln) or str(failed)
-        raise LayerfsError(f"cannot mount {overlay.config.mountpoint}: {why}") from None
-    for line in said:
-        print(line, file=sys.stderr)
+    pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", premount.options(overlay.config))
     if os.environ.get("LAYERFS_OPEN_REQUESTS") != "1":  # kept for measuring the difference
         ops.skip_open_requests()
     return ops
 
 
 def _run(overlay: Overlay, ops: Operations) -> int:
+    import logging
+    import signal
+
     import pyfuse3
     import trio
 
+    log = logging.getLogger("layerfs")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     unmount = False
 
@@ -213,6 +169,8 @@ def _run(overlay: Overlay, ops: Operations) -> int:
 
     code = 0
     if crash := os.environ.get("LAYERFS_CRASH_AT"):  # the crash-point tests' fault injection
+        from layerfs import _sys
+
         work = -1 if os.environ.get("LAYERFS_CRASH_WORK") == "1" else overlay.stack.work_fd
         _sys.crash_at(int(crash), work)
     try:
@@ -227,22 +185,15 @@ def _run(overlay: Overlay, ops: Operations) -> int:
         except Exception:
             log.exception("close failed")
         overlay.close()
-    if unmount:
-        _lazy_unmount(overlay.config.mountpoint)
+    if unmount:  # the session is closed: the mount, if still there, is a dead one
+        premount.unmount_lazy(overlay.config.mountpoint)
     return code
 
 
-def _lazy_unmount(mountpoint: str) -> None:
-    if os.path.ismount(mountpoint):
-        subprocess.run(
-            ["fusermount3", "-u", "-z", mountpoint],
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-
 def _setup_logging(config: MountConfig, *, detached: bool) -> None:
+    import logging
+    import logging.handlers
+
     level = logging.DEBUG if config.debug else logging.WARNING
     handler: logging.Handler
     if config.log_file:
@@ -276,6 +227,8 @@ FSTYPE = "fuse.layerfs"  # the type /proc/self/mountinfo shows (subtype=layerfs)
 
 def mount_fstype(path: str) -> str | None:
     """The filesystem type of the mount on PATH (the topmost), from /proc/self/mountinfo."""
+    import re
+
     found = None
     want = os.fsencode(path)
     with open("/proc/self/mountinfo", "rb") as fh:
@@ -302,6 +255,8 @@ def umount(mountpoint: str) -> None:
         # never lazily detach somebody else's filesystem
         what = f"a {fstype} mount" if fstype else "not in this mount namespace's table"
         raise LayerfsError(f"{mountpoint} is not a layerfs mount ({what})")
+    import subprocess
+
     cmd = ["fusermount3", "-u"] + (["-z"] if stale else []) + [path]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:

@@ -496,34 +496,3 @@ def _widen_readahead(mountpoint: str, kib: int) -> None:
 def _unescape_mountinfo(field: bytes) -> bytes:
     """Undo mountinfo's octal escapes (space, tab, newline, backslash)."""
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
-
-
-def fuse_options(overlay: Overlay) -> set[str]:
-    """The mount options: kernel permission checks, dev/suid for a container rootfs."""
-    cfg = overlay.config
-    opts = {"default_permissions", "dev", "suid", f"fsname={cfg.fsname}", "subtype=layerfs"}
-    allow_other = cfg.allow_other if cfg.allow_other is not None else os.geteuid() == 0
-    if allow_other:
-        opts.add("allow_other")
-    if overlay.stack.upper is None:
-        opts.add("ro")
-    for opt in cfg.extra_fuse_options:  # a caller's nodev must replace our dev, not join it
-        opts.discard(_OPPOSITE.get(opt, ""))
-        opts.add(opt)
-    return opts
-
-
-_OPPOSITE = {
-    "dev": "nodev",
-    "nodev": "dev",
-    "suid": "nosuid",
-    "nosuid": "suid",
-    "exec": "noexec",
-    "noexec": "exec",
-    "rw": "ro",
-    "ro": "rw",
-    "atime": "noatime",
-    "noatime": "atime",
-    "sync": "async",
-    "async": "sync",
-}
