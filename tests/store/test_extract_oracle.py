@@ -123,3 +123,62 @@ def test_extraction_matches_gnu_tar(entries: list[E]) -> None:
                     for x in os.listxattr(q, follow_symlinks=False)
                 }
                 assert got == want, p
+
+
+def _gnu_tar_x(tar: Path, dest: Path) -> None:
+    opts = ["--xattrs", "--xattrs-include=*", "--same-owner", "--numeric-owner"]
+    subprocess.run(
+        ["tar", *opts, "-xpf", str(tar), "-C", str(dest)],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@given(trees(), st.data())
+def test_implied_parents_match_extraction_onto_the_layer_below(
+    base: list[E], data: st.DataObject
+) -> None:
+    """A second layer whose tar holds files deep in the first layer's directories and none
+    of those directories (as umoci repack writes it): each directory it only implies has, in
+    its own layer, the mode, owner and xattrs GNU tar leaves on it when the second tar is
+    extracted onto the first (umoci unpack's way), and the first layer's mtime."""
+    dirs = [e.name for e in base if e.kind == "d"]
+    taken = {e.name for e in base}
+    top = []
+    for parent in data.draw(st.lists(st.sampled_from(dirs), max_size=4) if dirs else st.just([])):
+        name = f"{parent}/new-{len(top)}"
+        if name not in taken:
+            top.append(E(name, data=b"top"))
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        base_tar, top_tar = make_tar(base), make_tar(top)
+        (tmp / "base.tar").write_bytes(base_tar)
+        (tmp / "top.tar").write_bytes(top_tar)
+        theirs, low, up = tmp / "theirs", tmp / "low", tmp / "up"
+        for d in (theirs, low, up):
+            d.mkdir()
+        _gnu_tar_x(tmp / "base.tar", theirs)
+        _gnu_tar_x(tmp / "top.tar", theirs)
+        for tar, dest, lowers in ((base_tar, low, None), (top_tar, up, [str(low)])):
+            with open(tmp / ("base.tar" if dest == low else "top.tar"), "rb") as f:
+                extract_blob(
+                    f,
+                    "none",
+                    digest=sha(tar),
+                    size=len(tar),
+                    diff_id=sha(tar),
+                    dest=str(dest),
+                    lowers=lowers,
+                )
+        for dirpath, dirnames, _files in os.walk(up):
+            for n in dirnames:
+                rel = os.path.relpath(os.path.join(dirpath, n), up)
+                mine, want, below = (os.lstat(r / rel) for r in (up, theirs, low))
+                assert (mine.st_mode, mine.st_uid, mine.st_gid) == (
+                    want.st_mode,
+                    want.st_uid,
+                    want.st_gid,
+                ), rel
+                assert mine.st_mtime_ns == below.st_mtime_ns, rel
+                assert sorted(os.listxattr(up / rel)) == sorted(os.listxattr(theirs / rel)), rel
