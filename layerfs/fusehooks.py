@@ -17,7 +17,7 @@ carries it); it asks for FUSE_CAP_POSIX_ACL with FUSE_CAP_DONT_MASK, so the kern
 POSIX ACLs and leaves their inheritance (and the umask) to layerfs.acl. ``answer_init`` then
 lets libfuse answer INIT and adds the one flag it cannot ask for, FUSE_HANDLE_KILLPRIV_V2:
 without it every write is preceded by a GETXATTR of security.capability. ``serve_fallocate``
-fills the table's FALLOCATE entry, which pyfuse3 leaves empty.
+and ``serve_ioctl`` fill the table's FALLOCATE and IOCTL entries, which pyfuse3 leaves empty.
 
 Found by symbol, checked by value: the session is pyfuse3's module variable ``session`` (read
 from the ELF symbol table of its extension), and the operation table inside the session is
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # struct fuse_lowlevel_ops (libfuse 3.x): entry indexes
 _N_OPS = 44
 _INIT, _READ, _FSYNC, _FSYNCDIR, _WRITE_BUF, _READDIRPLUS = 0, 15, 19, 23, 36, 41
-_FALLOCATE = 40
+_FALLOCATE, _IOCTL = 40, 34
 _FI_FH = 16  # offsetof(struct fuse_file_info, fh)
 _CONN_CAPABLE, _CONN_WANT = 20, 24  # offsetof(struct fuse_conn_info, capable / want)
 NOBODY = 0xFFFF_FFFF
@@ -61,6 +61,8 @@ _READ_ARGS = (_vp, _c_ino, ctypes.c_size_t, ctypes.c_int64, _vp)
 _FSYNC_ARGS = (_vp, _c_ino, ctypes.c_int, _vp)
 _WRITE_BUF_ARGS = (_vp, _c_ino, _vp, ctypes.c_int64, _vp)
 _FALLOCATE_ARGS = (_vp, _c_ino, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, _vp)
+_size = ctypes.c_size_t
+_IOCTL_ARGS = (_vp, _c_ino, ctypes.c_uint, _vp, _vp, ctypes.c_uint, _vp, _size, _size)
 
 
 def _shim_type(args: tuple[type, ...]) -> type:
@@ -256,6 +258,53 @@ def serve_fallocate(
     fn = _shim_type(_FALLOCATE_ARGS)(shim)
     _keep.append(fn)
     ctypes.c_void_p.from_address(hooks.table + 8 * _FALLOCATE).value = ctypes.cast(fn, _vp).value
+
+
+def serve_ioctl(
+    hooks: Hooks,
+    ioctl: Callable[[int, int, bytes, int], Awaitable[bytes]],
+    spawn: Callable[..., object],
+) -> None:
+    """Serve FUSE_IOCTL, which pyfuse3 does not forward: await IOCTL(inode, cmd, in_data,
+    out_size) in a task started by SPAWN and answer with the bytes it returned (result 0),
+    or with the errno it raised, as serve_fallocate. The kernel sends a FUSE filesystem only
+    restricted ioctls (fixed-size data, copied in and out by the kernel): for the inode flag
+    ioctls, from fuse_fileattr_get/set."""
+    libfuse = ctypes.CDLL("libfuse3.so.3")
+    reply_err = libfuse.fuse_reply_err
+    reply_err.argtypes = [_vp, ctypes.c_int]
+    reply_ioctl = libfuse.fuse_reply_ioctl
+    reply_ioctl.argtypes = [_vp, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+
+    async def run(req: int, ino: int, cmd: int, data: bytes, out_size: int) -> None:
+        try:
+            out = await ioctl(ino, cmd, data, out_size)
+        except Exception as e:  # every request gets its answer, whatever happened
+            reply_err(req, getattr(e, "errno", None) or errno.EIO)
+            return
+        reply_ioctl(req, 0, out, len(out))
+
+    def shim(
+        req: int,
+        ino: int,
+        cmd: int,
+        _arg: int | None,
+        _fi: int | None,
+        _flags: int,
+        in_buf: int | None,
+        in_size: int,
+        out_size: int,
+    ) -> None:
+        data = ctypes.string_at(in_buf, in_size) if in_buf and in_size else b""
+        try:
+            spawn(run, req, ino, cmd, data, out_size)
+        except Exception:
+            log.exception("cannot serve IOCTL")
+            reply_err(req, errno.EIO)
+
+    fn = _shim_type(_IOCTL_ARGS)(shim)
+    _keep.append(fn)
+    ctypes.c_void_p.from_address(hooks.table + 8 * _IOCTL).value = ctypes.cast(fn, _vp).value
 
 
 # The INIT exchange (include/uapi/linux/fuse.h)

@@ -218,7 +218,9 @@ class Operations(pyfuse3.Operations):
         self.hooks = fusehooks.install(pyfuse3.__file__)
         if self.hooks is not None:
             self.fs.files.no_open = True
-            fusehooks.serve_fallocate(self.hooks, self.fallocate, trio.lowlevel.spawn_system_task)
+            spawn = trio.lowlevel.spawn_system_task
+            fusehooks.serve_fallocate(self.hooks, self.fallocate, spawn)
+            fusehooks.serve_ioctl(self.hooks, self.ioctl, spawn)
 
     def answer_init(self) -> None:
         """Answer INIT before pyfuse3's loop starts, with the flags libfuse cannot ask for
@@ -423,6 +425,11 @@ class Operations(pyfuse3.Operations):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """FALLOCATE, served through layerfs.fusehooks (pyfuse3 does not forward it)."""
         await self.fs.files.fallocate(fh, mode, offset, length)
+
+    @_errors
+    async def ioctl(self, inode: int, cmd: int, data: bytes, out_size: int) -> bytes:
+        """IOCTL, served through layerfs.fusehooks: the inode flag getters (lsattr)."""
+        return self.fs.get_inode_flags(inode, cmd, out_size)
 
     @_errors
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -68,6 +69,10 @@ def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> None:
         mtime = st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns
         os.utime(fd, ns=(atime, mtime))
 
+
+# the inode flag getters FUSE sends (fuse_fileattr_get) and the size of their data
+FS_IOC_GETFLAGS, FS_IOC_FSGETXATTR = 0x80086601, 0x801C581F
+_FLAG_GETTERS = {FS_IOC_GETFLAGS: 4, FS_IOC_FSGETXATTR: 28}
 
 # errors of the daemon, not of an entry: a listing stops at them rather than skip the entry
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
@@ -420,6 +425,27 @@ class Overlay:
         if dh is not None:
             dh.node.opens -= 1
             self.table.release(dh.node)
+
+    # -- inode flags -------------------------------------------------------------------------
+
+    def get_inode_flags(self, ino: int, cmd: int, size: int) -> bytes:
+        """FS_IOC_GETFLAGS / FS_IOC_FSGETXATTR (SIZE bytes) of NODE's real file, as
+        ovl_fileattr_get answers them; any other ioctl is ENOTTY. The setters are not served
+        (docs/design.md, "Inode flags")."""
+        if cmd not in _FLAG_GETTERS or size != _FLAG_GETTERS[cmd]:
+            raise OSError(errno.ENOTTY, "ioctl not served")
+        node = self.table.get(ino)
+        dirfd, name = self.files.real_location(node)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(name or b".", flags, dir_fd=dirfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode) and not node.is_dir:
+                raise OSError(errno.ENOTTY, "not a file or directory")
+            out = bytearray(size)
+            fcntl.ioctl(fd, cmd, out)
+        finally:
+            os.close(fd)
+        return bytes(out)
 
     # -- xattrs ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shlex
@@ -476,3 +477,36 @@ def test_fallocate_punches_a_hole_in_the_upper(tmp_path: Path) -> None:
                 os.close(ufd)
         assert (m.mnt / "f").read_bytes() == b"x" * 16384 + bytes(16384) + b"x" * 32768
         assert (m.mnt / "f").stat().st_size == 65536
+
+
+def _inode_flags(path: Path) -> tuple[str, bytes]:
+    """lsattr's line for PATH (FS_IOC_GETFLAGS) and FS_IOC_FSGETXATTR's bytes, or errors."""
+    r = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True, check=False)
+    line = r.stdout.split()[0] if r.returncode == 0 else r.stderr.rsplit(":", 1)[-1].strip()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        out = bytearray(28)
+        fcntl.ioctl(fd, 0x801C581F, out)  # FS_IOC_FSGETXATTR
+        xattr = bytes(out)
+    except OSError as e:
+        xattr = errno.errorcode[e.errno or 0].encode()
+    finally:
+        os.close(fd)
+    return line, xattr
+
+
+def test_inode_flags_as_the_kernel_shows_them(tmp_path: Path) -> None:
+    """lsattr and FS_IOC_FSGETXATTR answer from the real file, lower or upper, as kernel
+    overlayfs answers them (served through layerfs.fusehooks.serve_ioctl; pyfuse3 forwards no
+    IOCTL, and lsattr said "Operation not supported")."""
+    spec = LayerSpec([d({b"f": f(b"lower"), b"g": f(b"x"), b"dir": d({b"x": f()})})])
+    seen = {}
+    for name, subject in (("layerfs", subject_named("layerfs")), ("kernel", KERNEL)):
+        layout = _layout(tmp_path / name, spec)
+        with layout.mount(subject) as m:
+            with open(m.mnt / "g", "ab") as fh:
+                fh.write(b"copied up")
+            (m.mnt / "new").write_bytes(b"upper only")
+            seen[name] = {p: _inode_flags(m.mnt / p) for p in ("", "f", "g", "dir", "new")}
+    assert seen["layerfs"] == seen["kernel"]
+    assert all(not line.startswith("Op") for line, _x in seen["kernel"].values())
