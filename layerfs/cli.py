@@ -11,7 +11,7 @@ import os
 import sys
 
 from layerfs import __version__, _sys
-from layerfs.config import MountConfig
+from layerfs.config import FSYNC_MODES, MountConfig
 from layerfs.errors import LayerfsError
 
 # Options that take no value, and the values the others take (as the kernel's fs_parse:
@@ -20,7 +20,7 @@ _FLAGS = frozenset({"allow_other", "noallow_other", "volatile", "userxattr", "rw
 _VALUES: dict[str, tuple[str, ...]] = {
     "redirect_dir": ("on", "follow", "nofollow", "off"),
     "metacopy": ("on", "off"),
-    "fsync": ("0", "1"),
+    "fsync": tuple(FSYNC_MODES),
 }
 
 
@@ -78,7 +78,7 @@ def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
         elif key == "noallow_other":
             kw["allow_other"] = False
         elif key == "volatile":
-            kw["volatile"], kw["fsync"] = True, False  # as mount.layerfs: no syncs at all
+            kw["fsync_mode"] = "volatile"  # as mount.layerfs: no syncs at all
         elif key == "redirect_dir":
             kw["redirect_dir"] = value in ("on", "follow")
         elif key == "metacopy":
@@ -86,7 +86,7 @@ def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
         elif key == "userxattr":
             kw["userxattr"] = True
         elif key == "fsync":
-            kw["fsync"] = value != "0"
+            kw["fsync_mode"] = FSYNC_MODES[value]
         elif key in ("rw", "dev", "suid", "exec"):
             pass
         elif key in ("nodev", "nosuid", "noexec", "ro"):
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="options",
         action="append",
         metavar="OPTS",
-        help="comma-separated options (allow_other, volatile, fsync=0, ro...)",
+        help="comma-separated options (allow_other, volatile, fsync=auto|strict|volatile, ro...)",
     )
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     m.add_argument("--debug", action="store_true", help="trace requests (implies logging)")

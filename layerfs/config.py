@@ -26,6 +26,17 @@ class IdMapping:
     count: int
 
 
+# fsync= values: the kernel's (6.12+), and fuse-overlayfs' 0/1. Its fsync=0 stops fsync
+# requests, and it never syncs a copy-up: that is volatile.
+FSYNC_MODES = {
+    "auto": "auto",
+    "strict": "strict",
+    "volatile": "volatile",
+    "1": "auto",
+    "0": "volatile",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class MountConfig:
     """A validated description of one mount.
@@ -42,8 +53,11 @@ class MountConfig:
     debug: bool = False
     allow_other: bool | None = None  # None: on when running as root
     fsname: str = "layerfs"
-    volatile: bool = False  # skip fsync of copy-ups (as overlayfs "volatile")
-    fsync: bool = True  # honour fsync requests (fuse-overlayfs "fsync=0" turns them off)
+    # Durability, as kernel overlayfs' fsync= (6.12+): "auto" fsyncs a copy-up of data before
+    # it is put in place, "strict" also metadata-only and directory copy-ups, "volatile"
+    # nothing, and fsync requests are then ignored (overlayfs "volatile", fuse-overlayfs
+    # "fsync=0").
+    fsync_mode: str = "auto"
     # rename lower dirs with a redirect; False: EXDEV (redirect_dir=off); None: on, but off with
     # userxattr, as the kernel (whose userxattr mounts refuse redirect_dir=on)
     redirect_dir: bool | None = None
@@ -70,6 +84,11 @@ class MountConfig:
     def redirects(self) -> bool:
         """Rename lower directories with a redirect xattr (else EXDEV, and mv copies)."""
         return not self.user_xattrs if self.redirect_dir is None else self.redirect_dir
+
+    @property
+    def volatile(self) -> bool:
+        """No syncs at all: neither of copy-ups nor of fsync requests."""
+        return self.fsync_mode == "volatile"
 
     def validate(self, *, new_workdir: bool = False) -> MountConfig:
         """Check every directory and their relations; return a normalised copy or raise.

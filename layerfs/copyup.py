@@ -47,20 +47,31 @@ class CopyUp:
         stack: LayerStack,
         table: InodeTable,
         *,
-        fsync: bool = True,
+        fsync: str = "auto",
         metacopy: bool = False,
         names: xattrs.Names = xattrs.TRUSTED,
     ) -> None:
         self.stack = stack
         self.names = names  # the overlay xattrs this mount writes
         self.table = table
-        self.fsync = fsync
+        # fsync= (config.fsync_mode): "auto" syncs copied data before it is put in place,
+        # "strict" also metadata-only and directory copy-ups (and their parent's new entry)
+        self.fsync = fsync != "volatile"
+        self.sync_metadata = fsync == "strict"
         self.metacopy = metacopy
         self.locks = KeyedLock()
         self.limiter = trio.CapacityLimiter(2)
         self._names = itertools.count()
         self.tmpfile = True  # build regular files as O_TMPFILEs until the upper refuses one
-        self.stats = {"files": 0, "dirs": 0, "bytes": 0, "reflink": 0, "metacopy": 0, "filled": 0}
+        self.stats = {
+            "files": 0,
+            "dirs": 0,
+            "bytes": 0,
+            "reflink": 0,
+            "metacopy": 0,
+            "filled": 0,
+            "fsyncs": 0,
+        }
         # nodes whose attributes changed behind the kernel's back (a copied-up directory now
         # reads nlink 1; a broken hard link its own st_ino and nlink): the adapter tells the
         # kernel to drop its cached attributes
@@ -121,6 +132,9 @@ class CopyUp:
                 self._copy_other(ldir, lname, st, udir, upath[-1])
             # Restore the parent's times (best effort), as ovl_copy_up_one does.
             os.utime(udir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+            if self.sync_metadata:  # fsync=strict: the new entry, and a directory itself
+                isdir = stat.S_ISDIR(st.st_mode)
+                await self._sync(self._sync_entry, udir, upath[-1], isdir)
             ust = _sys.lstat_at(udir, upath[-1])
         finally:
             os.close(ldir)
@@ -173,8 +187,8 @@ class CopyUp:
                     # the copy holds the truncation's result already: its times too, so that
                     # a crash before the truncate itself leaves the after state, not a mix
                     os.utime(dst)
-                if self.fsync and not metacopy:
-                    await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
+                if (self.fsync and not metacopy) or self.sync_metadata:
+                    await self._sync(os.fsync, dst)
                 if tmp is None:
                     _sys.link_tmpfile(dst, udir, uname)
                 else:
@@ -260,7 +274,22 @@ class CopyUp:
         if method == "reflink":
             self.stats["reflink"] += 1
         if sync and self.fsync and length:
-            await trio.to_thread.run_sync(os.fsync, dst, limiter=self.limiter)
+            await self._sync(os.fsync, dst)
+
+    async def _sync(self, fn: Callable[..., None], *args: object) -> None:
+        """One fsync on a worker thread (it waits for the disk), counted."""
+        self.stats["fsyncs"] += 1
+        await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    @staticmethod
+    def _sync_entry(udir: int, name: bytes, isdir: bool) -> None:
+        if isdir:
+            fd = _sys.open_dir_at(udir, name)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.fsync(udir)
 
 
 def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:

@@ -92,12 +92,14 @@ class Overlay:
         self.copyup = CopyUp(
             self.stack,
             self.table,
-            fsync=not config.volatile,
+            fsync=config.fsync_mode,
             metacopy=config.metacopy,
             names=self.names,
         )
         self.ns = Namespace(self.stack, self.table, self.copyup, redirect_dir=config.redirects)
-        self.files = Files(self.stack, self.table, self.copyup, honour_fsync=config.fsync)
+        self.files = Files(
+            self.stack, self.table, self.copyup, honour_fsync=config.fsync_mode != "volatile"
+        )
         self.ns.keeping_data = self.files.keeping_data
         self.dirs: dict[int, DirHandle] = {}
         self.node_dirs: dict[int, DirHandle] = {}  # listings in progress without an OPENDIR
@@ -412,7 +414,12 @@ class Overlay:
         else:
             dh = self.dirs.get(fh)
             node = dh.node if dh is not None else None
-        if node is None or not node.upper or self.stack.upper is None or not self.config.fsync:
+        if (
+            node is None
+            or not node.upper
+            or self.stack.upper is None
+            or self.config.fsync_mode == "volatile"
+        ):
             return
         fd = os.dup(self.stack.upper.dirfd(node.path()))  # a thread may outlive the cache
         try:

@@ -42,10 +42,10 @@ detaches and exits by itself when MERGED is unmounted (fusermount3 -u MERGED).
   -V, --version  print the version
   -h, --help     print this help
 
-Options: lowerdir, upperdir, workdir, volatile, fsync=0|1, uidmapping=, gidmapping=,
-squash_to_uid=, squash_to_gid=, squash_to_root, ro, rw, allow_other, fsname=, log=FILE,
-and the generic mount options (dev, suid, exec, noatime, nofail, x-*, ...). Unknown options
-are ignored with a warning. See docs/containers.md.
+Options: lowerdir, upperdir, workdir, volatile, fsync=auto|strict|volatile|0|1,
+uidmapping=, gidmapping=, squash_to_uid=, squash_to_gid=, squash_to_root, ro, rw,
+allow_other, fsname=, log=FILE, and the generic mount options (dev, suid, exec, noatime,
+nofail, x-*, ...). Unknown options are ignored with a warning. See docs/containers.md.
 """
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from layerfs.config import IdMapping, MountConfig
+from layerfs.config import FSYNC_MODES, IdMapping, MountConfig
 from layerfs.errors import LayerfsError
 from mount_helper.argv import Invocation, decode_value, split_options, split_path_list
 
@@ -116,8 +116,7 @@ class _State:
     lowers: list[str] | None = None
     upper: str | None = None
     workdir: str | None = None
-    volatile: bool = False
-    fsync: bool = True
+    fsync_mode: str = "auto"
     redirect_dir: bool | None = None  # None: on, off with userxattr (MountConfig.redirects)
     userxattr: bool | None = None  # None: chosen by the user namespace we run in
     metacopy: bool = False
@@ -174,8 +173,7 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
         debug=st.debug,
         allow_other=st.allow_other,
         fsname=st.fsname,
-        volatile=st.volatile,
-        fsync=st.fsync,
+        fsync_mode=st.fsync_mode,
         redirect_dir=st.redirect_dir,
         userxattr=st.userxattr,
         metacopy=st.metacopy,
@@ -219,9 +217,14 @@ def _apply_one(st: _State, name: str, has_value: bool, raw: str, cwd: str) -> No
         st.workdir = _absolute(_need_path(name, has_value, value), cwd)
     elif name == "volatile":
         # overlayfs' volatile and fuse-overlayfs' (which means fsync=0): no syncs at all.
-        st.volatile, st.fsync = True, False
+        st.fsync_mode = "volatile"
     elif name == "fsync":
-        st.fsync = _parse_bool01(name, _need(name, has_value, value))
+        # the kernel's auto/strict/volatile (6.12+), and fuse-overlayfs' 0/1: fsync=0 stops
+        # fsync requests, and fuse-overlayfs never syncs a copy-up: volatile
+        mode = _need(name, has_value, value)
+        if mode not in FSYNC_MODES:
+            raise LayerfsError(f"fsync={mode}: expected auto, strict, volatile, 0 or 1")
+        st.fsync_mode = FSYNC_MODES[mode]
     elif name == "redirect_dir":
         # on/follow: renamed lower directories get a redirect; off/nofollow: EXDEV, as the
         # kernel answers, and mv(1) copies instead
@@ -305,12 +308,6 @@ def _parse_id(name: str, value: str) -> int:
     if not value.isdigit() or int(value) >= 2**32 - 1:
         raise LayerfsError(f"invalid {name}={value}: expected a numeric id")
     return int(value)
-
-
-def _parse_bool01(name: str, value: str) -> bool:
-    if value not in ("0", "1"):
-        raise LayerfsError(f"invalid {name}={value}: expected 0 or 1")
-    return value == "1"
 
 
 def _need(name: str, has_value: bool, value: str) -> str:

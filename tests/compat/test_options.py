@@ -128,10 +128,15 @@ def test_workdir_without_upper_is_dropped_with_a_warning() -> None:
 
 
 def test_volatile_and_fsync() -> None:
+    # kernel overlayfs' fsync=auto|strict|volatile (6.12+), default auto; "volatile" and
+    # fuse-overlayfs' fsync=0 (it never syncs a copy-up) are volatile; fsync=1 is auto
+    assert cfg("lowerdir=/a").fsync_mode == "auto"
     c = cfg("lowerdir=/a,volatile")
-    assert c.volatile and not c.fsync
-    assert not cfg("lowerdir=/a,fsync=0").fsync
-    assert cfg("lowerdir=/a,fsync=1").fsync
+    assert c.fsync_mode == "volatile" and c.volatile
+    for value, mode in [("0", "volatile"), ("1", "auto"), ("auto", "auto")]:
+        assert cfg(f"lowerdir=/a,fsync={value}").fsync_mode == mode
+    assert cfg("lowerdir=/a,fsync=strict").fsync_mode == "strict"
+    assert cfg("lowerdir=/a,fsync=volatile").volatile
 
 
 def test_lowerdir_plus_appends() -> None:
@@ -214,7 +219,7 @@ def test_podman_4_3_golden_argv() -> None:
     c = build_config(parse_argv(argv), home, euid=0)
     assert c.lowers == (f"{home}/l/W34UXANTCA7CHPMMDIUYERJWTO",)
     assert (c.upper, c.workdir, c.mountpoint) == (f"{ctr}/diff", f"{ctr}/work", f"{ctr}/merged")
-    assert c.volatile and not c.fsync
+    assert c.fsync_mode == "volatile"
     assert c.warnings == ()
     # `podman info` runs the program with --version alone
     assert parse_argv(["--version"]).action == "version"

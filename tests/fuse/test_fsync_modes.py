@@ -1,0 +1,70 @@
+"""fsync=auto|strict|volatile, as kernel overlayfs 6.12+ has them (default auto).
+
+auto syncs a copy-up of data before it is put in place, and neither metadata-only copy-ups
+nor directories; strict syncs those too (the new object where it can be opened, and the
+directory that gained its name); volatile syncs nothing, and fsync requests are ignored.
+Counted with the daemon's statistics xattr (``copyup_fsyncs``), for the same three
+operations on every mode: a data copy-up, a directory copy-up (a file created in a lower
+directory), and a metadata-only copy-up of a file with metacopy=on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+from support.mounts import mount_layerfs
+
+pytestmark = pytest.mark.fuse
+
+
+def _fsyncs(mnt: Path) -> int:
+    stats = json.loads(os.getxattr(mnt, "trusted.layerfs.statistics"))
+    return int(stats["copyup_fsyncs"])
+
+
+def _syncs_per_step(tmp_path: Path, options: list[str]) -> list[int]:
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower / "dir", lower / "meta", upper, work, mnt):
+        d.mkdir(parents=True)
+    (lower / "data").write_bytes(b"x" * 5000)
+    (lower / "meta" / "f").write_bytes(b"y" * 5000)
+    counts = []
+    with mount_layerfs([lower], upper, work, mnt, options=["metacopy=on", *options]):
+        counts.append(_fsyncs(mnt))
+        with open(mnt / "data", "ab") as f:  # data copy-up
+            f.write(b"!")
+        counts.append(_fsyncs(mnt))
+        (mnt / "dir" / "new").write_bytes(b"")  # copy-up of dir/, then a create in it
+        counts.append(_fsyncs(mnt))
+        os.chmod(mnt / "meta" / "f", 0o600)  # metadata only (metacopy), its parent first
+        counts.append(_fsyncs(mnt))
+        fd = os.open(mnt / "dir" / "new", os.O_WRONLY)
+        try:
+            os.write(fd, b"z")
+            os.fsync(fd)  # a request: served or ignored, never counted as a copy-up's
+        finally:
+            os.close(fd)
+    assert (upper / "data").read_bytes() == b"x" * 5000 + b"!"
+    return [b - a for a, b in itertools.pairwise(counts)]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], [1, 0, 0]),  # the default is auto
+        (["fsync=auto"], [1, 0, 0]),
+        (["fsync=1"], [1, 0, 0]),
+        # counted per object: the file, then its new name; the directory with its name; meta/
+        # with its name, then f (a metacopy) and its name
+        (["fsync=strict"], [2, 1, 3]),
+        (["fsync=volatile"], [0, 0, 0]),
+        (["volatile"], [0, 0, 0]),
+        (["fsync=0"], [0, 0, 0]),  # fuse-overlayfs' meaning: no syncs at all
+    ],
+)
+def test_copy_up_syncs(tmp_path: Path, options: list[str], expected: list[int]) -> None:
+    assert _syncs_per_step(tmp_path, options) == expected
