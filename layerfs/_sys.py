@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import stat
+import struct
 import sys
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_int,
+]
+MAX_HANDLE_SZ = 128
+AT_EMPTY_PATH = 0x1000
+FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})
 
 
 def check_name(name: bytes) -> None:
@@ -429,3 +441,28 @@ def crash_at(n: int, work_fd: int = -1) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     sys.addaudithook(hook)
+
+
+def file_handle_at(dirfd: int, name: bytes) -> tuple[int, bytes] | None:
+    """(type, bytes) of the file handle of NAME (not followed; b"": DIRFD itself), as exportfs
+    encodes it for the kernel's overlay.origin; None where the filesystem has no handles."""
+    buf = ctypes.create_string_buffer(struct.pack("=Ii", MAX_HANDLE_SZ, 0), 8 + MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    flags = 0 if name else AT_EMPTY_PATH
+    if _name_to_handle_at(dirfd, name, buf, ctypes.byref(mount_id), flags) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            return None
+        raise OSError(err, os.strerror(err), name)
+    size, kind = struct.unpack_from("=Ii", buf.raw)
+    return kind, buf.raw[8 : 8 + size]
+
+
+def fs_uuid(fd: int) -> bytes:
+    """The s_uuid of the filesystem holding FD (FS_IOC_GETFSUUID); 16 zero bytes without one."""
+    buf = bytearray(17)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFSUUID, buf)
+    except OSError:
+        return bytes(16)
+    return bytes(buf[1 : 1 + min(buf[0], 16)]).ljust(16, b"\0")

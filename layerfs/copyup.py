@@ -124,12 +124,21 @@ class CopyUp:
         try:
             st = _sys.lstat_at(ldir, lname)
             pst = os.fstat(udir)
+            # where the copy came from, as the kernel records it; not for a lower hard link,
+            # whose copy-up breaks the link (ovl_do_copy_up)
+            # (with userxattr the kernel keeps no file handle: an empty origin, "unknown")
+            origin = None
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                origin = layer.origin_fh(lpath) if self.names is not xattrs.USER else b""
             if stat.S_ISREG(st.st_mode):
                 metacopy = metacopy and data_len is None
-                await self._copy_file(ldir, lname, st, udir, upath[-1], data_len, metacopy)
+                await self._copy_file(ldir, lname, st, udir, upath[-1], data_len, metacopy, origin)
             else:
                 metacopy = False
-                self._copy_other(ldir, lname, st, udir, upath[-1])
+                self._copy_other(ldir, lname, st, udir, upath[-1], origin)
+            # the parent may now hold an entry whose st_ino is its origin's: the kernel then
+            # computes the d_ino of its listing (ovl_set_impure)
+            set_impure(udir, self.names)
             # Restore the parent's times (best effort), as ovl_copy_up_one does.
             os.utime(udir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
             if self.sync_metadata:  # fsync=strict: the new entry, and a directory itself
@@ -163,6 +172,7 @@ class CopyUp:
         uname: bytes,
         data_len: int | None,
         metacopy: bool,
+        origin: bytes | None,
     ) -> None:
         """Build the copy of regular file LNAME in the workdir, then link it in as UNAME.
 
@@ -183,6 +193,8 @@ class CopyUp:
                 else:
                     await self.copy_bytes(src, dst, length, sync=False)
                 copy_file_metadata(ldir, lname, st, dst)
+                if origin is not None:
+                    _set_origin(lambda a, v: os.setxattr(dst, a, v), self.names.origin, origin)
                 if length < st.st_size:
                     # the copy holds the truncation's result already: its times too, so that
                     # a crash before the truncate itself leaves the after state, not a mix
@@ -215,7 +227,13 @@ class CopyUp:
         return _sys.open_at(work, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
 
     def _copy_other(
-        self, ldir: int, lname: bytes, st: os.stat_result, udir: int, uname: bytes
+        self,
+        ldir: int,
+        lname: bytes,
+        st: os.stat_result,
+        udir: int,
+        uname: bytes,
+        origin: bytes | None,
     ) -> None:
         """Copy up a directory (metadata only), symlink or special file: build, then rename."""
         work = self.stack.work_fd
@@ -228,6 +246,10 @@ class CopyUp:
             else:
                 _sys.mknod_at(work, tmp, st.st_mode, st.st_rdev)
             copy_metadata(ldir, lname, st, work, tmp)
+            if origin is not None:
+                _set_origin(
+                    lambda a, v: _sys.setxattr_at(work, tmp, a, v), self.names.origin, origin
+                )
             _sys.renameat2(work, tmp, udir, uname, _sys.RENAME_NOREPLACE)
         except BaseException:
             _sys.remove_tree_at(work, tmp)
@@ -325,3 +347,24 @@ def _copy_xattrs(sdir: int, sname: bytes, setxattr: Callable[[bytes, bytes], Non
             if e.errno not in (errno.EOPNOTSUPP, errno.EPERM):  # the upper cannot hold it
                 raise
             log.warning("copy-up: xattr %s not kept: %s", os.fsdecode(attr), e.strerror)
+
+
+def _set_origin(setxattr: Callable[[bytes, bytes], None], attr: bytes, origin: bytes) -> None:
+    """Record ORIGIN (an ovl_fh, or b"": unknown) on a copy being built, as ovl_set_origin_fh:
+    an upper that cannot hold it is no error."""
+    try:
+        setxattr(attr, origin)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EPERM):
+            raise
+
+
+def set_impure(dirfd: int, names: xattrs.Names) -> None:
+    """Mark upper directory DIRFD ``overlay.impure`` (once): it holds, or is about to hold, an
+    entry with an origin or a redirect, whose st_ino is not the upper's own, so the kernel
+    computes the d_ino of its listing instead of taking the real one (ovl_set_impure)."""
+    try:
+        os.setxattr(dirfd, names.impure, b"y", os.XATTR_CREATE)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.EOPNOTSUPP, errno.EPERM):
+            raise

@@ -32,7 +32,7 @@ import trio
 
 from layerfs import _sys
 from layerfs.attrs import Caller
-from layerfs.copyup import CopyUp
+from layerfs.copyup import CopyUp, set_impure
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 
@@ -240,9 +240,21 @@ class Files:
         except BaseException:
             os.close(fd)
             raise
+        self._impure_parent(h.node)
         h.old_fds.append(h.fd)
         h.fd, h.writable, h.on_upper = fd, True, True
         h.node.upper, h.node.metacopy = True, False  # nameless: attributes come from fd
+
+    def _impure_parent(self, node: Node) -> None:
+        """The kernel's copy-up at open would have marked the parent the file was opened in
+        impure (ovl_set_impure): do it now, where that parent is still in the upper."""
+        parent = node.parent
+        if parent is None or not parent.upper or self.stack.upper is None:
+            return
+        try:
+            set_impure(self.stack.upper.dirfd(parent.path()), self.copyup.names)
+        except OSError:
+            pass  # the parent went away meanwhile: nothing to mark
 
     async def _node_write_fd(self, node: Node) -> tuple[int, bool]:
         """A descriptor to write NODE's data through, and whether the caller closes it."""

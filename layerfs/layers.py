@@ -16,6 +16,7 @@ import fcntl
 import os
 import resource
 import stat
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ class Layer:
         self._fd_cache = fd_cache
         self._listings: OrderedDict[Path, Listing] = OrderedDict()
         self._held = 0  # entries in the cached listings
+        self._uuid: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Layer({self.path!r}, index={self.index})"
@@ -94,6 +96,22 @@ class Layer:
                 _, old = self._fds.popitem(last=False)  # never FD's parent: just used
                 os.close(old)
         return fd
+
+    def origin_fh(self, path: Path) -> bytes:
+        """What the kernel stores in ``overlay.origin`` of a copy of PATH (ovl_get_origin_fh).
+
+        A struct ovl_fb: version 0, magic 0xfb, length, flags (0: little-endian CPU), the
+        handle type, the filesystem's uuid, then the handle. Empty where the filesystem has no
+        file handles ("copied up, origin unknown").
+        """
+        handle = _sys.file_handle_at(*self.locate(path))
+        if handle is None:
+            return b""
+        if self._uuid is None:
+            self._uuid = _sys.fs_uuid(self.root_fd)
+        kind, fid = handle
+        flags = 0 if sys.byteorder == "little" else 1  # OVL_FH_FLAG_CPU_ENDIAN
+        return bytes((0, 0xFB, 21 + len(fid), flags, kind & 0xFF)) + self._uuid + fid
 
     def clear_listings(self) -> None:
         self._listings.clear()

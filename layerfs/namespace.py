@@ -20,9 +20,9 @@ import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from layerfs import _sys, acl, whiteout
+from layerfs import _sys, acl, whiteout, xattrs
 from layerfs.attrs import Caller
-from layerfs.copyup import CopyUp, copy_metadata
+from layerfs.copyup import CopyUp, copy_metadata, set_impure
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 from layerfs.lookup import Resolution, lower_positive, node_for, resolve
@@ -287,6 +287,8 @@ class Namespace:
         # the new name must find a metacopy's data too: an absolute redirect on the inode, as
         # ovl_set_link_redirect
         self._set_redirect(node, False)
+        if self._has_origin(node):
+            set_impure(self._upper_dir(parent), self.names)  # as ovl_create_or_link
         sdir = self._upper_dir_of(src)
         self._place(
             self._upper_dir(parent),
@@ -406,6 +408,7 @@ class Namespace:
             assert dst is not None and dst_res is not None
             self._set_redirect(src, p1 is p2)
             self._set_redirect(dst, p1 is p2)
+            self._mark_impure(p1, p2, src, dst, d1, d2)
             _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_EXCHANGE)
             self.stack.upper.forget_prefix(old_path)
             self.stack.upper.forget_prefix(dst.path())
@@ -421,6 +424,7 @@ class Namespace:
         )
         with keep:
             self._set_redirect(src, p1 is p2)
+            self._mark_impure(p1, p2, src, None, d1, d2)
             if (
                 src_res.is_dir
                 and not src.lowers
@@ -504,6 +508,29 @@ class Namespace:
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
         if not self.redirect_dir and src_res.is_dir and src.lowers:
             raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
+
+    def _mark_impure(
+        self, p1: Node, p2: Node, src: Node, dst: Node | None, d1: int, d2: int
+    ) -> None:
+        """An entry with an origin moving to another parent makes that parent impure (in an
+        exchange, both ways), as ovl_rename does once the redirects are set."""
+        if p1 is p2:
+            return
+        if self._has_origin(src):
+            set_impure(d2, self.names)
+        if dst is not None and self._has_origin(dst):
+            set_impure(d1, self.names)
+
+    def _has_origin(self, node: Node) -> bool:
+        """Does NODE show a lower object's st_ino (ovl_type_origin)? A directory that merges
+        lowers, a copied-up object; after a remount an upper file with an origin recorded."""
+        if node.lowers:
+            return True
+        path = node.path()
+        if node.is_dir or not node.upper or not path:
+            return False
+        udir = self._upper_dir_of(path)
+        return any(_sys.getxattr_at(udir, path[-1], a) for a in xattrs.ORIGIN)
 
     def _set_redirect(self, node: Node, samedir: bool) -> None:
         """Point a moved directory or metacopy file at its lower part, as ovl_set_redirect does.

@@ -16,6 +16,8 @@ REDIRECT = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 METACOPY = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
 METACOPY_SET = frozenset(METACOPY)
 
+ORIGIN = (b"trusted.overlay.origin", b"user.overlay.origin")
+
 
 @dataclass(frozen=True, slots=True)
 class Names:
@@ -43,6 +45,14 @@ class Names:
     @property
     def whiteout(self) -> bytes:
         return self.prefix + b"whiteout"
+
+    @property
+    def origin(self) -> bytes:
+        return self.prefix + b"origin"
+
+    @property
+    def impure(self) -> bytes:
+        return self.prefix + b"impure"
 
     @property
     def escaped(self) -> bytes:

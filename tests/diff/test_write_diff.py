@@ -66,6 +66,7 @@ from support.snapshot import (
     inode_problems,
     snapshot,
     upper_snapshot,
+    walk_entries,
     workdir_leftovers,
 )
 
@@ -609,7 +610,8 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
     "rename-from-opaque-dir": (
         LayerSpec(
             [
-                d({b"a": d({b"x": d({b"f": f(b"f")})}, opaque="trusted")}),
+                # user.overlay.opaque: read in every mode (trusted.* is unseen in a userns)
+                d({b"a": d({b"x": d({b"f": f(b"f")})}, opaque="user")}),
                 d({b"a": d({b"x": d({b"mid": f(b"m")})})}),
                 d({b"a": d({b"x": d({b"hidden": f(b"h")})})}),
             ]
@@ -781,10 +783,16 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
 
 
 OPQ = b"overlay.opaque"
+NO_ORIGIN = (b"overlay.origin", b"overlay.impure")
 
 
 def _upper_of(upper: Path, quirks: frozenset[str]) -> Snapshot:
     snap = upper_snapshot(upper)
+    if "no-origin" in quirks:
+        snap.entries = {
+            p: dataclasses.replace(e, xattrs=tuple(x for x in e.xattrs if x[0] not in NO_ORIGIN))
+            for p, e in snap.entries.items()
+        }
     if "upper-artifacts" in quirks:
         # fuse-overlayfs' extra opaque marker, a whiteout named ".wh..opq": not kernel format;
         # it also marks new directories opaque where the kernel needs no marker.
@@ -845,6 +853,7 @@ def _cross_mounts(pair: Pair, last_s: Snapshot, last_k: Snapshot, t0: int) -> li
             for x in compare(last_s, snapshot(m.mnt), since_ns=since, ignore=ignore)
         ]
     with _fresh_work(s) as w, subject.kernel.mount(k.lowers, s.upper, w, s.mnt) as m:
+        on_subject = _inode_report(m.mnt, s.upper) if "no-origin" not in subject.quirks else {}
         ref = snapshot(m.mnt)
         if "upper-artifacts" in subject.quirks:
             ref = _strip_artifacts(ref)
@@ -852,12 +861,38 @@ def _cross_mounts(pair: Pair, last_s: Snapshot, last_k: Snapshot, t0: int) -> li
             f"kernel on subject's upper: {x}"
             for x in compare(ref, last_s, since_ns=since, ignore=ignore)
         ]
+    if "no-origin" not in subject.quirks:
+        with _fresh_work(k) as w, subject.kernel.mount(k.lowers, k.upper, w, k.mnt) as m:
+            on_own = _inode_report(m.mnt, k.upper)
+        diffs += [
+            f"kernel on subject's upper: {p!r}: inode {on_subject.get(p)}, on its own {v}"
+            for p, v in sorted(on_own.items())
+            if on_subject.get(p, v) != v
+        ]
     with _fresh_work(k) as w, subject.mount(s.lowers, k.upper, w, k.mnt) as m:
         diffs += [
             f"subject on kernel's upper: {x}"
             for x in compare(last_k, snapshot(m.mnt), since_ns=since, ignore=ignore)
         ]
     return diffs
+
+
+def _inode_report(mnt: Path, upper: Path) -> dict[bytes, tuple[bool, str]]:
+    """Per path of a kernel mount: is readdir's d_ino its st_ino, and is st_ino the upper
+    object's own or another's (an origin the kernel decoded from ``overlay.origin``)."""
+    base, ubase = os.fsencode(mnt), os.fsencode(upper)
+    out: dict[bytes, tuple[bool, str]] = {}
+    for path, e in walk_entries(base):
+        try:
+            st_ino = os.lstat(base + b"/" + path).st_ino
+        except FileNotFoundError:
+            continue  # a GHOST (see snapshot.py)
+        try:
+            own = os.lstat(ubase + b"/" + path).st_ino == st_ino
+        except FileNotFoundError:
+            own = False
+        out[path] = (e.inode() == st_ino, "upper's" if own else "origin's")
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

@@ -74,7 +74,11 @@ def test_explicit_userxattr_writes_user_overlay(tmp_path: Path, front: str) -> N
         assert not unmount_fuse(d["merged"])
         reap(d["merged"])
     got = _overlay_xattrs(d["upper"])
-    assert got == {"dir": {"user.overlay.opaque": b"y", "user.overlay.overlay.mine": b"v"}}
+    assert got == {
+        # the copy-up of dir (for the whiteout of old) marked its parent, as the kernel does
+        ".": {"user.overlay.impure": b"y"},
+        "dir": {"user.overlay.opaque": b"y", "user.overlay.overlay.mine": b"v"},
+    }
     st = os.lstat(d["upper"] / "file")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     # the kernel, told userxattr, reads that upper as layerfs showed it

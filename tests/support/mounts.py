@@ -432,6 +432,7 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "writeback-mtime",  # a new file's mtime in the mount differs from the one on disk
         "rename-dir",  # EXDEV for directories from a lower; redirect xattrs not followed
         "upper-artifacts",  # writes user.fuseoverlayfs.* xattrs and .wh..opq whiteouts
+        "no-origin",  # writes no overlay.origin / overlay.impure
         "symlink-copyup-owner",  # copy-up of a symlink: owner root, mtime now
         "copyup-suid",  # copy-up of a setuid file owned by a user loses the setuid bit
         "rmrf-mkdir-not-opaque",  # mkdir over a removed lower dir: a subdir's lower comes back

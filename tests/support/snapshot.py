@@ -18,8 +18,9 @@ following a symlink and records, per path (bytes, relative):
 hard link, stability across two walks. st_dev, atime and ctime are never compared.
 
 ``upper_snapshot(upper)`` normalises an upper directory: every whiteout dialect becomes
-``whiteout``, every opaque marker ``opaque``; ``trusted.overlay.redirect`` is kept; kernel-only
-bookkeeping (origin, impure, nlink, uuid, ...) is dropped.
+``whiteout``, every opaque marker ``opaque``; every other overlay xattr is kept, ``origin``
+as its header and uuid with the handle's length (the two uppers' lowers are different
+copies, so their inode numbers differ), except the upper root's random ``uuid``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,15 @@ import xxhash
 
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
 # What kernel overlayfs writes for its own bookkeeping in an upper (fs/overlayfs/overlayfs.h
-# OVL_XATTR_*): compared across uppers are only the ones that change what a mount shows.
-UPPER_XATTRS_KEPT = (b"opaque", b"redirect", b"whiteout", b"metacopy")
+# OVL_XATTR_*) is compared across uppers, all but the random uuid of the upper's root.
+UPPER_XATTRS_DROPPED = (b"uuid",)
+OVL_FB_HEADER = 21  # struct ovl_fb: version, magic, len, flags, type, uuid[16]; then the fid
+
+
+def _upper_xattr(short: bytes, value: bytes) -> bytes:
+    if short == b"origin" and len(value) > OVL_FB_HEADER:
+        return value[:OVL_FB_HEADER] + b"+fid[%d]" % (len(value) - OVL_FB_HEADER)
+    return value
 
 
 def digest(data: bytes) -> str:
@@ -139,6 +147,11 @@ def _walk(root: bytes, rel: bytes = b"") -> Iterator[tuple[bytes, os.DirEntry[by
         yield path, e
         if e.is_dir(follow_symlinks=False):
             yield from _walk(root, path)
+
+
+def walk_entries(root: bytes) -> Iterator[tuple[bytes, os.DirEntry[bytes]]]:
+    """(relative path, readdir entry) of everything below ROOT, parents first, sorted."""
+    return _walk(root)
 
 
 def snapshot(root: str | os.PathLike[str] | bytes, *, with_root: bool = True) -> Snapshot:
@@ -326,8 +339,8 @@ def upper_snapshot(upper: str | os.PathLike[str]) -> Snapshot:
                 short = k.split(b".", 2)[2]
                 if short == b"opaque" and v == b"y":
                     opaque_dirs.add(path)
-                elif short in UPPER_XATTRS_KEPT and short != b"opaque":
-                    xattrs[b"overlay." + short] = v
+                elif short not in UPPER_XATTRS_DROPPED and short != b"opaque":
+                    xattrs[b"overlay." + short] = _upper_xattr(short, v)
                 continue
             xattrs[k] = v
         out.entries[path] = Entry(
