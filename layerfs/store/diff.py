@@ -138,6 +138,7 @@ def _lower_added(
     _record(out, changed_dirs, parts, "A")
     st = low.lookup(lower_parts)
     if st is not None and stat.S_ISDIR(st.st_mode):
+        changed_dirs.add(_abs(parts))  # reported: its children's additions add no C for it
         for name in low.children(lower_parts):
             _lower_added(low, [*lower_parts, name], [*parts, name], out, changed_dirs)
 

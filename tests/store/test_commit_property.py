@@ -129,6 +129,10 @@ def mounter(request: pytest.FixtureRequest) -> str:
 
 
 @given(ops=OPS)
+@example(  # found by hypothesis: a directory renamed onto a deleted file's name; its lower
+    # subdirectory was listed as A and again as C (the parent of its own A child)
+    ops=[("unlink", "top", ""), ("rename", "d1", "top"), ("chmod", "top", "")]
+)
 @example(  # found by hypothesis: a file changed, then its directory renamed under a new one
     ops=[
         ("append", "d1/sub/f3", "new"),
