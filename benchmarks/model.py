@@ -131,6 +131,7 @@ class Mounted:
     stack: str  # "base" or "sN"
     pid: int | None = None  # the FUSE daemon's pid, when there is one
     mount_seconds: float | None = None  # exec of the mount command to a live mount
+    exec_seconds: float | None = None  # exec of the mount command until it exits
     fuse_conn: int | None = None  # st_dev of the mount, to abort a hung FUSE connection
 
 
