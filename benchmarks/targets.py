@@ -173,6 +173,20 @@ class KernelVolatile(Kernel):
     extra = ",volatile"
 
 
+class KernelStrict(Kernel):
+    """Kernel overlayfs ``fsync=strict`` (6.12+ stable): metadata-only copy-ups and directories
+    synced too; the reference for layerfs -o fsync=strict."""
+
+    name = "kernel-strict"
+    extra = ",fsync=strict"
+
+    def unavailable(self) -> str | None:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+        if (major, minor) < (6, 12):
+            return "fsync= needs Linux 6.12+ (with the 2026 stable fix)"
+        return super().unavailable()
+
+
 class FuseOverlayfs(_Overlay):
     name = "fuse-overlayfs"
     fuse = True
@@ -304,8 +318,15 @@ def _git(*args: str) -> str:
 
 ALL_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
 # Opt-in (--targets), for the copy-up scenarios: metadata-only copy-up on both sides, and
-# copy-up without fsync on both sides.
-EXTRA_TARGETS = ["kernel-metacopy", "layerfs-metacopy", "kernel-volatile", "layerfs-volatile"]
+# each fsync= mode on both sides (the default, auto, is "kernel" and "layerfs").
+EXTRA_TARGETS = [
+    "kernel-metacopy",
+    "layerfs-metacopy",
+    "kernel-volatile",
+    "layerfs-volatile",
+    "kernel-strict",
+    "layerfs-strict",
+]
 
 
 def make_targets(
@@ -323,7 +344,9 @@ def make_targets(
         "kernel-metacopy": KernelMetacopy(),
         "layerfs-metacopy": layerfs("metacopy", "metacopy=on"),
         "kernel-volatile": KernelVolatile(),
-        "layerfs-volatile": layerfs("volatile", "volatile"),
+        "layerfs-volatile": layerfs("volatile", "fsync=volatile"),
+        "kernel-strict": KernelStrict(),
+        "layerfs-strict": layerfs("strict", "fsync=strict"),
     }
 
     unknown = [n for n in names if n not in table]

@@ -54,8 +54,9 @@ class CopyUp:
         self.stack = stack
         self.names = names  # the overlay xattrs this mount writes
         self.table = table
-        # fsync= (config.fsync_mode): "auto" syncs copied data before it is put in place,
-        # "strict" also metadata-only and directory copy-ups (and their parent's new entry)
+        # fsync= (config.fsync_mode), as the kernel's ovl_should_sync(_metadata): "auto" syncs
+        # copied data before it is put in place, "strict" also metadata-only copies and
+        # directories, "volatile" nothing
         self.fsync = fsync != "volatile"
         self.sync_metadata = fsync == "strict"
         self.metacopy = metacopy
@@ -135,15 +136,12 @@ class CopyUp:
                 await self._copy_file(ldir, lname, st, udir, upath[-1], data_len, metacopy, origin)
             else:
                 metacopy = False
-                self._copy_other(ldir, lname, st, udir, upath[-1], origin)
+                await self._copy_other(ldir, lname, st, udir, upath[-1], origin)
             # the parent may now hold an entry whose st_ino is its origin's: the kernel then
             # computes the d_ino of its listing (ovl_set_impure)
             set_impure(udir, self.names)
             # Restore the parent's times (best effort), as ovl_copy_up_one does.
             os.utime(udir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-            if self.sync_metadata:  # fsync=strict: the new entry, and a directory itself
-                isdir = stat.S_ISDIR(st.st_mode)
-                await self._sync(self._sync_entry, udir, upath[-1], isdir)
             ust = _sys.lstat_at(udir, upath[-1])
         finally:
             os.close(ldir)
@@ -199,7 +197,9 @@ class CopyUp:
                     # the copy holds the truncation's result already: its times too, so that
                     # a crash before the truncate itself leaves the after state, not a mix
                     os.utime(dst)
-                if (self.fsync and not metacopy) or self.sync_metadata:
+                # as ovl_copy_up_one: auto syncs a copy with data (not a metacopy, not an
+                # empty file), strict every regular file (ovl_copy_up_metadata)
+                if self.fsync and (self.sync_metadata or (length and not metacopy)):
                     await self._sync(os.fsync, dst)
                 if tmp is None:
                     _sys.link_tmpfile(dst, udir, uname)
@@ -226,7 +226,7 @@ class CopyUp:
         tmp = self.tmp_name()
         return _sys.open_at(work, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
 
-    def _copy_other(
+    async def _copy_other(
         self,
         ldir: int,
         lname: bytes,
@@ -235,7 +235,10 @@ class CopyUp:
         uname: bytes,
         origin: bytes | None,
     ) -> None:
-        """Copy up a directory (metadata only), symlink or special file: build, then rename."""
+        """Copy up a directory (metadata only), symlink or special file: build, then rename.
+
+        fsync=strict syncs a directory before its rename, as ovl_copy_up_metadata syncs the
+        temporary (the parent is not synced: neither does the kernel)."""
         work = self.stack.work_fd
         tmp = self.tmp_name()
         try:
@@ -250,6 +253,8 @@ class CopyUp:
                 _set_origin(
                     lambda a, v: _sys.setxattr_at(work, tmp, a, v), self.names.origin, origin
                 )
+            if self.sync_metadata and stat.S_ISDIR(st.st_mode):
+                await self._sync(_sync_dir_at, work, tmp)
             _sys.renameat2(work, tmp, udir, uname, _sys.RENAME_NOREPLACE)
         except BaseException:
             _sys.remove_tree_at(work, tmp)
@@ -303,15 +308,13 @@ class CopyUp:
         self.stats["fsyncs"] += 1
         await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    @staticmethod
-    def _sync_entry(udir: int, name: bytes, isdir: bool) -> None:
-        if isdir:
-            fd = _sys.open_dir_at(udir, name)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.fsync(udir)
+
+def _sync_dir_at(dirfd: int, name: bytes) -> None:
+    fd = _sys.open_dir_at(dirfd, name)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname: bytes) -> None:

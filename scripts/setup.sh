@@ -19,7 +19,7 @@ APT_PACKAGES=(
     # build and run
     fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev
     # tests and tools
-    attr acl kmod fuse-overlayfs
+    attr acl kmod fuse-overlayfs strace
     podman runc crun skopeo umoci uidmap slirp4netns
     fio debootstrap busybox-static
     # layerfs-snapshotter: containerd (1.6) for the end-to-end test; Go and containerd's Go

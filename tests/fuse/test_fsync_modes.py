@@ -1,8 +1,8 @@
 """fsync=auto|strict|volatile, as kernel overlayfs 6.12+ has them (default auto).
 
 auto syncs a copy-up of data before it is put in place, and neither metadata-only copy-ups
-nor directories; strict syncs those too (the new object where it can be opened, and the
-directory that gained its name); volatile syncs nothing, and fsync requests are ignored.
+nor directories; strict syncs those too (each copied object before it goes into place,
+not its parent); volatile syncs nothing, and fsync requests are ignored.
 Counted with the daemon's statistics xattr (``copyup_fsyncs``), for the same three
 operations on every mode: a data copy-up, a directory copy-up (a file created in a lower
 directory), and a metadata-only copy-up of a file with metacopy=on.
@@ -58,9 +58,9 @@ def _syncs_per_step(tmp_path: Path, options: list[str]) -> list[int]:
         ([], [1, 0, 0]),  # the default is auto
         (["fsync=auto"], [1, 0, 0]),
         (["fsync=1"], [1, 0, 0]),
-        # counted per object: the file, then its new name; the directory with its name; meta/
-        # with its name, then f (a metacopy) and its name
-        (["fsync=strict"], [2, 1, 3]),
+        # one per copied object, as the kernel's ovl_copy_up_metadata (no parent directory
+        # syncs): the file; dir/; meta/ then f (a metacopy)
+        (["fsync=strict"], [1, 1, 2]),
         (["fsync=volatile"], [0, 0, 0]),
         (["volatile"], [0, 0, 0]),
         (["fsync=0"], [0, 0, 0]),  # fuse-overlayfs' meaning: no syncs at all

@@ -208,6 +208,10 @@ CASES: dict[str, Args] = {
         [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "metacopy=yess"],
         b"metacopy: bad value 'yess'",
     ),
+    "fsync=yes": lambda e: (
+        [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "fsync=yes"],
+        b"fsync: bad value 'yes' (expected auto, strict, volatile, 1, 0)",
+    ),
     "allow_other=foo": lambda e: (
         [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "allow_other=foo"],
         b"allow_other: bad value 'foo'",
