@@ -271,14 +271,27 @@ def upper_file_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
     names = set(_sys.listxattr_at(fd, name))
     if xattrs.METACOPY_SET.isdisjoint(names):
         return False, None
+    for attr in xattrs.METACOPY_SET & names:
+        value = _sys.getxattr_at(fd, name, attr)
+        if value and not _valid_metacopy(value):
+            raise OSError(errno.EIO, "invalid overlay.metacopy in the upper")
     return True, _listed_redirect(fd, name, names)
+
+
+def _valid_metacopy(value: bytes) -> bool:
+    """A non-empty metacopy value is a struct ovl_metacopy (version 0, its own length, 4 to
+    68 bytes with the digest); anything else fails the lookup (EIO), as in the kernel."""
+    return 4 <= len(value) <= 68 and value[0] == 0 and value[1] == len(value)
 
 
 def _listed_redirect(fd: int, name: bytes, names: set[bytes]) -> bytes | None:
     """The redirect of NAME, whose xattr names (listxattr) are NAMES."""
     for attr in xattrs.REDIRECT:
         if attr in names:
-            return _sys.getxattr_at(fd, name, attr)
+            value = _sys.getxattr_at(fd, name, attr)
+            if value == b"":  # ovl_get_redirect_xattr: "invalid redirect"
+                raise OSError(errno.EINVAL, "empty overlay.redirect in the upper")
+            return value
     return None
 
 

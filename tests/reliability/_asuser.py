@@ -93,6 +93,7 @@ OPS: dict[str, Callable[..., object]] = {
     "stat": _stat,
     "read": lambda p: _open(p, os.O_RDONLY),
     "head": _head,
+    "append_nb": lambda p: _open(p, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK, b"w"),
     "listxattr": lambda p: sorted(os.listxattr(p, follow_symlinks=False)),
     "mknod_chr": lambda p, major, minor: os.mknod(
         p, 0o644 | stat.S_IFCHR, os.makedev(major, minor)
