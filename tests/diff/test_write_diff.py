@@ -24,6 +24,7 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -36,6 +37,7 @@ from support.diff import (
 )
 from support.layerspec import (
     CAP_NET_BIND_SERVICE,
+    DEFAULT_MTIME_NS,
     SAFE_ABS_TARGET,
     File,
     HardLink,
@@ -839,12 +841,18 @@ def _strip_artifacts(snap: Snapshot) -> Snapshot:
     return out
 
 
-def _cross_mounts(pair: Pair, last_s: Snapshot, last_k: Snapshot, t0: int) -> list[str]:
-    """Remount the subject on its upper; kernel on the subject's upper; subject on the kernel's."""
+def _cross_mounts(
+    pair: Pair, last_s: Snapshot, last_k: Snapshot, t0: int, *, restacked: bool = False
+) -> list[str]:
+    """Remount the subject on its upper; kernel on the subject's upper; subject on the kernel's.
+
+    RESTACKED: the lowers hold uppers of earlier runs, whose "now" mtimes differ between the
+    subject's lowers and the kernel's, and the cross-mounts mix them.
+    """
     s, k, subject = pair.subj, pair.ref, pair.subject
     ignore = ignored_fields(subject)
     # A FUSE writeback cache may show mtimes in the mount that never reach the disk.
-    since = t0 if "writeback-mtime" in subject.quirks else None
+    since = t0 if "writeback-mtime" in subject.quirks or restacked else None
     assert s.upper and k.upper
     diffs: list[str] = []
     with _fresh_work(s) as w, subject.mount(s.lowers, s.upper, w, s.mnt) as m:
@@ -960,6 +968,7 @@ class WriteMachine(RuleBasedStateMachine):
         self.t0 = time.time_ns()
         self.log: list[str] = []
         self.broken = False
+        self.restacks = 0
 
     def _start(self, spec: LayerSpec) -> None:
         work = Path(tempfile.mkdtemp(dir=self.tmp))
@@ -1085,6 +1094,28 @@ class WriteMachine(RuleBasedStateMachine):
     def read(self, p: bytes) -> None:
         self._do(("read", p))
 
+    # after a few operations, so that the upper has something to show as a lower
+    @precondition(lambda self: self.restacks < MAX_RESTACKS and len(self.log) >= 4)
+    @rule()
+    def restack(self) -> None:
+        """Check both uppers as the teardown does (remount, cross-mounts, xattrs), then stack
+        each as the topmost lower under a fresh upper, as a container's upper is stacked under
+        a new one, and go on: renamed directories are then found through redirects in a lower,
+        opaque directories and whiteouts of that lower cut them."""
+        assert self.pair and self.s and self.k
+        last_k, last_s = snapshot(self.k.mnt), snapshot(self.s.mnt)
+        self.s = self.k = None
+        self.mounts.close()
+        diffs = _diff_uppers(self.pair, self.t0)
+        diffs += _cross_mounts(self.pair, last_s, last_k, self.t0, restacked=self.restacks > 0)
+        if diffs:
+            self._fail("before restacking:\n" + "\n".join(diffs))
+        self.restacks += 1
+        self.log.append("-- restacked: the uppers are now the topmost lowers")
+        self.pair = _restacked(self.pair)
+        self.mounts = contextlib.ExitStack()
+        self.s, self.k = self.mounts.enter_context(self.pair.mounted())
+
     @invariant()
     def same_tree(self) -> None:
         if self.s and self.k:
@@ -1104,12 +1135,33 @@ class WriteMachine(RuleBasedStateMachine):
                 last_k, last_s = snapshot(self.k.mnt), snapshot(self.s.mnt)
                 self.mounts.close()
                 diffs = _diff_uppers(self.pair, self.t0)
-                diffs += _cross_mounts(self.pair, last_s, last_k, self.t0)
+                diffs += _cross_mounts(
+                    self.pair, last_s, last_k, self.t0, restacked=self.restacks > 0
+                )
                 if diffs:
                     self._fail("\n".join(diffs))
         finally:
             self.mounts.close()
             self.cleanup.close()
+
+
+MAX_RESTACKS = 2
+
+
+def _restacked(pair: Pair) -> Pair:
+    """PAIR with each side's upper as its topmost lower, and a fresh upper and workdir."""
+
+    def side(old: Layout) -> Layout:
+        assert old.upper is not None
+        root = Path(tempfile.mkdtemp(dir=old.root, prefix="restack-"))
+        new = Layout(root, [old.upper, *old.lowers], root / "upper", root / "work", old.mnt)
+        for p in (new.upper, new.work):
+            assert p is not None
+            p.mkdir()
+            os.utime(p, ns=(DEFAULT_MTIME_NS, DEFAULT_MTIME_NS))
+        return new
+
+    return Pair(pair.subject, side(pair.subj), side(pair.ref))
 
 
 def machine_for(tmp: Path, subject: Subject) -> type[WriteMachine]:
