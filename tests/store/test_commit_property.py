@@ -129,6 +129,19 @@ def mounter(request: pytest.FixtureRequest) -> str:
 
 
 @given(ops=OPS)
+@example(  # found by hypothesis: a directory renamed onto a deleted lower directory of the
+    # same name (d3); its lower subdirectory 'sub' was reported C, though /d3/sub is new
+    ops=[
+        ("rmtree", "d3", "d1/f1"),
+        ("rename", "d1", "d3"),
+        ("append", "d1", "d1/sub"),
+        ("unlink", "d2", "d3"),
+        ("unlink", "d1/sub/f3", "d3/sub2"),
+        ("unlink", "d1/new", "top"),
+        ("link", "d3/f5", "d3/f5"),
+        ("rmtree", "d1/f1", "d2/newdir"),
+    ]
+)
 @example(  # found by hypothesis: a directory renamed onto a deleted file's name; its lower
     # subdirectory was listed as A and again as C (the parent of its own A child)
     ops=[("unlink", "top", ""), ("rename", "d1", "top"), ("chmod", "top", "")]

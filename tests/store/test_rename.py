@@ -28,6 +28,8 @@ BASE = [
         E("var", "d", mode=0o755),
         E("var/cache", "d"),
         E("var/cache/x", data=b"x"),
+        E("var/cache/sub", "d", mode=0o700),
+        E("var/cache/sub/z", data=b"z"),
     ],
     [E("usr/bin/c", data=b"c from layer 2"), E("usr/bin/.wh.b"), E("var/cache/y", data=b"y")],
 ]
@@ -77,6 +79,39 @@ def test_commit_renamed_directories(store: Store, tmp_path: Path, mounter: str) 
         below = {f"A /{p}" for p in expected if p.startswith(top + "/")}
         assert below <= lines, below - lines
         assert {x for x in lines if x[2:].startswith(f"/{top}/")} == below
+
+    commit(store, str(upper), "base", ("renamed",))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with mount_kernel(store.lowers("renamed"), None, None, ro):
+        assert snapshot(ro) == expected
+
+
+def test_diff_directory_renamed_onto_removed_directory(
+    store: Store, tmp_path: Path, mounter: str
+) -> None:
+    """A directory renamed onto the name of a removed lower directory: every name below it is
+    A, also a lower subdirectory whose name the removed directory never had (it was listed
+    C, the parent of its own added children: found by the commit property test)."""
+    write_image(tmp_path / "layout", BASE, tag="base")
+    store.import_layout(str(tmp_path / "layout"))
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    with MOUNTERS[mounter](store.lowers("base"), upper, work, mnt):
+        before = snapshot(mnt)
+        for p in ("usr/bin/sub/deep", "usr/bin/sub", "usr/bin/a", "usr/bin/c"):
+            (os.rmdir if p.endswith("sub") else os.unlink)(mnt / p)
+        os.rmdir(mnt / "usr/bin")
+        os.rename(mnt / "var/cache", mnt / "usr/bin")
+        expected = snapshot(mnt)
+    assert "usr/bin/sub/z" in expected and "usr/bin/sub/z" not in before
+    assert any(x.endswith("overlay.redirect") for x in os.listxattr(upper / "usr/bin"))
+
+    lines = {str(c) for c in changes(str(upper), store.lowers("base"))}
+    below = {f"A /{p}" for p in expected if p.startswith("usr/bin/")}
+    assert {x for x in lines if x[2:].startswith("/usr/bin/")} == below
+    assert {"A /usr/bin", "D /var/cache", "C /usr"} <= lines
 
     commit(store, str(upper), "base", ("renamed",))
     ro = tmp_path / "ro"
