@@ -71,6 +71,14 @@ def _max_size_opt(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _platform_tag_opts(p: argparse.ArgumentParser) -> None:
+    """What an image coming into the store is picked by and tagged as (import, pull)."""
+    p.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
+    p.add_argument(
+        "--tag", action="append", dest="tags", metavar="NAME", help="tag in the store (repeatable)"
+    )
+
+
 def _insecure_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--insecure",
@@ -97,20 +105,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = isub.add_parser("import", help="import an image from an OCI layout DIR[:TAG]")
     _store_opt(p)
     p.add_argument("layout", metavar="OCI_LAYOUT[:TAG]")
-    p.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
-    p.add_argument(
-        "--tag", action="append", dest="tags", metavar="NAME", help="tag in the store (repeatable)"
-    )
+    _platform_tag_opts(p)
     _max_size_opt(p)
     p.set_defaults(func=_guard(_cmd_import))
 
     p = isub.add_parser("pull", help="pull an image from a registry")
     _store_opt(p)
     p.add_argument("ref", metavar="[REGISTRY/]REPO[:TAG|@DIGEST]")
-    p.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
-    p.add_argument(
-        "--tag", action="append", dest="tags", metavar="NAME", help="tag in the store (repeatable)"
-    )
+    _platform_tag_opts(p)
     _insecure_opt(p)
     _max_size_opt(p)
     p.add_argument("--jobs", type=int, default=4, metavar="N", help="blobs fetched at once")

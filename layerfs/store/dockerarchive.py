@@ -98,12 +98,7 @@ def read(root: str, tag: str | None, source: str) -> ArchiveImage:
     named = _HEX.search(str(entry["Config"]))
     if named is not None and "sha256:" + named.group(1) != config_digest:
         raise oci.OciError(f"{source}: config {entry['Config']} does not match its name")
-    try:
-        config = json.loads(config_bytes)
-    except ValueError as e:
-        raise oci.OciError(f"{source}: config: invalid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise oci.OciError(f"{source}: config is not a JSON object")
+    config = oci.parse_json(config_bytes, f"{source}: config")
     diff_ids = oci.config_diff_ids(config)
     names = entry.get("Layers")
     if not isinstance(names, list) or len(names) != len(diff_ids):

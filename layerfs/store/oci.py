@@ -194,12 +194,12 @@ class Layout:
             raise DigestError(f"{what} {desc.digest}: size {len(data)} != descriptor {desc.size}")
         if sha256_bytes(data) != desc.digest:
             raise DigestError(f"{what} {desc.digest}: digest mismatch (blob was modified)")
-        return data, _parse_json(data, what)
+        return data, parse_json(data, what)
 
     def index(self) -> dict[str, object]:
         try:
             with open(os.path.join(self.path, "index.json"), "rb") as f:
-                return _parse_json(f.read(MAX_JSON), "index.json")
+                return parse_json(f.read(MAX_JSON), "index.json")
         except FileNotFoundError:
             raise OciError(f"{self.path}: no index.json") from None
 
@@ -284,7 +284,8 @@ def config_diff_ids(config: dict[str, object]) -> tuple[str, ...]:
     return tuple(str(d) for d in ids)
 
 
-def _parse_json(data: bytes, what: str) -> dict[str, object]:
+def parse_json(data: bytes, what: str) -> dict[str, object]:
+    """``data`` as a JSON object, or an OciError naming ``what``."""
     try:
         obj = json.loads(data)
     except ValueError as e:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -89,7 +88,7 @@ def pull(
         top_digest = sha256_bytes(top_bytes)
         if ref.digest is not None and top_digest != ref.digest:
             raise DigestError(f"{ref}: the registry's manifest has digest {top_digest}")
-        top = _json(top_bytes, f"{ref}: manifest")
+        top = oci.parse_json(top_bytes, f"{ref}: manifest")
         media_type = str(top.get("mediaType") or top_type)
         if media_type in oci.INDEX_TYPES:
             want = platform or oci.Platform.host()
@@ -106,7 +105,7 @@ def pull(
                 f"{ref}: manifest media type {manifest_desc.media_type!r} is not supported "
                 "(OCI or Docker schema 2 only)"
             )
-        manifest = _json(mbytes, f"{ref}: manifest")
+        manifest = oci.parse_json(mbytes, f"{ref}: manifest")
         config_desc = oci.Descriptor.parse(manifest.get("config"), "manifest config")
         if config_desc.media_type not in oci.CONFIG_TYPES:
             raise oci.OciError(f"unknown config media type {config_desc.media_type!r}")
@@ -118,7 +117,7 @@ def pull(
             if layer.media_type not in oci.LAYER_TYPES:
                 raise oci.OciError(f"layer {layer.digest}: unknown media type {layer.media_type!r}")
         cbytes = reg.get_small_blob(ref.repository, config_desc, "config")
-        config = _json(cbytes, "config")
+        config = oci.parse_json(cbytes, "config")
         diff_ids = oci.config_diff_ids(config)
         if len(diff_ids) != len(layers):
             raise oci.OciError(
@@ -218,13 +217,3 @@ def _opener(store: Store, downloads: Downloads, digest: str) -> Callable[[], Bin
         return open(path, "rb")
 
     return open_blob
-
-
-def _json(data: bytes, what: str) -> dict[str, object]:
-    try:
-        obj = json.loads(data)
-    except ValueError as e:
-        raise oci.OciError(f"{what}: invalid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise oci.OciError(f"{what}: not a JSON object")
-    return obj
