@@ -18,8 +18,6 @@ busybox-static, fuse-overlayfs (Debian packages).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import os
 import platform
@@ -28,7 +26,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -57,68 +54,24 @@ PROXIES: dict[str, list[str]] = {
 NAMESPACE = "layerfs-bench"
 
 
-def _dir_tar(root: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for p in sorted(root.rglob("*")):
-            info = tar.gettarinfo(str(p), arcname=str(p.relative_to(root)))
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if info.isfile():
-                with p.open("rb") as fh:
-                    tar.addfile(info, fh)
-            else:
-                tar.addfile(info)
-    return buf.getvalue()
-
-
 def build_archive(tmp: Path, size_mb: int) -> Path:
-    busybox = Path("/bin/busybox")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from e2e.oci_image import layer_tar, oci_archive, write_layout  # the tests' layout writer
+
     base = tmp / "base"
     (base / "bin").mkdir(parents=True)
-    shutil.copy2(busybox, base / "bin/busybox")
+    shutil.copy2("/bin/busybox", base / "bin/busybox")
     for applet in ("sh", "true"):
         (base / "bin" / applet).symlink_to("busybox")
     for d in ("proc", "sys", "dev", "etc"):
         (base / d).mkdir()
     make_tree(tmp / "tree", size_mb)
-    blobs: dict[str, bytes] = {}
-
-    def blob(data: bytes) -> dict[str, object]:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        blobs[digest] = data
-        return {"digest": digest, "size": len(data)}
-
-    layers = [
-        {"mediaType": "application/vnd.oci.image.layer.v1.tar", **blob(_dir_tar(d))}
-        for d in (base, tmp / "tree")
-    ]
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    config = {
-        "architecture": arch,
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in layers]},
-    }
-    cfg = {"mediaType": "application/vnd.oci.image.config.v1+json"}
-    cfg.update(blob(json.dumps(config).encode()))  # type: ignore[arg-type]
-    manifest = {"schemaVersion": 2, "config": cfg, "layers": layers}
-    mdesc: dict[str, object] = {"mediaType": "application/vnd.oci.image.manifest.v1+json"}
-    mdesc.update(blob(json.dumps(manifest).encode()))
-    mdesc["annotations"] = {"io.containerd.image.name": IMAGE}
-    archive = tmp / "image.tar"
-    with tarfile.open(archive, "w") as tar:
-
-        def add(name: str, data: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-        add("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-        add("index.json", json.dumps({"schemaVersion": 2, "manifests": [mdesc]}).encode())
-        for digest, data in blobs.items():
-            add(f"blobs/sha256/{digest.split(':')[1]}", data)
+    layers = [layer_tar([], base), layer_tar([], tmp / "tree")]
     shutil.rmtree(tmp / "tree")
+    write_layout(tmp / "layout", layers, "1")
+    del layers
+    archive = oci_archive(tmp / "layout", tmp / "image.tar", IMAGE)
+    shutil.rmtree(tmp / "layout")
     return archive
 
 
@@ -174,8 +127,8 @@ class Env:
                 p.send_signal(signal.SIGTERM)
                 p.wait(timeout=30)
         for d, before in self.run_before.items():
-            for p in self._listing(d) - before:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+            for path in self._listing(d) - before:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
         shutil.rmtree(Path("/run/containerd/runc", NAMESPACE), ignore_errors=True)
         if not self.run_existed:  # the runc shims made it
             shutil.rmtree("/run/containerd", ignore_errors=True)

@@ -55,16 +55,7 @@ def layer_tar(entries: Sequence[Entry], rootfs: Path | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         if rootfs is not None:
-            for p in sorted(rootfs.rglob("*")):
-                info = tar.gettarinfo(str(p), arcname=str(p.relative_to(rootfs)))
-                info.uid = info.gid = 0
-                info.uname = info.gname = "root"
-                info.mtime = MTIME
-                if info.isfile():
-                    with p.open("rb") as fh:
-                        tar.addfile(info, fh)
-                else:
-                    tar.addfile(info)
+            add_tree(tar, rootfs)
         for e in entries:
             info = tarfile.TarInfo(e.name)
             info.mode, info.mtime, info.uid, info.gid = e.mode, MTIME, 0, 0
@@ -78,6 +69,20 @@ def layer_tar(entries: Sequence[Entry], rootfs: Path | None = None) -> bytes:
                 info.size = len(e.content)
                 tar.addfile(info, io.BytesIO(e.content))
     return buf.getvalue()
+
+
+def add_tree(tar: tarfile.TarFile, root: Path) -> None:
+    """Everything under ``root`` as members, numeric owner root, mtime MTIME."""
+    for p in sorted(root.rglob("*")):
+        info = tar.gettarinfo(str(p), arcname=str(p.relative_to(root)))
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mtime = MTIME
+        if info.isfile():
+            with p.open("rb") as fh:
+                tar.addfile(info, fh)
+        else:
+            tar.addfile(info)
 
 
 def _blob(layout: Path, data: bytes) -> tuple[str, int]:
@@ -127,3 +132,15 @@ def write_layout(layout: Path, layers: Sequence[bytes], ref: str) -> None:
         ],
     }
     (layout / "index.json").write_text(json.dumps(index))
+
+
+def oci_archive(layout: Path, archive: Path, name: str) -> Path:
+    """``layout`` as an OCI archive that ``ctr image import`` names ``name`` (containerd reads
+    the image name from the io.containerd.image.name annotation, not the ref name)."""
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0]["annotations"]["io.containerd.image.name"] = name
+    (layout / "index.json").write_text(json.dumps(index))
+    with tarfile.open(archive, "w") as tar:
+        for p in sorted(layout.rglob("*")):
+            tar.add(p, arcname=str(p.relative_to(layout)), recursive=False)
+    return archive

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import tarfile
@@ -27,13 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.oci_image import write_layout
+from e2e.oci_image import MTIME, add_tree, oci_archive, write_layout
 from e2e.podman_env import find_static_busybox, make_busybox_rootfs
 
 from ._containerd import NAMESPACE, Containerd, daemons_using, fstype_of, mounts_under
 
 IMAGE = "docker.io/library/layerfs-snap-e2e:1"
-MTIME = 1_600_000_000
 
 # What the container does: the image as seen, then changes, then the result.
 SCRIPT = """set -e
@@ -83,16 +81,7 @@ def _layers(busybox: Path, tmp: Path) -> list[bytes]:
     (rootfs / "out").mkdir()
     base = io.BytesIO()
     with tarfile.open(fileobj=base, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for p in sorted(rootfs.rglob("*")):
-            info = tar.gettarinfo(str(p), arcname=str(p.relative_to(rootfs)))
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.mtime = MTIME
-            if info.isfile():
-                with p.open("rb") as fh:
-                    tar.addfile(info, fh)
-            else:
-                tar.addfile(info)
+        add_tree(tar, rootfs)
         _member(tar, "base")
         for name in ("keep.txt", "del.txt", "mod.txt", "rename_src.txt", "link_src"):
             _member(tar, f"base/{name}", data=name.encode())
@@ -124,14 +113,16 @@ def _archive(tmp: Path) -> Path:
         pytest.skip("needs busybox-static (scripts/setup.sh)")
     layout = tmp / "layout"
     write_layout(layout, _layers(busybox, tmp), "1")
-    index = json.loads((layout / "index.json").read_text())
-    index["manifests"][0]["annotations"]["io.containerd.image.name"] = IMAGE
-    (layout / "index.json").write_text(json.dumps(index))
-    archive = tmp / "image.tar"
-    with tarfile.open(archive, "w") as tar:
-        for p in sorted(layout.rglob("*")):
-            tar.add(p, arcname=str(p.relative_to(layout)), recursive=False)
-    return archive
+    return oci_archive(layout, tmp / "image.tar", IMAGE)
+
+
+def _assert_same_listings(ref_dir: Path, got_dir: Path, since: float) -> None:
+    """The container's tree before and after the script, as tarred into each directory."""
+    for name in ("before.tar", "after.tar"):
+        ref, got = _listing(ref_dir / name, since), _listing(got_dir / name, since)
+        assert got == ref, {
+            k: (ref.get(k), got.get(k)) for k in ref.keys() | got.keys() if ref.get(k) != got.get(k)
+        }
 
 
 def _listing(path: Path, since: float) -> dict[str, tuple[object, ...]]:
@@ -216,12 +207,8 @@ def test_containerd_end_to_end(containerd: Containerd) -> None:
     assert snaps.count("Committed") == 2, snaps
     _run_script(cd, "overlayfs", "ref", tmp / "ref")
     _run_script(cd, "layerfs", "subject", tmp / "subject")
-    for name in ("before.tar", "after.tar"):
-        ref = _listing(tmp / "ref" / name, start)
-        got = _listing(tmp / "subject" / name, start)
-        assert got == ref, {
-            k: (ref.get(k), got.get(k)) for k in ref.keys() | got.keys() if ref.get(k) != got.get(k)
-        }
+    _assert_same_listings(tmp / "ref", tmp / "subject", start)
+    ref = _listing(tmp / "ref/after.tar", start)
     assert "base/olddir/new" in ref and "base/olddir/a" not in ref  # the image had its opaque dir
 
     # a user-namespaced container: ctr --remap-labels hands the mapping to the snapshotter as
@@ -285,11 +272,6 @@ def test_containerd_end_to_end(containerd: Containerd) -> None:
     # unpack through FUSE mounts gives what the kernel overlay unpack gave
     cd.ctr("image", "import", "--snapshotter", "layerfs", str(archive))
     _run_script(cd, "layerfs", "fuse-unpack", tmp / "fuse-unpack")
-    for name in ("before.tar", "after.tar"):
-        ref = _listing(tmp / "ref" / name, start)
-        got = _listing(tmp / "fuse-unpack" / name, start)
-        assert got == ref, {
-            k: (ref.get(k), got.get(k)) for k in ref.keys() | got.keys() if ref.get(k) != got.get(k)
-        }
+    _assert_same_listings(tmp / "ref", tmp / "fuse-unpack", start)
     cd.ctr("image", "rm", "--sync", IMAGE)
     assert _settle_empty(cd) == ([], [], [], [])
