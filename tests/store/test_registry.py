@@ -88,6 +88,14 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
         yield r
 
 
+def _no_credentials_env(home: Path) -> dict[str, str]:
+    """The environment with none of the auth files the client reads: an empty HOME and no
+    $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR or $DOCKER_CONFIG."""
+    home.mkdir()
+    unset = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
+    return {**{k: v for k, v in os.environ.items() if k not in unset}, "HOME": str(home)}
+
+
 def _manifest_digest(reg: LocalRegistry, repo_tag: str) -> str:
     out = subprocess.run(
         ["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{reg.host}/{repo_tag}"],
@@ -259,13 +267,7 @@ def test_auth_basic_from_auth_files(tmp_path: Path) -> None:
         write_image(tmp_path / "src", [[E("a", data=b"auth")]], tag="a")
         r.skopeo_copy(f"oci:{tmp_path / 'src'}:a", "secret/img:1")
         home = tmp_path / "home"
-        home.mkdir()
-        clean = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
-        }
-        env = {**clean, "HOME": str(home)}
+        env = _no_credentials_env(home)
         store = Store(str(tmp_path / "store"))
         ref = f"{r.host}/secret/img:1"
         res = _cli("image", "pull", "--store", store.root, ref, env=env)
@@ -438,14 +440,7 @@ def test_bearer_token_auth(tmp_path: Path) -> None:
     ):
         write_image(tmp_path / "src", [[E("t", data=b"token")]], tag="t")
         r.skopeo_copy(f"oci:{tmp_path / 'src'}:t", "tok/img:1")
-        home = tmp_path / "home"
-        home.mkdir()
-        clean = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
-        }
-        env = {**clean, "HOME": str(home)}
+        env = _no_credentials_env(tmp_path / "home")
         store = Store(str(tmp_path / "store"))
         ref = f"{r.host}/tok/img:1"
         res = _cli("image", "pull", "--store", store.root, ref, env=env)
