@@ -27,9 +27,11 @@ from benchmarks.model import Measurement, Mounted, Scenario, Skip
 from benchmarks.scenarios import MODULES, all_scenarios
 from benchmarks.system import (
     can_drop_caches,
+    cpu_seconds,
     drop_caches,
     force_unmount,
     fuse_abort,
+    fuse_requests,
     is_mountpoint,
     machine_info,
     spread_subdirs,
@@ -119,6 +121,23 @@ def summarise(samples: list[float]) -> dict[str, float | int]:
 
 
 # --- running one scenario on one target -------------------------------------------------------
+
+
+def daemon_cpu(
+    sc: Scenario, mnt: Mounted, cpu0: float | None, req0: int | None
+) -> list[Measurement]:
+    """The FUSE daemon's CPU time (user + system, all threads) over the scenario's run, and,
+    where the daemon counts its requests (layerfs), the CPU time per request: what a busy
+    host runs short of, visible even when the wall clock is noisy."""
+    cpu1 = cpu_seconds(mnt.pid) if mnt.pid and cpu0 is not None else None
+    if cpu0 is None or cpu1 is None:
+        return []
+    out = [Measurement(f"{sc.name}: daemon CPU", [cpu1 - cpu0])]
+    req1 = fuse_requests(mnt.path) if req0 is not None else None
+    if req0 is not None and req1 is not None and req1 > req0 + 1:
+        per = (cpu1 - cpu0) / (req1 - req0 - 1)  # less the statistics read itself
+        out.append(Measurement(f"{sc.name}: daemon CPU/request", [per * 1e6], "µs"))
+    return out
 
 
 def run_in_child(sc: Scenario, mnt: Mounted, timeout: float) -> list[Measurement]:
@@ -224,10 +243,13 @@ class Runner:
             if sc.cold and self.cold_ok:
                 drop_caches(3)
             spy = self.start_profile(mnt, sc)
+            cpu0 = cpu_seconds(mnt.pid) if mnt.pid else None
+            req0 = fuse_requests(mnt.path) if cpu0 is not None else None
             try:
                 measurements = run_in_child(sc, mnt, self.ds.params.timeout)
             finally:
                 stop_profile(spy)
+            measurements += daemon_cpu(sc, mnt, cpu0, req0)
             for m in measurements:
                 cell.add(m)
                 status += f" {m.metric}={fmt_value(m.samples[-1], m.unit)}"

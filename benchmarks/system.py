@@ -123,6 +123,26 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process PID (all its threads) so far, or None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fuse_requests(mountpoint: Path) -> int | None:
+    """The requests a layerfs daemon has served (its statistics xattr), or None."""
+    import json
+
+    try:
+        stats = json.loads(os.getxattr(mountpoint, "trusted.layerfs.statistics"))
+    except (OSError, ValueError):
+        return None
+    return sum(v for k, v in stats.items() if k.startswith("req_") and isinstance(v, int))
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
