@@ -95,6 +95,10 @@ async def _write(fd: int, off: int, data: bytes, kill_priv: frozenset[int] | Non
     return os.pwrite(fd, data, off)
 
 
+def _lower_last(h: Handle) -> bool:
+    return not h.on_upper
+
+
 class Files:
     """The open-file table of one mount."""
 
@@ -270,8 +274,17 @@ class Files:
 
     def _follow_copy_up(self, h: Handle) -> None:
         if not h.on_upper and self._on_upper(h.node):
-            dirfd, name = self.real_location(h.node)
-            fd = _sys.open_data(dirfd, name, os.O_RDONLY)
+            try:
+                dirfd, name = self.real_location(h.node)
+            except OSError:  # the copy lost its last name: reach it through its own handle
+                up = next(
+                    (o for o in self.handles.values() if o.node is h.node and o.on_upper), None
+                )
+                if up is None:
+                    raise
+                fd = os.dup(up.fd)
+            else:
+                fd = _sys.open_data(dirfd, name, os.O_RDONLY)
             h.old_fds.append(h.fd)  # a read on a worker thread may still be using it
             h.fd, h.on_upper = fd, True
 
@@ -384,11 +397,13 @@ class Files:
         if h is not None and h.node is node:
             self._follow_copy_up(h)
             return h.fd
-        for h in self.handles.values():
-            if h.node is node:
-                self._follow_copy_up(h)
+        # a handle on the upper copy first: one opened on the lower before the copy-up can no
+        # longer follow it by name once the name is gone (it answered ENOENT)
+        mine = sorted((h for h in self.handles.values() if h.node is node), key=_lower_last)
+        for h in mine:
+            if h.on_upper or not self._on_upper(node):
                 return h.fd
-        return None
+        return mine[0].fd if mine else None
 
     def fstat(self, node: Node) -> os.stat_result | None:
         """lstat through an open handle of NODE (for a node that has lost its last name)."""

@@ -714,3 +714,52 @@ def _deep_ops_upper(upper: Path, depth: int) -> list[str]:
         return sorted(os.listdir(fd))
     finally:
         os.close(fd)
+
+
+def _nlink_after_unlink(mnt: Path) -> list[object]:
+    """Read a lower file, open it for writing too, unlink it: fstat of both, then a read."""
+    fd = os.open(mnt / "g", os.O_RDONLY)
+    try:
+        os.read(fd, 10)
+        fd2 = os.open(mnt / "g", os.O_WRONLY)
+        try:
+            os.unlink(mnt / "g")
+            out: list[object] = []
+            for f in (fd2, fd):
+                try:
+                    out.append(os.fstat(f).st_nlink)
+                except OSError as e:
+                    out.append(errno.errorcode.get(e.errno or 0, str(e.errno)))
+            out.append(os.pread(fd, 10, 0).decode())
+            return out
+        finally:
+            os.close(fd2)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.kernel_overlay
+def test_fstat_after_unlink_of_a_file_copied_up_by_its_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With OPEN requests, the open for write copies the file up; after the unlink, fstat of
+    either descriptor reads nlink 0, as on kernel overlayfs (layerfs answered ENOENT: the
+    descriptor opened on the lower followed the copy-up by a name that was gone). Without
+    OPEN requests (the default) the daemon cannot see the open for write: the copy-up waits
+    for the first write, and nlink reads 1 until then (docs/design.md)."""
+    seen = {}
+    for subject in ("layerfs", "kernel"):
+        d = tmp_path / subject
+        lower, upper, work, mnt = (d / n for n in ("lower", "upper", "work", "merged"))
+        for p in (lower, upper, work, mnt):
+            p.mkdir(parents=True)
+        (lower / "g").write_text("data\n")
+        if subject == "layerfs":
+            monkeypatch.setenv("LAYERFS_OPEN_REQUESTS", "1")
+            with layerfs_daemon([lower], upper, work, mnt):
+                seen[subject] = _nlink_after_unlink(mnt)
+        else:
+            with mount_kernel([lower], upper, work, mnt):
+                seen[subject] = _nlink_after_unlink(mnt)
+    assert seen["kernel"] == [0, 0, "data\n"]
+    assert seen["layerfs"] == seen["kernel"]
