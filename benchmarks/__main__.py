@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the check that every target shows the native tree",
     )
+    r.add_argument(
+        "--busy-host",
+        action="store_true",
+        help="run with a CPU hog on every core but one (the same for every target)",
+    )
     r.add_argument("--layerfs-cmd", default=None, help="the layerfs command (default: found)")
     r.add_argument("--layerfs-opts", default="", help="-o options for layerfs mounts")
     r.add_argument(
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         check=not args.no_check,
         profile_dir=args.profile,
         budget=args.time_budget * 60 if args.time_budget else None,
+        busy=args.busy_host,
     )
     print()
     print(harness.render_header(res))

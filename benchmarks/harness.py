@@ -26,6 +26,7 @@ from benchmarks.dataset import Dataset
 from benchmarks.model import Measurement, Mounted, Scenario, Skip
 from benchmarks.scenarios import MODULES, all_scenarios
 from benchmarks.system import (
+    busy_host,
     can_drop_caches,
     cpu_seconds,
     drop_caches,
@@ -400,6 +401,25 @@ def run_benchmarks(
     check: bool,
     profile_dir: Path | None = None,
     budget: float | None = None,
+    busy: bool = False,
+) -> Results:
+    """Run every scenario on every target, ROUNDS times; with BUSY, on a busy host: a CPU hog
+    on every core but one for the whole run (busy_host)."""
+    hogs = max(0, (os.cpu_count() or 1) - 1) if busy else 0
+    with busy_host(hogs):
+        return _run_benchmarks(ds, targets, rounds, only, out, check, profile_dir, budget, hogs)
+
+
+def _run_benchmarks(
+    ds: Dataset,
+    targets: list[Target],
+    rounds: int,
+    only: list[str] | None,
+    out: Path,
+    check: bool,
+    profile_dir: Path | None,
+    budget: float | None,
+    hogs: int,
 ) -> Results:
     scenarios = select_scenarios(ds, only)
     for mod in MODULES:
@@ -417,6 +437,7 @@ def run_benchmarks(
         if cold_ok
         else "unavailable: cold runs are not cold",
         "dataset": {"path": str(ds.root), **ds.meta},
+        "busy_host": f"{hogs} CPU hog(s) spinning for the whole run" if hogs else "no",
         "target_info": {},
     }
     workroot = ds.root.parent / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -639,6 +660,8 @@ def render_header(res: Results) -> str:
         f"layers on {str(machine.get('layer_filesystem', '?')).split()[0]}, "
         f"load {machine.get('loadavg_at_start')}",
     ]
+    if info.get("busy_host", "no") != "no":
+        lines.append(f"  busy host: {info['busy_host']}")
     tinfo = info.get("target_info", {})
     assert isinstance(tinfo, dict)
     for name, ti in tinfo.items():

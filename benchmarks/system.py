@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -141,6 +142,25 @@ def fuse_requests(mountpoint: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return sum(v for k, v in stats.items() if k.startswith("req_") and isinstance(v, int))
+
+
+HOG = "while True: pass"
+
+
+@contextlib.contextmanager
+def busy_host(hogs: int) -> Iterator[list[int]]:
+    """A busy host: HOGS processes that each spin on a core, at normal priority, for the
+    block's life (the same for every target, as they alternate); yields their pids."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.DEVNULL) for _ in range(hogs)
+    ]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def pid_alive(pid: int) -> bool:
