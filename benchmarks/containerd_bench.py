@@ -32,19 +32,12 @@ from pathlib import Path
 
 from benchmarks.images_bench import make_tree
 
+# The tests' OCI layout writer and private containerd set-up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from e2e.oci_image import layer_tar, oci_archive, write_layout
+from snapshotter._containerd import RunDir, config_toml
+
 IMAGE = "docker.io/library/layerfs-bench:1"
-CONFIG = """\
-version = 2
-root = "{tmp}/root"
-state = "{tmp}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{tmp}/containerd.sock"
-[ttrpc]
-  address = "{tmp}/containerd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{tmp}/opt"
-{proxies}"""
 # name -> layerfs-snapshotter arguments (overlayfs is containerd's own)
 PROXIES: dict[str, list[str]] = {
     "layerfs": [],
@@ -55,9 +48,6 @@ NAMESPACE = "layerfs-bench"
 
 
 def build_archive(tmp: Path, size_mb: int) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from e2e.oci_image import layer_tar, oci_archive, write_layout  # the tests' layout writer
-
     base = tmp / "base"
     (base / "bin").mkdir(parents=True)
     shutil.copy2("/bin/busybox", base / "bin/busybox")
@@ -81,22 +71,14 @@ class Env:
         self.bin = Path(sys.executable).parent
         self.env = dict(os.environ, PATH=f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin")
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.run_before = {d: self._listing(d) for d in ("s", "fifo")}
-        self.run_existed = Path("/run/containerd").exists()
-
-    @staticmethod
-    def _listing(d: str) -> set[Path]:
-        p = Path("/run/containerd", d)
-        return set(p.iterdir()) if p.is_dir() else set()
+        self.run_dir = RunDir(NAMESPACE)
 
     def start(self) -> None:
-        proxies = ""
+        socks = {name: self.tmp / f"{name}.sock" for name in PROXIES}
         for name, args in PROXIES.items():
-            sock = self.tmp / f"{name}.sock"
-            proxies += f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = "{sock}"\n'
-            cmd = [str(self.bin / "layerfs-snapshotter"), "--address", str(sock)]
-            self._spawn([*cmd, "--root", str(self.tmp / name), *args], sock)
-        (self.tmp / "config.toml").write_text(CONFIG.format(tmp=self.tmp, proxies=proxies))
+            cmd = [str(self.bin / "layerfs-snapshotter"), "--address", str(socks[name])]
+            self._spawn([*cmd, "--root", str(self.tmp / name), *args], socks[name])
+        (self.tmp / "config.toml").write_text(config_toml(self.tmp, socks))
         self._spawn(
             ["containerd", "--config", str(self.tmp / "config.toml")], self.tmp / "containerd.sock"
         )
@@ -126,12 +108,7 @@ class Env:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(timeout=30)
-        for d, before in self.run_before.items():
-            for path in self._listing(d) - before:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-        shutil.rmtree(Path("/run/containerd/runc", NAMESPACE), ignore_errors=True)
-        if not self.run_existed:  # the runc shims made it
-            shutil.rmtree("/run/containerd", ignore_errors=True)
+        self.run_dir.clean()
 
 
 def timed(fn: object, *args: str) -> float:

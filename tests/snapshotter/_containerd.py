@@ -1,7 +1,7 @@
 """A private containerd (1.6, Debian's) with layerfs-snapshotter as a proxy plugin, for the
 end-to-end test: its own root, state, sockets and opt dir under one temporary directory, the
 CRI plugin off, runc as the runtime. The runc shims still use /run/containerd ({s,fifo,runc}):
-stop() removes what appeared there during the run (only this test starts containerd)."""
+teardown() removes what appeared there during the run (RunDir)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ._service import BIN
@@ -31,15 +32,45 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{tmp}/opt"
-
-[proxy_plugins.layerfs]
-  type = "snapshot"
-  address = "{tmp}/snap.sock"
 """
+PROXY = """
+[proxy_plugins.{name}]
+  type = "snapshot"
+  address = "{sock}"
+"""
+
+
+def config_toml(tmp: Path, proxies: Mapping[str, Path]) -> str:
+    """The config of a containerd that keeps everything under TMP, with a proxy snapshotter
+    NAME on each socket of PROXIES (also used by benchmarks/containerd_bench.py)."""
+    return CONFIG.format(tmp=tmp) + "".join(
+        PROXY.format(name=name, sock=sock) for name, sock in proxies.items()
+    )
 
 
 def _listing(path: Path) -> set[Path]:
     return set(path.iterdir()) if path.is_dir() else set()
+
+
+class RunDir:
+    """What the runc shims add to /run/containerd during a run (they use it whatever
+    containerd's state directory): noted at the start, removed by clean()."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.before = {d: _listing(RUN / d) for d in ("s", "fifo", "runc")}
+        self.existed = RUN.exists()
+
+    def clean(self) -> None:
+        for d, before in self.before.items():
+            for p in _listing(RUN / d) - before:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        shutil.rmtree(RUN / "runc" / self.namespace, ignore_errors=True)
+        if not self.existed:
+            shutil.rmtree(RUN, ignore_errors=True)
 
 
 class Containerd:
@@ -49,14 +80,13 @@ class Containerd:
         self.snap_root = tmp / "snapshotter"
         self.snap_sock = tmp / "snap.sock"
         self.config = tmp / "config.toml"
-        self.config.write_text(CONFIG.format(tmp=tmp))
+        self.config.write_text(config_toml(tmp, {"layerfs": self.snap_sock}))
         # mount.layerfs (and mount.fuse3, fusermount3) on the PATH of containerd, its shims
         # and ctr: they all mount rootfs themselves
         self.env = dict(os.environ, PATH=f"{BIN.parent}:/usr/sbin:/usr/bin:/sbin:/bin")
         self.proc: subprocess.Popen[bytes] | None = None
         self.snap: subprocess.Popen[bytes] | None = None
-        self.run_before = {d: _listing(RUN / d) for d in ("s", "fifo", "runc")}
-        self.run_existed = RUN.exists()
+        self.run_dir = RunDir(NAMESPACE)
 
     # --- processes ---------------------------------------------------------------------
     def start_snapshotter(self, *extra: str) -> None:
@@ -133,15 +163,7 @@ class Containerd:
         self.stop_snapshotter()
         for target in reversed(mounts_under(self.tmp)):
             subprocess.run(["umount", "-l", target], check=False, capture_output=True)
-        for d, before in self.run_before.items():
-            for p in _listing(RUN / d) - before:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-        shutil.rmtree(RUN / "runc" / NAMESPACE, ignore_errors=True)
-        if not self.run_existed:
-            shutil.rmtree(RUN, ignore_errors=True)
+        self.run_dir.clean()
 
 
 def mounts_under(root: Path) -> list[str]:
