@@ -1,4 +1,5 @@
-"""Kernel overlayfs mounts for store tests: the reference that image lowers are checked with."""
+"""Mounts for store tests: kernel overlayfs, the reference that image lowers are checked with,
+and ``layerfs mount --image``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+
+from support.mounts import is_mounted, layerfs_command, unmount_fuse
 
 
 @contextlib.contextmanager
@@ -31,3 +34,22 @@ def kernel_overlay(
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@contextlib.contextmanager
+def layerfs_image_mount(store_root: str, ref: str, tmp: Path) -> Iterator[tuple[Path, Path]]:
+    """``layerfs mount --image REF`` on TMP/upper, TMP/work, TMP/mnt: yields (mnt, upper);
+    unmounts at the end and checks nothing is left mounted."""
+    upper, work, mnt = tmp / "upper", tmp / "work", tmp / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    cmd = [*layerfs_command(), "mount", "--image", ref, "--store", store_root]
+    r = subprocess.run(
+        [*cmd, str(upper), str(mnt), "--workdir", str(work)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    try:
+        assert is_mounted(mnt)
+        yield mnt, upper
+    finally:
+        assert unmount_fuse(mnt) == []

@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.mounts import is_mounted, layerfs_available, layerfs_command, unmount_fuse
+from support.mounts import layerfs_available
 
 from layerfs.store import cli
 from layerfs.store.store import Store
 from store.ocitools import E, make_tar, write_image
+from store.overlay import layerfs_image_mount
 
 CLI = [sys.executable, "-m", "layerfs.store.cli"]
 BASE = [
@@ -65,16 +66,7 @@ def test_implied_parents_keep_lower_metadata(tmp_path: Path) -> None:
 
     store = Store(str(tmp_path / "store"))
     assert cli.main(["image", "import", "--store", store.root, f"{layout}:two"]) == 0
-    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
-    for d in (upper, work, mnt):
-        d.mkdir()
-    cmd = [*layerfs_command(), "mount", "--image", "two", "--store", store.root]
-    r = subprocess.run(
-        [*cmd, str(upper), str(mnt), "--workdir", str(work)], capture_output=True, text=True
-    )
-    assert r.returncode == 0, r.stderr
-    try:
-        assert is_mounted(mnt)
+    with layerfs_image_mount(store.root, "two", tmp_path) as (mnt, _):
         for rel in ("data", "data/sub"):
             assert _meta(mnt, rel) == _meta(want, rel), rel
         # umoci restores the mtime of an entry's parent only: making opt/x stamped opt with
@@ -85,8 +77,6 @@ def test_implied_parents_keep_lower_metadata(tmp_path: Path) -> None:
         assert (mnt / "data/sub/old").read_bytes() == b"old"
         mode, uid, gid, _ = _meta(mnt, "opt/x")
         assert (mode, uid, gid) == (0o755, 0, 0)
-    finally:
-        assert unmount_fuse(mnt) == []
 
 
 def test_explicit_entry_beats_lower(store: Store, layout: Path) -> None:

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.mounts import is_mounted, layerfs_available, layerfs_command, unmount_fuse
+from support.mounts import layerfs_available
 
 from layerfs.store.store import Store
 from store.ocitools import E, write_image
+from store.overlay import layerfs_image_mount
 
 LAYERS = [
     [E("etc", "d", mode=0o755), E("etc/a", data=b"from layer 1"), E("etc/b", data=b"b")],
@@ -26,21 +27,10 @@ def test_mount_image_cli(store: Store, tmp_path: Path) -> None:
         pytest.skip(why)
     write_image(tmp_path / "layout", LAYERS, tag="img")
     store.import_layout(str(tmp_path / "layout"))
-    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
-    for d in (upper, work, mnt):
-        d.mkdir()
-    cmd = [*layerfs_command(), "mount", "--image", "img", "--store", store.root]
-    r = subprocess.run(
-        [*cmd, str(upper), str(mnt), "--workdir", str(work)], capture_output=True, text=True
-    )
-    assert r.returncode == 0, r.stderr
-    try:
-        assert is_mounted(mnt)
+    with layerfs_image_mount(store.root, "img", tmp_path) as (mnt, upper):
         assert (mnt / "etc/a").read_bytes() == b"from layer 2"
         assert not (mnt / "etc/b").exists()
         (mnt / "etc/c").write_bytes(b"new")
-    finally:
-        assert unmount_fuse(mnt) == []
     assert (upper / "etc/c").read_bytes() == b"new"
     # The store's layers are lowers: never written through a mount.
     assert store.verify("img") == {d: [] for d in store.resolve("img").diff_ids}
