@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --bindir) bindir=$2; shift 2 ;;
     --no-links) bindir=""; shift ;;
     --python) python=$2; shift 2 ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "install-system: unknown argument $1" >&2; exit 2 ;;
     esac
 done
