@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("list", help="list the scenarios")
     ls.add_argument("--size", choices=list(SIZES), default="full")
 
+    ch = sub.add_parser("chart", help="draw the ratio chart (SVG) of a results JSON file")
+    ch.add_argument("file", type=Path)
+    ch.add_argument("-o", dest="out", type=Path, default=None, help="default: FILE with .svg")
+
     t = sub.add_parser("table", help="print the table of a results JSON file")
     t.add_argument("file", type=Path)
     t.add_argument("--p95", action="store_true", help='cells show "median / p95"')
@@ -138,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         before = harness.results_from_json(json.loads(args.before.read_text()))
         after = harness.results_from_json(json.loads(args.after.read_text()))
         print(harness.render_compare(before, after, args.target))
+        return 0
+
+    if args.cmd == "chart":
+        from benchmarks.chart import ratio_chart
+
+        svg = args.out or args.file.with_suffix(".svg")
+        svg.write_text(ratio_chart(json.loads(args.file.read_text())))
+        print(svg)
         return 0
 
     if args.cmd == "table":
@@ -198,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     errs = harness.render_errors(res)
     if errs:
         print("\nErrors:\n" + errs)
-    print(f"\nJSON: {out}")
+    from benchmarks.chart import ratio_chart
+
+    svg = out.with_suffix(".svg")
+    svg.write_text(ratio_chart(json.loads(out.read_text())))
+    print(f"\nJSON: {out}\nchart: {svg}")
     return 0
 
 
