@@ -313,6 +313,14 @@ def lower_positive(stack: LayerStack, parent: Node, name: bytes) -> bool:
     return False
 
 
+def _is_under(node: Node | None, ancestor: Node) -> bool:
+    while node is not None:
+        if node is ancestor:
+            return True
+        node = node.parent
+    return False
+
+
 def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> Node:
     """Return the Node for the object RES found as NAME in PARENT, creating it on first sight.
 
@@ -339,6 +347,11 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
         node.metacopy = res.metacopy
         return table.add(node)
     if node.parent is not parent or node.name != name:
+        if node.is_dir and _is_under(parent, node):
+            # Two merged directories with one lower origin (redirects can do that), one found
+            # inside the other: moving the node would make it its own ancestor, and every
+            # path() after would loop. The kernel refuses the second too (ovl_verify_inode).
+            raise OSError(errno.ESTALE, "directory found under itself")
         if node.is_dir or not node.name:
             node.rename(parent, name)
         else:

@@ -375,6 +375,7 @@ class Overlay:
             else:
                 try:
                     res = resolve(self.stack, node, name)
+                    found = node_for(self.table, node, name, res) if res is not None else None
                 except OSError as e:
                     if e.errno not in _OUT_OF_RESOURCES:
                         # the kernel lists a name whose lookup fails (a planted metacopy with
@@ -388,9 +389,9 @@ class Overlay:
                     if sent_any:
                         return  # end this reply here: the next one starts at NAME again
                     raise  # never a listing that silently lacks an entry
-                if res is None:
+                if res is None or found is None:
                     continue  # removed since the snapshot
-                child = node_for(self.table, node, name, res)
+                child = found
                 attr = self.attr(child, res.st)
             dh.sent[i] = (name, attr.ino, attr.mode)
             sent_any = True

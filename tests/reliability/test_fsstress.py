@@ -12,9 +12,10 @@ the daemon runs under ``prlimit --as`` (4 GB), so a runaway cannot take the mach
 
 Opt-in (``LAYERFS_FSSTRESS=1``) until what it finds is fixed, as of this writing (see
 docs/reliability.md, "Found by fsstress"): ``mknod c 0 0`` answers EIO and leaves a whiteout
-(issue 16, section 3); a cycle in the inode table's parents, after which ``Node.path`` grows
-without end (the daemon was OOM-killed at 23 GB; under the cap it answers EIO with a
-MemoryError); listings whose entries then fail lstat or listxattr (ENOENT, EINVAL, EIO, EISDIR).
+(issue 16, section 3); two merged directories sharing one node (keyed by their lower
+origin), which made a cycle in the inode table's parents (the daemon was OOM-killed at
+23 GB; now ESTALE) and listings whose entries fail lstat or listxattr (ENOENT, EINVAL, EIO,
+EISDIR).
 """
 
 from __future__ import annotations
