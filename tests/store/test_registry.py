@@ -270,27 +270,14 @@ def test_auth_basic_from_auth_files(tmp_path: Path) -> None:
         env = _no_credentials_env(home)
         store = Store(str(tmp_path / "store"))
         ref = f"{r.host}/secret/img:1"
-        res = _cli("image", "pull", "--store", store.root, ref, env=env)
+        pull = ("image", "pull", "--store", store.root, ref)
+        res = _cli(*pull, env=env)
         assert res.returncode == 1 and "credentials needed" in res.stderr, res.stderr
         wrong = auth_file(tmp_path / "wrong.json", r.host, r.user, "nope")
-        res = _cli(
-            "image",
-            "pull",
-            "--store",
-            store.root,
-            ref,
-            env={**env, "REGISTRY_AUTH_FILE": str(wrong)},
-        )
+        res = _cli(*pull, env={**env, "REGISTRY_AUTH_FILE": str(wrong)})
         assert res.returncode == 1 and "refused" in res.stderr, res.stderr
         good = auth_file(tmp_path / "auth.json", r.host, r.user, r.password)
-        res = _cli(
-            "image",
-            "pull",
-            "--store",
-            store.root,
-            ref,
-            env={**env, "REGISTRY_AUTH_FILE": str(good)},
-        )
+        res = _cli(*pull, env={**env, "REGISTRY_AUTH_FILE": str(good)})
         assert res.returncode == 0, res.stderr
         (home / ".docker").mkdir()
         token = base64.b64encode(f"{r.user}:{r.password}".encode()).decode()
