@@ -263,10 +263,9 @@ def test_run_reads_the_base_image(pm: PodmanEnv) -> None:
     assert pm.sh(BASE, "ls /base/new 2>&1 || echo absent").splitlines()[-1] == "absent"
 
 
-def test_build_from_containerfile(pm: PodmanEnv, tmp_path: Path) -> None:
-    needs_whiteout_files(pm)
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
+def build_containerfile(pm: PodmanEnv, ctx: Path) -> dict[str, Node]:
+    """Build CONTAINERFILE in the directory CTX as localhost/built:latest: the built image's
+    tree (base and new)."""
     (ctx / "Containerfile").write_text(CONTAINERFILE.read_text())
     pm.run(
         "build", "--network", "none", "--pull=never", "--isolation", "oci",
@@ -275,7 +274,14 @@ def test_build_from_containerfile(pm: PodmanEnv, tmp_path: Path) -> None:
     # One layer per RUN step, all of them on top of the base layer.
     history = pm.run("history", "-q", "localhost/built:latest").stdout.split()
     assert len(history) == len(containerfile_steps()) + 1
-    tree = parse_snapshot(pm.sh("localhost/built:latest", snapshot_script("base", "new")))
+    return parse_snapshot(pm.sh("localhost/built:latest", snapshot_script("base", "new")))
+
+
+def test_build_from_containerfile(pm: PodmanEnv, tmp_path: Path) -> None:
+    needs_whiteout_files(pm)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    tree = build_containerfile(pm, ctx)
     observe(pm, "built tree", tree)
     # Each `ln` ran in a later step than its target's layer: the links become copies.
     want = image_tree("base/link_src", "base/hardlink", "new/file", "new/file.hl")

@@ -28,9 +28,9 @@ from .conftest import Runtime
 from .podman_env import PodmanEnv, mounts_under, settle
 from .test_podman import (
     BASE,
-    CONTAINERFILE,
     EXPECTED_DIFF,
     assert_tree,
+    build_containerfile,
     containerfile_steps,
     image_tree,
     parse_snapshot,
@@ -149,15 +149,8 @@ def test_mkdir_and_rename_in_a_container(rpm: PodmanEnv) -> None:
 
 def test_build_from_containerfile(rpm: PodmanEnv, tmp_path: Path) -> None:
     ctx = Path(tempfile.mkdtemp(dir=rpm.root))
-    (ctx / "Containerfile").write_text(CONTAINERFILE.read_text())
     shutil.chown(ctx, USER, USER)
-    rpm.run(
-        "build", "--network", "none", "--pull=never", "--isolation", "oci",
-        "-t", "localhost/built:latest", str(ctx),
-    )  # fmt: skip
-    history = rpm.run("history", "-q", "localhost/built:latest").stdout.split()
-    assert len(history) == len(containerfile_steps()) + 1
-    tree = parse_snapshot(rpm.sh("localhost/built:latest", snapshot_script("base", "new")))
+    tree = build_containerfile(rpm, ctx)
     assert_tree(tree, image_tree("base/link_src", "base/hardlink", "new/file", "new/file.hl"))
 
 
