@@ -96,7 +96,10 @@ class Namespace:
     def _whiteout_name(self, udir: int, name: bytes) -> None:
         """Hide NAME (absent from the upper) from the lowers."""
         if not self._make_whiteout(udir, name):
-            fd = _sys.open_at(udir, whiteout.WH_PREFIX + name, os.O_WRONLY | os.O_CREAT, 0o600)
+            # O_NONBLOCK: a FIFO planted under the marker's name must not block the loop (its
+            # open fails, ENXIO, and the request with it)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK
+            fd = _sys.open_at(udir, whiteout.WH_PREFIX + name, flags, 0o600)
             os.close(fd)
 
     def _replace_with_whiteout(self, udir: int, name: bytes) -> None:

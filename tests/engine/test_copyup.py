@@ -6,6 +6,7 @@ Each test ends with ``check_upper``, an fsck of what the engine left on disk.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -179,3 +180,29 @@ async def test_chmod_of_lower_file_by_setattr(tmp_path: Path) -> None:
         check_upper(up, work)
     finally:
         ov.close()
+
+
+def test_fifo_under_a_whiteout_marker_name_does_not_block(tmp_path: Path) -> None:
+    """Where mknod is refused, whiteouts are ``.wh.`` files: an upper holding a FIFO named
+    ``.wh.n`` beside ``n`` made the unlink of ``n`` open that FIFO for writing, which blocks
+    the serving loop until a reader comes. Now the request fails (ENXIO)."""
+    low, up, work, mnt = make_stack(tmp_path)
+    (low / "n").write_text("lower\n")
+    (up / "n").write_text("upper\n")
+    os.mkfifo(up / ".wh.n", 0o644)
+    ov = overlay(low, up, work, mnt)
+    ov.ns.mknod_whiteouts = False  # as on an upper that refuses mknod
+
+    def blocked(signum: int, frame: object) -> None:
+        raise TimeoutError("the unlink blocked")
+
+    old = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(10)  # a blocking open(2) only a signal interrupts
+    try:
+        with pytest.raises(OSError) as exc:
+            trio.run(ov.unlink, ROOT_ID, b"n")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        ov.close()
+    assert exc.value.errno == 6  # ENXIO
