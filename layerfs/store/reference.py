@@ -55,8 +55,10 @@ class Reference:
             registry, repo = first, rest
         else:
             registry, repo = DOCKER_HUB, name
-        if registry in (DOCKER_HUB, "index.docker.io") and "/" not in repo:
-            registry, repo = DOCKER_HUB, "library/" + repo
+        if registry == "index.docker.io":
+            registry = DOCKER_HUB  # Docker's own alias of the Hub, whatever the name's depth
+        if registry == DOCKER_HUB and "/" not in repo:
+            repo = "library/" + repo
         if not repo or not all(_COMPONENT.fullmatch(c) for c in repo.split("/")):
             raise ReferenceError(f"{text!r}: bad repository {repo!r} (a-z, 0-9, '._-' inside)")
         if tag is None and digest is None:

@@ -166,6 +166,8 @@ def test_https_only_unless_local() -> None:
         ("quay.io/org/img@sha256:" + "a" * 64, ("quay.io", "org/img", None, "sha256:" + "a" * 64)),
         ("localhost/img:v1", ("localhost", "img", "v1", None)),
         ("docker.io/alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("index.docker.io/alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("index.docker.io/foo/bar:2", ("docker.io", "foo/bar", "2", None)),
     ],
 )
 def test_reference_parse(text: str, want: tuple[str, str, str | None, str | None]) -> None:
