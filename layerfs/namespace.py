@@ -412,6 +412,11 @@ class Namespace:
             self._set_redirect(src, p1 is p2)
             self._set_redirect(dst, p1 is p2)
             self._mark_impure(p1, p2, src, dst, d1, d2)
+            # each side is a pure upper dir landing on a name the lowers hold, maybe: as in a
+            # plain rename, it must hide them (else it merges them, and shares the lower
+            # origin and node of the redirected directory it changes places with)
+            self._hide_lowers_at(src, d1, n1, p2, n2)
+            self._hide_lowers_at(dst, d2, n2, p1, n1)
             _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_EXCHANGE)
             self.stack.upper.forget_prefix(old_path)
             self.stack.upper.forget_prefix(dst.path())
@@ -428,16 +433,7 @@ class Namespace:
         with keep:
             self._set_redirect(src, p1 is p2)
             self._mark_impure(p1, p2, src, None, d1, d2)
-            if (
-                src_res.is_dir
-                and not src.lowers
-                and (
-                    (dst_res is not None and dst_res.lower_positive)
-                    or (dst_res is None and lower_positive(self.stack, p2, n2))
-                )
-            ):
-                # a pure upper dir landing on a name the lowers still hold must hide them
-                _sys.setxattr_at(d1, n1, self.names.opaque, b"y")
+            self._hide_lowers_at(src, d1, n1, p2, n2)
             # Every step below leaves a valid tree on disk: the rename is one call, and what
             # prepares or cleans up around it changes nothing the merged view shows.
             if dst_res is not None and dst_res.upper and dst_res.is_dir:
@@ -485,6 +481,12 @@ class Namespace:
             p2.version += 1
         return dst
 
+    def _hide_lowers_at(self, node: Node, udir: int, name: bytes, p2: Node, n2: bytes) -> None:
+        """NODE, NAME in upper dir UDIR, moves to N2 in P2: a pure upper directory landing on
+        a name the lowers hold must hide them (ovl_rename sets it opaque)."""
+        if node.is_dir and not node.lowers and lower_positive(self.stack, p2, n2):
+            _sys.setxattr_at(udir, name, self.names.opaque, b"y")
+
     def _check_rename(
         self,
         src_res: Resolution,
@@ -510,6 +512,9 @@ class Namespace:
         if src_res.is_dir and _is_ancestor(src, p2):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
         if not self.redirect_dir and src_res.is_dir and src.lowers:
+            raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
+        if not self.redirect_dir and exchange and dst is not None and dst.is_dir and dst.lowers:
+            # the exchange moves the target too (ovl_rename: !ovl_can_move(new))
             raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
 
     def _mark_impure(

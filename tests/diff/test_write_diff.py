@@ -486,6 +486,26 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    # a new (pure upper) directory exchanged with a lower one lands where the lowers hold its
+    # new name: it must turn opaque (ovl_rename), or it merges them and shares their node
+    # with the redirected one (fsstress: entries that fail lstat, a cycle of parents)
+    "rename-exchange-new-dir": (
+        BASE,
+        [
+            ("mkdir", b"new"),
+            ("mkdir", b"new/sub"),
+            ("create", b"new/sub/f", b"n"),
+            ("rename", b"new/sub", b"usr", RENAME_EXCHANGE),
+            ("listdir", b"usr"),
+            ("listdir", b"new/sub"),
+            ("listdir", b"new/sub/lib"),
+            ("stat", b"usr/lib"),
+            ("stat", b"usr/f"),
+            ("listdir", b"usr"),
+            ("stat", b"new/sub/share/doc/README"),
+        ],
+        {"rename-dir"},
+    ),
     "copyup-misc": (
         BASE,
         [

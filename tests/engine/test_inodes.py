@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from layerfs._sys import RENAME_EXCHANGE
 from layerfs.attrs import Caller
 from layerfs.inodes import ROOT_ID
 from layerfs.overlay import Overlay
@@ -75,5 +76,34 @@ async def test_forgotten_directory_lists_afresh(tmp_path: Path) -> None:
         d = ov.lookup(ROOT_ID, b"d").id
         await ov.unlink(d, b"new")
         assert listing(ov, d) == sorted([b".", b"..", *os.listdir(bytes(low / "d"))])
+    finally:
+        ov.close()
+
+
+async def test_exchanged_new_directory_hides_the_lowers(tmp_path: Path) -> None:
+    """A directory made in a new (pure upper) one is not opaque; exchanged with a lower
+    directory of another parent, it lands where the lowers hold its new name. ovl_rename
+    marks it opaque; unmarked, it merged those lowers and shared its lower origin (and node)
+    with the redirected directory that left: fsstress saw the node moved under itself (a
+    cycle of parents; now ESTALE) and listings whose entries then failed lstat."""
+    low, up, work, mnt = make_stack(tmp_path)
+    (low / "usr" / "lib").mkdir(parents=True)
+    (low / "usr" / "lib" / "libc.so").touch()
+    ov = overlay(low, up, work, mnt)
+    try:
+        await ov.mkdir(ROOT_ID, b"new", 0o755, ROOT)
+        new_id = ov.lookup(ROOT_ID, b"new").id
+        await ov.mkdir(new_id, b"sub", 0o755, ROOT)
+        fh, _ = await ov.create(ov.lookup(new_id, b"sub").id, b"f", 0o100644, os.O_WRONLY, ROOT)
+        ov.release(fh)
+        await ov.rename(new_id, b"sub", ROOT_ID, b"usr", RENAME_EXCHANGE)
+        moved = ov.lookup(new_id, b"sub")  # the lower usr, redirected
+        usr = ov.lookup(ROOT_ID, b"usr")  # the new directory
+        assert moved.id != usr.id and moved.ino != usr.ino
+        assert listing(ov, usr.id) == [b".", b"..", b"f"]
+        assert listing(ov, moved.id) == [b".", b"..", b"lib"]
+        assert ov.lookup(ov.lookup(moved.id, b"lib").id, b"libc.so")
+        assert ov.table.get(moved.id).path() == (b"new", b"sub")
+        assert ov.table.get(usr.id).path() == (b"usr",)
     finally:
         ov.close()
