@@ -1063,6 +1063,12 @@ class WriteMachine(RuleBasedStateMachine):
     def mkdir(self, p: bytes) -> None:
         self._do(("mkdir", p))
 
+    # a directory inside a new one is not opaque: moved onto a name the lowers hold, it must
+    # turn opaque (an exchange did not: rename-exchange-new-dir)
+    @rule(p=st.lists(st.sampled_from(_NAMES), min_size=2, max_size=3).map(b"/".join))
+    def makedirs(self, p: bytes) -> None:
+        self._do(("makedirs", p))
+
     @rule(p=_paths)
     def rmdir(self, p: bytes) -> None:
         self._do(("rmdir", p))

@@ -133,6 +133,13 @@ def _mkdir(p: bytes, mode: int = 0o755) -> object:
     return _stat_value(os.lstat(p))
 
 
+def _makedirs(p: bytes) -> object:
+    """mkdir -p: the missing parents too, so that a new directory inside a new (pure upper,
+    not opaque) one takes one step."""
+    os.makedirs(p)
+    return _stat_value(os.lstat(p))
+
+
 def _mknod_fifo(p: bytes, mode: int = 0o644) -> object:
     os.mkfifo(p, mode)
     return _stat_value(os.lstat(p))
@@ -309,6 +316,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "create": (_create, (0,)),
     "unlink": (lambda p: os.unlink(p), (0,)),
     "mkdir": (_mkdir, (0,)),
+    "makedirs": (_makedirs, (0,)),
     "rmdir": (lambda p: os.rmdir(p), (0,)),
     "rmtree": (_rmtree, (0,)),
     "rename": (_rename, (0, 1)),
