@@ -144,11 +144,14 @@ def check_merged_view(merged: Path) -> None:
     assert (merged / "bin" / "sh").read_text() == "#!shell\n"
 
 
-def unmount_and_check_exit(merged: Path) -> None:
+def unmount_and_check_exit(merged: Path, target: str | None = None) -> None:
+    """Unmount MERGED and wait for its daemon to exit. A daemon started with a relative
+    TARGET names only that in its command line: look for it under that name too."""
     r = subprocess.run(["fusermount3", "-u", str(merged)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not is_mounted(merged)
-    assert wait_no_daemon(merged) == [], "daemon still running after fusermount3 -u"
+    for name in (merged, *([target] if target else [])):
+        assert wait_no_daemon(name) == [], "daemon still running after fusermount3 -u"
 
 
 @pytest.mark.parametrize("paths", ["relative", "absolute"])
@@ -173,7 +176,7 @@ def test_containers_storage_invocation(program: Program, storage: Storage, paths
     (storage.merged / "etc" / "hostname").write_text("ctr\n")
     (storage.merged / "new").write_text("new\n")
     os.unlink(storage.merged / "bin" / "sh")
-    unmount_and_check_exit(storage.merged)
+    unmount_and_check_exit(storage.merged, target)
     assert (storage.diff / "new").read_text() == "new\n"
 
     # A new daemon on the same upper right after the unmount sees what the old one wrote.
@@ -183,7 +186,7 @@ def test_containers_storage_invocation(program: Program, storage: Storage, paths
     assert (storage.merged / "new").read_text() == "new\n"
     assert not (storage.merged / "bin" / "sh").exists()
     assert (storage.merged / "etc" / "os-release").read_text() == "top\n"
-    unmount_and_check_exit(storage.merged)
+    unmount_and_check_exit(storage.merged, target)
 
 
 def _as(uid: int, fn: Callable[[], None]) -> None:

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +64,7 @@ from support.ops import (
 from support.snapshot import (
     Snapshot,
     compare,
+    fs_clock_ns,
     inode_problems,
     snapshot,
     upper_snapshot,
@@ -932,7 +932,7 @@ def test_script(
         pytest.skip("a mount in a user namespace is reached through /proc/PID/root: root only")
     expect_quirks(request, subject, needs)
     pair = Pair.create(tmp_path, subject, spec)
-    t0 = time.time_ns()
+    t0 = fs_clock_ns()
     with pair.mounted() as (s, k):
         rk, rs = apply_all(k.mnt, script), apply_all(s.mnt, script)
         diffs = compare_results(script, rk, rs)
@@ -985,7 +985,7 @@ class WriteMachine(RuleBasedStateMachine):
         self.pair: Pair | None = None
         self.s: Mounted | None = None
         self.k: Mounted | None = None
-        self.t0 = time.time_ns()
+        self.t0 = fs_clock_ns()
         self.log: list[str] = []
         self.broken = False
         self.restacks = 0

@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from support.mounts import mount_kernel
-from support.snapshot import Snapshot, compare, snapshot
+from support.snapshot import Snapshot, compare, fs_clock_ns, snapshot
 
 from ._helpers import layerfs_daemon, needs_root
 
@@ -394,7 +393,7 @@ def test_crash_at_every_point(tmp_path: Path, sc: Scenario) -> None:
     # a crash may leave.
     ref = tmp_path / "ref"
     _copy(tpl, ref)
-    since_ns = time.time_ns()
+    since_ns = fs_clock_ns()
     with mount_kernel([lower], ref / "upper", ref / "work", mnt, options=sc.options):
         before = snapshot(mnt)
         sc.op(mnt)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from support.layerspec import LayerSpec, d, f, sym
 from support.mounts import Layout, layerfs_command, mount_kernel, subject_named
-from support.snapshot import compare, snapshot
+from support.snapshot import compare, fs_clock_ns, snapshot
 
 from . import _fsstress
 from ._helpers import needs_root
@@ -72,7 +71,7 @@ def test_fsstress_then_kernel_removes_everything(
     monkeypatch.setenv("LAYERFS_COMMAND", shlex.join(capped))
     layout = Layout.create(tmp_path / "fs", len(LOWERS.layers))
     LOWERS.materialize(layout.lowers)
-    t0 = time.time_ns()
+    t0 = fs_clock_ns()
     with layout.mount(subject_named("layerfs")) as m:
         counts = _fsstress.run(os.fsencode(m.mnt), WORKERS, OPS, seed)
         ours = snapshot(m.mnt)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from support.mounts import mount_kernel
-from support.snapshot import compare, snapshot
+from support.snapshot import compare, fs_clock_ns, snapshot
 
 from layerfs._sys import remove_tree_at
 
@@ -155,7 +155,7 @@ def test_symlinks_resolve_in_the_merged_view_only(tmp_path: Path) -> None:
     ops = _ops()
     results = {}
     trees = {}
-    since = time.time_ns()
+    since = fs_clock_ns()
     for name in ("layerfs", "kernel"):
         d = tmp_path / name
         upper, work, mnt = d / "upper", d / "work", d / "merged"

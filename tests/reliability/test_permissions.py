@@ -16,13 +16,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.mounts import mount_kernel
-from support.snapshot import compare, snapshot
+from support.snapshot import compare, fs_clock_ns, snapshot
 
 from ._asuser import CAP
 from ._helpers import layerfs_daemon, needs_root
@@ -358,7 +357,7 @@ def test_permissions_match_kernel(base: Path) -> None:
         os.chmod(top, 0o755)
         os.chmod(top / "merged", 0o755)
         dirs[name] = top
-    since = time.time_ns()
+    since = fs_clock_ns()
     lf, ko = dirs["lf"], dirs["ko"]
     with layerfs_daemon([lower], lf / "upper", lf / "work", lf / "merged") as d:
         opts = _mount_options(lf / "merged")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -382,3 +383,14 @@ def workdir_leftovers(work: str | os.PathLike[str]) -> list[bytes]:
         if os.path.isdir(p):
             out += [sub + b"/" + n for n in os.listdir(p)]
     return out
+
+
+# CLOCK_REALTIME_COARSE (Linux): the clock file timestamps are taken from, or below them
+CLOCK_REALTIME_COARSE = 5
+
+
+def fs_clock_ns() -> int:
+    """Now, as a lower bound of every file timestamp set from here on: the kernel stamps files
+    from the coarse clock (or a finer one), which lags time.time_ns() by up to a tick. A test
+    start taken with time.time_ns() can be later than a file created right after it."""
+    return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
