@@ -95,10 +95,6 @@ async def _write(fd: int, off: int, data: bytes, kill_priv: frozenset[int] | Non
     return os.pwrite(fd, data, off)
 
 
-def _lower_last(h: Handle) -> bool:
-    return not h.on_upper
-
-
 class Files:
     """The open-file table of one mount."""
 
@@ -277,10 +273,8 @@ class Files:
             try:
                 dirfd, name = self.real_location(h.node)
             except OSError:  # the copy lost its last name: reach it through its own handle
-                up = next(
-                    (o for o in self.handles.values() if o.node is h.node and o.on_upper), None
-                )
-                if up is None:
+                up = self._open_handle(h.node)
+                if up is None or not up.on_upper:
                     raise
                 fd = os.dup(up.fd)
             else:
@@ -397,13 +391,14 @@ class Files:
         if h is not None and h.node is node:
             self._follow_copy_up(h)
             return h.fd
-        # a handle on the upper copy first: one opened on the lower before the copy-up can no
-        # longer follow it by name once the name is gone (it answered ENOENT)
-        mine = sorted((h for h in self.handles.values() if h.node is node), key=_lower_last)
-        for h in mine:
-            if h.on_upper or not self._on_upper(node):
-                return h.fd
-        return mine[0].fd if mine else None
+        h = self._open_handle(node)
+        return h.fd if h is not None else None
+
+    def _open_handle(self, node: Node) -> Handle | None:
+        """An open handle of NODE, one on the upper copy first: a handle opened on the lower
+        before the copy-up can no longer follow it by name once the name is gone (ENOENT)."""
+        mine = [h for h in self.handles.values() if h.node is node]
+        return next((h for h in mine if h.on_upper), mine[0] if mine else None)
 
     def fstat(self, node: Node) -> os.stat_result | None:
         """lstat through an open handle of NODE (for a node that has lost its last name)."""
