@@ -96,6 +96,21 @@ class Hooks:
 _keep: list[object] = []  # the ctypes callbacks must live as long as the session
 
 
+def _set_handler(table: int, index: int, args: tuple[type, ...], fn: Callable[..., None]) -> None:
+    """Put FN, a handler taking ARGS, in slot INDEX of libfuse's operation table (kept alive
+    for the session's life)."""
+    shim = _shim_type(args)(fn)
+    _keep.append(shim)
+    ctypes.c_void_p.from_address(table + 8 * index).value = ctypes.cast(shim, _vp).value
+
+
+def _reply_err() -> Any:
+    """libfuse's fuse_reply_err(req, errno)."""
+    reply_err = ctypes.CDLL("libfuse3.so.3").fuse_reply_err
+    reply_err.argtypes = [_vp, ctypes.c_int]
+    return reply_err
+
+
 def _symbols(path: str, wanted: set[bytes]) -> dict[bytes, int]:
     """Values of the symbols WANTED in the .symtab of the ELF64 file PATH."""
     with open(path, "rb") as f:
@@ -212,15 +227,10 @@ def _install(extension: str) -> Hooks | None:
         _FSYNCDIR: _FSYNC_ARGS,
         _READDIRPLUS: _READ_ARGS,
     }
-    shims = {
-        index: _shim_type(args)(marking(_handler(args, ops[index])))
-        for index, args in marked.items()
-    }
-    shims[_INIT] = _shim_type(_INIT_ARGS)(init)
-    shims[_WRITE_BUF] = _shim_type(_WRITE_BUF_ARGS)(write_buf)
-    _keep.append(shims)  # each shim holds the handler it calls
-    for index, fn in shims.items():
-        ctypes.c_void_p.from_address(table + 8 * index).value = ctypes.cast(fn, _vp).value
+    handlers = [(i, args, marking(_handler(args, ops[i]))) for i, args in marked.items()]
+    handlers += [(_INIT, _INIT_ARGS, init), (_WRITE_BUF, _WRITE_BUF_ARGS, write_buf)]
+    for index, args, fn in handlers:  # each shim holds the handler it calls
+        _set_handler(table, index, args, fn)
     return hooks
 
 
@@ -235,9 +245,7 @@ def serve_fallocate(
     runs inside pyfuse3's loop, on the trio thread) and answer with the errno it raised
     (an ``errno`` attribute: OSError, pyfuse3.FUSEError), 0 when it returned. FH is the
     request's handle, or ``NODE_FH | inode`` without one."""
-    libfuse = ctypes.CDLL("libfuse3.so.3")
-    reply_err = libfuse.fuse_reply_err
-    reply_err.argtypes = [_vp, ctypes.c_int]
+    reply_err = _reply_err()
 
     async def run(req: int, fh: int, mode: int, offset: int, length: int) -> None:
         err = 0
@@ -255,9 +263,7 @@ def serve_fallocate(
             log.exception("cannot serve FALLOCATE")
             reply_err(req, errno.EIO)
 
-    fn = _shim_type(_FALLOCATE_ARGS)(shim)
-    _keep.append(fn)
-    ctypes.c_void_p.from_address(hooks.table + 8 * _FALLOCATE).value = ctypes.cast(fn, _vp).value
+    _set_handler(hooks.table, _FALLOCATE, _FALLOCATE_ARGS, shim)
 
 
 def serve_ioctl(
@@ -270,10 +276,8 @@ def serve_ioctl(
     or with the errno it raised, as serve_fallocate. The kernel sends a FUSE filesystem only
     restricted ioctls (fixed-size data, copied in and out by the kernel): for the inode flag
     ioctls, from fuse_fileattr_get/set."""
-    libfuse = ctypes.CDLL("libfuse3.so.3")
-    reply_err = libfuse.fuse_reply_err
-    reply_err.argtypes = [_vp, ctypes.c_int]
-    reply_ioctl = libfuse.fuse_reply_ioctl
+    reply_err = _reply_err()
+    reply_ioctl = ctypes.CDLL("libfuse3.so.3").fuse_reply_ioctl
     reply_ioctl.argtypes = [_vp, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
 
     async def run(req: int, ino: int, cmd: int, data: bytes, out_size: int) -> None:
@@ -302,9 +306,7 @@ def serve_ioctl(
             log.exception("cannot serve IOCTL")
             reply_err(req, errno.EIO)
 
-    fn = _shim_type(_IOCTL_ARGS)(shim)
-    _keep.append(fn)
-    ctypes.c_void_p.from_address(hooks.table + 8 * _IOCTL).value = ctypes.cast(fn, _vp).value
+    _set_handler(hooks.table, _IOCTL, _IOCTL_ARGS, shim)
 
 
 # The INIT exchange (include/uapi/linux/fuse.h)
