@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from layerfs import premount
+from layerfs import mountinfo, premount
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
 
@@ -227,17 +227,9 @@ FSTYPE = "fuse.layerfs"  # the type /proc/self/mountinfo shows (subtype=layerfs)
 
 def mount_fstype(path: str) -> str | None:
     """The filesystem type of the mount on PATH (the topmost), from /proc/self/mountinfo."""
-    import re
-
-    found = None
     want = os.fsencode(path)
-    with open("/proc/self/mountinfo", "rb") as fh:
-        for line in fh:
-            left, _, right = line.partition(b" - ")
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), left.split()[4])
-            if point == want:
-                found = right.split()[0].decode(errors="replace")
-    return found
+    types = [m.fstype for m in mountinfo.mounts() if m.point == want]
+    return types[-1].decode(errors="replace") if types else None
 
 
 def umount(mountpoint: str) -> None:

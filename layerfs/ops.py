@@ -21,14 +21,13 @@ import functools
 import json
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from layerfs import _sys, acl, fusehooks
+from layerfs import _sys, acl, fusehooks, mountinfo
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.files import NODE_FH
 from layerfs.overlay import Overlay
@@ -483,23 +482,15 @@ def _widen_readahead(mountpoint: str, kib: int) -> None:
     its device number in mountinfo. Nothing may touch the mount itself (not even realpath):
     this thread serves it. Best effort: without root, sysfs is read-only."""
     path = os.fsencode(mountpoint)
-    dev = None
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index(b"-")
-                point = _unescape_mountinfo(fields[4])
-                if point == path and fields[sep + 1].startswith(b"fuse"):
-                    dev = fields[2].decode()  # the last one: a mount on top of others
-        if dev is None:
+        # the last one: a mount on top of others
+        devs = [
+            m.dev for m in mountinfo.mounts() if m.point == path and m.fstype.startswith(b"fuse")
+        ]
+        if not devs:
             raise OSError(errno.ENOENT, "not in mountinfo", mountpoint)
+        dev = devs[-1].decode()
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(str(kib))
     except (OSError, ValueError) as e:
         log.info("readahead left at the kernel's default: %s", e)
-
-
-def _unescape_mountinfo(field: bytes) -> bytes:
-    """Undo mountinfo's octal escapes (space, tab, newline, backslash)."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
