@@ -2,10 +2,12 @@
 
 The caller pays only for what can refuse the mount (layerfs.premount): the config, the
 layers, the workdir lock, and mount(2) of a fresh /dev/fuse fd. A live mount is a mounted fd
-(the kernel queues requests until someone reads them), so the caller returns right after
-mount(2), in milliseconds, while the detached daemon it forked imports trio and pyfuse3,
-opens the layers and serves the fd it inherited (libfuse's ``/dev/fd/N`` mount point). The
-daemon is forked before any thread or trio exists, and lets go of the caller's stdin, stdout
+(the kernel queues requests until someone reads them), so the caller hands the fd to the fork
+server of its namespace (layerfs.forkserver), whose child, forked with trio, pyfuse3 and the
+engine imported, opens the layers and serves it (libfuse's ``/dev/fd/N`` mount point), and
+returns. With no server listening it starts one, which serves this mount through its first
+child; with ``LAYERFS_FORKSERVER=0``, or when no server takes the fd, it forks a daemon of
+its own, before any thread or trio exists. A daemon lets go of the caller's stdin, stdout
 and stderr first (podman reads stderr to EOF). Should it fail after all, it logs why and
 detaches the mount. When the kernel ends the session (``fusermount3 -u``, ``umount -l``)
 ``pyfuse3.main`` returns and the daemon exits; SIGTERM/SIGINT unmount; SIGHUP is ignored.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from layerfs import mountinfo, premount
+from layerfs import forkserver, mountinfo, premount
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
 
@@ -54,31 +56,44 @@ def serve(config: MountConfig) -> None:
             raise LayerfsError("the daemon failed (see the log above)")
         return
     try:
-        pid = os.fork()
+        if forkserver.enabled() and forkserver.hand_off(
+            config, fuse_fd, lock_fd, preload=_preload, serve=_daemon
+        ):
+            return
+        forkserver.detach(lambda: _daemon(config, fuse_fd))
     except OSError as e:
         premount.unmount_lazy(config.mountpoint)
         raise LayerfsError(f"cannot start the daemon: {e.strerror}") from None
-    if pid == 0:  # first child: new session, then the daemon proper
-        code = 1
-        try:
-            os.setsid()
-            # The caller's stdio is let go before the caller can exit (it waits for this
-            # child): a caller reading our stderr to EOF (podman) returns with us.
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(devnull, fd)
-            os.close(devnull)
-            code = _daemon(config, fuse_fd) if os.fork() == 0 else 0
-        finally:
-            os._exit(code)
-    os.close(fuse_fd)
-    _close(lock_fd)
-    os.waitpid(pid, 0)
+    finally:
+        os.close(fuse_fd)
+        _close(lock_fd)
 
 
 def _close(fd: int) -> None:
     if fd >= 0:
         os.close(fd)
+
+
+def _preload() -> None:
+    """What a daemon imports, imported once by the fork server before it forks the daemons
+    (layerfs.forkserver): whatever a child imports itself is its own memory, not shared."""
+    import logging.handlers
+    import resource
+    import signal
+
+    import pyfuse3
+    import trio
+
+    import layerfs.ops
+    import layerfs.overlay
+
+    del logging, resource, signal, pyfuse3, layerfs
+
+    async def warm() -> None:  # trio's first run fills caches: once here, not in every child
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)
+
+    trio.run(warm)
 
 
 def _daemon(config: MountConfig, fuse_fd: int) -> int:

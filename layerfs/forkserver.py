@@ -1,0 +1,413 @@
+"""The fork server ("zygote"): one pre-imported process that forks a daemon per mount.
+
+A daemon that starts cold imports trio, pyfuse3 and the engine (~0.3 s of CPU) before it
+answers the first request, and 20 of them hold ~19 MiB of PSS each. The server imports them
+once, freezes the collector (``gc.freeze``: a child's collections then never write the shared
+objects' GC headers) and forks one child per mount, which serves it. The first request is
+answered a few milliseconds after the mount, the children share the server's pages, and a
+mount is still one process: a child's crash or kill -9 touches neither the server nor the
+other mounts, and a kill -9 of the server leaves its children serving.
+
+There is one server per (euid, user namespace, mount namespace, code identity), reached at
+the abstract unix socket ``address()`` (nothing on disk; abstract names are per network
+namespace). Rootless podman runs the mount program inside its user and mount namespace: the
+server started from there lives there too, one per podman namespace.
+
+The protocol (SOCK_SEQPACKET, one message each):
+
+- caller -> server: the request (config, environment, umask; pickled), with the mounted
+  /dev/fuse fd and the workdir lock fd (SCM_RIGHTS);
+- the server checks the peer (``_peer``), forks a child, which takes the connection;
+- child -> caller: ``ready PID``; caller -> child: ``go``. From ``go`` on the child serves and
+  the caller returns. A child that reads EOF instead never touches the fds.
+
+So an EOF, refusal or timeout before ``ready`` means nobody serves the fd: the caller still
+holds its own copies and tries again or starts a daemon of its own (layerfs.mount). A dying
+server never loses a mount, and two daemons never serve one fd.
+
+Lifetime: a caller that finds no server binds the name itself (one of two racing callers
+wins the bind; the other connects to it) and forks the server, which inherits that mount's fds
+and serves it through its first child. The server exits as soon as its last child has exited;
+it closes the socket first, and a caller that connected meanwhile reads EOF and tries again.
+
+Must not import: pyfuse3, trio, logging (the caller's side runs in mount.layerfs on every
+mount; the server imports them through the ``preload`` callable it is given).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import pickle
+import select
+import socket
+import struct
+import sys
+import zlib
+
+from layerfs.config import MountConfig
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Preload = Callable[[], None]
+    Serve = Callable[[MountConfig, int], int]  # (config, fuse fd) -> exit status, in the child
+
+READY_TIMEOUT = 10.0  # seconds a caller waits for a child's "ready" (a new server imports first)
+TRIES = 3  # connections a caller tries (a server that is exiting answers EOF) before its own daemon
+SERVER_TITLE = b"layerfs-forkserver"  # benchmarks find the server by this prefix of its cmdline
+CHILD_TITLE = b"layerfs"  # a child's cmdline: this, then its mount point
+_SO_PEERPIDFD = 77  # Linux 6.5+; not in Python 3.11's socket module
+_MAX_REQUEST = 1 << 20
+
+# A request as it travels: (config, environment, umask).
+_Request = tuple[MountConfig, dict[bytes, bytes], int]
+
+
+def enabled() -> bool:
+    """``LAYERFS_FORKSERVER=0`` in the caller's environment: start a daemon of its own."""
+    return os.environ.get("LAYERFS_FORKSERVER", "1") != "0"
+
+
+def address() -> bytes:
+    """The abstract socket name of this caller's server: its euid, user and mount namespaces,
+    and the code it would run (another install or an upgraded one never gets an old server)."""
+    user = os.stat("/proc/self/ns/user").st_ino
+    mnt = os.stat("/proc/self/ns/mnt").st_ino
+    key = f"layerfs-forkserver-{os.geteuid()}-{user}-{mnt}-{_code_identity():08x}"
+    return b"\0" + key.encode()
+
+
+def _code_identity() -> int:
+    """A checksum of the interpreter, the package's path and its modules' mtimes and sizes."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    parts = [sys.executable, pkg]
+    with os.scandir(pkg) as entries:
+        for entry in entries:
+            if entry.name.endswith(".py"):
+                st = entry.stat()
+                parts.append(f"{entry.name}:{st.st_mtime_ns}:{st.st_size}")
+    return zlib.crc32("\0".join(sorted(parts)).encode())
+
+
+# --- the caller's side --------------------------------------------------------------------------
+
+
+def hand_off(
+    config: MountConfig, fuse_fd: int, lock_fd: int, *, preload: Preload, serve: Serve
+) -> bool:
+    """Have a server's child serve the mounted FUSE_FD (and hold LOCK_FD, -1 for none); start
+    a server, which serves it through its first child, when none is listening. True: a daemon
+    owns the fds (the caller closes its copies and returns); False: nobody took them. Raise
+    OSError only when a server cannot be forked."""
+    name = address()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    request: _Request = (config, dict(os.environb), umask)
+    payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+    fds = [fuse_fd] + ([lock_fd] if lock_fd >= 0 else [])
+    for _ in range(TRIES):
+        answer = _ask(name, payload, fds)
+        if answer is not None:  # served, or a server that does not answer: no retry
+            return answer
+        listener = _bind(name)
+        if listener is not None:
+            with listener:
+                server = (listener, request, fuse_fd, lock_fd, preload, serve)
+                detach(functools.partial(_server, *server))
+            return True
+    return False
+
+
+def _ask(name: bytes, payload: bytes, fds: list[int]) -> bool | None:
+    """One request: True once a child said ready and was told to go; False when the server
+    did not answer in time; None when nothing took the fds (no server, refused, EOF)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(READY_TIMEOUT)
+        try:
+            s.connect(name)
+            socket.send_fds(s, [payload], fds)
+            reply = s.recv(64)
+            if not reply.startswith(b"ready "):
+                return None  # EOF: refused, or the server is exiting
+            s.send(b"go")  # EPIPE here: the child died, it will not serve
+        except TimeoutError:
+            return False
+        except OSError:
+            return None
+        return True
+
+
+def _bind(name: bytes) -> socket.socket | None:
+    """A listening socket at NAME, or None when another process holds the name."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        s.bind(name)
+        s.listen(128)  # callers queue here while the new server imports
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def detach(run: Callable[[], int]) -> None:
+    """Run RUN in a grandchild in a new session, stdio on /dev/null, and return once the
+    intermediate child has exited (the grandchild is then nobody's child but init's)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            # The caller's stdio is let go before the caller can exit (it waits for this
+            # child): a caller reading our stderr to EOF (podman) returns with us.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            code = run() if os.fork() == 0 else 0
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+def _server(
+    listener: socket.socket,
+    first: _Request,
+    fuse_fd: int,
+    lock_fd: int,
+    preload: Preload,
+    serve: Serve,
+) -> int:
+    """The server's life: import, serve FIRST (whose fds it inherited) through a child, then
+    fork a child per accepted request; return once no child is left."""
+    import signal
+
+    os.chdir("/")
+    _close_fds_but(0, 1, 2, listener.fileno(), fuse_fd, lock_fd)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _set_title([SERVER_TITLE], comm=b"layerfs-forkser")
+    gc.disable()  # no collection while importing: fewer freed holes in the shared pages
+    preload()
+    listener.setblocking(False)
+    children: dict[int, int] = {}  # pidfd -> pid
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+
+    def spawn(conn: socket.socket | None, request: _Request, fds: list[int]) -> None:
+        # Everything the server holds is shared with the children as it is. No collection
+        # first: the holes it would free are where a child's first objects go, each one a
+        # shared page copied (20 mounts: 7.6 MiB a mount with gc.collect() here, 7.1 without).
+        gc.freeze()
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1  # the caller reads EOF and starts a daemon of its own
+        if pid == 0:
+            code = 1
+            try:
+                listener.close()
+                for pidfd in children:
+                    os.close(pidfd)
+                gc.enable()
+                code = _child(conn, request, fds, serve)
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        if conn is not None:
+            conn.close()
+        if pid > 0:
+            pidfd = os.pidfd_open(pid)
+            children[pidfd] = pid
+            poller.register(pidfd, select.POLLIN)
+
+    spawn(None, first, [fuse_fd] + ([lock_fd] if lock_fd >= 0 else []))
+    while children:
+        events = poller.poll()
+        for fd, _ in events:  # requests first: a child forked now keeps the server alive
+            if fd == listener.fileno():
+                _accept(listener, spawn)
+        for fd, _ in events:
+            if fd in children:
+                poller.unregister(fd)
+                os.close(fd)
+                os.waitpid(children.pop(fd), 0)
+    listener.close()  # callers still queued read EOF (ECONNRESET) and try again
+    return 0
+
+
+def _close_fds_but(*keep: int) -> None:
+    """Close every fd but KEEP: the server outlives the caller that started it, and neither
+    it nor its children may hold that caller's other files (a pipe it was given, say)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the directory's own fd, closed by now
+
+
+def _accept(
+    listener: socket.socket,
+    spawn: Callable[[socket.socket | None, _Request, list[int]], None],
+) -> None:
+    """Take one request off the queue and fork its child; drop it on anything unexpected."""
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return
+    fds: list[int] = []
+    try:
+        conn.settimeout(2.0)  # the caller sends at once; a stuck peer must not stall the rest
+        if _peer(conn) is None:
+            conn.close()
+            return
+        msg, fds, flags, _ = socket.recv_fds(conn, _MAX_REQUEST, 2, socket.MSG_CMSG_CLOEXEC)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or not fds:
+            raise ValueError("truncated request")
+        config, env, umask = pickle.loads(msg)
+        if not isinstance(config, MountConfig):
+            raise ValueError("not a request")
+        conn.settimeout(None)
+    except Exception:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return
+    spawn(conn, (config, env, umask), fds)
+
+
+def _peer(conn: socket.socket) -> int | None:
+    """The peer's pid when it may use this server, else None.
+
+    The abstract name is reachable from every process of the network namespace, whatever its
+    user, user namespace or mount namespace: so a peer must have our euid (SO_PEERCRED, which
+    the kernel fills from the connecting process's credentials, mapped into our user namespace)
+    and be in our user and mount namespaces. For a server running as root that means a root
+    peer that could have served the mount itself (it just mounted it): the child it gets runs
+    with the same credentials and reads the paths it names in the same namespace. A non-root
+    peer is refused; so is a root of another user namespace (rootless podman, ``unshare -U
+    -r``: its uid 0 is not ours, and if it maps onto 0 the namespace check still refuses it)
+    and a root of another mount namespace (a rootful container: its paths are other files)."""
+    pid: int
+    uid: int
+    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid != os.geteuid() or pid <= 0:
+        return None
+    try:
+        pidfd = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError:  # before Linux 6.5: the pid alone (the peer waits for us, so it lives)
+        pidfd = -1
+    try:
+        for ns in ("user", "mnt"):
+            if os.stat(f"/proc/{pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino:
+                return None
+        if pidfd >= 0:  # the pid read above was still the peer's: it has not been reused
+            import signal
+
+            signal.pidfd_send_signal(pidfd, 0)
+    except OSError:
+        return None
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    return pid
+
+
+def _child(conn: socket.socket | None, request: _Request, fds: list[int], serve: Serve) -> int:
+    """A mount's daemon, just forked: take on the caller's environment, umask and cgroup,
+    say ready, and serve once the caller said go (an EOF instead: the caller serves it some
+    other way, and this child must not touch the fds)."""
+    config, env, umask = request
+    cgroup = _cgroup(conn)
+    os.environ.clear()  # unsetenv: nothing points into the environment area any more
+    os.environb.update(env)
+    os.umask(umask)
+    _set_title([CHILD_TITLE, os.fsencode(config.mountpoint)], comm=CHILD_TITLE, use_env=True)
+    if cgroup is not None:
+        _join_cgroup(cgroup)
+    if conn is not None:
+        with conn:
+            try:
+                conn.send(b"ready %d" % os.getpid())
+                if conn.recv(16) != b"go":
+                    return 0
+            except OSError:
+                return 0
+    return serve(config, fds[0])
+
+
+def _cgroup(conn: socket.socket | None) -> bytes | None:
+    """The caller's cgroup v2 path, read while the caller waits for us (None: our own)."""
+    if conn is None:
+        return None
+    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            theirs = [line[3:].rstrip(b"\n") for line in f if line.startswith(b"0::")]
+        with open("/proc/self/cgroup", "rb") as f:
+            ours = [line[3:].rstrip(b"\n") for line in f if line.startswith(b"0::")]
+    except OSError:
+        return None
+    return theirs[0] if theirs and theirs != ours else None
+
+
+def _join_cgroup(path: bytes) -> None:
+    """Move into the caller's cgroup, so that the mount stays accounted to (and stopped
+    with) whoever mounted it, as a daemon forked by the caller is. Best effort: silent when
+    the cgroup is not ours to write (EPERM, EACCES) or not mounted here."""
+    try:
+        fd = os.open(b"/sys/fs/cgroup" + path + b"/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, b"0")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _set_title(args: list[bytes], *, comm: bytes, use_env: bool = False) -> None:
+    """Show ARGS as this process's command line (/proc/PID/cmdline, ps), NUL-separated as real
+    argv is, by rewriting the argv area we inherited (the interpreter copied it at start and
+    reads it no more). Tests and benchmarks find a mount's daemon by its mount point there.
+
+    When they do not fit there and USE_ENV (the environment area is no longer referenced:
+    the child replaced its environment), one space-separated string runs on into it, as
+    setproctitle(3) does; the kernel then shows it up to its first NUL."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(15, comm[:15], 0, 0, 0)  # PR_SET_NAME: /proc/PID/comm, top, ps -e
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    except (OSError, ValueError):
+        return
+    title = b"\0".join(args)
+    size = arg_end - arg_start
+    if len(title) < size:
+        buf = title.ljust(size, b"\0")
+    elif use_env and env_start == arg_end and env_end > env_start:
+        room = env_end - arg_start
+        buf = b" ".join(args)[: room - 1].ljust(room, b"\0")
+    else:
+        buf = b" ".join(args)[: size - 1] + b"\0"
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.pwrite(fd, buf, arg_start)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

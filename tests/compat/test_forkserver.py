@@ -1,0 +1,290 @@
+"""The fork server (layerfs.forkserver): one pre-imported process per user and mount
+namespace forks the daemon of every mount, and exits with its last one.
+
+What these hold: mounts share one server, whose cmdline starts with ``layerfs-forkserver``,
+and each mount is its own child process showing its mount point; the server goes when the
+last mount goes; a kill -9 of a daemon or of the server leaves the other mounts serving; the
+caller's environment reaches the child; a peer of another uid or mount namespace is refused;
+``LAYERFS_FORKSERVER=0`` starts a daemon of the caller's own; a user namespace gets a server
+of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from compat.helpers import daemon_pids, helper_command, helper_env, reap, wait_no_daemon
+
+from layerfs import forkserver
+from layerfs.config import MountConfig
+
+pytestmark = pytest.mark.fuse
+TIMEOUT = 60
+
+
+@pytest.fixture
+def stacks(tmp_path: Path) -> Iterator[list[dict[str, Path]]]:
+    """Three stacks over one lower (with a file f); their mounts are reaped afterwards."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f").write_text("x")
+    out = []
+    for i in range(3):
+        d = {"lower": lower}
+        for name in ("upper", "work", "merged"):
+            d[name] = tmp_path / f"{name}{i}"
+            d[name].mkdir()
+        out.append(d)
+    try:
+        yield out
+    finally:
+        for d in out:
+            reap(d["merged"])
+
+
+def _mount(d: dict[str, Path], **env: str) -> None:
+    opts = f"lowerdir={d['lower']},upperdir={d['upper']},workdir={d['work']}"
+    r = subprocess.run(
+        [*helper_command(), "overlay", str(d["merged"]), "-o", opts],
+        capture_output=True,
+        text=True,
+        env={**helper_env(), **env},
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (d["merged"] / "f").read_text() == "x"
+
+
+def _unmount(d: dict[str, Path]) -> None:
+    subprocess.run(["fusermount3", "-u", str(d["merged"])], check=True)
+
+
+def _daemon(d: dict[str, Path]) -> int:
+    pids = daemon_pids(d["merged"])
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[1])
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def _server_of(d: dict[str, Path]) -> int:
+    server = _ppid(_daemon(d))
+    assert _cmdline(server).startswith(b"layerfs-forkserver"), _cmdline(server)
+    return server
+
+
+def _dead(d: dict[str, Path]) -> bool:
+    """Whether D's mount has lost its daemon: a lookup of a new name fails ENOTCONN (or
+    ECONNABORTED, when it was in flight as the connection ended)."""
+    for i in range(200):
+        try:
+            os.stat(d["merged"] / f"probe{i}")
+        except FileNotFoundError:
+            time.sleep(0.05)
+        except OSError as e:
+            return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] == b"Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_mounts_share_a_server_that_exits_with_the_last(stacks: list[dict[str, Path]]) -> None:
+    a, b = stacks[:2]
+    _mount(a)
+    _mount(b)
+    server = _server_of(a)
+    assert _server_of(b) == server
+    assert _daemon(a) != _daemon(b)  # one process per mount
+    # each child shows its own mount point as an argument of its own, the server none
+    assert os.fsencode(str(a["merged"])) in _cmdline(_daemon(a)).split(b"\0")
+    assert b"merged" not in _cmdline(server)
+    _unmount(a)
+    assert wait_no_daemon(a["merged"]) == []
+    assert not _gone(server, timeout=0.5), "the server left while a mount was still served"
+    _unmount(b)
+    assert wait_no_daemon(b["merged"]) == []
+    assert _gone(server), "the server outlived its last mount"
+
+
+def test_kill_of_a_daemon_spares_the_others(stacks: list[dict[str, Path]]) -> None:
+    a, b, c = stacks
+    _mount(a)
+    _mount(b)
+    server = _server_of(a)
+    victim = _daemon(a)
+    os.kill(victim, signal.SIGKILL)
+    assert _dead(a)
+    assert (b["merged"] / "f").read_text() == "x"
+    assert not _gone(server, timeout=0.2)
+    _mount(c)  # the server still forks
+    assert _server_of(c) == server
+
+
+def test_kill_of_the_server_spares_the_mounts(stacks: list[dict[str, Path]]) -> None:
+    a, b, c = stacks
+    _mount(a)
+    _mount(b)
+    server = _server_of(a)
+    os.kill(server, signal.SIGKILL)
+    assert _gone(server)
+    for d in (a, b):
+        (d["merged"] / "new").write_text("y")
+        assert (d["merged"] / "new").read_text() == "y"
+    _mount(c)  # a new server
+    assert _server_of(c) != server
+
+
+def test_the_caller_environment_reaches_the_daemon(stacks: list[dict[str, Path]]) -> None:
+    """A mount made while a server runs gets the caller's environment, not the server's:
+    LAYERFS_CRASH_AT (the crash-point tests' fault injection) kills the daemon at the first
+    syscall of the point it names."""
+    a, b = stacks[:2]
+    _mount(a)  # the server is started without the variable
+    _mount(b, LAYERFS_CRASH_AT="1")
+    assert _server_of(b) == _server_of(a)
+    daemon = _daemon(b)
+    with pytest.raises(OSError):
+        (b["merged"] / "g").write_text("z")  # a create: its first step crashes
+    assert _gone(daemon)
+    assert _dead(b)
+    assert (a["merged"] / "f").read_text() == "x"
+
+
+PEER = """
+import os, socket, sys
+payload = bytes.fromhex(sys.stdin.read())
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(20)
+s.connect(bytes.fromhex(sys.argv[1]))
+fd = os.open("/dev/null", os.O_RDONLY)
+try:
+    socket.send_fds(s, [payload], [fd])
+    print(s.recv(64).decode() or "EOF")
+except (BrokenPipeError, ConnectionResetError):  # closed before or after reading our request
+    print("EOF")
+"""
+
+
+@pytest.mark.parametrize("who", ["other-uid", "other-mount-ns"])
+def test_a_foreign_peer_is_refused(stacks: list[dict[str, Path]], who: str) -> None:
+    """A well-formed request from another uid (nobody) or another mount namespace (a root
+    that ran unshare -m) reads EOF: no child is forked for it."""
+    a, b = stacks[:2]
+    _mount(a)
+    server = _server_of(a)
+    name = forkserver.address()
+    config = MountConfig(lowers=(str(b["lower"]),), mountpoint=str(b["merged"]))
+    payload = pickle.dumps((config, {b"PATH": b"/bin"}, 0o22)).hex()
+    cmd = [sys.executable, "-c", PEER, name.hex()]
+    kw: dict[str, object] = {}
+    if who == "other-uid":
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux)")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        kw["cwd"] = "/"
+    else:
+        cmd = ["unshare", "-m", *cmd]
+    r = subprocess.run(
+        cmd, input=payload, capture_output=True, text=True, timeout=TIMEOUT, check=False, **kw
+    )  # type: ignore[call-overload]
+    if r.returncode != 0 and "Permission denied" in r.stderr:
+        pytest.skip(f"the interpreter is not reachable by nobody here: {r.stderr}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "EOF"
+    assert [p for p in os.listdir("/proc") if p.isdigit() and _child_of(int(p), server)] == [
+        str(_daemon(a))
+    ]
+
+
+def _child_of(pid: int, parent: int) -> bool:
+    try:
+        return _ppid(pid) == parent
+    except OSError:
+        return False
+
+
+def test_forkserver_off_starts_a_daemon_of_its_own(stacks: list[dict[str, Path]]) -> None:
+    a = stacks[0]
+    _mount(a, LAYERFS_FORKSERVER="0")
+    daemon = _daemon(a)
+    assert b"lowerdir=" in _cmdline(daemon)  # the helper's own argv: a forked helper
+    assert not _cmdline(_ppid(daemon)).startswith(b"layerfs-forkserver")
+    (a["merged"] / "new").write_text("y")
+    _unmount(a)
+    assert wait_no_daemon(a["merged"]) == []
+
+
+USERNS_SCRIPT = """
+set -e
+"$@" overlay "$MNT" -o "lowerdir=$LOWER,upperdir=$UPPER,workdir=$WORK"
+cat "$MNT/f" >/dev/null
+for p in /proc/[0-9]*; do
+    if tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q "^layerfs $MNT"; then
+        server=$(cut -d' ' -f4 $p/stat)
+        echo "$server $(readlink /proc/$server/ns/user) $(tr '\\0' ' ' < /proc/$server/cmdline)"
+    fi
+done
+fusermount3 -u "$MNT"
+"""
+
+
+def test_a_user_namespace_gets_a_server_of_its_own(stacks: list[dict[str, Path]]) -> None:
+    """As rootless podman: a mount made by root of a new user and mount namespace is served
+    by a server in that namespace, not by the one this namespace has."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    a, b = stacks[:2]
+    _mount(a)
+    host_server = _server_of(a)
+    env = {
+        **helper_env(),
+        "MNT": str(b["merged"]),
+        "LOWER": str(b["lower"]),
+        "UPPER": str(b["upper"]),
+        "WORK": str(b["work"]),
+    }
+    userns = ["unshare", "-U", "-r", "-m", "--propagation", "private"]
+    r = subprocess.run(
+        [*userns, "sh", "-c", USERNS_SCRIPT, "sh", *helper_command()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    server, userns, title = r.stdout.strip().split(" ", 2)
+    assert title.startswith("layerfs-forkserver")
+    assert userns != os.readlink("/proc/self/ns/user")
+    assert int(server) != host_server
+    assert _gone(int(server)), "the namespace's server outlived its mount"
