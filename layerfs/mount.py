@@ -27,6 +27,8 @@ from layerfs.errors import LayerfsError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
 if TYPE_CHECKING:  # imported when serving: the CLI starts without them
+    from collections.abc import Callable
+
     from layerfs.ops import Operations
     from layerfs.overlay import Overlay
 
@@ -149,9 +151,19 @@ def _session(overlay: Overlay, fuse_fd: int) -> Operations:
 
     ops = Operations(overlay)
     pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", premount.options(overlay.config))
+    overlay.copyup.requests_waiting = _readable(fuse_fd)
     if os.environ.get("LAYERFS_OPEN_REQUESTS") != "1":  # kept for measuring the difference
         ops.skip_open_requests()
     return ops
+
+
+def _readable(fd: int) -> Callable[[], bool]:
+    """A test of whether FD (the session's /dev/fuse) has a request waiting to be read."""
+    import select
+
+    poll = select.poll()  # not select(): the fd can be above 1023
+    poll.register(fd, select.POLLIN)
+    return lambda: bool(poll.poll(0))
 
 
 def _run(overlay: Overlay, ops: Operations) -> int:

@@ -93,6 +93,49 @@ async def test_requests_served_during_a_large_copy_up(tmp_path: Path) -> None:
         ov.close()
 
 
+@pytest.mark.parametrize(
+    ("waiting", "concurrent", "inline"),
+    [
+        (None, False, 0),  # no way to tell whether requests wait (no FUSE): always a thread
+        (False, False, 3),  # a copy-up alone, nothing waiting: synced inline, as the kernel
+        (True, False, 0),  # a request waits in /dev/fuse: a thread, the loop serves it
+        (False, True, 0),  # other copy-ups in progress: threads, their syncs overlap
+    ],
+)
+async def test_copy_up_fsync_inline_only_when_alone(
+    tmp_path: Path, waiting: bool | None, concurrent: bool, inline: int
+) -> None:
+    """fsync=auto syncs each data copy-up once, inline only when nothing else waits."""
+    low, up, work, mnt = make_stack(tmp_path)
+    names = [b"a", b"b", b"c"]
+    for name in names:
+        (low / name.decode()).write_bytes(name * 5000)
+    ov = overlay(low, up, work, mnt)
+    if waiting is not None:
+        ov.copyup.requests_waiting = lambda: waiting
+    try:
+        inos = [lookup(ov, name) for name in names]
+
+        async def chmod(ino: int) -> None:
+            await ov.setattr(ino, SetAttr(mode=0o600), None, ROOT)
+
+        if concurrent:
+            async with trio.open_nursery() as nursery:
+                for ino in inos:
+                    nursery.start_soon(chmod, ino)
+        else:
+            for ino in inos:
+                await chmod(ino)
+        stats = ov.copyup.statistics()
+        assert (stats["fsyncs"], stats["fsyncs_inline"]) == (3, inline)
+        for name in names:
+            assert (up / name.decode()).read_bytes() == name * 5000
+            assert stat.S_IMODE((up / name.decode()).stat().st_mode) == 0o600
+        check_upper(up, work)
+    finally:
+        ov.close()
+
+
 async def test_truncating_open_copies_no_data(tmp_path: Path) -> None:
     low, up, work, mnt = make_stack(tmp_path)
     (low / "f").write_bytes(b"y" * (2 << 20))

@@ -68,3 +68,22 @@ def _syncs_per_step(tmp_path: Path, options: list[str]) -> list[int]:
 )
 def test_copy_up_syncs(tmp_path: Path, options: list[str], expected: list[int]) -> None:
     assert _syncs_per_step(tmp_path, options) == expected
+
+
+def test_serial_copy_ups_sync_inline(tmp_path: Path) -> None:
+    """chmod of lower files one after another, as `chmod -R` does: each copy-up's fsync is
+    made on the serving thread (no hand-off to a worker and back), and each is made."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    for i in range(20):
+        (lower / f"f{i}").write_bytes(b"x" * (100 + i))
+    with mount_layerfs([lower], upper, work, mnt):
+        before = json.loads(os.getxattr(mnt, "trusted.layerfs.statistics"))
+        for i in range(20):
+            os.chmod(mnt / f"f{i}", 0o600)
+        after = json.loads(os.getxattr(mnt, "trusted.layerfs.statistics"))
+    assert after["copyup_fsyncs"] - before["copyup_fsyncs"] == 20
+    assert after["copyup_fsyncs_inline"] - before.get("copyup_fsyncs_inline", 0) == 20
+    for i in range(20):
+        assert (upper / f"f{i}").read_bytes() == b"x" * (100 + i)
