@@ -15,7 +15,7 @@ server started from there lives there too, one per podman namespace.
 
 The protocol (SOCK_SEQPACKET, one message each):
 
-- caller -> server: the request (config, environment, umask; pickled), with the mounted
+- caller -> server: the request (config, environment, umask; marshalled), with the mounted
   /dev/fuse fd and the workdir lock fd (SCM_RIGHTS);
 - the server checks the peer (``_peer``), forks a child, which takes the connection;
 - child -> caller: ``ready PID``; caller -> child: ``go``. From ``go`` on the child serves and
@@ -36,20 +36,21 @@ mount; the server imports them through the ``preload`` callable it is given).
 
 from __future__ import annotations
 
+import _socket  # not socket: its enums cost the caller ~5 ms of imports
+import array
 import functools
 import gc
+import marshal  # built in; pickle costs the caller ~4 ms of imports
 import os
-import pickle
 import select
-import socket
-import struct
 import sys
 import zlib
 
-from layerfs.config import MountConfig
+from layerfs.config import IdMapping, MountConfig
 
 TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
 
     Preload = Callable[[], None]
@@ -61,9 +62,12 @@ SERVER_TITLE = b"layerfs-forkserver"  # benchmarks find the server by this prefi
 CHILD_TITLE = b"layerfs"  # a child's cmdline: this, then its mount point
 _SO_PEERPIDFD = 77  # Linux 6.5+; not in Python 3.11's socket module
 _MAX_REQUEST = 1 << 20
+_CMSG_SPACE_2 = 24
+_MSG_CMSG_CLOEXEC = 0x40000000  # CMSG_SPACE(2 * sizeof(int)): room for the two fds of a request
 
-# A request as it travels: (config, environment, umask).
+# A request: (config, environment, umask).
 _Request = tuple[MountConfig, dict[bytes, bytes], int]
+_Socket = _socket.socket
 
 
 def enabled() -> bool:
@@ -106,7 +110,7 @@ def hand_off(
     umask = os.umask(0o022)
     os.umask(umask)
     request: _Request = (config, dict(os.environb), umask)
-    payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = _encode(request)
     fds = [fuse_fd] + ([lock_fd] if lock_fd >= 0 else [])
     for _ in range(TRIES):
         answer = _ask(name, payload, fds)
@@ -114,21 +118,44 @@ def hand_off(
             return answer
         listener = _bind(name)
         if listener is not None:
-            with listener:
+            try:
                 server = (listener, request, fuse_fd, lock_fd, preload, serve)
                 detach(functools.partial(_server, *server))
+            finally:
+                listener.close()
             return True
     return False
+
+
+def _encode(request: _Request) -> bytes:
+    """The request in marshal's format (built in, and MountConfig holds only plain values)."""
+    config, env, umask = request
+    fields = {name: getattr(config, name) for name in config.__dataclass_fields__}
+    for name in ("uid_mappings", "gid_mappings"):
+        fields[name] = tuple((m.inner, m.outer, m.count) for m in fields[name])
+    return marshal.dumps((fields, env, umask))
+
+
+def _decode(data: bytes) -> _Request:
+    """The request _encode made; raise (ValueError, TypeError, EOFError) on anything else."""
+    fields, env, umask = marshal.loads(data)
+    for name in ("uid_mappings", "gid_mappings"):
+        fields[name] = tuple(IdMapping(*m) for m in fields[name])
+    if not isinstance(env, dict) or not isinstance(umask, int):
+        raise TypeError("not a request")
+    return MountConfig(**fields), env, umask
 
 
 def _ask(name: bytes, payload: bytes, fds: list[int]) -> bool | None:
     """One request: True once a child said ready and was told to go; False when the server
     did not answer in time; None when nothing took the fds (no server, refused, EOF)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+    s = _Socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
         s.settimeout(READY_TIMEOUT)
         try:
             s.connect(name)
-            socket.send_fds(s, [payload], fds)
+            rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
+            s.sendmsg([payload], rights)
             reply = s.recv(64)
             if not reply.startswith(b"ready "):
                 return None  # EOF: refused, or the server is exiting
@@ -138,11 +165,13 @@ def _ask(name: bytes, payload: bytes, fds: list[int]) -> bool | None:
         except OSError:
             return None
         return True
+    finally:
+        s.close()
 
 
-def _bind(name: bytes) -> socket.socket | None:
+def _bind(name: bytes) -> _Socket | None:
     """A listening socket at NAME, or None when another process holds the name."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s = _Socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         s.bind(name)
         s.listen(128)  # callers queue here while the new server imports
@@ -176,7 +205,7 @@ def detach(run: Callable[[], int]) -> None:
 
 
 def _server(
-    listener: socket.socket,
+    raw: _Socket,
     first: _Request,
     fuse_fd: int,
     lock_fd: int,
@@ -186,9 +215,11 @@ def _server(
     """The server's life: import, serve FIRST (whose fds it inherited) through a child, then
     fork a child per accepted request; return once no child is left."""
     import signal
+    import socket
 
     os.chdir("/")
-    _close_fds_but(0, 1, 2, listener.fileno(), fuse_fd, lock_fd)
+    _close_fds_but(0, 1, 2, raw.fileno(), fuse_fd, lock_fd)
+    listener = socket.socket(fileno=raw.detach())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _set_title([SERVER_TITLE], comm=b"layerfs-forkser")
     gc.disable()  # no collection while importing: fewer freed holes in the shared pages
@@ -268,12 +299,15 @@ def _accept(
         if _peer(conn) is None:
             conn.close()
             return
-        msg, fds, flags, _ = socket.recv_fds(conn, _MAX_REQUEST, 2, socket.MSG_CMSG_CLOEXEC)
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or not fds:
+        msg, cmsgs, flags, _ = conn.recvmsg(_MAX_REQUEST, _CMSG_SPACE_2, _MSG_CMSG_CLOEXEC)
+        for level, kind, data in cmsgs:
+            if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
+                got = array.array("i")
+                got.frombytes(data[: len(data) - len(data) % got.itemsize])
+                fds.extend(got)
+        if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC) or not fds:
             raise ValueError("truncated request")
-        config, env, umask = pickle.loads(msg)
-        if not isinstance(config, MountConfig):
-            raise ValueError("not a request")
+        config, env, umask = _decode(msg)
         conn.settimeout(None)
     except Exception:
         for fd in fds:
@@ -281,6 +315,13 @@ def _accept(
         conn.close()
         return
     spawn(conn, (config, env, umask), fds)
+
+
+def _peercred(conn: socket.socket) -> tuple[int, int, int]:
+    """SO_PEERCRED: the peer's (pid, uid, gid) at connect time."""
+    got = array.array("i")
+    got.frombytes(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
+    return got[0], got[1], got[2]
 
 
 def _peer(conn: socket.socket) -> int | None:
@@ -297,11 +338,11 @@ def _peer(conn: socket.socket) -> int | None:
     and a root of another mount namespace (a rootful container: its paths are other files)."""
     pid: int
     uid: int
-    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, _ = _peercred(conn)
     if uid != os.geteuid() or pid <= 0:
         return None
     try:
-        pidfd = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+        pidfd = conn.getsockopt(_socket.SOL_SOCKET, _SO_PEERPIDFD)
     except OSError:  # before Linux 6.5: the pid alone (the peer waits for us, so it lives)
         pidfd = -1
     try:
@@ -347,7 +388,7 @@ def _cgroup(conn: socket.socket | None) -> bytes | None:
     """The caller's cgroup v2 path, read while the caller waits for us (None: our own)."""
     if conn is None:
         return None
-    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    pid = _peercred(conn)[0]
     try:
         with open(f"/proc/{pid}/cgroup", "rb") as f:
             theirs = [line[3:].rstrip(b"\n") for line in f if line.startswith(b"0::")]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from layerfs import forkserver, mountinfo, premount
+from layerfs import forkserver, premount
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
 
@@ -254,6 +254,8 @@ FSTYPE = "fuse.layerfs"  # the type /proc/self/mountinfo shows (subtype=layerfs)
 
 def mount_fstype(path: str) -> str | None:
     """The filesystem type of the mount on PATH (the topmost), from /proc/self/mountinfo."""
+    from layerfs import mountinfo  # typing comes with it: not on the mount path
+
     want = os.fsencode(path)
     types = [m.fstype for m in mountinfo.mounts() if m.point == want]
     return types[-1].decode(errors="replace") if types else None

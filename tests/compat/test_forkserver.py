@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -204,7 +203,7 @@ def test_a_foreign_peer_is_refused(stacks: list[dict[str, Path]], who: str) -> N
     server = _server_of(a)
     name = forkserver.address()
     config = MountConfig(lowers=(str(b["lower"]),), mountpoint=str(b["merged"]))
-    payload = pickle.dumps((config, {b"PATH": b"/bin"}, 0o22)).hex()
+    payload = forkserver._encode((config, {b"PATH": b"/bin"}, 0o22)).hex()
     cmd = [sys.executable, "-c", PEER, name.hex()]
     kw: dict[str, object] = {}
     if who == "other-uid":
