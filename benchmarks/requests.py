@@ -134,6 +134,7 @@ def mount(
         if proc.poll() is not None:
             raise RuntimeError(f"{kind} exited {proc.returncode}")
         time.sleep(0.02)
+    umount(mnt, proc)  # nothing left behind, mounted late or not
     raise RuntimeError(f"{kind} did not mount")
 
 
