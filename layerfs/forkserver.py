@@ -372,7 +372,7 @@ def _child(conn: socket.socket | None, request: _Request, fds: list[int], serve:
     os.umask(umask)
     _set_title([CHILD_TITLE, os.fsencode(config.mountpoint)], comm=CHILD_TITLE, use_env=True)
     if cgroup is not None:
-        _join_cgroup(cgroup)
+        _join_cgroups(cgroup)
     if conn is not None:
         with conn:
             try:
@@ -384,31 +384,56 @@ def _child(conn: socket.socket | None, request: _Request, fds: list[int], serve:
     return serve(config, fds[0])
 
 
-def _cgroup(conn: socket.socket | None) -> bytes | None:
-    """The caller's cgroup v2 path, read while the caller waits for us (None: our own)."""
+def _cgroup(conn: socket.socket | None) -> list[tuple[bytes, bytes]] | None:
+    """The caller's cgroups, (controllers, path) a hierarchy, read while the caller waits for
+    us (None: those of the server, which forked this child itself)."""
     if conn is None:
         return None
-    pid = _peercred(conn)[0]
     try:
-        with open(f"/proc/{pid}/cgroup", "rb") as f:
-            theirs = [line[3:].rstrip(b"\n") for line in f if line.startswith(b"0::")]
-        with open("/proc/self/cgroup", "rb") as f:
-            ours = [line[3:].rstrip(b"\n") for line in f if line.startswith(b"0::")]
+        return _cgroups(f"/proc/{_peercred(conn)[0]}/cgroup")
     except OSError:
         return None
-    return theirs[0] if theirs and theirs != ours else None
 
 
-def _join_cgroup(path: bytes) -> None:
-    """Move into the caller's cgroup, so that the mount stays accounted to (and stopped
-    with) whoever mounted it, as a daemon forked by the caller is. Best effort: silent when
-    the cgroup is not ours to write (EPERM, EACCES) or not mounted here."""
+def _cgroups(path: str) -> list[tuple[bytes, bytes]]:
+    """(controllers, path) of each hierarchy in a /proc/PID/cgroup file (b"" for v2)."""
+    with open(path, "rb") as f:
+        lines = [line.rstrip(b"\n").split(b":", 2) for line in f]
+    return [(fields[1], fields[2]) for fields in lines if len(fields) == 3]
+
+
+def _join_cgroups(theirs: list[tuple[bytes, bytes]]) -> None:
+    """Move into the caller's cgroups (v2, and each v1 hierarchy), so that the mount stays
+    accounted to, and stopped with, whoever mounted it, as a daemon forked by the caller is.
+    Best effort: silent where a cgroup is not ours to write (EPERM, EACCES) or not mounted."""
+    from layerfs import mountinfo
+
     try:
-        fd = os.open(b"/sys/fs/cgroup" + path + b"/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        ours = dict(_cgroups("/proc/self/cgroup"))
+        table = [m for m in mountinfo.mounts() if m.fstype in (b"cgroup", b"cgroup2")]
+    except OSError:
+        return
+    for controllers, path in theirs:
+        if ours.get(controllers) == path:
+            continue
+        want = set(controllers.split(b","))
+        for m in table:
+            if (
+                (m.fstype == b"cgroup2")
+                if not controllers
+                else (m.fstype == b"cgroup" and want <= set(m.super_options.split(b",")))
+            ):
+                _write(m.point + path.rstrip(b"/") + b"/cgroup.procs", b"0")
+                break
+
+
+def _write(path: bytes, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
         return
     try:
-        os.write(fd, b"0")
+        os.write(fd, data)
     except OSError:
         pass
     finally:

@@ -4,9 +4,9 @@ namespace forks the daemon of every mount, and exits with its last one.
 What these hold: mounts share one server, whose cmdline starts with ``layerfs-forkserver``,
 and each mount is its own child process showing its mount point; the server goes when the
 last mount goes; a kill -9 of a daemon or of the server leaves the other mounts serving; the
-caller's environment reaches the child; a peer of another uid or mount namespace is refused;
-``LAYERFS_FORKSERVER=0`` starts a daemon of the caller's own; a user namespace gets a server
-of its own.
+caller's environment reaches the child, and the child joins the caller's cgroup; a peer of
+another uid or mount namespace is refused; ``LAYERFS_FORKSERVER=0`` starts a daemon of the
+caller's own; a user namespace gets a server of its own.
 """
 
 from __future__ import annotations
@@ -287,3 +287,71 @@ def test_a_user_namespace_gets_a_server_of_its_own(stacks: list[dict[str, Path]]
     assert userns != os.readlink("/proc/self/ns/user")
     assert int(server) != host_server
     assert _gone(int(server)), "the namespace's server outlived its mount"
+
+
+def _cgroup_hierarchy() -> tuple[bytes, bytes, bytes] | None:
+    """(controllers key as /proc/PID/cgroup shows it, mount point, our path in it) of a
+    hierarchy where a child cgroup can be made: cgroup v1's pids, else cgroup v2."""
+    with open("/proc/self/cgroup", "rb") as f:
+        ours = dict(line.rstrip(b"\n").split(b":", 2)[1:] for line in f)
+    with open("/proc/self/mountinfo", "rb") as f:
+        table = [line.partition(b" - ") for line in f]
+    for key, fstype in ((b"pids", b"cgroup"), (b"", b"cgroup2")):
+        for head, _, tail in table:
+            fields, rest = head.split(), tail.split()
+            if rest[0] != fstype or key not in ours or fields[3] != b"/":
+                continue
+            if key and key not in rest[2].split(b","):
+                continue
+            return key, fields[4], ours[key]
+    return None
+
+
+def _cgroup_of(pid: int, key: bytes) -> bytes:
+    with open(f"/proc/{pid}/cgroup", "rb") as f:
+        return dict(line.rstrip(b"\n").split(b":", 2)[1:] for line in f)[key]
+
+
+def test_a_daemon_joins_its_callers_cgroup(stacks: list[dict[str, Path]]) -> None:
+    """A mount made from another cgroup than the server's is served by a child that moved
+    into that cgroup (accounted to, and stopped with, whoever mounted it)."""
+    found = _cgroup_hierarchy()
+    if found is None:
+        pytest.skip("no cgroup hierarchy to make a child cgroup in")
+    key, point, ours = found
+    path = ours.rstrip(b"/") + f"/layerfs-forkserver-test-{os.getpid()}".encode()
+    cgdir = point + path
+    try:
+        os.mkdir(cgdir)
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup here: {e}")
+    a, b = stacks[:2]
+    try:
+        _mount(a)  # the server, in our cgroup
+        opts = f"lowerdir={b['lower']},upperdir={b['upper']},workdir={b['work']}"
+        script = 'echo $$ > "$CG/cgroup.procs" && exec "$@"'
+        r = subprocess.run(
+            ["sh", "-c", script, "sh", *helper_command(), "overlay", str(b["merged"]), "-o", opts],
+            capture_output=True,
+            text=True,
+            env={**helper_env(), "CG": os.fsdecode(cgdir)},
+            timeout=TIMEOUT,
+            check=False,
+        )
+        if r.returncode != 0 and "cgroup.procs" in r.stderr:
+            pytest.skip(f"cannot move a process into {os.fsdecode(cgdir)}: {r.stderr}")
+        assert r.returncode == 0, r.stderr
+        assert _server_of(b) == _server_of(a)
+        assert _cgroup_of(_daemon(b), key) == path
+        assert _cgroup_of(_daemon(a), key) == ours
+        assert _cgroup_of(_server_of(a), key) == ours
+    finally:
+        reap(b["merged"])
+        for _ in range(100):
+            try:
+                os.rmdir(cgdir)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:  # EBUSY until the daemon has gone
+                time.sleep(0.1)
