@@ -197,7 +197,8 @@ def daemons_using(path: Path) -> list[str]:
             cmd = Path("/proc", pid, "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if str(path) in cmd and "mount.layerfs" in cmd:
+        # a daemon forked by mount.layerfs itself, or by the fork server ("layerfs MERGED")
+        if str(path) in cmd and ("mount.layerfs" in cmd or cmd.startswith("layerfs ")):
             out.append(f"{pid}: {cmd}")
     return out
 
