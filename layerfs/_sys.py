@@ -287,17 +287,21 @@ def remove_tree_at(dirfd: int, name: bytes) -> None:
     rmdir_at(dirfd, name)
 
 
-def copy_data(src: int, dst: int, length: int) -> str:
-    """Copy LENGTH bytes from SRC to DST keeping holes; return the method used.
+def copy_data(src: int, dst: int, length: int, size: int | None = None) -> str:
+    """Copy LENGTH bytes from SRC to DST keeping holes; return the method used. SIZE: the
+    size of SRC, given only where DST is a new empty file.
 
     Ladder (ovl_copy_up_file): FICLONE shares extents where the filesystem can reflink; else
     copy_file_range moves data inside the kernel, region by region between SEEK_DATA and
-    SEEK_HOLE so that holes stay holes; else sendfile for filesystems without either.
+    SEEK_HOLE so that holes stay holes; else sendfile for filesystems without either. Into a
+    new file, a source with no hole before LENGTH (most small files) is copied in one region
+    and needs no truncate; a DST with data (a metacopy being filled) is cut to LENGTH first,
+    so that no byte past it survives a crash before the truncate that asked for it.
     """
     if length == 0:
         return "empty"
     try:
-        if length == os.fstat(src).st_size:
+        if length == (os.fstat(src).st_size if size is None else size):
             fcntl.ioctl(dst, FICLONE, src)
             return "reflink"
     except OSError as e:
@@ -311,6 +315,12 @@ def copy_data(src: int, dst: int, length: int) -> str:
             errno.EPERM,
         ):
             raise
+    try:
+        dense = size is not None and os.lseek(src, 0, os.SEEK_HOLE) >= length
+    except OSError:
+        dense = False
+    if dense:  # the copy's writes give it its size
+        return _copy_range(src, dst, 0, length, "copy_file_range")
     os.ftruncate(dst, length)  # the holes of the copy, and its final size
     method = "copy_file_range"
     pos = 0
@@ -329,21 +339,30 @@ def copy_data(src: int, dst: int, length: int) -> str:
             hole = min(os.lseek(src, data, os.SEEK_HOLE), length)
         except OSError:
             hole = length
-        off = data
-        while off < hole:
-            n = min(CHUNK, hole - off)
+        method = _copy_range(src, dst, data, hole, method)
+        pos = hole
+    return method
+
+
+def _copy_range(src: int, dst: int, off: int, end: int, method: str) -> str:
+    """Copy bytes [OFF, END) of SRC to the same place in DST; return the method (METHOD, or
+    "sendfile" once copy_file_range was refused)."""
+    while off < end:
+        n = min(CHUNK, end - off)
+        done = 0
+        if method != "sendfile":
             try:
                 done = os.copy_file_range(src, dst, n, off, off)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
                 method = "sendfile"
-                os.lseek(dst, off, os.SEEK_SET)
-                done = os.sendfile(dst, src, off, n)
-            if done == 0:  # the source shrank under us: lowers are immutable, so say so
-                raise OSError(errno.EIO, "short read during copy-up")
-            off += done
-        pos = hole
+        if method == "sendfile":
+            os.lseek(dst, off, os.SEEK_SET)
+            done = os.sendfile(dst, src, off, n)
+        if done == 0:  # the source shrank under us: lowers are immutable, so say so
+            raise OSError(errno.EIO, "short read during copy-up")
+        off += done
     return method
 
 

@@ -198,7 +198,7 @@ class CopyUp:
                     os.ftruncate(dst, st.st_size)
                     os.setxattr(dst, self.names.metacopy, b"")
                 else:
-                    await self.copy_bytes(src, dst, length, sync=False)
+                    await self.copy_bytes(src, dst, length, sync=False, size=st.st_size)
                 copy_file_metadata(ldir, lname, st, dst)
                 if origin is not None:
                     _set_origin(lambda a, v: os.setxattr(dst, a, v), self.names.origin, origin)
@@ -298,14 +298,17 @@ class CopyUp:
         self.changed.append(node.id)  # st_blocks now counts the upper's
         self.stats["filled"] += 1
 
-    async def copy_bytes(self, src: int, dst: int, length: int, *, sync: bool = True) -> None:
-        """Copy LENGTH bytes of data (big copies on a worker thread); SYNC: then fsync."""
+    async def copy_bytes(
+        self, src: int, dst: int, length: int, *, sync: bool = True, size: int | None = None
+    ) -> None:
+        """Copy LENGTH bytes of data (big copies on a worker thread); SYNC: then fsync. SIZE:
+        the source's size, where DST is a new empty file (_sys.copy_data)."""
         if length > THREAD_THRESHOLD:
             method = await trio.to_thread.run_sync(
-                _sys.copy_data, src, dst, length, limiter=self.limiter
+                _sys.copy_data, src, dst, length, size, limiter=self.limiter
             )
         else:
-            method = _sys.copy_data(src, dst, length)
+            method = _sys.copy_data(src, dst, length, size)
         self.stats["bytes"] += length
         if method == "reflink":
             self.stats["reflink"] += 1

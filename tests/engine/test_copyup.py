@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.lowlevel
 
+from layerfs import _sys
 from layerfs.attrs import Caller, SetAttr
 from layerfs.inodes import ROOT_ID
 from layerfs.overlay import Overlay
@@ -249,3 +250,44 @@ def test_fifo_under_a_whiteout_marker_name_does_not_block(tmp_path: Path) -> Non
         signal.signal(signal.SIGALRM, old)
         ov.close()
     assert exc.value.errno == 6  # ENXIO
+
+
+# source shapes for copy_data: (size, data extents as (offset, length)); 1 MiB apart so that
+# each hole is whole blocks on any filesystem
+_M = 1 << 20
+SHAPES = {
+    "dense": (5000, [(0, 5000)]),
+    "hole-head": (3 * _M, [(2 * _M, _M)]),
+    "hole-middle": (3 * _M, [(0, _M), (2 * _M, _M)]),
+    "hole-tail": (3 * _M, [(0, _M)]),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("cut", [None, 100, _M + 100, 2 * _M + 100])
+@pytest.mark.parametrize("into", ["new", "metacopy"])
+def test_copy_data_shapes(tmp_path: Path, shape: str, cut: int | None, into: str) -> None:
+    """_sys.copy_data gives DST exactly the first LENGTH bytes of SRC, holes kept, into a new
+    empty file (the caller gives the source's size) or over a metacopy's all-hole file of the
+    full size (no size given: it is cut to LENGTH first)."""
+    size, extents = SHAPES[shape]
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    with open(src_path, "wb") as f:
+        f.truncate(size)
+        for off, n in extents:
+            f.seek(off)
+            f.write(os.urandom(n))
+    with open(dst_path, "wb") as f:
+        if into == "metacopy":
+            f.truncate(size)
+    length = size if cut is None else min(cut, size)
+    src = os.open(src_path, os.O_RDONLY)
+    dst = os.open(dst_path, os.O_WRONLY)
+    try:
+        _sys.copy_data(src, dst, length, size if into == "new" else None)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert dst_path.read_bytes() == src_path.read_bytes()[:length]
+    data = sum(max(0, min(off + n, length) - off) for off, n in extents)
+    assert dst_path.stat().st_blocks * 512 <= data + (1 << 16), "holes were filled in"
