@@ -216,6 +216,8 @@ class Overlay:
             raise OSError(errno.EISDIR, "is a directory")
         # a truncate copies no more data; anything else changes metadata only
         await self.copyup.copy_up(node, data_len=ch.size, meta=ch.size is None)
+        if node.id in self.copyup.changed:  # the reply carries its attributes: no notice
+            self.copyup.changed.remove(node.id)
         try:
             dirfd, name = self.files.real_location(node)
         except OSError:  # unlinked, but still open: work through the open file

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shlex
+import stat
 import subprocess
 import sys
 import time
@@ -444,6 +445,30 @@ def test_listing_right_after_a_link_breaking_copy_up(tmp_path: Path, where: str)
             if d_ino != os.lstat(base + b"/" + n).st_ino:
                 stale.append(n)
         assert not stale, f"readdir showed the old d_ino of {stale}"
+
+
+@pytest.mark.parametrize("where", ["layerfs", "kernel"])
+def test_attributes_right_after_a_link_breaking_chmod(tmp_path: Path, where: str) -> None:
+    """chmod of one name of a lower hard link copies it up and breaks the link: the stat right
+    after (its attributes cached by the kernel before) shows the new mode, nlink 1 and the
+    new st_ino, as on kernel overlayfs. layerfs sends no invalidation for a node whose
+    SETATTR reply carries its attributes: the reply is what refreshes them."""
+    names = [b"f%d" % i for i in range(10)]
+    entries: dict[bytes, object] = {n: f(n) for n in names}
+    entries.update({n + b".hl": HardLink(n) for n in names})
+    layout = _layout(tmp_path, LayerSpec([d(entries)]))
+    subject = KERNEL if where == "kernel" else subject_named("layerfs")
+    with layout.mount(subject) as m:
+        base = os.fsencode(m.mnt)
+        for n in names:
+            path = base + b"/" + n
+            before = os.lstat(path)  # cached now
+            assert before.st_nlink == 2
+            os.chmod(path, 0o640)
+            after = os.lstat(path)
+            assert (stat.S_IMODE(after.st_mode), after.st_nlink) == (0o640, 1)
+            assert after.st_ino != before.st_ino
+            assert os.lstat(path + b".hl").st_nlink == 2  # still the lower file (index=off)
 
 
 def test_fallocate_punches_a_hole_in_the_upper(tmp_path: Path) -> None:
