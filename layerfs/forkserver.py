@@ -25,6 +25,13 @@ So an EOF, refusal or timeout before ``ready`` means nobody serves the fd: the c
 holds its own copies and tries again or starts a daemon of its own (layerfs.mount). A dying
 server never loses a mount, and two daemons never serve one fd.
 
+``mount.layerfs`` tries a thinner request first (layerfs.forkclient.ask): its command line,
+environment and umask, with its working directory (SCM_RIGHTS). The child takes them on and
+does what the caller would (mount_helper.served: parse, check, lock, mount), answers ``ok``
+and serves, or answers ``decline`` having done nothing, and the caller does it all itself.
+The caller then never imports the option parser and the engine's config: a mount costs it
+little more than Python's start.
+
 Lifetime: a caller that finds no server binds the name itself (one of two racing callers
 wins the bind; the other connects to it) and forks the server, which inherits that mount's fds
 and serves it through its first child. The server exits as soon as its last child has exited;
@@ -43,18 +50,18 @@ import gc
 import marshal  # built in; pickle costs the caller ~4 ms of imports
 import os
 import select
-import sys
-import zlib
 
 from layerfs.config import IdMapping, MountConfig
+from layerfs.forkclient import ARGV_TAG, address, parse
 
 TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     Preload = Callable[[], None]
     Serve = Callable[[MountConfig, int], int]  # (config, fuse fd) -> exit status, in the child
+    MountArgv = Callable[[list[str], "Reply"], int]  # (argv, reply) -> exit status, in the child
 
 READY_TIMEOUT = 10.0  # seconds a caller waits for a child's "ready" (a new server imports first)
 TRIES = 3  # connections a caller tries (a server that is exiting answers EOF) before its own daemon
@@ -65,52 +72,33 @@ _MAX_REQUEST = 1 << 20
 _CMSG_SPACE_2 = 24
 _MSG_CMSG_CLOEXEC = 0x40000000  # CMSG_SPACE(2 * sizeof(int)): room for the two fds of a request
 
-# A request: (config, environment, umask).
-_Request = tuple[MountConfig, dict[bytes, bytes], int]
+# A request: (config, environment, umask), or for a thin caller (layerfs.forkclient.ask) its
+# command line in place of the config.
+_Request = tuple[MountConfig | list[str], dict[bytes, bytes], int]
 _Socket = _socket.socket
-
-
-def enabled() -> bool:
-    """``LAYERFS_FORKSERVER=0`` in the caller's environment: start a daemon of its own."""
-    return os.environ.get("LAYERFS_FORKSERVER", "1") != "0"
-
-
-def address() -> bytes:
-    """The abstract socket name of this caller's server: its euid, user and mount namespaces,
-    and the code it would run (another install or an upgraded one never gets an old server)."""
-    user = os.stat("/proc/self/ns/user").st_ino
-    mnt = os.stat("/proc/self/ns/mnt").st_ino
-    key = f"layerfs-forkserver-{os.geteuid()}-{user}-{mnt}-{_code_identity():08x}"
-    return b"\0" + key.encode()
-
-
-def _code_identity() -> int:
-    """A checksum of the interpreter, the package's path and its modules' mtimes and sizes."""
-    pkg = os.path.dirname(os.path.abspath(__file__))
-    parts = [sys.executable, pkg]
-    with os.scandir(pkg) as entries:
-        for entry in entries:
-            if entry.name.endswith(".py"):
-                st = entry.stat()
-                parts.append(f"{entry.name}:{st.st_mtime_ns}:{st.st_size}")
-    return zlib.crc32("\0".join(sorted(parts)).encode())
 
 
 # --- the caller's side --------------------------------------------------------------------------
 
 
 def hand_off(
-    config: MountConfig, fuse_fd: int, lock_fd: int, *, preload: Preload, serve: Serve
+    config: MountConfig,
+    fuse_fd: int,
+    lock_fd: int,
+    *,
+    preload: Preload,
+    serve: Serve,
+    mount_argv: MountArgv | None = None,
 ) -> bool:
     """Have a server's child serve the mounted FUSE_FD (and hold LOCK_FD, -1 for none); start
     a server, which serves it through its first child, when none is listening. True: a daemon
     owns the fds (the caller closes its copies and returns); False: nobody took them. Raise
-    OSError only when a server cannot be forked."""
+    OSError only when a server cannot be forked. A server started here answers thin
+    requests with MOUNT_ARGV (None: it leaves them to their callers)."""
     name = address()
     umask = os.umask(0o022)
     os.umask(umask)
-    request: _Request = (config, dict(os.environb), umask)
-    payload = _encode(request)
+    payload = _encode(config, dict(os.environb), umask)
     fds = [fuse_fd] + ([lock_fd] if lock_fd >= 0 else [])
     for _ in range(TRIES):
         answer = _ask(name, payload, fds)
@@ -119,7 +107,8 @@ def hand_off(
         listener = _bind(name)
         if listener is not None:
             try:
-                server = (listener, request, fuse_fd, lock_fd, preload, serve)
+                request: _Request = (config, dict(os.environb), umask)
+                server = (listener, request, fuse_fd, lock_fd, preload, serve, mount_argv)
                 detach(functools.partial(_server, *server))
             finally:
                 listener.close()
@@ -127,9 +116,8 @@ def hand_off(
     return False
 
 
-def _encode(request: _Request) -> bytes:
+def _encode(config: MountConfig, env: dict[bytes, bytes], umask: int) -> bytes:
     """The request in marshal's format (built in, and MountConfig holds only plain values)."""
-    config, env, umask = request
     fields = {name: getattr(config, name) for name in config.__dataclass_fields__}
     for name in ("uid_mappings", "gid_mappings"):
         fields[name] = tuple((m.inner, m.outer, m.count) for m in fields[name])
@@ -211,6 +199,7 @@ def _server(
     lock_fd: int,
     preload: Preload,
     serve: Serve,
+    mount_argv: MountArgv | None,
 ) -> int:
     """The server's life: import, serve FIRST (whose fds it inherited) through a child, then
     fork a child per accepted request; return once no child is left."""
@@ -245,7 +234,7 @@ def _server(
                 for pidfd in children:
                     os.close(pidfd)
                 gc.enable()
-                code = _child(conn, request, fds, serve)
+                code = _child(conn, request, fds, serve, mount_argv)
             finally:
                 os._exit(code)
         for fd in fds:
@@ -262,7 +251,7 @@ def _server(
         events = poller.poll()
         for fd, _ in events:  # requests first: a child forked now keeps the server alive
             if fd == listener.fileno():
-                _accept(listener, spawn)
+                _accept(listener, spawn, thin=mount_argv is not None)
         for fd, _ in events:
             if fd in children:
                 poller.unregister(fd)
@@ -287,8 +276,11 @@ def _close_fds_but(*keep: int) -> None:
 def _accept(
     listener: socket.socket,
     spawn: Callable[[socket.socket | None, _Request, list[int]], None],
+    *,
+    thin: bool,
 ) -> None:
-    """Take one request off the queue and fork its child; drop it on anything unexpected."""
+    """Take one request off the queue and fork its child; drop it on anything unexpected, and
+    a thin request when THIN is false (the caller then does the mount itself)."""
     try:
         conn, _ = listener.accept()
     except OSError:
@@ -307,14 +299,20 @@ def _accept(
                 fds.extend(got)
         if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC) or not fds:
             raise ValueError("truncated request")
-        config, env, umask = _decode(msg)
+        request: _Request
+        if not msg.startswith(ARGV_TAG):
+            request = _decode(msg)
+        elif thin and len(fds) == 1:
+            request = parse(msg)
+        else:
+            raise ValueError("a thin request this server leaves to its caller")
         conn.settimeout(None)
     except Exception:
         for fd in fds:
             os.close(fd)
         conn.close()
         return
-    spawn(conn, (config, env, umask), fds)
+    spawn(conn, request, fds)
 
 
 def _peercred(conn: socket.socket) -> tuple[int, int, int]:
@@ -335,7 +333,10 @@ def _peer(conn: socket.socket) -> int | None:
     with the same credentials and reads the paths it names in the same namespace. A non-root
     peer is refused; so is a root of another user namespace (rootless podman, ``unshare -U
     -r``: its uid 0 is not ours, and if it maps onto 0 the namespace check still refuses it)
-    and a root of another mount namespace (a rootful container: its paths are other files)."""
+    and a root of another mount namespace (a rootful container: its paths are other files).
+    A thin request has the child check and mount on the peer's behalf, with our credentials:
+    so the peer must also see our root directory (not a chroot) and hold every capability we
+    hold (a root that dropped CAP_SYS_ADMIN must not get a mount it could not make)."""
     pid: int
     uid: int
     pid, uid, _ = _peercred(conn)
@@ -349,6 +350,11 @@ def _peer(conn: socket.socket) -> int | None:
         for ns in ("user", "mnt"):
             if os.stat(f"/proc/{pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino:
                 return None
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/proc/self/root")
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+            return None
+        if _effective_caps(pid) & (caps := _effective_caps("self")) != caps:
+            return None
         if pidfd >= 0:  # the pid read above was still the peer's: it has not been reused
             import signal
 
@@ -361,15 +367,38 @@ def _peer(conn: socket.socket) -> int | None:
     return pid
 
 
-def _child(conn: socket.socket | None, request: _Request, fds: list[int], serve: Serve) -> int:
+def _effective_caps(pid: int | str) -> int:
+    """The CapEff mask of process PID (``self``)."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _child(
+    conn: socket.socket | None,
+    request: _Request,
+    fds: list[int],
+    serve: Serve,
+    mount_argv: MountArgv | None,
+) -> int:
     """A mount's daemon, just forked: take on the caller's environment, umask and cgroup,
     say ready, and serve once the caller said go (an EOF instead: the caller serves it some
-    other way, and this child must not touch the fds)."""
+    other way, and this child must not touch the fds). For a thin request, also its working
+    directory, then MOUNT_ARGV mounts and serves the command line."""
     config, env, umask = request
     cgroup = _cgroup(conn)
     os.environ.clear()  # unsetenv: nothing points into the environment area any more
     os.environb.update(env)
     os.umask(umask)
+    if isinstance(config, list):
+        assert conn is not None and mount_argv is not None
+        os.fchdir(fds[0])
+        os.close(fds[0])
+        if cgroup is not None:
+            _join_cgroups(cgroup)
+        return mount_argv(config, Reply(conn))
     _set_title([CHILD_TITLE, os.fsencode(config.mountpoint)], comm=CHILD_TITLE, use_env=True)
     if cgroup is not None:
         _join_cgroups(cgroup)
@@ -382,6 +411,30 @@ def _child(conn: socket.socket | None, request: _Request, fds: list[int], serve:
             except OSError:
                 return 0
     return serve(config, fds[0])
+
+
+class Reply:
+    """The one answer to a thin caller (layerfs.forkclient.ask)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+
+    def ready(self, mountpoint: str, warnings: Sequence[str]) -> None:
+        """The mount is live at MOUNTPOINT and this child serves it: the caller prints
+        WARNINGS and exits 0."""
+        _set_title([CHILD_TITLE, os.fsencode(mountpoint)], comm=CHILD_TITLE, use_env=True)
+        self._send(b"\0".join([b"ok", *map(os.fsencode, warnings)]))
+
+    def decline(self) -> None:
+        """Nothing was done: the caller does it all itself (and reports any error)."""
+        self._send(b"decline")
+
+    def _send(self, msg: bytes) -> None:
+        try:
+            self._conn.send(msg)
+        except OSError:
+            pass  # the caller is gone; a mount made is served all the same
+        self._conn.close()
 
 
 def _cgroup(conn: socket.socket | None) -> list[tuple[bytes, bytes]] | None:

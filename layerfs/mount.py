@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from layerfs import forkserver, premount
+from layerfs import forkclient, forkserver, premount
 from layerfs.config import MountConfig
 from layerfs.errors import LayerfsError
 
@@ -29,28 +29,18 @@ TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
 if TYPE_CHECKING:  # imported when serving: the CLI starts without them
     from collections.abc import Callable
 
+    from layerfs.forkserver import MountArgv
     from layerfs.ops import Operations
     from layerfs.overlay import Overlay
 
 
-def serve(config: MountConfig) -> None:
+def serve(config: MountConfig, *, mount_argv: MountArgv | None = None) -> None:
     """Validate CONFIG and mount it; return once the mount is live (or, in the foreground,
     once it is gone). Raise LayerfsError with a one-line reason when it cannot be mounted;
-    nothing is mounted then."""
+    nothing is mounted then. A fork server started here answers thin requests
+    (layerfs.forkclient) with MOUNT_ARGV."""
     config = config.validate()
-    if not os.path.exists("/dev/fuse"):
-        raise LayerfsError("/dev/fuse does not exist (is the fuse module loaded?)")
-    if config.allow_other and os.geteuid() != 0 and not _user_allow_other():
-        raise LayerfsError("allow_other needs root or user_allow_other in /etc/fuse.conf")
-    opts = premount.options(config)
-    premount.check_layers(config)
-    # The workdir lock: the daemon inherits the fd and holds it (never closed) for its life.
-    lock_fd = premount.lock_workdir(config.workdir) if config.workdir is not None else -1
-    try:
-        fuse_fd = premount.mount(config, opts)
-    except BaseException:
-        _close(lock_fd)
-        raise
+    fuse_fd, lock_fd = _mount(config)
     if config.foreground:
         _setup_logging(config, detached=False)
         code = _serve_fd(config, fuse_fd)
@@ -58,8 +48,8 @@ def serve(config: MountConfig) -> None:
             raise LayerfsError("the daemon failed (see the log above)")
         return
     try:
-        if forkserver.enabled() and forkserver.hand_off(
-            config, fuse_fd, lock_fd, preload=_preload, serve=_daemon
+        if forkclient.enabled() and forkserver.hand_off(
+            config, fuse_fd, lock_fd, preload=_preload, serve=_daemon, mount_argv=mount_argv
         ):
             return
         forkserver.detach(lambda: _daemon(config, fuse_fd))
@@ -69,6 +59,32 @@ def serve(config: MountConfig) -> None:
     finally:
         os.close(fuse_fd)
         _close(lock_fd)
+
+
+def serve_here(config: MountConfig, ready: Callable[[], None]) -> int:
+    """In a fork server's child (a thin request): check and mount the validated CONFIG as
+    serve() does, call READY, then serve the mount in this process until it goes; return the
+    exit status. Raise LayerfsError, with nothing mounted, when it cannot be mounted."""
+    fuse_fd, _lock_fd = _mount(config)  # the lock is held for the daemon's life
+    ready()
+    return _daemon(config, fuse_fd)
+
+
+def _mount(config: MountConfig) -> tuple[int, int]:
+    """Everything that can refuse the mount, then the mount: its /dev/fuse fd, and the
+    workdir lock's fd (-1: no workdir), which the daemon holds (never closed) for its life."""
+    if not os.path.exists("/dev/fuse"):
+        raise LayerfsError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if config.allow_other and os.geteuid() != 0 and not _user_allow_other():
+        raise LayerfsError("allow_other needs root or user_allow_other in /etc/fuse.conf")
+    opts = premount.options(config)
+    premount.check_layers(config)
+    lock_fd = premount.lock_workdir(config.workdir) if config.workdir is not None else -1
+    try:
+        return premount.mount(config, opts), lock_fd
+    except BaseException:
+        _close(lock_fd)
+        raise
 
 
 def _close(fd: int) -> None:

@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from layerfs.errors import LayerfsError
-
-PROG = "mount.layerfs"
+from mount_helper import PROG
 
 USAGE = f"""\
 usage: {PROG} [-f] [-d] -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,OPT...] MERGED

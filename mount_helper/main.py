@@ -5,11 +5,14 @@ MERGED; on any error print ``mount.layerfs: <message>`` to stderr, exit 1 and le
 mounted. ``layerfs.mount.serve`` detaches the daemon from stdin/stdout/stderr, so a caller that
 reads our stderr to EOF returns as soon as we exit.
 
-This runs on every container start, diff and commit: ``layerfs.mount`` (and with it pyfuse3 and
-trio) is imported only when a mount is really made, never for --version, --help or a bad
-command line.
+This runs on every container start, diff and commit. ``run`` first hands the command line to
+the fork server of this namespace (layerfs.forkclient), whose child mounts and serves it:
+then nothing else is imported. Otherwise ``main`` does it here, and ``layerfs.mount`` (and
+with it pyfuse3 and trio) is imported only when a mount is really made, never for --version,
+--help or a bad command line.
 
-Must not import at module level: pyfuse3, trio, layerfs.mount.
+Must not import at module level: anything but layerfs.forkclient (``dataclasses``, which the
+option parser's classes need, costs more CPU than Python's start).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from layerfs.errors import LayerfsError
-from mount_helper.argv import PROG, USAGE, UsageError, parse_argv
+from layerfs import forkclient
+from mount_helper import PROG
 
 # mount(8) looks for /sbin/mount.<type> (util-linux FS_SEARCH_PATH is /sbin:/sbin/fs.d:/sbin/fs)
 # and runs it as "mount.<type> SOURCE MERGED -o OPTS"; both FUSE type prefixes are covered.
@@ -28,6 +31,9 @@ HELPER_NAMES = ("mount.fuse.layerfs", "mount.fuse3.layerfs")
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run ``mount.layerfs`` with ``argv`` (default: sys.argv[1:]); return the exit status."""
+    from layerfs.errors import LayerfsError
+    from mount_helper.argv import USAGE, UsageError, parse_argv
+
     if argv is None:
         argv = sys.argv[1:]
     if prog is None:
@@ -60,8 +66,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         if inv.fake:
             return 0  # mount(8) -f: check everything, mount nothing
         from layerfs.mount import serve
+        from mount_helper.served import served
 
-        serve(config)
+        serve(config, mount_argv=served)
     except LayerfsError as e:
         _err(str(e))
         return 1
@@ -74,13 +81,28 @@ def run() -> None:
     """The ``mount.layerfs`` program: main(), then exit without tearing the interpreter down
     (there is nothing to clean up, and the teardown costs a few ms on every container start;
     the daemon, if any, is a process of its own by then)."""
-    code = main()
+    code = _served_elsewhere()
+    if code is None:
+        code = main()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # closed by the caller: nothing more to say
             pass
     os._exit(code)
+
+
+def _served_elsewhere() -> int | None:
+    """0 once the fork server's child has mounted our command line and serves it; None when
+    it did not (no server, or it declined), and main() is to do it."""
+    if len(sys.argv) < 3 or not forkclient.enabled():  # a mount names a source and a target
+        return None
+    warnings = forkclient.ask(sys.argv)
+    if warnings is None:
+        return None
+    for warning in warnings:
+        _err(f"warning: {warning}")
+    return 0
 
 
 def install_mount_helper(directory: str) -> int:

@@ -20,11 +20,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
-from compat.helpers import daemon_pids, helper_command, helper_env, reap, wait_no_daemon
+from compat.helpers import (
+    daemon_pids,
+    helper_command,
+    helper_env,
+    is_mounted,
+    reap,
+    wait_no_daemon,
+)
 
-from layerfs import forkserver
+from layerfs import forkclient, forkserver
 from layerfs.config import MountConfig
 
 pytestmark = pytest.mark.fuse
@@ -201,9 +209,9 @@ def test_a_foreign_peer_is_refused(stacks: list[dict[str, Path]], who: str) -> N
     a, b = stacks[:2]
     _mount(a)
     server = _server_of(a)
-    name = forkserver.address()
+    name = forkclient.address()
     config = MountConfig(lowers=(str(b["lower"]),), mountpoint=str(b["merged"]))
-    payload = forkserver._encode((config, {b"PATH": b"/bin"}, 0o22)).hex()
+    payload = forkserver._encode(config, {b"PATH": b"/bin"}, 0o22).hex()
     cmd = [sys.executable, "-c", PEER, name.hex()]
     kw: dict[str, object] = {}
     if who == "other-uid":
@@ -355,3 +363,81 @@ def test_a_daemon_joins_its_callers_cgroup(stacks: list[dict[str, Path]]) -> Non
                 break
             except OSError:  # EBUSY until the daemon has gone
                 time.sleep(0.1)
+
+
+def _helper(
+    d: dict[str, Path], opts: str, cwd: Path | None = None, **env: str
+) -> CompletedProcess[str]:
+    return subprocess.run(
+        [*helper_command(), "overlay", str(d["merged"]), "-o", opts],
+        capture_output=True,
+        text=True,
+        env={**helper_env(), **env},
+        cwd=cwd,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def test_the_server_mounts_a_command_line(stacks: list[dict[str, Path]], tmp_path: Path) -> None:
+    """With a server up, mount.layerfs imports neither the option parser nor dataclasses: the
+    server's child mounts its command line, relative paths taken from the caller's working
+    directory, and the caller prints the child's warnings as its own."""
+    a, b, c = stacks
+    _mount(a)
+    server = _server_of(a)
+    opts = "lowerdir=lower,upperdir=upper1,workdir=work1,index=on"  # index: a warning
+    r = _helper(b, opts, cwd=tmp_path, PYTHONPROFILEIMPORTTIME="1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    imported = {x.rpartition("|")[2].strip() for x in lines if x.startswith("import time:")}
+    assert "mount_helper.main" in imported
+    assert not imported & {"dataclasses", "mount_helper.argv", "layerfs.config", "typing"}
+    assert _server_of(b) == server
+    assert (b["merged"] / "f").read_text() == "x"
+    (b["merged"] / "new").write_text("y")
+    assert (b["upper"] / "new").read_text() == "y"
+    # the same command line the ordinary way prints the same warnings
+    r2 = _helper(c, opts.replace("1", "2"), cwd=tmp_path, LAYERFS_FORKSERVER="0")
+    assert r2.returncode == 0, r2.stderr
+    warnings = [x for x in lines if not x.startswith("import time:")]
+    assert warnings == r2.stderr.splitlines() != []
+
+
+@pytest.mark.parametrize("bad", ["redirect_dir=yes", "lowerdir=/nonexistent/layer"])
+def test_a_refused_mount_reads_the_same_with_a_server(
+    stacks: list[dict[str, Path]], bad: str
+) -> None:
+    """The server's child declines what it cannot mount, having done nothing: the caller
+    reports it as without a server, and nothing is mounted."""
+    a, b = stacks[:2]
+    _mount(a)
+    opts = f"lowerdir={b['lower']},upperdir={b['upper']},workdir={b['work']},{bad}"
+    served, own = _helper(b, opts), _helper(b, opts, LAYERFS_FORKSERVER="0")
+    assert served.returncode == own.returncode == 1
+    assert served.stderr == own.stderr
+    assert served.stderr.startswith("mount.layerfs: ")
+    assert not is_mounted(b["merged"])
+    assert daemon_pids(b["merged"]) == []
+
+
+def test_a_root_short_of_cap_sys_admin_is_not_served(stacks: list[dict[str, Path]]) -> None:
+    """A root that dropped CAP_SYS_ADMIN cannot mount; the server's child, which could, must
+    not do it for it."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    a, b = stacks[:2]
+    _mount(a)
+    opts = f"lowerdir={b['lower']},upperdir={b['upper']},workdir={b['work']}"
+    drop = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+    r = subprocess.run(
+        [*drop, *helper_command(), "overlay", str(b["merged"]), "-o", opts],
+        capture_output=True,
+        text=True,
+        env=helper_env(),
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "cannot mount" in r.stderr
+    assert not is_mounted(b["merged"])

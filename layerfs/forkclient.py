@@ -1,0 +1,105 @@
+"""How a caller finds the fork server of its namespace (layerfs.forkserver), and the thin
+request ``mount.layerfs`` tries first.
+
+The thin request is the command line itself, with the caller's environment, umask and
+working directory: the server's child parses, checks, mounts and serves it, then answers. So a
+mount with a server running costs the caller Python's start and one round trip, and none of
+the option parser, ``dataclasses`` (``inspect`` behind it) or ``typing``, which cost more CPU
+than the start itself. Whatever the child does not take (another action, the foreground, an
+error to report) the caller does all over again the ordinary way, so messages and exit codes
+are the ordinary ones.
+
+Must not import: anything of layerfs or mount_helper, ``socket`` (``_socket`` is enough),
+``typing``, ``dataclasses``: it runs before everything else in ``mount.layerfs``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+ARGV_TAG = b"argv\0"  # starts a thin request (a pickled one starts with b"\x80")
+
+
+def enabled() -> bool:
+    """``LAYERFS_FORKSERVER=0`` in the caller's environment: start a daemon of its own."""
+    return os.environ.get("LAYERFS_FORKSERVER", "1") != "0"
+
+
+def address() -> bytes:
+    """The abstract socket name of this caller's server: its euid, user and mount namespaces,
+    and the code it would run (another install or an upgraded one never gets an old server)."""
+    user = os.stat("/proc/self/ns/user").st_ino
+    mnt = os.stat("/proc/self/ns/mnt").st_ino
+    key = f"layerfs-forkserver-{os.geteuid()}-{user}-{mnt}-{_code_identity():08x}"
+    return b"\0" + key.encode()
+
+
+def _code_identity() -> int:
+    """A checksum of the interpreter, the paths of layerfs and of mount_helper beside it (the
+    thin request runs its option parser in the server), and their modules' mtimes and sizes."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    parts = [sys.executable, pkg]
+    for where in (pkg, os.path.join(os.path.dirname(pkg), "mount_helper")):
+        try:
+            entries = os.scandir(where)
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.name.endswith(".py"):
+                    st = entry.stat()
+                    parts.append(f"{where}/{entry.name}:{st.st_mtime_ns}:{st.st_size}")
+    return zlib.crc32("\0".join(sorted(parts)).encode())
+
+
+def ask(argv: list[str]) -> list[str] | None:
+    """Have this caller's server mount and serve ARGV (``argv[0]`` first): the warnings to
+    print once its child says the mount is live, or None when nobody took it (no server, one
+    that is exiting or was started without the option parser, or a command line the child
+    leaves to the caller), and the caller does it all itself."""
+    import _socket
+
+    try:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
+    cwd = -1
+    try:
+        s.connect(address())
+        cwd = os.open(".", os.O_PATH | os.O_CLOEXEC)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        fields = [b"%d" % umask, b"%d" % len(argv), *map(os.fsencode, argv)]
+        fields += [k + b"=" + v for k, v in os.environb.items()]
+        fd = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))]
+        s.sendmsg([ARGV_TAG + b"\0".join(fields)], fd)
+        reply = s.recv(1 << 16)  # no timeout: the child answers once it has mounted, or fails
+    except OSError:
+        return None
+    finally:
+        s.close()
+        if cwd >= 0:
+            os.close(cwd)
+    if reply != b"ok" and not reply.startswith(b"ok\0"):
+        return None
+    return [os.fsdecode(w) for w in reply.split(b"\0")[1:]]
+
+
+def parse(msg: bytes) -> tuple[list[str], dict[bytes, bytes], int]:
+    """A thin request's command line, environment and umask (the server's side of ``ask``);
+    ValueError when MSG is not one."""
+    if not msg.startswith(ARGV_TAG):
+        raise ValueError("not a command line")
+    fields = msg[len(ARGV_TAG) :].split(b"\0")
+    umask, count = int(fields[0]), int(fields[1])
+    if not 0 < count <= len(fields) - 2 or not 0 <= umask <= 0o777:
+        raise ValueError("malformed command line")
+    argv = [os.fsdecode(a) for a in fields[2 : 2 + count]]
+    env: dict[bytes, bytes] = {}
+    for entry in fields[2 + count :]:
+        key, sep, value = entry.partition(b"=")
+        if key and sep:
+            env[key] = value
+    return argv, env, umask
