@@ -402,3 +402,6 @@ def set_impure(dirfd: int, names: xattrs.Names) -> None:
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.EOPNOTSUPP, errno.EPERM):
             raise
+        if e.errno == errno.EEXIST and os.getxattr(dirfd, names.impure) != b"y":
+            # a value the kernel does not read as impure (only "y" is): it writes "y"
+            os.setxattr(dirfd, names.impure, b"y")

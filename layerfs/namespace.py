@@ -25,7 +25,7 @@ from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp, copy_metadata, set_impure
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
-from layerfs.lookup import Resolution, lower_positive, node_for, resolve
+from layerfs.lookup import Resolution, node_for, resolve
 from layerfs.readdir import merged_names
 
 log = logging.getLogger(__name__)
@@ -415,8 +415,8 @@ class Namespace:
             # each side is a pure upper dir landing on a name the lowers hold, maybe: as in a
             # plain rename, it must hide them (else it merges them, and shares the lower
             # origin and node of the redirected directory it changes places with)
-            self._hide_lowers_at(src, d1, n1, p2, n2)
-            self._hide_lowers_at(dst, d2, n2, p1, n1)
+            self._hide_lowers_at(src, d1, n1, p2)
+            self._hide_lowers_at(dst, d2, n2, p1)
             _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_EXCHANGE)
             self.stack.upper.forget_prefix(old_path)
             self.stack.upper.forget_prefix(dst.path())
@@ -433,7 +433,7 @@ class Namespace:
         with keep:
             self._set_redirect(src, p1 is p2)
             self._mark_impure(p1, p2, src, None, d1, d2)
-            self._hide_lowers_at(src, d1, n1, p2, n2)
+            self._hide_lowers_at(src, d1, n1, p2)
             # Every step below leaves a valid tree on disk: the rename is one call, and what
             # prepares or cleans up around it changes nothing the merged view shows.
             if dst_res is not None and dst_res.upper and dst_res.is_dir:
@@ -481,10 +481,11 @@ class Namespace:
             p2.version += 1
         return dst
 
-    def _hide_lowers_at(self, node: Node, udir: int, name: bytes, p2: Node, n2: bytes) -> None:
-        """NODE, NAME in upper dir UDIR, moves to N2 in P2: a pure upper directory landing on
-        a name the lowers hold must hide them (ovl_rename sets it opaque)."""
-        if node.is_dir and not node.lowers and lower_positive(self.stack, p2, n2):
+    def _hide_lowers_at(self, node: Node, udir: int, name: bytes, p2: Node) -> None:
+        """NODE, NAME in upper dir UDIR, moves into P2: a pure upper directory moving into a
+        merged directory turns opaque (ovl_rename: ovl_type_merge(new->d_parent), whatever the
+        redirect_dir mode), whether or not the lowers hold its new name."""
+        if node.is_dir and not node.lowers and p2.lowers:
             _sys.setxattr_at(udir, name, self.names.opaque, b"y")
 
     def _check_rename(

@@ -13,6 +13,7 @@ Must not import: pyfuse3.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -326,8 +327,10 @@ class Overlay:
 
     def _dir_handle(self, node: Node) -> DirHandle:
         plain = self.dircache.get(node) if self.plain_listings else None
-        names = [e[0] for e in plain] if plain is not None else self._snapshot(node)
-        return DirHandle(node, names, plain)
+        if plain is not None:
+            return DirHandle(node, [e[0] for e in plain], plain)
+        names, error = self._snapshot(node)
+        return DirHandle(node, names, None, error)
 
     def _node_dir(self, node_id: int, start: int) -> DirHandle | None:
         """The listing of a directory read without OPENDIR (NODE_FH): a fresh one from offset
@@ -341,8 +344,42 @@ class Overlay:
             return None
         return dh
 
-    def _snapshot(self, node: Node) -> list[bytes]:
-        return [b".", b"..", *merged_names(self.stack, node)]
+    def _snapshot(self, node: Node) -> tuple[list[bytes], OSError | None]:
+        """The names of a listing of NODE, and the error every listing of it answers."""
+        names = merged_names(self.stack, node)
+        error = None
+        if node.upper and not node.lowers and self._impure(node):
+            error = self._check_impure(node, names)
+        return [b".", b"..", *names], error
+
+    def _impure(self, node: Node) -> bool:
+        """Is NODE's upper directory marked impure (its listing computes d_ino by lookups)?"""
+        if not node.upper or self.stack.upper is None:
+            return False
+        ufd = self.stack.upper.dirfd(node.path())
+        # exactly "y", as ovl_path_check_dir_xattr reads it (one byte, and it must be "y")
+        return _sys.getxattr_at(ufd, b"", self.names.impure) == b"y"
+
+    def _check_impure(self, node: Node, names: list[bytes]) -> OSError | None:
+        """Listing an upper-only directory marked impure looks every entry up first, as the
+        kernel does (ovl_dir_read_impure): the first lookup that fails fails the listing
+        (returned); if every entry shows its own inode number (none has an origin), the
+        mark is removed ("a good opportunity to get rid of an unneeded impure flag")."""
+        assert self.stack.upper is not None
+        needed = False
+        for name in names:
+            try:
+                res = resolve(self.stack, node, name)
+                child = node_for(self.table, node, name, res) if res is not None else None
+            except OSError as e:
+                if e.errno in _OUT_OF_RESOURCES:
+                    return None  # the listing itself meets it (see readdir)
+                return e
+            needed = needed or (child is not None and child.origin is not None)
+        if not needed and node.parent is not None:
+            with contextlib.suppress(OSError):  # best effort, as the kernel's
+                os.removexattr(self.stack.upper.dirfd(node.path()), self.names.impure)
+        return None
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Node | None, Attr, int]]:
         """Yield (name, node, attr, next offset) from offset START of the handle's snapshot.
@@ -361,8 +398,11 @@ class Overlay:
                 raise OSError(errno.EBADF, "bad directory handle")
         node = dh.node
         if start == 0 and dh.version != node.version:
-            dh.names, dh.plain, dh.sent = self._snapshot(node), None, {}
+            (dh.names, dh.error), dh.plain, dh.sent = self._snapshot(node), None, {}
+            dh.stale = set()
             dh.version = node.version
+        if dh.error is not None:
+            raise OSError(dh.error.errno, dh.error.strerror)
         if dh.plain is not None:
             for i in range(start, len(dh.plain)):
                 name, ino, mode = dh.plain[i]
@@ -371,6 +411,8 @@ class Overlay:
         sent_any = False
         for i in range(start, len(dh.names)):
             name = dh.names[i]
+            if i in dh.stale:
+                continue
             if name in (b".", b".."):
                 child = node if name == b"." else node.parent or node
                 attr = self.attr(child)
@@ -383,6 +425,15 @@ class Overlay:
                         # the kernel lists a name whose lookup fails (a planted metacopy with
                         # no data, a bad redirect) with its real d_ino: a nodeless entry
                         bare = self._bare_entry(node, name)
+                        if bare is not None and self._impure(node):
+                            # ... except in an impure merged directory, whose listing looks
+                            # its upper entries up (ovl_cache_update): the failed entry ends
+                            # this reply, or fails it if it comes first, and is left out
+                            # after (the kernel marks it stale)
+                            dh.stale.add(i)
+                            if sent_any:
+                                return
+                            raise
                         if bare is not None:
                             dh.sent[i] = (name, bare.ino, bare.mode)
                             sent_any = True

@@ -48,14 +48,24 @@ class DirHandle:
     DirCache); ``sent`` collects what a first listing sends, for the cache.
     """
 
-    __slots__ = ("names", "node", "plain", "sent", "version")
+    __slots__ = ("error", "names", "node", "plain", "sent", "stale", "version")
 
-    def __init__(self, node: Node, names: list[bytes], plain: list[Entry] | None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        names: list[bytes],
+        plain: list[Entry] | None,
+        error: OSError | None = None,
+    ) -> None:
         self.node = node
         self.names = names
         self.version = node.version
         self.plain = plain
         self.sent: dict[int, Entry] = {}
+        # the kernel's impure-directory listing rules (see Overlay.readdir): the error every
+        # listing of the directory answers, and the entries left out after a failed lookup
+        self.error = error
+        self.stale: set[int] = set()
 
 
 Entry = tuple[bytes, int, int]  # name, st_ino, st_mode

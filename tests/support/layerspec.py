@@ -432,20 +432,73 @@ def _dir(draw: st.DrawFn, opts: StackOptions, depth: int, lowest: bool) -> Dir:
 
 @st.composite
 def layer_stacks(draw: st.DrawFn, opts: StackOptions | None = None) -> LayerSpec:
-    """Random stacks of ``opts.min_layers``..``opts.max_layers`` colliding layers."""
+    """Random stacks of ``opts.min_layers``..``opts.max_layers`` colliding layers.
+
+    Every layer holds at least one whiteout, one opaque directory and one hard link (those
+    the options allow): left to chance, a layer without them was common, and the classes
+    that need them in a given layer (a rename cut by an opaque lower, a redirect through a
+    whiteout) went unseen for whole runs.
+    """
     opts = opts or StackOptions()
     n = draw(st.integers(opts.min_layers, opts.max_layers))
     layers = [draw(_dir(opts, 0, i == n - 1)) for i in range(n)]
     for layer in layers:
         layer.meta.uid = layer.meta.gid = 0
         layer.meta.xattrs = {}
+        _ensure_whiteout(draw, layer, opts)
+        _ensure_opaque(draw, layer, opts)
         if opts.hardlinks:
             files = [p for p, node in walk(layer) if isinstance(node, File)]
-            if len(files) > 0 and draw(st.booleans()):
-                target: bytes = draw(st.sampled_from(files))
-                parent = layer
-                # Put the new name in the root, beside or above its target.
-                name = b"hl-" + target.replace(b"/", b"_")[:200]
-                if name not in parent.entries:
-                    parent.entries[name] = HardLink(target)
+            if not files:
+                spot, name = _free_spot(draw, layer)
+                spot.entries[name] = File(b"linked", Meta())
+                files = [p for p, node in walk(layer) if isinstance(node, File)]
+            target: bytes = draw(st.sampled_from(files))
+            # Put the new name in the root, beside or above its target.
+            name = b"hl-" + target.replace(b"/", b"_")[:200]
+            if name not in layer.entries:
+                layer.entries[name] = HardLink(target)
     return LayerSpec(layers)
+
+
+def _dirs_of(layer: Dir) -> list[Dir]:
+    return [layer, *(node for _, node in walk(layer) if isinstance(node, Dir))]
+
+
+def _free_spot(draw: st.DrawFn, layer: Dir) -> tuple[Dir, bytes]:
+    """A directory of LAYER and a common name free in it (a new one in the root if none)."""
+    spots = [(d, n) for d in _dirs_of(layer) for n in COMMON_NAMES if n not in d.entries]
+    if not spots:
+        return layer, b"e"
+    return draw(st.sampled_from(spots))
+
+
+def _ensure_whiteout(draw: st.DrawFn, layer: Dir, opts: StackOptions) -> None:
+    if not opts.whiteouts or any(isinstance(n, Whiteout) for _, n in walk(layer)):
+        return
+    spot, name = _free_spot(draw, layer)
+    style = draw(st.sampled_from(opts.whiteouts))
+    if style in XATTR_WHITEOUTS and spot.opaque == "oci":
+        style = "char"  # .wh..wh..opq beside opaque=x has no kernel meaning (see _dir)
+    spot.entries[name] = Whiteout(style)
+
+
+def _ensure_opaque(draw: st.DrawFn, layer: Dir, opts: StackOptions) -> None:
+    subdirs = _dirs_of(layer)[1:]  # the root's opaque mark means nothing
+    if not opts.opaques or any(d.opaque for d in subdirs):
+        return
+    if subdirs:
+        target = draw(st.sampled_from(subdirs))
+    else:
+        spot, name = _free_spot(draw, layer)
+        target = spot.entries[name] = Dir({b"a": File(b"opaque", Meta())})
+    styles = list(opts.opaques)
+    if (
+        "oci" in styles
+        and len(styles) > 1
+        and any(
+            isinstance(n, Whiteout) and n.style in XATTR_WHITEOUTS for n in target.entries.values()
+        )
+    ):
+        styles.remove("oci")
+    target.opaque = draw(st.sampled_from(styles))

@@ -123,6 +123,23 @@ def _unlink_open(p: bytes, data: bytes) -> object:
         os.close(fd)
 
 
+def _unlink_fstat(p: bytes, how: str) -> object:
+    """Open (``r``, ``rw``, or ``rw+`` which writes a byte first), unlink, fstat: st_nlink of
+    the open file right after the unlink, and after a write through it (None for ``r``)."""
+    fd = os.open(p, (os.O_RDONLY if how == "r" else os.O_RDWR) | _NB)
+    try:
+        if how == "rw+":
+            os.pwrite(fd, b"+", 0)
+        os.unlink(p)
+        first = os.fstat(fd).st_nlink
+        if how == "r":
+            return (first, None)
+        os.pwrite(fd, b"x", 0)
+        return (first, os.fstat(fd).st_nlink)
+    finally:
+        os.close(fd)
+
+
 def _listdir(p: bytes) -> object:
     # Names lstat cannot find (kernel "ghosts", see snapshot.GHOST) are left out.
     return sorted(e.name for e in list_dir(p) if os.path.lexists(p + b"/" + e.name))
@@ -324,6 +341,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "symlink": (_symlink, (1,)),
     "mkfifo": (_mknod_fifo, (0,)),
     "unlink_open": (_unlink_open, (0,)),
+    "unlink_fstat": (_unlink_fstat, (0,)),
     "hardlink_probe": (_hardlink_probe, (0, 1)),
     "sparse": (_sparse, (0,)),
     "copyup_ino": (_copyup_ino, (0,)),
@@ -345,6 +363,7 @@ FOLLOWS_LAST = {
     "chmod",
     "listdir",
     "unlink_open",
+    "unlink_fstat",
     "hardlink_probe",
     "copyup_ino",
     "open_trunc",
