@@ -1,4 +1,5 @@
-"""Command line: ``python -m benchmarks run|list|dataset|table|compare`` (docs/benchmarks.md)."""
+"""Command line: ``python -m benchmarks run|list|dataset|table|goals|compare|chart``
+(docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.dataset import DEFAULT_DATA_DIR, load_or_build
-from benchmarks.goals import render_goals
+from benchmarks.goals import Run, evaluate_runs, render_goals
 from benchmarks.model import SIZES
 from benchmarks.scenarios import all_scenarios
 from benchmarks.targets import ALL_TARGETS, Layerfs, make_targets
@@ -116,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("file", type=Path)
     t.add_argument("--p95", action="store_true", help='cells show "median / p95"')
 
+    g = sub.add_parser(
+        "goals",
+        help="the goals table of one or more results JSON files (e.g. a quiet run, a "
+        "--busy-host run and a durability run), each goal judged from one run",
+    )
+    g.add_argument("files", type=Path, nargs="+")
+    g.add_argument("--json", type=Path, default=None, help="also write the verdicts here")
+
     c = sub.add_parser("compare", help="before/after table of one target from two JSON files")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
@@ -142,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         before = harness.results_from_json(json.loads(args.before.read_text()))
         after = harness.results_from_json(json.loads(args.after.read_text()))
         print(harness.render_compare(before, after, args.target))
+        return 0
+
+    if args.cmd == "goals":
+        runs = [
+            Run(harness.results_from_json(json.loads(f.read_text())), f.name) for f in args.files
+        ]
+        for run in runs:
+            kind = "busy host" if run.busy else "quiet"
+            print(f"{run.label}: {kind}; {harness.render_header(run.res).splitlines()[0]}")
+        print()
+        print(render_goals(runs))
+        if args.json:
+            verdicts = {"files": [str(f) for f in args.files], "goals": evaluate_runs(runs)}
+            args.json.write_text(json.dumps(verdicts, indent=1) + "\n")
         return 0
 
     if args.cmd == "chart":

@@ -249,7 +249,7 @@ def _build(data_dir: Path, root: Path, params: SizeParams) -> dict[str, object]:
         log(f"synthetic rootfs, {params.synthetic_files} files")
         _synthetic_rootfs(native, params.synthetic_files, rng)
     else:
-        rootfs = _debootstrap(data_dir)
+        rootfs = debootstrap(data_dir)
         log(f"copying {rootfs} to native/")
         run(["cp", "-a", str(rootfs), str(native)])
     plan = _Plan()
@@ -294,12 +294,15 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def _debootstrap(data_dir: Path) -> Path:
-    """A pristine minbase rootfs, cached in ``data_dir`` and shared by every size."""
-    target = data_dir / f"debootstrap-{DEBIAN_SUITE}"
+def debootstrap(data_dir: Path, include: str = DEBOOTSTRAP_INCLUDE) -> Path:
+    """A pristine minbase rootfs with INCLUDE's packages (none: ""), cached in ``data_dir`` and
+    shared by every size (``debootstrap-bookworm`` with python3, ``debootstrap-bookworm-minbase``
+    without: the base the podman build row installs python3 into)."""
+    name = f"debootstrap-{DEBIAN_SUITE}" + ("" if include else "-minbase")
+    target = data_dir / name
     if (target / "usr/bin/sh").exists() or (target / "bin/sh").exists():
         return target
-    partial = data_dir / f"debootstrap-{DEBIAN_SUITE}.partial"
+    partial = data_dir / f"{name}.partial"
     _rmtree(partial)
     mirror = debian_mirror()
     log(f"debootstrap {DEBIAN_SUITE} from {mirror} (a few minutes)")
@@ -307,7 +310,7 @@ def _debootstrap(data_dir: Path) -> Path:
         [
             "debootstrap",
             "--variant=minbase",
-            f"--include={DEBOOTSTRAP_INCLUDE}",
+            *([f"--include={include}"] if include else []),
             DEBIAN_SUITE,
             str(partial),
             mirror,

@@ -29,12 +29,12 @@ from benchmarks.system import (
     busy_host,
     can_drop_caches,
     cpu_seconds,
+    detach,
     drop_caches,
-    force_unmount,
     fuse_abort,
     fuse_requests,
-    is_mountpoint,
     machine_info,
+    mounts_under,
     spread_subdirs,
 )
 from benchmarks.targets import Target
@@ -239,15 +239,27 @@ class Runner:
         status = ""
         try:
             mnt = target.mount(self.ds, sc, work)
+            mnt.work = work
+            try:
+                mnt.mount_program = target.podman_mount_program()
+                mnt.podman = True
+            except Skip:
+                pass
+            if mnt.pid is not None:  # several mounts at once: of daemons (PSS per mount)
+                for i in range(1, sc.mounts):
+                    extra = work / f"extra{i:03d}"
+                    extra.mkdir()
+                    mnt.others.append(target.mount(self.ds, sc, extra))
             if sc.writable:
                 os.sync()  # the native copy's writeback must not land inside the timing
             if sc.cold and self.cold_ok:
                 drop_caches(3)
             spy = self.start_profile(mnt, sc)
-            cpu0 = cpu_seconds(mnt.pid) if mnt.pid else None
+            cpu0 = cpu_seconds(mnt.pid) if mnt.pid and sc.daemon_cpu else None
             req0 = fuse_requests(mnt.path) if cpu0 is not None else None
             try:
-                measurements = run_in_child(sc, mnt, self.ds.params.timeout)
+                timeout = max(self.ds.params.timeout, sc.timeout or 0)
+                measurements = run_in_child(sc, mnt, timeout)
             finally:
                 stop_profile(spy)
             measurements += daemon_cpu(sc, mnt, cpu0, req0)
@@ -265,11 +277,12 @@ class Runner:
             status = f" ERROR {msg[:300]}"
         finally:
             if mnt is not None and mnt.path != self.ds.stack_native(sc.stack):
-                try:
-                    target.umount(mnt)
-                except Exception as e:
-                    cell.errors.append(f"umount: {e}")
-                    status += f" (umount ERROR {str(e)[:200]})"
+                for one in [*mnt.others, mnt]:
+                    try:
+                        target.umount(one)
+                    except Exception as e:
+                        cell.errors.append(f"umount: {e}")
+                        status += f" (umount ERROR {str(e)[:200]})"
             if sc.writable:
                 os.sync()  # write-back of this run must not land in the next one
             self.cleanup(work)
@@ -315,11 +328,12 @@ class Runner:
         the trash until the run ends: on ext4 without a journal, thousands of inodes deleted in
         the last minutes make every create in their block group scan them (recently_deleted),
         so a target measured after another's cleanup would pay for it."""
-        mnt = work / "mnt"
-        if is_mountpoint(mnt):
-            force_unmount(mnt, None)
-        if is_mountpoint(mnt):
-            say(f"  warning: {mnt} is still mounted; leaving {work} in place")
+        # the mount, the extra mounts, a private podman store's: deepest first
+        for mnt in mounts_under(work):
+            detach(mnt)
+        left = mounts_under(work)
+        if left:
+            say(f"  warning: {left[0]} is still mounted; leaving {work} in place")
             return
         if defer and work.name != TRASH:
             remove_big_files(work)

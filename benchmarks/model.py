@@ -133,6 +133,13 @@ class Mounted:
     mount_seconds: float | None = None  # exec of the mount command to a live mount
     exec_seconds: float | None = None  # exec of the mount command until it exits
     fuse_conn: int | None = None  # st_dev of the mount, to abort a hung FUSE connection
+    work: Path | None = None  # the run's private work directory (beside upper, work, mnt)
+    # Scenario.mounts > 1: the other live mounts of the same stack, each with its own upper
+    others: list[Mounted] = field(default_factory=list)
+    # What podman's overlay driver is given for this target: podman=False, the target cannot
+    # be podman's storage; else mount_program (None: the kernel's own overlay).
+    podman: bool = False
+    mount_program: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -153,3 +160,6 @@ class Scenario:
     sizes: frozenset[str] = field(default_factory=lambda: frozenset(SIZES))
     requires: Callable[[Dataset], str | None] | None = None  # returns a reason to skip
     explicit: bool = False  # runs only when named in --only (too long for every run)
+    mounts: int = 1  # live mounts of the stack at once (FUSE targets only; the rest: 1)
+    timeout: float | None = None  # seconds one run may take, where more than the size's
+    daemon_cpu: bool = True  # add the daemon's CPU rows (not where the mount is not the subject)

@@ -191,6 +191,57 @@ def is_mountpoint(path: Path) -> bool:
     return os.path.ismount(path)
 
 
+def _unescape(field: str) -> str:
+    """A path of /proc/self/mountinfo: space, tab, newline and backslash come as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(root: Path) -> list[Path]:
+    """Mount points at or below ROOT in our mount namespace, deepest first."""
+    prefix = str(root).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = _unescape(line.split()[4])
+            if mp == prefix[:-1] or mp.startswith(prefix):
+                found.append(Path(mp))
+    return sorted(set(found), key=lambda p: -len(p.parts))
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size of process PID (/proc/PID/smaps_rollup), KiB: its private pages
+    plus its share of each page it shares, so that summing it over processes counts every
+    page once."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss for pid {pid}")
+
+
+FORKSERVER = b"layerfs-forkserver"
+
+
+def daemon_processes(pid: int) -> set[int]:
+    """A mount's daemon PID and, where it was forked by a layerfs fork server (a process whose
+    command line starts with ``layerfs-forkserver``), that server: what the mount costs."""
+    found = {pid}
+    try:
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        if Path(f"/proc/{ppid}/cmdline").read_bytes().startswith(FORKSERVER):
+            found.add(ppid)
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
 def fuse_abort(conn: int | None) -> None:
     """Abort a FUSE connection (unsticks processes blocked on a hung daemon)."""
     if conn is None:
@@ -207,6 +258,12 @@ def force_unmount(path: Path, conn: int | None) -> None:
             return
         if shutil.which(cmd[0]):
             subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def detach(path: Path) -> None:
+    """Lazy unmount of PATH, whatever it is (a bind mount of a directory on itself, which
+    is_mountpoint cannot see, included)."""
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def _first_line(cmd: list[str]) -> str:

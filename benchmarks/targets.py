@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from benchmarks.dataset import Dataset
-from benchmarks.model import Mounted, Scenario
+from benchmarks.model import Mounted, Scenario, Skip
 from benchmarks.system import (
     CommandError,
     command_version,
@@ -47,6 +47,11 @@ class Target:
 
     def umount(self, mnt: Mounted) -> None:
         raise NotImplementedError
+
+    def podman_mount_program(self) -> Path | None:
+        """The ``mount_program`` podman's overlay driver runs for this target (None: the
+        kernel's own overlay); raises Skip where podman cannot store on this target."""
+        raise Skip(f"{self.name} is not a podman storage driver")
 
 
 class Native(Target):
@@ -157,6 +162,11 @@ class Kernel(_Overlay):
         opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir}{self.extra}"
         return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
 
+    def podman_mount_program(self) -> Path | None:
+        if self.extra:
+            return super().podman_mount_program()
+        return None  # podman's overlay driver mounts the kernel's overlay itself
+
 
 class KernelMetacopy(Kernel):
     """Kernel overlayfs with metadata-only copy-up: the reference for layerfs -o metacopy=on."""
@@ -209,6 +219,9 @@ class FuseOverlayfs(_Overlay):
         opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir}"
         return ["fuse-overlayfs", "-o", opts, str(mnt)]
 
+    def podman_mount_program(self) -> Path | None:
+        return Path(shutil.which("fuse-overlayfs") or "/usr/bin/fuse-overlayfs").resolve()
+
     def unmount_cmds(self, mnt: Path) -> list[list[str]]:
         return [["fusermount3", "-u", str(mnt)], ["umount", str(mnt)]]
 
@@ -230,6 +243,14 @@ _SNAPSHOT_BOOT = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'layerfs'; "
     "from layerfs.cli import main; sys.exit(main())"
 )
+# The same for mount.layerfs, as a script (podman's mount_program must be a file).
+_SNAPSHOT_HELPER = """#!{python}
+import sys
+sys.path.insert(0, {snap!r})
+sys.argv[0] = "mount.layerfs"
+from mount_helper.main import run
+run()
+"""
 
 
 class Layerfs(_Overlay):
@@ -252,6 +273,10 @@ class Layerfs(_Overlay):
         self.options = options
         self.rev = rev
         self.prefix: list[str] = [self.command] if self.command else []
+        # mount.layerfs, what podman and containerd run: beside the command, or the pinned
+        # revision's (pin)
+        helper = Path(self.command).with_name("mount.layerfs") if self.command else None
+        self.helper = helper if helper is not None and helper.exists() else None
         self.described = ""
 
     def unavailable(self) -> str | None:
@@ -282,6 +307,12 @@ class Layerfs(_Overlay):
         python = Path(self.command).parent / "python"
         interp = str(python) if python.exists() else sys.executable
         self.prefix = [interp, "-c", _SNAPSHOT_BOOT, str(snap)]
+        helper = snap / "mount.layerfs"
+        tmp_helper = snap / f"mount.layerfs.{os.getpid()}"
+        tmp_helper.write_text(_SNAPSHOT_HELPER.format(python=interp, snap=str(snap)))
+        tmp_helper.chmod(0o755)
+        tmp_helper.replace(helper)
+        self.helper = helper
         self.described = f"git {sha[:12]} (pinned from {self.rev})"
 
     def version(self) -> str:
@@ -296,12 +327,12 @@ class Layerfs(_Overlay):
         return f"{ver} (git {rev}, work tree)"
 
     def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
-        helper = Path(self.command).with_name("mount.layerfs") if self.command else None
-        if helper is not None and helper.exists() and self.prefix == [self.command]:
+        if self.helper is not None:
             # what podman and containerd run (the mount rows time it); atime: as `layerfs
             # mount` mounts, where mount.layerfs defaults to noatime like fuse-overlayfs
             opts = f"lowerdir={lowers},upperdir={upper},workdir={workdir},atime"
-            return [str(helper), "overlay", str(mnt), "-o", f"{opts},{self.options}".rstrip(",")]
+            cmd = [str(self.helper), "overlay", str(mnt), "-o"]
+            return [*cmd, f"{opts},{self.options}".rstrip(",")]
         cmd = [*self.prefix, "mount", lowers, str(upper), str(mnt), "--workdir", str(workdir)]
         if self.options:
             cmd += ["-o", self.options]
@@ -309,6 +340,11 @@ class Layerfs(_Overlay):
 
     def unmount_cmds(self, mnt: Path) -> list[list[str]]:
         return [[*self.prefix, "umount", str(mnt)], ["fusermount3", "-u", str(mnt)]]
+
+    def podman_mount_program(self) -> Path | None:
+        if self.options or self.helper is None:
+            return super().podman_mount_program()
+        return self.helper
 
 
 def _git(*args: str) -> str:

@@ -50,6 +50,7 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert "| scenario | native | kernel | fuse-overlayfs | layerfs |" in proc.stdout
     assert "walk lstat warm" in proc.stdout
     assert "| goal | layerfs | fuse-overlayfs |" in proc.stdout
+    assert "| issue 17: mount exec < 50 ms (quiet machine) |" in proc.stdout
 
     data = json.loads(out.read_text())
     assert data["complete"] is True
@@ -75,6 +76,20 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     metrics = {r["metric"]: r["targets"] for r in rows}
     assert metrics["churn: daemon CPU"]["layerfs"]["median"] >= 0
     assert metrics["churn: daemon CPU/request"]["layerfs"]["median"] > 0
+    # Issue 17's rows: PSS per mount with 20 mounts of each FUSE target, a podman run on
+    # every storage (kernel overlay, fuse-overlayfs, mount.layerfs as mount_program).
+    pss = metrics["PSS per mount, 20 mounts"]
+    for target in ("fuse-overlayfs", "layerfs"):
+        if target in data["targets"]:
+            assert pss[target]["median"] > 0, pss[target]
+            assert not pss[target].get("errors"), pss[target]
+    assert "skipped" in pss["kernel"] and "skipped" in pss["native"]
+    podman = metrics["podman run --rm true"]
+    if "skipped" not in podman["kernel"]:  # podman runs containers here
+        for target in ("kernel", "fuse-overlayfs", "layerfs"):
+            if target in data["targets"]:
+                assert podman[target]["n"] == 10 and podman[target]["median"] > 0, target
+                assert not podman[target].get("errors"), podman[target]
     # No mount is left behind under the data directory.
     mounts = Path("/proc/self/mounts").read_text()
     assert str(tmp_path) not in mounts

@@ -7,10 +7,12 @@ from types import ModuleType
 
 from benchmarks.model import Scenario
 from benchmarks.scenarios import (
+    build,
     copyup,
     layers,
     lookup,
     mounting,
+    podman,
     read,
     readdir,
     start,
@@ -18,7 +20,19 @@ from benchmarks.scenarios import (
     write,
 )
 
-MODULES: list[ModuleType] = [walk, readdir, lookup, read, start, write, copyup, mounting, layers]
+MODULES: list[ModuleType] = [
+    walk,
+    readdir,
+    lookup,
+    read,
+    start,
+    write,
+    copyup,
+    mounting,
+    podman,
+    build,
+    layers,
+]
 
 
 def all_scenarios() -> list[Scenario]:

@@ -1,15 +1,21 @@
 """Mount latency (exec of the mount command until it exits: what a container engine waits
 for; and until the root answers a stat) and the FUSE
 daemon's memory: idle, after a walk of the whole tree, and after the kernel forgets the
-inodes (``echo 2 > /proc/sys/vm/drop_caches`` sends FORGET for every cached inode)."""
+inodes (``echo 2 > /proc/sys/vm/drop_caches`` sends FORGET for every cached inode); and the
+memory of many mounts at once: PSS per mount with PSS_MOUNTS mounts of the base stack."""
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
+from pathlib import Path
 
 from benchmarks.dataset import Dataset
 from benchmarks.model import SIZES, Measurement, Mounted, Scenario, Skip
-from benchmarks.system import drop_caches, rss_mib, timed
+from benchmarks.system import daemon_processes, drop_caches, pss_kib, rss_mib, timed
+
+PSS_MOUNTS = 20
 
 DEEPEST = max(SIZES["full"].stack_depths)
 
@@ -59,6 +65,41 @@ def rss_many(mnt: Mounted) -> list[Measurement]:
     ]
 
 
+def read_once(root: Path) -> None:
+    """What a container's start reads, roughly: the root listed and stat'ed, /bin/sh read."""
+    for name in os.listdir(root):
+        os.lstat(root / name)
+    sh = root / "bin/sh"
+    if sh.exists():
+        with open(sh, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+def pss(mnt: Mounted) -> list[Measurement]:
+    """PSS_MOUNTS mounts of the base stack at once, each read once: the PSS of every process
+    that serves them (each daemon, and a layerfs fork server it came from, each counted once)
+    summed and divided by the mounts; and the RSS of one idle daemon (median over the mounts,
+    before the reads)."""
+    mounts = [mnt, *mnt.others]
+    if mnt.pid is None:
+        raise Skip("no daemon")
+    if len(mounts) != PSS_MOUNTS or any(m.pid is None for m in mounts):
+        raise RuntimeError(f"{len(mounts)} mounts, {sum(m.pid is None for m in mounts)} no pid")
+    pids = [m.pid for m in mounts if m.pid is not None]
+    idle = statistics.median(rss_mib(pid) for pid in pids)
+    for m in mounts:
+        read_once(m.path)
+    serving: set[int] = set()
+    for pid in pids:
+        serving |= daemon_processes(pid)
+    total = sum(pss_kib(pid) for pid in serving) / 1024
+    return [
+        Measurement(f"PSS per mount, {PSS_MOUNTS} mounts", [total / PSS_MOUNTS], "MiB"),
+        Measurement(f"daemon RSS idle, one of {PSS_MOUNTS} mounts", [idle], "MiB"),
+    ]
+
+
 def _need_stack(ds: Dataset) -> str | None:
     return None if DEEPEST in ds.params.stack_depths else f"no {DEEPEST}-layer stack"
 
@@ -74,6 +115,14 @@ SCENARIOS = [
     ),
     Scenario(
         "rss", "daemon VmRSS: idle, after find over the tree, after drop_caches=2", rss, cold=True
+    ),
+    Scenario(
+        "pss",
+        f"{PSS_MOUNTS} mounts of the base stack, each read once: PSS of the daemons (and "
+        "their fork server) per mount, smaps_rollup; RSS of one idle daemon",
+        pss,
+        mounts=PSS_MOUNTS,
+        daemon_cpu=False,
     ),
     Scenario(
         "rss-many",
