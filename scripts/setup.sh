@@ -152,6 +152,12 @@ else
     say "venv: installed"
 fi
 
+# Byte-compile the checkout (an editable install leaves it to the first import): where
+# PYTHONDONTWRITEBYTECODE is set, every mount.layerfs and daemon would compile the modules it
+# imports from source on each start (~15 ms of CPU a mount, ~0.4 MiB more per daemon).
+"$venv/bin/python" -m compileall -q layerfs mount_helper layerfs_snapshotter >/dev/null \
+    || die "cannot byte-compile the sources"
+
 # --- 4. the rootless test user --------------------------------------------------------------
 rootless_user=layerfs-rootless
 if [ "$(id -u)" -ne 0 ]; then
