@@ -112,6 +112,9 @@ def layerfs_daemon(
             if time.monotonic() > deadline:
                 raise AssertionError(f"{mnt} not mounted after {MOUNT_TIMEOUT}s")
             time.sleep(0.02)
+        # Mounted is not served yet: the daemon opens the layers (and cleans the workdir)
+        # after mount(2), and the first request waits for that.
+        os.stat(mnt)
         yield d
     finally:
         unmount_any(mnt)
