@@ -142,7 +142,18 @@ class CopyUp:
                 origin = layer.origin_fh(lpath) if self.names is not xattrs.USER else b""
             if stat.S_ISREG(st.st_mode):
                 metacopy = metacopy and data_len is None
-                await self._copy_file(ldir, lname, st, udir, upath[-1], data_len, metacopy, origin)
+                dlayer, dpath = node.lowers[-1]  # below the lower metacopy files, if any
+                await self._copy_file(
+                    ldir,
+                    lname,
+                    st,
+                    udir,
+                    upath[-1],
+                    data_len,
+                    metacopy,
+                    origin,
+                    dlayer.locate(dpath),
+                )
             else:
                 metacopy = False
                 await self._copy_other(ldir, lname, st, udir, upath[-1], origin)
@@ -180,8 +191,10 @@ class CopyUp:
         data_len: int | None,
         metacopy: bool,
         origin: bytes | None,
+        data: tuple[int, bytes],
     ) -> None:
-        """Build the copy of regular file LNAME in the workdir, then link it in as UNAME.
+        """Build the copy of regular file LNAME in the workdir, then link it in as UNAME; its
+        bytes from DATA (dirfd, name): LNAME itself, or the data below a lower metacopy LNAME.
 
         The copy is an O_TMPFILE, as ovl_copy_up_tmpfile: it has no name until it is whole, so
         a crash leaves nothing in the workdir, and its fsync does not also write the workdir's
@@ -189,7 +202,7 @@ class CopyUp:
         O_TMPFILE, a named temporary renamed into place.
         """
         work = self.stack.work_fd
-        src = _sys.open_data(ldir, lname, os.O_RDONLY)
+        src = _sys.open_data(*data, os.O_RDONLY)
         try:
             dst, tmp = self._new_file(work)
             try:
@@ -272,7 +285,7 @@ class CopyUp:
     async def _fill_data(self, node: Node, data_len: int | None) -> None:
         """Give a metacopy upper file its data, in place; then drop the marker."""
         assert self.stack.upper is not None
-        layer, lpath = node.lowers[0]
+        layer, lpath = node.lowers[-1]  # the data, below any lower metacopy files
         upath = node.path()
         if not upath:
             raise OSError(errno.ENOENT, "unlinked metacopy file")

@@ -138,11 +138,17 @@ class Files:
         return fh
 
     def data_location(self, node: Node) -> tuple[int, bytes]:
-        """(dirfd, name) of the real file holding NODE's data: the lower for a metacopy."""
-        if node.metacopy:
-            layer, lpath = node.lowers[0]
+        """(dirfd, name) of the real file holding NODE's data: the lower for a metacopy, the
+        bottom of a chain of lower metacopy files (see lookup.Resolution)."""
+        if self.data_elsewhere(node):
+            layer, lpath = node.lowers[-1]
             return layer.locate(lpath)
         return self.real_location(node)
+
+    @staticmethod
+    def data_elsewhere(node: Node) -> bool:
+        """Is NODE's data in another real file than its metadata (ovl_is_metacopy_dentry)?"""
+        return node.metacopy or (not node.upper and not node.is_dir and len(node.lowers) > 1)
 
     async def open(self, node: Node, flags: int, caller: Caller) -> int:
         """Open NODE with FLAGS for CALLER; return a handle id."""

@@ -122,7 +122,7 @@ class Node:
 
     @property
     def metacopy(self) -> bool:
-        """The upper holds the metadata only; the data is still lowers[0]."""
+        """The upper holds the metadata only; the data is still lowers[-1]."""
         return bool(self._flags & _METACOPY)
 
     @metacopy.setter

@@ -30,11 +30,12 @@ class Resolution:
     """Where a merged name lives: the top real object and what lies below it.
 
     st: lstat of the top real object; upper: the top object is in the upper; lowers: the
-    origin (non-dir) or the merged lower dirs (dir); lower_positive: some lower shows this
-    name, so removing it needs a whiteout; origin: the lstat of the first lower object (its
-    nlink: hard links break on copy-up); metacopy: the upper
-    file's data is lowers[0]; in_layer: the layer of a non-directory's lower found under its
-    own name in the parent's lowers (a new Node keeps just that, see Node).
+    merged lower dirs (dir), or a non-directory's lower metacopy files, if any, then its data,
+    topmost first (lowers[0]: its origin; lowers[-1]: its data); lower_positive: some lower
+    shows this name, so removing it needs a whiteout; origin: the lstat of the first lower
+    object (its nlink: hard links break on copy-up); metacopy: the upper file's data is in the
+    lowers; in_layer: the layer of a non-directory's lower found under its own name in the
+    parent's lowers (a new Node keeps just that, see Node).
     """
 
     __slots__ = (
@@ -144,7 +145,7 @@ def _lookup_layer(layer: Layer, base: Path, d: _Lookup, bottom: bool) -> tuple[P
             return None
         path = (*path, comp)
         if not is_dir:
-            d.stop = True  # layerfs reads no metacopy chain in the lowers
+            d.stop = True  # resolve() goes on below a lower metacopy file
             return (path, False) if rem == 0 else None
         if not bottom:
             child = layer.listing(path)
@@ -164,7 +165,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
     ppath = parent.path()
     upper_st: os.stat_result | None = None
     d = _Lookup(name, False)
-    redirected = metacopy = False
+    redirected = metacopy = chain = False
     if parent.upper and stack.upper is not None:
         ufd = stack.upper.dirfd(ppath)
         st = _sys.lstat_at_or_none(ufd, name)
@@ -203,6 +204,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         if i < 0:
             i = len(search)
     bottom = stack.lowers[-1] if stack.lowers else None
+    need_data = metacopy  # a metacopy found whose data is still to find below it
     while not d.stop and i < len(search):
         layer, dpath = search[i]
         i += 1
@@ -215,16 +217,31 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         if upper_st is not None and not stat.S_ISDIR(upper_st.st_mode) and not metacopy:
             break  # an upper non-dir: the lowers only tell whether a whiteout is needed
         if not is_dir:
-            if top_st is None or metacopy:
+            if top_st is None or need_data:
                 lst = _sys.lstat_at(*layer.locate(child))
-                if metacopy and not stat.S_ISREG(lst.st_mode):
+                if need_data and not stat.S_ISREG(lst.st_mode):
                     break  # a metacopy's data is a regular file, never a device or FIFO
                 top_st = top_st or lst
-                origin = lst
+                origin = origin or lst
                 lowers.append((layer, child))
-                in_layer = None if renamed else layer
+                in_layer = None if renamed or chain else layer
+                need_data = False
+                if stack.metacopy and stat.S_ISREG(lst.st_mode):
+                    # a lower's metacopy file (an upper restacked as a lower): its metadata
+                    # is the file's, its data lies further down, as ovl_lookup follows it
+                    lmeta, lredirect = upper_file_flags(*layer.locate(child))
+                    if lmeta:
+                        chain = need_data = True
+                        in_layer = None
+                        d.stop = False
+                        if lredirect:
+                            d.redirect(lredirect, len(d.name) - 1)
+                            if d.absolute and search is not _root_lowers(stack):
+                                search = _root_lowers(stack)
+                                i = stack.lowers.index(layer) + 1
+                        continue
             break  # a non-directory ends the merge (and hides nothing above it)
-        if metacopy:
+        if need_data:
             break  # a directory cannot hold a file's data: no data found (EIO below)
         if origin is None:
             origin = _sys.lstat_at(*layer.locate(child))
@@ -240,7 +257,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         # whether removing NAME needs a whiteout depends on NAME in the parent's lowers, not
         # on where (or whether) the directory's own merge continues
         positive = lower_positive(stack, parent, name)
-    if metacopy and not lowers:
+    if need_data:
         # ovl_lookup: "metacopy with no lower data found - abort lookup"
         log.warning("metacopy file %s has no lower data", os.fsdecode(name))
         raise OSError(errno.EIO, "metacopy file without lower data")

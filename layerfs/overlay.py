@@ -160,7 +160,7 @@ class Overlay:
         nlink = 1 if node.merged else None  # merged dirs read nlink 1, as in ovl_getattr
         rid = node.origin if node.origin is not None else self.table.ident(st.st_dev, st.st_ino)
         attr = Attr.from_stat(node.id, self.table.st_ino(rid), st, nlink)
-        if node.metacopy:  # the blocks are the data's, as ovl_getattr reports them
+        if self.files.data_elsewhere(node):  # the blocks are the data's, as ovl_getattr
             dirfd, name = self.files.data_location(node)
             attr = attr._replace(blocks=_sys.lstat_at(dirfd, name).st_blocks)
         return self.ids.attr(attr) if self.ids.active else attr

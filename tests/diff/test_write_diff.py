@@ -84,6 +84,10 @@ def subject(request: pytest.FixtureRequest) -> Subject:
     return subject_named(request.param)
 
 
+# In a script: check both uppers (remount, cross-mounts) and stack each as the topmost lower
+# under a fresh upper, as the random machine's restack rule does.
+RESTACK: Op = ("restack",)
+
 BASE = LayerSpec(
     [
         d(
@@ -624,6 +628,57 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         set(),
     ),
+    # An upper with metacopy files restacked as a lower (a container's upper under a new
+    # one): such a lower file holds the metadata, its data lies further down, found by name or
+    # through its redirect (relative, absolute), as ovl_lookup follows a metacopy chain. Reads,
+    # the blocks, every fallocate mode of the machine, a write, a new metacopy on top of one.
+    "metacopy-restacked": (
+        LayerSpec(
+            [
+                d(
+                    {
+                        b"a": f(b"y" * 5000),
+                        b"b": f(b"hello\n"),
+                        b"c": f(b"y" * 9000),
+                        b"d": f(b"data d"),
+                        b"s": d({b"g": f(b"data g")}),
+                        **{b"f%d" % i: f(b"z" * 9000) for i in range(5)},
+                    }
+                )
+            ]
+        ),
+        [
+            ("chmod", b"a", 0o600),
+            ("chown", b"b", 1000, 1000),
+            ("utime", b"c", T1),
+            ("rename", b"d", b"d2"),
+            ("rename", b"s/g", b"g2"),
+            *[("chmod", b"f%d" % i, 0o600) for i in range(5)],
+            RESTACK,
+            ("read", b"a"),
+            ("stat", b"a"),
+            ("read", b"d2"),
+            ("read", b"g2"),
+            ("fallocate", b"f0", 0, 1),
+            ("fallocate", b"f1", 4096, 8192, KEEP_SIZE),
+            ("fallocate", b"f2", 4096, 8192, PUNCH_HOLE | KEEP_SIZE),
+            ("fallocate", b"f3", 5000, 100_000, ZERO_RANGE),
+            ("fallocate", b"f4", 0, 100_000, ZERO_RANGE | KEEP_SIZE),
+            *[("read", b"f%d" % i) for i in range(5)],
+            ("chmod", b"b", 0o640),
+            ("read", b"b"),
+            ("write", b"c", 3, b"x"),
+            ("read", b"c"),
+            ("chmod", b"d2", 0o600),
+            RESTACK,
+            ("read", b"b"),
+            ("read", b"d2"),
+            ("append", b"d2", b"+"),
+            ("read", b"d2"),
+            ("read", b"g2"),
+        ],
+        set(),
+    ),
     # FUSE refuses COLLAPSE_RANGE and INSERT_RANGE itself (EOPNOTSUPP); kernel overlayfs
     # passes them to an upper that has them (ext4: block-aligned ranges)
     "fallocate-shift": (
@@ -986,18 +1041,35 @@ def test_script(
     expect_quirks(request, subject, needs)
     pair = Pair.create(tmp_path, subject, spec)
     t0 = fs_clock_ns()
-    with pair.mounted() as (s, k):
-        rk, rs = apply_all(k.mnt, script), apply_all(s.mnt, script)
-        diffs = compare_results(script, rk, rs)
-        last_k, last_s = snapshot(k.mnt), snapshot(s.mnt)
-        diffs += [f"inodes: {x}" for x in inode_problems(s.mnt)]
+    diffs: list[str] = []
+    for n, part in enumerate(_split_at_restacks(script)):
+        if n:  # as the machine's restack rule: the uppers become the topmost lowers
+            pair = _restacked(pair)
+        with pair.mounted() as (s, k):
+            rk, rs = apply_all(k.mnt, part), apply_all(s.mnt, part)
+            diffs += [f"part {n}: {x}" for x in compare_results(part, rk, rs)]
+            last_k, last_s = snapshot(k.mnt), snapshot(s.mnt)
+            diffs += [f"part {n}: inodes: {x}" for x in inode_problems(s.mnt)]
+            diffs += [
+                f"part {n}: merged: {x}"
+                for x in compare(last_k, last_s, since_ns=t0, ignore=ignored_fields(subject))
+            ]
+        diffs += [f"part {n}: {x}" for x in _diff_uppers(pair, t0)]
         diffs += [
-            f"merged: {x}"
-            for x in compare(last_k, last_s, since_ns=t0, ignore=ignored_fields(subject))
+            f"part {n}: {x}" for x in _cross_mounts(pair, last_s, last_k, t0, restacked=n > 0)
         ]
-    diffs += _diff_uppers(pair, t0)
-    diffs += _cross_mounts(pair, last_s, last_k, t0)
     assert not diffs, f"{name}: {len(diffs)} differences from the kernel:\n" + "\n".join(diffs)
+
+
+def _split_at_restacks(script: list[Op]) -> list[list[Op]]:
+    """SCRIPT cut at its ``RESTACK`` markers."""
+    parts: list[list[Op]] = [[]]
+    for op in script:
+        if op == RESTACK:
+            parts.append([])
+        else:
+            parts[-1].append(op)
+    return parts
 
 
 # --- random operations over random stacks --------------------------------------------------
