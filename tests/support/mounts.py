@@ -212,6 +212,24 @@ def layerfs_available() -> str | None:
     return None
 
 
+def _threads(pid: int) -> list[tuple[str, str, str]]:
+    """(name, state, wchan) of each thread of PID: where a daemon that does not exit waits."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+        except OSError:
+            continue
+        name, _, rest = stat.partition(") ")
+        out.append((name.partition(" (")[2], rest.split()[0], wchan))
+    return out
+
+
 @contextlib.contextmanager
 def _fuse_daemon(
     name: str, cmd: list[str], mnt: Path, log: Path, *, userns: bool = False
@@ -242,7 +260,10 @@ def _fuse_daemon(
         try:
             proc.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
-            m.problems.append(f"{name} daemon still running {EXIT_TIMEOUT}s after unmount")
+            m.problems.append(
+                f"{name} daemon still running {EXIT_TIMEOUT}s after unmount; its threads "
+                f"(state, kernel wait channel): {_threads(proc.pid)}"
+            )
             proc.kill()
             proc.wait()
         if failed:
