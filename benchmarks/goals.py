@@ -257,7 +257,14 @@ def _equal_durability(runs: list[Run], target: str) -> Verdict:
 
 
 GOALS: list[Goal] = [
-    Goal("issue 17: mount exec < 50 ms (quiet machine)", _below("mount exec", 0.05, "ms", 1e3)),
+    Goal(
+        "issue 17: mount exec < 50 ms (quiet machine), first mount on the host",
+        _below("mount exec", 0.05, "ms", 1e3),
+    ),
+    Goal(
+        "issue 17: mount exec < 50 ms (quiet machine), another mount live",
+        _below("mount exec (another mount live)", 0.05, "ms", 1e3),
+    ),
     Goal(
         "issue 17: podman run --rm IMG true <= 1.15x fuse-overlayfs",
         _vs_fuse_overlayfs("podman run --rm true", 1.15),

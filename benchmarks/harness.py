@@ -236,10 +236,17 @@ class Runner:
         work = self.workroot / f"{self.n:05d}-{target.name}"
         work.mkdir(parents=True)
         mnt: Mounted | None = None
+        resident: Mounted | None = None
         status = ""
         try:
+            if sc.resident and target.fuse:
+                (work / "resident").mkdir()
+                resident = target.mount(self.ds, sc, work / "resident")
             mnt = target.mount(self.ds, sc, work)
             mnt.work = work
+            if resident is not None:
+                mnt.others.append(resident)  # unmounted with the others
+                resident = None
             try:
                 mnt.mount_program = target.podman_mount_program()
                 mnt.podman = True
@@ -283,6 +290,11 @@ class Runner:
                     except Exception as e:
                         cell.errors.append(f"umount: {e}")
                         status += f" (umount ERROR {str(e)[:200]})"
+            if resident is not None:  # the run's own mount failed
+                try:
+                    target.umount(resident)
+                except Exception as e:
+                    cell.errors.append(f"umount: {e}")
             if sc.writable:
                 os.sync()  # write-back of this run must not land in the next one
             self.cleanup(work)

@@ -161,5 +161,8 @@ class Scenario:
     requires: Callable[[Dataset], str | None] | None = None  # returns a reason to skip
     explicit: bool = False  # runs only when named in --only (too long for every run)
     mounts: int = 1  # live mounts of the stack at once (FUSE targets only; the rest: 1)
+    # FUSE targets: another mount of the stack is made first and stays live through the run,
+    # as on a host already running containers (layerfs' fork server is then up)
+    resident: bool = False
     timeout: float | None = None  # seconds one run may take, where more than the size's
     daemon_cpu: bool = True  # add the daemon's CPU rows (not where the mount is not the subject)

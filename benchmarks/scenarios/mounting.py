@@ -34,6 +34,12 @@ def mount_time(mnt: Mounted) -> list[Measurement]:
     return rows
 
 
+def mount_time_resident(mnt: Mounted) -> list[Measurement]:
+    return [
+        Measurement(f"{m.metric} (another mount live)", m.samples, m.unit) for m in mount_time(mnt)
+    ]
+
+
 def rss(mnt: Mounted) -> list[Measurement]:
     if mnt.pid is None:
         raise Skip("no daemon")
@@ -106,6 +112,13 @@ def _need_stack(ds: Dataset) -> str | None:
 
 SCENARIOS = [
     Scenario("mount", "mount command exec to a live root (3 layers + upper)", mount_time),
+    Scenario(
+        "mount-resident",
+        "mount command exec to a live root while another mount of the stack stays live (a "
+        "host already running containers: layerfs' fork server is up)",
+        mount_time_resident,
+        resident=True,
+    ),
     Scenario(
         f"mount-{DEEPEST}",
         f"mount time of the {DEEPEST}-layer stack",
