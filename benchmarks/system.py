@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from layerfs import mountinfo
+
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
@@ -191,29 +193,15 @@ def is_mountpoint(path: Path) -> bool:
     return os.path.ismount(path)
 
 
-def _unescape(field: str) -> str:
-    """A path of /proc/self/mountinfo: space, tab, newline and backslash come as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_under(root: Path) -> list[Path]:
     """Mount points at or below ROOT in our mount namespace, deepest first."""
-    prefix = str(root).rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _unescape(line.split()[4])
-            if mp == prefix[:-1] or mp.startswith(prefix):
-                found.append(Path(mp))
-    return sorted(set(found), key=lambda p: -len(p.parts))
+    prefix = os.fsencode(str(root).rstrip("/")) + b"/"
+    found = {
+        Path(os.fsdecode(m.point))
+        for m in mountinfo.mounts()
+        if m.point == prefix[:-1] or m.point.startswith(prefix)
+    }
+    return sorted(found, key=lambda p: -len(p.parts))
 
 
 def pss_kib(pid: int) -> int:

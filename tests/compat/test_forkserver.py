@@ -59,16 +59,22 @@ def stacks(tmp_path: Path) -> Iterator[list[dict[str, Path]]]:
             reap(d["merged"])
 
 
-def _mount(d: dict[str, Path], **env: str) -> None:
-    opts = f"lowerdir={d['lower']},upperdir={d['upper']},workdir={d['work']}"
-    r = subprocess.run(
+def _helper(
+    d: dict[str, Path], opts: str, cwd: Path | None = None, **env: str
+) -> CompletedProcess[str]:
+    return subprocess.run(
         [*helper_command(), "overlay", str(d["merged"]), "-o", opts],
         capture_output=True,
         text=True,
         env={**helper_env(), **env},
+        cwd=cwd,
         timeout=TIMEOUT,
         check=False,
     )
+
+
+def _mount(d: dict[str, Path], **env: str) -> None:
+    r = _helper(d, f"lowerdir={d['lower']},upperdir={d['upper']},workdir={d['work']}", **env)
     assert r.returncode == 0, r.stderr
     assert (d["merged"] / "f").read_text() == "x"
 
@@ -363,20 +369,6 @@ def test_a_daemon_joins_its_callers_cgroup(stacks: list[dict[str, Path]]) -> Non
                 break
             except OSError:  # EBUSY until the daemon has gone
                 time.sleep(0.1)
-
-
-def _helper(
-    d: dict[str, Path], opts: str, cwd: Path | None = None, **env: str
-) -> CompletedProcess[str]:
-    return subprocess.run(
-        [*helper_command(), "overlay", str(d["merged"]), "-o", opts],
-        capture_output=True,
-        text=True,
-        env={**helper_env(), **env},
-        cwd=cwd,
-        timeout=TIMEOUT,
-        check=False,
-    )
 
 
 def test_the_server_mounts_a_command_line(stacks: list[dict[str, Path]], tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerfs import mountinfo
+
 # One podman call (a build of several RUN steps included) should take seconds; this only bounds
 # a hang so that the test fails with the command's output instead of the pytest timeout.
 COMMAND_TIMEOUT = 240.0
@@ -251,30 +253,14 @@ def _out(e: subprocess.TimeoutExpired) -> str:
 # --- /proc scans -----------------------------------------------------------------------------
 
 
-def _unescape(field_: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(field_):
-        if field_[i] == "\\" and field_[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field_[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_under(root: Path) -> list[tuple[str, str]]:
     """(mount point, fstype) of every mount at or below ``root`` in our mount namespace."""
-    res = []
-    prefix = str(root).rstrip("/") + "/"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mp = _unescape(left.split()[4])
-            if mp == prefix[:-1] or mp.startswith(prefix):
-                res.append((mp, right.split()[0]))
-    return res
+    prefix = os.fsencode(str(root).rstrip("/")) + b"/"
+    return [
+        (os.fsdecode(m.point), os.fsdecode(m.fstype))
+        for m in mountinfo.mounts()
+        if m.point == prefix[:-1] or m.point.startswith(prefix)
+    ]
 
 
 def leftover_processes(root: Path, program: Path | None) -> list[str]:

@@ -424,17 +424,22 @@ def test_writes_skip_the_capability_check(tmp_path: Path) -> None:
         assert (m.mnt / "f").read_bytes() == b"lower" + b"x" * 5000
 
 
+def _linked_names(tmp_path: Path, where: str) -> tuple[list[bytes], Layout, Subject]:
+    """Ten lower files, each with a hard link NAME.hl, and the subject WHERE names."""
+    names = [b"f%d" % i for i in range(10)]
+    entries: dict[bytes, object] = {n: f(n) for n in names}
+    entries.update({n + b".hl": HardLink(n) for n in names})
+    layout = _layout(tmp_path, LayerSpec([d(entries)]))
+    return names, layout, KERNEL if where == "kernel" else subject_named("layerfs")
+
+
 @pytest.mark.parametrize("where", ["layerfs", "kernel"])
 def test_listing_right_after_a_link_breaking_copy_up(tmp_path: Path, where: str) -> None:
     """A copy-up that breaks a lower hard link changes the file's st_ino (index=off), so the
     parent's listing changes its d_ino: a readdir right after the request returns must show
     the new one, as on kernel overlayfs (layerfs once dropped the kernel's cached listing only
     after replying, and a quick readdir saw the old d_ino)."""
-    names = [b"f%d" % i for i in range(10)]
-    entries: dict[bytes, object] = {n: f(n) for n in names}
-    entries.update({n + b".hl": HardLink(n) for n in names})
-    layout = _layout(tmp_path, LayerSpec([d(entries)]))
-    subject = KERNEL if where == "kernel" else subject_named("layerfs")
+    names, layout, subject = _linked_names(tmp_path, where)
     with layout.mount(subject) as m:
         base = os.fsencode(m.mnt)
         stale = []
@@ -453,11 +458,7 @@ def test_attributes_right_after_a_link_breaking_chmod(tmp_path: Path, where: str
     after (its attributes cached by the kernel before) shows the new mode, nlink 1 and the
     new st_ino, as on kernel overlayfs. layerfs sends no invalidation for a node whose
     SETATTR reply carries its attributes: the reply is what refreshes them."""
-    names = [b"f%d" % i for i in range(10)]
-    entries: dict[bytes, object] = {n: f(n) for n in names}
-    entries.update({n + b".hl": HardLink(n) for n in names})
-    layout = _layout(tmp_path, LayerSpec([d(entries)]))
-    subject = KERNEL if where == "kernel" else subject_named("layerfs")
+    names, layout, subject = _linked_names(tmp_path, where)
     with layout.mount(subject) as m:
         base = os.fsencode(m.mnt)
         for n in names:
