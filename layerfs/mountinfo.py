@@ -1,7 +1,8 @@
 """The mount table of this mount namespace (/proc/self/mountinfo), read as bytes.
 
-One reader for the three places that ask it: ``layerfs umount`` (is it a layerfs mount?), the
-daemon (its mount's device, for the readahead) and the store (is an upper still mounted?).
+One reader for the places that ask it: ``layerfs umount`` (is it a layerfs mount?), the
+daemon (its mount's device, for the readahead), the store (is an upper still mounted?), the
+fork server (where the cgroup hierarchies are), and the tests' and benchmarks' mount hygiene.
 
 Must not import: pyfuse3, trio, logging (``layerfs umount`` stays light).
 """
@@ -30,10 +31,10 @@ def unescape(field: bytes) -> bytes:
     return _ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field)
 
 
-def mounts() -> Iterator[Mount]:
+def mounts(table: str = "/proc/self/mountinfo") -> Iterator[Mount]:
     """The table's entries in order (of two on one point, the later is on top). OSError when
-    the table cannot be read."""
-    with open("/proc/self/mountinfo", "rb") as fh:
+    the table cannot be read. TABLE: another namespace's, as /proc/PID/mountinfo."""
+    with open(table, "rb") as fh:
         for line in fh:
             head, sep, tail = line.partition(b" - ")
             fields, rest = head.split(), tail.split()

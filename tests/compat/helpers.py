@@ -10,12 +10,13 @@ that mounts checks afterwards that no daemon is left whose command line names it
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from layerfs import mountinfo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,15 +51,10 @@ def engine_missing() -> str | None:
     return None
 
 
-def _unescape(field: bytes) -> bytes:
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
-
-
 def is_mounted(mnt: str | os.PathLike[str]) -> bool:
     """Whether ``mnt`` is a mount point in this mount namespace (/proc/self/mountinfo)."""
     want = os.fsencode(os.path.realpath(mnt))
-    with open("/proc/self/mountinfo", "rb") as fh:
-        return any(_unescape(line.split()[4]) == want for line in fh)
+    return any(m.point == want for m in mountinfo.mounts())
 
 
 def unmount(mnt: str | os.PathLike[str]) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from layerfs import mountinfo
+
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
 
@@ -48,14 +50,9 @@ class Mounted:
 # --- mount table ---------------------------------------------------------------------------
 
 
-def _unescape(field_: bytes) -> bytes:
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field_)
-
-
 def mountpoints() -> list[bytes]:
     """Mount points of this mount namespace, as /proc/self/mountinfo lists them."""
-    with open("/proc/self/mountinfo", "rb") as fh:
-        return [_unescape(line.split()[4]) for line in fh]
+    return [m.point for m in mountinfo.mounts()]
 
 
 def is_mounted(mnt: PathLike) -> bool:
@@ -154,9 +151,8 @@ def ns_path(pid: int, path: PathLike) -> Path:
 
 
 def ns_mounted(pid: int, mnt: PathLike) -> bool:
-    with open(f"/proc/{pid}/mountinfo", "rb") as fh:
-        points = [_unescape(line.split()[4]) for line in fh]
-    return os.fsencode(os.path.realpath(mnt)) in points
+    want = os.fsencode(os.path.realpath(mnt))
+    return any(m.point == want for m in mountinfo.mounts(f"/proc/{pid}/mountinfo"))
 
 
 def ns_unmount(pid: int, mnt: PathLike) -> list[str]:
