@@ -24,6 +24,7 @@ from benchmarks.system import (
     run,
     wait_pid_gone,
 )
+from mount_helper import launcher
 
 MOUNT_TIMEOUT = 120.0
 REPO = Path(__file__).resolve().parent.parent
@@ -243,14 +244,6 @@ _SNAPSHOT_BOOT = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'layerfs'; "
     "from layerfs.cli import main; sys.exit(main())"
 )
-# The same for mount.layerfs, as a script (podman's mount_program must be a file).
-_SNAPSHOT_HELPER = """#!{python}
-import sys
-sys.path.insert(0, {snap!r})
-sys.argv[0] = "mount.layerfs"
-from mount_helper.main import run
-run()
-"""
 
 
 class Layerfs(_Overlay):
@@ -307,11 +300,10 @@ class Layerfs(_Overlay):
         python = Path(self.command).parent / "python"
         interp = str(python) if python.exists() else sys.executable
         self.prefix = [interp, "-c", _SNAPSHOT_BOOT, str(snap)]
+        # mount.layerfs as scripts/setup.sh installs it (podman's mount_program must be a
+        # file): the launcher, with the snapshot first on its path
         helper = snap / "mount.layerfs"
-        tmp_helper = snap / f"mount.layerfs.{os.getpid()}"
-        tmp_helper.write_text(_SNAPSHOT_HELPER.format(python=interp, snap=str(snap)))
-        tmp_helper.chmod(0o755)
-        tmp_helper.replace(helper)
+        launcher.write(str(helper), interp, [str(snap), *launcher.site_paths(interp)])
         self.helper = helper
         self.described = f"git {sha[:12]} (pinned from {self.rev})"
 

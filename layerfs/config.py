@@ -4,26 +4,31 @@ Both front ends (``layerfs mount`` and ``mount.layerfs``) build a MountConfig an
 ``layerfs.mount.serve``. Validation happens here so that a bad configuration is refused with a
 clear message before any directory is written or any mount is made.
 
-Must not import: pyfuse3, trio.
+The first mount's caller builds one before it mounts, so these are layerfs.records, not
+dataclasses (which cost that caller more than Python's start), and nothing here imports
+functools (with collections behind it).
+
+Must not import: pyfuse3, trio, dataclasses, functools.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
-from dataclasses import dataclass, field
 
 from layerfs.errors import LayerfsError
+from layerfs.records import Record
 
 
-@dataclass(frozen=True, slots=True)
-class IdMapping:
+class IdMapping(Record):
     """One ``uidmapping``/``gidmapping`` range: container id -> host id, ``count`` ids long."""
 
+    __slots__ = ("inner", "outer", "count")  # noqa: RUF023 (positional order)
     inner: int
     outer: int
     count: int
+
+    def __init__(self, inner: int, outer: int, count: int) -> None:
+        self._fill(locals())
 
 
 # fsync= values: the kernel's (6.12+), and fuse-overlayfs' 0/1. Its fsync=0 stops fsync
@@ -37,40 +42,69 @@ FSYNC_MODES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class MountConfig:
+class MountConfig(Record):
     """A validated description of one mount.
 
     ``lowers`` is ordered topmost first, as in overlayfs' ``lowerdir=A:B:C``. With no ``upper``
     the stack is read-only. All paths are absolute and normalised by ``validate()``.
     """
 
+    __slots__ = (  # noqa: RUF023 (the fields in order: repr, pickle)
+        "lowers", "mountpoint", "upper", "workdir", "foreground", "debug", "allow_other",
+        "fsname", "fsync_mode", "redirect_dir", "metacopy", "userxattr", "uid_mappings",
+        "gid_mappings", "squash_to_uid", "squash_to_gid", "log_file", "extra_fuse_options",
+        "warnings",
+    )  # fmt: skip
     lowers: tuple[str, ...]
     mountpoint: str
-    upper: str | None = None
-    workdir: str | None = None
-    foreground: bool = False
-    debug: bool = False
-    allow_other: bool | None = None  # None: on when running as root
-    fsname: str = "layerfs"
+    upper: str | None
+    workdir: str | None
+    foreground: bool
+    debug: bool
+    allow_other: bool | None  # None: on when running as root
+    fsname: str
     # Durability, as kernel overlayfs' fsync= (6.12+): "auto" fsyncs a copy-up of data before
     # it is put in place, "strict" also metadata-only and directory copy-ups, "volatile"
     # nothing, and fsync requests are then ignored (overlayfs "volatile", fuse-overlayfs
     # "fsync=0").
-    fsync_mode: str = "auto"
+    fsync_mode: str
     # rename lower dirs with a redirect; False: EXDEV (redirect_dir=off); None: on, but off with
     # userxattr, as the kernel (whose userxattr mounts refuse redirect_dir=on)
-    redirect_dir: bool | None = None
-    metacopy: bool = False  # metadata-only copy-up (kernel metacopy=on); off: readable by all
+    redirect_dir: bool | None
+    metacopy: bool  # metadata-only copy-up (kernel metacopy=on); off: readable by all
     # write user.overlay.* xattrs (kernel "-o userxattr"); None: when in a user namespace
-    userxattr: bool | None = None
-    uid_mappings: tuple[IdMapping, ...] = ()
-    gid_mappings: tuple[IdMapping, ...] = ()
-    squash_to_uid: int | None = None
-    squash_to_gid: int | None = None
-    log_file: str | None = None
-    extra_fuse_options: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = field(default=())
+    userxattr: bool | None
+    uid_mappings: tuple[IdMapping, ...]
+    gid_mappings: tuple[IdMapping, ...]
+    squash_to_uid: int | None
+    squash_to_gid: int | None
+    log_file: str | None
+    extra_fuse_options: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def __init__(
+        self,
+        lowers: tuple[str, ...],
+        mountpoint: str,
+        upper: str | None = None,
+        workdir: str | None = None,
+        foreground: bool = False,
+        debug: bool = False,
+        allow_other: bool | None = None,
+        fsname: str = "layerfs",
+        fsync_mode: str = "auto",
+        redirect_dir: bool | None = None,
+        metacopy: bool = False,
+        userxattr: bool | None = None,
+        uid_mappings: tuple[IdMapping, ...] = (),
+        gid_mappings: tuple[IdMapping, ...] = (),
+        squash_to_uid: int | None = None,
+        squash_to_gid: int | None = None,
+        log_file: str | None = None,
+        extra_fuse_options: tuple[str, ...] = (),
+        warnings: tuple[str, ...] = (),
+    ) -> None:
+        self._fill(locals())
 
     @property
     def user_xattrs(self) -> bool:
@@ -133,24 +167,26 @@ class MountConfig:
         for layer in (*lowers, *([upper] if upper else [])):
             if _overlaps(layer, mnt):
                 raise LayerfsError(f"mount point {mnt} overlaps layer {layer}")
-        return dataclasses.replace(
-            self, lowers=lowers, upper=upper, workdir=workdir, mountpoint=mnt
-        )
+        return self.replace(lowers=lowers, upper=upper, workdir=workdir, mountpoint=mnt)
 
 
-@functools.cache
+_IN_USER_NAMESPACE: list[bool] = []  # the answer, once known (not functools: see above)
+
+
 def in_user_namespace() -> bool:
     """True when this process is not in the initial user namespace (podman rootless, unshare).
 
     The initial namespace maps every id onto itself: ``/proc/self/uid_map`` is ``0 0 4294967295``
     there and nowhere else (the test podman makes, in rootless.IsRootless).
     """
-    try:
-        with open("/proc/self/uid_map", "rb") as fh:
-            fields = fh.read().split()
-    except OSError:
-        return False
-    return fields != [b"0", b"0", b"4294967295"]
+    if not _IN_USER_NAMESPACE:
+        try:
+            with open("/proc/self/uid_map", "rb") as fh:
+                fields = fh.read().split()
+        except OSError:
+            fields = [b"0", b"0", b"4294967295"]
+        _IN_USER_NAMESPACE.append(fields != [b"0", b"0", b"4294967295"])
+    return _IN_USER_NAMESPACE[0]
 
 
 def _existing_dir(path: str, what: str) -> str:

@@ -44,12 +44,11 @@ mount; the server imports them through the ``preload`` callable it is given).
 from __future__ import annotations
 
 import _socket  # not socket: its enums cost the caller ~5 ms of imports
-import array
-import functools
 import gc
 import marshal  # built in; pickle costs the caller ~4 ms of imports
 import os
 import select
+import sys
 
 from layerfs.config import IdMapping, MountConfig
 from layerfs.forkclient import ARGV_TAG, address, parse
@@ -109,7 +108,7 @@ def hand_off(
             try:
                 request: _Request = (config, dict(os.environb), umask)
                 server = (listener, request, fuse_fd, lock_fd, preload, serve, mount_argv)
-                detach(functools.partial(_server, *server))
+                detach(lambda: _server(*server))  # noqa: B023 (run before the loop goes on)
             finally:
                 listener.close()
             return True
@@ -118,7 +117,7 @@ def hand_off(
 
 def _encode(config: MountConfig, env: dict[bytes, bytes], umask: int) -> bytes:
     """The request in marshal's format (built in, and MountConfig holds only plain values)."""
-    fields = {name: getattr(config, name) for name in config.__dataclass_fields__}
+    fields = config.fields()
     for name in ("uid_mappings", "gid_mappings"):
         fields[name] = tuple((m.inner, m.outer, m.count) for m in fields[name])
     return marshal.dumps((fields, env, umask))
@@ -142,7 +141,8 @@ def _ask(name: bytes, payload: bytes, fds: list[int]) -> bool | None:
         s.settimeout(READY_TIMEOUT)
         try:
             s.connect(name)
-            rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
+            data = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)  # int[]; not array's
+            rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, data)]
             s.sendmsg([payload], rights)
             reply = s.recv(64)
             if not reply.startswith(b"ready "):
@@ -281,6 +281,8 @@ def _accept(
 ) -> None:
     """Take one request off the queue and fork its child; drop it on anything unexpected, and
     a thin request when THIN is false (the caller then does the mount itself)."""
+    from array import array  # the server's side only: array imports collections.abc
+
     try:
         conn, _ = listener.accept()
     except OSError:
@@ -294,7 +296,7 @@ def _accept(
         msg, cmsgs, flags, _ = conn.recvmsg(_MAX_REQUEST, _CMSG_SPACE_2, _MSG_CMSG_CLOEXEC)
         for level, kind, data in cmsgs:
             if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
-                got = array.array("i")
+                got = array("i")
                 got.frombytes(data[: len(data) - len(data) % got.itemsize])
                 fds.extend(got)
         if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC) or not fds:
@@ -317,7 +319,9 @@ def _accept(
 
 def _peercred(conn: socket.socket) -> tuple[int, int, int]:
     """SO_PEERCRED: the peer's (pid, uid, gid) at connect time."""
-    got = array.array("i")
+    from array import array
+
+    got = array("i")
     got.frombytes(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
     return got[0], got[1], got[2]
 

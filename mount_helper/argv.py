@@ -15,16 +15,19 @@ comma or colon inside a path; as in libmount, a comma inside double quotes (``co
 does not split either. Values are unquoted and unescaped only when they are used
 (``decode_value``, ``split_path_list``), so a lowerdir can still be split on its unescaped colons.
 
-Must not import: pyfuse3, trio, layerfs.mount (this runs on every container start).
+Must not import: pyfuse3, trio, layerfs.mount (this runs on every container start),
+dataclasses, typing (a first mount's caller runs it: layerfs.records).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 from layerfs.errors import LayerfsError
+from layerfs.records import Record
 from mount_helper import PROG
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 USAGE = f"""\
 usage: {PROG} [-f] [-d] -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,OPT...] MERGED
@@ -52,24 +55,42 @@ class UsageError(LayerfsError):
     """The command line itself is malformed (not an option value)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Invocation:
+class Invocation(Record):
     """What the command line asks for, before any option is interpreted.
 
     ``option_strings`` are the raw ``-o`` arguments in command-line order; ``mountpoint`` is as
     given (relative to the caller's cwd). ``action`` is one of mount, version, help, install.
     """
 
-    action: str = "mount"
-    mountpoint: str | None = None
-    source: str | None = None
-    option_strings: tuple[str, ...] = ()
-    foreground: bool = False
-    debug: bool = False
-    fake: bool = False
-    fstype: str | None = None
-    install_dir: str | None = None
-    warnings: tuple[str, ...] = ()
+    __slots__ = (  # noqa: RUF023 (the fields in order: repr, pickle)
+        "action", "mountpoint", "source", "option_strings", "foreground", "debug", "fake",
+        "fstype", "install_dir", "warnings",
+    )  # fmt: skip
+    action: str
+    mountpoint: str | None
+    source: str | None
+    option_strings: tuple[str, ...]
+    foreground: bool
+    debug: bool
+    fake: bool
+    fstype: str | None
+    install_dir: str | None
+    warnings: tuple[str, ...]
+
+    def __init__(
+        self,
+        action: str = "mount",
+        mountpoint: str | None = None,
+        source: str | None = None,
+        option_strings: tuple[str, ...] = (),
+        foreground: bool = False,
+        debug: bool = False,
+        fake: bool = False,
+        fstype: str | None = None,
+        install_dir: str | None = None,
+        warnings: tuple[str, ...] = (),
+    ) -> None:
+        self._fill(locals())
 
 
 def called_as_mount_helper(prog: str) -> bool:

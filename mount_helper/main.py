@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 
 from layerfs import forkclient
 from mount_helper import PROG
+
+TYPE_CHECKING = False  # not typing's: collections.abc costs every mount ~2 ms
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 # mount(8) looks for /sbin/mount.<type> (util-linux FS_SEARCH_PATH is /sbin:/sbin/fs.d:/sbin/fs)
 # and runs it as "mount.<type> SOURCE MERGED -o OPTS"; both FUSE type prefixes are covered.

@@ -21,13 +21,12 @@ everyone gets ``noatime``, unless the options say otherwise. ``ro`` with an uppe
 upper read-only on top of the lowers (fuse-overlayfs keeps the upper and mounts read-only; the
 same view, but no workdir is touched).
 
-Must not import: pyfuse3, trio, layerfs.mount.
+Must not import: pyfuse3, trio, layerfs.mount, dataclasses (a first mount's caller runs this).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from layerfs.config import FSYNC_MODES, IdMapping, MountConfig
 from layerfs.errors import LayerfsError
@@ -109,28 +108,49 @@ _WHY_UNSUPPORTED: dict[str, str] = {
 }
 
 
-@dataclass(slots=True)
 class _State:
     """Options collected so far; last one wins, as in the kernel and libfuse."""
 
-    lowers: list[str] | None = None
-    upper: str | None = None
-    workdir: str | None = None
-    fsync_mode: str = "auto"
-    redirect_dir: bool | None = None  # None: on, off with userxattr (MountConfig.redirects)
-    userxattr: bool | None = None  # None: chosen by the user namespace we run in
-    metacopy: bool = False
-    uid_mappings: list[IdMapping] = field(default_factory=list)
-    gid_mappings: list[IdMapping] = field(default_factory=list)
-    squash_to_uid: int | None = None
-    squash_to_gid: int | None = None
-    squash_to_root: bool = False
-    allow_other: bool | None = None
-    debug: bool = False
-    fsname: str = "layerfs"
-    log_file: str | None = None
-    flags: dict[str, bool] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    __slots__ = (
+        "allow_other",
+        "debug",
+        "flags",
+        "fsname",
+        "fsync_mode",
+        "gid_mappings",
+        "log_file",
+        "lowers",
+        "metacopy",
+        "redirect_dir",
+        "squash_to_gid",
+        "squash_to_root",
+        "squash_to_uid",
+        "uid_mappings",
+        "upper",
+        "userxattr",
+        "warnings",
+        "workdir",
+    )  # fmt: skip
+
+    def __init__(self, debug: bool, warnings: list[str]) -> None:
+        self.lowers: list[str] | None = None
+        self.upper: str | None = None
+        self.workdir: str | None = None
+        self.fsync_mode = "auto"
+        self.redirect_dir: bool | None = None  # None: on, off with userxattr (.redirects)
+        self.userxattr: bool | None = None  # None: chosen by the user namespace we run in
+        self.metacopy = False
+        self.uid_mappings: list[IdMapping] = []
+        self.gid_mappings: list[IdMapping] = []
+        self.squash_to_uid: int | None = None
+        self.squash_to_gid: int | None = None
+        self.squash_to_root = False
+        self.allow_other: bool | None = None
+        self.debug = debug
+        self.fsname = "layerfs"
+        self.log_file: str | None = None
+        self.flags: dict[str, bool] = {}
+        self.warnings = warnings
 
 
 def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountConfig:

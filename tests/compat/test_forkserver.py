@@ -303,6 +303,50 @@ def test_a_user_namespace_gets_a_server_of_its_own(stacks: list[dict[str, Path]]
     assert _gone(int(server)), "the namespace's server outlived its mount"
 
 
+FIRST_MOUNT_SCRIPT = """
+set -e
+PYTHONPROFILEIMPORTTIME=1 "$@" overlay "$MNT" -o "lowerdir=$LOWER,upperdir=$UPPER,workdir=$WORK" \
+    2>"$IMPORTS"
+cat "$MNT/f" >/dev/null
+fusermount3 -u "$MNT"
+"""
+
+
+def test_a_first_mount_imports_only_what_it_needs(
+    stacks: list[dict[str, Path]], tmp_path: Path
+) -> None:
+    """The first mount of a namespace (no server yet: its caller parses, checks, mounts and
+    starts the server) imports neither dataclasses nor what the launcher leaves out; its
+    caller is the one that mounted (premount, ctypes)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    b = stacks[1]
+    imports = tmp_path / "imports"
+    env = {
+        **helper_env(),
+        "MNT": str(b["merged"]),
+        "LOWER": str(b["lower"]),
+        "UPPER": str(b["upper"]),
+        "WORK": str(b["work"]),
+        "IMPORTS": str(imports),
+    }
+    own_ns = ["unshare", "-m", "--propagation", "private"]  # no server can be up in it
+    r = subprocess.run(
+        [*own_ns, "sh", "-c", FIRST_MOUNT_SCRIPT, "sh", *helper_command()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = imports.read_text().splitlines()
+    imported = {x.rpartition("|")[2].strip() for x in lines if x.startswith("import time:")}
+    assert {"layerfs.premount", "ctypes", "mount_helper.options"} <= imported
+    unwanted = {"dataclasses", "inspect", "typing", "functools", "collections", "enum"}
+    assert not imported & (unwanted | {"site", "re"})
+
+
 def _cgroup_hierarchy() -> tuple[bytes, bytes, bytes] | None:
     """(controllers key as /proc/PID/cgroup shows it, mount point, our path in it) of a
     hierarchy where a child cgroup can be made: cgroup v1's pids, else cgroup v2."""
@@ -385,6 +429,7 @@ def test_the_server_mounts_a_command_line(stacks: list[dict[str, Path]], tmp_pat
     imported = {x.rpartition("|")[2].strip() for x in lines if x.startswith("import time:")}
     assert "mount_helper.main" in imported
     assert not imported & {"dataclasses", "mount_helper.argv", "layerfs.config", "typing"}
+    assert not imported & {"site", "re", "collections"}  # the launcher setup.sh writes
     assert _server_of(b) == server
     assert (b["merged"] / "f").read_text() == "x"
     (b["merged"] / "new").write_text("y")
