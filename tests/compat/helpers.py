@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from support.mounts import stop_if_held
+
 from layerfs import mountinfo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +86,11 @@ def daemon_pids(mnt: str | os.PathLike[str]) -> list[int]:
 
 
 def wait_no_daemon(mnt: str | os.PathLike[str], timeout: float = 20.0) -> list[int]:
-    """Wait until no process names ``mnt``; return the pids still there at the deadline."""
+    """Wait until no process names ``mnt``; return the pids still there at the deadline.
+    Once ``mnt`` is unmounted, a daemon whose mount another namespace still holds is stopped
+    first (support.mounts.stop_if_held): it rightly serves that copy as long as it lives."""
+    if pids := daemon_pids(mnt):
+        stop_if_held(mnt, pids)
     deadline = time.monotonic() + timeout
     while (pids := daemon_pids(mnt)) and time.monotonic() < deadline:
         time.sleep(0.05)

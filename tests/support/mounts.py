@@ -4,7 +4,8 @@ Each ``mount_*`` is a context manager taking ``(lowers, upper, work, mnt)`` with
 topmost first and ``upper``/``work`` None for a read-only stack. FUSE subjects run in the
 foreground in a subprocess (pyfuse3 allows one session per process, and a test touching its own
 mount from the loop thread would deadlock); their stderr goes to a log file that must not
-contain a traceback or an ERROR line, and the daemon must exit by itself after the unmount.
+contain a traceback or an ERROR line, and the daemon must exit by itself after the unmount,
+unless another mount namespace still holds a copy of the mount (stop_if_held): it is stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,8 @@ class Mounted:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     problems: list[str] = field(default_factory=list)
+    # other mount namespaces that still held the mount after our unmount (stop_if_held)
+    held_by: list[str] = field(default_factory=list)
 
 
 # --- mount table ---------------------------------------------------------------------------
@@ -80,6 +84,47 @@ def _wait_for_mount(
 
 def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+
+
+def foreign_holders(mnt: PathLike) -> list[str]:
+    """Processes of other mount namespaces whose table has a FUSE mount on MNT, one "pid
+    command" a namespace. A namespace made while MNT was mounted (anyone's ``unshare -m``, a
+    container starting, a rootless test's holder) holds a copy of the mount, and the kernel
+    keeps its FUSE session, so its daemon, alive until that copy goes, whatever we unmount."""
+    want = os.fsencode(os.path.realpath(mnt))
+    seen = {os.readlink("/proc/self/ns/mnt")}
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"/proc/{entry}/ns/mnt")
+            if ns in seen:
+                continue
+            seen.add(ns)
+            table = mountinfo.mounts(f"/proc/{entry}/mountinfo")
+            if any(m.point == want and m.fstype.startswith(b"fuse") for m in table):
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+                out.append(f"{entry} {cmd.decode(errors='replace').strip()}")
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+    return out
+
+
+def stop_if_held(mnt: PathLike, pids: Sequence[int]) -> list[str]:
+    """After MNT's unmount here, with its daemon(s) PIDS still running: when other mount
+    namespaces hold a copy of it (foreign_holders), the daemons rightly serve on (until those
+    namespaces end, minutes maybe), so no exit can be waited for: stop them (SIGTERM, which
+    they must obey all the same) and return the holders. Else [] and nothing is done: a
+    daemon that then does not exit by itself is its own fault."""
+    if is_mounted(mnt):
+        return []
+    holders = foreign_holders(mnt)
+    if holders:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    return holders
 
 
 def unmount_fuse(mnt: PathLike) -> list[str]:
@@ -253,6 +298,8 @@ def _fuse_daemon(
                 m.problems += ns_unmount(proc.pid, mnt)
         else:
             m.problems += unmount_fuse(mnt)
+            if proc.poll() is None:
+                m.held_by = stop_if_held(mnt, [proc.pid])
         try:
             proc.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
