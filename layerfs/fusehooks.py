@@ -37,6 +37,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from layerfs.files import NODE_FH
 
 log = logging.getLogger(__name__)
@@ -307,6 +309,144 @@ def serve_ioctl(
             reply_err(req, errno.EIO)
 
     _set_handler(hooks.table, _IOCTL, _IOCTL_ARGS, shim)
+
+
+_WD_COUNTS, _WD_LOCK, _WD_ACTIVE = 24, 32, 40  # _WorkerData: task_count, read_lock, active_readers
+_MAX_POLL_MS = 86_400_000  # trio's own longest sleep, a day
+
+
+def serve_loop(hooks: Hooks, extension: str, module: Any, counts: dict[str, int]) -> bool:
+    """Replace pyfuse3's ``_wait_fuse_readable`` (its loop looks it up in MODULE's dictionary
+    at each request) with ``_PollLoop.wait``, which blocks in ``poll()`` on /dev/fuse and
+    trio's epoll fd when trio has nothing else to do, instead of a pass through trio's
+    scheduler between every two requests. COUNTS gets ``loop_poll`` (requests found by the
+    poll) and ``loop_trio`` (waits through trio). False, changing nothing, where pyfuse3's
+    layout is not the one known (the pyfuse3 loop then serves as before)."""
+    syms = _symbols(extension, {b"__pyx_v_7pyfuse3_worker_data"})
+    base = _load_base(extension)
+    if len(syms) != 1 or base is None:
+        return False
+    wd = _words(base + syms[b"__pyx_v_7pyfuse3_worker_data"], 1)[0]
+    if not wd or type(ctypes.cast(wd, ctypes.py_object).value).__name__ != "_WorkerData":
+        return False
+    if _words(wd + _WD_COUNTS, 1)[0] != 0 or _words(wd + _WD_LOCK, 1)[0] != id(None):
+        return False  # not the fresh worker data of pyfuse3.init we know
+    active = ctypes.c_int.from_address(wd + _WD_ACTIVE)
+    if active.value != 0 or not callable(getattr(module, "_wait_fuse_readable", None)):
+        return False
+    loop = _PollLoop(hooks.session, active, module, counts)
+    module._wait_fuse_readable = loop.wait
+    return True
+
+
+class _PollLoop(trio.abc.Instrument):
+    """pyfuse3's wait for the next request, without trio's scheduler when nothing else is due.
+
+    pyfuse3's invariants are kept: one task at a time waits for /dev/fuse (the read duty,
+    ``owner``; others park in ``spares``), nothing is awaited between the fd found readable
+    and pyfuse3's read of it, and pyfuse3's ``active_readers`` counts the tasks inside
+    ``wait`` (pyfuse3 starts another reader when none is left). The blocking ``poll()`` is
+    taken only when trio could not run anything meanwhile: no task runnable (``runnable``
+    counts trio's run queue and the rest of the batch being run, which is off the queue: the
+    hang of session 9's prototype, docs/benchmarks.md session 10), no timer due before it
+    ends (it is bounded by trio's next deadline), and trio's epoll fd quiet (ready I/O,
+    thread completions and signals all come through it: trio's wake-up socket); anything of
+    trio's ready ends it, and the request is then waited for through trio. A trio instrument
+    keeps the count; it also hands the read duty to a spare only when the task that gave it
+    up parks (in a handler that awaits): a reader whose handler answered at once takes it
+    back without a pass through trio."""
+
+    def __init__(self, session: int, active: ctypes.c_int, module: Any, counts: Any) -> None:
+        libfuse = ctypes.CDLL("libfuse3.so.3")
+        libfuse.fuse_session_fd.argtypes = [_vp]
+        libfuse.fuse_session_exited.argtypes = [_vp]
+        self.exited = libfuse.fuse_session_exited
+        self.session = session
+        self.fd: int = libfuse.fuse_session_fd(session)
+        self.active = active
+        self.module = module
+        self.original = module._wait_fuse_readable
+        self.counts = counts
+        self.owner: trio.lowlevel.Task | None = None  # the task waiting for the fd
+        self.spares = trio.lowlevel.ParkingLot()  # the other readers
+        self.runner: Any = None
+        self.runnable = 0  # tasks trio would run before its next I/O wait
+        self.counting = False  # runnable is exact (from the first I/O wait on)
+        self.poller = select.poll()
+
+    def _attach(self) -> bool:
+        """Find trio's runner and hook in; False if its internals are not the ones known."""
+        try:
+            runner: Any = trio._core._run.GLOBAL_RUN_CONTEXT.runner
+            epoll_fd = runner.io_manager._epoll.fileno()
+            names = ("runq", "waiting_for_idle", "deadlines.next_deadline", "clock.current_time")
+            for used in names:
+                obj = runner
+                for name in used.split("."):
+                    obj = getattr(obj, name)  # raises where trio is not the one known
+        except AttributeError as e:
+            log.info("poll loop not used: trio's runner is not the one known (%s)", e)
+            return False
+        self.runner = runner
+        self.poller.register(self.fd, select.POLLIN)
+        self.poller.register(epoll_fd, select.POLLIN)
+        trio.lowlevel.add_instrument(self)
+        return True
+
+    # trio.abc.Instrument: each is called on the trio thread, by its run loop
+    def after_io_wait(self, timeout: float) -> None:
+        self.runnable = len(self.runner.runq)  # the next batch, before any task of it runs
+        self.counting = True
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        self.runnable += 1
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.runnable -= 1
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.owner is None and self.spares:
+            self.spares.unpark()  # the duty is free and its last holder parked: pass it on
+
+    async def wait(self) -> bool:
+        """True when /dev/fuse has a request to read, False when the loop should end."""
+        if self.runner is None and not self._attach():
+            self.module._wait_fuse_readable = self.original
+            return bool(await self.original())
+        self.active.value += 1
+        try:
+            me = trio.lowlevel.current_task()
+            while self.owner is not None:
+                await self.spares.park()
+            self.owner = me
+            try:
+                if self.exited(self.session):
+                    return False
+                if self._poll():
+                    self.counts["loop_poll"] += 1
+                    return True
+                self.counts["loop_trio"] += 1
+                await trio.lowlevel.wait_readable(self.fd)
+            finally:
+                self.owner = None
+        except trio.ClosedResourceError:  # pyfuse3.terminate
+            return False
+        finally:
+            self.active.value -= 1
+        return True
+
+    def _poll(self) -> bool:
+        """Block until /dev/fuse or anything of trio's is ready, if trio has nothing to do
+        meanwhile; True if /dev/fuse alone is: the request can be read without trio."""
+        runner = self.runner
+        if not self.counting or self.runnable or runner.waiting_for_idle:
+            return False
+        sleep = runner.deadlines.next_deadline() - runner.clock.current_time()
+        if sleep <= 0:
+            return False
+        ms = -1 if sleep == float("inf") else min(_MAX_POLL_MS, int(sleep * 1000) + 1)
+        ready = self.poller.poll(ms)
+        return len(ready) == 1 and ready[0][0] == self.fd
 
 
 # The INIT exchange (include/uapi/linux/fuse.h)

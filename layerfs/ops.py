@@ -220,6 +220,8 @@ class Operations(pyfuse3.Operations):
             spawn = trio.lowlevel.spawn_system_task
             fusehooks.serve_fallocate(self.hooks, self.fallocate, spawn)
             fusehooks.serve_ioctl(self.hooks, self.ioctl, spawn)
+            if os.environ.get("LAYERFS_LOOP") == "poll":  # off by default for now
+                fusehooks.serve_loop(self.hooks, pyfuse3.__file__, pyfuse3, REQUESTS)
 
     def answer_init(self) -> None:
         """Answer INIT before pyfuse3's loop starts, with the flags libfuse cannot ask for
