@@ -25,7 +25,7 @@ from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp, copy_metadata, set_impure
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
-from layerfs.lookup import Resolution, node_for, resolve
+from layerfs.lookup import Resolution, lower_positive, node_for, resolve
 from layerfs.readdir import merged_names
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,13 @@ class Namespace:
         _sys.remove_tree_at(work, tmp)  # the old directory and its whiteouts
 
     def _place(
-        self, udir: int, name: bytes, build: Callable[[int, bytes], None], *, one_step: bool = False
+        self,
+        udir: int,
+        name: bytes,
+        build: Callable[[int, bytes], None],
+        *,
+        one_step: bool = False,
+        state: str | None = None,
     ) -> None:
         """Create NAME in upper dir UDIR with BUILD(dirfd, name).
 
@@ -142,9 +148,10 @@ class Namespace:
         workdir and renamed into place, so a crash never leaves it half made in the upper (a
         0600 root-owned file, say). Over a char whiteout the rename is an exchange
         (ovl_create_over_whiteout). A ONE_STEP build (a hard link) is made in place when no
-        whiteout is in the way.
+        whiteout is in the way. STATE: the upper's state at NAME (_whiteout_state), if known.
         """
-        state = self._whiteout_state(udir, name)
+        if state is None:
+            state = self._whiteout_state(udir, name)
         if state == "none" and one_step:
             build(udir, name)
             return
@@ -177,29 +184,62 @@ class Namespace:
             mode &= ~stat.S_ISGID
         return caller.uid, gid, mode
 
-    def _finish_new(self, parent: Node, name: bytes) -> Node:
-        parent.version += 1
-        res = resolve(self.stack, parent, name)
-        assert res is not None
-        node = node_for(self.table, parent, name, res)
-        node.upper = True
-        return node
+    def _finish_new(self, parent: Node, name: bytes, udir: int) -> tuple[Node, os.stat_result]:
+        """The node of NAME, just placed in upper dir UDIR, and its lstat.
 
-    async def _prepare_parent(self, parent: Node, name: bytes) -> int:
+        What resolve() would find, without asking the layers again: the new object is upper
+        and hides every lower (NAME was free in the merged view, so a lower shows it only
+        under a whiteout, now replaced, or an opaque directory made over one), and nothing
+        made it a metacopy or gave it a redirect.
+        """
+        parent.version += 1
+        st = _sys.lstat_at(udir, name)
+        node = node_for(self.table, parent, name, Resolution(st, True, [], False))
+        node.upper = True
+        return node, st
+
+    async def _prepare_parent(self, parent: Node, name: bytes) -> tuple[int, str]:
+        """Check that NAME is free in PARENT and bring PARENT up: its upper dir, and the
+        upper's state at NAME (_whiteout_state) to create NAME over."""
         self._writable()
         _sys.check_new_name(name)
+        if parent.upper:
+            udir = self._upper_dir(parent)
+            return udir, self._free_name(parent, udir, name)
         if resolve(self.stack, parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
         await self.copyup.copy_up(parent)
-        return self._upper_dir(parent)
+        udir = self._upper_dir(parent)
+        return udir, self._whiteout_state(udir, name)
+
+    def _free_name(self, parent: Node, udir: int, name: bytes) -> str:
+        """The upper's state at NAME (as _whiteout_state) when NAME is free in PARENT, an
+        upper directory (UDIR); EEXIST, or the error resolve() meets, when it is taken.
+
+        The same answer as resolve() being None, with the upper asked once: resolve()'s
+        upper part is these lstats; with nothing in the upper, the lowers show NAME exactly
+        when lower_positive() says so (the first layer with an entry or a whiteout of it
+        decides), and only then is resolve() asked for what it is, or what fails.
+        """
+        st = _sys.lstat_at_or_none(udir, name)
+        if st is not None and whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
+            return "char"
+        if st is None:
+            if whiteout.has_oci_whiteout(udir, name):
+                return "oci"
+            if not lower_positive(self.stack, parent, name):
+                return "none"
+        if resolve(self.stack, parent, name) is None:  # not reached: taken, or it raises
+            return self._whiteout_state(udir, name)
+        raise OSError(errno.EEXIST, "exists")
 
     # -- creation ----------------------------------------------------------------------------
 
     async def create(
         self, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
-    ) -> tuple[Node, int]:
-        """Create regular file NAME; return its node and an fd opened with FLAGS."""
-        udir = await self._prepare_parent(parent, name)
+    ) -> tuple[Node, os.stat_result, int]:
+        """Create regular file NAME; return its node, its lstat and an fd opened O_RDWR."""
+        udir, state = await self._prepare_parent(parent, name)
         acls = _inherit(udir, stat.S_IFREG | stat.S_IMODE(mode), caller)
         uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
         fds: list[int] = []
@@ -212,22 +252,25 @@ class Namespace:
             _set_acls(dirfd, n, acls)
 
         try:
-            self._place(udir, name, build)
+            self._place(udir, name, build, state=state)
+            node, st = self._finish_new(parent, name, udir)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         # The kernel enforces the caller's access mode on its own file; ours stays O_RDWR.
-        return self._finish_new(parent, name), fds[0]
+        return node, st, fds[0]
 
-    async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
-        udir = await self._prepare_parent(parent, name)
+    async def mkdir(
+        self, parent: Node, name: bytes, mode: int, caller: Caller
+    ) -> tuple[Node, os.stat_result]:
+        udir, state = await self._prepare_parent(parent, name)
         acls = _inherit(udir, stat.S_IFDIR | stat.S_IMODE(mode), caller)
         uid, gid, mode = self._owner(os.fstat(udir), caller, True, acls.mode)
         # Over a whiteout, what it hid must stay hidden; in a merged parent, the kernel marks
         # every new directory opaque too (ovl_create_upper: "just an optimization"), with
         # redirect_dir=on only (measured: not off/nofollow/follow, nor userxattr's default).
-        opaque = self._whiteout_state(udir, name) != "none" or (
+        opaque = state != "none" or (
             bool(parent.lowers) and self.redirect_dir
         )
 
@@ -239,14 +282,16 @@ class Namespace:
             os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
             _set_acls(dirfd, n, acls)
 
-        self._place(udir, name, build)
-        return self._finish_new(parent, name)
+        self._place(udir, name, build, state=state)
+        return self._finish_new(parent, name, udir)
 
-    async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> Node:
+    async def mknod(
+        self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller
+    ) -> tuple[Node, os.stat_result]:
         if stat.S_ISCHR(mode) and rdev == 0:
             # a 0/0 device is a whiteout: "don't allow creation of whiteout on overlay" (ovl_mknod)
             raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
-        udir = await self._prepare_parent(parent, name)
+        udir, state = await self._prepare_parent(parent, name)
         acls = _inherit(udir, mode, caller)
         uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
 
@@ -256,19 +301,21 @@ class Namespace:
             os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
             _set_acls(dirfd, n, acls)
 
-        self._place(udir, name, build)
-        return self._finish_new(parent, name)
+        self._place(udir, name, build, state=state)
+        return self._finish_new(parent, name, udir)
 
-    async def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
-        udir = await self._prepare_parent(parent, name)
+    async def symlink(
+        self, parent: Node, name: bytes, target: bytes, caller: Caller
+    ) -> tuple[Node, os.stat_result]:
+        udir, state = await self._prepare_parent(parent, name)
         uid, gid, _ = self._owner(os.fstat(udir), caller, False, 0)
 
         def build(dirfd: int, n: bytes) -> None:
             _sys.symlink_at(target, dirfd, n)
             _sys.chown_at(dirfd, n, uid, gid)
 
-        self._place(udir, name, build)
-        return self._finish_new(parent, name)
+        self._place(udir, name, build, state=state)
+        return self._finish_new(parent, name, udir)
 
     async def link(self, node: Node, parent: Node, name: bytes) -> Node:
         if node.is_dir:

@@ -197,10 +197,11 @@ class Overlay:
                 self.dircache.forget(ino)
         self.table.compact()
 
-    def counted(self, node: Node) -> Attr:
-        """Count a lookup on a node just created and return its attributes."""
+    def counted(self, node: Node, st: os.stat_result | None = None) -> Attr:
+        """Count a lookup on a node just created and return its attributes (from ST, its
+        lstat, if given)."""
         node.nlookup += 1
-        return self.attr(node)
+        return self.attr(node, st)
 
     async def setattr(self, ino: int, ch: SetAttr, fh: int | None, caller: Caller) -> Attr:
         caller = self.ids.caller(caller)
@@ -245,7 +246,9 @@ class Overlay:
             os.chown(target, uid, gid, dir_fd=dirfd, follow_symlinks=False)
         if ch.mode is not None:
             _sys.chmod_at(dirfd, target, stat.S_IMODE(ch.mode))
-        if ch.atime_ns is not None or ch.mtime_ns is not None:
+        if ch.atime_ns is not None and ch.mtime_ns is not None:
+            _sys.utime_at(dirfd, target, ch.atime_ns, ch.mtime_ns)
+        elif ch.atime_ns is not None or ch.mtime_ns is not None:  # the other one kept
             st = _sys.lstat_at(dirfd, target)
             atime = st.st_atime_ns if ch.atime_ns is None else ch.atime_ns
             mtime = st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns
@@ -275,9 +278,9 @@ class Overlay:
     ) -> tuple[int, Attr]:
         caller = self.ids.caller(caller)
         parent = self.table.get(parent_ino)
-        node, fd = await self.ns.create(parent, name, mode, flags, caller)
+        node, st, fd = await self.ns.create(parent, name, mode, flags, caller)
         fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
-        return fh, self.counted(node)
+        return fh, self.counted(node, st)
 
     def release(self, fh: int) -> None:
         self.files.release(fh)
@@ -286,20 +289,20 @@ class Overlay:
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, caller: Caller) -> Attr:
         caller = self.ids.caller(caller)
-        node = await self.ns.mkdir(self.table.get(parent_ino), name, mode, caller)
-        return self.counted(node)
+        node, st = await self.ns.mkdir(self.table.get(parent_ino), name, mode, caller)
+        return self.counted(node, st)
 
     async def mknod(
         self, parent_ino: int, name: bytes, mode: int, rdev: int, caller: Caller
     ) -> Attr:
         caller = self.ids.caller(caller)
-        node = await self.ns.mknod(self.table.get(parent_ino), name, mode, rdev, caller)
-        return self.counted(node)
+        node, st = await self.ns.mknod(self.table.get(parent_ino), name, mode, rdev, caller)
+        return self.counted(node, st)
 
     async def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> Attr:
         caller = self.ids.caller(caller)
-        node = await self.ns.symlink(self.table.get(parent_ino), name, target, caller)
-        return self.counted(node)
+        node, st = await self.ns.symlink(self.table.get(parent_ino), name, target, caller)
+        return self.counted(node, st)
 
     async def link(self, ino: int, parent_ino: int, name: bytes) -> Attr:
         node = await self.ns.link(self.table.get(ino), self.table.get(parent_ino), name)
