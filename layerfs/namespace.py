@@ -270,9 +270,7 @@ class Namespace:
         # Over a whiteout, what it hid must stay hidden; in a merged parent, the kernel marks
         # every new directory opaque too (ovl_create_upper: "just an optimization"), with
         # redirect_dir=on only (measured: not off/nofollow/follow, nor userxattr's default).
-        opaque = state != "none" or (
-            bool(parent.lowers) and self.redirect_dir
-        )
+        opaque = state != "none" or (bool(parent.lowers) and self.redirect_dir)
 
         def build(dirfd: int, n: bytes) -> None:
             _sys.mkdir_at(dirfd, n, 0o700)
