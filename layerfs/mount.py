@@ -99,13 +99,16 @@ def _preload() -> None:
     import resource
     import signal
 
+    from layerfs import importstub
+
+    importstub.import_pyfuse3()  # without importlib.metadata, which pyfuse3 wants for its version
     import pyfuse3
     import trio
 
     import layerfs.ops
     import layerfs.overlay
 
-    del logging, resource, signal, pyfuse3, layerfs
+    del logging, resource, signal, pyfuse3, layerfs, importstub
 
     async def warm() -> None:  # trio's first run fills caches: once here, not in every child
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,56 @@
+"""``import pyfuse3`` without ``importlib.metadata``.
+
+pyfuse3 (3.5, ``pyfuse3/_pyfuse3.py``) imports ``importlib.metadata`` at module level for one
+thing: ``__version__ = version("pyfuse3")``, falling back to ``"unknown"`` on
+PackageNotFoundError. That import (``email``, ``zipfile``, ``csv``, ``importlib.resources``...)
+is ~53 million instructions of the fork server's ~590 million before it answers a first
+mount's first request (callgrind), and layerfs never reads pyfuse3's version.
+
+``import_pyfuse3`` imports pyfuse3 with a stub of ``importlib.metadata`` in ``sys.modules``
+(trio, which pyfuse3 imports, is imported first, without it): the stub's ``version`` raises
+PackageNotFoundError, so pyfuse3 takes its own fallback. The stub is removed at once. Should
+pyfuse3 need more of the module than the stub has (a newer pyfuse3), the ImportError is
+swallowed, the half-imported pyfuse3 dropped, and pyfuse3 imported again, in full.
+
+For the fork server's preload (layerfs.mount): one thread, nothing else importing meanwhile.
+Not used when ``importlib.metadata`` is already imported (nothing to save).
+
+Must not import: importlib.metadata, pyfuse3 (both inside ``import_pyfuse3`` only).
+"""
+
+from __future__ import annotations
+
+import sys
+
+_NAME = "importlib.metadata"
+
+
+class _PackageNotFoundError(ModuleNotFoundError):
+    """The stub's PackageNotFoundError (importlib.metadata's is a ModuleNotFoundError too)."""
+
+
+def _version(name: str) -> str:
+    raise _PackageNotFoundError(name)
+
+
+def import_pyfuse3() -> None:
+    """Import pyfuse3 (and trio) into ``sys.modules``, importlib.metadata left out if it is
+    not imported yet."""
+    import trio  # noqa: F401  (outside the stub's reach)
+
+    if _NAME not in sys.modules and "pyfuse3" not in sys.modules:
+        import types
+
+        stub = types.ModuleType(_NAME, "layerfs.importstub's stand-in: version() finds nothing")
+        stub.PackageNotFoundError = _PackageNotFoundError  # type: ignore[attr-defined]
+        stub.version = _version  # type: ignore[attr-defined]
+        sys.modules[_NAME] = stub
+        try:
+            import pyfuse3
+        except ImportError:  # more than the stub has: dropped, imported again below
+            for name in [n for n in sys.modules if n == "pyfuse3" or n.startswith("pyfuse3.")]:
+                del sys.modules[name]
+        finally:
+            if sys.modules.get(_NAME) is stub:
+                del sys.modules[_NAME]
+    import pyfuse3  # noqa: F401
