@@ -144,24 +144,31 @@ async def _invalidate_listings(node_ids: list[int]) -> None:
 
 
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:
+    """The reply's attributes (generation 0: pyfuse3's default). Every reply that carries
+    attributes builds one, a readdirplus one per entry: one unpacking of the Attr into the
+    fields, in its order, and the ctypes store of st_ino only where it is not the node id
+    (most nodes' id is their identity, the st_ino they show; see inodes.py)."""
     e = pyfuse3.EntryAttributes()
-    e.st_ino = pyfuse3.InodeT(a.id)
-    if _ST_INO_OFFSET is not None:
-        ctypes.c_uint64.from_address(id(e) + _ST_INO_OFFSET).value = a.ino
-    e.generation = 0
+    (
+        node_id,
+        ino,
+        e.st_mode,
+        e.st_nlink,
+        e.st_uid,
+        e.st_gid,
+        e.st_rdev,
+        e.st_size,
+        e.st_blksize,
+        e.st_blocks,
+        e.st_atime_ns,
+        e.st_mtime_ns,
+        e.st_ctime_ns,
+    ) = a
+    e.st_ino = node_id  # the node id, and stat's st_ino with it
+    if ino != node_id and _ST_INO_OFFSET is not None:
+        ctypes.c_uint64.from_address(id(e) + _ST_INO_OFFSET).value = ino
     e.entry_timeout = TIMEOUT
     e.attr_timeout = TIMEOUT
-    e.st_mode = pyfuse3.ModeT(a.mode)
-    e.st_nlink = a.nlink
-    e.st_uid = a.uid
-    e.st_gid = a.gid
-    e.st_rdev = a.rdev
-    e.st_size = a.size
-    e.st_blksize = a.blksize
-    e.st_blocks = a.blocks
-    e.st_atime_ns = a.atime_ns
-    e.st_mtime_ns = a.mtime_ns
-    e.st_ctime_ns = a.ctime_ns
     return e
 
 
@@ -235,11 +242,14 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return _entry(self.fs.lookup(parent_inode, name))
-        except FileNotFoundError:
+            attr = self.fs.find(parent_inode, name)
+        except FileNotFoundError:  # met on the way (a layer's file gone): negative too
+            attr = None
+        if attr is None:
             neg = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the negative entry
             neg.entry_timeout = TIMEOUT
             return neg
+        return _entry(attr)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         try:

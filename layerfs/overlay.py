@@ -170,6 +170,14 @@ class Overlay:
 
     def lookup(self, parent_ino: int, name: bytes) -> Attr:
         """Resolve NAME and count a lookup on its node (pyfuse3's lookup contract)."""
+        attr = self.find(parent_ino, name)
+        if attr is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        return attr
+
+    def find(self, parent_ino: int, name: bytes) -> Attr | None:
+        """lookup(), None where NAME does not exist: a failed lookup is a common request
+        (a path search, a create's first look), not worth an exception."""
         parent = self.table.get(parent_ino)
         if name == b".":
             node = parent
@@ -181,7 +189,7 @@ class Overlay:
             _sys.check_name(name)
             res = resolve(self.stack, parent, name)
             if res is None:
-                raise OSError(errno.ENOENT, "no such entry")
+                return None
             node = node_for(self.table, parent, name, res)
             node.nlookup += 1
             return self.attr(node, res.st)
