@@ -1,4 +1,4 @@
-"""``import pyfuse3`` without ``importlib.metadata``.
+"""``import pyfuse3`` without ``importlib.metadata``, and trio without ``ldconfig -p``.
 
 pyfuse3 (3.5, ``pyfuse3/_pyfuse3.py``) imports ``importlib.metadata`` at module level for one
 thing: ``__version__ = version("pyfuse3")``, falling back to ``"unknown"`` on
@@ -13,7 +13,8 @@ pyfuse3 need more of the module than the stub has (a newer pyfuse3), the ImportE
 swallowed, the half-imported pyfuse3 dropped, and pyfuse3 imported again, in full.
 
 For the fork server's preload (layerfs.mount): one thread, nothing else importing meanwhile.
-Not used when ``importlib.metadata`` is already imported (nothing to save).
+Not used when ``importlib.metadata`` is already imported (nothing to save). trio is imported
+first, without ldconfig (``_import_trio``).
 
 Must not import: importlib.metadata, pyfuse3 (both inside ``import_pyfuse3`` only).
 """
@@ -36,7 +37,7 @@ def _version(name: str) -> str:
 def import_pyfuse3() -> None:
     """Import pyfuse3 (and trio) into ``sys.modules``, importlib.metadata left out if it is
     not imported yet."""
-    import trio  # noqa: F401  (outside the stub's reach)
+    _import_trio()
 
     if _NAME not in sys.modules and "pyfuse3" not in sys.modules:
         import types
@@ -54,3 +55,34 @@ def import_pyfuse3() -> None:
             if sys.modules.get(_NAME) is stub:
                 del sys.modules[_NAME]
     import pyfuse3  # noqa: F401
+
+
+def _import_trio() -> None:
+    """``import trio``, whose ``trio._core._thread_cache`` looks up libpthread at import (to
+    name its worker threads) with ``ctypes.util.find_library("pthread")``: on Linux that runs
+    ``/sbin/ldconfig -p`` in a subprocess (a fork of the server, an exec, its output parsed),
+    on the way to a first mount's first answer. Where glibc's ``libpthread.so.0`` can be
+    loaded, that is the name ldconfig gives: it is answered without asking; any other name,
+    and any other system, goes to find_library as before."""
+    if "trio" in sys.modules:
+        return
+    import ctypes
+    import ctypes.util
+
+    real = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        if name == "pthread":
+            try:
+                ctypes.CDLL("libpthread.so.0")
+            except OSError:
+                pass
+            else:
+                return "libpthread.so.0"
+        return real(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        import trio  # noqa: F401
+    finally:
+        ctypes.util.find_library = real

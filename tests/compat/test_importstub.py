@@ -1,9 +1,11 @@
-"""The fork server's preload imports pyfuse3 without importlib.metadata (layerfs.importstub).
+"""The fork server's preload imports pyfuse3 without importlib.metadata and trio without
+``ldconfig -p`` (layerfs.importstub).
 
 What these hold: after the preload of a fork server, neither ``importlib.metadata`` nor
-``email`` is imported and pyfuse3 is whole (its own "unknown" version, its API there), and the
-stub is gone from ``sys.modules``; a pyfuse3 that needs more of importlib.metadata than the stub
-has is imported again, in full, with the real module.
+``email`` is imported and pyfuse3 is whole (its own "unknown" version, its API there), the
+stub is gone from ``sys.modules``, no subprocess was started and trio still names its
+threads; a pyfuse3 that needs more of importlib.metadata than the stub has is imported
+again, in full, with the real module.
 """
 
 from __future__ import annotations
@@ -16,12 +18,19 @@ from pathlib import Path
 from compat.helpers import REPO
 
 CHECK_PRELOAD = """
-import sys
+import subprocess, sys
+started = []
+class Popen(subprocess.Popen):
+    def __init__(self, args, *more, **kw):
+        started.append(args)
+        super().__init__(args, *more, **kw)
+subprocess.Popen = Popen
 from layerfs.mount import _preload
 _preload()
-import pyfuse3
+import pyfuse3, trio._core._thread_cache as threads
 print(sorted(n for n in sys.modules if n == "importlib.metadata" or n.split(".")[0] == "email"))
 print(pyfuse3.__version__, callable(pyfuse3.init), callable(pyfuse3.main))
+print(started, threads.set_os_thread_name is not None)
 """
 
 
@@ -36,7 +45,8 @@ def _run(code: str, *paths: str) -> list[str]:
 
 
 def test_the_preload_leaves_importlib_metadata_out() -> None:
-    assert _run(CHECK_PRELOAD) == ["[]", "unknown True True"]
+    # and trio named its threads without running ldconfig -p (ctypes.util.find_library)
+    assert _run(CHECK_PRELOAD) == ["[]", "unknown True True", "[] True"]
 
 
 FAKE_PYFUSE3 = """
