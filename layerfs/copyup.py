@@ -159,7 +159,7 @@ class CopyUp:
                 await self._copy_other(ldir, lname, st, udir, upath[-1], origin)
             # the parent may now hold an entry whose st_ino is its origin's: the kernel then
             # computes the d_ino of its listing (ovl_set_impure)
-            set_impure(udir, self.names)
+            set_impure(udir, self.names, node.parent)
             # Restore the parent's times (best effort), as ovl_copy_up_one does.
             os.utime(udir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
             ust = _sys.lstat_at(udir, upath[-1])
@@ -406,15 +406,25 @@ def _set_origin(setxattr: Callable[[bytes, bytes], None], attr: bytes, origin: b
             raise
 
 
-def set_impure(dirfd: int, names: xattrs.Names) -> None:
+def set_impure(dirfd: int, names: xattrs.Names, node: Node | None = None) -> None:
     """Mark upper directory DIRFD ``overlay.impure`` (once): it holds, or is about to hold, an
     entry with an origin or a redirect, whose st_ino is not the upper's own, so the kernel
-    computes the d_ino of its listing instead of taking the real one (ovl_set_impure)."""
+    computes the d_ino of its listing instead of taking the real one (ovl_set_impure).
+
+    NODE: the directory's node, whose flag remembers the mark, as the kernel's OVL_IMPURE
+    inode flag, so that only its first entry pays the syscalls (a `chmod -R` made two per
+    file: the refused create, and the read of the value)."""
+    if node is not None and node.impure:
+        return
     try:
         os.setxattr(dirfd, names.impure, b"y", os.XATTR_CREATE)
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.EOPNOTSUPP, errno.EPERM):
             raise
-        if e.errno == errno.EEXIST and os.getxattr(dirfd, names.impure) != b"y":
+        if e.errno != errno.EEXIST:
+            return  # the upper cannot hold it: ask again next time, as the kernel does
+        if os.getxattr(dirfd, names.impure) != b"y":
             # a value the kernel does not read as impure (only "y" is): it writes "y"
             os.setxattr(dirfd, names.impure, b"y")
+    if node is not None:
+        node.impure = True

@@ -258,7 +258,7 @@ class Files:
         if parent is None or not parent.upper or self.stack.upper is None:
             return
         try:
-            set_impure(self.stack.upper.dirfd(parent.path()), self.copyup.names)
+            set_impure(self.stack.upper.dirfd(parent.path()), self.copyup.names, parent)
         except OSError:
             pass  # the parent went away meanwhile: nothing to mark
 

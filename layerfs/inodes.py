@@ -47,7 +47,7 @@ _INO_MASK = (1 << 64) - 1
 RealId = int
 Key = RealId | tuple[int, int, bytes]
 
-_DIR, _UPPER, _METACOPY = 1, 2, 4
+_DIR, _UPPER, _METACOPY, _IMPURE = 1, 2, 4, 8
 
 
 class Node:
@@ -67,7 +67,7 @@ class Node:
     from, are always written down and never change.
 
     Memory: a million of these stay while the kernel holds a walked tree, and the allocator
-    hands out 16-byte steps, so the three flags share one int and a directory's listing
+    hands out 16-byte steps, so the four flags share one int and a directory's listing
     ``version`` and a file's ``aliases`` (a directory has one name) share one slot: 10 slots,
     112 bytes.
     """
@@ -128,6 +128,17 @@ class Node:
     @metacopy.setter
     def metacopy(self, value: bool) -> None:
         self._set(_METACOPY, value)
+
+    @property
+    def impure(self) -> bool:
+        """A directory whose upper we marked ``overlay.impure`` (or found marked): no need to
+        mark it again, as the kernel's OVL_IMPURE inode flag. Cleared where the mark is
+        removed; a new upper directory is a new node."""
+        return bool(self._flags & _IMPURE)
+
+    @impure.setter
+    def impure(self, value: bool) -> None:
+        self._set(_IMPURE, value)
 
     def _set(self, flag: int, value: bool) -> None:
         self._flags = self._flags | flag if value else self._flags & ~flag

@@ -335,8 +335,8 @@ class Namespace:
         # the new name must find a metacopy's data too: an absolute redirect on the inode, as
         # ovl_set_link_redirect
         self._set_redirect(node, False)
-        if self._has_origin(node):
-            set_impure(self._upper_dir(parent), self.names)  # as ovl_create_or_link
+        if self.has_origin(node):
+            set_impure(self._upper_dir(parent), self.names, parent)  # as ovl_create_or_link
         sdir = self._upper_dir_of(src)
         self._place(
             self._upper_dir(parent),
@@ -570,12 +570,12 @@ class Namespace:
         exchange, both ways), as ovl_rename does once the redirects are set."""
         if p1 is p2:
             return
-        if self._has_origin(src):
-            set_impure(d2, self.names)
-        if dst is not None and self._has_origin(dst):
-            set_impure(d1, self.names)
+        if self.has_origin(src):
+            set_impure(d2, self.names, p2)
+        if dst is not None and self.has_origin(dst):
+            set_impure(d1, self.names, p1)
 
-    def _has_origin(self, node: Node) -> bool:
+    def has_origin(self, node: Node) -> bool:
         """Does NODE show a lower object's st_ino (ovl_type_origin)? A directory that merges
         lowers, a copied-up object; after a remount an upper file with an origin recorded."""
         if node.lowers:

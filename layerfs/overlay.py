@@ -386,8 +386,12 @@ class Overlay:
                 if e.errno in _OUT_OF_RESOURCES:
                     return None  # the listing itself meets it (see readdir)
                 return e
-            needed = needed or (child is not None and child.origin is not None)
+            # an upper file whose origin a remount has not followed still needs the mark
+            needed = needed or (
+                child is not None and (child.origin is not None or self.ns.has_origin(child))
+            )
         if not needed and node.parent is not None:
+            node.impure = False
             with contextlib.suppress(OSError):  # best effort, as the kernel's
                 os.removexattr(self.stack.upper.dirfd(node.path()), self.names.impure)
         return None

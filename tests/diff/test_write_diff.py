@@ -506,6 +506,20 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    # a directory whose impure mark a listing removed is marked again by the next entry with
+    # an origin that lands in it (layerfs remembers the mark per node: the listing forgets it)
+    "impure-marked-again-after-listing": (
+        BASE,
+        [
+            ("mkdir", b"new"),
+            ("rename", b"etc/hosts", b"new/hosts"),
+            ("unlink", b"new/hosts"),
+            ("listdir", b"new"),
+            ("rename", b"bin/sh", b"new/sh"),
+            ("listdir", b"new"),
+        ],
+        set(),
+    ),
     # a new (pure upper) directory moved into a merged one turns opaque, whether or not the
     # lowers hold its new name (ovl_rename); layerfs marked it only where they did
     "rename-new-dir-into-merged": (

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from support.mounts import mount_layerfs
+from support.strace import Strace
 
 pytestmark = [pytest.mark.fuse]
 
@@ -42,7 +41,6 @@ EXPECTED: dict[tuple[str, bool], dict[str, int]] = {
 }
 
 OPS: dict[str, Callable[[Path], None]] = {}
-STRACE = ("strace", "-f", "-qq", "-e", "trace=fsync,fdatasync,syncfs")
 
 
 def _op(name: str) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
@@ -95,38 +93,12 @@ def _user_fsync(m: Path) -> None:
         os.close(dfd)
 
 
-class Strace:
-    """strace -f attached to PID, counting sync calls; detached (and flushed) on stop."""
+def _strace(pid: int, out: Path) -> Strace:
+    return Strace(pid, out, "fsync,fdatasync,syncfs")
 
-    def __init__(self, pid: int, out: Path) -> None:
-        self.out = out
-        self.proc = subprocess.Popen(
-            [*STRACE, "-o", str(out), "-p", str(pid)],
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        # strace says nothing when attached (-qq); wait until every thread is traced
-        deadline = time.monotonic() + 10
-        tasks = set(os.listdir(f"/proc/{pid}/task"))
-        while time.monotonic() < deadline:
-            traced = set()
-            for t in tasks:
-                try:
-                    status = Path(f"/proc/{pid}/task/{t}/status").read_text()
-                except FileNotFoundError:
-                    continue
-                if f"TracerPid:\t{self.proc.pid}\n" in status:
-                    traced.add(t)
-            if traced == tasks:
-                return
-            time.sleep(0.02)
-        raise AssertionError("strace did not attach")
 
-    def stop(self) -> list[str]:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        calls = [ln for ln in self.out.read_text().splitlines() if "sync" in ln]
-        return [ln for ln in calls if "resumed" not in ln]  # one line per call
+def _syncs(tracer: Strace) -> list[str]:
+    return [ln for ln in tracer.stop() if "sync" in ln]
 
 
 @pytest.fixture
@@ -160,11 +132,11 @@ def test_syncs_per_operation(
     ) as m:
         assert m.proc is not None
         os.listdir(m.mnt)  # the daemon is serving
-        tracer = Strace(m.proc.pid, layers["merged"].parent / "strace.out")
+        tracer = _strace(m.proc.pid, layers["merged"].parent / "strace.out")
         try:
             OPS[op](m.mnt)
         finally:
-            calls = tracer.stop()
+            calls = _syncs(tracer)
     assert len(calls) == expected, calls
 
 
@@ -182,9 +154,9 @@ def test_other_spellings(layers: dict[str, Path], spelling: str, mode: str) -> N
         assert m.proc is not None
         os.listdir(m.mnt)
         for i, op in enumerate(("write", "user-fsync")):
-            tracer = Strace(m.proc.pid, layers["merged"].parent / f"strace{i}.out")
+            tracer = _strace(m.proc.pid, layers["merged"].parent / f"strace{i}.out")
             try:
                 OPS[op](m.mnt)
             finally:
-                counts.append(len(tracer.stop()))
+                counts.append(len(_syncs(tracer)))
     assert counts == [EXPECTED[("write", False)][mode], EXPECTED[("user-fsync", False)][mode]]

@@ -1,0 +1,81 @@
+"""The calls a copy-up makes once and then remembers, counted with strace on the daemon.
+
+A `chmod -R` of lower files is one copy-up per file; what the kernel keeps in an inode flag or
+a superblock (the parent is already ``impure``, the upper cannot reflink) layerfs keeps in its
+nodes and its copy-up engine, so that only the first file pays for finding it out. The files
+left on disk are the same either way (the differential suites compare them with the
+kernel's): only these counts see the difference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from support.mounts import mount_layerfs
+from support.strace import Strace
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed"),
+]
+
+FILES = 12
+XATTR_CALLS = "setxattr,fsetxattr,lsetxattr,getxattr,fgetxattr,lgetxattr"
+
+
+def _stack(tmp_path: Path) -> dict[str, Path]:
+    d = {n: tmp_path / n for n in ("lower", "upper", "work", "merged")}
+    for p in d.values():
+        p.mkdir()
+    for sub in ("dir", "dir2"):
+        (d["lower"] / sub).mkdir()
+        for i in range(FILES):
+            (d["lower"] / sub / f"f{i}").write_bytes(b"data %d\n" % i * (i + 1))
+    return d
+
+
+def _chmod_all(m: Path) -> None:
+    for sub in ("dir", "dir2"):
+        os.chmod(m / sub, 0o775)
+        for i in range(FILES):
+            os.chmod(m / sub / f"f{i}", 0o664)
+
+
+def test_impure_marked_once_per_directory(tmp_path: Path) -> None:
+    """Each upper directory that receives copied-up entries is marked ``overlay.impure`` with
+    one call, by its first copy-up: the root (for dir, dir2), dir and dir2. Without the node's
+    flag every copy-up tried again (a refused create, then a read of the value)."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        os.listdir(m.mnt)
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", XATTR_CALLS)
+        try:
+            _chmod_all(m.mnt)
+        finally:
+            calls = [ln for ln in tracer.stop() if "overlay.impure" in ln]
+    assert len(calls) == 3, calls
+    for p in (d["upper"], d["upper"] / "dir", d["upper"] / "dir2"):
+        assert os.getxattr(p, "trusted.overlay.impure") == b"y"
+
+
+def test_impure_mark_found_once_after_remount(tmp_path: Path) -> None:
+    """An upper directory marked by an earlier mount is found marked once (the create refused,
+    the value read), then remembered."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]):
+        os.chmod(d["merged"] / "dir" / "f0", 0o600)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        os.listdir(m.mnt / "dir")
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", XATTR_CALLS)
+        try:
+            for i in range(1, FILES):
+                os.chmod(m.mnt / "dir" / f"f{i}", 0o600)
+        finally:
+            calls = [ln for ln in tracer.stop() if "overlay.impure" in ln]
+    assert len(calls) == 2, calls
+    assert "EEXIST" in calls[0]
