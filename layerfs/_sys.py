@@ -287,9 +287,29 @@ def remove_tree_at(dirfd: int, name: bytes) -> None:
     rmdir_at(dirfd, name)
 
 
-def copy_data(src: int, dst: int, length: int, size: int | None = None) -> str:
+# FICLONE refusals that are the filesystems', never the file's: the destination's cannot
+# share extents at all (ext4, tmpfs), or the two files are on different mounts
+CLONE_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS})
+CLONE_REFUSED = CLONE_UNSUPPORTED | {errno.EXDEV, errno.EINVAL, errno.EBADF, errno.EPERM}
+
+
+def clone_file(src: int, dst: int) -> int:
+    """FICLONE: DST shares all of SRC's extents. 0 when done, else the errno of a refusal
+    (CLONE_REFUSED); other errors raise."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+    except OSError as e:
+        if e.errno not in CLONE_REFUSED:
+            raise
+        return e.errno
+    return 0
+
+
+def copy_data(
+    src: int, dst: int, length: int, size: int | None = None, *, clone: bool = True
+) -> str:
     """Copy LENGTH bytes from SRC to DST keeping holes; return the method used. SIZE: the
-    size of SRC, given only where DST is a new empty file.
+    size of SRC, given only where DST is a new empty file. CLONE: try FICLONE first.
 
     Ladder (ovl_copy_up_file): FICLONE shares extents where the filesystem can reflink; else
     copy_file_range moves data inside the kernel, region by region between SEEK_DATA and
@@ -300,21 +320,9 @@ def copy_data(src: int, dst: int, length: int, size: int | None = None) -> str:
     """
     if length == 0:
         return "empty"
-    try:
-        if length == (os.fstat(src).st_size if size is None else size):
-            fcntl.ioctl(dst, FICLONE, src)
-            return "reflink"
-    except OSError as e:
-        if e.errno not in (
-            errno.EOPNOTSUPP,
-            errno.EXDEV,
-            errno.EINVAL,
-            errno.ENOTTY,
-            errno.EBADF,
-            errno.ENOSYS,
-            errno.EPERM,
-        ):
-            raise
+    whole = clone and length == (os.fstat(src).st_size if size is None else size)
+    if whole and clone_file(src, dst) == 0:
+        return "reflink"
     try:
         dense = size is not None and os.lseek(src, 0, os.SEEK_HOLE) >= length
     except OSError:

@@ -31,7 +31,7 @@ import trio
 
 from layerfs import _sys, xattrs
 from layerfs.inodes import InodeTable, Node
-from layerfs.layers import LayerStack
+from layerfs.layers import Layer, LayerStack, Path
 from layerfs.locks import KeyedLock
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,11 @@ class CopyUp:
         self.active = 0  # copy-ups in progress (each may be waiting for a thread)
         self._names = itertools.count()
         self.tmpfile = True  # build regular files as O_TMPFILEs until the upper refuses one
+        # FICLONE until the upper's filesystem refuses it (ext4 has no reflink: a refused
+        # ioctl per copy-up otherwise), and the lower layers it refused across mounts from;
+        # the kernel asks its superblock's remap_file_range, which costs no syscall
+        self.reflink = True
+        self.no_reflink_from: set[int] = set()
         self.stats = {
             "files": 0,
             "dirs": 0,
@@ -142,7 +147,6 @@ class CopyUp:
                 origin = layer.origin_fh(lpath) if self.names is not xattrs.USER else b""
             if stat.S_ISREG(st.st_mode):
                 metacopy = metacopy and data_len is None
-                dlayer, dpath = node.lowers[-1]  # below the lower metacopy files, if any
                 await self._copy_file(
                     ldir,
                     lname,
@@ -152,7 +156,7 @@ class CopyUp:
                     data_len,
                     metacopy,
                     origin,
-                    dlayer.locate(dpath),
+                    node.lowers[-1],  # below the lower metacopy files, if any
                 )
             else:
                 metacopy = False
@@ -191,10 +195,10 @@ class CopyUp:
         data_len: int | None,
         metacopy: bool,
         origin: bytes | None,
-        data: tuple[int, bytes],
+        data: tuple[Layer, Path],
     ) -> None:
         """Build the copy of regular file LNAME in the workdir, then link it in as UNAME; its
-        bytes from DATA (dirfd, name): LNAME itself, or the data below a lower metacopy LNAME.
+        bytes from DATA (layer, path): LNAME itself, or the data below a lower metacopy LNAME.
 
         The copy is an O_TMPFILE, as ovl_copy_up_tmpfile: it has no name until it is whole, so
         a crash leaves nothing in the workdir, and its fsync does not also write the workdir's
@@ -202,7 +206,8 @@ class CopyUp:
         O_TMPFILE, a named temporary renamed into place.
         """
         work = self.stack.work_fd
-        src = _sys.open_data(*data, os.O_RDONLY)
+        data_layer, data_path = data
+        src = _sys.open_data(*data_layer.locate(data_path), os.O_RDONLY)
         try:
             dst, tmp = self._new_file(work)
             try:
@@ -211,7 +216,9 @@ class CopyUp:
                     os.ftruncate(dst, st.st_size)
                     os.setxattr(dst, self.names.metacopy, b"")
                 else:
-                    await self.copy_bytes(src, dst, length, sync=False, size=st.st_size)
+                    await self.copy_bytes(
+                        src, dst, length, sync=False, size=st.st_size, layer=data_layer
+                    )
                 copy_file_metadata(ldir, lname, st, dst)
                 if origin is not None:
                     _set_origin(lambda a, v: os.setxattr(dst, a, v), self.names.origin, origin)
@@ -295,7 +302,7 @@ class CopyUp:
             try:
                 ust = os.fstat(dst)
                 length = ust.st_size if data_len is None else min(ust.st_size, data_len)
-                await self.copy_bytes(src, dst, length)
+                await self.copy_bytes(src, dst, length, layer=layer)
                 os.utime(dst, ns=(ust.st_atime_ns, ust.st_mtime_ns))  # filling is no change
                 for attr in xattrs.METACOPY:  # a mark left on filled data would hide writes
                     try:
@@ -312,21 +319,47 @@ class CopyUp:
         self.stats["filled"] += 1
 
     async def copy_bytes(
-        self, src: int, dst: int, length: int, *, sync: bool = True, size: int | None = None
+        self,
+        src: int,
+        dst: int,
+        length: int,
+        *,
+        sync: bool = True,
+        size: int | None = None,
+        layer: Layer | None = None,
     ) -> None:
         """Copy LENGTH bytes of data (big copies on a worker thread); SYNC: then fsync. SIZE:
-        the source's size, where DST is a new empty file (_sys.copy_data)."""
+        the source's size, where DST is a new empty file (_sys.copy_data). LAYER: the one
+        holding SRC, whose refusal to reflink across mounts is remembered."""
         if length > THREAD_THRESHOLD:
             method = await trio.to_thread.run_sync(
-                _sys.copy_data, src, dst, length, size, limiter=self.limiter
+                self._copy, src, dst, length, size, layer, limiter=self.limiter
             )
         else:
-            method = _sys.copy_data(src, dst, length, size)
+            method = self._copy(src, dst, length, size, layer)
         self.stats["bytes"] += length
         if method == "reflink":
             self.stats["reflink"] += 1
         if sync and self.fsync and length:
             await self._sync(os.fsync, dst)
+
+    def _copy(self, src: int, dst: int, length: int, size: int | None, layer: Layer | None) -> str:
+        """_sys.copy_data, trying FICLONE only where no refusal of it is remembered."""
+        key = -1 if layer is None else layer.index
+        if (
+            self.reflink
+            and key not in self.no_reflink_from
+            and length
+            and length == (os.fstat(src).st_size if size is None else size)
+        ):
+            refused = _sys.clone_file(src, dst)
+            if not refused:
+                return "reflink"
+            if refused in _sys.CLONE_UNSUPPORTED:
+                self.reflink = False
+            elif refused == errno.EXDEV and layer is not None:
+                self.no_reflink_from.add(key)
+        return _sys.copy_data(src, dst, length, size, clone=False)
 
     async def _sync(self, fn: Callable[..., None], *args: object) -> None:
         """One fsync, counted: inline when no other request waits for the loop, as the kernel

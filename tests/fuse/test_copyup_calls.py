@@ -79,3 +79,22 @@ def test_impure_mark_found_once_after_remount(tmp_path: Path) -> None:
             calls = [ln for ln in tracer.stop() if "overlay.impure" in ln]
     assert len(calls) == 2, calls
     assert "EEXIST" in calls[0]
+
+
+def test_refused_reflink_asked_once(tmp_path: Path) -> None:
+    """An upper whose filesystem cannot reflink (ext4, tmpfs) refuses FICLONE once; the copy-ups
+    after it go straight to copy_file_range. One that can clones every file (xfs, btrfs)."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        os.listdir(m.mnt)
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "ioctl")
+        try:
+            _chmod_all(m.mnt)
+        finally:
+            clones = [ln for ln in tracer.stop() if "FICLONE" in ln]
+    refused = [ln for ln in clones if "= -1" in ln]
+    assert len(refused) <= 1, clones
+    assert len(clones) in (1, 2 * FILES), clones  # refused once, or cloned each time
+    for i in range(FILES):
+        assert (d["upper"] / "dir" / f"f{i}").read_bytes() == b"data %d\n" % i * (i + 1)
