@@ -2,12 +2,13 @@
 
 pip's console script for ``mount.layerfs`` imports ``re`` before our code runs, and Python
 imports ``site`` (the venv's ``.pth`` files, setuptools' ``_distutils_hack``) before either:
-together about 36 million instructions, more than half of what a mount with a fork server up
-costs its caller (60.6 million, ``valgrind --tool=callgrind``). scripts/setup.sh replaces that
-script with this launcher: ``python -SP`` (no ``site``; ``-P``: the script's directory is not put
-on ``sys.path``), with the ``sys.path`` entries ``site`` would have added written into it, as
-they are when it is written. ``PYTHON*`` variables keep working (no ``-E``), and the fork
-server and daemons, forked from a ``mount.layerfs``, find trio and pyfuse3 on that path.
+together 21 of the 60.6 million instructions a mount with a fork server up cost its caller
+(``valgrind --tool=callgrind``; 39.4 million without them). scripts/setup.sh and
+scripts/install-system.sh replace that script with this launcher: ``python -SP`` (no
+``site``; ``-P``: the script's directory is not put on ``sys.path``), with the ``sys.path``
+entries ``site`` would have added written into it, as they are when it is written.
+``PYTHON*`` variables keep working (no ``-E``), and the fork server and daemons, forked from a
+``mount.layerfs``, find trio and pyfuse3 on that path.
 
 ``python -m mount_helper.launcher PATH`` writes it, with the interpreter that runs it.
 
@@ -50,8 +51,8 @@ def text(python: str, paths: list[str]) -> str:
         shebang = f"#!/bin/sh\n'''exec' {_sh_quote(python)} -SP \"$0\" \"$@\"\n' '''\n"
     return (
         f"{shebang}"
-        "# mount.layerfs, written by mount_helper/launcher.py (scripts/setup.sh): no site,\n"
-        "# no re, its paths below. Rewrite it after moving the install.\n"
+        "# mount.layerfs, written by mount_helper/launcher.py (scripts/setup.sh and\n"
+        "# install-system.sh): no site, no re, the paths below. Rewrite it if they move.\n"
         "import sys\n"
         f"sys.path += {paths!r}\n"
         "from mount_helper.main import run\n"

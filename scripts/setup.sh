@@ -159,7 +159,7 @@ fi
     || die "cannot byte-compile the sources"
 
 # mount.layerfs as a launcher that starts Python without site and without pip's wrapper (which
-# imports re): about half of a mount's CPU when a fork server is up (mount_helper/launcher.py).
+# imports re): a third of a mount's instructions when a fork server is up (mount_helper/launcher.py).
 # Rewritten on every run: pip writes its own wrapper whenever it reinstalls.
 "$venv/bin/python" -m mount_helper.launcher "$venv/bin/mount.layerfs" \
     || die "cannot write $venv/bin/mount.layerfs"
