@@ -384,6 +384,12 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 CAP_SYS_ADMIN = 21
 
 
+def malloc_trim() -> None:
+    """Give the free memory of every malloc arena back to the kernel (glibc's malloc_trim(0):
+    the free top of each heap, and the free pages inside it)."""
+    _libc.malloc_trim(0)
+
+
 def has_cap_sys_admin(pid: int) -> bool | None:
     """Whether process PID holds CAP_SYS_ADMIN in our user namespace (the kernel asks for it in
     the initial one, where the daemon normally runs); None when PID cannot be read (gone)."""

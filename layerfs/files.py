@@ -26,7 +26,7 @@ import itertools
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -37,6 +37,7 @@ from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 
 BIG_IO = 256 << 10  # reads/writes from this size on go to a worker thread
+TRIM_AFTER = 0.1  # seconds without big I/O after which its buffers' memory goes back (_big_io_done)
 NODE_FH = 1 << 62  # a handle naming a node: no OPEN was sent for it (layerfs.fusehooks)
 
 
@@ -87,11 +88,16 @@ def kill_suid(fd: int, groups: frozenset[int]) -> None:
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
 
-async def _write(fd: int, off: int, data: bytes, kill_priv: frozenset[int] | None) -> int:
+async def _write(
+    fd: int, off: int, data: bytes, kill_priv: frozenset[int] | None, big_done: Callable[[], None]
+) -> int:
     if kill_priv is not None:
         kill_suid(fd, kill_priv)
     if len(data) >= BIG_IO:
-        return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
+        try:
+            return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
+        finally:
+            big_done()
     return os.pwrite(fd, data, off)
 
 
@@ -110,9 +116,35 @@ class Files:
         self.by_node: OrderedDict[int, Handle] = OrderedDict()  # node handles, oldest first
         self.max_node_fds = 48
         self.no_open = False  # the adapter sets it when the kernel will send no OPEN
+        self.trims = 0  # memory trims after big I/O (_big_io_done)
+        self._trim_wait: trio.CancelScope | None = None  # until the trim (_big_io_done)
 
     def statistics(self) -> dict[str, int]:
-        return {"open_files": len(self.handles), "node_fds": len(self.by_node)}
+        return {
+            "open_files": len(self.handles),
+            "node_fds": len(self.by_node),
+            "memory_trims": self.trims,
+        }
+
+    def _big_io_done(self) -> None:
+        """A read or write of BIG_IO bytes or more has ended. glibc keeps the memory its
+        buffers took (a READ's result is allocated in the worker thread's malloc arena, a
+        WRITE's data in the main one): 1 MiB a daemon after a container start reads a binary,
+        kept for the daemon's life. Give it back once big I/O has stopped for TRIM_AFTER; not
+        while it streams (the next buffer would pay its page faults again)."""
+        deadline = trio.current_time() + TRIM_AFTER
+        if self._trim_wait is not None:
+            self._trim_wait.deadline = deadline  # still streaming: later
+        else:
+            self._trim_wait = trio.CancelScope(deadline=deadline)
+            trio.lowlevel.spawn_system_task(self._trim_when_idle, self._trim_wait)
+
+    async def _trim_when_idle(self, wait: trio.CancelScope) -> None:
+        with wait:
+            await trio.sleep_forever()
+        self._trim_wait = None
+        _sys.malloc_trim()
+        self.trims += 1
 
     def real_location(self, node: Node) -> tuple[int, bytes]:
         """(dirfd, name) of NODE's top real object; ENOENT for an unlinked node."""
@@ -297,6 +329,7 @@ class Files:
                 return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
             finally:
                 h.busy -= 1
+                self._big_io_done()
         return os.pread(h.fd, size, off)
 
     async def write(self, fh: int, off: int, data: bytes, writer: Caller | None = None) -> int:
@@ -307,7 +340,7 @@ class Files:
             if not h.writable:
                 raise OSError(errno.EBADF, "not open for writing")
             kill_priv, h.kill_priv = h.kill_priv, None  # cleared once: a later chmod +s stays
-            return await _write(h.fd, off, data, kill_priv)
+            return await _write(h.fd, off, data, kill_priv, self._big_io_done)
         node = self.table.get(fh & ~NODE_FH)
         kill_priv = writer.kill_priv_groups() if writer is not None else None
         try:
@@ -322,7 +355,7 @@ class Files:
     ) -> int:
         fd, close = await self._node_write_fd(node)
         try:
-            return await _write(fd, off, data, kill_priv)
+            return await _write(fd, off, data, kill_priv, self._big_io_done)
         finally:
             if close:
                 os.close(fd)
