@@ -208,6 +208,9 @@ def _server(
 
     os.chdir("/")
     _close_fds_but(0, 1, 2, raw.fileno(), fuse_fd, lock_fd)
+    own = dict(os.environb)
+    os.environ.clear()  # unsetenv, then setenv: the C environment is off the environment area
+    os.environb.update(own)  # (see _take_environment)
     listener = socket.socket(fileno=raw.detach())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _set_title([SERVER_TITLE], comm=b"layerfs-forkser")
@@ -393,8 +396,7 @@ def _child(
     directory, then MOUNT_ARGV mounts and serves the command line."""
     config, env, umask = request
     cgroup = _cgroup(conn)
-    os.environ.clear()  # unsetenv: nothing points into the environment area any more
-    os.environb.update(env)
+    _take_environment(env)
     os.umask(umask)
     if isinstance(config, list):
         assert conn is not None and mount_argv is not None
@@ -415,6 +417,20 @@ def _child(
             except OSError:
                 return 0
     return serve(config, fds[0])
+
+
+def _take_environment(env: dict[bytes, bytes]) -> None:
+    """Make ENV this process's environment, changing only the variables that differ: those
+    the server holds are shared pages, and a caller's environment is most often the server's
+    (20 mounts: 0.06-0.15 MiB less a mount than clearing and setting them all). The server
+    moved its own variables off the environment area at start, which _set_title may then
+    overwrite: no variable left as it was points there."""
+    ours = os.environb
+    for name in [name for name in ours if name not in env]:
+        del ours[name]
+    for name, value in env.items():
+        if ours.get(name) != value:
+            ours[name] = value
 
 
 class Reply:

@@ -193,6 +193,19 @@ def test_the_caller_environment_reaches_the_daemon(stacks: list[dict[str, Path]]
     assert (a["merged"] / "f").read_text() == "x"
 
 
+def test_a_variable_the_caller_lacks_is_not_in_the_daemon(stacks: list[dict[str, Path]]) -> None:
+    """A child changes only the variables where the caller's environment differs from the
+    server's (forkserver._take_environment): one the server has and the caller has not is
+    gone. The server starts with LAYERFS_CRASH_AT, a mount made without it creates a file."""
+    a, b = stacks[:2]
+    _mount(a, LAYERFS_CRASH_AT="1")  # the server starts with the variable
+    _mount(b)
+    assert _server_of(b) == _server_of(a)
+    (b["merged"] / "g").write_text("z")  # a create: no crash point in this daemon
+    assert (b["merged"] / "g").read_text() == "z"
+    assert (b["upper"] / "g").read_text() == "z"
+
+
 PEER = """
 import os, socket, sys
 payload = bytes.fromhex(sys.stdin.read())
