@@ -291,3 +291,45 @@ def test_copy_data_shapes(tmp_path: Path, shape: str, cut: int | None, into: str
     assert dst_path.read_bytes() == src_path.read_bytes()[:length]
     data = sum(max(0, min(off + n, length) - off) for off, n in extents)
     assert dst_path.stat().st_blocks * 512 <= data + (1 << 16), "holes were filled in"
+
+
+async def test_copy_up_keeps_its_directories_across_a_wait(tmp_path: Path) -> None:
+    """A copy-up that waits for a worker thread holds its own fds of the two parent
+    directories: the layers' cached ones may be evicted and closed (and their numbers reused)
+    by the requests served meanwhile. With a one-entry fd cache every other lookup evicts."""
+    low, up, work, mnt = make_stack(tmp_path)
+    data = os.urandom(48 << 20)  # above THREAD_THRESHOLD: copied on a worker thread
+    (low / "d0").mkdir()
+    (low / "d0" / "huge").write_bytes(data)
+    for i in range(1, 6):
+        (low / f"d{i}").mkdir()
+        (low / f"d{i}" / "f").write_bytes(b"x")
+    ov = overlay(low, up, work, mnt)
+    try:
+        for layer in ov.stack.layers():
+            layer._fd_cache = 1
+        ino = lookup(ov, b"d0/huge")
+        d0 = lookup(ov, b"d0")
+        await ov.setattr(d0, SetAttr(mode=0o755), None, ROOT)  # d0 in the upper first
+
+        async def writer() -> None:
+            ov.release(await ov.open(ino, os.O_WRONLY, ROOT))
+
+        async def others() -> None:
+            while not ov.copyup.limiter.borrowed_tokens:  # noqa: ASYNC110 (a thread, no event)
+                await trio.sleep(0.001)
+            for i in range(1, 6):
+                ov.getattr(lookup(ov, b"d%d/f" % i))  # lower dirs' fds: evicts d0's
+                attr = await ov.mkdir(ROOT_ID, b"n%d" % i, 0o755, ROOT)  # upper dirs' fds
+                fh, _ = await ov.create(attr.id, b"g", 0o644, os.O_WRONLY, ROOT)
+                ov.release(fh)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            nursery.start_soon(others)
+        assert ov.copyup.statistics()["files"] == 1
+        assert (up / "d0" / "huge").read_bytes() == data
+        assert sorted(os.listdir(up / "d0")) == ["huge"]
+        check_upper(up, work)
+    finally:
+        ov.close()

@@ -98,3 +98,23 @@ def test_refused_reflink_asked_once(tmp_path: Path) -> None:
     assert len(clones) in (1, 2 * FILES), clones  # refused once, or cloned each time
     for i in range(FILES):
         assert (d["upper"] / "dir" / f"f{i}").read_bytes() == b"data %d\n" % i * (i + 1)
+
+
+def test_copy_up_that_never_waits_dups_no_fd(tmp_path: Path) -> None:
+    """A copy-up that does not wait (small files, fsync=volatile: no worker thread) works in
+    the layers' cached directory fds; only one that waits takes duplicates (engine test
+    test_copy_up_keeps_its_directories_across_a_wait). Two dups and two closes per file
+    before."""
+    d = _stack(tmp_path)
+    opts = ["fsync=volatile"]
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"], options=opts) as m:
+        assert m.proc is not None
+        os.listdir(m.mnt)
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "fcntl,dup,dup2,dup3")
+        try:
+            _chmod_all(m.mnt)
+        finally:
+            dups = [ln for ln in tracer.stop() if "DUPFD" in ln or "dup" in ln]
+    # os.scandir dups the fd of each directory it lists (dir and dir2, looked up): no more
+    assert len(dups) <= 2, dups
+    assert (d["upper"] / "dir2" / "f3").read_bytes() == b"data 3\n" * 4
