@@ -10,40 +10,71 @@ error to report) the caller does all over again the ordinary way, so messages an
 are the ordinary ones.
 
 Must not import: anything of layerfs or mount_helper, ``socket`` (``_socket`` is enough),
-``typing``, ``dataclasses``: it runs before everything else in ``mount.layerfs``.
+``typing``, ``dataclasses``, ``os`` (``posix`` is enough: ``os`` with ``posixpath`` and
+``_collections_abc`` is a fifth of a thin request's instructions): it runs before everything
+else in ``mount.layerfs``.
 """
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 import zlib
+
+TYPE_CHECKING = False  # not typing's
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 ARGV_TAG = b"argv\0"  # starts a thin request (a pickled one starts with b"\x80")
 
 
 def enabled() -> bool:
     """``LAYERFS_FORKSERVER=0`` in the caller's environment: start a daemon of its own."""
-    return os.environ.get("LAYERFS_FORKSERVER", "1") != "0"
+    return _environ().get(b"LAYERFS_FORKSERVER", b"1") != b"0"
+
+
+def _environ() -> Mapping[bytes, bytes]:
+    """The environment: ``os.environb`` once ``os`` is imported (it may have been changed
+    through it), else the one the process started with."""
+    if "os" in sys.modules:
+        import os  # imported already: no cost
+
+        return os.environb
+    return posix.environ
+
+
+def fsencode(name: str) -> bytes:
+    """``os.fsencode`` of a str, without ``os``."""
+    return name.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
+def fsdecode(name: bytes) -> str:
+    """``os.fsdecode`` of bytes, without ``os``."""
+    return name.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
 
 
 def address() -> bytes:
     """The abstract socket name of this caller's server: its euid, user and mount namespaces,
     and the code it would run (another install or an upgraded one never gets an old server)."""
-    user = os.stat("/proc/self/ns/user").st_ino
-    mnt = os.stat("/proc/self/ns/mnt").st_ino
-    key = f"layerfs-forkserver-{os.geteuid()}-{user}-{mnt}-{_code_identity():08x}"
+    user = posix.stat("/proc/self/ns/user").st_ino
+    mnt = posix.stat("/proc/self/ns/mnt").st_ino
+    key = f"layerfs-forkserver-{posix.geteuid()}-{user}-{mnt}-{_code_identity():08x}"
     return b"\0" + key.encode()
 
 
 def _code_identity() -> int:
     """A checksum of the interpreter, the paths of layerfs and of mount_helper beside it (the
     thin request runs its option parser in the server), and their modules' mtimes and sizes."""
-    pkg = os.path.dirname(os.path.abspath(__file__))
+    here = __file__
+    if not here.startswith("/") or any(p in here for p in ("//", "/./", "/../")):
+        import os  # rare: a relative or unnormalised entry of sys.path
+
+        here = os.path.abspath(here)
+    pkg = here.rpartition("/")[0]  # os.path.dirname, for a normalised absolute path
     parts = [sys.executable, pkg]
-    for where in (pkg, os.path.join(os.path.dirname(pkg), "mount_helper")):
+    for where in (pkg, pkg.rpartition("/")[0] + "/mount_helper"):
         try:
-            entries = os.scandir(where)
+            entries = posix.scandir(where)
         except OSError:
             continue
         with entries:
@@ -68,11 +99,11 @@ def ask(argv: list[str]) -> list[str] | None:
     cwd = -1
     try:
         s.connect(address())
-        cwd = os.open(".", os.O_PATH | os.O_CLOEXEC)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        fields = [b"%d" % umask, b"%d" % len(argv), *map(os.fsencode, argv)]
-        fields += [k + b"=" + v for k, v in os.environb.items()]
+        cwd = posix.open(".", posix.O_PATH | posix.O_CLOEXEC)
+        umask = posix.umask(0o022)
+        posix.umask(umask)
+        fields = [b"%d" % umask, b"%d" % len(argv), *map(fsencode, argv)]
+        fields += [k + b"=" + v for k, v in _environ().items()]
         fd = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))]
         s.sendmsg([ARGV_TAG + b"\0".join(fields)], fd)
         reply = s.recv(1 << 16)  # no timeout: the child answers once it has mounted, or fails
@@ -81,10 +112,10 @@ def ask(argv: list[str]) -> list[str] | None:
     finally:
         s.close()
         if cwd >= 0:
-            os.close(cwd)
+            posix.close(cwd)
     if reply != b"ok" and not reply.startswith(b"ok\0"):
         return None
-    return [os.fsdecode(w) for w in reply.split(b"\0")[1:]]
+    return [fsdecode(w) for w in reply.split(b"\0")[1:]]
 
 
 def parse(msg: bytes) -> tuple[list[str], dict[bytes, bytes], int]:
@@ -96,7 +127,7 @@ def parse(msg: bytes) -> tuple[list[str], dict[bytes, bytes], int]:
     umask, count = int(fields[0]), int(fields[1])
     if not 0 < count <= len(fields) - 2 or not 0 <= umask <= 0o777:
         raise ValueError("malformed command line")
-    argv = [os.fsdecode(a) for a in fields[2 : 2 + count]]
+    argv = [fsdecode(a) for a in fields[2 : 2 + count]]
     env: dict[bytes, bytes] = {}
     for entry in fields[2 + count :]:
         key, sep, value = entry.partition(b"=")

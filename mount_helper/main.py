@@ -12,12 +12,13 @@ with it pyfuse3 and trio) is imported only when a mount is really made, never fo
 --help or a bad command line.
 
 Must not import at module level: anything but layerfs.forkclient (``dataclasses``, which the
-option parser's classes need, costs more CPU than Python's start).
+option parser's classes needed, cost more CPU than Python's start), nor ``os`` (``posix`` is
+enough on the thin request's path; see layerfs.forkclient).
 """
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 from layerfs import forkclient
@@ -34,6 +35,8 @@ HELPER_NAMES = ("mount.fuse.layerfs", "mount.fuse3.layerfs")
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run ``mount.layerfs`` with ``argv`` (default: sys.argv[1:]); return the exit status."""
+    import os
+
     from layerfs.errors import LayerfsError
     from mount_helper.argv import USAGE, UsageError, parse_argv
 
@@ -92,7 +95,7 @@ def run() -> None:
             stream.flush()
         except (OSError, ValueError):  # closed by the caller: nothing more to say
             pass
-    os._exit(code)
+    posix._exit(code)
 
 
 def _served_elsewhere() -> int | None:
@@ -114,6 +117,8 @@ def install_mount_helper(directory: str) -> int:
     That is the one step that makes ``mount -t fuse.layerfs overlay MERGED -o ...`` and fstab
     lines of type ``fuse.layerfs`` work. The links are replaced atomically when they exist.
     """
+    import os
+
     target = _program_path()
     if target is None:
         _err("cannot find the mount.layerfs program to link to (is it on PATH?)")
@@ -137,6 +142,8 @@ def install_mount_helper(directory: str) -> int:
 
 def _program_path() -> str | None:
     """The absolute path of the ``mount.layerfs`` executable that is running (or on PATH)."""
+    import os
+
     me = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if os.path.basename(me) == PROG and os.access(me, os.X_OK):
         return me
@@ -152,7 +159,7 @@ def _program_path() -> str | None:
 
 def _err(message: str) -> None:
     sys.stderr.flush()  # paths are bytes: write back the user's bytes, not escapes
-    sys.stderr.buffer.write(os.fsencode(f"{PROG}: {message}\n"))
+    sys.stderr.buffer.write(forkclient.fsencode(f"{PROG}: {message}\n"))
     sys.stderr.buffer.flush()
 
 

@@ -443,6 +443,7 @@ def test_the_server_mounts_a_command_line(stacks: list[dict[str, Path]], tmp_pat
     assert "mount_helper.main" in imported
     assert not imported & {"dataclasses", "mount_helper.argv", "layerfs.config", "typing"}
     assert not imported & {"site", "re", "collections"}  # the launcher setup.sh writes
+    assert "os" not in imported  # posix is enough (layerfs.forkclient)
     assert _server_of(b) == server
     assert (b["merged"] / "f").read_text() == "x"
     (b["merged"] / "new").write_text("y")
