@@ -18,6 +18,8 @@ POSIX ACLs and leaves their inheritance (and the umask) to layerfs.acl. ``answer
 lets libfuse answer INIT and adds the one flag it cannot ask for, FUSE_HANDLE_KILLPRIV_V2:
 without it every write is preceded by a GETXATTR of security.capability. ``serve_fallocate``
 and ``serve_ioctl`` fill the table's FALLOCATE and IOCTL entries, which pyfuse3 leaves empty.
+``serve_loop`` replaces pyfuse3's wait for the next request with one that sleeps in ``poll()``
+when trio has nothing else to do (docs/concurrency.md, the poll loop).
 
 Found by symbol, checked by value: the session is pyfuse3's module variable ``session`` (read
 from the ELF symbol table of its extension), and the operation table inside the session is

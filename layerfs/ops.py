@@ -227,7 +227,7 @@ class Operations(pyfuse3.Operations):
             spawn = trio.lowlevel.spawn_system_task
             fusehooks.serve_fallocate(self.hooks, self.fallocate, spawn)
             fusehooks.serve_ioctl(self.hooks, self.ioctl, spawn)
-            if os.environ.get("LAYERFS_LOOP") == "poll":  # off by default for now
+            if os.environ.get("LAYERFS_LOOP") != "trio":  # trio: pyfuse3's own wait
                 fusehooks.serve_loop(self.hooks, pyfuse3.__file__, pyfuse3, REQUESTS)
 
     def answer_init(self) -> None:

@@ -1,6 +1,6 @@
-"""The poll loop (LAYERFS_LOOP=poll, layerfs.fusehooks.serve_loop): the daemon waits for the
-next request in ``poll()`` when trio has nothing else to do, and must never sleep there while
-trio has something to run.
+"""The poll loop (layerfs.fusehooks.serve_loop, the default; LAYERFS_LOOP=trio keeps pyfuse3's
+own wait): the daemon waits for the next request in ``poll()`` when trio has nothing else to
+do, and must never sleep there while trio has something to run.
 
 Session 9's prototype did: a task taken off trio's run queue into the batch being run (a
 handler whose worker thread had finished) was not seen, the reader slept in ``poll()``, and
@@ -113,8 +113,9 @@ def test_parallel_clients_served_through_threads(
 
 def test_sigterm_ends_an_idle_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A daemon asleep in the poll (no request, no timer) still unmounts on SIGTERM: the
-    signal reaches trio through its wake-up fd, which the poll watches."""
-    monkeypatch.setenv("LAYERFS_LOOP", "poll")
+    signal reaches trio through its wake-up fd, which the poll watches. The poll loop is
+    the default: no LAYERFS_LOOP."""
+    monkeypatch.delenv("LAYERFS_LOOP", raising=False)
     layout = Layout.create(tmp_path / "fs", 1)
     (layout.lowers[0] / "f").write_text("lower\n")
     with layout.mount(subject_named("layerfs")) as m:
