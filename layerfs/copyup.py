@@ -30,6 +30,7 @@ from collections.abc import Callable
 import trio
 
 from layerfs import _sys, xattrs
+from layerfs.attrs import SetAttr
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.locks import KeyedLock
@@ -96,14 +97,26 @@ class CopyUp:
     def tmp_name(self) -> bytes:
         return b"#lfs.%d.%d" % (os.getpid(), next(self._names))
 
-    async def copy_up(self, node: Node, *, data_len: int | None = None, meta: bool = False) -> None:
+    async def copy_up(
+        self,
+        node: Node,
+        *,
+        data_len: int | None = None,
+        meta: bool = False,
+        change: SetAttr | None = None,
+    ) -> os.stat_result | None:
         """Make NODE exist in the upper with its data (no-op when it does).
 
         DATA_LEN caps the data copied, for a truncating open or truncate(2): bytes past the new
         size are never copied. META: only metadata is about to change, so a metacopy is enough.
+        CHANGE: the owner, mode and times a setattr is about to give NODE (not its size). A
+        regular file's copy gets them before it is linked in, so a crash leaves the lower or
+        the changed copy (the kernel's copy-up then notify_change can also leave the copy
+        unchanged); then the upper's lstat is returned: the change is made. None: the caller
+        makes it.
         """
         if node.upper and (meta or not node.metacopy):
-            return
+            return None
         if self.stack.upper is None:
             raise OSError(30, "read-only stack")  # EROFS
         # parents first, top down, in a loop: a tree may be thousands of levels deep
@@ -116,20 +129,25 @@ class CopyUp:
         try:
             for parent in reversed(missing):
                 await self._copy_up_one(parent, None, meta=False)
-            await self._copy_up_one(node, data_len, meta=meta)
+            return await self._copy_up_one(node, data_len, meta=meta, change=change)
         finally:
             self.active -= 1
 
-    async def _copy_up_one(self, node: Node, data_len: int | None, *, meta: bool) -> None:
+    async def _copy_up_one(
+        self, node: Node, data_len: int | None, *, meta: bool, change: SetAttr | None = None
+    ) -> os.stat_result | None:
         """Copy NODE up, its parent being in the upper already."""
         async with self.locks.hold(node.key):
             # re-read: another request may have copied it meanwhile (ovl_already_copied_up)
             if not node.upper:
-                await self._copy_up_locked(node, data_len, meta and self.metacopy)
-            elif node.metacopy and not meta:
+                return await self._copy_up_locked(node, data_len, meta and self.metacopy, change)
+            if node.metacopy and not meta:
                 await self._fill_data(node, data_len)
+            return None
 
-    async def _copy_up_locked(self, node: Node, data_len: int | None, metacopy: bool) -> None:
+    async def _copy_up_locked(
+        self, node: Node, data_len: int | None, metacopy: bool, change: SetAttr | None
+    ) -> os.stat_result | None:
         assert self.stack.upper is not None and node.parent is not None
         layer, lpath = node.lowers[0]
         lname = lpath[-1]
@@ -144,6 +162,7 @@ class CopyUp:
             origin = None
             if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
                 origin = layer.origin_fh(lpath) if self.names is not xattrs.USER else b""
+            changed = change if stat.S_ISREG(st.st_mode) else None
             if stat.S_ISREG(st.st_mode):
                 metacopy = metacopy and data_len is None
                 await self._copy_file(
@@ -155,6 +174,7 @@ class CopyUp:
                     metacopy,
                     origin,
                     node.lowers[-1],  # below the lower metacopy files, if any
+                    changed,
                 )
             else:
                 metacopy = False
@@ -181,6 +201,7 @@ class CopyUp:
         self.stats["dirs" if stat.S_ISDIR(st.st_mode) else "metacopy" if metacopy else "files"] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("copied up %s", os.fsdecode(b"/".join(upath)))
+        return ust if changed is not None else None
 
     async def _copy_file(
         self,
@@ -192,6 +213,7 @@ class CopyUp:
         metacopy: bool,
         origin: bytes | None,
         data: tuple[Layer, Path],
+        change: SetAttr | None,
     ) -> None:
         """Build the copy of regular file LNAME in the workdir, then link it in as UNAME; its
         bytes from DATA (layer, path): LNAME itself, or the data below a lower metacopy LNAME.
@@ -228,6 +250,8 @@ class CopyUp:
                     # the copy holds the truncation's result already: its times too, so that
                     # a crash before the truncate itself leaves the after state, not a mix
                     os.utime(dst)
+                if change is not None:
+                    _change_fd(dst, change, st)
                 # as ovl_copy_up_one: auto syncs a copy with data (not a metacopy, not an
                 # empty file), strict every regular file (ovl_copy_up_metadata)
                 if self.fsync and (self.sync_metadata or (length and not metacopy)):
@@ -428,6 +452,20 @@ def _loop_idle() -> bool:
     """No other task of the loop is ready to run, and no thread result waits to be taken."""
     stats = trio.lowlevel.current_statistics()
     return stats.tasks_runnable == 0 and stats.run_sync_soon_queue_size == 0
+
+
+def _change_fd(fd: int, ch: SetAttr, st: os.stat_result) -> None:
+    """Make the owner, mode and time changes of CH on the copy FD (whose times are ST's), in
+    the order of a setattr on the upper after the copy-up: chown (which clears setuid, setgid
+    and security.capability as on the upper), mode (which updates an ACL's mask), times."""
+    if ch.uid is not None or ch.gid is not None:
+        os.fchown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+    if ch.mode is not None:
+        os.fchmod(fd, stat.S_IMODE(ch.mode))
+    if ch.atime_ns is not None or ch.mtime_ns is not None:
+        atime = st.st_atime_ns if ch.atime_ns is None else ch.atime_ns
+        mtime = st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns
+        os.utime(fd, ns=(atime, mtime))
 
 
 def _sync_dir_at(dirfd: int, name: bytes) -> None:

@@ -224,10 +224,16 @@ class Overlay:
             raise OSError(errno.EROFS, "read-only stack")
         if ch.size is not None and node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        # a truncate copies no more data; anything else changes metadata only
-        await self.copyup.copy_up(node, data_len=ch.size, meta=ch.size is None)
+        # a truncate copies no more data; anything else changes metadata only, and a regular
+        # file's copy-up makes that change itself (the copy's lstat comes back)
+        meta = ch.size is None
+        done = await self.copyup.copy_up(
+            node, data_len=ch.size, meta=meta, change=ch if meta else None
+        )
         if node.id in self.copyup.changed:  # the reply carries its attributes: no notice
             self.copyup.changed.remove(node.id)
+        if done is not None:
+            return self.attr(node, done)
         try:
             dirfd, name = self.files.real_location(node)
         except OSError:  # unlinked, but still open: work through the open file

@@ -333,3 +333,37 @@ async def test_copy_up_keeps_its_directories_across_a_wait(tmp_path: Path) -> No
         check_upper(up, work)
     finally:
         ov.close()
+
+
+async def test_setattr_of_lower_file_made_on_the_copy(tmp_path: Path) -> None:
+    """Owner, mode and times of a setattr land on the copy with the copy-up, in a setattr's
+    order (chown clears setuid first, then the mode sets it again); the reply is the upper's
+    lstat."""
+    low, up, work, mnt = make_stack(tmp_path)
+    (low / "f").write_bytes(b"abc")
+    os.chmod(low / "f", 0o4755)
+    atime = os.lstat(low / "f").st_atime_ns  # before the copy reads the lower
+    ov = overlay(low, up, work, mnt)
+    try:
+        ino = lookup(ov, b"f")
+        ch = SetAttr(mode=0o4750, uid=1000, gid=1001, mtime_ns=1_000_000_123)
+        attr = await ov.setattr(ino, ch, None, ROOT)
+        st = os.lstat(up / "f")
+        assert (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (
+            0o104750,
+            1000,
+            1001,
+            1_000_000_123,
+        )
+        assert st.st_atime_ns == atime  # not asked: the lower's
+        assert (attr.mode, attr.uid, attr.gid, attr.mtime_ns, attr.ctime_ns) == (
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+        assert (up / "f").read_bytes() == b"abc"
+        check_upper(up, work)
+    finally:
+        ov.close()

@@ -118,3 +118,23 @@ def test_copy_up_that_never_waits_dups_no_fd(tmp_path: Path) -> None:
     # os.scandir dups the fd of each directory it lists (dir and dir2, looked up): no more
     assert len(dups) <= 2, dups
     assert (d["upper"] / "dir2" / "f3").read_bytes() == b"data 3\n" * 4
+
+
+def test_chmod_of_lower_file_made_on_the_copy(tmp_path: Path) -> None:
+    """chmod of a lower regular file is made on its copy before the copy is linked in: no
+    chmod by name afterwards (which needed an lstat first, to never follow a symlink, and
+    another after for the reply). Directories are still changed after their copy-up."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        os.listdir(m.mnt)
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "chmod,fchmod,fchmodat")
+        try:
+            _chmod_all(m.mnt)
+            shown = [os.stat(m.mnt / "dir" / f"f{i}").st_mode for i in range(FILES)]
+        finally:
+            calls = tracer.stop()
+    by_name = [ln for ln in calls if "fchmodat" in ln and "#lfs." not in ln]  # not copies
+    assert len(by_name) == 2, calls  # dir and dir2
+    for i, mode in enumerate(shown):
+        assert mode == os.lstat(d["upper"] / "dir" / f"f{i}").st_mode == 0o100664
