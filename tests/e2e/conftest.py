@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,13 +147,17 @@ def pm(
     mount_program: tuple[str, Path],
     podman_runtime: Runtime,
     base_rootfs: Path,
-    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[PodmanEnv]:
     """A private podman whose overlay driver mounts through the mount program, with
     localhost/base imported."""
     name, path = mount_program
+    # A short root: podman refuses a runroot (ROOT/r) of more than 50 characters in the
+    # `container cleanup` conmon runs at a container's exit, and every `podman run` then waits
+    # 20 s for it (docs/benchmarks.md); /tmp/pytest-of-root/pytest-NNN/pm-kernel-overlay0/r
+    # is 51 once pytest numbers its runs with three digits.
+    root = Path(tempfile.mkdtemp(prefix=f"pm-{name}-", dir="/tmp"))
     env = PodmanEnv(
-        tmp_path_factory.mktemp(f"pm-{name}"),
+        root,
         podman_runtime.name,
         mount_program=path,
         label=name,
@@ -164,4 +169,6 @@ def pm(
         yield env
     finally:
         problems = env.force_cleanup()
+        if not problems:  # nothing mounted under it any more
+            shutil.rmtree(root)
         assert not problems, problems
