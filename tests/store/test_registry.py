@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,9 +225,12 @@ def test_round_trip_push_to_skopeo_and_podman(reg: LocalRegistry, tmp_path: Path
 
     if shutil.which("podman") is None or BUSYBOX is None:
         pytest.skip("needs podman and busybox-static for the podman half")
+    # podman's container cleanup refuses a runroot of more than 50 characters (tmp_path/r is
+    # more): podman run then waits 20 s for it (docs/benchmarks.md)
+    runroot = tempfile.mkdtemp(prefix="layerfs-test-", dir="/run")
     conf = tmp_path / "storage.conf"
     conf.write_text(
-        f'[storage]\ndriver = "vfs"\ngraphroot = "{tmp_path}/g"\nrunroot = "{tmp_path}/r"\n'
+        f'[storage]\ndriver = "vfs"\ngraphroot = "{tmp_path}/g"\nrunroot = "{runroot}"\n'
     )
     env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf), "HOME": str(tmp_path)}
 
@@ -255,6 +259,7 @@ def test_round_trip_push_to_skopeo_and_podman(reg: LocalRegistry, tmp_path: Path
         assert "pushed" in output and "new" in output and "data" not in output
     finally:
         subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(runroot, ignore_errors=True)
 
 
 def test_auth_basic_from_auth_files(tmp_path: Path) -> None:
