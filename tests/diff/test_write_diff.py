@@ -266,6 +266,21 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         [("removexattr", b"bin/sh", b"user.none"), ("getxattr", b"bin/sh", b"user.none")],
         {"removexattr-copyup"},
     ),
+    # An object with an upper removes on the upper straight away (ovl_xattr_set checks a
+    # lower-only one first): in a user namespace trusted.* is EPERM there, not ENODATA.
+    "removexattr-trusted": (
+        BASE,
+        [
+            ("removexattr", b"bin/sh", b"trusted.t"),
+            ("create", b"etc/new", b"x"),
+            ("removexattr", b"etc", b"trusted.t"),
+            ("setxattr", b"etc/passwd", b"user.n", b"v"),
+            ("removexattr", b"etc/passwd", b"trusted.t"),
+            ("removexattr", b"etc/new", b"trusted.t"),
+            ("removexattr", b"etc/new", b"user.none"),
+        ],
+        {"removexattr-copyup"},
+    ),
     "xattr-escape": (
         BASE,
         [
