@@ -467,7 +467,10 @@ class Operations(pyfuse3.Operations):
         if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
             stats = {**self.fs.statistics(), **{f"req_{k}": v for k, v in REQUESTS.items()}}
             return json.dumps(stats, sort_keys=True).encode()
-        return self.fs.getxattr(inode, name)
+        value = self.fs.find_xattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)  # directly: the usual answer
+        return value
 
     @_errors
     async def listxattr(

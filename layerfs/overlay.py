@@ -543,10 +543,29 @@ class Overlay:
         return _sys.proc_path(dirfd, real), not real  # a layer's root: the fd's link, followed
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if not xattrs.user_may_name(name, self.names):
+        value = self.find_xattr(ino, name)
+        if value is None:
             raise OSError(errno.ENODATA, "no such attribute")
-        where, is_fd = self._xattr_path(self.table.get(ino))
-        return os.getxattr(where, xattrs.to_real(name, self.names), follow_symlinks=is_fd)
+        return value
+
+    def find_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """getxattr(), None where there is no such attribute: the kernel asks for one that
+        most files lack (``security.capability``) at each new file's first write."""
+        if not xattrs.user_may_name(name, self.names):
+            return None
+        node = self.table.get(ino)
+        real_name = xattrs.to_real(name, self.names)
+        try:
+            dirfd, real = self.files.real_location(node)
+        except OSError:  # unlinked: through an open fd
+            where, is_fd = self._xattr_path(node)
+            try:
+                return os.getxattr(where, real_name, follow_symlinks=is_fd)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    return None
+                raise
+        return _sys.getxattr_or_none_at(dirfd, real, real_name)  # as _xattr_path's, no /proc
 
     def listxattr(self, ino: int, *, trusted: bool = True) -> list[bytes]:
         """The xattr names of INO a caller sees; TRUSTED: with the ``trusted.*`` ones, which
