@@ -548,20 +548,23 @@ class Namespace:
             raise OSError(errno.EEXIST, "target exists")
         if exchange and dst_res is None:
             raise OSError(errno.ENOENT, "nothing to exchange with")
+        # In the kernel's order: the VFS' checks (do_renameat2, may_delete), then ovl_rename's
+        # EXDEV, and only then the target's emptiness (ovl_check_empty_dir, or the upper's).
+        if src_res.is_dir and _is_ancestor(src, p2):
+            raise OSError(errno.EINVAL, "cannot move a directory into itself")
         if dst_res is not None and not exchange:
             if src_res.is_dir and not dst_res.is_dir:
                 raise OSError(errno.ENOTDIR, "target is not a directory")
             if not src_res.is_dir and dst_res.is_dir:
                 raise OSError(errno.EISDIR, "target is a directory")
-            if dst_res.is_dir and dst is not None and merged_names(self.stack, dst):
-                raise OSError(errno.ENOTEMPTY, "target directory not empty")
-        if src_res.is_dir and _is_ancestor(src, p2):
-            raise OSError(errno.EINVAL, "cannot move a directory into itself")
         if not self.redirect_dir and src_res.is_dir and src.lowers:
             raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
         if not self.redirect_dir and exchange and dst is not None and dst.is_dir and dst.lowers:
             # the exchange moves the target too (ovl_rename: !ovl_can_move(new))
             raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
+        replaced_dir = dst_res is not None and not exchange and dst_res.is_dir
+        if replaced_dir and dst is not None and merged_names(self.stack, dst):
+            raise OSError(errno.ENOTEMPTY, "target directory not empty")
 
     def _mark_impure(
         self, p1: Node, p2: Node, src: Node, dst: Node | None, d1: int, d2: int

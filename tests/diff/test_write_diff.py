@@ -281,6 +281,19 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"removexattr-copyup"},
     ),
+    # rename(2)'s refusals in the kernel's order: EXDEV (a lower dir without redirect_dir, as
+    # in a user namespace) before the target's emptiness; EINVAL (into itself) before ENOTDIR.
+    "rename-refusal-order": (
+        BASE,
+        [
+            ("rename", b"usr/lib", b"etc"),
+            ("rename", b"usr/share", b"var/log"),
+            ("create", b"usr/share/doc/f", b"f"),
+            ("rename", b"usr", b"usr/share/doc/f"),
+            ("rename", b"usr/share", b"usr/share/doc/f"),
+        ],
+        {"rename-dir"},
+    ),
     "xattr-escape": (
         BASE,
         [
