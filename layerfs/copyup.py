@@ -159,6 +159,10 @@ class CopyUp:
             # where the copy came from, as the kernel records it; not for a lower hard link,
             # whose copy-up breaks the link (ovl_do_copy_up)
             # (with userxattr the kernel keeps no file handle: an empty origin, "unknown")
+            # the parent may now hold an entry whose st_ino is its origin's: the kernel then
+            # computes the d_ino of its listing. Marked first, as ovl_do_copy_up does, so a
+            # copy-up the upper refuses (a device in a user namespace) leaves the mark too.
+            set_impure(dirs.upper, self.names, node.parent)
             origin = None
             if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
                 origin = layer.origin_fh(lpath) if self.names is not xattrs.USER else b""
@@ -179,9 +183,6 @@ class CopyUp:
             else:
                 metacopy = False
                 await self._copy_other(dirs, lname, st, upath[-1], origin)
-            # the parent may now hold an entry whose st_ino is its origin's: the kernel then
-            # computes the d_ino of its listing (ovl_set_impure)
-            set_impure(dirs.upper, self.names, node.parent)
             # Restore the parent's times (best effort), as ovl_copy_up_one does.
             os.utime(dirs.upper, ns=(pst.st_atime_ns, pst.st_mtime_ns))
             ust = _sys.lstat_at(dirs.upper, upath[-1])

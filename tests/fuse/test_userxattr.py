@@ -124,3 +124,42 @@ def test_unprivileged_daemon_writes_user_xattrs(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert as_nobody.stdout.strip() == "True", as_nobody.stderr
+
+
+# Mount, touch the lower device (its copy-up is refused: no mknod of a device in a user
+# namespace), print the upper root's overlay xattrs, unmount. $1: "kernel" or the layerfs CLI.
+_REFUSED_COPY_UP = r"""
+set -e
+t=$2
+if [ "$1" = kernel ]; then
+    mount -t overlay overlay -o "lowerdir=$t/lower,upperdir=$t/upper,workdir=$t/work,userxattr" \
+        "$t/merged"
+else
+    $1 mount "$t/lower" "$t/upper" "$t/merged" --workdir "$t/work" -o userxattr
+fi
+touch -h -d @1000 "$t/merged/null" 2>/dev/null && echo copied || echo refused
+getfattr --absolute-names -d -m '^user[.]overlay[.]impure' "$t/upper" | grep impure || true
+umount "$t/merged" 2>/dev/null || fusermount3 -u "$t/merged"
+"""
+
+
+def test_a_refused_copy_up_marks_the_parent_as_the_kernel(tmp_path: Path) -> None:
+    """ovl_do_copy_up marks the parent impure before it copies: a copy-up the upper refuses
+    leaves the mark. Read before any listing (a listing may drop the mark again), in a user
+    namespace as rootless engines mount (found by test_random_operations[layerfs-userns])."""
+    out = {}
+    for front in ("kernel", " ".join(layerfs_command())):
+        t = tmp_path / ("k" if front == "kernel" else "l")
+        for n in ("lower", "upper", "work", "merged"):
+            (t / n).mkdir(parents=True)
+        os.mknod(t / "lower" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        for p in [tmp_path, *t.iterdir(), t]:
+            os.chmod(p, 0o777)
+        log = tmp_path / f"{t.name}.out"
+        with open(log, "wb") as fh:
+            cmd = ["sh", "-c", _REFUSED_COPY_UP, "sh", front, str(t)]
+            proc = userns_popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+        out[front == "kernel"] = log.read_text().split()
+    assert out[True][0] == "refused"
+    assert out[False] == out[True]
