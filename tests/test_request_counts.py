@@ -10,6 +10,7 @@ count does not depend on the machine's load.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import requests
+from benchmarks import requests, system
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -104,3 +105,20 @@ def test_untar_requests_a_file(mounted: Mounted) -> None:
     assert counts["LOOKUP"] <= entries, counts
     assert counts["MKNOD"] == N, counts
     assert sum(counts.values()) <= 10 * entries, counts
+
+
+def test_the_daemon_counts_what_the_kernel_sends(mounted: Mounted) -> None:
+    """The benchmarks' CPU per request divides by the daemon's req_ counters: they must count
+    the requests the kernel sent, not also how the loop waited for them (the poll loop's
+    counters did, and halved every CPU per request figure of a run)."""
+    mnt = mounted[0]
+    before = system.fuse_requests(mnt)
+    with requests.counting(os.stat(mnt).st_dev) as counts:
+        for i in range(N):
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(mnt / f"missing-{i}")
+    after = system.fuse_requests(mnt)
+    assert before is not None and after is not None
+    # outside the kernel's count: the statistics read after it, the mount's stat before it
+    assert counts["LOOKUP"] == N, counts
+    assert N <= after - before <= N + 4, (after - before, counts)
