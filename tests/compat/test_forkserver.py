@@ -125,7 +125,7 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 if f.read().rpartition(b")")[2].split()[0] == b"Z":
                     return True
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # reaped before or during the read
             return True
         time.sleep(0.05)
     return False

@@ -31,7 +31,7 @@ class Strace:
             for t in tasks:
                 try:
                     status = Path(f"/proc/{pid}/task/{t}/status").read_text()
-                except FileNotFoundError:
+                except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
                     continue
                 if f"TracerPid:\t{self.proc.pid}\n" in status:
                     traced.add(t)
