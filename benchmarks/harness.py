@@ -500,14 +500,15 @@ def _run_benchmarks(
                     if r == 0:
                         say(f"[{r + 1}/{rounds}] {sc.name:22s} skipped: {reason}")
                     continue
-                shift = (r + i) % len(targets)
-                for t in targets[shift:] + targets[:shift]:
-                    cell = res.cell(sc.name, t.name)
-                    if runner.timeouts.get(t.name, 0) >= MAX_TIMEOUTS:
-                        cell.errors.append(f"not run: {MAX_TIMEOUTS} timeouts earlier")
-                        continue
-                    status = runner.once(t, sc, cell)
-                    say(f"[{r + 1}/{rounds}] {sc.name:22s} {t.name:15s}{status}")
+                for p in range(sc.passes):
+                    shift = (r + i + p) % len(targets)
+                    for t in targets[shift:] + targets[:shift]:
+                        cell = res.cell(sc.name, t.name)
+                        if runner.timeouts.get(t.name, 0) >= MAX_TIMEOUTS:
+                            cell.errors.append(f"not run: {MAX_TIMEOUTS} timeouts earlier")
+                            continue
+                        status = runner.once(t, sc, cell)
+                        say(f"[{r + 1}/{rounds}] {sc.name:22s} {t.name:15s}{status}")
             res.info["rounds_done"] = r + 1
             write_json(res, out, finished=False)
     finally:

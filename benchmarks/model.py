@@ -166,3 +166,6 @@ class Scenario:
     resident: bool = False
     timeout: float | None = None  # seconds one run may take, where more than the size's
     daemon_cpu: bool = True  # add the daemon's CPU rows (not where the mount is not the subject)
+    # Passes over the targets per round, each on a fresh mount, for rows of a few ms whose
+    # noise comes in phases of seconds longer than one target's block of samples.
+    passes: int = 1
