@@ -580,9 +580,11 @@ class Namespace:
 
     def has_origin(self, node: Node) -> bool:
         """Does NODE show a lower object's st_ino (ovl_type_origin)? A directory that merges
-        lowers, a copied-up object; after a remount an upper file with an origin recorded."""
+        lowers, a copied-up object; after a remount an upper file with an origin recorded.
+        Not a file whose copy-up broke a lower hard link: it shows its own st_ino, and the
+        kernel's inode is not hashed by the lower (ovl_hash_bylower: no OVL_CONST_INO)."""
         if node.lowers:
-            return True
+            return node.is_dir or node.origin is not None
         path = node.path()
         if node.is_dir or not node.upper or not path:
             return False

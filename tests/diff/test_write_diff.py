@@ -534,6 +534,31 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    # A copy-up that breaks a lower hard link records no origin, and the copy shows its own
+    # st_ino (the kernel's inode is not hashed by the lower): renamed, exchanged or linked into
+    # another directory, it does not make that one impure, as a copy with an origin does.
+    "hardlink-copy-moved-no-impure": (
+        BASE,
+        [
+            ("rename", b"hl1", b"empty/hl1"),
+            ("create", b"usr/new", b"x"),
+            ("rename", b"hl2", b"usr/new", RENAME_EXCHANGE),
+            ("link", b"empty/hl1", b"var/l"),
+        ],
+        {"hardlink-copyup"},
+    ),
+    # ... nor keeps the mark of an upper-only directory it is listed in
+    "impure-dropped-with-hardlink-copies": (
+        BASE,
+        [
+            ("mkdir", b"new"),
+            ("rename", b"etc/hosts", b"new/hosts"),
+            ("rename", b"hl1", b"new/hl1"),
+            ("unlink", b"new/hosts"),
+            ("listdir", b"new"),
+        ],
+        {"hardlink-copyup"},
+    ),
     # a directory whose impure mark a listing removed is marked again by the next entry with
     # an origin that lands in it (layerfs remembers the mark per node: the listing forgets it)
     "impure-marked-again-after-listing": (
@@ -1071,6 +1096,30 @@ def _inode_report(mnt: Path, upper: Path) -> dict[bytes, tuple[bool, str]]:
             own = False
         out[path] = (e.inode() == st_ino, "upper's" if own else "origin's")
     return out
+
+
+def test_paths_leaving_the_mount_are_not_run(tmp_path: Path, subject: Subject) -> None:
+    """An operation through a layer's symlink out of the mount (``../..``) is skipped on both
+    mounts and touches nothing outside, also through a user namespace's ``/proc/PID/root``
+    path: there a realpath-based check let ``makedirs`` make the directory outside, where the
+    second mount then met EEXIST (test_random_operations[layerfs-userns], session 10)."""
+    spec = LayerSpec([d({b"up2": sym(b"../.."), b"up3": sym(b"../../.."), b"x": f(b"x")})])
+    pair = Pair.create(tmp_path, subject, spec)
+    before = {p: sorted(os.listdir(p)) for p in (tmp_path, pair.subj.root.parent)}
+    mode = os.stat(tmp_path).st_mode
+    script: list[Op] = [
+        ("mkdir", b"up3/made"),
+        ("makedirs", b"up2/a/b"),
+        ("create", b"up3/f", b"x"),
+        ("chmod", b"up3", 0o700),
+        ("rename", b"x", b"up2/x", 0),
+        ("symlink", b"t", b"up3/l"),
+    ]
+    with pair.mounted() as (s, k):
+        results = [apply_all(m.mnt, script) for m in (k, s)]
+    assert results == [[("skip", None)] * len(script)] * 2, results
+    assert {p: sorted(os.listdir(p)) for p in before} == before
+    assert os.stat(tmp_path).st_mode == mode
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
