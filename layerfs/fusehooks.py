@@ -377,7 +377,7 @@ class _PollLoop(trio.abc.Instrument):
         self.module = module
         self.original = module._wait_fuse_readable
         self.counts = counts
-        self.owner: trio.lowlevel.Task | None = None  # the task waiting for the fd
+        self.owner = False  # a task holds the read duty (waits for the fd in an await)
         self.spares = trio.lowlevel.ParkingLot()  # the other readers
         self.runner: Any = None
         self.runnable = 0  # tasks trio would run before its next I/O wait
@@ -389,7 +389,8 @@ class _PollLoop(trio.abc.Instrument):
         try:
             runner: Any = trio._core._run.GLOBAL_RUN_CONTEXT.runner
             epoll_fd = runner.io_manager._epoll.fileno()
-            names = ("runq", "waiting_for_idle", "deadlines.next_deadline", "clock.current_time")
+            names = ["runq", "waiting_for_idle", "deadlines._heap", "deadlines.next_deadline"]
+            names.append("clock.current_time")
             for used in names:
                 obj = runner
                 for name in used.split("."):
@@ -415,7 +416,7 @@ class _PollLoop(trio.abc.Instrument):
         self.runnable -= 1
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        if self.owner is None and self.spares:
+        if not self.owner and self.spares:
             self.spares.unpark()  # the duty is free and its last holder parked: pass it on
 
     async def wait(self) -> bool:
@@ -423,22 +424,29 @@ class _PollLoop(trio.abc.Instrument):
         if self.runner is None and not self._attach():
             self.module._wait_fuse_readable = self.original
             return bool(await self.original())
+        # Found by the poll with nothing awaited: no other task ran meanwhile, so the read
+        # duty and pyfuse3's active_readers (which pyfuse3 reads between awaits only) need not
+        # be taken for it, and the session's exit flag is the one pyfuse3's loop just checked
+        polled = not self.owner
+        if polled and self._poll():
+            self.counts["loop_poll"] += 1
+            return True
         self.active.value += 1
         try:
-            me = trio.lowlevel.current_task()
-            while self.owner is not None:
+            while self.owner:
+                polled = False
                 await self.spares.park()
-            self.owner = me
+            self.owner = True
             try:
                 if self.exited(self.session):
                     return False
-                if self._poll():
+                if not polled and self._poll():  # not polled since the last task ran
                     self.counts["loop_poll"] += 1
                     return True
                 self.counts["loop_trio"] += 1
                 await trio.lowlevel.wait_readable(self.fd)
             finally:
-                self.owner = None
+                self.owner = False
         except trio.ClosedResourceError:  # pyfuse3.terminate
             return False
         finally:
@@ -451,10 +459,13 @@ class _PollLoop(trio.abc.Instrument):
         runner = self.runner
         if not self.counting or self.runnable or runner.waiting_for_idle:
             return False
-        sleep = runner.deadlines.next_deadline() - runner.clock.current_time()
-        if sleep <= 0:
-            return False
-        ms = -1 if sleep == float("inf") else min(_MAX_POLL_MS, int(sleep * 1000) + 1)
+        ms = -1
+        if runner.deadlines._heap:  # a timer is set (else no deadline: no clock to read)
+            sleep = runner.deadlines.next_deadline() - runner.clock.current_time()
+            if sleep <= 0:
+                return False
+            if sleep != float("inf"):
+                ms = min(_MAX_POLL_MS, int(sleep * 1000) + 1)
         ready = self.poller.poll(ms)
         return len(ready) == 1 and ready[0][0] == self.fd
 

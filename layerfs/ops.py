@@ -43,10 +43,12 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 STATS_XATTR = b"trusted.layerfs.statistics"  # on the root: the daemon's counters, as JSON
-REQUESTS: collections.Counter[str] = collections.Counter()
+# defaultdicts, not Counters: Counter's __delitem__, in Python, makes each of its item
+# assignments a call through a slot (0.2-0.3 us more an increment)
+REQUESTS: collections.defaultdict[str, int] = collections.defaultdict(int)
 # How the serving loop found each request (fusehooks.serve_loop): not requests, kept apart so
 # that the sum of the req_ counters stays the number of requests (benchmarks' CPU per request)
-LOOP: collections.Counter[str] = collections.Counter()
+LOOP: collections.defaultdict[str, int] = collections.defaultdict(int)
 
 
 def _errors(fn: F) -> F:
