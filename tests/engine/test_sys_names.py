@@ -1,8 +1,8 @@
 """_sys.check_name: one path component, or EINVAL (ENAMETOOLONG past 255 bytes).
 
-It runs on every lookup and create; its test for "/" and NUL is a ``find`` (bytes' ``in``
-raises and clears a TypeError for a bytes operand first): a slash or NUL anywhere, first and
-last bytes included, must still be refused (docs/benchmarks.md, session 11 loopprof).
+It runs on every lookup and create; it tests for "/" and NUL as ints (bytes' ``in`` with a
+bytes operand raises and clears a TypeError first): a slash or NUL anywhere, first and last
+bytes included, must still be refused (docs/benchmarks.md, session 11 loopprof).
 """
 
 from __future__ import annotations
