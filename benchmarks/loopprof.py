@@ -23,6 +23,7 @@ Root only (mounts, tracefs). docs/benchmarks.md, session 11 (loopprof).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -127,6 +128,8 @@ def main() -> int:
             cpu, ns = requests.cpu_seconds(proc.pid) - cpu0, run_ns(proc.pid) - ns0
             if args.tool == "callgrind":
                 subprocess.run(["callgrind_control", "-i", "off", pid], check=True)
+            stats = json.loads(os.getxattr(mnt, "trusted.layerfs.statistics"))
+            waits = {k: v for k, v in stats.items() if k.startswith(("loop_", "req_"))}
             if tool is not None:
                 tool.send_signal(signal.SIGINT)
                 tool.wait()
@@ -143,7 +146,7 @@ def main() -> int:
         total = sum(counts.values())
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"# {args.op} x {args.n}, tool {args.tool}, env {env}; load average {load}")
-        print(f"requests {total} ({dict(counts.most_common())})")
+        print(f"requests {total} ({dict(counts.most_common())}); the daemon's waits {waits}")
         per = f"{cpu / max(total, 1) * 1e6:.1f} us per request"
         print(f"daemon CPU {cpu * 1e3:.0f} ms, {per}; schedstat {ns / max(total, 1) / 1e3:.1f} us")
         if args.tool == "strace":
