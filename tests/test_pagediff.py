@@ -29,6 +29,8 @@ def test_a_child_s_writes_are_classed_page_by_page() -> None:
     pid = os.fork()
     if pid == 0:
         try:
+            os.close(ready_r)
+            os.close(done_w)  # the parent's closing it ends the wait below
             word = 1 * PAGE  # a count: one word raised by 3
             value = int.from_bytes(buf[word : word + 8], "little") + 3
             buf[word : word + 8] = value.to_bytes(8, "little")
@@ -39,14 +41,15 @@ def test_a_child_s_writes_are_classed_page_by_page() -> None:
             os.read(done_r, 1)
         finally:
             os._exit(0)
+    os.close(ready_w)  # a child that dies early gives EOF, not a hang
+    os.close(done_r)
     try:
         assert os.read(ready_r, 1) == b"r"
         diff = pagediff.compare(pid, os.getpid())
     finally:
-        os.write(done_w, b"d")
+        os.close(done_w)  # the child's read returns: it exits
         os.waitpid(pid, 0)
-        for fd in (ready_r, ready_w, done_r, done_w):
-            os.close(fd)
+        os.close(ready_r)
         del view
         buf.close()
     ours = {
