@@ -97,6 +97,7 @@ async def _round(
     n = len(names)
     reg = pyfuse3.ModeT(stat.S_IFREG | 0o644)
     ids: list[pyfuse3.InodeT] = []
+    created: list[pyfuse3.InodeT] = []  # mknod+write's files
     attr = pyfuse3.EntryAttributes()
     attr.st_mode = reg
     attr.st_atime_ns = attr.st_mtime_ns = 1_000_000_000
@@ -117,6 +118,11 @@ async def _round(
 
     async def write(i: int) -> object:
         return await o.write(pyfuse3.FileHandleT(NODE_FH | ids[i]), 0, BLOCK)
+
+    async def mknod_write(i: int) -> object:  # a create as the kernel sends it: the pair
+        e = await o.mknod(d0, b"c" + names[i], reg, 0, CTX)
+        created.append(e.st_ino)
+        return await o.write(pyfuse3.FileHandleT(NODE_FH | e.st_ino), 0, BLOCK)
 
     async def getattr_(i: int) -> object:
         return await o.getattr(ids[i], CTX)
@@ -147,6 +153,7 @@ async def _round(
         ("find-miss", find_miss),
         ("mknod", mknod),
         ("write", write),
+        ("mknod+write", mknod_write),
         ("getattr", getattr_),
         ("getattr-dir", getattr_dir),
         ("lookup-hit", hit),
@@ -167,11 +174,14 @@ async def _round(
     if "unlink" not in only:
         for name in names[: len(ids)]:
             await o.unlink(d0, name, CTX)
-    await o.forget([(i, 1) for i in ids])  # the FORGET after the unlink
+    for name in names[: len(created)]:
+        await o.unlink(d0, b"c" + name, CTX)
+    await o.forget([(i, 1) for i in ids + created])  # the FORGET after the unlink
 
 
 ALL = (
-    "lookup-miss,find-miss,mknod,write,getattr,getattr-dir,lookup-hit,getxattr,setattr-times,"
+    "lookup-miss,find-miss,mknod,write,mknod+write,getattr,getattr-dir,lookup-hit,getxattr,"
+    "setattr-times,"
     "setattr-mode,unlink"
 )
 

@@ -80,10 +80,18 @@ def cpu_seconds(pid: int) -> float:
 def profile(where: str | None, pid: int, name: str) -> subprocess.Popen[bytes] | None:
     """Record PID's stacks into WHERE until interrupted, or None: py-spy's collapsed stacks of
     the thread holding the GIL (the Python CPU), NAME.txt, or with PERF=1 in the environment
-    ``perf record -g``, NAME.perf (the whole CPU, kernel included)."""
+    ``perf record -g``, NAME.perf (the whole CPU, kernel included), or with STRACE=1 the
+    daemon's syscalls counted (``strace -f -c``), NAME.strace, or with PERFSTAT=1 its
+    instructions and cycles, user and kernel (``perf stat``: what the load changes least),
+    NAME.perfstat."""
     if where is None:
         return None
-    if os.environ.get("PERF"):
+    if os.environ.get("STRACE"):
+        cmd = ["strace", "-f", "-c", "-p", str(pid), "-o", f"{where}/{name}.strace"]
+    elif os.environ.get("PERFSTAT"):
+        events = "instructions:u,instructions:k,cycles:u,cycles:k"
+        cmd = ["perf", "stat", "-e", events, "-p", str(pid), "-o", f"{where}/{name}.perfstat"]
+    elif os.environ.get("PERF"):
         cmd = ["perf", "record", "-F", "4000", "-g", "-p", str(pid), "-o", f"{where}/{name}.perf"]
     else:
         spy = str(Path(sys.executable).with_name("py-spy"))

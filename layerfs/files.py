@@ -2,11 +2,14 @@
 
 Two kinds of handle. An OPEN request gets its own (a small number). Where the kernel sends no
 OPEN (the adapter answered it ENOSYS, see layerfs.fusehooks), requests name the node instead,
-``NODE_FH | node id``. Reads then share one read-only descriptor per node, kept in a small LRU;
-a write copies the file up if needed (the first write, not the open, copies up) and writes
-through a descriptor opened for that request, so that the daemon holds no file of the upper
-open for writing between requests. A node that loses its last name while the kernel holds it
-keeps a descriptor (pinned until the kernel forgets the node): a process may have it open.
+``NODE_FH | node id``. Reads then share one descriptor per node, kept in a small LRU; a write
+copies the file up if needed (the first write, not the open, copies up) and writes through the
+node's descriptor, opened read-write (a file MKNOD made keeps the descriptor it was created
+with, so that the writes after a create open nothing). Descriptors open for writing are closed
+once no write or create has come for WRITERS_IDLE, so that the daemon does not keep files of
+the upper open for writing past a burst of writes. A node that loses its last name while the
+kernel holds it keeps a descriptor (pinned until the kernel forgets the node): a process may
+have it open.
 
 A read-only open of a lower file reads the lower directly (no copy), and so does one of a
 metacopy file (its data is still the lower's). An open for write, or with O_TRUNC, copies the
@@ -25,6 +28,7 @@ import errno
 import itertools
 import os
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -39,6 +43,9 @@ from layerfs.layers import LayerStack
 BIG_IO = 256 << 10  # reads/writes from this size on go to a worker thread
 TRIM_AFTER = 0.1  # seconds without big I/O after which its buffers' memory goes back (_big_io_done)
 NODE_FH = 1 << 62  # a handle naming a node: no OPEN was sent for it (layerfs.fusehooks)
+# seconds without a write or a create after which the node descriptors open for writing are
+# closed (Files._close_writers): an upper filesystem can then be remounted read-only
+WRITERS_IDLE = 1.0
 
 
 class Handle:
@@ -46,7 +53,17 @@ class Handle:
     bits on a write (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then
     clear itself; None for root."""
 
-    __slots__ = ("busy", "fd", "kill_priv", "node", "old_fds", "on_upper", "pinned", "writable")
+    __slots__ = (
+        "busy",
+        "closing",
+        "fd",
+        "kill_priv",
+        "node",
+        "old_fds",
+        "on_upper",
+        "pinned",
+        "writable",
+    )
 
     def __init__(
         self,
@@ -62,12 +79,23 @@ class Handle:
         self.writable = writable
         self.kill_priv = kill_priv
         self.old_fds: list[int] = []  # lower fds replaced after a copy-up, closed on release
-        self.busy = 0  # operations running on a worker thread with fd
+        self.busy = 0  # operations running on a worker thread with fd: not closed meanwhile
         self.pinned = False  # a node handle kept while the node has no name left
+        self.closing = False  # closed while busy: the last unbusy() closes it
 
     def close(self) -> None:
+        """Close the descriptors; while a worker thread uses one, when it is done."""
+        if self.busy:
+            self.closing = True
+            return
         for fd in (self.fd, *self.old_fds):
             os.close(fd)
+
+    def unbusy(self) -> None:
+        self.busy -= 1
+        if self.closing and not self.busy:
+            self.closing = False
+            self.close()
 
 
 def kill_suid(fd: int, groups: frozenset[int]) -> None:
@@ -101,6 +129,11 @@ async def _write(
     return os.pwrite(fd, data, off)
 
 
+def _idle_writer(h: Handle) -> bool:
+    """A node descriptor open for writing that nothing needs now (_close_writers)."""
+    return h.writable and not (h.pinned or h.busy)
+
+
 class Files:
     """The open-file table of one mount."""
 
@@ -118,11 +151,14 @@ class Files:
         self.no_open = False  # the adapter sets it when the kernel will send no OPEN
         self.trims = 0  # memory trims after big I/O (_big_io_done)
         self._trim_wait: trio.CancelScope | None = None  # until the trim (_big_io_done)
+        self._written = 0.0  # time.monotonic() of the last write or create through a node handle
+        self._closing_writers = False  # a task waits to close them (_close_writers)
 
     def statistics(self) -> dict[str, int]:
         return {
             "open_files": len(self.handles),
             "node_fds": len(self.by_node),
+            "node_write_fds": sum(h.writable and not h.pinned for h in self.by_node.values()),
             "memory_trims": self.trims,
         }
 
@@ -224,6 +260,44 @@ class Files:
     def _on_upper(node: Node) -> bool:
         return bool(node.upper and not node.metacopy)
 
+    def keep_new(self, node: Node, fd: int) -> None:
+        """FD: NODE's upper file, just made by MKNOD (open with O_CREAT|O_EXCL, so a new
+        regular file of ours) and opened O_RDWR. Kept as the node's descriptor, for the
+        writes that follow a create (where requests name nodes), else closed."""
+        if not self.no_open:
+            os.close(fd)  # writes come through the OPEN handles
+            return
+        if node.id in self.by_node:
+            self._drop(node.id)  # a stale entry of a reused id
+        self._keep_writable(Handle(fd, node, True, True))
+
+    def _keep_writable(self, h: Handle) -> None:
+        """Make H, open for writing on its node's upper file, the node's descriptor."""
+        self.by_node[h.node.id] = h
+        if len(self.by_node) > self.max_node_fds:
+            self._evict()
+        self._written = time.monotonic()  # trio's clock costs a microsecond a call more
+        if not self._closing_writers:
+            self._closing_writers = True
+            trio.lowlevel.spawn_system_task(self._close_writers)
+
+    async def _close_writers(self) -> None:
+        """Once no write or create has come for WRITERS_IDLE, close the node descriptors open
+        for writing (reads reopen read-only): the daemon keeps no upper file open for writing
+        past a burst of writes (which would keep the upper filesystem from being remounted
+        read-only, and the space of a file unlinked behind our back). Also when the serving
+        loop ends (cancelled)."""
+        try:
+            while True:  # a deadline moved at every write would cost each write more
+                left = self._written + WRITERS_IDLE - time.monotonic()
+                if left <= 0:
+                    break
+                await trio.sleep(left)
+        finally:
+            self._closing_writers = False
+            for node_id in [i for i, h in self.by_node.items() if _idle_writer(h)]:
+                self._drop(node_id)
+
     def _evict(self) -> None:
         """Close the oldest descriptors nobody is using, down to three quarters of the cap."""
         excess = len(self.by_node) - self.max_node_fds * 3 // 4
@@ -249,6 +323,12 @@ class Files:
         forgets it), since a process may have it open and no OPEN told us."""
         if not (self.no_open and stat.S_ISREG(mode) and node.nlookup > 0):
             yield
+            return
+        h = self.by_node.get(node.id)
+        if h is not None and h.node is node and h.writable:  # already open on its data
+            yield
+            if not node.name:
+                h.pinned = True
             return
         writable = self._on_upper(node)
         dirfd, name = self.data_location(node)
@@ -294,17 +374,24 @@ class Files:
         except OSError:
             pass  # the parent went away meanwhile: nothing to mark
 
-    async def _node_write_fd(self, node: Node) -> tuple[int, bool]:
-        """A descriptor to write NODE's data through, and whether the caller closes it."""
+    async def _node_write_handle(self, node: Node) -> Handle:
+        """NODE's descriptor to write its data through: open for writing on its data (a
+        pure upper node's upper file never changes inode under it: a copy-up makes a new
+        one only for a node not yet on the upper, and a name replaced by a rename or an
+        unlink leaves the node with its own inode), the pinned one of a nameless node."""
         h = self.by_node.get(node.id)
-        if h is not None and h.node is node and h.pinned:
+        if h is not None and h.node is node and (h.pinned or h.writable):
             if not h.writable:
                 await self._detach(h)
-            return h.fd, False
+            self._written = time.monotonic()
+            return h
         if not self._on_upper(node):
             await self.copyup.copy_up(node)  # the first write copies the file up
         dirfd, name = self.real_location(node)
-        return _sys.open_data(dirfd, name, os.O_WRONLY), True
+        new = Handle(_sys.open_data(dirfd, name, os.O_RDWR), node, True, True)
+        self._drop(node.id)  # a read-only one (a read on a thread closes it when done)
+        self._keep_writable(new)
+        return new
 
     def _follow_copy_up(self, h: Handle) -> None:
         if not h.on_upper and self._on_upper(h.node):
@@ -328,7 +415,7 @@ class Files:
             try:
                 return await trio.to_thread.run_sync(os.pread, h.fd, size, off)
             finally:
-                h.busy -= 1
+                h.unbusy()
                 self._big_io_done()
         return os.pread(h.fd, size, off)
 
@@ -353,12 +440,12 @@ class Files:
     async def _node_write(
         self, node: Node, off: int, data: bytes, kill_priv: frozenset[int] | None
     ) -> int:
-        fd, close = await self._node_write_fd(node)
+        h = await self._node_write_handle(node)
+        h.busy += 1
         try:
-            return await _write(fd, off, data, kill_priv, self._big_io_done)
+            return await _write(h.fd, off, data, kill_priv, self._big_io_done)
         finally:
-            if close:
-                os.close(fd)
+            h.unbusy()
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) MODE on the upper file, copied up first as for a write (kernel
@@ -370,9 +457,8 @@ class Files:
                 raise OSError(errno.EBADF, "not open for writing")
             fd, close = os.dup(h.fd), True  # a thread may outlive the handle
         else:
-            fd, close = await self._node_write_fd(self.table.get(fh & ~NODE_FH))
-            if not close:  # a pinned node's own descriptor
-                fd, close = os.dup(fd), True
+            h = await self._node_write_handle(self.table.get(fh & ~NODE_FH))
+            fd, close = os.dup(h.fd), True
         try:
             await trio.to_thread.run_sync(_sys.fallocate, fd, mode, offset, length)
         finally:

@@ -285,22 +285,43 @@ class Namespace:
 
     async def mknod(
         self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller
-    ) -> tuple[Node, os.stat_result]:
+    ) -> tuple[Node, os.stat_result, int | None]:
+        """Make NAME; return its node, its lstat and, for a regular file, a descriptor of it
+        opened O_RDWR (the caller owns it).
+
+        A regular file is made by open(O_CREAT|O_EXCL) rather than mknod, in as many calls:
+        the descriptor can only be a new regular file of ours (never a device, a FIFO or a
+        symlink planted at the name), so it may be used for the file's data without
+        _sys.open_data's check, and the writes that follow a create need no open of their
+        own (Files.keep_new)."""
         if stat.S_ISCHR(mode) and rdev == 0:
             # a 0/0 device is a whiteout: "don't allow creation of whiteout on overlay" (ovl_mknod)
             raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
         udir, state = await self._prepare_parent(parent, name)
         acls = _inherit(udir, mode, caller)
         uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
+        fds: list[int] = []
 
         def build(dirfd: int, n: bytes) -> None:
-            _sys.mknod_at(dirfd, n, stat.S_IFMT(mode) | 0o600, rdev)
-            _sys.chown_at(dirfd, n, uid, gid)
-            os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
+            if stat.S_ISREG(mode):
+                fd = _sys.open_at(dirfd, n, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                fds.append(fd)
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, stat.S_IMODE(mode))
+            else:
+                _sys.mknod_at(dirfd, n, stat.S_IFMT(mode) | 0o600, rdev)
+                _sys.chown_at(dirfd, n, uid, gid)
+                os.chmod(n, stat.S_IMODE(mode), dir_fd=dirfd)
             _set_acls(dirfd, n, acls)
 
-        self._place(udir, name, build, state=state)
-        return self._finish_new(parent, name, udir)
+        try:
+            self._place(udir, name, build, state=state)
+            node, st = self._finish_new(parent, name, udir)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return node, st, fds[0] if fds else None
 
     async def symlink(
         self, parent: Node, name: bytes, target: bytes, caller: Caller

@@ -310,7 +310,9 @@ class Overlay:
         self, parent_ino: int, name: bytes, mode: int, rdev: int, caller: Caller
     ) -> Attr:
         caller = self.ids.caller(caller)
-        node, st = await self.ns.mknod(self.table.get(parent_ino), name, mode, rdev, caller)
+        node, st, fd = await self.ns.mknod(self.table.get(parent_ino), name, mode, rdev, caller)
+        if fd is not None:
+            self.files.keep_new(node, fd)
         return self.counted(node, st)
 
     async def symlink(self, parent_ino: int, name: bytes, target: bytes, caller: Caller) -> Attr:

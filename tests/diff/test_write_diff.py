@@ -948,6 +948,63 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         [("unlink_fstat", b"etc/shadow", "rw")],
         {"unlinked-nlink", "no-open-unlinked-nlink"},
     ),
+    # A descriptor held open on a file while its name changes: writes through it reach the
+    # file it is open on (new files, which layerfs keeps a descriptor of from their MKNOD,
+    # and lower files copied up by the first write), writes through the name the file the
+    # name shows now
+    "held-write": (
+        BASE,
+        [
+            ("create", b"up1", b"one"),
+            ("held_write", b"new1", b"up1", "rename-over"),
+            ("held_write", b"new2", b"new2b", "move"),
+            ("create", b"x3", b"three"),
+            ("held_write", b"new3", b"x3", "exchange"),
+            ("held_write", b"new4", b"-", "recreate"),
+            ("held_write", b"new5", b"-", "chmod0"),
+            ("held_write", b"new6", b"-", "chown"),
+            ("held_write", b"etc/hosts", b"etc/passwd", "rename-over"),
+            ("held_write", b"etc/shadow", b"etc/moved", "move"),
+            ("held_write", b"bin/sh", b"etc/rc.d/rc.local", "exchange"),
+            ("held_write", b"usr/lib/libc.so", b"-", "recreate"),
+            ("held_write", b"etc/rc.d/new", b"up1", "rename-over"),
+            ("stat", b"new5"),
+            ("stat", b"new6"),
+            ("listdir", b"."),
+        ],
+        {"unlinked-nlink"},
+    ),
+    # ... by a user: the held descriptor writes after a chmod 0 (permission is the open's),
+    # the name does not
+    # chmod without following a symlink: the symlink's own mode is refused, a file's and a
+    # directory's (lower, copied up; upper) changed
+    "chmod-nofollow": (
+        BASE,
+        [
+            ("chmod_nofollow", b"link", 0o600),
+            ("chmod_nofollow", b"abs", 0o600),
+            ("chmod_nofollow", b"etc/passwd", 0o600),
+            ("chmod_nofollow", b"etc", 0o700),
+            ("create", b"new", b"n"),
+            ("chmod_nofollow", b"new", 0o4711),
+            ("symlink", b"new", b"newlink"),
+            ("chmod_nofollow", b"newlink", 0o600),
+            ("chmod_nofollow", b"missing", 0o600),
+            ("stat", b"new"),
+            ("stat", b"link"),
+        ],
+        set(),
+    ),
+    "held-write-as-user": (
+        PERM,
+        [
+            ("as_user", 1000, 1000, ("held_write", b"tmp/mine", b"-", "chmod0")),
+            ("as_user", 1000, 1000, ("held_write", b"home/u/own", b"-", "chmod0")),
+            ("as_user", 1000, 1000, ("held_write", b"home/u/n1", b"home/u/own", "rename-over")),
+            ("stat", b"tmp/mine"),
+        ],
+        set(),
+    ),
     "setgid-inheritance": (
         BASE,
         [
@@ -1232,8 +1289,8 @@ class _Machine(RuleBasedStateMachine):
             and os.path.islink(self.k.mnt / os.fsdecode(op[1]))  # type: ignore[arg-type]
         ):
             return None  # the stand-in's copy-up of symlinks differs (scenarios cover it)
-        if op[0] == "chmod" and "setgid-inherit" in self.subject.quirks:
-            op = ("chmod", op[1], int(op[2]) & ~0o2000)  # type: ignore[call-overload]
+        if op[0] in ("chmod", "chmod_nofollow") and "setgid-inherit" in self.subject.quirks:
+            op = (op[0], op[1], int(op[2]) & ~0o2000)  # type: ignore[call-overload]
         if "rename-dir" in self.subject.quirks and op[0] == "rename":
             src = self.k.mnt / os.fsdecode(op[1])  # type: ignore[arg-type]
             if src.is_dir() and not src.is_symlink():
@@ -1461,6 +1518,10 @@ class WriteMachine(_Machine):
     def chmod(self, p: bytes, mode: int) -> None:
         self._do(("chmod", p, mode))
 
+    @rule(p=_paths, mode=st.sampled_from([0o600, 0o2755]))
+    def chmod_nofollow(self, p: bytes, mode: int) -> None:
+        self._do(("chmod_nofollow", p, mode))
+
     @rule(p=_paths, owner=st.sampled_from([(0, 0), (1000, 1000), (5, 6)]))
     def chown(self, p: bytes, owner: tuple[int, int]) -> None:
         self._do(("chown", p, *owner))
@@ -1511,6 +1572,14 @@ class WriteMachine(_Machine):
     @rule(p=_paths, kind=st.sampled_from(["chr", "sock"]))
     def mknod(self, p: bytes, kind: str) -> None:
         self._do(("mknod", p, kind))
+
+    @rule(
+        p=_paths,
+        q=_paths,
+        how=st.sampled_from(["rename-over", "move", "exchange", "recreate", "chmod0", "chown"]),
+    )
+    def held_write(self, p: bytes, q: bytes, how: str) -> None:
+        self._do(("held_write", p, q, how))
 
     @rule(p=_paths)
     def copyup_ino(self, p: bytes) -> None:

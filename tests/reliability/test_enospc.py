@@ -10,11 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import xxhash
+
+from layerfs.files import WRITERS_IDLE
 
 from ._helpers import fd_count, layerfs_daemon, needs_root, tmpfs
 
@@ -131,6 +134,19 @@ def test_full_upper_gives_enospc_and_keeps_serving(tmp_path: Path) -> None:
         assert "Traceback" not in d.log_text(), d.log_text()
 
 
+def _remount_read_only(fs: Path) -> None:
+    """Remount FS read-only. The daemon keeps the files it has just created or written open
+    for writing until WRITERS_IDLE has passed without a write (layerfs.files), and the kernel
+    refuses (EBUSY) meanwhile: retry for a few times that long, no more."""
+    deadline = time.monotonic() + 20 * WRITERS_IDLE
+    while True:
+        done = subprocess.run(["mount", "-o", "remount,ro", str(fs)], capture_output=True)
+        if done.returncode == 0:
+            return
+        assert time.monotonic() < deadline, done.stderr
+        time.sleep(WRITERS_IDLE / 4)
+
+
 def test_upper_failing_read_only_reaches_the_caller(tmp_path: Path) -> None:
     """The upper filesystem turns read-only under a live mount (as after an I/O error with
     errors=remount-ro): every change fails with the upper's error, reads go on, the daemon
@@ -146,7 +162,7 @@ def test_upper_failing_read_only_reaches_the_caller(tmp_path: Path) -> None:
         work.mkdir()
         with layerfs_daemon([lower], upper, work, mnt) as d:
             (mnt / "before").write_bytes(b"x")
-            subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+            _remount_read_only(fs)
             try:
                 failures = {}
                 attempts: list[tuple[str, Callable[[], object]]] = [

@@ -209,6 +209,15 @@ def _chmod(p: bytes, mode: int) -> object:
     return oct(stat.S_IMODE(os.lstat(p).st_mode))
 
 
+def _chmod_nofollow(p: bytes, mode: int) -> object:
+    """fchmodat2(AT_FDCWD, P, MODE, AT_SYMLINK_NOFOLLOW) (Linux 6.6): a symlink's own mode,
+    which the VFS refuses (EOPNOTSUPP); anything else as chmod."""
+    if _libc.syscall(452, _AT_FDCWD, p, ctypes.c_uint(mode), 0x100) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return oct(stat.S_IMODE(os.lstat(p).st_mode))
+
+
 def _chown(p: bytes, uid: int, gid: int) -> object:
     os.chown(p, uid, gid, follow_symlinks=False)
     return _stat_value(os.lstat(p))
@@ -314,6 +323,50 @@ def _tmpfile(p: bytes, data: bytes) -> object:
         os.close(fd)
 
 
+def _read_or_err(p: bytes) -> object:
+    try:
+        return digest(_read_all(p))
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+def _held_write(p: bytes, q: bytes, how: str) -> object:
+    """Write file P through a descriptor held open (P created when absent, as tar and cp do)
+    while P's name changes under it, HOW: ``rename-over`` (Q renamed over P), ``move`` (P
+    renamed to Q), ``exchange`` (P and Q exchanged), ``recreate`` (P unlinked and made again),
+    ``chmod0``, ``chown``; then write through the descriptor and through the name P. What the
+    descriptor reads (and its nlink), and what P and Q read. A daemon that keeps a descriptor
+    per file must write through the file the descriptor is open on, never the one the name
+    shows now."""
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | _NB, 0o644)
+    try:
+        os.pwrite(fd, b"held-1", 0)
+        if how == "rename-over":
+            os.rename(q, p)
+        elif how == "move":
+            os.rename(p, q)
+        elif how == "exchange":
+            renameat2(q, p, RENAME_EXCHANGE)
+        elif how == "recreate":
+            os.unlink(p)
+            _create(p, b"new")
+        elif how == "chmod0":
+            os.chmod(p, 0)
+        elif how == "chown":
+            os.chown(p, 1000, 1000)
+        os.pwrite(fd, b"held-2", 3)
+        try:
+            _write(p, 1, b"N")
+        except OSError as e:
+            named: object = errno.errorcode.get(e.errno or 0, str(e.errno))
+        else:
+            named = "ok"
+        held = digest(os.pread(fd, 1 << 16, 0))
+        return (held, os.fstat(fd).st_nlink, named, _read_or_err(p), _read_or_err(q))
+    finally:
+        os.close(fd)
+
+
 # name -> (function, which positional args are paths)
 OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "stat": (lambda p: _stat_value(os.lstat(p)), (0,)),
@@ -327,6 +380,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "truncate": (_truncate, (0,)),
     "chmod": (_chmod, (0,)),
     "chown": (_chown, (0,)),
+    "chmod_nofollow": (_chmod_nofollow, (0,)),
     "utime": (_utime, (0,)),
     "setxattr": (_setxattr, (0,)),
     "removexattr": (_removexattr, (0,)),
@@ -351,6 +405,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "fsyncdir": (_fsyncdir, (0,)),
     "tmpfile": (_tmpfile, (0,)),
     "mmap_write": (_mmap_write, (0,)),
+    "held_write": (_held_write, (0, 1)),
 }
 
 
@@ -371,6 +426,7 @@ FOLLOWS_LAST = {
     "fsyncdir",
     "tmpfile",
     "mmap_write",
+    "held_write",
 }
 
 
