@@ -8,14 +8,18 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from layerfs import _sys
 from layerfs.attrs import Caller, SetAttr
+from layerfs.copyup import THREAD_THRESHOLD
 from layerfs.inodes import ROOT_ID
 from layerfs.overlay import Overlay
 
@@ -97,41 +101,101 @@ async def test_requests_served_during_a_large_copy_up(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("waiting", "concurrent", "inline"),
     [
-        (None, False, 0),  # no way to tell whether requests wait (no FUSE): always a thread
-        (False, False, 3),  # a copy-up alone, nothing waiting: synced inline, as the kernel
-        (True, False, 0),  # a request waits in /dev/fuse: a thread, the loop serves it
-        (False, True, 0),  # other copy-ups in progress: threads, their syncs overlap
+        (None, None, 0),  # no way to tell whether requests wait (no FUSE): always a thread
+        (False, None, 3),  # a copy-up alone, nothing waiting: synced inline, as the kernel
+        (True, None, 0),  # a request waits in /dev/fuse: a thread, the loop serves it
+        # another copy-up in progress (its big copy on a thread): the three on threads, their
+        # syncs overlap; the big one's own sync is inline, alone again by then
+        (False, "in progress", 1),
+        # three started at once, none begun: each is alone when it syncs (in FUSE a request
+        # not yet begun is still in /dev/fuse: the poll sees it, the case above)
+        (False, "not begun", 3),
     ],
 )
 async def test_copy_up_fsync_inline_only_when_alone(
-    tmp_path: Path, waiting: bool | None, concurrent: bool, inline: int
+    tmp_path: Path, waiting: bool | None, concurrent: str | None, inline: int
 ) -> None:
     """fsync=auto syncs each data copy-up once, inline only when nothing else waits."""
     low, up, work, mnt = make_stack(tmp_path)
     names = [b"a", b"b", b"c"]
     for name in names:
         (low / name.decode()).write_bytes(name * 5000)
+    big = os.urandom(THREAD_THRESHOLD + 1)
+    (low / "big").write_bytes(big)
     ov = overlay(low, up, work, mnt)
     if waiting is not None:
         ov.copyup.requests_waiting = lambda: waiting
     try:
         inos = [lookup(ov, name) for name in names]
+        big_ino = lookup(ov, b"big")
 
         async def chmod(ino: int) -> None:
             await ov.setattr(ino, SetAttr(mode=0o600), None, ROOT)
 
-        if concurrent:
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            if concurrent == "not begun":
                 for ino in inos:
                     nursery.start_soon(chmod, ino)
-        else:
-            for ino in inos:
-                await chmod(ino)
+            else:
+                if concurrent == "in progress":
+                    copy = ov.copyup._copy
+
+                    def slow_copy(*args: Any) -> str:
+                        if args[2] > THREAD_THRESHOLD:  # on its thread: the small ones meanwhile
+                            time.sleep(0.5)
+                        return copy(*args)
+
+                    ov.copyup._copy = slow_copy  # type: ignore[method-assign]
+                    nursery.start_soon(chmod, big_ino)
+                    await trio.testing.wait_all_tasks_blocked()  # the big copy on its thread
+                    assert ov.copyup.active == 1
+                for ino in inos:
+                    await chmod(ino)
         stats = ov.copyup.statistics()
-        assert (stats["fsyncs"], stats["fsyncs_inline"]) == (3, inline)
+        syncs = 4 if concurrent == "in progress" else 3
+        assert (stats["fsyncs"], stats["fsyncs_inline"]) == (syncs, inline)
         for name in names:
             assert (up / name.decode()).read_bytes() == name * 5000
             assert stat.S_IMODE((up / name.decode()).stat().st_mode) == 0o600
+        check_upper(up, work)
+    finally:
+        ov.close()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps the scheduler runs of one task: each is a pass through trio."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task is self.task
+
+
+@pytest.mark.parametrize(("fsync", "syncs"), [("volatile", 0), ("auto", 1)])
+async def test_small_copy_up_alone_never_passes_through_trio(
+    tmp_path: Path, fsync: str, syncs: int
+) -> None:
+    """A small copy-up alone runs without a schedule point, its fsync inline (the poll loop
+    then answers the request without a pass through trio: ~200,000 instructions a chmod)."""
+    low, up, work, mnt = make_stack(tmp_path)
+    (low / "d").mkdir()
+    (low / "d" / "f").write_bytes(b"x" * 5000)
+    ov = overlay(low, up, work, mnt)
+    ov.copyup.fsync = fsync != "volatile"
+    ov.copyup.requests_waiting = lambda: False
+    try:
+        ino = lookup(ov, b"d/f")
+        probe = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(probe)
+        try:
+            await ov.setattr(ino, SetAttr(mode=0o600), None, ROOT)  # the parent d too
+        finally:
+            trio.lowlevel.remove_instrument(probe)
+        assert probe.steps == 0
+        assert ov.copyup.statistics()["fsyncs_inline"] == syncs
+        assert stat.S_IMODE((up / "d" / "f").stat().st_mode) == 0o600
         check_upper(up, work)
     finally:
         ov.close()
