@@ -63,15 +63,16 @@ def address() -> bytes:
 
 
 def _code_identity() -> int:
-    """A checksum of the interpreter, the paths of layerfs and of mount_helper beside it (the
-    thin request runs its option parser in the server), and their modules' mtimes and sizes."""
+    """A checksum of the interpreter (its path and version: a venv remade with another Python
+    keeps its path), the paths of layerfs and of mount_helper beside it (the thin request runs
+    its option parser in the server), and their modules' mtimes and sizes."""
     here = __file__
     if not here.startswith("/") or any(p in here for p in ("//", "/./", "/../")):
         import os  # rare: a relative or unnormalised entry of sys.path
 
         here = os.path.abspath(here)
     pkg = here.rpartition("/")[0]  # os.path.dirname, for a normalised absolute path
-    parts = [sys.executable, pkg]
+    parts = [sys.executable, sys.version, pkg]
     for where in (pkg, pkg.rpartition("/")[0] + "/mount_helper"):
         try:
             entries = posix.scandir(where)

@@ -116,9 +116,15 @@ def test_user_namespace_is_detected(tmp_path: Path) -> None:
 
 
 def test_unprivileged_daemon_writes_user_xattrs(tmp_path: Path) -> None:
-    code = "from layerfs.config import MountConfig as C; print(C((), '/').user_xattrs)"
+    # Started as root, nobody once imported (as setpriv --reuid --regid --clear-groups): the
+    # venv's interpreter may live where nobody cannot read it (a pyenv under /root)
+    code = (
+        "from layerfs.config import MountConfig as C; import os; "
+        "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534); "
+        "print(C((), '/').user_xattrs)"
+    )
     as_nobody = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
