@@ -346,7 +346,8 @@ def _git(*args: str) -> str:
 
 ALL_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
 # Opt-in (--targets), for the copy-up scenarios: metadata-only copy-up on both sides, and
-# each fsync= mode on both sides (the default, auto, is "kernel" and "layerfs").
+# each fsync= mode on both sides (the default, auto, is "kernel" and "layerfs"); for the pss
+# row, layerfs -o ksm.
 EXTRA_TARGETS = [
     "kernel-metacopy",
     "layerfs-metacopy",
@@ -354,6 +355,7 @@ EXTRA_TARGETS = [
     "layerfs-volatile",
     "kernel-strict",
     "layerfs-strict",
+    "layerfs-ksm",
 ]
 
 
@@ -375,6 +377,7 @@ def make_targets(
         "layerfs-volatile": layerfs("volatile", "fsync=volatile"),
         "kernel-strict": KernelStrict(),
         "layerfs-strict": layerfs("strict", "fsync=strict"),
+        "layerfs-ksm": layerfs("ksm", "ksm"),  # the pss row then runs the host's ksmd
     }
 
     unknown = [n for n in names if n not in table]

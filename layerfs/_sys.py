@@ -646,3 +646,17 @@ def fs_uuid(fd: int) -> bytes:
     except OSError:
         return bytes(16)
     return bytes(buf[1 : 1 + min(buf[0], 16)]).ljust(16, b"\0")
+
+
+_PR_SET_MEMORY_MERGE = 67  # Linux 6.4; kept over fork and exec
+
+
+def merge_pages() -> bool:
+    """Offer all of this process's anonymous memory, now and later, to the kernel's same-page
+    merging (KSM). Daemons forked from one server hold thousands of identical pages (the
+    interpreter's reference counts and code caches written back to the same bytes); ksmd, where
+    the host runs it, keeps one copy. False (and nothing changed) where the kernel refuses."""
+    if _libc.prctl(_PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0:
+        return True
+    log.warning("ksm: PR_SET_MEMORY_MERGE refused: %s", os.strerror(ctypes.get_errno()))
+    return False

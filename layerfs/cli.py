@@ -20,6 +20,7 @@ _FLAGS = frozenset({"allow_other", "noallow_other", "volatile", "userxattr", "rw
 _VALUES: dict[str, tuple[str, ...]] = {
     "redirect_dir": ("on", "follow", "nofollow", "off"),
     "metacopy": ("on", "off"),
+    "ksm": ("on", "off"),  # or bare: on
     "fsync": tuple(FSYNC_MODES),
 }
 
@@ -70,7 +71,7 @@ def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
         key, eq, value = opt.partition("=")
         if key in _FLAGS and eq:
             raise LayerfsError(f"option {key}: bad value {value!r} (it takes none)")
-        if key in _VALUES and value not in _VALUES[key]:
+        if key in _VALUES and value not in _VALUES[key] and not (key == "ksm" and not eq):
             expected = ", ".join(_VALUES[key])
             raise LayerfsError(f"option {key}: bad value {value!r} (expected {expected})")
         if key == "allow_other":
@@ -85,6 +86,8 @@ def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
             kw["metacopy"] = value == "on"
         elif key == "userxattr":
             kw["userxattr"] = True
+        elif key == "ksm":
+            kw["merge_pages"] = value != "off"
         elif key == "fsync":
             kw["fsync_mode"] = FSYNC_MODES[value]
         elif key in ("rw", "dev", "suid", "exec"):
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="options",
         action="append",
         metavar="OPTS",
-        help="comma-separated options (allow_other, volatile, fsync=auto|strict|volatile, ro...)",
+        help="comma-separated options (allow_other, volatile, fsync=auto|strict|volatile, ksm...)",
     )
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     m.add_argument("--debug", action="store_true", help="trace requests (implies logging)")

@@ -53,7 +53,7 @@ class MountConfig(Record):
         "lowers", "mountpoint", "upper", "workdir", "foreground", "debug", "allow_other",
         "fsname", "fsync_mode", "redirect_dir", "metacopy", "userxattr", "uid_mappings",
         "gid_mappings", "squash_to_uid", "squash_to_gid", "log_file", "extra_fuse_options",
-        "warnings",
+        "warnings", "merge_pages",
     )  # fmt: skip
     lowers: tuple[str, ...]
     mountpoint: str
@@ -81,6 +81,9 @@ class MountConfig(Record):
     log_file: str | None
     extra_fuse_options: tuple[str, ...]
     warnings: tuple[str, ...]
+    # "ksm": the daemon's memory offered to the kernel's same-page merging (PR_SET_MEMORY_MERGE);
+    # merged only where the host runs ksmd. Off by default: see docs/usage.md for the trade.
+    merge_pages: bool
 
     def __init__(
         self,
@@ -103,6 +106,7 @@ class MountConfig(Record):
         log_file: str | None = None,
         extra_fuse_options: tuple[str, ...] = (),
         warnings: tuple[str, ...] = (),
+        merge_pages: bool = False,
     ) -> None:
         self._fill(locals())
 

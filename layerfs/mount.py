@@ -146,6 +146,10 @@ def _serve_fd(config: MountConfig, fuse_fd: int) -> int:
 def _open(config: MountConfig) -> Overlay:
     from layerfs.overlay import Overlay
 
+    if config.merge_pages:
+        from layerfs import _sys
+
+        _sys.merge_pages()
     _raise_fd_limit()
     return Overlay(config)
 

@@ -4,7 +4,7 @@ Every option lands in exactly one row of the table (docs/containers.md prints it
 
 * mapped onto MountConfig: lowerdir, lowerdir+, upperdir, workdir, volatile, fsync, userxattr,
   uidmapping, gidmapping, squash_to_uid, squash_to_gid, squash_to_root, allow_other, debug,
-  fsname, log, ro/rw;
+  fsname, log, ro/rw, ksm;
 * passed to the kernel as FUSE mount flags (libfuse accepts exactly these): rw, ro, suid, nosuid,
   dev, nodev, exec, noexec, sync, async, dirsync, atime, noatime;
 * accepted and ignored silently: the generic mount(8)/fstab options (defaults, nofail, _netdev,
@@ -120,6 +120,7 @@ class _State:
         "gid_mappings",
         "log_file",
         "lowers",
+        "merge_pages",
         "metacopy",
         "redirect_dir",
         "squash_to_gid",
@@ -140,6 +141,7 @@ class _State:
         self.redirect_dir: bool | None = None  # None: on, off with userxattr (.redirects)
         self.userxattr: bool | None = None  # None: chosen by the user namespace we run in
         self.metacopy = False
+        self.merge_pages = False
         self.uid_mappings: list[IdMapping] = []
         self.gid_mappings: list[IdMapping] = []
         self.squash_to_uid: int | None = None
@@ -204,6 +206,7 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
         log_file=st.log_file,
         extra_fuse_options=_fuse_flags(st.flags, os.geteuid() if euid is None else euid),
         warnings=tuple(st.warnings),
+        merge_pages=st.merge_pages,
     )
 
 
@@ -252,6 +255,10 @@ def _apply_one(st: _State, name: str, has_value: bool, raw: str, cwd: str) -> No
         if mode not in ("on", "follow", "off", "nofollow"):
             raise LayerfsError(f"redirect_dir={mode}: expected on, follow, off or nofollow")
         st.redirect_dir = mode in ("on", "follow")
+    elif name == "ksm":  # podman passes data options (name=value) of mountopt: ksm=on
+        if has_value and value not in ("on", "off"):
+            raise LayerfsError(f"ksm={value}: expected on or off")
+        st.merge_pages = not has_value or value == "on"
     elif name == "metacopy":
         mode = _need(name, has_value, value)
         if mode not in ("on", "off"):

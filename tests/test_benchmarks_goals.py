@@ -22,6 +22,7 @@ TARGETS = [
     "layerfs",
     "kernel-volatile",
     "layerfs-volatile",
+    "layerfs-ksm",
 ]
 
 
@@ -92,6 +93,14 @@ def test_mount_podman_and_pss_limits(tmp_path: Path) -> None:
     stored = json.loads(missed.read_text())["goals"]
     assert [g["goal"] for g in stored] == [g.name for g in GOALS]
     assert stored[0]["layerfs"]["met"] is False
+
+
+def test_pss_with_ksm_is_shown_beside_the_default_and_does_not_judge(tmp_path: Path) -> None:
+    pss = "PSS per mount, 20 mounts"
+    run = write_run(tmp_path / "ksm.json", {pss: {"layerfs": 6.9, "layerfs-ksm": 2.1}})
+    met, detail = verdict([load(run)], "issue 17: PSS")
+    assert met is False
+    assert detail == "6.90 MiB a mount; with -o ksm and the host's ksmd on: 2.10 MiB"
 
 
 def per_request(layerfs: float) -> dict[str, dict[str, float]]:

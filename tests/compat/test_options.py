@@ -176,6 +176,15 @@ def test_unknown_options_warn_but_never_fail() -> None:
     assert any("index=on" in w for w in c.warnings)
 
 
+def test_ksm_option() -> None:
+    assert cfg("lowerdir=/a").merge_pages is False
+    assert cfg("lowerdir=/a,ksm").merge_pages is True
+    assert cfg("lowerdir=/a,ksm=on").merge_pages is True
+    assert cfg("lowerdir=/a,ksm,ksm=off").merge_pages is False
+    with pytest.raises(LayerfsError, match="ksm=yes"):
+        cfg("lowerdir=/a,ksm=yes")
+
+
 def test_metacopy_option() -> None:
     assert cfg("lowerdir=/a").metacopy is False
     assert cfg("lowerdir=/a,metacopy=on").metacopy is True
