@@ -341,11 +341,11 @@ class Namespace:
             raise OSError(errno.EPERM, "hard link to a directory")
         self._writable()
         _sys.check_new_name(name)
-        while True:  # copy-ups first; then, with no await left, check and act
-            if not parent.upper:
-                await self.copyup.copy_up(parent)
-            elif not node.upper:
+        while True:  # copy-ups first, the source's before the parent's as in ovl_link
+            if not node.upper:
                 await self.copyup.copy_up(node, meta=True)
+            elif not parent.upper:
+                await self.copyup.copy_up(parent)
             else:
                 break
         if resolve(self.stack, parent, name) is not None:
@@ -462,7 +462,10 @@ class Namespace:
             if dst is src:
                 return None
             self._check_rename(src_res, src, dst_res, dst, p2, flags)
-            todo = [n for n in (p1, p2, src, dst if exchange else None) if n and not n.upper]
+            # in ovl_rename's order: the source (its parents first), the target's parent, an
+            # exchanged target; a copy-up that fails (a device in a user namespace) leaves the
+            # later ones undone
+            todo = [n for n in (src, p2, dst if exchange else None) if n and not n.upper]
             busy = [n.key for n in (src, dst) if n and self.copyup.locks.busy(n.key)]
             if todo:
                 await self.copyup.copy_up(todo[0], meta=True)
@@ -503,8 +506,11 @@ class Namespace:
             # Every step below leaves a valid tree on disk: the rename is one call, and what
             # prepares or cleans up around it changes nothing the merged view shows.
             if dst_res is not None and dst_res.upper and dst_res.is_dir:
-                # an empty merged target may still hold whiteouts (ovl_clear_empty)
-                self._clear_empty(d2, n2)
+                assert dst is not None
+                if not self._pure_upper_dir(dst):
+                    # an empty merged target may still hold whiteouts (ovl_clear_empty); a pure
+                    # upper one is left to the rename, which refuses it if not empty
+                    self._clear_empty(d2, n2)
             state = self._whiteout_state(d2, n2) if dst_res is None or not dst_res.upper else "none"
             need_whiteout = src_res.lower_positive
             flags = 0
@@ -584,8 +590,24 @@ class Namespace:
             # the exchange moves the target too (ovl_rename: !ovl_can_move(new))
             raise OSError(errno.EXDEV, "lower directory rename needs redirect_dir")
         replaced_dir = dst_res is not None and not exchange and dst_res.is_dir
-        if replaced_dir and dst is not None and merged_names(self.stack, dst):
+        if (
+            replaced_dir
+            and dst is not None
+            and not self._pure_upper_dir(dst)
+            and merged_names(self.stack, dst)
+        ):
             raise OSError(errno.ENOTEMPTY, "target directory not empty")
+        # a pure upper target is not looked at: the upper's rename refuses it if it is not
+        # empty, after the copy-ups, as ovl_rename leaves it (!ovl_pure_upper(new))
+
+    def _pure_upper_dir(self, node: Node) -> bool:
+        """An upper directory with no lowers that never had any (no origin: the kernel's
+        !OVL_WHITEOUTS), so that it holds no whiteouts to clear."""
+        path = node.path()
+        if not node.upper or node.lowers or not path:
+            return False
+        udir = self._upper_dir_of(path)
+        return not any(_sys.getxattr_at(udir, path[-1], a) is not None for a in xattrs.ORIGIN)
 
     def _mark_impure(
         self, p1: Node, p2: Node, src: Node, dst: Node | None, d1: int, d2: int

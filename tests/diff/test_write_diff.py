@@ -39,6 +39,7 @@ from support.layerspec import (
     CAP_NET_BIND_SERVICE,
     DEFAULT_MTIME_NS,
     SAFE_ABS_TARGET,
+    Device,
     File,
     HardLink,
     LayerSpec,
@@ -558,6 +559,57 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("listdir", b"new"),
         ],
         {"hardlink-copyup"},
+    ),
+    # rename and link copy the source up before the target's parent (ovl_rename, ovl_link): a
+    # source whose copy-up fails (a device, in a user namespace: EPERM) leaves that parent in
+    # the lowers, and a merged directory's nlink as it was
+    "copy-up-order-failed-source": (
+        LayerSpec(
+            [
+                d(
+                    {
+                        b"dev1": Device("c", 1, 7),
+                        b"dev2": Device("b", 7, 200),
+                        b"dev3": Device("c", 1, 3),
+                        b"d1": d({b"f": f(b"1")}),
+                        b"d2": d({b"f": f(b"2")}),
+                        b"d3": d({b"f": f(b"3")}),
+                    }
+                )
+            ]
+        ),
+        [
+            ("rename", b"dev1", b"d1/dev", 0),
+            ("link", b"dev2", b"d2/dev"),
+            ("rename", b"dev3", b"d3/f", RENAME_EXCHANGE),
+            ("stat", b"d1"),
+            ("stat", b"d2"),
+            ("stat", b"d3"),
+        ],
+        {"device-copyup"},
+    ),
+    # a pure upper target directory is not checked for emptiness before the copy-ups, as one
+    # that merges lowers is: the upper's rename refuses it (ENOTEMPTY) once the source is
+    # copied up and redirected (ovl_rename: !ovl_pure_upper(new))
+    "rename-onto-full-pure-upper-dir": (
+        LayerSpec([d({b"a": d({b"f": f(b"x")}), b"m": d({b"g": f(b"y")})})]),
+        [
+            ("makedirs", b"d/b"),
+            ("rename", b"a", b"d", 0),
+            ("mkdir", b"e"),
+            ("rename", b"m", b"e", 0),
+            ("stat", b"a"),
+        ],
+        {"rename-dir"},
+    ),
+    # With userxattr the kernel records an empty origin: the new name a link makes is looked
+    # up afresh, another inode without origin (own st_ino), and a listing of its directory,
+    # marked impure by the link, finds no entry with an origin and drops the mark; layerfs
+    # shows one inode for both names and keeps it (userxattr-link-ino)
+    "link-name-without-origin": (
+        LayerSpec([d({b"a": f(b"aa"), b"b": f(b"bb")})]),
+        [("mkdir", b"n"), ("link", b"a", b"n/c"), ("link", b"b", b"n/q"), ("listdir", b"n")],
+        {"userxattr-link-ino", "hardlink-copyup"},  # fuse-overlayfs: no group after remount
     ),
     # a directory whose impure mark a listing removed is marked again by the next entry with
     # an origin that lands in it (layerfs remembers the mark per node: the listing forgets it)
@@ -1239,6 +1291,9 @@ _ENV_SKIP_OPS = frozenset(filter(None, os.environ.get("LAYERFS_DIFF_SKIP_OPS", "
 _SKIP_OPS = {
     "removexattr": "removexattr-copyup",
     "truncate": "truncate-same-size",
+    # the kernel's new name of a copied-up file is another inode without origin: a listing
+    # of its directory drops the impure mark layerfs keeps (script link-name-without-origin)
+    "link": "userxattr-link-ino",
 }
 
 
@@ -1263,6 +1318,7 @@ class _Machine(RuleBasedStateMachine):
         self.log: list[str] = []
         self.broken = False
         self.restacks = 0
+        self.remounts = 0
         self.moves: list[tuple[bytes, bytes]] = []  # directory renames that succeeded
         self.moved_since_restack = False
 
@@ -1417,6 +1473,67 @@ class _Machine(RuleBasedStateMachine):
                 self._move(a, b, RENAME_EXCHANGE)
             else:
                 self._move(b, a, RENAME_EXCHANGE)
+
+    # --- moves of any entry: files across directories, exchanged with anything
+    # The uniform paths draw from a..e only: the generated hard links (hl-*) were never
+    # renamed or linked, and an exchange rarely met a directory. A lower hard link's copy
+    # marked its new parent impure where the kernel does not (hardlink-copy-moved-no-impure).
+
+    def _tree(self) -> tuple[list[bytes], list[bytes]]:
+        """(non-directories, directories) of the kernel's merged view, any name."""
+        assert self.k
+        files: list[bytes] = []
+        dirs: list[bytes] = []
+        for p, e in walk_entries(os.fsencode(self.k.mnt)):
+            with contextlib.suppress(OSError):
+                (dirs if e.is_dir(follow_symlinks=False) else files).append(p)
+        return files, dirs
+
+    @rule(data=st.data(), flags=st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE]))
+    def move_entry(self, data: st.DataObject, flags: int) -> None:
+        """A file (a lower hard link, a copy with or without an origin) to a name in any
+        directory, or exchanged with any entry, a directory too: the impure marks of both
+        parents follow what moved (ovl_rename: ovl_type_origin of each side)."""
+        files, dirs = self._tree()
+        if not files:
+            return
+        src = data.draw(st.sampled_from(files))
+        if flags == RENAME_EXCHANGE and data.draw(st.booleans()):
+            dst = data.draw(st.sampled_from(sorted(files + dirs)))
+        else:
+            parent = data.draw(st.sampled_from([b"", *dirs]))
+            name = data.draw(st.sampled_from(_NAMES))
+            dst = parent + b"/" + name if parent else name
+        if src != dst:
+            self._do(("rename", src, dst, flags))
+
+    @rule(data=st.data())
+    def link_entry(self, data: st.DataObject) -> None:
+        """A new name in any directory for a file of any name (ovl_link: the new parent turns
+        impure if the file has an origin)."""
+        files, dirs = self._tree()
+        if not files:
+            return
+        src = data.draw(st.sampled_from(files))
+        parent = data.draw(st.sampled_from([b"", *dirs]))
+        name = data.draw(st.sampled_from(_NAMES))
+        self._do(("link", src, parent + b"/" + name if parent else name))
+
+    # at most once, after a few operations
+    @precondition(lambda self: self.remounts < 1 and len(self.log) >= 3)
+    @rule()
+    def remount(self) -> None:
+        """Both unmounted and mounted again on the same layers and upper, as a container
+        restarted: what the uppers' xattrs say is all that is left (an origin is read back
+        from ``overlay.origin``, not in a user namespace, where it is empty; a directory's
+        impure mark is found, not remembered)."""
+        assert self.pair and self.s and self.k
+        self.s = self.k = None
+        self.mounts.close()
+        self.remounts += 1
+        self.log.append("-- remounted")
+        self.mounts = contextlib.ExitStack()
+        self.s, self.k = self.mounts.enter_context(self.pair.mounted())
 
     # --- the namespace operations both machines draw
 
