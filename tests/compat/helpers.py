@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from support.mounts import stop_if_held
 
 from layerfs import mountinfo
@@ -39,6 +40,41 @@ def helper_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.fspath(REPO), env.get("PYTHONPATH")]))
     return env
+
+
+# root of a new user and mount namespace, as rootless podman mounts; a private mount
+# namespace alone, where no forkserver of ours can be up yet
+USERNS = ("unshare", "-U", "-r", "-m", "--propagation", "private")
+MOUNTNS = ("unshare", "-m", "--propagation", "private")
+
+
+def run_helper_script(
+    namespace: tuple[str, ...],
+    script: str,
+    stack: dict[str, Path],
+    timeout: float,
+    **extra_env: str,
+) -> subprocess.CompletedProcess[str]:
+    """Run the shell SCRIPT in NAMESPACE (``unshare`` arguments) with the helper command as
+    its "$@" and the stack's paths as $MNT, $LOWER, $UPPER, $WORK (plus EXTRA_ENV)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    env = {
+        **helper_env(),
+        "MNT": str(stack["merged"]),
+        "LOWER": str(stack["lower"]),
+        "UPPER": str(stack["upper"]),
+        "WORK": str(stack["work"]),
+        **extra_env,
+    }
+    return subprocess.run(
+        [*namespace, "sh", "-c", script, "sh", *helper_command()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def engine_missing() -> str | None:

@@ -25,11 +25,14 @@ from subprocess import CompletedProcess
 
 import pytest
 from compat.helpers import (
+    MOUNTNS,
+    USERNS,
     daemon_pids,
     helper_command,
     helper_env,
     is_mounted,
     reap,
+    run_helper_script,
     wait_no_daemon,
 )
 
@@ -288,27 +291,10 @@ fusermount3 -u "$MNT"
 def test_a_user_namespace_gets_a_server_of_its_own(stacks: list[dict[str, Path]]) -> None:
     """As rootless podman: a mount made by root of a new user and mount namespace is served
     by a server in that namespace, not by the one this namespace has."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux)")
     a, b = stacks[:2]
     _mount(a)
     host_server = _server_of(a)
-    env = {
-        **helper_env(),
-        "MNT": str(b["merged"]),
-        "LOWER": str(b["lower"]),
-        "UPPER": str(b["upper"]),
-        "WORK": str(b["work"]),
-    }
-    userns = ["unshare", "-U", "-r", "-m", "--propagation", "private"]
-    r = subprocess.run(
-        [*userns, "sh", "-c", USERNS_SCRIPT, "sh", *helper_command()],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    r = run_helper_script(USERNS, USERNS_SCRIPT, b, TIMEOUT)
     assert r.returncode == 0, r.stderr
     server, userns, title = r.stdout.strip().split(" ", 2)
     assert title.startswith("layerfs-forkserver")
@@ -332,27 +318,10 @@ def test_a_first_mount_imports_only_what_it_needs(
     """The first mount of a namespace (no server yet: its caller parses, checks, mounts and
     starts the server) imports neither dataclasses nor what the launcher leaves out; its
     caller is the one that mounted (premount, ctypes)."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux)")
     b = stacks[1]
     imports = tmp_path / "imports"
-    env = {
-        **helper_env(),
-        "MNT": str(b["merged"]),
-        "LOWER": str(b["lower"]),
-        "UPPER": str(b["upper"]),
-        "WORK": str(b["work"]),
-        "IMPORTS": str(imports),
-    }
-    own_ns = ["unshare", "-m", "--propagation", "private"]  # no server can be up in it
-    r = subprocess.run(
-        [*own_ns, "sh", "-c", FIRST_MOUNT_SCRIPT, "sh", *helper_command()],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    # in a mount namespace of its own no server can be up
+    r = run_helper_script(MOUNTNS, FIRST_MOUNT_SCRIPT, b, TIMEOUT, IMPORTS=str(imports))
     assert r.returncode == 0, r.stderr
     lines = imports.read_text().splitlines()
     imported = {x.rpartition("|")[2].strip() for x in lines if x.startswith("import time:")}

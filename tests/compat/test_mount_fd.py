@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 from compat.helpers import (
+    USERNS,
     helper_command,
     helper_env,
     is_mounted,
     reap,
+    run_helper_script,
     unmount,
     wait_no_daemon,
 )
@@ -100,7 +102,6 @@ def daemonless(mnt: Path) -> bool:
     return wait_no_daemon(mnt, timeout=5.0) == []
 
 
-USERNS = ("unshare", "-U", "-r", "-m", "--propagation", "private")
 USERNS_SCRIPT = """
 set -e
 "$@" overlay "$MNT" -o "lowerdir=$LOWER,upperdir=$UPPER,workdir=$WORK"
@@ -114,23 +115,7 @@ fusermount3 -u "$MNT"
 def test_mount_in_a_user_namespace(layers: dict[str, Path]) -> None:
     """As rootless podman does it: root of a new user and mount namespace mounts with
     mount(2); the daemon lives in that namespace and exits with its mount."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux)")
-    env = {
-        **helper_env(),
-        "MNT": str(layers["merged"]),
-        "LOWER": str(layers["lower"]),
-        "UPPER": str(layers["upper"]),
-        "WORK": str(layers["work"]),
-    }
-    r = subprocess.run(
-        [*USERNS, "sh", "-c", USERNS_SCRIPT, "sh", *helper_command()],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    r = run_helper_script(USERNS, USERNS_SCRIPT, layers, TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "x"
     assert (layers["upper"] / "g").read_text() == "made-in-userns\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.mounts import mount_layerfs
-from support.strace import Strace
+from support.strace import traced_layerfs
 
 pytestmark = [
     pytest.mark.fuse,
@@ -49,14 +49,9 @@ def test_impure_marked_once_per_directory(tmp_path: Path) -> None:
     one call, by its first copy-up: the root (for dir, dir2), dir and dir2. Without the node's
     flag every copy-up tried again (a refused create, then a read of the value)."""
     d = _stack(tmp_path)
-    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
-        assert m.proc is not None
-        os.listdir(m.mnt)
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", XATTR_CALLS)
-        try:
-            _chmod_all(m.mnt)
-        finally:
-            calls = [ln for ln in tracer.stop() if "overlay.impure" in ln]
+    with traced_layerfs(d, XATTR_CALLS) as (mnt, lines):
+        _chmod_all(mnt)
+    calls = [ln for ln in lines if "overlay.impure" in ln]
     assert len(calls) == 3, calls
     for p in (d["upper"], d["upper"] / "dir", d["upper"] / "dir2"):
         assert os.getxattr(p, "trusted.overlay.impure") == b"y"
@@ -68,15 +63,10 @@ def test_impure_mark_found_once_after_remount(tmp_path: Path) -> None:
     d = _stack(tmp_path)
     with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]):
         os.chmod(d["merged"] / "dir" / "f0", 0o600)
-    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
-        assert m.proc is not None
-        os.listdir(m.mnt / "dir")
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", XATTR_CALLS)
-        try:
-            for i in range(1, FILES):
-                os.chmod(m.mnt / "dir" / f"f{i}", 0o600)
-        finally:
-            calls = [ln for ln in tracer.stop() if "overlay.impure" in ln]
+    with traced_layerfs(d, XATTR_CALLS, listed="dir") as (mnt, lines):
+        for i in range(1, FILES):
+            os.chmod(mnt / "dir" / f"f{i}", 0o600)
+    calls = [ln for ln in lines if "overlay.impure" in ln]
     assert len(calls) == 2, calls
     assert "EEXIST" in calls[0]
 
@@ -85,14 +75,9 @@ def test_refused_reflink_asked_once(tmp_path: Path) -> None:
     """An upper whose filesystem cannot reflink (ext4, tmpfs) refuses FICLONE once; the copy-ups
     after it go straight to copy_file_range. One that can clones every file (xfs, btrfs)."""
     d = _stack(tmp_path)
-    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
-        assert m.proc is not None
-        os.listdir(m.mnt)
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "ioctl")
-        try:
-            _chmod_all(m.mnt)
-        finally:
-            clones = [ln for ln in tracer.stop() if "FICLONE" in ln]
+    with traced_layerfs(d, "ioctl") as (mnt, lines):
+        _chmod_all(mnt)
+    clones = [ln for ln in lines if "FICLONE" in ln]
     refused = [ln for ln in clones if "= -1" in ln]
     assert len(refused) <= 1, clones
     assert len(clones) in (1, 2 * FILES), clones  # refused once, or cloned each time
@@ -106,15 +91,9 @@ def test_copy_up_that_never_waits_dups_no_fd(tmp_path: Path) -> None:
     test_copy_up_keeps_its_directories_across_a_wait). Two dups and two closes per file
     before."""
     d = _stack(tmp_path)
-    opts = ["fsync=volatile"]
-    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"], options=opts) as m:
-        assert m.proc is not None
-        os.listdir(m.mnt)
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "fcntl,dup,dup2,dup3")
-        try:
-            _chmod_all(m.mnt)
-        finally:
-            dups = [ln for ln in tracer.stop() if "DUPFD" in ln or "dup" in ln]
+    with traced_layerfs(d, "fcntl,dup,dup2,dup3", options=["fsync=volatile"]) as (mnt, lines):
+        _chmod_all(mnt)
+    dups = [ln for ln in lines if "DUPFD" in ln or "dup" in ln]
     # os.scandir dups the fd of each directory it lists (dir and dir2, looked up): no more
     assert len(dups) <= 2, dups
     assert (d["upper"] / "dir2" / "f3").read_bytes() == b"data 3\n" * 4
@@ -125,15 +104,9 @@ def test_chmod_of_lower_file_made_on_the_copy(tmp_path: Path) -> None:
     chmod by name afterwards (which needed an lstat first, to never follow a symlink, and
     another after for the reply). Directories are still changed after their copy-up."""
     d = _stack(tmp_path)
-    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
-        assert m.proc is not None
-        os.listdir(m.mnt)
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "chmod,fchmod,fchmodat")
-        try:
-            _chmod_all(m.mnt)
-            shown = [os.stat(m.mnt / "dir" / f"f{i}").st_mode for i in range(FILES)]
-        finally:
-            calls = tracer.stop()
+    with traced_layerfs(d, "chmod,fchmod,fchmodat") as (mnt, calls):
+        _chmod_all(mnt)
+        shown = [os.stat(mnt / "dir" / f"f{i}").st_mode for i in range(FILES)]
     # not copies; fchmodat2 (_sys.chmod_at, Linux 6.6+) is syscall_0x1c4 to an older strace,
     # which shows its arguments as numbers (copies are chmod'ed through their descriptor)
     fchmodat2 = ("fchmodat2(", "syscall_0x1c4(")

@@ -6,10 +6,14 @@ Counting one kind of call per operation (the syncs of a copy-up, FICLONE attempt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from .mounts import mount_layerfs
 
 
 class Strace:
@@ -47,3 +51,28 @@ class Strace:
         self.proc.wait(timeout=30)
         lines = self.out.read_text().splitlines()
         return [ln for ln in lines if "resumed>" not in ln and "+++" not in ln]
+
+
+@contextlib.contextmanager
+def traced_layerfs(
+    stack: dict[str, Path],
+    calls: str,
+    *,
+    options: Sequence[str] = (),
+    listed: str = "",
+) -> Iterator[tuple[Path, list[str]]]:
+    """A layerfs mount of STACK (``lower``, ``upper``, ``work``, ``merged``) whose daemon's
+    CALLS are traced for the block: yields the mount point and the list of lines, filled as
+    the block ends. The directory LISTED (the root by default) is listed before, so that the
+    lookups it makes are not counted."""
+    with mount_layerfs(
+        [stack["lower"]], stack["upper"], stack["work"], stack["merged"], options=options
+    ) as m:
+        assert m.proc is not None
+        os.listdir(m.mnt / listed)
+        lines: list[str] = []
+        tracer = Strace(m.proc.pid, stack["merged"].parent / "strace.out", calls)
+        try:
+            yield m.mnt, lines
+        finally:
+            lines += tracer.stop()
