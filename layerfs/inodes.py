@@ -47,7 +47,7 @@ _INO_MASK = (1 << 64) - 1
 RealId = int
 Key = RealId | tuple[int, int, bytes]
 
-_DIR, _UPPER, _METACOPY, _IMPURE = 1, 2, 4, 8
+_DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH = 1, 2, 4, 8, 16
 
 
 class Node:
@@ -139,6 +139,17 @@ class Node:
     @impure.setter
     def impure(self, value: bool) -> None:
         self._set(_IMPURE, value)
+
+    @property
+    def no_oci_whiteouts(self) -> bool:
+        """A directory whose upper holds no ``.wh.NAME`` whiteouts: one this mount made (a
+        mkdir, a copy-up) while it wrote none (Namespace.mknod_whiteouts). Its failed lookups
+        need not look for ``.wh.NAME`` (lookup.resolve)."""
+        return bool(self._flags & _NO_WH)
+
+    @no_oci_whiteouts.setter
+    def no_oci_whiteouts(self, value: bool) -> None:
+        self._set(_NO_WH, value)
 
     def _set(self, flag: int, value: bool) -> None:
         self._flags = self._flags | flag if value else self._flags & ~flag

@@ -189,7 +189,7 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
                 if metacopy and redirect:
                     d.redirect(redirect, 0)
                     redirected = True
-        elif whiteout.has_oci_whiteout(ufd, name):
+        elif not parent.no_oci_whiteouts and whiteout.has_oci_whiteout(ufd, name):
             return None  # .wh.NAME whiteout, as fuse-overlayfs writes where mknod is refused
 
     lowers: list[tuple[Layer, Path]] = []

@@ -46,7 +46,7 @@ class Namespace:
         self.table = table
         self.copyup = copyup
         self.names = copyup.names  # the overlay xattrs this mount writes
-        self.mknod_whiteouts = True  # cleared when the upper refuses mknod (then .wh.NAME)
+        self._mknod_whiteouts = True  # cleared when the upper refuses mknod (then .wh.NAME)
         # wraps the removal of a non-directory's name, given (node, st_mode): Files keeps the
         # data of a node the kernel may hold open (Files.keeping_data)
         self.keeping_data: Callable[[Node, int], AbstractContextManager[None]] = _no_keep
@@ -71,16 +71,40 @@ class Namespace:
         if self.stack.upper is None:
             raise OSError(errno.EROFS, "read-only stack")
 
-    def _whiteout_state(self, udir: int, name: bytes) -> str:
-        """What the upper holds at NAME when the merged view shows nothing: none/char/oci."""
+    def _whiteout_state(self, udir: int, name: bytes, parent: Node | None = None) -> str:
+        """What the upper holds at NAME when the merged view shows nothing: none/char/oci.
+        PARENT: the directory node of UDIR, if known (Node.no_oci_whiteouts)."""
         st = _sys.lstat_at_or_none(udir, name)
         if st is not None:
             if whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
                 return "char"
             raise OSError(errno.EEXIST, "exists in upper")
+        if parent is not None and parent.no_oci_whiteouts:
+            return "none"
         if whiteout.has_oci_whiteout(udir, name):
             return "oci"
         return "none"
+
+    def _made_here(self, node: Node) -> None:
+        """NODE, a directory, was just made in the upper by this mount (a mkdir, a copy-up):
+        empty, so it holds no ``.wh.NAME`` whiteout, nor will while mknod works
+        (Node.no_oci_whiteouts)."""
+        if self.mknod_whiteouts:
+            node.no_oci_whiteouts = True
+
+    @property
+    def mknod_whiteouts(self) -> bool:
+        """Whiteouts are char devices 0/0; False once the upper refused mknod, from when on
+        they are ``.wh.NAME`` files, in any directory: then no directory is known to hold
+        none (Node.no_oci_whiteouts) any more."""
+        return self._mknod_whiteouts
+
+    @mknod_whiteouts.setter
+    def mknod_whiteouts(self, value: bool) -> None:
+        self._mknod_whiteouts = value
+        if not value:
+            for node in self.table.nodes.values():
+                node.no_oci_whiteouts = False
 
     def _make_whiteout(self, dirfd: int, name: bytes) -> bool:
         """Create a char 0/0 whiteout NAME in DIRFD; False if mknod is refused (use .wh.)."""
@@ -196,6 +220,8 @@ class Namespace:
         st = _sys.lstat_at(udir, name)
         node = node_for(self.table, parent, name, Resolution(st, True, [], False))
         node.upper = True
+        if stat.S_ISDIR(st.st_mode):
+            self._made_here(node)
         return node, st
 
     async def _prepare_parent(self, parent: Node, name: bytes) -> tuple[int, str]:
@@ -209,8 +235,11 @@ class Namespace:
         if resolve(self.stack, parent, name) is not None:
             raise OSError(errno.EEXIST, "exists")
         await self.copyup.copy_up(parent)
+        # made by a copy-up in this mount (its upper did not exist: else the node is upper),
+        # metadata only, so empty of whiteouts but what this mount wrote since
+        self._made_here(parent)
         udir = self._upper_dir(parent)
-        return udir, self._whiteout_state(udir, name)
+        return udir, self._whiteout_state(udir, name, parent)
 
     def _free_name(self, parent: Node, udir: int, name: bytes) -> str:
         """The upper's state at NAME (as _whiteout_state) when NAME is free in PARENT, an
@@ -225,7 +254,7 @@ class Namespace:
         if st is not None and whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
             return "char"
         if st is None:
-            if whiteout.has_oci_whiteout(udir, name):
+            if not parent.no_oci_whiteouts and whiteout.has_oci_whiteout(udir, name):
                 return "oci"
             if not lower_positive(self.stack, parent, name):
                 return "none"

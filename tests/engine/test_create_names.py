@@ -100,3 +100,33 @@ def test_a_name_whose_lookup_fails_answers_the_lookups_error(tmp_path: Path) -> 
             _mknod(ov, b"m")
     finally:
         ov.close()
+
+
+def test_oci_whiteouts_written_after_mknod_is_refused_still_hide(tmp_path: Path) -> None:
+    """A directory this mount made (a copy-up, a mkdir) holds no ``.wh.NAME``, so its failed
+    lookups do not look for one (Node.no_oci_whiteouts); once the upper refuses mknod and
+    whiteouts become ``.wh.NAME`` files, that no longer holds: they hide what they remove."""
+    low, up, work, mnt = make_stack(tmp_path)
+    (low / "d").mkdir()
+    (low / "d" / "x").write_text("lower\n")
+    ov = overlay(low, up, work, mnt)
+    try:
+        d = ov.lookup(ROOT_ID, b"d").id
+        trio.run(ov.mknod, d, b"new", REG, 0, ROOT)  # copies d up
+        trio.run(ov.mkdir, ROOT_ID, b"made", 0o755, ROOT)
+        made = ov.lookup(ROOT_ID, b"made").id
+        assert ov.table.get(d).no_oci_whiteouts and ov.table.get(made).no_oci_whiteouts
+        ov.ns.mknod_whiteouts = False  # as when the upper refuses mknod
+        assert not ov.table.get(d).no_oci_whiteouts
+        trio.run(ov.unlink, d, b"x")
+        assert os.path.exists(up / "d" / ".wh.x")
+        with pytest.raises(FileNotFoundError):
+            ov.lookup(d, b"x")
+        trio.run(ov.mknod, d, b"x", REG, 0, ROOT)  # over the .wh.x: it goes
+        assert not os.path.exists(up / "d" / ".wh.x")
+        assert ov.lookup(d, b"x").size == 0
+        trio.run(ov.mkdir, ROOT_ID, b"later", 0o755, ROOT)
+        assert not ov.table.get(ov.lookup(ROOT_ID, b"later").id).no_oci_whiteouts
+        check_upper(up, work)
+    finally:
+        ov.close()

@@ -1,6 +1,6 @@
 """What a handler costs the daemon in syscalls, counted with strace: a WRITE in opens (and that
 the daemon keeps no file of the upper open for writing once writes stop), a SETATTR of a mode
-in stats.
+and a failed lookup in stats.
 
 Without OPEN requests a WRITE names a node, not an open file: the daemon writes through the
 node's descriptor, the one MKNOD created the file with (a new regular file of its own), or
@@ -155,3 +155,27 @@ def test_chmod_of_an_upper_file_stats_once(tmp_path: Path) -> None:
     assert len([c for c in calls if "syscall_0x1c4(" in c or "fchmodat2(" in c]) == 3, calls
     assert len([c for c in calls if "newfstatat(" in c and '"new"' in c]) == 3, calls
     assert os.stat(d["upper"] / "dir" / "new").st_mode & 0o777 == 0o604
+
+
+def test_failed_lookups_in_a_directory_made_here_stat_once(tmp_path: Path) -> None:
+    """A failed lookup in an upper directory looks for NAME, then for ``.wh.NAME``
+    (fuse-overlayfs' whiteout) where one may be: in a directory the upper held at mount, not
+    in one this mount made (mkdir, or the copy-up of a lower one), which holds none while
+    whiteouts are char devices. Before, every miss stat'ed ``.wh.NAME`` too."""
+    d = _stack(tmp_path)
+    (d["upper"] / "old").mkdir()
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        os.mkdir(m.mnt / "made")
+        _write(m.mnt / "dir" / "new", os.O_CREAT | os.O_EXCL, b"n", 1)  # copies dir up
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "newfstatat")
+        try:
+            for sub in ("made", "dir", "old"):
+                for i in range(FILES):
+                    assert not os.path.lexists(m.mnt / sub / f"missing{i}")
+        finally:
+            calls = tracer.stop()
+    looked = [c for c in calls if '"missing' in c]
+    whiteouts = [c for c in calls if '".wh.missing' in c]
+    assert len(looked) == 3 * FILES, calls
+    assert len(whiteouts) == FILES, calls  # "old"'s only
