@@ -124,11 +124,18 @@ def open_data(dirfd: int, name: bytes, flags: int) -> int:
     """
     path_fd = open_at(dirfd, name, os.O_PATH)
     try:
-        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
-            raise OSError(errno.EIO, "not a regular file where data was expected")
-        return os.open(proc_path(path_fd), (flags & ~os.O_CREAT) | os.O_CLOEXEC)
+        return reopen_data(path_fd, os.fstat(path_fd), flags)
     finally:
         os.close(path_fd)
+
+
+def reopen_data(path_fd: int, st: os.stat_result, flags: int) -> int:
+    """open_data's second half: open for its data, with FLAGS, the file an ``O_PATH``
+    descriptor holds, given that descriptor's fstat ST (a caller that needs the stat anyway
+    makes one call, not two); EIO for anything but a regular file."""
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EIO, "not a regular file where data was expected")
+    return os.open(proc_path(path_fd), (flags & ~os.O_CREAT) | os.O_CLOEXEC)
 
 
 def open_tmpfile(dirfd: int) -> int:
