@@ -69,6 +69,9 @@ class CopyUp:
         self.active = 0  # copy-ups in progress (each may be waiting for a thread)
         self._names = itertools.count()
         self.tmpfile = True  # build regular files as O_TMPFILEs until the upper refuses one
+        # (uid, gid) a file made in the workdir gets (our fsuid and fsgid, or the workdir's
+        # group): a copy of a lower file owned so needs no fchown. Learnt from the first copy.
+        self.new_owner: tuple[int, int] | None = None
         # FICLONE until the upper's filesystem refuses it (ext4 has no reflink: a refused
         # ioctl per copy-up otherwise), and the lower layers it refused across mounts from;
         # the kernel asks its superblock's remap_file_range, which costs no syscall
@@ -149,12 +152,17 @@ class CopyUp:
         self, node: Node, data_len: int | None, metacopy: bool, change: SetAttr | None
     ) -> os.stat_result | None:
         assert self.stack.upper is not None and node.parent is not None
-        layer, lpath = node.lowers[0]
+        lowers = node.lowers
+        layer, lpath = lowers[0]
         lname = lpath[-1]
         upath = node.path()
         dirs = _Parents(layer.dirfd(lpath[:-1]), self.stack.upper.dirfd(upath[:-1]))
+        # the lower itself (not followed), whose fstat is its lstat and whose data, when it
+        # is a regular file, is reopened from it (_sys.reopen_data): one stat, not two
+        lower = -1
         try:
-            st = _sys.lstat_at(dirs.lower, lname)
+            lower = _sys.open_at(dirs.lower, lname, os.O_PATH)
+            st = os.fstat(lower)
             pst = os.fstat(dirs.upper)
             # where the copy came from, as the kernel records it; not for a lower hard link,
             # whose copy-up breaks the link (ovl_do_copy_up)
@@ -165,7 +173,11 @@ class CopyUp:
             set_impure(dirs.upper, self.names, node.parent)
             origin = None
             if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
-                origin = layer.origin_fh(lpath) if self.names is not xattrs.USER else b""
+                origin = (
+                    layer.origin_fh(lpath, at=(lower, b""))
+                    if self.names is not xattrs.USER
+                    else b""
+                )
             changed = change if stat.S_ISREG(st.st_mode) else None
             if stat.S_ISREG(st.st_mode):
                 metacopy = metacopy and data_len is None
@@ -177,7 +189,8 @@ class CopyUp:
                     data_len,
                     metacopy,
                     origin,
-                    node.lowers[-1],  # below the lower metacopy files, if any
+                    # the data: this file, or the one below the lower metacopy files
+                    (layer, lower) if len(lowers) == 1 else lowers[-1],
                     changed,
                 )
             else:
@@ -187,6 +200,8 @@ class CopyUp:
             os.utime(dirs.upper, ns=(pst.st_atime_ns, pst.st_mtime_ns))
             ust = _sys.lstat_at(dirs.upper, upath[-1])
         finally:
+            if lower >= 0:
+                os.close(lower)
             dirs.close()
         if not stat.S_ISDIR(st.st_mode):
             if st.st_nlink > 1:
@@ -213,11 +228,12 @@ class CopyUp:
         data_len: int | None,
         metacopy: bool,
         origin: bytes | None,
-        data: tuple[Layer, Path],
+        data: tuple[Layer, Path | int],
         change: SetAttr | None,
     ) -> None:
         """Build the copy of regular file LNAME in the workdir, then link it in as UNAME; its
-        bytes from DATA (layer, path): LNAME itself, or the data below a lower metacopy LNAME.
+        bytes from DATA (layer, where): LNAME itself (where: its O_PATH fd, whose fstat is
+        ST), or the path of the data below a lower metacopy LNAME.
 
         The copy is an O_TMPFILE, as ovl_copy_up_tmpfile: it has no name until it is whole, so
         a crash leaves nothing in the workdir, and its fsync does not also write the workdir's
@@ -225,8 +241,11 @@ class CopyUp:
         O_TMPFILE, a named temporary renamed into place.
         """
         work = self.stack.work_fd
-        data_layer, data_path = data
-        src = _sys.open_data(*data_layer.locate(data_path), os.O_RDONLY)
+        data_layer, where = data
+        if isinstance(where, int):
+            src = _sys.reopen_data(where, st, os.O_RDONLY)
+        else:
+            src = _sys.open_data(*data_layer.locate(where), os.O_RDONLY)
         try:
             dst, tmp = self._new_file(work)
             try:
@@ -244,7 +263,20 @@ class CopyUp:
                         layer=data_layer,
                         before_wait=dirs.hold,
                     )
-                copy_file_metadata(dirs.lower, lname, st, dst)
+                if self.new_owner is None:
+                    fst = os.fstat(dst)
+                    self.new_owner = (fst.st_uid, fst.st_gid)
+                copy_file_metadata(
+                    dirs.lower,
+                    lname,
+                    st,
+                    dst,
+                    owner=self.new_owner != (st.st_uid, st.st_gid),
+                    # a mode or both times the change sets anyway (after the xattrs, in the
+                    # same order as below: chown, then mode, then times)
+                    mode=change is None or change.mode is None,
+                    times=change is None or change.atime_ns is None or change.mtime_ns is None,
+                )
                 if origin is not None:
                     _set_origin(lambda a, v: os.setxattr(dst, a, v), self.names.origin, origin)
                 if length < st.st_size:
@@ -497,12 +529,29 @@ def copy_metadata(sdir: int, sname: bytes, st: os.stat_result, ddir: int, dname:
     _sys.utime_at(ddir, dname, st.st_atime_ns, st.st_mtime_ns)
 
 
-def copy_file_metadata(sdir: int, sname: bytes, st: os.stat_result, fd: int) -> None:
-    """copy_metadata for a regular file being built, through its open FD (same order)."""
-    os.chown(fd, st.st_uid, st.st_gid)
-    os.chmod(fd, stat.S_IMODE(st.st_mode))
+def copy_file_metadata(
+    sdir: int,
+    sname: bytes,
+    st: os.stat_result,
+    fd: int,
+    *,
+    owner: bool = True,
+    mode: bool = True,
+    times: bool = True,
+) -> None:
+    """copy_metadata for a regular file being built, through its open FD (same order).
+
+    OWNER false: the new file has ST's owner already (a chown to the same ids would clear
+    only what a new file has not: setuid, setgid, security.capability). MODE, TIMES false:
+    the caller sets them next (a setattr made on the copy), after the xattrs, so the end
+    state is the same: chmod sets every mode bit and recomputes an ACL's mask."""
+    if owner:
+        os.chown(fd, st.st_uid, st.st_gid)
+    if mode:
+        os.chmod(fd, stat.S_IMODE(st.st_mode))
     _copy_xattrs(sdir, sname, lambda attr, value: os.setxattr(fd, attr, value))
-    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if times:
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _copy_xattrs(sdir: int, sname: bytes, setxattr: Callable[[bytes, bytes], None]) -> None:

@@ -97,14 +97,15 @@ class Layer:
                 os.close(old)
         return fd
 
-    def origin_fh(self, path: Path) -> bytes:
+    def origin_fh(self, path: Path, at: tuple[int, bytes] | None = None) -> bytes:
         """What the kernel stores in ``overlay.origin`` of a copy of PATH (ovl_get_origin_fh).
 
         A struct ovl_fb: version 0, magic 0xfb, length, flags (0: little-endian CPU), the
         handle type, the filesystem's uuid, then the handle. Empty where the filesystem has no
-        file handles ("copied up, origin unknown").
+        file handles ("copied up, origin unknown"). AT: PATH's (dirfd, name) where the caller
+        has it (b"": the fd is PATH's own), instead of locating it again.
         """
-        handle = _sys.file_handle_at(*self.locate(path))
+        handle = _sys.file_handle_at(*(self.locate(path) if at is None else at))
         if handle is None:
             return b""
         if self._uuid is None:

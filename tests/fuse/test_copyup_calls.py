@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.mounts import mount_layerfs
-from support.strace import traced_layerfs
+from support.strace import Strace, traced_layerfs
 
 pytestmark = [
     pytest.mark.fuse,
@@ -118,3 +118,63 @@ def test_chmod_of_lower_file_made_on_the_copy(tmp_path: Path) -> None:
     assert len(by_name) == 2, calls  # dir and dir2
     for i, mode in enumerate(shown):
         assert mode == os.lstat(d["upper"] / "dir" / f"f{i}").st_mode == 0o100664
+
+
+def test_chmod_copy_up_sets_owner_and_mode_only_where_needed(tmp_path: Path) -> None:
+    """A chmod'ed lower file's copy gets its mode once, from the chmod (the lower's mode before
+    it was overwritten at once), and no fchown where a new file has the lower's owner already
+    (root's files, to a root daemon); a file of another owner still gets its owner. The
+    copies' owner, mode and setuid bit are the kernel's (the differential suites compare
+    them); here only the calls are counted: 2 fchmod per file and 1 fchown before."""
+    d = _stack(tmp_path)
+    other = d["lower"] / "dir" / "theirs"
+    other.write_bytes(b"x" * 100)
+    os.chown(other, 1234, 5678)
+    os.chmod(other, 0o4755)
+    with traced_layerfs(d, "chown,fchown,fchmod") as (mnt, calls):
+        _chmod_all(mnt)
+        os.chmod(mnt / "dir" / "theirs", 0o4750)
+    fchmods = [ln for ln in calls if "fchmod(" in ln]
+    fchowns = [ln for ln in calls if "fchown(" in ln]
+    assert len(fchmods) == 2 * FILES + 1, calls
+    assert len(fchowns) == 1 and "1234, 5678" in fchowns[0], calls
+    st = os.lstat(d["upper"] / "dir" / "theirs")
+    assert (st.st_uid, st.st_gid, st.st_mode) == (1234, 5678, 0o104750)
+    for i in range(FILES):
+        st = os.lstat(d["upper"] / "dir2" / f"f{i}")
+        assert (st.st_uid, st.st_gid, st.st_mode) == (0, 0, 0o100664)
+
+
+def test_copy_up_stats_the_lower_once(tmp_path: Path) -> None:
+    """A regular file's copy-up takes the lower's stat from the O_PATH descriptor it opens
+    the data through (the check that it is a regular file), not from an lstat by name
+    before it: the names of the chmod'ed files are stat'ed once each (the upper copy, for
+    the reply), twice before."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        for sub in ("dir", "dir2"):  # copied up and listed before the trace: no lookup later
+            os.chmod(m.mnt / sub, 0o775)
+            os.listdir(m.mnt / sub)
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "stat,lstat,newfstatat,statx")
+        try:
+            for sub in ("dir", "dir2"):
+                for i in range(FILES):
+                    os.chmod(m.mnt / sub / f"f{i}", 0o664)
+        finally:
+            calls = tracer.stop()
+    named = [ln for ln in calls if any(f'"f{i}"' in ln for i in range(FILES))]
+    assert len(named) == 2 * FILES, calls
+
+
+def test_utime_copy_up_sets_the_times_once(tmp_path: Path) -> None:
+    """utime (both times) of a lower file sets its copy's times once, the new ones (not the
+    lower's first); the other utimensat is the parent's times put back. 3 calls before."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]):
+        os.chmod(d["merged"] / "dir", 0o775)  # the parent copied up before the trace
+    with traced_layerfs(d, "utime,utimes,utimensat,futimesat", listed="dir") as (mnt, calls):
+        os.utime(mnt / "dir" / "f3", ns=(1_000_000_123, 2_000_000_456))
+    assert len([ln for ln in calls if "utime" in ln]) == 2, calls
+    st = os.lstat(d["upper"] / "dir" / "f3")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
