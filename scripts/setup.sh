@@ -4,8 +4,9 @@
 # Idempotent: each step is skipped when it is already done, so a second run takes seconds.
 #   1. apt packages (apt-get update only when something is missing)
 #   2. /dev/fuse (modprobe fuse when it is missing)
-#   3. .venv in the repo, with `pip install -e '.[dev]'` (redone only when pyproject.toml,
-#      the Python version or this script's pip step changes)
+#   3. .venv in the repo, with `pip install -e '.[dev]'`, made by the distribution's
+#      /usr/bin/python3 (else python3 on PATH; PYTHON=... overrides); remade when the
+#      interpreter changes, reinstalled when pyproject.toml or this script's pip step changes
 #   4. the unprivileged user the rootless podman test runs as (layerfs-rootless, with
 #      subordinate uid/gid ranges): made here because the test session may not change
 #      /etc/passwd (tests/conftest.py checks it)
@@ -116,24 +117,39 @@ else
 fi
 
 # --- 3. Python venv ------------------------------------------------------------------------
-python=${PYTHON:-python3}
+# The distribution's python3, the one python3-venv and python3-dev above are for (as
+# install-system.sh): Debian's build (profile-guided, LTO, libpython linked into the
+# executable) costs the daemon a quarter less CPU per request than a --enable-shared build
+# such as pyenv's, which a machine's PATH may put first (docs/benchmarks.md, session 11).
+too_old() { ! "$1" -c "import sys; sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]}))"; }
+if [ -n "${PYTHON:-}" ]; then
+    python=$PYTHON
+elif [ -x /usr/bin/python3 ] && ! too_old /usr/bin/python3 2>/dev/null; then
+    python=/usr/bin/python3
+else
+    python=python3
+fi
 command -v "$python" >/dev/null 2>&1 || die "$python not found on PATH"
-"$python" -c "import sys; sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]}))" \
-    || die "$("$python" -V 2>&1) is too old: layerfs needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]}"
+too_old "$python" \
+    && die "$("$python" -V 2>&1) is too old: layerfs needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]}"
 
 venv=$repo/.venv
 stamp=$venv/.layerfs-setup-stamp
 
+# The interpreter a venv is made from (for a venv's own python: the one it was made from).
+python_identity() { "$1" -c 'import sys; print(sys.version, sys.base_prefix)' 2>/dev/null; }
+want_python=$(python_identity "$python")
+
 # What the installed venv depends on: the project metadata, the interpreter and the pip step.
-want_stamp=$( { cat pyproject.toml; "$python" -c 'import sys; print(sys.version)';
+want_stamp=$( { cat pyproject.toml; printf '%s\n' "$want_python";
                 echo "pip-step-v1"; } | sha256sum | cut -d' ' -f1)
 
 venv_ok() {
-    [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import sys' >/dev/null 2>&1
+    [ -x "$venv/bin/python" ] && [ "$(python_identity "$venv/bin/python")" = "$want_python" ]
 }
 
 if ! venv_ok; then
-    [ -e "$venv" ] && say "removing broken venv $venv"
+    [ -e "$venv" ] && say "removing $venv: broken, or made by another interpreter"
     rm -rf "$venv"
     say "creating venv with $("$python" -V 2>&1) at .venv"
     "$python" -m venv "$venv"
