@@ -32,17 +32,21 @@ import fcntl
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from layerfs.errors import LayerfsError
 from layerfs.store import default_store, dockerarchive, oci, verify
 from layerfs.store.digest import DigestError, copy_verified, parse_digest
 from layerfs.store.extract import extract_blob
 from layerfs.store.progress import Progress
+
+if TYPE_CHECKING:
+    import tarfile
 
 
 class StoreError(LayerfsError):
@@ -689,12 +693,29 @@ def _unpack_archive(archive: str, dest: str) -> None:
             else:  # Python < 3.11.4 (Debian 12's 3.11.2): the same rules, checked here
                 members = tf.getmembers()
                 for m in members:
-                    parts = m.name.split("/")
-                    if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in parts:
+                    if not _data_member(m):
                         raise oci.OciError(f"{archive}: refusing archive member {m.name!r}")
                 tf.extractall(dest, members=members)
     except (tarfile.TarError, OSError) as e:
         raise oci.OciError(f"{archive}: not a usable OCI layout archive: {e}") from None
+
+
+def _data_member(m: tarfile.TarInfo) -> bool:
+    """What tarfile's ``data`` filter lets through: files and directories, and links whose
+    target stays inside (a docker-archive links each repeated layer.tar to the first), all
+    under relative names without ``..``."""
+    if not _inside(m.name):
+        return False
+    if m.isfile() or m.isdir():
+        return True
+    if m.issym():
+        return _inside(posixpath.join(posixpath.dirname(m.name), m.linkname))
+    return m.islnk() and _inside(m.linkname)
+
+
+def _inside(name: str) -> bool:
+    path = posixpath.normpath(name)
+    return not (path.startswith(("/", "../")) or path == "..")
 
 
 def _ref_names(layout: oci.Layout, manifest_digest: str) -> tuple[str, ...]:
