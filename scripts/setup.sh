@@ -4,9 +4,9 @@
 # Idempotent: each step is skipped when it is already done, so a second run takes seconds.
 #   1. apt packages (apt-get update only when something is missing)
 #   2. /dev/fuse (modprobe fuse when it is missing)
-#   3. .venv in the repo, with `pip install -e '.[dev]'`, made by the distribution's
-#      /usr/bin/python3 (else python3 on PATH; PYTHON=... overrides); remade when the
-#      interpreter changes, reinstalled when pyproject.toml or this script's pip step changes
+#   3. .venv in the repo, with `pip install -e '.[dev]'`, made by python3 on PATH (PYTHON=...
+#      overrides); remade when the interpreter changes, reinstalled when pyproject.toml or
+#      this script's pip step changes
 #   4. the unprivileged user the rootless podman test runs as (layerfs-rootless, with
 #      subordinate uid/gid ranges): made here because the test session may not change
 #      /etc/passwd (tests/conftest.py checks it)
@@ -117,18 +117,11 @@ else
 fi
 
 # --- 3. Python venv ------------------------------------------------------------------------
-# The distribution's python3, the one python3-venv and python3-dev above are for (as
-# install-system.sh): Debian's build (profile-guided, LTO, libpython linked into the
-# executable) costs the daemon a quarter less CPU per request than a --enable-shared build
-# such as pyenv's, which a machine's PATH may put first (docs/benchmarks.md, session 11).
+# python3 on PATH. Debian's /usr/bin/python3 (libpython in the executable) costs a quarter less
+# CPU per failed lookup and unlink than pyenv's shared build, but with the poll loop a 1 MiB
+# WRITE 2.5x more: not the default until that is understood (docs/benchmarks.md, session 11).
 too_old() { ! "$1" -c "import sys; sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]}))"; }
-if [ -n "${PYTHON:-}" ]; then
-    python=$PYTHON
-elif [ -x /usr/bin/python3 ] && ! too_old /usr/bin/python3 2>/dev/null; then
-    python=/usr/bin/python3
-else
-    python=python3
-fi
+python=${PYTHON:-python3}
 command -v "$python" >/dev/null 2>&1 || die "$python not found on PATH"
 too_old "$python" \
     && die "$("$python" -V 2>&1) is too old: layerfs needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]}"
