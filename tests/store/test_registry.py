@@ -374,7 +374,9 @@ def test_interrupted_pull_resumes_from_verified_layers(reg: LocalRegistry, tmp_p
 def test_ctrl_c_stops_a_pull_cleanly(reg: LocalRegistry, tmp_path: Path) -> None:
     """SIGINT during the downloads: the pull ends with "interrupted" (exit 130, no
     traceback), and the store holds no image, layer or tag."""
-    layout = _big_image(tmp_path, "int", os.urandom(1 << 20), os.urandom(32 << 20))
+    # The big layer keeps the pull busy after the small one's "Download complete": with 32 MiB
+    # a loaded machine let the pull finish before the signal came (exit 0, session 11's gate).
+    layout = _big_image(tmp_path, "int", os.urandom(1 << 20), os.urandom(128 << 20))
     reg.skopeo_copy(f"oci:{layout}:int", "int/img:1")
     store = Store(str(tmp_path / "store"))
     p = subprocess.Popen(
