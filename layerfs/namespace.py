@@ -268,27 +268,10 @@ class Namespace:
         self, parent: Node, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[Node, os.stat_result, int]:
         """Create regular file NAME; return its node, its lstat and an fd opened O_RDWR."""
-        udir, state = await self._prepare_parent(parent, name)
-        acls = _inherit(udir, stat.S_IFREG | stat.S_IMODE(mode), caller)
-        uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
-        fds: list[int] = []
-
-        def build(dirfd: int, n: bytes) -> None:
-            fd = _sys.open_at(dirfd, n, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            fds.append(fd)
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
-            _set_acls(dirfd, n, acls)
-
-        try:
-            self._place(udir, name, build, state=state)
-            node, st = self._finish_new(parent, name, udir)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
         # The kernel enforces the caller's access mode on its own file; ours stays O_RDWR.
-        return node, st, fds[0]
+        node, st, fd = await self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, caller)
+        assert fd is not None  # mknod opens every regular file it makes
+        return node, st, fd
 
     async def mkdir(
         self, parent: Node, name: bytes, mode: int, caller: Caller
