@@ -22,3 +22,23 @@ def layers(tmp_path: Path) -> Iterator[dict[str, Path]]:
         yield d
     finally:
         reap(d["merged"])
+
+
+@pytest.fixture
+def stacks(tmp_path: Path) -> Iterator[list[dict[str, Path]]]:
+    """Three stacks over one lower (with a file f); their mounts are reaped afterwards."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f").write_text("x")
+    out = []
+    for i in range(3):
+        d = {"lower": lower}
+        for name in ("upper", "work", "merged"):
+            d[name] = tmp_path / f"{name}{i}"
+            d[name].mkdir()
+        out.append(d)
+    try:
+        yield out
+    finally:
+        for d in out:
+            reap(d["merged"])

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -41,26 +40,6 @@ from layerfs.config import MountConfig
 
 pytestmark = pytest.mark.fuse
 TIMEOUT = 60
-
-
-@pytest.fixture
-def stacks(tmp_path: Path) -> Iterator[list[dict[str, Path]]]:
-    """Three stacks over one lower (with a file f); their mounts are reaped afterwards."""
-    lower = tmp_path / "lower"
-    lower.mkdir()
-    (lower / "f").write_text("x")
-    out = []
-    for i in range(3):
-        d = {"lower": lower}
-        for name in ("upper", "work", "merged"):
-            d[name] = tmp_path / f"{name}{i}"
-            d[name].mkdir()
-        out.append(d)
-    try:
-        yield out
-    finally:
-        for d in out:
-            reap(d["merged"])
 
 
 def _helper(

@@ -7,13 +7,11 @@ mount without the option forked from the same server. ksmd merges only where the
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from compat.helpers import daemon_pids, helper_command, helper_env, reap
+from compat.helpers import USERNS, daemon_pids, helper_command, helper_env, run_helper_script
 from support.mounts import mount_layerfs
 
 pytestmark = [
@@ -37,25 +35,6 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[1])
 
 
-@pytest.fixture
-def stacks(tmp_path: Path) -> Iterator[list[dict[str, Path]]]:
-    lower = tmp_path / "lower"
-    lower.mkdir()
-    (lower / "f").write_text("x")
-    out = []
-    for i in range(2):
-        d = {"lower": lower}
-        for name in ("upper", "work", "merged"):
-            d[name] = tmp_path / f"{name}{i}"
-            d[name].mkdir()
-        out.append(d)
-    try:
-        yield out
-    finally:
-        for d in out:
-            reap(d["merged"])
-
-
 def _mount(d: dict[str, Path], extra: str) -> int:
     opts = f"lowerdir={d['lower']},upperdir={d['upper']},workdir={d['work']}{extra}"
     r = subprocess.run(
@@ -73,7 +52,7 @@ def _mount(d: dict[str, Path], extra: str) -> int:
 
 
 def test_only_the_mount_that_asks_is_offered(stacks: list[dict[str, Path]]) -> None:
-    plain, merged = stacks
+    plain, merged = stacks[:2]
     plain_pid = _mount(plain, "")
     merged_pid = _mount(merged, ",ksm")
     assert _merge_any(merged_pid)
@@ -110,23 +89,6 @@ fusermount3 -u "$MNT"
 
 def test_a_rootless_mount_takes_it(stacks: list[dict[str, Path]]) -> None:
     """As rootless podman runs mount.layerfs: root of a new user and mount namespace."""
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare")
-    d = stacks[0]
-    env = {
-        **helper_env(),
-        "MNT": str(d["merged"]),
-        "LOWER": str(d["lower"]),
-        "UPPER": str(d["upper"]),
-        "WORK": str(d["work"]),
-    }
-    r = subprocess.run(
-        ["unshare", "-U", "-r", "-m", "sh", "-c", USERNS_SCRIPT, "sh", *helper_command()],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    r = run_helper_script(USERNS, USERNS_SCRIPT, stacks[0], TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["ksm_merge_any:", "yes"], r.stdout
