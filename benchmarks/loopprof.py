@@ -49,16 +49,8 @@ def _mount(
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env}
     )
-    dev0 = os.stat(root).st_dev
-    for _ in range(6000):  # under valgrind the start takes a minute
-        if os.stat(mnt).st_dev != dev0:
-            os.listdir(mnt)
-            return mnt, proc
-        if proc.poll() is not None:
-            raise RuntimeError(f"layerfs exited {proc.returncode}")
-        time.sleep(0.05)
-    requests.umount(mnt, proc)
-    raise RuntimeError("layerfs did not mount")
+    # under valgrind the start takes a minute
+    return requests.wait_mounted(root, mnt, proc, "layerfs", tries=6000, interval=0.05)
 
 
 def run_ns(pid: int) -> int:

@@ -134,16 +134,23 @@ def mount(
         cmd = [layerfs, "mount", "-f", str(lower), str(upper), str(mnt), "--workdir", str(work)]
         cmd += ["-o", opts] if opts else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_mounted(root, mnt, proc, kind, tries=300, interval=0.02)
+
+
+def wait_mounted(
+    root: Path, mnt: Path, proc: subprocess.Popen[bytes], what: str, *, tries: int, interval: float
+) -> tuple[Path, subprocess.Popen[bytes]]:
+    """Wait until MNT (in ROOT) is PROC's mount and answers a listing; else unmount, raise."""
     dev0 = os.stat(root).st_dev
-    for _ in range(300):
+    for _ in range(tries):
         if os.stat(mnt).st_dev != dev0:
             os.listdir(mnt)
             return mnt, proc
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited {proc.returncode}")
-        time.sleep(0.02)
+            raise RuntimeError(f"{what} exited {proc.returncode}")
+        time.sleep(interval)
     umount(mnt, proc)  # nothing left behind, mounted late or not
-    raise RuntimeError(f"{kind} did not mount")
+    raise RuntimeError(f"{what} did not mount")
 
 
 def umount(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
