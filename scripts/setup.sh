@@ -117,14 +117,14 @@ else
 fi
 
 # --- 3. Python venv ------------------------------------------------------------------------
-# python3 on PATH. Debian's /usr/bin/python3 (libpython in the executable) costs a quarter less
-# CPU per failed lookup and unlink than pyenv's shared build, but with the poll loop a 1 MiB
-# WRITE 2.5x more: not the default until that is understood (docs/benchmarks.md, session 11).
-too_old() { ! "$1" -c "import sys; sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]}))"; }
+# python3 on PATH. Debian's /usr/bin/python3 (libpython in the executable) cost a quarter less
+# CPU per failed lookup and unlink than pyenv's shared build here, but its 1 MiB WRITEs cost
+# 2.5x in a few runs, a two-speed effect pyenv's shows too: not the default until measured
+# with many samples (docs/benchmarks.md, session 11).
 python=${PYTHON:-python3}
 command -v "$python" >/dev/null 2>&1 || die "$python not found on PATH"
-too_old "$python" \
-    && die "$("$python" -V 2>&1) is too old: layerfs needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]}"
+"$python" -c "import sys; sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]}))" \
+    || die "$("$python" -V 2>&1) is too old: layerfs needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]}"
 
 venv=$repo/.venv
 stamp=$venv/.layerfs-setup-stamp

@@ -125,8 +125,8 @@ def _ksmd() -> Iterator[None]:
         scans, sharing, still = _ksm("full_scans"), _ksm("pages_sharing"), 0
         while still < 2 and time.monotonic() < deadline:
             time.sleep(1)
-            if _ksm("full_scans") > scans:
-                scans, now = _ksm("full_scans"), _ksm("pages_sharing")
+            if (done := _ksm("full_scans")) > scans:
+                scans, now = done, _ksm("pages_sharing")
                 still = still + 1 if now <= sharing * 1.01 and now > 0 else 0
                 sharing = now
         yield
