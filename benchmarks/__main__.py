@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run with a CPU hog on every core but one (the same for every target)",
     )
+    r.add_argument(
+        "--cold-host-memory",
+        action="store_true",
+        help="leave the VM's free page reporting as it is (no min_free_ms raise, no pre-touch): "
+        "rows that allocate memory then also pay the host's faults (benchmarks/hostmem.py)",
+    )
     r.add_argument("--layerfs-cmd", default=None, help="the layerfs command (default: found)")
     r.add_argument("--layerfs-opts", default="", help="-o options for layerfs mounts")
     r.add_argument(
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_dir=args.profile,
         budget=args.time_budget * 60 if args.time_budget else None,
         busy=args.busy_host,
+        warm_memory=not args.cold_host_memory,
     )
     print()
     print(harness.render_header(res))

@@ -23,6 +23,7 @@ from typing import Any
 
 from benchmarks import dataset as dataset_mod
 from benchmarks.dataset import Dataset
+from benchmarks.hostmem import HostMemory, describe, warm_host_memory
 from benchmarks.model import Measurement, Mounted, Scenario, Skip
 from benchmarks.scenarios import MODULES, all_scenarios
 from benchmarks.system import (
@@ -219,8 +220,10 @@ class Runner:
         *,
         cold_ok: bool,
         profile_dir: Path | None = None,
+        hostmem: HostMemory | None = None,
     ):
         self.ds = ds
+        self.hostmem = hostmem
         self.profile_dir = profile_dir
         self.round = 0
         self.targets = targets
@@ -231,6 +234,8 @@ class Runner:
 
     def once(self, target: Target, sc: Scenario, cell: Cell) -> str:
         """One fresh mount, one run. Returns a short status for the progress line."""
+        if self.hostmem is not None and (took := self.hostmem.refresh()) is not None:
+            say(f"  host memory: pre-touched again ({took:.1f} s)")
         self.n += 1
         t0 = time.monotonic()
         work = self.workroot / f"{self.n:05d}-{target.name}"
@@ -428,29 +433,35 @@ def run_benchmarks(
     profile_dir: Path | None = None,
     budget: float | None = None,
     busy: bool = False,
+    warm_memory: bool = True,
 ) -> Results:
     """Run every scenario on every target, ROUNDS times; with BUSY, on a busy host: a CPU hog
-    on every core but one for the whole run (busy_host)."""
+    on every core but one for the whole run (busy_host). WARM_MEMORY: free pages kept
+    host-backed for the run, where the VM gives them back (benchmarks.hostmem)."""
     hogs = max(0, (os.cpu_count() or 1) - 1) if busy else 0
-    with busy_host(hogs):
-        return _run_benchmarks(ds, targets, rounds, only, out, check, profile_dir, budget, hogs)
+    scenarios = select_scenarios(ds, only)
+    for mod in MODULES:
+        if any(sc in scenarios for sc in mod.SCENARIOS):
+            mod.prepare(ds)
+    with busy_host(hogs), warm_host_memory(warm_memory) as hm:
+        say(describe(hm.to_json()))
+        return _run_benchmarks(
+            ds, targets, scenarios, rounds, out, check, profile_dir, budget, hogs, hm
+        )
 
 
 def _run_benchmarks(
     ds: Dataset,
     targets: list[Target],
+    scenarios: list[Scenario],
     rounds: int,
-    only: list[str] | None,
     out: Path,
     check: bool,
     profile_dir: Path | None,
     budget: float | None,
     hogs: int,
+    hm: HostMemory,
 ) -> Results:
-    scenarios = select_scenarios(ds, only)
-    for mod in MODULES:
-        if any(sc in scenarios for sc in mod.SCENARIOS):
-            mod.prepare(ds)
     cold_ok = can_drop_caches()
     res = Results(ds.params.name, rounds, [t.name for t in targets], scenarios)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -464,12 +475,13 @@ def _run_benchmarks(
         else "unavailable: cold runs are not cold",
         "dataset": {"path": str(ds.root), **ds.meta},
         "busy_host": f"{hogs} CPU hog(s) spinning for the whole run" if hogs else "no",
+        "host_memory": hm.to_json(),
         "target_info": {},
     }
     workroot = ds.root.parent / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     workroot.mkdir(parents=True)
     res.info["workroot_spread"] = spread_subdirs(workroot)
-    runner = Runner(ds, targets, workroot, cold_ok=cold_ok, profile_dir=profile_dir)
+    runner = Runner(ds, targets, workroot, cold_ok=cold_ok, profile_dir=profile_dir, hostmem=hm)
     target_info: dict[str, dict[str, object]] = {}
     for t in targets:
         info: dict[str, object] = {"version": t.version()}
@@ -510,6 +522,7 @@ def _run_benchmarks(
                         status = runner.once(t, sc, cell)
                         say(f"[{r + 1}/{rounds}] {sc.name:22s} {t.name:15s}{status}")
             res.info["rounds_done"] = r + 1
+            res.info["host_memory"] = hm.to_json()
             write_json(res, out, finished=False)
     finally:
         # Per directory, so nothing is deleted through a mount that is still live.
@@ -521,6 +534,7 @@ def _run_benchmarks(
             except OSError:
                 pass
     res.info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    res.info["host_memory"] = hm.to_json()
     write_json(res, out, finished=True)
     return res
 
@@ -689,6 +703,7 @@ def render_header(res: Results) -> str:
     ]
     if info.get("busy_host", "no") != "no":
         lines.append(f"  busy host: {info['busy_host']}")
+    lines.append(f"  {describe(info.get('host_memory'))}")
     tinfo = info.get("target_info", {})
     assert isinstance(tinfo, dict)
     for name, ti in tinfo.items():
