@@ -1026,6 +1026,57 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"unlinked-nlink"},
     ),
+    # Threads let go at once on one lower file (support.ops._race): the first request copies
+    # it up (8 MiB: the copy takes a while), the others wait for it or act on the copy, and
+    # every writer's bytes, the mode, the owner and the xattrs must all be there, as on the
+    # kernel; also on a file MKNOD made (its descriptor kept for the writes) and a hard link
+    "race-copyup": (
+        LayerSpec(
+            [
+                d(
+                    {
+                        **{b"big%d" % i: f(bytes([65 + i]) * (8 << 20)) for i in range(8)},
+                        b"sub": d({b"s": f(b"s" * 70_000, mode=0o4755)}),
+                        b"h": f(b"linked\n"),
+                        **{
+                            b"d%d" % i: d(
+                                {
+                                    b"a": f(b"a" * (4 << 20)),
+                                    b"b": f(b"b" * (4 << 20)),
+                                    b"e": d({b"a": f(b"ea")}),
+                                }
+                            )
+                            for i in range(1, 5)
+                        },
+                        b"hl-1": HardLink(b"h"),
+                    }
+                )
+            ]
+        ),
+        [
+            ("race", b"big0", "ww"),
+            ("race", b"big1", "wcox"),
+            ("race", b"big2", "hhc"),
+            ("race", b"big3", "aaoc"),
+            ("race", b"big4", "cox"),
+            ("race", b"big5", "hwrs"),
+            ("race", b"big6", "xxxx"),
+            ("race", b"big7", "oocc"),
+            ("race", b"sub/s", "hwco"),
+            ("race", b"hl-1", "wwx"),
+            ("create", b"new", b"n"),
+            ("race", b"new", "hwcox"),
+            ("read", b"h"),
+            # siblings in a lower directory (both copy the parent up), a directory and a file
+            # in it, the two names of a lower hard link
+            ("race2", b"d1/a", b"d1/b", "wwcc"),
+            ("race2", b"d2/a", b"d2/b", "hhoo"),
+            ("race2", b"d3", b"d3/a", "cwcw"),
+            ("race2", b"d4/e/a", b"d4/a", "xwxw"),
+            ("race2", b"h", b"hl-1", "wwxx"),
+        ],
+        {"hardlink-copyup"},
+    ),
     # ... by a user: the held descriptor writes after a chmod 0 (permission is the open's),
     # the name does not
     # chmod without following a symlink: the symlink's own mode is refused, a file's and a
@@ -1282,6 +1333,9 @@ _data = st.sampled_from([b"", b"x", b"hello\n", b"y" * 5000])
 # "No OPEN requests") that shows in the parents' nlink. Writes here write something.
 _write_data = st.sampled_from([b"x", b"hello\n", b"y" * 5000])
 
+
+# support.ops._race: letters that commute (appenders never beside writers)
+_RACE_MIXES = ["ww", "wc", "hc", "ho", "wx", "co", "cx", "aa", "ac", "ax", "hwcx", "wwco", "aar"]
 
 # Exploration aid: LAYERFS_DIFF_SKIP_OPS=fallocate,mknod leaves out operations with a known,
 # already reported difference, so that a run can find the next one.
@@ -1697,6 +1751,16 @@ class WriteMachine(_Machine):
     )
     def held_write(self, p: bytes, q: bytes, how: str) -> None:
         self._do(("held_write", p, q, how))
+
+    # threads let go at once on one file (support.ops._race): a copy-up racing writes,
+    # chmod, chown and setxattr of the same file
+    @rule(p=_paths, mix=st.sampled_from(_RACE_MIXES))
+    def race(self, p: bytes, mix: str) -> None:
+        self._do(("race", p, mix))
+
+    @rule(p=_paths, q=_paths, mix=st.sampled_from(_RACE_MIXES))
+    def race2(self, p: bytes, q: bytes, mix: str) -> None:
+        self._do(("race2", p, q, mix))
 
     @rule(p=_paths)
     def copyup_ino(self, p: bytes) -> None:

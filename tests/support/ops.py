@@ -7,6 +7,7 @@ comparable across two filesystems (never inode numbers, never "now" timestamps).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -367,6 +368,93 @@ def _held_write(p: bytes, q: bytes, how: str) -> object:
         os.close(fd)
 
 
+# bytes each racing writer writes, at its own offset (1 MiB * its index): from 256 KiB on,
+# the daemon writes on a worker thread (files.BIG_IO), and other requests run meanwhile
+_RACE_WRITE = 300_000
+
+
+def _race(p: bytes, mix: str) -> object:
+    """Threads let go at once on file P, one per letter of MIX: ``w`` pwrite of _RACE_WRITE
+    bytes at its own offset, ``h`` the same through a descriptor opened before the others
+    start, ``a`` append (all appenders the same bytes), ``c`` chmod 0640, ``o`` chown
+    1000:1000, ``x`` setxattr of its own ``user.`` name, ``r`` read, ``s`` stat. The actions
+    commute, so the end state is one whatever the order: on a lower file, a daemon must copy
+    it up once while the others wait or act on the copy, and keep every one's effect. The
+    errors (sorted), then the file's content digest, size, mode, owner and ``user.`` xattrs."""
+    return _race_on([p], mix)
+
+
+def _race2(p: bytes, q: bytes, mix: str) -> object:
+    """As _race, the threads taking P and Q in turn: the kernel serialises most requests on
+    one inode (its lock is held for a write, a setattr, a setxattr), so that the daemon's
+    copy-ups overlap most on two files (siblings whose parent both copy up, a directory and
+    a file inside it, two names of one lower hard link)."""
+    return _race_on([p, q], mix)
+
+
+def _race_on(targets: list[bytes], mix: str) -> object:
+    import threading  # only here: no other operation runs threads
+
+    def target(i: int) -> bytes:
+        return targets[i % len(targets)]
+
+    held: dict[int, int] = {}
+    for i, c in enumerate(mix):
+        if c == "h":
+            with contextlib.suppress(OSError):
+                held[i] = os.open(target(i), os.O_WRONLY | _NB)
+    go = threading.Barrier(len(mix))
+    errors: list[str] = []
+
+    def act(i: int, c: str) -> None:
+        p = target(i)
+        go.wait()
+        try:
+            if c in "wh":
+                fd = held.pop(i, -1) if c == "h" else os.open(p, os.O_WRONLY | _NB)
+                if fd < 0:
+                    raise OSError(errno.EBADF, "no held descriptor")
+                try:
+                    os.pwrite(fd, bytes([0x30 + i]) * _RACE_WRITE, (1 << 20) * i)
+                finally:
+                    os.close(fd)
+            elif c == "a":
+                _append(p, b"appended\n")
+            elif c == "c":
+                os.chmod(p, 0o640)
+            elif c == "o":
+                os.chown(p, 1000, 1000)
+            elif c == "x":
+                os.setxattr(p, b"user.race%d" % i, b"v")
+            elif c == "r":
+                _read_all(p)
+            elif c == "s":
+                os.stat(p)
+        except OSError as e:
+            errors.append(f"{i}{c}:{errno.errorcode.get(e.errno or 0, e.errno)}")
+
+    threads = [threading.Thread(target=act, args=(i, c)) for i, c in enumerate(mix)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fd in held.values():
+        os.close(fd)
+    out: list[object] = [sorted(errors)]
+    for p in targets:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            out.append(errno.errorcode.get(e.errno or 0, e.errno))
+            continue
+        reg = stat.S_ISREG(st.st_mode)
+        xs = sorted(x for x in os.listxattr(p) if x.startswith("user."))
+        mode = oct(stat.S_IMODE(st.st_mode))
+        out.append((digest(_read_all(p)) if reg else None, st.st_size if reg else None, mode))
+        out.append((st.st_uid, st.st_gid, xs))
+    return tuple(out)
+
+
 # name -> (function, which positional args are paths)
 OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "stat": (lambda p: _stat_value(os.lstat(p)), (0,)),
@@ -406,6 +494,8 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "tmpfile": (_tmpfile, (0,)),
     "mmap_write": (_mmap_write, (0,)),
     "held_write": (_held_write, (0, 1)),
+    "race": (_race, (0,)),
+    "race2": (_race2, (0, 1)),
 }
 
 
@@ -427,6 +517,8 @@ FOLLOWS_LAST = {
     "tmpfile",
     "mmap_write",
     "held_write",
+    "race",
+    "race2",
 }
 
 

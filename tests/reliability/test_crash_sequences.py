@@ -1,0 +1,279 @@
+"""kill -9 at every crash point of a random operation sequence over a random stack.
+
+test_crash_points crashes one hand-picked operation on a one-layer stack, each in a daemon of
+its own. Here hypothesis draws the stack (2-4 layers with whiteouts of every dialect, opaque
+directories, hard links: support.layerspec) and 2-4 operations run one after the other in one
+daemon, so that a crash also lands where one operation left the daemon's state for the next
+(a MKNOD's descriptor kept for the first WRITE, a node copied up a moment before, a redirect
+set by the previous rename). For k = 1, 2, ...: a fresh upper, a layerfs daemon told to
+SIGKILL itself before its k-th change (``LAYERFS_CRASH_AT``), the sequence until the daemon
+dies, then a layerfs remount and kernel overlayfs on the same upper: both must show one of the
+trees kernel overlayfs shows at the start, the end or a step of the operation the crash cut
+(its steps: the copy-up, which parts a lower hard link's names; a create is an empty file,
+then its data; an ``O_TRUNC`` open a truncation, then its data), never anything else. The
+sweep ends at the first k the daemon survives: that run must show the kernel's tree after the
+whole sequence.
+
+LAYERFS_CRASH_SEQ_EXAMPLES (default 2) and LAYERFS_CRASH_SEQ_OPS (default 4, the longest
+sequence) set its budget for a longer hunt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.diff import Pair, stack_options_for
+from support.layerspec import Dir, LayerSpec, layer_stacks
+from support.mounts import SUBJECTS, mount_kernel
+from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply
+from support.snapshot import Snapshot, compare, fs_clock_ns, snapshot
+
+from ._helpers import layerfs_daemon, needs_root
+from .test_crash_points import IGNORE, MAX_POINTS, PARALLEL, _disk_state
+
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow, needs_root]
+
+EXAMPLES = int(os.environ.get("LAYERFS_CRASH_SEQ_EXAMPLES", "2"))
+MAX_OPS = int(os.environ.get("LAYERFS_CRASH_SEQ_OPS", "4"))
+# what a process sees when the daemon dies under it (see _workload.CRASH_ERRORS)
+CRASH_ERRORS = {"ENOTCONN", "ECONNABORTED", "EIO"}
+
+_NAMES = [b"a", b"b", b"c", b"d", b"e"]
+_data = st.sampled_from([b"x", b"hello\n", b"y" * 70_000])
+
+
+def _layer_paths(spec: LayerSpec) -> list[bytes]:
+    """The names of SPEC's layers down to depth 2 (hard links' ``hl-*`` too): uniform draws
+    from a..e named nothing that exists in most operations, which then changed nothing."""
+    out: set[bytes] = set()
+    for layer in spec.layers:
+        for name, node in layer.entries.items():
+            out.add(name)
+            if isinstance(node, Dir):
+                out.update(name + b"/" + sub for sub in node.entries)
+    return sorted(p for p in out if not p.rpartition(b"/")[2].startswith(b".wh."))
+
+
+def _ops(spec: LayerSpec) -> st.SearchStrategy[Op]:
+    uniform = st.lists(st.sampled_from(_NAMES), min_size=1, max_size=2).map(b"/".join)
+    existing = _layer_paths(spec)
+    p = st.one_of(uniform, st.sampled_from(existing)) if existing else uniform
+    return st.one_of(
+        st.tuples(st.just("create"), p, st.sampled_from([b"", b"new\n", b"z" * 70_000])),
+        st.tuples(st.just("write"), p, st.sampled_from([0, 3, 9000]), _data),
+        st.tuples(st.just("append"), p, _data),
+        st.tuples(st.just("open_trunc"), p, st.sampled_from([b"", b"t"])),
+        st.tuples(st.just("truncate"), p, st.sampled_from([0, 2, 70_000])),
+        st.tuples(st.just("chmod"), p, st.sampled_from([0o600, 0o4755])),
+        st.tuples(st.just("chown"), p, st.just(1000), st.just(1000)),
+        st.tuples(st.just("setxattr"), p, st.just(b"user.crash"), st.just(b"v")),
+        st.tuples(st.just("removexattr"), p, st.sampled_from([b"user.a", b"trusted.t"])),
+        st.tuples(st.just("unlink"), p),
+        st.tuples(st.just("rmdir"), p),
+        st.tuples(st.just("mkdir"), p),
+        st.tuples(st.just("mkfifo"), p),
+        st.tuples(st.just("symlink"), st.just(b"t"), p),
+        st.tuples(st.just("link"), p, p),
+        st.tuples(
+            st.just("rename"), p, p, st.sampled_from([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE])
+        ),
+    )
+
+
+# operations that copy their first path up before they change it (rename and link: the
+# source; an exchange: both)
+_COPY_FIRST = {"write", "append", "open_trunc", "truncate", "chmod", "chown", "setxattr"}
+_COPY_FIRST |= {"removexattr", "rename", "link"}
+
+
+def _steps(op: Op) -> list[Op]:
+    """OP as the steps whose trees a crash may leave: a create of data is the empty file
+    first (its WRITE comes after the MKNOD), an O_TRUNC open with data the truncation first."""
+    if op[0] == "create" and op[2]:
+        return [("create", op[1], b""), ("write", op[1], 0, op[2])]
+    if op[0] == "open_trunc" and op[2]:
+        return [("truncate", op[1], 0), ("write", op[1], 0, op[2])]
+    return [op]
+
+
+def _copied_up(tree: Snapshot, op: Op) -> list[Snapshot]:
+    """The trees after OP's copy-up and before its change: they differ from TREE only where
+    the copy of a lower hard link's name parts it from the other names (index=off: its own
+    inode, nlink 1; the others keep the lower's)."""
+    if op[0] not in _COPY_FIRST:
+        return []
+    copied = [op[1], op[2]] if op[0] == "rename" and op[3] == RENAME_EXCHANGE else [op[1]]
+    out = []
+    for n in range(1, len(copied) + 1):
+        t = Snapshot(dict(tree.entries), list(tree.links))
+        for p in copied[:n]:
+            group = next((g for g in t.links if p in g), None)
+            if group is None or not isinstance(p, bytes):
+                continue
+            t.links.remove(group)
+            if len(group) > 2:
+                t.links.append(group - {p})
+            t.entries[p] = dataclasses.replace(t.entries[p], nlink=1)
+        if t.links != tree.links:
+            out.append(t)
+    return out
+
+
+@dataclass
+class Reference:
+    """The kernel's trees: at the start of each operation, and after each of its steps."""
+
+    start: list[Snapshot] = field(default_factory=list)
+    steps: list[list[Snapshot]] = field(default_factory=list)
+    end: Snapshot | None = None
+
+    def allowed(self, i: int) -> list[Snapshot]:
+        """The trees a crash within operation I may leave."""
+        return [self.start[i], *self.steps[i]]
+
+
+def _reference(pair: Pair, ops: Sequence[Op], options: Sequence[str]) -> Reference:
+    ref = Reference()
+    k = pair.ref
+    assert k.upper and k.work
+    with mount_kernel(k.lowers, k.upper, k.work, k.mnt, options=options):
+        for op in ops:
+            start = snapshot(k.mnt)
+            ref.start.append(start)
+            trees = []
+            for n, step in enumerate(_steps(op)):
+                if apply(k.mnt, step)[0] != "ok":
+                    break  # the operation fails here, on both
+                if n == 0:
+                    trees += _copied_up(start, op)
+                trees.append(snapshot(k.mnt))
+            ref.steps.append(trees)
+        ref.end = snapshot(k.mnt)
+    return ref
+
+
+@dataclass
+class Sweep:
+    pair: Pair
+    ops: Sequence[Op]
+    ref: Reference
+    options: tuple[str, ...]
+    since_ns: int
+    tmp: Path
+    done: threading.Condition = field(default_factory=threading.Condition)
+    verified: dict[tuple[object, ...], str] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    def match(self, snap: Snapshot, allowed: list[Snapshot]) -> tuple[int, list[str]]:
+        """Which of ALLOWED SNAP is (its index), or -1 and the differences from each."""
+        diffs: list[str] = []
+        for n, tree in enumerate(allowed):
+            d = compare(tree, snap, ignore=IGNORE, since_ns=self.since_ns)
+            if not d:
+                return n, []
+            diffs += [f"vs allowed tree {n}:", *d]
+        return -1, diffs
+
+    def point(self, k: int) -> str | None:
+        """Crash before change K; None when the daemon made fewer changes than K."""
+        run = Path(tempfile.mkdtemp(dir=self.tmp, prefix=f"k{k}-"))
+        upper, work, mnt = run / "upper", run / "work", run / "mnt"
+        for p in (upper, work, mnt):
+            p.mkdir()
+        lowers = self.pair.subj.lowers
+        env = {"LAYERFS_CRASH_AT": str(k)}
+        cut = -1
+        with layerfs_daemon(lowers, upper, work, mnt, options=self.options, env=env) as d:
+            for i, op in enumerate(self.ops):
+                r = apply(mnt, op)
+                if r[0] == "err" and r[1] in CRASH_ERRORS:
+                    # an EIO from a live daemon is an answer: it does not die then
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        d.proc.wait(timeout=20 if r[1] != "EIO" else 2)
+                if not d.alive():
+                    cut = i
+                    break
+            if cut < 0:
+                n, diffs = self.match(snapshot(mnt), [self.ref.end] if self.ref.end else [])
+                assert n == 0, "the complete run:\n" + "\n".join(diffs)
+            else:
+                assert d.proc.returncode == -9, f"daemon exit {d.proc.returncode}:\n{d.log_text()}"
+        if cut < 0:
+            shutil.rmtree(run)
+            return None
+        allowed = self.ref.allowed(cut)
+        what = f"crash before change {k}, in operation {cut} {self.ops[cut]!r}"
+        key = (cut, _disk_state(run))
+        with self.done:
+            known = key in self.verified
+            if known:
+                self.done.wait_for(lambda: self.verified[key] != "")
+            else:
+                self.verified[key] = ""
+        if known:
+            shutil.rmtree(run)
+            return self.verified[key]
+        state = "failed"
+        try:
+            with layerfs_daemon(lowers, upper, work, mnt, options=self.options):
+                assert os.listdir(work / "work") == [], "the remount must clean the workdir"
+                n, diffs = self.match(snapshot(mnt), allowed)
+            assert n >= 0, f"{what}, layerfs remount:\n" + "\n".join(diffs)
+            with mount_kernel(self.pair.ref.lowers, upper, work, mnt, options=self.options):
+                kn, kdiffs = self.match(snapshot(mnt), allowed)
+            assert kn == n, (
+                f"{what}: layerfs shows allowed tree {n}, kernel overlayfs on the same upper "
+                f"{kn}:\n" + "\n".join(kdiffs)
+            )
+            state = f"op{cut}:{n}"
+        finally:
+            with self.done:
+                self.verified[key] = state
+                self.done.notify_all()
+        shutil.rmtree(run)
+        return state
+
+
+@pytest.mark.parametrize("subject_name", ["layerfs", "layerfs-metacopy"])
+def test_crash_at_every_point_of_a_sequence(tmp_path: Path, subject_name: str) -> None:
+    subject = SUBJECTS[subject_name]
+    opts = stack_options_for(subject, odd_names=False)
+
+    @settings(max_examples=EXAMPLES)
+    @given(spec=layer_stacks(opts), data=st.data())
+    def run(spec: LayerSpec, data: st.DataObject) -> None:
+        ops = data.draw(st.lists(_ops(spec), min_size=2, max_size=MAX_OPS), label="ops")
+        work = Path(tempfile.mkdtemp(dir=tmp_path))
+        try:
+            pair = Pair.create(work, subject, spec)
+            since_ns = fs_clock_ns()
+            ref = _reference(pair, ops, subject.kernel_options)
+            sweep = Sweep(pair, ops, ref, subject.kernel_options, since_ns, work)
+            seen: list[str] = []
+            with ThreadPoolExecutor(PARALLEL) as pool:
+                for k in range(1, MAX_POINTS * len(ops) + 1, PARALLEL):
+                    states = list(pool.map(sweep.point, range(k, k + PARALLEL)))
+                    seen += [s for s in states if s is not None]
+                    if None in states:
+                        break
+                else:
+                    raise AssertionError(f"still crashing after {MAX_POINTS * len(ops)} changes")
+            shown = [tuple(a[:12] if isinstance(a, bytes) else a for a in op) for op in ops]
+            print(f"{shown!r}: {len(seen)} crash points, {len(sweep.verified)} states: {seen}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    run()
