@@ -21,6 +21,8 @@ import pytest
 from support.mounts import mount_kernel
 
 from layerfs.store.store import Store
+from store.blob_hold import BlobHold, blob_hold
+from store.conftest import store_is_empty
 from store.ocitools import E, snapshot, write_image, write_platform_index
 from store.registry_env import LocalRegistry, auth_file, local_registry, registry_binary
 from store.token_server import token_server
@@ -311,11 +313,7 @@ def test_concurrent_pulls_fetch_shared_layer_once(reg: LocalRegistry, tmp_path: 
         layout = _big_image(tmp_path, name, shared, name.encode() * 1000)
         reg.skopeo_copy(f"oci:{layout}:{name}", f"conc/{name}:1")
     store = Store(str(tmp_path / "store"))
-    index = json.loads((tmp_path / "c1/index.json").read_text())
-    manifest = json.loads(
-        (tmp_path / "c1/blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
-    )
-    shared_digest = manifest["layers"][0]["digest"]
+    shared_digest = _layer_digests(tmp_path / "c1")[0]
     procs = [
         subprocess.Popen(
             [*CLI, "image", "pull", "--store", store.root, f"{reg.host}/conc/{n}:1"],
@@ -333,38 +331,55 @@ def test_concurrent_pulls_fetch_shared_layer_once(reg: LocalRegistry, tmp_path: 
     assert all(f.endswith(".lock") for f in os.listdir(Path(store.root) / "downloads"))
 
 
-def test_interrupted_pull_resumes_from_verified_layers(reg: LocalRegistry, tmp_path: Path) -> None:
-    """A pull killed (SIGKILL) after its first layer arrived leaves the store as it was; the
-    next pull fetches only what was missing."""
-    first = os.urandom(1 << 20)
-    second = os.urandom(48 << 20)
-    layout = _big_image(tmp_path, "kill", first, second)
-    reg.skopeo_copy(f"oci:{layout}:kill", "kill/img:1")
+HOLD_TIMEOUT = 60.0  # the most a held blob waits: a broken pull cannot hang the suite
+
+
+def _layer_digests(layout: Path) -> list[str]:
     index = json.loads((layout / "index.json").read_text())
     manifest = json.loads(
         (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
     )
-    d1, d2 = (x["digest"] for x in manifest["layers"])
+    return [x["digest"] for x in manifest["layers"]]
+
+
+def _signal_while_held(p: subprocess.Popen[str], hold: BlobHold, sig: int) -> str:
+    """Send ``sig`` to pull ``p`` while the registry holds its second layer mid-body, then
+    let the registry go on; return the pull's stderr. The hold, not a progress line read in
+    time, makes sure the pull is downloading when the signal comes: a pull that finished
+    first (session 11's gate, exit 0) cannot happen however loaded the machine is."""
+    if not hold.holding.wait(HOLD_TIMEOUT):
+        p.kill()
+        _, err = p.communicate(timeout=60)
+        raise AssertionError(f"the pull never reached the held blob: {err}")
+    p.send_signal(sig)
+    hold.release()
+    _, err = p.communicate(timeout=60)
+    return err
+
+
+def test_interrupted_pull_resumes_from_verified_layers(reg: LocalRegistry, tmp_path: Path) -> None:
+    """A pull killed (SIGKILL) after its first layer arrived, while the second one streams,
+    leaves the store as it was; the next pull fetches only what was missing."""
+    layout = _big_image(tmp_path, "kill", os.urandom(1 << 20), os.urandom(2 << 20))
+    reg.skopeo_copy(f"oci:{layout}:kill", "kill/img:1")
+    d1, d2 = _layer_digests(layout)
     store = Store(str(tmp_path / "store"))
-    ref = f"{reg.host}/kill/img:1"
-    # One download at a time, the small layer first: kill when it is complete.
-    p = subprocess.Popen(
-        [*CLI, "image", "pull", "--jobs", "1", "--store", store.root, ref],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stderr is not None
-    for line in p.stderr:
-        if line.startswith(d1[7:19] + ": Download complete"):
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL
-    assert store.images() == [] and store.tags() == {}
-    assert not (Path(store.root) / "layers").exists() or not any(
-        (Path(store.root) / "layers").iterdir()
-    )
-    r = _cli("image", "pull", "--store", store.root, ref)
+    with blob_hold(reg.host, d2, timeout=HOLD_TIMEOUT) as hold:
+        ref = f"{hold.host}/kill/img:1"
+        # One download at a time, the small layer first: killed while the second streams.
+        p = subprocess.Popen(
+            [*CLI, "image", "pull", "--jobs", "1", "--store", store.root, ref],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        err = _signal_while_held(p, hold, signal.SIGKILL)
+        assert p.returncode == -signal.SIGKILL, err
+        assert f"{d1[7:19]}: Download complete" in err
+        assert store.images() == [] and store.tags() == {}
+        assert not (Path(store.root) / "layers").exists() or not any(
+            (Path(store.root) / "layers").iterdir()
+        )
+        r = _cli("image", "pull", "--store", store.root, ref)
     assert r.returncode == 0, r.stderr
     assert reg.blob_gets(d1) == 1  # verified before the kill, not fetched again
     assert reg.blob_gets(d2) >= 1
@@ -372,28 +387,28 @@ def test_interrupted_pull_resumes_from_verified_layers(reg: LocalRegistry, tmp_p
 
 
 def test_ctrl_c_stops_a_pull_cleanly(reg: LocalRegistry, tmp_path: Path) -> None:
-    """SIGINT during the downloads: the pull ends with "interrupted" (exit 130, no
-    traceback), and the store holds no image, layer or tag."""
-    # The big layer keeps the pull busy after the small one's "Download complete": with 32 MiB
-    # a loaded machine let the pull finish before the signal came (exit 0, session 11's gate).
-    layout = _big_image(tmp_path, "int", os.urandom(1 << 20), os.urandom(128 << 20))
+    """SIGINT while a layer downloads: the pull ends with one line, "layerfs: interrupted"
+    (exit 130, no traceback), the store holds no image, layer or tag, and the next pull
+    completes."""
+    layout = _big_image(tmp_path, "int", os.urandom(1 << 20), os.urandom(2 << 20))
     reg.skopeo_copy(f"oci:{layout}:int", "int/img:1")
     store = Store(str(tmp_path / "store"))
-    p = subprocess.Popen(
-        [*CLI, "image", "pull", "--jobs", "1", "--store", store.root, f"{reg.host}/int/img:1"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stderr is not None
-    for line in p.stderr:
-        if "Download complete" in line:
-            p.send_signal(signal.SIGINT)
-            break
-    rest = p.stderr.read()
-    p.wait(timeout=60)
-    assert p.returncode == 130, rest
-    assert "layerfs: interrupted" in rest and "Traceback" not in rest
-    assert store.images() == [] and store.tags() == {}
+    with blob_hold(reg.host, _layer_digests(layout)[1], timeout=HOLD_TIMEOUT) as hold:
+        ref = f"{hold.host}/int/img:1"
+        p = subprocess.Popen(
+            [*CLI, "image", "pull", "--jobs", "1", "--store", store.root, ref],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        err = _signal_while_held(p, hold, signal.SIGINT)
+        assert p.returncode == 130, err
+        messages = [line for line in err.splitlines() if line.startswith("layerfs:")]
+        assert messages == ["layerfs: interrupted"] and "Traceback" not in err, err
+        assert err.splitlines()[-1] == "layerfs: interrupted", err
+        assert store_is_empty(store)
+        r = _cli("image", "pull", "--store", store.root, ref)
+    assert r.returncode == 0, r.stderr
+    assert store.verify(ref) == {d: [] for d in store.resolve(ref).diff_ids}
 
 
 def test_pull_waits_for_a_registry_that_comes_back(tmp_path: Path) -> None:
