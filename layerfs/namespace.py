@@ -640,6 +640,12 @@ class Namespace:
         kernel's inode is not hashed by the lower (ovl_hash_bylower: no OVL_CONST_INO)."""
         if node.lowers:
             return node.is_dir or node.origin is not None
+        if node.origin is not None and not node.is_dir:
+            # copied up in this mount, forgotten by the kernel and found again: it shows its
+            # origin's st_ino still (InodeTable.copied_up), as the kernel's inode hashed by
+            # its lower does while cached, whose moves mark the new parent impure, also with
+            # userxattr, where the upper's empty overlay.origin says nothing
+            return True
         path = node.path()
         if node.is_dir or not node.upper or not path:
             return False

@@ -19,6 +19,7 @@ import trio.testing
 
 from layerfs import _sys
 from layerfs.attrs import Caller, SetAttr
+from layerfs.config import MountConfig
 from layerfs.copyup import THREAD_THRESHOLD
 from layerfs.inodes import ROOT_ID
 from layerfs.overlay import Overlay
@@ -428,6 +429,42 @@ async def test_setattr_of_lower_file_made_on_the_copy(tmp_path: Path) -> None:
             st.st_ctime_ns,
         )
         assert (up / "f").read_bytes() == b"abc"
+        check_upper(up, work)
+    finally:
+        ov.close()
+
+
+@pytest.mark.parametrize("how", ["rename", "link"])
+async def test_copy_found_again_after_forget_marks_new_parent_impure(
+    tmp_path: Path, how: str
+) -> None:
+    """A file copied up in this mount, forgotten by the kernel and looked up again, still
+    shows its lower's st_ino (the kernel's inode stays hashed by its lower while cached): a
+    move or link of it into another directory marks that one impure, as before the forget.
+    With userxattr the copy's overlay.origin is empty, and the found-again node was judged by
+    it: no mark, which kernel overlayfs (its inode cached) writes (an unreproduced
+    test_random_operations[layerfs-userns] failure of session 11 had this shape)."""
+    low, up, work, mnt = make_stack(tmp_path)
+    for d in ("a", "d"):
+        (low / d).mkdir()
+    (low / "a/f").write_bytes(b"f")
+    lower_ino = os.lstat(low / "a/f").st_ino
+    cfg = MountConfig(
+        lowers=(str(low),), upper=str(up), workdir=str(work), mountpoint=str(mnt), userxattr=True
+    )
+    ov = Overlay(cfg.validate())
+    try:
+        a, d = lookup(ov, b"a"), lookup(ov, b"d")
+        f = lookup(ov, b"a/f")
+        await ov.setattr(f, SetAttr(mode=0o600), None, ROOT)  # the copy-up
+        ov.forget([(f, 1)])
+        again = ov.lookup(a, b"f")
+        assert again.ino == lower_ino
+        if how == "rename":
+            await ov.rename(a, b"f", d, b"f", 0)
+        else:
+            await ov.link(again.id, d, b"f")
+        assert "user.overlay.impure" in os.listxattr(up / "d")
         check_upper(up, work)
     finally:
         ov.close()
