@@ -1762,6 +1762,37 @@ class WriteMachine(_Machine):
     def race2(self, p: bytes, q: bytes, mix: str) -> None:
         self._do(("race2", p, q, mix))
 
+    # a caller that is not the daemon's identity: the kernel's permission checks, and the
+    # daemon's creation as that caller (owner, group, setgid), on layers whose owners and
+    # modes (sticky, setgid, 0700) vary. Not through /proc/PID/root (user namespaces): root
+    # only may walk it
+    @precondition(lambda self: not self.subject.userns)
+    @rule(data=st.data(), p=_paths, q=_paths, who=st.sampled_from([1000, 65534]))
+    def as_user(self, data: st.DataObject, p: bytes, q: bytes, who: int) -> None:
+        op = data.draw(
+            st.sampled_from(
+                [
+                    ("create", p, b"u"),
+                    ("write", p, 0, b"u"),
+                    ("mkdir", p),
+                    ("mkfifo", p),
+                    ("symlink", b"t", p),
+                    ("unlink", p),
+                    ("rmdir", p),
+                    ("rename", p, q, 0),
+                    ("rename", p, q, RENAME_EXCHANGE),
+                    ("link", p, q),
+                    ("chmod", p, 0o2755),
+                    ("chown", p, who, who),
+                    ("truncate", p, 2),
+                    ("utime", p, T1),
+                    ("setxattr", p, b"user.u", b"u"),
+                    ("race", p, "wc"),
+                ]
+            )
+        )
+        self._do(("as_user", who, who, op))
+
     @rule(p=_paths)
     def copyup_ino(self, p: bytes) -> None:
         self._do(("copyup_ino", p))
