@@ -112,10 +112,11 @@ def _steps(op: Op) -> list[Op]:
     return [op]
 
 
-def _copied_up(tree: Snapshot, op: Op) -> list[Snapshot]:
+def _copied_up(tree: Snapshot, op: Op, upper: Path) -> list[Snapshot]:
     """The trees after OP's copy-up and before its change: they differ from TREE only where
-    the copy of a lower hard link's name parts it from the other names (index=off: its own
-    inode, nlink 1; the others keep the lower's)."""
+    the copy of a lower hard link's name (one not in UPPER yet) parts it from the other
+    names, visible or hidden (index=off: its own inode, nlink 1; the others keep the
+    lower's)."""
     if op[0] not in _COPY_FIRST:
         return []
     copied = [op[1], op[2]] if op[0] == "rename" and op[3] == RENAME_EXCHANGE else [op[1]]
@@ -123,14 +124,19 @@ def _copied_up(tree: Snapshot, op: Op) -> list[Snapshot]:
     for n in range(1, len(copied) + 1):
         t = Snapshot(dict(tree.entries), list(tree.links))
         for p in copied[:n]:
-            group = next((g for g in t.links if p in g), None)
-            if group is None or not isinstance(p, bytes):
+            assert isinstance(p, bytes)
+            e = t.entries.get(p)
+            if e is None or e.kind == "dir" or e.nlink < 2:
                 continue
-            t.links.remove(group)
-            if len(group) > 2:
-                t.links.append(group - {p})
-            t.entries[p] = dataclasses.replace(t.entries[p], nlink=1)
-        if t.links != tree.links:
+            if os.path.lexists(upper / os.fsdecode(p)):
+                continue  # an upper hard link: no copy-up
+            t.entries[p] = dataclasses.replace(e, nlink=1)
+            group = next((g for g in t.links if p in g), None)
+            if group is not None:
+                t.links.remove(group)
+                if len(group) > 2:
+                    t.links.append(group - {p})
+        if t.entries != tree.entries:
             out.append(t)
     return out
 
@@ -156,12 +162,13 @@ def _reference(pair: Pair, ops: Sequence[Op], options: Sequence[str]) -> Referen
         for op in ops:
             start = snapshot(k.mnt)
             ref.start.append(start)
+            copies = _copied_up(start, op, k.upper)  # before the step copies up
             trees = []
             for n, step in enumerate(_steps(op)):
                 if apply(k.mnt, step)[0] != "ok":
                     break  # the operation fails here, on both
                 if n == 0:
-                    trees += _copied_up(start, op)
+                    trees += copies
                 trees.append(snapshot(k.mnt))
             ref.steps.append(trees)
         ref.end = snapshot(k.mnt)
