@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from layerfs.store import oci
@@ -135,19 +136,14 @@ def pull(
                 lines.status(d.digest, "Pulling fs layer")
 
         stop = threading.Event()
-
-        def get(d: oci.Descriptor) -> None:
-            _fetch_blob(reg, ref.repository, d, downloads, lines, stop)
-
-        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pull") as pool:
-            try:
-                # list(): wait for all, and raise the first error.
-                list(pool.map(get, fetch.values()))
-            except BaseException:
-                # Ctrl-C or a failed blob: the other downloads stop at their next chunk
-                # instead of running to the end while the pool is shut down.
-                stop.set()
-                raise
+        _run_downloads(
+            [
+                functools.partial(_fetch_blob, reg, ref.repository, d, downloads, lines, stop)
+                for d in fetch.values()
+            ],
+            jobs,
+            stop,
+        )
 
     staged = [
         StagedLayer(
@@ -183,6 +179,47 @@ class PullStopped(RegistryError):
     """A download given up because another one failed or the pull was interrupted."""
 
 
+def _run_downloads(tasks: list[Callable[[], None]], jobs: int, stop: threading.Event) -> None:
+    """Run ``tasks`` on ``jobs`` threads; once all have ended, raise the first error (the
+    others stop at their next chunk: ``stop``).
+
+    Ctrl-C (KeyboardInterrupt in the main thread) raises at once, without waiting for the
+    downloads: one blocked on a registry that sends nothing would hold the pull until the
+    read timeout (60 s, then again for each retry). The threads are daemons, so the process
+    ends without them; they leave what a kill leaves (a ``.part``, a verified download)."""
+    todo: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+    for task in tasks:
+        todo.put(task)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                task = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                task()
+            except BaseException as e:  # handed to the main thread
+                errors.append(e)
+                stop.set()
+
+    threads = [
+        threading.Thread(target=work, name=f"pull-{i}", daemon=True)
+        for i in range(min(max(1, jobs), len(tasks)))
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:
+        stop.set()
+        raise
+    if errors:
+        raise errors[0]
+
+
 def _fetch_blob(
     reg: Registry,
     repo: str,
@@ -208,6 +245,9 @@ def _fetch_blob(
         except OSError as e:
             raise RegistryError(f"layer {d.digest}: writing the download: {e}") from None
         os.rename(part, final)
+        if stop.is_set():
+            # The pull is over (and may be exiting: a daemon thread must not be writing then).
+            raise PullStopped(f"layer {d.digest}: download stopped")
         lines.status(d.digest, "Download complete")
 
 

@@ -343,18 +343,26 @@ def _layer_digests(layout: Path) -> list[str]:
 
 
 def _signal_while_held(p: subprocess.Popen[str], hold: BlobHold, sig: int) -> str:
-    """Send ``sig`` to pull ``p`` while the registry holds its second layer mid-body, then
-    let the registry go on; return the pull's stderr. The hold, not a progress line read in
-    time, makes sure the pull is downloading when the signal comes: a pull that finished
-    first (session 11's gate, exit 0) cannot happen however loaded the machine is."""
-    if not hold.holding.wait(HOLD_TIMEOUT):
-        p.kill()
-        _, err = p.communicate(timeout=60)
-        raise AssertionError(f"the pull never reached the held blob: {err}")
-    p.send_signal(sig)
-    hold.release()
-    _, err = p.communicate(timeout=60)
-    return err
+    """Send ``sig`` to pull ``p`` while the registry holds its second layer mid-body; return
+    the pull's stderr once it has exited, the registry still holding. The hold, not a
+    progress line read in time, makes sure the pull is downloading when the signal comes: a
+    pull that finished first (session 11's gate, exit 0) cannot happen however loaded the
+    machine is. And a pull must stop though its registry sends nothing more."""
+    try:
+        if not hold.holding.wait(HOLD_TIMEOUT):
+            p.kill()
+            raise AssertionError(f"the pull never reached the held blob: {p.communicate()[1]}")
+        p.send_signal(sig)
+        try:
+            # Well under HOLD_TIMEOUT: a pull that waits for the blob's next bytes fails here.
+            return p.communicate(timeout=HOLD_TIMEOUT / 2)[1]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise AssertionError(
+                f"the pull did not stop while the registry held a blob: {p.communicate()[1]}"
+            ) from None
+    finally:
+        hold.release()
 
 
 def test_interrupted_pull_resumes_from_verified_layers(reg: LocalRegistry, tmp_path: Path) -> None:

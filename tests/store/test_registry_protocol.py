@@ -1,11 +1,13 @@
 """The registry client's protocol paths the local docker-registry does not exercise: the
-token cache and the token server's refusal, 5xx answers, and a blob stream cut off mid-way.
-httpx's MockTransport plays the registry: no filesystem is mocked."""
+token cache and the token server's refusal, 5xx answers, a blob stream cut off mid-way, a
+tampered layer among several downloads. httpx's MockTransport plays the registry: no
+filesystem is mocked."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -17,7 +19,12 @@ import pytest
 from layerfs.store import oci
 from layerfs.store.auth import AuthError, parse_challenge
 from layerfs.store.digest import DigestError
+from layerfs.store.progress import LayerLines
+from layerfs.store.pull import pull
 from layerfs.store.registry import Registry
+from layerfs.store.store import Store
+from store.conftest import store_is_empty
+from store.ocitools import E, write_image
 
 BLOB = os.urandom(3 << 20)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -143,6 +150,43 @@ def test_tampered_blob_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             reg.download_blob("a/b", DESC, str(tmp_path / "blob"))
         with pytest.raises(DigestError, match="longer"):
             reg.download_blob("long/b", DESC, str(tmp_path / "blob"))
+
+
+def test_pull_raises_the_refused_layers_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three layers downloaded at once, the second refused (a flipped byte): once the
+    downloads have ended the pull raises that layer's digest error (not another download's
+    "stopped"), and the store holds nothing."""
+    _auth_env(tmp_path, monkeypatch, None)
+    layout = tmp_path / "layout"
+    layers = [[E(n, data=os.urandom(2 << 20))] for n in ("a", "b", "c")]
+    write_image(layout, layers, tag="t", compression="none")
+    blobs = layout / "blobs/sha256"
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = (blobs / top[7:]).read_bytes()
+    bad = json.loads(manifest)["layers"][1]["digest"]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v2/":
+            return httpx.Response(200)
+        if "/manifests/" in path:
+            return httpx.Response(200, content=manifest)
+        digest = path.rsplit("/", 1)[1]
+        data = (blobs / digest[7:]).read_bytes()
+        if digest == bad:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        return httpx.Response(200, content=data)
+
+    store = Store(str(tmp_path / "store"))
+    out = io.StringIO()
+    with (
+        Registry("reg.example", transport=httpx.MockTransport(handler), backoff=0) as reg,
+        pytest.raises(DigestError, match=f"blob {bad} .*digest mismatch"),
+    ):
+        pull(store, "reg.example/a/b:1", registry=reg, jobs=3, lines=LayerLines(out))
+    assert store_is_empty(store)
 
 
 def test_https_only_unless_local() -> None:
