@@ -4,9 +4,10 @@
 # Idempotent: each step is skipped when it is already done, so a second run takes seconds.
 #   1. apt packages (apt-get update only when something is missing)
 #   2. /dev/fuse (modprobe fuse when it is missing)
-#   3. .venv in the repo, with `pip install -e '.[dev]'`, made by python3 on PATH (PYTHON=...
-#      overrides); remade when the interpreter changes, reinstalled when pyproject.toml or
-#      this script's pip step changes
+#   3. .venv in the repo, with `pip install -e '.[dev]'`, made by /usr/bin/python3 when it is a
+#      usable Python >= 3.11 (venv and headers: python3-venv, python3-dev), else by python3 on
+#      PATH (PYTHON=... overrides both); remade when the interpreter changes, reinstalled when
+#      pyproject.toml or this script's pip step changes
 #   4. the unprivileged user the rootless podman test runs as (layerfs-rootless, with
 #      subordinate uid/gid ranges): made here because the test session may not change
 #      /etc/passwd (tests/conftest.py checks it)
@@ -117,11 +118,27 @@ else
 fi
 
 # --- 3. Python venv ------------------------------------------------------------------------
-# python3 on PATH. Debian's /usr/bin/python3 (libpython in the executable) cost a quarter less
-# CPU per failed lookup and unlink than pyenv's shared build here, but its 1 MiB WRITEs cost
-# 2.5x in a few runs, a two-speed effect pyenv's shows too: not the default until measured
-# with many samples (docs/benchmarks.md, session 11).
-python=${PYTHON:-python3}
+# The distribution's /usr/bin/python3 first: Debian links libpython into that executable
+# (no call through the PLT for the interpreter's own functions), where a pyenv build on PATH is
+# usually a shared libpython. Same code, 6 rounds alternating: the daemon's CPU per failed
+# lookup, create, unlink, untar and 1 MiB WRITE, every handler's and a mount caller's lower
+# (6-30%), PSS the same (docs/benchmarks.md, session 12 interp). "Usable": >= MIN_PYTHON, with
+# venv (python3-venv) and the headers pyfuse3 compiles against (python3-dev); else python3 on
+# PATH, as before.
+usable_python() {
+    "$1" - <<EOF 2>/dev/null
+import ensurepip, os, sys, sysconfig, venv
+sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]})
+         or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
+EOF
+}
+if [ -n "${PYTHON:-}" ]; then
+    python=$PYTHON
+elif [ -x /usr/bin/python3 ] && usable_python /usr/bin/python3; then
+    python=/usr/bin/python3
+else
+    python=python3
+fi
 command -v "$python" >/dev/null 2>&1 || die "$python not found on PATH"
 "$python" -c "import sys; sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]}))" \
     || die "$("$python" -V 2>&1) is too old: layerfs needs Python >= ${MIN_PYTHON[0]}.${MIN_PYTHON[1]}"
