@@ -11,9 +11,9 @@ This machine's kernel reports a free page only once it has stayed free for ``min
 (``/sys/module/page_reporting/parameters/``; 0, at once, is its boot value). For a run,
 :func:`warm_host_memory` raises it to the largest value the kernel accepts and touches a
 bounded amount of anonymous memory then frees it, so that the page allocator hands out
-host-backed pages (freed pages go to the head of its free lists, reported ones to the
-tail); :meth:`HostMemory.refresh` touches it again when half of ``min_free_ms`` has passed,
-before the pages would be reported. The value found is restored when the last run that
+host-backed pages (a freed page goes to the front of its free list);
+:meth:`HostMemory.refresh` touches it again when half of ``min_free_ms`` has passed, before
+the pages would be reported. The value found is restored when the last run that
 changed it ends: runs share the knob through a state file under a lock (``STATE``), so two
 overlapping runs neither restore each other's value nor leave theirs behind, and a run that
 died without restoring is repaired by the next one."""
