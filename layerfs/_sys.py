@@ -393,6 +393,44 @@ def utime_at(dirfd: int, name: bytes, atime_ns: int, mtime_ns: int) -> None:
     os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dirfd, follow_symlinks=False)
 
 
+# utimensat(2) and futimens(3) with UTIME_OMIT for a time left as it is: os.utime takes both
+# times, so a SETATTR of one (tar sets the mtime alone) lstat'ed first for the other.
+_UTIME_OMIT = (1 << 30) - 2
+_Timespecs = ctypes.c_long * 4  # struct timespec[2]: atime sec, nsec, mtime sec, nsec
+_utimensat = _libc.utimensat
+_utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+_futimens = _libc.futimens
+_futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+
+def _timespecs(atime_ns: int | None, mtime_ns: int | None) -> ctypes.Array[ctypes.c_long]:
+    a_sec, a_ns = (0, _UTIME_OMIT) if atime_ns is None else divmod(atime_ns, 1_000_000_000)
+    m_sec, m_ns = (0, _UTIME_OMIT) if mtime_ns is None else divmod(mtime_ns, 1_000_000_000)
+    return _Timespecs(a_sec, a_ns, m_sec, m_ns)
+
+
+def utimens_at(dirfd: int, name: bytes, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set the times of NAME (not followed; DIRFD itself for b""), None: left as it is."""
+    if atime_ns is not None and mtime_ns is not None:
+        os.utime(name or b".", ns=(atime_ns, mtime_ns), dir_fd=dirfd, follow_symlinks=False)
+        return
+    sys.audit("os.utime", name, None, (atime_ns, mtime_ns), dirfd)  # a crash point, as os.utime
+    if _utimensat(dirfd, name or b".", _timespecs(atime_ns, mtime_ns), _AT_SYMLINK_NOFOLLOW):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), name)
+
+
+def futimens(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set the times of the file open as FD, None: left as it is."""
+    if atime_ns is not None and mtime_ns is not None:
+        os.utime(fd, ns=(atime_ns, mtime_ns))
+        return
+    sys.audit("os.utime", fd, None, (atime_ns, mtime_ns), None)  # a crash point, as os.utime
+    if _futimens(fd, _timespecs(atime_ns, mtime_ns)):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def remove_tree_at(dirfd: int, name: bytes) -> None:
     """Remove NAME and everything below it, never following symlinks (workdir cleanup).
 

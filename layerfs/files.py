@@ -256,6 +256,12 @@ class Files:
             self._evict()
         return h
 
+    def upper_handle(self, node: Node) -> Handle | None:
+        """NODE's kept descriptor when it is open on NODE's upper file (one MKNOD made, one
+        written or read lately), else None: its metadata can be changed and read through it."""
+        h = self.by_node.get(node.id)
+        return h if h is not None and h.node is node and h.on_upper else None
+
     @staticmethod
     def _on_upper(node: Node) -> bool:
         return bool(node.upper and not node.metacopy)

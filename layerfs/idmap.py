@@ -76,8 +76,7 @@ class IdMap:
         """C in stored ids: the owner its new objects get, the groups its checks use."""
         if not (self.uids or self.gids):
             return c
-        return dataclasses.replace(
-            c,
+        return c._replace(
             uid=self.store_uid(c.uid),
             gid=self.store_gid(c.gid),
             groups=frozenset(self.store_gid(g) for g in c.groups),

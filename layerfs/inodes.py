@@ -47,7 +47,7 @@ _INO_MASK = (1 << 64) - 1
 RealId = int
 Key = RealId | tuple[int, int, bytes]
 
-_DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH = 1, 2, 4, 8, 16
+_DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH, _NO_CAPS = 1, 2, 4, 8, 16, 32
 
 
 class Node:
@@ -67,7 +67,7 @@ class Node:
     from, are always written down and never change.
 
     Memory: a million of these stay while the kernel holds a walked tree, and the allocator
-    hands out 16-byte steps, so the four flags share one int and a directory's listing
+    hands out 16-byte steps, so the flags share one int and a directory's listing
     ``version`` and a file's ``aliases`` (a directory has one name) share one slot: 10 slots,
     112 bytes.
     """
@@ -150,6 +150,18 @@ class Node:
     @no_oci_whiteouts.setter
     def no_oci_whiteouts(self, value: bool) -> None:
         self._set(_NO_WH, value)
+
+    @property
+    def no_caps(self) -> bool:
+        """Its real file has no ``security.capability``: made by this mount's MKNOD, or
+        found without one (Overlay.find_xattr); cleared by any SETXATTR through the mount, the
+        only way one is added. The kernel asks for it at a file's first write and at every
+        chown (its kill-priv checks): answered without a syscall."""
+        return bool(self._flags & _NO_CAPS)
+
+    @no_caps.setter
+    def no_caps(self, value: bool) -> None:
+        self._set(_NO_CAPS, value)
 
     def _set(self, flag: int, value: bool) -> None:
         self._flags = self._flags | flag if value else self._flags & ~flag

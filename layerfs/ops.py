@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import dataclasses
 import errno
 import functools
 import json
@@ -197,7 +196,7 @@ def _caller_groups(caller: Caller) -> Caller:
         sup = frozenset(pyfuse3.get_sup_groups(caller.pid))
     except (OSError, ValueError):
         sup = frozenset()  # the caller is gone: the group check errs on clearing
-    return dataclasses.replace(caller, groups=sup)
+    return caller._replace(groups=sup)
 
 
 class Operations(pyfuse3.Operations):
@@ -285,15 +284,17 @@ class Operations(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        ch = SetAttr(
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        ch = SetAttr(  # positional: SetAttr's order
+            attr.st_mode if fields.update_mode else None,
+            attr.st_uid if fields.update_uid else None,
+            attr.st_gid if fields.update_gid else None,
+            attr.st_size if fields.update_size else None,
+            attr.st_atime_ns if fields.update_atime else None,
+            attr.st_mtime_ns if fields.update_mtime else None,
         )
-        return _entry(await self.fs.setattr(inode, ch, fh, _caller(ctx, groups=True)))
+        # groups (a /proc read) only for a truncate: setuid/setgid clearing (kill_suid)
+        caller = _caller(ctx, groups=fields.update_size)
+        return _entry(await self.fs.setattr(inode, ch, fh, caller))
 
     @_errors
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:

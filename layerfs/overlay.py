@@ -14,7 +14,6 @@ Must not import: pyfuse3.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import logging
@@ -53,8 +52,9 @@ def _truncate(fd: int, size: int, caller: Caller) -> None:
         os.fchmod(fd, stat.S_IMODE(mode))
 
 
-def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> None:
-    """setattr on an open file that has no name left (unlinked while open)."""
+def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> os.stat_result:
+    """setattr through FD, open on the file (the descriptor a node keeps, or the one left of
+    a file unlinked while open); returns its fstat after, the reply's attributes."""
     if ch.size is not None:
         _truncate(fd, ch.size, caller)
         groups = caller.kill_priv_groups()
@@ -65,15 +65,15 @@ def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> None:
     if ch.mode is not None:
         os.fchmod(fd, stat.S_IMODE(ch.mode))
     if ch.atime_ns is not None or ch.mtime_ns is not None:
-        st = os.fstat(fd)
-        atime = st.st_atime_ns if ch.atime_ns is None else ch.atime_ns
-        mtime = st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns
-        os.utime(fd, ns=(atime, mtime))
+        _sys.futimens(fd, ch.atime_ns, ch.mtime_ns)
+    return os.fstat(fd)
 
 
 # the inode flag getters FUSE sends (fuse_fileattr_get) and the size of their data
 FS_IOC_GETFLAGS, FS_IOC_FSGETXATTR = 0x80086601, 0x801C581F
 _FLAG_GETTERS = {FS_IOC_GETFLAGS: 4, FS_IOC_FSGETXATTR: 28}
+
+CAPS = b"security.capability"  # what the kernel's kill-priv checks ask (Node.no_caps)
 
 # errors of the daemon, not of an entry: a listing stops at them rather than skip the entry
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
@@ -90,6 +90,7 @@ class Overlay:
         # the overlay xattrs written in the upper: trusted.overlay.*, or user.overlay.*
         self.names = xattrs.names_for(config.user_xattrs)
         self.ids = IdMap.of(config)  # ids shown vs stored (uidmapping=, squash_to_uid=, ...)
+        self.ids_active = self.ids.active  # a property: asked at every reply
         self.copyup = CopyUp(
             self.stack,
             self.table,
@@ -163,7 +164,7 @@ class Overlay:
         if self.files.data_elsewhere(node):  # the blocks are the data's, as ovl_getattr
             dirfd, name = self.files.data_location(node)
             attr = attr._replace(blocks=_sys.lstat_at(dirfd, name).st_blocks)
-        return self.ids.attr(attr) if self.ids.active else attr
+        return self.ids.attr(attr) if self.ids_active else attr
 
     def getattr(self, ino: int) -> Attr:
         return self.attr(self.table.get(ino))
@@ -212,10 +213,9 @@ class Overlay:
         return self.attr(node, st)
 
     async def setattr(self, ino: int, ch: SetAttr, fh: int | None, caller: Caller) -> Attr:
-        caller = self.ids.caller(caller)
-        if self.ids.active:  # chown to shown ids: store them as the layers keep them
-            ch = dataclasses.replace(
-                ch,
+        if self.ids_active:  # chown to shown ids: store them as the layers keep them
+            caller = self.ids.caller(caller)
+            ch = ch._replace(
                 uid=None if ch.uid is None else self.ids.store_uid(ch.uid),
                 gid=None if ch.gid is None else self.ids.store_gid(ch.gid),
             )
@@ -224,24 +224,29 @@ class Overlay:
             raise OSError(errno.EROFS, "read-only stack")
         if ch.size is not None and node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        # a truncate copies no more data; anything else changes metadata only, and a regular
-        # file's copy-up makes that change itself (the copy's lstat comes back)
-        meta = ch.size is None
-        done = await self.copyup.copy_up(
-            node, data_len=ch.size, meta=meta, change=ch if meta else None
-        )
-        if node.id in self.copyup.changed:  # the reply carries its attributes: no notice
-            self.copyup.changed.remove(node.id)
-        if done is not None:
-            return self.attr(node, done)
+        if not node.upper or (ch.size is not None and node.metacopy):  # copy_up's no-op test
+            # a truncate copies no more data; anything else changes metadata only, and a
+            # regular file's copy-up makes that change itself (the copy's lstat comes back)
+            meta = ch.size is None
+            done = await self.copyup.copy_up(
+                node, data_len=ch.size, meta=meta, change=ch if meta else None
+            )
+            if node.id in self.copyup.changed:  # the reply carries its attributes: no notice
+                self.copyup.changed.remove(node.id)
+            if done is not None:
+                return self.attr(node, done)
+        h = self.files.upper_handle(node)
+        if h is not None and (ch.size is None or h.writable):
+            # the descriptor the node keeps on its upper file (a file this mount made or
+            # wrote): no path to walk, here or in the kernel
+            return self.attr(node, _setattr_fd(h.fd, ch, caller))
         try:
             dirfd, name = self.files.real_location(node)
         except OSError:  # unlinked, but still open: work through the open file
             fd = self.files.fd_of(node)
             if fd is None:
                 raise
-            _setattr_fd(fd, ch, caller)
-            return self.attr(node)
+            return self.attr(node, _setattr_fd(fd, ch, caller))
         if ch.size is not None:
             h = self.files.handles.get(fh) if fh else None  # 0: no OPEN was sent
             fd = h.fd if h is not None else _sys.open_data(dirfd, name, os.O_WRONLY)
@@ -260,14 +265,9 @@ class Overlay:
             os.chown(target, uid, gid, dir_fd=dirfd, follow_symlinks=False)
         if ch.mode is not None:
             _sys.chmod_at(dirfd, target, stat.S_IMODE(ch.mode))
-        if ch.atime_ns is not None and ch.mtime_ns is not None:
-            _sys.utime_at(dirfd, target, ch.atime_ns, ch.mtime_ns)
-        elif ch.atime_ns is not None or ch.mtime_ns is not None:  # the other one kept
-            st = _sys.lstat_at(dirfd, target)
-            atime = st.st_atime_ns if ch.atime_ns is None else ch.atime_ns
-            mtime = st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns
-            _sys.utime_at(dirfd, target, atime, mtime)
-        return self.attr(node)
+        if ch.atime_ns is not None or ch.mtime_ns is not None:
+            _sys.utimens_at(dirfd, name, ch.atime_ns, ch.mtime_ns)
+        return self.attr(node, _sys.lstat_at(dirfd, name) if name else os.fstat(dirfd))
 
     def readlink(self, ino: int) -> bytes:
         node = self.table.get(ino)
@@ -293,6 +293,7 @@ class Overlay:
         caller = self.ids.caller(caller)
         parent = self.table.get(parent_ino)
         node, st, fd = await self.ns.create(parent, name, mode, flags, caller)
+        node.no_caps = True  # a new file of ours
         fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
         return fh, self.counted(node, st)
 
@@ -311,6 +312,7 @@ class Overlay:
     ) -> Attr:
         caller = self.ids.caller(caller)
         node, st, fd = await self.ns.mknod(self.table.get(parent_ino), name, mode, rdev, caller)
+        node.no_caps = True  # a new file of ours: the first write's GETXATTR needs no syscall
         if fd is not None:
             self.files.keep_new(node, fd)
         return self.counted(node, st)
@@ -552,11 +554,21 @@ class Overlay:
 
     def find_xattr(self, ino: int, name: bytes) -> bytes | None:
         """getxattr(), None where there is no such attribute: the kernel asks for one that
-        most files lack (``security.capability``) at each new file's first write."""
+        most files lack (``security.capability``) at each new file's first write and at
+        each chown; a node that has none knows it (Node.no_caps)."""
+        if name == CAPS:
+            node = self.table.get(ino)
+            if node.no_caps:
+                return None
+            value = self._real_xattr(node, CAPS)
+            node.no_caps = value is None
+            return value
         if not xattrs.user_may_name(name, self.names):
             return None
-        node = self.table.get(ino)
-        real_name = xattrs.to_real(name, self.names)
+        return self._real_xattr(self.table.get(ino), xattrs.to_real(name, self.names))
+
+    def _real_xattr(self, node: Node, real_name: bytes) -> bytes | None:
+        """The value of the real xattr REAL_NAME of NODE's top real object, None if absent."""
         try:
             dirfd, real = self.files.real_location(node)
         except OSError:  # unlinked: through an open fd
@@ -589,6 +601,7 @@ class Overlay:
         if private and not (self.names is xattrs.USER and name.startswith(xattrs.TRUSTED.prefix)):
             raise OSError(errno.EPERM, "overlay-private attribute")
         node = await self._copied_up(ino)
+        node.no_caps = False  # the one way a file gets security.capability: ask again
         if private:
             # With userxattr the kernel takes trusted.overlay.X for the user's own: it copies
             # up, then the filesystem refuses (no CAP_SYS_ADMIN in a user namespace). layerfs

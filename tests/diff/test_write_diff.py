@@ -1108,6 +1108,72 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         set(),
     ),
+    # SETATTR through the descriptor a node keeps (a file just made or written) and by name
+    # (a lower file's copy-up with the change, then an upper file without one, a directory, a
+    # symlink); one time set alone (tar's utimensat: UTIME_OMIT, no stat first); the
+    # capability answer of a new file once security.capability is set on it (Node.no_caps)
+    "setattr-paths": (
+        BASE,
+        [
+            ("create", b"usr/new", b"data"),
+            ("chown", b"usr/new", 1000, 2000),
+            ("chmod", b"usr/new", 0o6755),
+            ("utime_one", b"usr/new", "mtime", T1),
+            ("utime_one", b"usr/new", "atime", T1 + 7),
+            ("truncate", b"usr/new", 2),
+            ("stat", b"usr/new"),
+            ("utime", b"usr/new", T1),
+            ("chown", b"usr/new", 1000, 1000),
+            ("stat", b"usr/new"),
+            ("chmod", b"etc/passwd", 0o600),
+            ("utime_one", b"etc/passwd", "mtime", T1),
+            ("chown", b"etc/passwd", 5, 6),
+            ("utime_one", b"etc/passwd", "atime", T1 + 9),
+            ("stat", b"etc/passwd"),
+            ("write", b"usr/lib/libc.so", 0, b"X"),
+            ("utime_one", b"usr/lib/libc.so", "atime", T1),
+            ("chmod", b"usr/lib/libc.so", 0o4711),
+            ("truncate", b"usr/lib/libc.so", 5),
+            ("stat", b"usr/lib/libc.so"),
+            ("utime_one", b"usr/share", "mtime", T1),
+            ("create", b"usr/capf", b"#!x"),
+            ("getxattr", b"usr/capf", b"security.capability"),
+            ("setxattr", b"usr/capf", b"security.capability", CAP_NET_BIND_SERVICE),
+            ("getxattr", b"usr/capf", b"security.capability"),
+            ("chown", b"usr/capf", 0, 0),
+            ("getxattr", b"usr/capf", b"security.capability"),
+            ("getxattr", b"ping", b"security.capability"),
+            ("chown", b"ping", 0, 0),
+            ("getxattr", b"ping", b"security.capability"),
+            RESTACK,
+        ],
+        set(),
+    ),
+    "utime-one-symlink": (
+        BASE,
+        [
+            ("utime_one", b"link", "mtime", T1),
+            ("utime_one", b"link", "atime", T1),
+            ("stat", b"link"),
+        ],
+        {"symlink-copyup-owner"},
+    ),
+    # a user's write drops the capability the kernel learnt of by GETXATTR (its kill-priv
+    # check, then a REMOVEXATTR): set on a file this mount made, which had none
+    "capability-of-new-file-as-user": (
+        BASE,
+        [
+            ("create", b"usr/capf", b"#!x"),
+            ("chmod", b"usr/capf", 0o777),
+            ("as_user", 1000, 1000, ("write", b"usr/capf", 0, b"#")),
+            ("setxattr", b"usr/capf", b"security.capability", CAP_NET_BIND_SERVICE),
+            ("getxattr", b"usr/capf", b"security.capability"),
+            ("as_user", 1000, 1000, ("write", b"usr/capf", 1, b"!")),
+            ("getxattr", b"usr/capf", b"security.capability"),
+            ("stat", b"usr/capf"),
+        ],
+        set(),
+    ),
     "setgid-inheritance": (
         BASE,
         [
@@ -1394,7 +1460,7 @@ class _Machine(RuleBasedStateMachine):
         if _SKIP_OPS.get(str(op[0])) in self.subject.quirks:
             return None  # a known difference of the stand-in: not worth re-finding every run
         if (
-            op[0] in ("setxattr", "removexattr", "chown", "utime", "link", "rename")
+            op[0] in ("setxattr", "removexattr", "chown", "utime", "utime_one", "link", "rename")
             and {"symlink-xattr-follows", "symlink-copyup-owner"} & self.subject.quirks
             and os.path.islink(self.k.mnt / os.fsdecode(op[1]))  # type: ignore[arg-type]
         ):
@@ -1700,6 +1766,15 @@ class WriteMachine(_Machine):
     @rule(p=_paths)
     def utime(self, p: bytes) -> None:
         self._do(("utime", p, T1))
+
+    @rule(p=_paths, which=st.sampled_from(["atime", "mtime"]))
+    def utime_one(self, p: bytes, which: str) -> None:
+        self._do(("utime_one", p, which, T1))
+
+    @rule(p=_paths)
+    def setcap(self, p: bytes) -> None:
+        self._do(("setxattr", p, b"security.capability", CAP_NET_BIND_SERVICE))
+        self._do(("getxattr", p, b"security.capability"))
 
     @rule(p=_paths, name=st.sampled_from([b"user.a", b"user.z", b"trusted.t"]), value=_data)
     def setxattr(self, p: bytes, name: bytes, value: bytes) -> None:

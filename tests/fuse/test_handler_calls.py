@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def _write(path: Path, flags: int, data: bytes, times: int) -> None:
             os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def _requests(mnt: Path, op: str) -> int:
+    """How many OP requests the daemon at MNT has served (its statistics xattr)."""
+    return int(json.loads(os.getxattr(mnt, "trusted.layerfs.statistics")).get(f"req_{op}", 0))
 
 
 def _write_fds_in(pid: int, top: Path) -> list[str]:
@@ -137,13 +143,15 @@ def test_no_upper_file_stays_open_for_writing(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not _sys.FCHMODAT2, reason="no fchmodat2 on this kernel")
 def test_chmod_of_an_upper_file_stats_once(tmp_path: Path) -> None:
-    """A SETATTR of a mode is one fchmodat2 (AT_SYMLINK_NOFOLLOW) and the reply's lstat of
-    the file. Before, the lstat that kept symlinks out came first: two and an fchmodat."""
+    """A SETATTR of a mode of an upper file the daemon holds no descriptor of is one
+    fchmodat2 (AT_SYMLINK_NOFOLLOW) and the reply's lstat of the file. Before, the lstat that
+    kept symlinks out came first: two and an fchmodat."""
     d = _stack(tmp_path)
+    (d["upper"] / "top").write_bytes(b"upper")  # never written through the mount: no descriptor
     with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
         assert m.proc is not None
-        f = m.mnt / "dir" / "new"
-        _write(f, os.O_CREAT | os.O_EXCL, b"n", 1)
+        f = m.mnt / "top"
+        os.stat(f)
         tracer = Strace(m.proc.pid, tmp_path / "strace.out", "newfstatat,fchmodat")
         try:
             for mode in (0o600, 0o640, 0o604):
@@ -153,8 +161,95 @@ def test_chmod_of_an_upper_file_stats_once(tmp_path: Path) -> None:
         assert os.stat(f).st_mode & 0o777 == 0o604
     assert not [c for c in calls if "fchmodat(" in c], calls
     assert len([c for c in calls if "syscall_0x1c4(" in c or "fchmodat2(" in c]) == 3, calls
-    assert len([c for c in calls if "newfstatat(" in c and '"new"' in c]) == 3, calls
-    assert os.stat(d["upper"] / "dir" / "new").st_mode & 0o777 == 0o604
+    assert len([c for c in calls if "newfstatat(" in c and '"top"' in c]) == 3, calls
+    assert os.stat(d["upper"] / "top").st_mode & 0o777 == 0o604
+
+
+def test_one_time_set_alone_is_one_call(tmp_path: Path) -> None:
+    """tar sets a file's mtime alone (utimensat, the atime UTIME_OMIT): the daemon's SETATTR
+    passes UTIME_OMIT on (one utimensat, then the reply's lstat). Before, it lstat'ed first
+    for the atime it kept: two lstats of the file a SETATTR."""
+    d = _stack(tmp_path)
+    (d["upper"] / "top").write_bytes(b"upper")
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        f = m.mnt / "top"
+        atime = os.stat(f).st_atime_ns
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "newfstatat,utimensat")
+        try:
+            for n in range(1, 4):
+                subprocess.run(["touch", "-m", "-d", f"@{n * 1000}", str(f)], check=True)
+        finally:
+            calls = tracer.stop()
+        st = os.stat(f)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (atime, 3000 * 10**9)
+    assert len([c for c in calls if "utimensat(" in c and "UTIME_OMIT" in c]) == 3, calls
+    assert len([c for c in calls if "newfstatat(" in c and '"top"' in c]) == 3, calls
+
+
+def test_setattr_of_a_file_made_here_walks_no_path(tmp_path: Path) -> None:
+    """An untarred file's owner, mode and mtime are set right after its data is written: the
+    daemon sets them through the descriptor it created the file with (fchown, fchmod,
+    futimens, and the reply's fstat), naming no path. Before: fchownat, fchmodat2 and
+    utimensat by name, each with an lstat of the name."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        _write(m.mnt / "dir" / "first", os.O_CREAT | os.O_EXCL, b"x", 1)  # the copy-up of dir
+        calls_ = "newfstatat,fchownat,fchown,fchmod,fchmodat,utimensat"
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", calls_)
+        try:
+            for i in range(FILES):
+                f = m.mnt / "dir" / f"f{i}"
+                _write(f, os.O_CREAT | os.O_EXCL, b"y", 1)
+                os.chown(f, 1000, 1000)
+                os.chmod(f, 0o640)
+                subprocess.run(["touch", "-m", "-d", "@1000", str(f)], check=True)
+        finally:
+            calls = tracer.stop()
+        for i in range(FILES):
+            st = os.stat(m.mnt / "dir" / f"f{i}")
+            assert (st.st_uid, st.st_mode & 0o777, st.st_mtime_ns) == (1000, 0o640, 1000 * 10**9)
+    by_name = [c for c in calls if '"f' in c and ("fchownat(" in c or "utimensat(" in c)]
+    assert not by_name and not [c for c in calls if "syscall_0x1c4(" in c], calls
+    # the lstats of the names that found a file: at most the MKNOD's own (its reply)
+    found = [c for c in calls if "newfstatat(" in c and '"f' in c and "ENOENT" not in c]
+    assert len(found) <= FILES, found
+    # (MKNOD makes the file with an fchown and an fchmod of its own, to the caller and 0600)
+    assert len([c for c in calls if " fchown(" in c and ", 1000, 1000)" in c]) == FILES, calls
+    assert len([c for c in calls if " fchmod(" in c and ", 0640)" in c]) == FILES, calls
+    assert len([c for c in calls if "utimensat(" in c and "NULL" in c]) == FILES, calls
+    for i in range(FILES):
+        st = os.stat(d["upper"] / "dir" / f"f{i}")
+        assert (st.st_uid, st.st_mode & 0o777, st.st_mtime_ns) == (1000, 0o640, 1000 * 10**9)
+
+
+def test_capability_checks_of_a_file_made_here_read_nothing(tmp_path: Path) -> None:
+    """The kernel asks for security.capability at a new file's first write and at each chown
+    (its kill-priv checks). A file this mount made has none until a SETXATTR gives it one
+    (Node.no_caps): the GETXATTRs are answered without a syscall. A lower file's is read once,
+    its absence then known. Before: one getxattrat per GETXATTR."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        for i in range(FILES):
+            os.close(os.open(m.mnt / "dir" / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        old = m.mnt / "dir" / "old"
+        asked = _requests(m.mnt, "getxattr")
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "getxattr,lgetxattr,fgetxattr")
+        try:
+            for i in range(FILES):
+                _write(m.mnt / "dir" / f"f{i}", 0, b"y", 1)
+                os.chown(m.mnt / "dir" / f"f{i}", 1000, 1000)
+            for _ in range(3):
+                os.chown(old, 1000, 1000)
+        finally:
+            calls = tracer.stop()
+        asked = _requests(m.mnt, "getxattr") - asked
+    assert asked >= 2 * FILES + 3, asked  # the kernel did ask
+    # getxattrat (syscall 464, unnamed by this strace), or getxattr through /proc
+    reads = [c for c in calls if "syscall_0x1d0(" in c or "getxattr(" in c]
+    assert len(reads) == 1, calls  # old's first chown
 
 
 def test_failed_lookups_in_a_directory_made_here_stat_once(tmp_path: Path) -> None:

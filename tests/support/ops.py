@@ -195,6 +195,26 @@ def _utime(p: bytes, ns: int) -> object:
     return os.lstat(p).st_mtime_ns
 
 
+_UTIME_OMIT = (1 << 30) - 2
+
+
+def _utime_one(p: bytes, which: str, ns: int) -> object:
+    """utimensat(2) of one time (WHICH: "atime" or "mtime"), the other UTIME_OMIT, not
+    following a symlink (tar's utimensat sets the mtime alone): whether the other stayed, and
+    the one set."""
+    before = os.lstat(p)
+    sec, nsec = divmod(ns, 1_000_000_000)
+    omit = 0, _UTIME_OMIT
+    times = (ctypes.c_long * 4)(*((sec, nsec, *omit) if which == "atime" else (*omit, sec, nsec)))
+    if _libc.utimensat(_AT_FDCWD, p, times, 0x100) != 0:  # AT_SYMLINK_NOFOLLOW
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    after = os.lstat(p)
+    if which == "atime":
+        return after.st_mtime_ns == before.st_mtime_ns, after.st_atime_ns
+    return after.st_atime_ns == before.st_atime_ns, after.st_mtime_ns
+
+
 def _setxattr(p: bytes, name: bytes, value: bytes) -> object:
     os.setxattr(p, name, value, follow_symlinks=False)
     return os.getxattr(p, name, follow_symlinks=False)
@@ -470,6 +490,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "chown": (_chown, (0,)),
     "chmod_nofollow": (_chmod_nofollow, (0,)),
     "utime": (_utime, (0,)),
+    "utime_one": (_utime_one, (0,)),
     "setxattr": (_setxattr, (0,)),
     "removexattr": (_removexattr, (0,)),
     "create": (_create, (0,)),
