@@ -39,6 +39,7 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path: Path) -> None:
             str(tmp_path / "data"),
             "--out",
             str(out),
+            "--cold-host-memory",  # judges no speed: no 4 GiB pre-touch, the host's knob left alone
         ],
         cwd=REPO,
         capture_output=True,
