@@ -68,6 +68,7 @@ class CopyUp:
         self.requests_waiting: Callable[[], bool] | None = None
         self.active = 0  # copy-ups in progress (each may be waiting for a thread)
         self._names = itertools.count()
+        self._pid = os.getpid()  # in temporary names; read once (a getpid a create otherwise)
         self.tmpfile = True  # build regular files as O_TMPFILEs until the upper refuses one
         # (uid, gid) a file made in the workdir gets (our fsuid and fsgid, or the workdir's
         # group): a copy of a lower file owned so needs no fchown. Learnt from the first copy.
@@ -98,7 +99,7 @@ class CopyUp:
         return dict(self.stats)
 
     def tmp_name(self) -> bytes:
-        return b"#lfs.%d.%d" % (os.getpid(), next(self._names))
+        return b"#lfs.%d.%d" % (self._pid, next(self._names))
 
     async def copy_up(
         self,

@@ -151,6 +151,10 @@ def _open(config: MountConfig) -> Overlay:
 
         _sys.merge_pages()
     _raise_fd_limit()
+    # Every object the daemon makes gets the mode the request asks for, the caller's umask
+    # applied by the engine (acl.inherit); ours would only keep new files from being made in
+    # one step (Namespace._as_made). Set after the log file and the workdir were made.
+    os.umask(0)
     return Overlay(config)
 
 

@@ -3,8 +3,9 @@
 Every change lands in the upper in kernel overlayfs' format: a removed name that a lower still
 shows becomes a whiteout (char 0/0, or ``.wh.NAME`` where mknod is refused); a directory made
 where a whiteout stood is opaque; a renamed directory with lower contents carries an absolute
-``overlay.redirect`` to them. Objects replacing a whiteout are built in the workdir and swapped
-in with one rename, so a crash never leaves a half-made name.
+``overlay.redirect`` to them. A new object that one call makes whole (Namespace._as_made) is
+made in place, as ovl_create_upper; any other, and every object replacing a whiteout, is built
+in the workdir and swapped in with one rename, so a crash never leaves a half-made name.
 
 Kernel analogue: fs/overlayfs/dir.c (ovl_create_object, ovl_do_remove, ovl_rename).
 Must not import: pyfuse3.
@@ -50,6 +51,14 @@ class Namespace:
         # wraps the removal of a non-directory's name, given (node, st_mode): Files keeps the
         # data of a node the kernel may hold open (Files.keeping_data)
         self.keeping_data: Callable[[Node, int], AbstractContextManager[None]] = _no_keep
+        # what an object the daemon makes gets by itself: its owner (our fsuid, fsgid) and its
+        # mode cut by this umask (the daemon sets 0 before serving: mount._open)
+        self._euid, self._egid = os.geteuid(), os.getegid()
+        self._umask = _sys.umask()
+        self.stats = {"in_place": 0, "in_work": 0}  # new objects made in one step / built
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self.stats)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -71,16 +80,13 @@ class Namespace:
         if self.stack.upper is None:
             raise OSError(errno.EROFS, "read-only stack")
 
-    def _whiteout_state(self, udir: int, name: bytes, parent: Node | None = None) -> str:
-        """What the upper holds at NAME when the merged view shows nothing: none/char/oci.
-        PARENT: the directory node of UDIR, if known (Node.no_oci_whiteouts)."""
+    def _whiteout_state(self, udir: int, name: bytes) -> str:
+        """What the upper holds at NAME when the merged view shows nothing: none/char/oci."""
         st = _sys.lstat_at_or_none(udir, name)
         if st is not None:
             if whiteout.is_chardev_whiteout(st.st_mode, st.st_rdev):
                 return "char"
             raise OSError(errno.EEXIST, "exists in upper")
-        if parent is not None and parent.no_oci_whiteouts:
-            return "none"
         if whiteout.has_oci_whiteout(udir, name):
             return "oci"
         return "none"
@@ -179,6 +185,7 @@ class Namespace:
         if state == "none" and one_step:
             build(udir, name)
             return
+        self.stats["in_work"] += 1
         work = self.stack.work_fd
         tmp = self.copyup.tmp_name()
         build(work, tmp)
@@ -194,6 +201,36 @@ class Namespace:
             _sys.remove_tree_at(work, tmp)
             raise
 
+    def _as_made(self, caller: Caller, mode: int) -> bool:
+        """Does an object of MODE that the daemon makes, in a directory without a default
+        ACL, get the owner and mode _owner gives CALLER's, by itself? Then it is made in one
+        call (_make_in_place). The uid is our fsuid; the gid our fsgid, or the directory's
+        when it is setgid, which is _owner's too; a directory in a setgid parent gets S_ISGID
+        as _owner gives it (inode_init_owner). Our umask must leave MODE whole, and setuid or
+        setgid in MODE is left to the build (the kernel may strip setgid there,
+        mode_strip_sgid, and mkdir drops both)."""
+        return (
+            caller.uid == self._euid
+            and caller.gid == self._egid
+            and not mode & (self._umask | stat.S_ISUID | stat.S_ISGID)
+        )
+
+    def _make_in_place(
+        self, parent: Node, udir: int, name: bytes, make: Callable[[int, bytes], None]
+    ) -> str | None:
+        """Make NAME in upper directory UDIR by MAKE(udir, name), one call that gives the
+        object its owner and mode (_as_made), in place as ovl_create_upper does: a crash
+        leaves it whole or absent, so it needs no build in the workdir. None once made; when
+        the upper has something at NAME (a char whiteout, or a name a race took: the create
+        is exclusive), the upper's state there (_free_name: EEXIST when NAME is taken) to
+        build over instead."""
+        try:
+            make(udir, name)
+        except FileExistsError:
+            return self._free_name(parent, udir, name)
+        self.stats["in_place"] += 1
+        return None
+
     @staticmethod
     def _owner(
         parent_st: os.stat_result, caller: Caller, is_dir: bool, mode: int
@@ -208,8 +245,10 @@ class Namespace:
             mode &= ~stat.S_ISGID
         return caller.uid, gid, mode
 
-    def _finish_new(self, parent: Node, name: bytes, udir: int) -> tuple[Node, os.stat_result]:
-        """The node of NAME, just placed in upper dir UDIR, and its lstat.
+    def _finish_new(
+        self, parent: Node, name: bytes, udir: int, st: os.stat_result | None = None
+    ) -> tuple[Node, os.stat_result]:
+        """The node of NAME, just placed in upper dir UDIR, and its lstat (ST, if known).
 
         What resolve() would find, without asking the layers again: the new object is upper
         and hides every lower (NAME was free in the merged view, so a lower shows it only
@@ -217,29 +256,34 @@ class Namespace:
         made it a metacopy or gave it a redirect.
         """
         parent.version += 1
-        st = _sys.lstat_at(udir, name)
+        if st is None:
+            st = _sys.lstat_at(udir, name)
         node = node_for(self.table, parent, name, Resolution(st, True, [], False))
         node.upper = True
         if stat.S_ISDIR(st.st_mode):
             self._made_here(node)
         return node, st
 
-    async def _prepare_parent(self, parent: Node, name: bytes) -> tuple[int, str]:
+    async def _prepare_parent(self, parent: Node, name: bytes) -> tuple[int, str | None]:
         """Check that NAME is free in PARENT and bring PARENT up: its upper dir, and the
-        upper's state at NAME (_whiteout_state) to create NAME over."""
+        upper's state at NAME (_whiteout_state) to create NAME over; None when the lowers
+        and ``.wh.NAME`` show nothing and the upper's NAME is not looked at: an exclusive
+        create in place finds out (_make_in_place), else _free_name."""
         self._writable()
         _sys.check_new_name(name)
-        if parent.upper:
-            udir = self._upper_dir(parent)
-            return udir, self._free_name(parent, udir, name)
-        if resolve(self.stack, parent, name) is not None:
-            raise OSError(errno.EEXIST, "exists")
-        await self.copyup.copy_up(parent)
-        # made by a copy-up in this mount (its upper did not exist: else the node is upper),
-        # metadata only, so empty of whiteouts but what this mount wrote since
-        self._made_here(parent)
+        if not parent.upper:
+            if resolve(self.stack, parent, name) is not None:
+                raise OSError(errno.EEXIST, "exists")
+            await self.copyup.copy_up(parent)
+            # made by a copy-up in this mount (its upper did not exist: else the node is
+            # upper), metadata only, so empty of whiteouts but what this mount wrote since
+            self._made_here(parent)
         udir = self._upper_dir(parent)
-        return udir, self._whiteout_state(udir, name, parent)
+        if lower_positive(self.stack, parent, name) or (
+            not parent.no_oci_whiteouts and whiteout.has_oci_whiteout(udir, name)
+        ):
+            return udir, self._free_name(parent, udir, name)
+        return udir, None
 
     def _free_name(self, parent: Node, udir: int, name: bytes) -> str:
         """The upper's state at NAME (as _whiteout_state) when NAME is free in PARENT, an
@@ -277,12 +321,32 @@ class Namespace:
         self, parent: Node, name: bytes, mode: int, caller: Caller
     ) -> tuple[Node, os.stat_result]:
         udir, state = await self._prepare_parent(parent, name)
-        acls = _inherit(udir, stat.S_IFDIR | stat.S_IMODE(mode), caller)
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        # The mode and ACLs come from the directory's default ACL, else the caller's umask
+        # (posix_acl_create, acl.inherit). The kernel leaves both to us under FUSE_POSIX_ACL;
+        # without it, it applied the umask already (applying it again changes nothing).
+        default = _sys.getxattr_at(udir, b"", acl.DEFAULT)
+        # in a merged parent, the kernel marks every new directory opaque (ovl_create_upper:
+        # "just an optimization, allow to fail"), with redirect_dir=on only (measured: not
+        # off/nofollow/follow, nor userxattr's default)
+        merge_opaque = bool(parent.lowers) and self.redirect_dir
+        if state is None and default is None:
+            made = stat.S_IMODE(acl.inherit(None, mode, caller.umask).mode)
+            if self._as_made(caller, made):
+                state = self._make_in_place(
+                    parent, udir, name, lambda d, n: _sys.mkdir_at(d, n, made)
+                )
+                if state is None:
+                    if merge_opaque:  # after the mkdir, as the kernel: NAME hides nothing
+                        with contextlib.suppress(OSError):
+                            _sys.setxattr_at(udir, name, self.names.opaque, b"y")
+                    return self._finish_new(parent, name, udir)
+        if state is None:
+            state = self._free_name(parent, udir, name)
+        acls = acl.inherit(default, mode, caller.umask)
         uid, gid, mode = self._owner(os.fstat(udir), caller, True, acls.mode)
-        # Over a whiteout, what it hid must stay hidden; in a merged parent, the kernel marks
-        # every new directory opaque too (ovl_create_upper: "just an optimization"), with
-        # redirect_dir=on only (measured: not off/nofollow/follow, nor userxattr's default).
-        opaque = state != "none" or (bool(parent.lowers) and self.redirect_dir)
+        # Over a whiteout, what it hid must stay hidden
+        opaque = state != "none" or merge_opaque
 
         def build(dirfd: int, n: bytes) -> None:
             _sys.mkdir_at(dirfd, n, 0o700)
@@ -310,9 +374,32 @@ class Namespace:
             # a 0/0 device is a whiteout: "don't allow creation of whiteout on overlay" (ovl_mknod)
             raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
         udir, state = await self._prepare_parent(parent, name)
-        acls = _inherit(udir, mode, caller)
-        uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
+        default = _sys.getxattr_at(udir, b"", acl.DEFAULT)  # as in mkdir
         fds: list[int] = []
+        made = acl.inherit(None, mode, caller.umask).mode
+        if state is None and default is None and self._as_made(caller, made):
+
+            def make(dirfd: int, n: bytes) -> None:
+                if stat.S_ISREG(made):
+                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+                    fds.append(_sys.open_at(dirfd, n, flags, stat.S_IMODE(made)))
+                else:
+                    _sys.mknod_at(dirfd, n, made, rdev)
+
+            state = self._make_in_place(parent, udir, name, make)
+            if state is None:
+                try:
+                    st = os.fstat(fds[0]) if fds else None
+                    node, st = self._finish_new(parent, name, udir, st)
+                except BaseException:
+                    for fd in fds:
+                        os.close(fd)
+                    raise
+                return node, st, fds[0] if fds else None
+        if state is None:
+            state = self._free_name(parent, udir, name)
+        acls = acl.inherit(default, mode, caller.umask)
+        uid, gid, mode = self._owner(os.fstat(udir), caller, False, acls.mode)
 
         def build(dirfd: int, n: bytes) -> None:
             if stat.S_ISREG(mode):
@@ -339,6 +426,14 @@ class Namespace:
         self, parent: Node, name: bytes, target: bytes, caller: Caller
     ) -> tuple[Node, os.stat_result]:
         udir, state = await self._prepare_parent(parent, name)
+        if state is None and self._as_made(caller, 0):  # symlinks take no mode, no ACL
+            state = self._make_in_place(
+                parent, udir, name, lambda d, n: _sys.symlink_at(target, d, n)
+            )
+            if state is None:
+                return self._finish_new(parent, name, udir)
+        if state is None:
+            state = self._free_name(parent, udir, name)
         uid, gid, _ = self._owner(os.fstat(udir), caller, False, 0)
 
         def build(dirfd: int, n: bytes) -> None:
@@ -698,14 +793,6 @@ class Namespace:
         if len(value) > REDIRECT_MAX:
             raise OSError(errno.EXDEV, "redirect longer than redirect_max")
         return value
-
-
-def _inherit(udir: int, mode: int, caller: Caller) -> acl.NewAcls:
-    """Mode and ACLs of a new object of MODE in upper directory UDIR (posix_acl_create): the
-    directory's default ACL, else the caller's umask. The kernel leaves both to us under
-    FUSE_POSIX_ACL; without it, it applied the umask already (applying it again changes
-    nothing)."""
-    return acl.inherit(_sys.getxattr_at(udir, b"", acl.DEFAULT), mode, caller.umask)
 
 
 def _set_acls(dirfd: int, name: bytes, acls: acl.NewAcls) -> None:

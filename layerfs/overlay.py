@@ -136,6 +136,7 @@ class Overlay:
         return {
             **self.table.statistics(),
             **{f"copyup_{k}": v for k, v in self.copyup.statistics().items()},
+            **{f"ns_{k}": v for k, v in self.ns.statistics().items()},
             **self.files.statistics(),
             "open_dirs": len(self.dirs),
             **self.dircache.statistics(),

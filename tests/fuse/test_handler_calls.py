@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -256,21 +257,89 @@ def test_failed_lookups_in_a_directory_made_here_stat_once(tmp_path: Path) -> No
     """A failed lookup in an upper directory looks for NAME, then for ``.wh.NAME``
     (fuse-overlayfs' whiteout) where one may be: in a directory the upper held at mount, not
     in one this mount made (mkdir, or the copy-up of a lower one), which holds none while
-    whiteouts are char devices. Before, every miss stat'ed ``.wh.NAME`` too."""
+    whiteouts are char devices. Before, every miss stat'ed ``.wh.NAME`` too. In a directory
+    made here NAME is looked for by access(F_OK), which builds no stat and raises nothing
+    on a miss (before, an lstat: every miss raised FileNotFoundError in the daemon)."""
     d = _stack(tmp_path)
     (d["upper"] / "old").mkdir()
     with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
         assert m.proc is not None
         os.mkdir(m.mnt / "made")
         _write(m.mnt / "dir" / "new", os.O_CREAT | os.O_EXCL, b"n", 1)  # copies dir up
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "newfstatat")
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "newfstatat,faccessat2,faccessat")
         try:
             for sub in ("made", "dir", "old"):
                 for i in range(FILES):
                     assert not os.path.lexists(m.mnt / sub / f"missing{i}")
         finally:
             calls = tracer.stop()
-    looked = [c for c in calls if '"missing' in c]
+    stats = [c for c in calls if "newfstatat(" in c and '"missing' in c]
+    access = [c for c in calls if "faccessat" in c and '"missing' in c]
     whiteouts = [c for c in calls if '".wh.missing' in c]
-    assert len(looked) == 3 * FILES, calls
+    assert len(stats) == FILES, calls  # "old"'s
+    assert len(access) == 2 * FILES, calls
     assert len(whiteouts) == FILES, calls  # "old"'s only
+
+
+CREATING = "openat,mkdirat,mknodat,symlinkat,renameat2,fchown,fchownat,fchmod,fchmodat,getpid"
+
+
+def _create_each_kind(dfd: int, prefix: str) -> None:
+    for i in range(FILES):
+        os.close(os.open(f"{prefix}f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd))
+        os.mkdir(f"{prefix}d{i}", 0o755, dir_fd=dfd)
+        os.mkfifo(f"{prefix}p{i}", 0o644, dir_fd=dfd)
+        os.symlink("target", f"{prefix}s{i}", dir_fd=dfd)
+
+
+def test_creates_by_the_daemons_own_ids_are_one_call(tmp_path: Path) -> None:
+    """A create, mkdir, mknod or symlink by root, the daemon's own ids, is one call in the
+    upper directory, as kernel overlayfs' ovl_create_upper: nothing built in the workdir
+    (no temporary name, chown, chmod, rename), no getpid. A user's is built in the workdir,
+    chowned and renamed into place. Before, root's were built too: a renameat2 each."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        os.chmod(m.mnt / "dir", 0o777)  # copies dir up
+        dfd = os.open(m.mnt / "dir", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            tracer = Strace(m.proc.pid, tmp_path / "strace.out", CREATING)
+            try:
+                _create_each_kind(dfd, "r")
+            finally:
+                root_calls = tracer.stop()
+            tracer = Strace(m.proc.pid, tmp_path / "strace2.out", CREATING)
+            try:
+                pid = os.fork()
+                if pid == 0:  # the descriptor reaches the mount past 0700 /tmp/pytest-of-root
+                    code = 1
+                    try:
+                        os.setgroups([])
+                        os.setgid(1000)
+                        os.setuid(1000)
+                        _create_each_kind(dfd, "u")
+                        code = 0
+                    finally:
+                        os._exit(code)
+                assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            finally:
+                user_calls = tracer.stop()
+        finally:
+            os.close(dfd)
+        stats = json.loads(os.getxattr(m.mnt, "trusted.layerfs.statistics"))
+    made = [c for c in root_calls if "openat(" in c and "O_CREAT" in c]
+    made += [c for c in root_calls if c.split("(")[0].split()[-1] in ("mkdirat", "mknodat")]
+    made += [c for c in root_calls if "symlinkat(" in c]
+    assert len(made) == 4 * FILES and all('"r' in c for c in made), root_calls
+    banned = ("renameat2(", "fchown(", "fchownat(", "fchmod(", "fchmodat(", "getpid(")
+    assert not [c for c in root_calls if any(b in c for b in banned)], root_calls
+    renames = [c for c in user_calls if "renameat2(" in c and "#lfs." in c]
+    assert len(renames) == 4 * FILES, user_calls
+    assert stats["ns_in_place"] == 4 * FILES and stats["ns_in_work"] == 4 * FILES, stats
+    for p in ("r", "u"):
+        uid = 0 if p == "r" else 1000
+        for kind in "fdps":
+            st = os.lstat(d["upper"] / "dir" / f"{p}{kind}0")
+            assert (st.st_uid, st.st_gid) == (uid, uid)
+            if kind != "s":
+                assert stat.S_IMODE(st.st_mode) == (0o755 if kind == "d" else 0o644)

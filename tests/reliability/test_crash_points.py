@@ -81,6 +81,46 @@ def _setxattr(p: Path) -> None:
     os.setxattr(p, "user.crash", b"v", follow_symlinks=False)
 
 
+def _setgid_dir(m: Path) -> None:
+    (m / "u").mkdir()
+    os.chown(m / "u", 0, 50)
+    os.chmod(m / "u", 0o2777)
+
+
+def _default_acl_dir(m: Path) -> None:
+    (m / "u").mkdir()
+    subprocess.run(["setfacl", "-d", "-m", "u:1000:rwx", str(m / "u")], check=True)
+
+
+def _as_user(uid: int, gid: int, rel: str) -> Op:
+    """Create REL below the mount as UID:GID (no groups, umask 022): a user's new file,
+    which the daemon (root) builds in the workdir and chowns. The child works from a
+    descriptor of the mount root opened before it drops root: the test's directories above
+    the mount (/tmp/pytest-of-root is 0700) are not searchable by the user."""
+
+    def run(m: Path) -> None:
+        dfd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+        pid = os.fork()
+        if pid == 0:  # child: never return into the test runner
+            code = 0
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                os.umask(0o022)
+                os.close(os.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664, dir_fd=dfd))
+            except OSError as e:
+                code = e.errno or 1
+            finally:
+                os._exit(code)
+        os.close(dfd)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code:
+            raise OSError(code, os.strerror(code))
+
+    return run
+
+
 def sh(*cmds: str) -> Op:
     """Steps through the mount: ``rm P``, ``rm -r P``, ``rm P/*``, ``mkdir P``, ``write P TEXT``."""
 
@@ -250,6 +290,17 @@ SCENARIOS = [
     ),
     # --- creation, in a lower directory and over a whiteout ---
     Scenario("create_in_lower_dir", AB, sh(), lambda m: _create(m / "a/n")),
+    # root's new objects are made in place in one call (Namespace._as_made); a user's, a
+    # setgid directory's as the user, a default ACL directory's are built in the workdir
+    Scenario("create_in_upper_dir", AB, sh("mkdir u"), lambda m: _create(m / "u/n")),
+    Scenario("create_in_setgid_dir", AB, _setgid_dir, lambda m: _create(m / "u/n")),
+    Scenario("create_in_default_acl_dir", AB, _default_acl_dir, lambda m: _create(m / "u/n")),
+    Scenario("create_as_user", AB, lambda m: os.chmod(m / "a", 0o777), _as_user(1000, 100, "a/n")),
+    Scenario("create_as_user_in_setgid_dir", AB, _setgid_dir, _as_user(1000, 100, "u/n")),
+    Scenario("mkdir_in_upper_dir", AB, sh("mkdir u"), lambda m: (m / "u/n").mkdir()),
+    Scenario("mkdir_in_setgid_dir", AB, _setgid_dir, lambda m: (m / "u/n").mkdir()),
+    Scenario("symlink_in_upper_dir", AB, sh("mkdir u"), lambda m: os.symlink("t", m / "u/n")),
+    Scenario("mknod_in_upper_dir", AB, sh("mkdir u"), lambda m: os.mkfifo(m / "u/n", 0o640)),
     Scenario("create_over_whiteout", F, sh("rm f"), lambda m: _create(m / "f")),
     Scenario("mkdir_over_whiteout", AB, sh("rm -r a"), lambda m: (m / "a").mkdir()),
     Scenario("mkdir_in_lower_dir", AB, sh(), lambda m: (m / "a/n").mkdir()),

@@ -250,6 +250,16 @@ SCRIPT_OPS: list[list[object]] = [
     op(OTH, "create", "sgdir/f"),
     op(OTH, "mkdir", "sgdir/d"),
     op(OTH, "create", "sgdir/d/f"),
+    # root's new objects, which the daemon (root) makes in place (Namespace._as_made), also
+    # where a setgid directory hands its group down, and a default ACL (then built)
+    op(ROOT, "create", "sgdir/rf"),
+    op(ROOT, "mkdir", "sgdir/rd"),
+    op(ROOT, "mknod_fifo", "sgdir/rp"),
+    op(ROOT, "symlink", "=t", "sgdir/rs"),
+    op(ROOT, "create", "acl/dflt/rf"),
+    op(ROOT, "getfacl", "acl/dflt/rf"),
+    op(ROOT, "mkdir", "acl/dflt/rd"),
+    op(ROOT, "getfacl", "acl/dflt/rd"),
     # POSIX ACLs: enforced as the kernel does (named user and group entries, the mask)
     op(OTH, "getfacl", ""),  # the root: its xattrs are read through its fd
     op(ACLU, "read", "acl/deny"),
