@@ -158,8 +158,11 @@ def _lookup_layer(layer: Layer, base: Path, d: _Lookup, bottom: bool) -> tuple[P
         rem -= 1
 
 
-def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
-    """Resolve NAME in the merged directory PARENT; None when the name does not exist."""
+def resolve(
+    stack: LayerStack, parent: Node, name: bytes, *, unseen: bool = False
+) -> Resolution | None:
+    """Resolve NAME in the merged directory PARENT; None when the name does not exist.
+    UNSEEN: a LOOKUP, a name the kernel holds no dentry of (see below)."""
     if name.startswith(whiteout.WH_PREFIX):
         return None  # format markers are never entries of the merged view
     ppath = parent.path()
@@ -172,7 +175,8 @@ def resolve(stack: LayerStack, parent: Node, name: bytes) -> Resolution | None:
         # kernel, which keeps its dentry: a LOOKUP there is mostly of a new name (a create's
         # first look). An access(F_OK) answers that in a third of a failing lstat's
         # instructions (no exception raised, no stat built); a name found is lstat'ed after.
-        if parent.no_oci_whiteouts and not _sys.exists_at(ufd, name):
+        # Not for the namespace changes' own resolves: theirs name what exists (an unlink).
+        if unseen and parent.no_oci_whiteouts and not _sys.exists_at(ufd, name):
             st = None
         else:
             st = _sys.lstat_at_or_none(ufd, name)

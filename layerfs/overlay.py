@@ -189,7 +189,7 @@ class Overlay:
             if not parent.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
             _sys.check_name(name)
-            res = resolve(self.stack, parent, name)
+            res = resolve(self.stack, parent, name, unseen=True)
             if res is None:
                 return None
             node = node_for(self.table, parent, name, res)

@@ -259,18 +259,23 @@ def test_failed_lookups_in_a_directory_made_here_stat_once(tmp_path: Path) -> No
     in one this mount made (mkdir, or the copy-up of a lower one), which holds none while
     whiteouts are char devices. Before, every miss stat'ed ``.wh.NAME`` too. In a directory
     made here NAME is looked for by access(F_OK), which builds no stat and raises nothing
-    on a miss (before, an lstat: every miss raised FileNotFoundError in the daemon)."""
+    on a miss (before, an lstat: every miss raised FileNotFoundError in the daemon); an
+    UNLINK there names a file that exists, and lstats it alone."""
     d = _stack(tmp_path)
     (d["upper"] / "old").mkdir()
     with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
         assert m.proc is not None
         os.mkdir(m.mnt / "made")
         _write(m.mnt / "dir" / "new", os.O_CREAT | os.O_EXCL, b"n", 1)  # copies dir up
+        for i in range(FILES):
+            _write(m.mnt / "made" / f"gone{i}", os.O_CREAT | os.O_EXCL, b"g", 1)
         tracer = Strace(m.proc.pid, tmp_path / "strace.out", "newfstatat,faccessat2,faccessat")
         try:
             for sub in ("made", "dir", "old"):
                 for i in range(FILES):
                     assert not os.path.lexists(m.mnt / sub / f"missing{i}")
+            for i in range(FILES):
+                os.unlink(m.mnt / "made" / f"gone{i}")
         finally:
             calls = tracer.stop()
     stats = [c for c in calls if "newfstatat(" in c and '"missing' in c]
@@ -279,6 +284,8 @@ def test_failed_lookups_in_a_directory_made_here_stat_once(tmp_path: Path) -> No
     assert len(stats) == FILES, calls  # "old"'s
     assert len(access) == 2 * FILES, calls
     assert len(whiteouts) == FILES, calls  # "old"'s only
+    assert not [c for c in calls if "faccessat" in c and '"gone' in c], calls
+    assert len([c for c in calls if "newfstatat(" in c and '"gone' in c]) >= FILES, calls
 
 
 CREATING = "openat,mkdirat,mknodat,symlinkat,renameat2,fchown,fchownat,fchmod,fchmodat,getpid"
