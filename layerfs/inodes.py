@@ -47,7 +47,7 @@ _INO_MASK = (1 << 64) - 1
 RealId = int
 Key = RealId | tuple[int, int, bytes]
 
-_DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH, _NO_CAPS = 1, 2, 4, 8, 16, 32
+_DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH, _NO_CAPS, _NO_DACL = 1, 2, 4, 8, 16, 32, 64
 
 
 class Node:
@@ -162,6 +162,17 @@ class Node:
     @no_caps.setter
     def no_caps(self, value: bool) -> None:
         self._set(_NO_CAPS, value)
+
+    @property
+    def no_default_acl(self) -> bool:
+        """A directory whose upper was read to have no default ACL, none set through the
+        mount since (Overlay.setxattr, removexattr clear it): a create in it need not ask
+        again (Namespace._default_acl)."""
+        return bool(self._flags & _NO_DACL)
+
+    @no_default_acl.setter
+    def no_default_acl(self, value: bool) -> None:
+        self._set(_NO_DACL, value)
 
     def _set(self, flag: int, value: bool) -> None:
         self._flags = self._flags | flag if value else self._flags & ~flag

@@ -201,6 +201,17 @@ class Namespace:
             _sys.remove_tree_at(work, tmp)
             raise
 
+    @staticmethod
+    def _default_acl(parent: Node, udir: int) -> bytes | None:
+        """The default ACL of PARENT, whose upper is UDIR; read once while it has none
+        (Node.no_default_acl)."""
+        if parent.no_default_acl:
+            return None
+        value = _sys.getxattr_at(udir, b"", acl.DEFAULT)
+        if value is None:
+            parent.no_default_acl = True
+        return value
+
     def _as_made(self, caller: Caller, mode: int) -> bool:
         """Does an object of MODE that the daemon makes, in a directory without a default
         ACL, get the owner and mode _owner gives CALLER's, by itself? Then it is made in one
@@ -325,7 +336,7 @@ class Namespace:
         # The mode and ACLs come from the directory's default ACL, else the caller's umask
         # (posix_acl_create, acl.inherit). The kernel leaves both to us under FUSE_POSIX_ACL;
         # without it, it applied the umask already (applying it again changes nothing).
-        default = _sys.getxattr_at(udir, b"", acl.DEFAULT)
+        default = self._default_acl(parent, udir)
         # in a merged parent, the kernel marks every new directory opaque (ovl_create_upper:
         # "just an optimization, allow to fail"), with redirect_dir=on only (measured: not
         # off/nofollow/follow, nor userxattr's default)
@@ -374,7 +385,7 @@ class Namespace:
             # a 0/0 device is a whiteout: "don't allow creation of whiteout on overlay" (ovl_mknod)
             raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
         udir, state = await self._prepare_parent(parent, name)
-        default = _sys.getxattr_at(udir, b"", acl.DEFAULT)  # as in mkdir
+        default = self._default_acl(parent, udir)  # as in mkdir
         fds: list[int] = []
         made = acl.inherit(None, mode, caller.umask).mode
         if state is None and default is None and self._as_made(caller, made):

@@ -609,6 +609,8 @@ class Overlay:
             # reads it as bookkeeping, so it refuses it there too.
             raise OSError(errno.EPERM, "overlay-private attribute")
         where, is_fd = self._xattr_path(node)
+        if name == acl.DEFAULT:
+            node.no_default_acl = False  # read again at the next create in it
         if caller is not None:
             caller = self.ids.caller(caller)
         groups = caller.kill_priv_groups() if caller is not None else None
@@ -626,7 +628,10 @@ class Overlay:
             # ENODATA before any copy-up, as ovl_xattr_set; an upper answers for itself
             # (EPERM for trusted.* in a user namespace, as the kernel, whatever it holds)
             self.getxattr(ino, name)
-        where, is_fd = self._xattr_path(await self._copied_up(ino))
+        node = await self._copied_up(ino)
+        where, is_fd = self._xattr_path(node)
+        if name == acl.DEFAULT:
+            node.no_default_acl = False
         os.removexattr(where, xattrs.to_real(name, self.names), follow_symlinks=is_fd)
 
     async def _copied_up(self, ino: int) -> Node:

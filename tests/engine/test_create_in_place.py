@@ -189,3 +189,29 @@ def test_names_in_a_directory_made_here_are_found(tmp_path: Path) -> None:
         assert ov.find(p, b"missing") is None
     finally:
         ov.close()
+
+
+def test_a_default_acl_set_through_the_mount_is_inherited(tmp_path: Path) -> None:
+    """A directory read once to have no default ACL is not asked again (Node.no_default_acl)
+    until one is set through the mount: the next object in it inherits it (built, with its
+    access ACL); once removed, objects are made in place again."""
+    low, up, work, mnt = make_stack(tmp_path)
+    ov = overlay(low, up, work, mnt)
+    try:
+        p = _parent(up, ov, "plain")
+        _make(ov, p, b"before", "file", 0o644, ROOT)
+        assert ov.table.get(p).no_default_acl
+        subprocess.run(["setfacl", "-d", "-m", "u:1234:rwx", str(up / "p")], check=True)
+        value = os.getxattr(up / "p", "system.posix_acl_default")
+        os.removexattr(up / "p", "system.posix_acl_default")
+        trio.run(ov.setxattr, p, b"system.posix_acl_default", value)
+        _make(ov, p, b"after", "file", 0o644, ROOT)
+        assert os.getxattr(up / "p" / "after", "system.posix_acl_access")
+        # p (0777: the process umask 022 cuts it, so built), before; after
+        assert ov.ns.stats == {"in_place": 1, "in_work": 2}
+        trio.run(ov.removexattr, p, b"system.posix_acl_default")
+        _make(ov, p, b"again", "file", 0o644, ROOT)
+        assert ov.ns.stats == {"in_place": 2, "in_work": 2}
+        check_upper(up, work)
+    finally:
+        ov.close()
