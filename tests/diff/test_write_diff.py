@@ -934,7 +934,7 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("as_user", 1000, 1000, ("truncate", b"shared/grp", 0)),
             ("as_user", 1000, 50, ("truncate", b"shared/grp", 0)),
         ],
-        set(),
+        {"user-write-keeps-setgid"},
     ),
     "hardlinks-in-lower": (
         BASE,

@@ -501,6 +501,9 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "copyup-suid",  # copy-up of a setuid file owned by a user loses the setuid bit
         "rmrf-mkdir-not-opaque",  # mkdir over a removed lower dir: a subdir's lower comes back
         "setgid-inherit",  # new entries in a setgid dir do not take its group
+        # a user's write keeps setgid on a file of a group the user is not in (the kernel
+        # clears it), and an rmdir of the user's new directory leaves a whiteout
+        "user-write-keeps-setgid",
         "unlinked-nlink",  # fstat of an open, unlinked file: nlink 1, kernel 0
         "removexattr-copyup",  # removexattr of a missing xattr copies the file up
         "namemax-251",  # statfs f_namemax 251, and 255-byte names cannot be created

@@ -593,17 +593,21 @@ def escapes(root: bytes, path: bytes, *, follow_last: bool) -> bool:
 
 
 def as_user(root: str | os.PathLike[str], uid: int, gid: int, op: Op) -> Result:
-    """Run ``op`` in a child process with these credentials (no supplementary groups)."""
+    """Run ``op`` in a child process with these credentials (no supplementary groups), in
+    ROOT as its working directory: the directories above ROOT need not be searchable by the
+    user (pytest's /tmp/pytest-of-root is 0700; walked from there, every operation of the
+    user failed with EACCES under both mounts alike)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into the test runner
         code = 1
         try:
             os.close(r)
+            os.chdir(root)
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            os.write(w, pickle.dumps(apply(root, op)))
+            os.write(w, pickle.dumps(apply(".", op)))
             code = 0
         finally:
             os._exit(code)
