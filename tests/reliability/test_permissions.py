@@ -367,6 +367,10 @@ def test_permissions_match_kernel(base: Path) -> None:
         os.chmod(top, 0o755)
         os.chmod(top / "merged", 0o755)
         dirs[name] = top
+    # The merged root shows its upper's mtime: one value for both uppers, else the two
+    # mkdirs above compare equal only when no clock tick fell between them (under load).
+    for top in dirs.values():
+        os.utime(top / "upper", ns=(10**18, 10**18))
     since = fs_clock_ns()
     lf, ko = dirs["lf"], dirs["ko"]
     with layerfs_daemon([lower], lf / "upper", lf / "work", lf / "merged") as d:
