@@ -596,6 +596,19 @@ def malloc_trim() -> None:
     _libc.malloc_trim(0)
 
 
+def sup_groups(pid: int) -> frozenset[int]:
+    """The supplementary groups of process PID (/proc/PID/status); none when it cannot be read
+    (the process is gone): a group check then errs on clearing setgid."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Groups:"):
+                    return frozenset(map(int, line.split()[1:]))
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
 def has_cap_sys_admin(pid: int) -> bool | None:
     """Whether process PID holds CAP_SYS_ADMIN in our user namespace (the kernel asks for it in
     the initial one, where the daemon normally runs); None when PID cannot be read (gone)."""

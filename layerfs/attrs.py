@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from layerfs import _sys
+
 
 class Caller(NamedTuple):
     """Who asks: the credentials new objects are created with.
@@ -20,12 +22,21 @@ class Caller(NamedTuple):
     gid: int = 0
     umask: int = 0o022
     pid: int = 0
-    groups: frozenset[int] = frozenset()  # supplementary groups, where the adapter read them
+    # supplementary groups; None: not read yet, read from /proc when a check needs them (a
+    # setgid file outside the caller's own group: rare, and the read costs more than a request)
+    groups: frozenset[int] | None = None
 
-    def kill_priv_groups(self) -> frozenset[int] | None:
-        """The groups that decide setgid clearing on a write, or None when the caller keeps
-        setuid/setgid bits (root: CAP_FSETID)."""
-        return None if self.uid == 0 else self.groups | {self.gid}
+    @property
+    def keeps_priv(self) -> bool:
+        """Whether the caller keeps setuid/setgid bits on a write, truncate or ACL change
+        (CAP_FSETID: we take uid 0); others' are cleared by the daemon (kill_suid)."""
+        return self.uid == 0
+
+    def in_group(self, gid: int) -> bool:
+        """Whether GID is the caller's group or one of its supplementary groups."""
+        if gid == self.gid:
+            return True
+        return gid in (self.groups if self.groups is not None else _sys.sup_groups(self.pid))
 
 
 class Attr(NamedTuple):

@@ -49,9 +49,9 @@ WRITERS_IDLE = 1.0
 
 
 class Handle:
-    """An open file. ``kill_priv``: the groups of an opener that may not keep setuid/setgid
-    bits on a write (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then
-    clear itself; None for root."""
+    """An open file. ``kill_priv``: an opener that may not keep setuid/setgid bits on a write
+    (no CAP_FSETID: we take uid != 0), which the daemon, as root, must then clear itself; None
+    for root."""
 
     __slots__ = (
         "busy",
@@ -71,7 +71,7 @@ class Handle:
         node: Node,
         on_upper: bool,
         writable: bool,
-        kill_priv: frozenset[int] | None = None,
+        kill_priv: Caller | None = None,
     ) -> None:
         self.fd = fd
         self.node = node
@@ -98,26 +98,26 @@ class Handle:
             self.close()
 
 
-def kill_suid(fd: int, groups: frozenset[int]) -> None:
+def kill_suid(fd: int, writer: Caller) -> None:
     """Clear setuid/setgid as a write by a process without CAP_FSETID does (the FUSE kernel
     module leaves this to us: libfuse asks for handle_killpriv).
 
     As setattr_should_drop_suidgid: setuid always; setgid on a group-executable file, or on
-    any file whose group the writer (GROUPS) is not in.
+    any file whose group WRITER is not in (its supplementary groups read only then).
     """
     st = os.fstat(fd)
     mode = st.st_mode
     if not stat.S_ISREG(mode):
         return
     kill = stat.S_ISUID if mode & stat.S_ISUID else 0
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or st.st_gid not in groups):
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not writer.in_group(st.st_gid)):
         kill |= stat.S_ISGID
     if kill:
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
 
 async def _write(
-    fd: int, off: int, data: bytes, kill_priv: frozenset[int] | None, big_done: Callable[[], None]
+    fd: int, off: int, data: bytes, kill_priv: Caller | None, big_done: Callable[[], None]
 ) -> int:
     if kill_priv is not None:
         kill_suid(fd, kill_priv)
@@ -198,7 +198,7 @@ class Files:
         node: Node,
         on_upper: bool,
         writable: bool,
-        kill_priv: frozenset[int] | None = None,
+        kill_priv: Caller | None = None,
     ) -> int:
         fh = next(self._ids)
         self.handles[fh] = Handle(fd, node, on_upper, writable, kill_priv)
@@ -231,7 +231,8 @@ class Files:
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
         fd = _sys.open_data(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
-        return self.add(fd, node, self._on_upper(node), writable, caller.kill_priv_groups())
+        kill_priv = None if caller.keeps_priv else caller
+        return self.add(fd, node, self._on_upper(node), writable, kill_priv)
 
     def get(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -435,7 +436,7 @@ class Files:
             kill_priv, h.kill_priv = h.kill_priv, None  # cleared once: a later chmod +s stays
             return await _write(h.fd, off, data, kill_priv, self._big_io_done)
         node = self.table.get(fh & ~NODE_FH)
-        kill_priv = writer.kill_priv_groups() if writer is not None else None
+        kill_priv = None if writer is None or writer.keeps_priv else writer
         try:
             return await self._node_write(node, off, data, kill_priv)
         except OSError as e:
@@ -443,9 +444,7 @@ class Files:
                 raise
             return await self._node_write(node, off, data, kill_priv)
 
-    async def _node_write(
-        self, node: Node, off: int, data: bytes, kill_priv: frozenset[int] | None
-    ) -> int:
+    async def _node_write(self, node: Node, off: int, data: bytes, kill_priv: Caller | None) -> int:
         h = await self._node_write_handle(node)
         h.busy += 1
         try:

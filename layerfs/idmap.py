@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from layerfs import _sys
 from layerfs.attrs import Attr, Caller
 from layerfs.config import IdMapping, MountConfig
 
@@ -79,5 +80,8 @@ class IdMap:
         return c._replace(
             uid=self.store_uid(c.uid),
             gid=self.store_gid(c.gid),
-            groups=frozenset(self.store_gid(g) for g in c.groups),
+            groups=frozenset(
+                self.store_gid(g)
+                for g in (c.groups if c.groups is not None else _sys.sup_groups(c.pid))
+            ),
         )

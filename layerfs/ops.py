@@ -26,7 +26,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from layerfs import _sys, acl, fusehooks, mountinfo
+from layerfs import _sys, fusehooks, mountinfo
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.files import NODE_FH
 from layerfs.overlay import Overlay
@@ -177,8 +177,8 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
 
 
 def _caller(ctx: pyfuse3.RequestContext, *, groups: bool = False) -> Caller:
-    """The request's credentials; GROUPS also reads the supplementary groups (a /proc read),
-    which only setgid clearing on writes by non-root callers needs."""
+    """The request's credentials; GROUPS: with the supplementary groups read now (an OPEN's
+    opener, whose writes come later), else read if a setgid check needs them (Caller)."""
     caller = Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
     return _caller_groups(caller) if groups and ctx.uid != 0 else caller
 
@@ -191,12 +191,9 @@ def _may_list_trusted(ctx: pyfuse3.RequestContext) -> bool:
 
 
 def _caller_groups(caller: Caller) -> Caller:
-    """CALLER with its supplementary groups (a /proc read)."""
-    try:
-        sup = frozenset(pyfuse3.get_sup_groups(caller.pid))
-    except (OSError, ValueError):
-        sup = frozenset()  # the caller is gone: the group check errs on clearing
-    return caller._replace(groups=sup)
+    """CALLER with its supplementary groups (a /proc read; none when the caller is gone: the
+    group check errs on clearing)."""
+    return caller._replace(groups=_sys.sup_groups(caller.pid))
 
 
 class Operations(pyfuse3.Operations):
@@ -292,9 +289,7 @@ class Operations(pyfuse3.Operations):
             attr.st_atime_ns if fields.update_atime else None,
             attr.st_mtime_ns if fields.update_mtime else None,
         )
-        # groups (a /proc read) only for a truncate: setuid/setgid clearing (kill_suid)
-        caller = _caller(ctx, groups=fields.update_size)
-        return _entry(await self.fs.setattr(inode, ch, fh, caller))
+        return _entry(await self.fs.setattr(inode, ch, fh, _caller(ctx)))
 
     @_errors
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
@@ -400,9 +395,8 @@ class Operations(pyfuse3.Operations):
         writer = None
         if fh & NODE_FH and self.hooks is not None:  # no OPEN recorded who writes
             uid, gid, pid = self.hooks.writer
-            writer = Caller(uid, gid, 0, pid)
-            if uid != 0:
-                writer = _caller_groups(writer)
+            if uid != 0:  # root keeps setuid/setgid; groups read if a setgid check needs them
+                writer = Caller(uid, gid, 0, pid)
         return await self.fs.files.write(fh, off, buf, writer)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
@@ -492,8 +486,7 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        caller = _caller(ctx, groups=name == acl.ACCESS)  # groups: for setgid clearing
-        await self.fs.setxattr(inode, name, value, caller)
+        await self.fs.setxattr(inode, name, value, _caller(ctx))
 
     @_errors
     async def removexattr(

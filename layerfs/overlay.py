@@ -46,7 +46,7 @@ def _truncate(fd: int, size: int, caller: Caller) -> None:
     its upper file without that check (notify_change). Clearing for unprivileged callers is
     kill_suid's part.
     """
-    mode = os.fstat(fd).st_mode if caller.kill_priv_groups() is None else 0
+    mode = os.fstat(fd).st_mode if caller.keeps_priv else 0
     os.ftruncate(fd, size)
     if mode & (stat.S_ISUID | stat.S_ISGID) and os.fstat(fd).st_mode != mode:
         os.fchmod(fd, stat.S_IMODE(mode))
@@ -57,9 +57,8 @@ def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> os.stat_result:
     a file unlinked while open); returns its fstat after, the reply's attributes."""
     if ch.size is not None:
         _truncate(fd, ch.size, caller)
-        groups = caller.kill_priv_groups()
-        if groups is not None and ch.mode is None:
-            kill_suid(fd, groups)
+        if not caller.keeps_priv and ch.mode is None:
+            kill_suid(fd, caller)
     if ch.uid is not None or ch.gid is not None:
         os.fchown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
     if ch.mode is not None:
@@ -253,9 +252,8 @@ class Overlay:
             fd = h.fd if h is not None else _sys.open_data(dirfd, name, os.O_WRONLY)
             try:
                 _truncate(fd, ch.size, caller)
-                groups = caller.kill_priv_groups()
-                if groups is not None and ch.mode is None:
-                    kill_suid(fd, groups)
+                if not caller.keeps_priv and ch.mode is None:
+                    kill_suid(fd, caller)
             finally:
                 if h is None:
                     os.close(fd)
@@ -295,7 +293,7 @@ class Overlay:
         parent = self.table.get(parent_ino)
         node, st, fd = await self.ns.create(parent, name, mode, flags, caller)
         node.no_caps = True  # a new file of ours
-        fh = self.files.add(fd, node, True, True, caller.kill_priv_groups())
+        fh = self.files.add(fd, node, True, True, None if caller.keeps_priv else caller)
         return fh, self.counted(node, st)
 
     def release(self, fh: int) -> None:
@@ -613,13 +611,12 @@ class Overlay:
             node.no_default_acl = False  # read again at the next create in it
         if caller is not None:
             caller = self.ids.caller(caller)
-        groups = caller.kill_priv_groups() if caller is not None else None
-        if name == acl.ACCESS and groups is not None:
+        if name == acl.ACCESS and caller is not None and not caller.keeps_priv:
             # As ovl_set_acl: a caller outside the file's group (without CAP_FSETID) loses
             # setgid; the daemon's own setxattr would keep it (we are root). FUSE tells us
             # only with FUSE_SETXATTR_EXT, which pyfuse3 does not pass on: decided here.
             st = os.stat(where, follow_symlinks=is_fd)
-            if st.st_mode & stat.S_ISGID and st.st_gid not in groups:
+            if st.st_mode & stat.S_ISGID and not caller.in_group(st.st_gid):
                 os.chmod(where, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID, follow_symlinks=is_fd)
         os.setxattr(where, xattrs.to_real(name, self.names), value, follow_symlinks=is_fd)
 

@@ -1158,6 +1158,31 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"symlink-copyup-owner"},
     ),
+    # a user's write clears setgid on a file of a group that is not its own, unless it is in
+    # that group through a supplementary one (read from /proc only then: Caller.in_group)
+    "setgid-write-supplementary-group": (
+        BASE,
+        [
+            ("create", b"usr/sg1", b"1"),
+            ("chown", b"usr/sg1", 0, 50),
+            ("chmod", b"usr/sg1", 0o2666),
+            ("as_user", 1000, 1000, ("write", b"usr/sg1", 0, b"a"), (50,)),
+            ("stat", b"usr/sg1"),
+            ("as_user", 1000, 1000, ("write", b"usr/sg1", 0, b"b")),
+            ("stat", b"usr/sg1"),
+            ("chmod", b"usr/sg1", 0o6666),
+            ("as_user", 1000, 1000, ("write", b"usr/sg1", 0, b"c"), (7, 50)),
+            ("stat", b"usr/sg1"),
+            ("chmod", b"usr/sg1", 0o2666),
+            ("as_user", 1000, 50, ("truncate", b"usr/sg1", 0)),
+            ("stat", b"usr/sg1"),
+            ("as_user", 1000, 1000, ("truncate", b"usr/sg1", 1), (50,)),
+            ("stat", b"usr/sg1"),
+            ("as_user", 1000, 1000, ("truncate", b"usr/sg1", 2)),
+            ("stat", b"usr/sg1"),
+        ],
+        {"user-write-keeps-setgid"},
+    ),
     # a user's write drops the capability the kernel learnt of by GETXATTR (its kill-priv
     # check, then a REMOVEXATTR): set on a file this mount made, which had none
     "capability-of-new-file-as-user": (

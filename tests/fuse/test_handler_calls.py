@@ -350,3 +350,44 @@ def test_creates_by_the_daemons_own_ids_are_one_call(tmp_path: Path) -> None:
             assert (st.st_uid, st.st_gid) == (uid, uid)
             if kind != "s":
                 assert stat.S_IMODE(st.st_mode) == (0o755 if kind == "d" else 0o644)
+
+
+def _write_as(uid: int, where: Path, name: str, times: int) -> None:
+    """Write NAME in WHERE TIMES times as UID (from inside WHERE: the user may not search the
+    directories above it), a separate WRITE each."""
+    pid = os.fork()
+    if pid == 0:  # child: never return into the test runner
+        code = 1
+        try:
+            os.chdir(where)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            fd = os.open(name, os.O_WRONLY | os.O_APPEND)
+            for _ in range(times):
+                os.write(fd, b"u")
+            os.close(fd)
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_a_users_writes_read_no_groups(tmp_path: Path) -> None:
+    """A WRITE by a user other than root may have to clear setgid, which depends on the
+    writer's supplementary groups, but only for a setgid file outside the writer's own group:
+    they are read from /proc/PID/status then (Caller.in_group), not at every write as before
+    (a /proc read costs more than the rest of a small WRITE)."""
+    d = _stack(tmp_path)
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        f = m.mnt / "dir" / "shared"
+        _write(f, os.O_CREAT | os.O_EXCL, b"r", 1)
+        os.chmod(f, 0o666)
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", OPENS)
+        try:
+            _write_as(1000, m.mnt / "dir", "shared", FILES)
+        finally:
+            calls = tracer.stop()
+        assert f.read_bytes() == b"r" + b"u" * FILES
+    assert not [c for c in calls if "/status" in c], calls

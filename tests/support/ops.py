@@ -592,11 +592,13 @@ def escapes(root: bytes, path: bytes, *, follow_last: bool) -> bool:
         os.close(dirfd)
 
 
-def as_user(root: str | os.PathLike[str], uid: int, gid: int, op: Op) -> Result:
-    """Run ``op`` in a child process with these credentials (no supplementary groups), in
-    ROOT as its working directory: the directories above ROOT need not be searchable by the
-    user (pytest's /tmp/pytest-of-root is 0700; walked from there, every operation of the
-    user failed with EACCES under both mounts alike)."""
+def as_user(
+    root: str | os.PathLike[str], uid: int, gid: int, op: Op, groups: tuple[int, ...] = ()
+) -> Result:
+    """Run ``op`` in a child process with these credentials (supplementary GROUPS: none by
+    default), in ROOT as its working directory: the directories above ROOT need not be
+    searchable by the user (pytest's /tmp/pytest-of-root is 0700; walked from there, every
+    operation of the user failed with EACCES under both mounts alike)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into the test runner
@@ -604,7 +606,7 @@ def as_user(root: str | os.PathLike[str], uid: int, gid: int, op: Op) -> Result:
         try:
             os.close(r)
             os.chdir(root)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             os.write(w, pickle.dumps(apply(".", op)))
@@ -625,10 +627,12 @@ def apply(root: str | os.PathLike[str], op: Op) -> Result:
     """Run one operation below ``root``; never raises for an OSError.
 
     An operation whose path would resolve outside ``root`` is not run: ``("skip", None)``.
-    ``("as_user", uid, gid, op)`` runs ``op`` with those credentials.
+    ``("as_user", uid, gid, op)`` runs ``op`` with those credentials, ``("as_user", uid, gid,
+    op, groups)`` with those supplementary groups too.
     """
     if op[0] == "as_user":
-        return as_user(root, int(op[1]), int(op[2]), op[3])  # type: ignore[call-overload, arg-type]
+        groups = tuple(op[4]) if len(op) > 4 else ()  # type: ignore[arg-type]
+        return as_user(root, int(op[1]), int(op[2]), op[3], groups)  # type: ignore[call-overload, arg-type]
     name, *args = op
     fn, path_args = OPS[str(name)]
     base = os.fsencode(root)
