@@ -6,6 +6,7 @@ Must not import: pyfuse3, trio.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 from layerfs import _sys
@@ -25,6 +26,8 @@ class Caller(NamedTuple):
     # supplementary groups; None: not read yet, read from /proc when a check needs them (a
     # setgid file outside the caller's own group: rare, and the read costs more than a request)
     groups: frozenset[int] | None = None
+    # the mount's id mapping of groups read later (IdMap.caller: stored ids), None: as read
+    store_gid: Callable[[int], int] | None = None
 
     @property
     def keeps_priv(self) -> bool:
@@ -32,11 +35,22 @@ class Caller(NamedTuple):
         (CAP_FSETID: we take uid 0); others' are cleared by the daemon (kill_suid)."""
         return self.uid == 0
 
+    @property
+    def kill_priv(self) -> Caller | None:
+        """The writer whose writes the daemon must clear setuid/setgid for (Handle.kill_priv):
+        this caller, or None when it keeps them."""
+        return None if self.keeps_priv else self
+
     def in_group(self, gid: int) -> bool:
         """Whether GID is the caller's group or one of its supplementary groups."""
         if gid == self.gid:
             return True
-        return gid in (self.groups if self.groups is not None else _sys.sup_groups(self.pid))
+        groups = self.groups
+        if groups is None:
+            groups = _sys.sup_groups(self.pid)
+            if self.store_gid is not None:
+                groups = frozenset(map(self.store_gid, groups))
+        return gid in groups
 
 
 class Attr(NamedTuple):

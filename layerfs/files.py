@@ -231,8 +231,7 @@ class Files:
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
         fd = _sys.open_data(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
-        kill_priv = None if caller.keeps_priv else caller
-        return self.add(fd, node, self._on_upper(node), writable, kill_priv)
+        return self.add(fd, node, self._on_upper(node), writable, caller.kill_priv)
 
     def get(self, fh: int) -> Handle:
         h = self.handles.get(fh)
@@ -436,7 +435,7 @@ class Files:
             kill_priv, h.kill_priv = h.kill_priv, None  # cleared once: a later chmod +s stays
             return await _write(h.fd, off, data, kill_priv, self._big_io_done)
         node = self.table.get(fh & ~NODE_FH)
-        kill_priv = None if writer is None or writer.keeps_priv else writer
+        kill_priv = None if writer is None else writer.kill_priv
         try:
             return await self._node_write(node, off, data, kill_priv)
         except OSError as e:

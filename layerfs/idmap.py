@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from layerfs import _sys
 from layerfs.attrs import Attr, Caller
 from layerfs.config import IdMapping, MountConfig
 
@@ -80,8 +79,7 @@ class IdMap:
         return c._replace(
             uid=self.store_uid(c.uid),
             gid=self.store_gid(c.gid),
-            groups=frozenset(
-                self.store_gid(g)
-                for g in (c.groups if c.groups is not None else _sys.sup_groups(c.pid))
-            ),
+            # groups not read yet stay so: Caller.in_group maps them if it reads them
+            groups=None if c.groups is None else frozenset(map(self.store_gid, c.groups)),
+            store_gid=self.store_gid,
         )

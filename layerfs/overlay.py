@@ -293,7 +293,7 @@ class Overlay:
         parent = self.table.get(parent_ino)
         node, st, fd = await self.ns.create(parent, name, mode, flags, caller)
         node.no_caps = True  # a new file of ours
-        fh = self.files.add(fd, node, True, True, None if caller.keeps_priv else caller)
+        fh = self.files.add(fd, node, True, True, caller.kill_priv)
         return fh, self.counted(node, st)
 
     def release(self, fh: int) -> None:

@@ -6,8 +6,10 @@ import os
 
 import pytest
 
+from layerfs.attrs import Caller
 from layerfs.config import IdMapping, MountConfig
 from layerfs.errors import LayerfsError
+from layerfs.idmap import IdMap
 from mount_helper.argv import escape_path, parse_argv
 from mount_helper.options import build_config
 
@@ -232,3 +234,32 @@ def test_podman_4_3_golden_argv() -> None:
     assert c.warnings == ()
     # `podman info` runs the program with --version alone
     assert parse_argv(["--version"]).action == "version"
+
+
+def test_an_id_mapped_caller_reads_its_groups_only_when_a_check_needs_them() -> None:
+    """IdMap.caller turns a caller into stored ids; its supplementary groups, not read yet,
+    stay so (a /proc read costs more than a create: a mapped mount's every create, mkdir and
+    chmod made one), and are read and mapped when a setgid check asks (Caller.in_group)."""
+    ids = IdMap.of(
+        cfg("lowerdir=/a,uidmapping=0:1000:1:1:100000:65536,gidmapping=0:1000:1:1:100000:65536")
+    )
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: a process in host group 100005 (stored 6); never returns
+        try:
+            os.setgroups([100005])
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        c = ids.caller(Caller(uid=100001, gid=100001, pid=pid))
+        assert (c.uid, c.gid, c.groups) == (2, 2, None)
+        assert c.in_group(6) and not c.in_group(100005) and c.in_group(2)
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
