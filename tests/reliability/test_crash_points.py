@@ -337,6 +337,32 @@ def _disk_state(run: Path) -> tuple[object, ...]:
     return rows, tuple(snap.links), bool(os.listdir(run / "work" / "work"))
 
 
+class Verdicts:
+    """One verification per state left on disk, shared by the crash points (run in threads)
+    that leave it: the first to reach a state checks it, the others wait for its verdict (the
+    same layers make the same remount)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Condition()
+        self.verified: dict[object, str] = {}  # "": being checked
+
+    def once(self, key: object, verify: Callable[[], str]) -> str:
+        """The verdict on state KEY: VERIFY()'s, run here unless another point ran it."""
+        with self.done:
+            if key in self.verified:
+                self.done.wait_for(lambda: self.verified[key] != "")
+                return self.verified[key]
+            self.verified[key] = ""  # ours to check
+        state = "failed"
+        try:
+            state = verify()
+        finally:
+            with self.done:
+                self.verified[key] = state
+                self.done.notify_all()
+        return state
+
+
 @dataclass
 class Sweep:
     """One scenario's crash points, run two at a time (the checks are mostly waiting)."""
@@ -348,8 +374,7 @@ class Sweep:
     before: Snapshot
     after: Snapshot
     since_ns: int
-    done: threading.Condition = field(default_factory=threading.Condition)
-    verified: dict[tuple[object, ...], str] = field(default_factory=dict)
+    verdicts: Verdicts = field(default_factory=Verdicts)
 
     def match(self, snap: Snapshot) -> tuple[str, list[str]]:
         """Which reference state SNAP is ("before"/"after"), or "" and its differences."""
@@ -398,23 +423,7 @@ class Sweep:
             assert d.proc.returncode == -9, f"daemon exit {d.proc.returncode}:\n{d.log_text()}"
             assert err in (0, errno.ENOTCONN, errno.ECONNABORTED), f"op failed: {err}"
         # (the context's exit unmounted the dead daemon's mount, fusermount3 -u -z)
-        key = _disk_state(run)
-        with self.done:
-            known = key in self.verified
-            if known:  # another point left these layers: wait for its verdict
-                self.done.wait_for(lambda: self.verified[key] != "")
-            else:
-                self.verified[key] = ""  # ours to check
-        if known:  # the same layers as an earlier point: the same remount
-            shutil.rmtree(run)
-            return self.verified[key]
-        state = "failed"
-        try:
-            state = self.verify(k, run)
-        finally:
-            with self.done:
-                self.verified[key] = state
-                self.done.notify_all()
+        state = self.verdicts.once(_disk_state(run), lambda: self.verify(k, run))
         shutil.rmtree(run)
         return state
 
@@ -463,4 +472,5 @@ def test_crash_at_every_point(tmp_path: Path, sc: Scenario) -> None:
         else:
             raise AssertionError(f"{sc.name}: still crashing after {MAX_POINTS} changes")
     assert seen, f"{sc.name}: the operation changed nothing on disk"
-    print(f"{sc.name}: {len(seen)} crash points, {len(sweep.verified)} states on disk: {seen}")
+    states = len(sweep.verdicts.verified)
+    print(f"{sc.name}: {len(seen)} crash points, {states} states on disk: {seen}")

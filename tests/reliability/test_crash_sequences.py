@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from support.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply
 from support.snapshot import Snapshot, compare, fs_clock_ns, snapshot
 
 from ._helpers import layerfs_daemon, needs_root
-from .test_crash_points import IGNORE, MAX_POINTS, PARALLEL, _disk_state
+from .test_crash_points import IGNORE, MAX_POINTS, PARALLEL, Verdicts, _disk_state
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay, pytest.mark.slow, needs_root]
 
@@ -199,8 +198,7 @@ class Sweep:
     options: tuple[str, ...]
     since_ns: int
     tmp: Path
-    done: threading.Condition = field(default_factory=threading.Condition)
-    verified: dict[tuple[object, ...], str] = field(default_factory=dict)
+    verdicts: Verdicts = field(default_factory=Verdicts)
     log: list[str] = field(default_factory=list)
 
     def match(
@@ -249,18 +247,8 @@ class Sweep:
         allowed = self.ref.allowed(cut)
         fill = "metacopy=on" in self.options and self.ops[cut][0] in _FILLS
         what = f"crash before change {k}, in operation {cut} {self.ops[cut]!r}"
-        key = (cut, _disk_state(run))
-        with self.done:
-            known = key in self.verified
-            if known:
-                self.done.wait_for(lambda: self.verified[key] != "")
-            else:
-                self.verified[key] = ""
-        if known:
-            shutil.rmtree(run)
-            return self.verified[key]
-        state = "failed"
-        try:
+
+        def verify() -> str:
             with layerfs_daemon(lowers, upper, work, mnt, options=self.options):
                 assert os.listdir(work / "work") == [], "the remount must clean the workdir"
                 n, diffs = self.match(snapshot(mnt), allowed, fill=fill)
@@ -271,11 +259,9 @@ class Sweep:
                 f"{what}: layerfs shows allowed tree {n}, kernel overlayfs on the same upper "
                 f"{kn}:\n" + "\n".join(kdiffs)
             )
-            state = f"op{cut}:{n}"
-        finally:
-            with self.done:
-                self.verified[key] = state
-                self.done.notify_all()
+            return f"op{cut}:{n}"
+
+        state = self.verdicts.once((cut, _disk_state(run)), verify)
         shutil.rmtree(run)
         return state
 
@@ -305,7 +291,8 @@ def test_crash_at_every_point_of_a_sequence(tmp_path: Path, subject_name: str) -
                 else:
                     raise AssertionError(f"still crashing after {MAX_POINTS * len(ops)} changes")
             shown = [tuple(a[:12] if isinstance(a, bytes) else a for a in op) for op in ops]
-            print(f"{shown!r}: {len(seen)} crash points, {len(sweep.verified)} states: {seen}")
+            states = len(sweep.verdicts.verified)
+            print(f"{shown!r}: {len(seen)} crash points, {states} states: {seen}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
