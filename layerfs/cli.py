@@ -11,7 +11,7 @@ import os
 import sys
 
 from layerfs import __version__, _sys
-from layerfs.config import FSYNC_MODES, MountConfig
+from layerfs.config import FSYNC_MODES, IdMappingOptions, MountConfig
 from layerfs.errors import LayerfsError
 
 # Options that take no value, and the values the others take (as the kernel's fs_parse:
@@ -67,7 +67,10 @@ def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
     warnings: list[str] = []
     kw: dict[str, object] = {}
     extra: list[str] = []
+    id_mappings = IdMappingOptions()  # as mount.layerfs: the same parser, the same meaning
     for opt in filter(None, ",".join(args.options or []).split(",")):
+        if id_mappings.take(opt):
+            continue
         key, eq, value = opt.partition("=")
         if key in _FLAGS and eq:
             raise LayerfsError(f"option {key}: bad value {value!r} (it takes none)")
@@ -110,6 +113,8 @@ def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
         debug=args.debug,
         log_file=args.log_file,
         extra_fuse_options=tuple(extra),
+        uid_mappings=tuple(id_mappings.uids),
+        gid_mappings=tuple(id_mappings.gids),
         **kw,  # type: ignore[arg-type]
     )
     # Everything is checked before anything is made: bad input leaves nothing behind (the
@@ -177,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="options",
         action="append",
         metavar="OPTS",
-        help="comma-separated options (allow_other, volatile, fsync=auto|strict|volatile, ksm...)",
+        help="comma-separated options (allow_other, volatile, fsync=auto|strict|volatile, ksm, "
+        "uidmapping=C:H:N[:...], gidmapping=...)",
     )
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     m.add_argument("--debug", action="store_true", help="trace requests (implies logging)")

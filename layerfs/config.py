@@ -31,6 +31,63 @@ class IdMapping(Record):
         self._fill(locals())
 
 
+class IdMappingOptions:
+    """``uidmapping=``/``gidmapping=`` as fuse-overlayfs spells them, for both front ends
+    (``layerfs mount -o`` and ``mount.layerfs``): fed the options one comma-separated piece
+    at a time, it keeps the ranges of the last of each (as the kernel and libfuse, the last
+    one wins).
+
+    A range ``C:H:N`` (container id, host id, count) shows an object stored with id C+i as
+    owned by H+i and stores H+i as C+i (layerfs.idmap). Ranges follow each other with colons;
+    fuse-overlayfs' man page also writes them comma-separated (``0:1000:1,1:100000:65536``): a
+    bare triple list right after a mapping continues it. containers/storage writes one leading
+    colon (``uidmapping=:0:500000:65536``, podman ``--uidmap``), which fuse-overlayfs' sscanf
+    loop skips: so does this. A malformed value is an error: a mount with another mapping than
+    asked for would be worse than none.
+    """
+
+    __slots__ = ("_last", "gids", "uids")
+
+    def __init__(self) -> None:
+        self.uids: list[IdMapping] = []
+        self.gids: list[IdMapping] = []
+        self._last: tuple[str, list[IdMapping]] | None = None
+
+    def take(self, piece: str) -> bool:
+        """Consume PIECE if it is a mapping or continues one; False (and nothing done) if not."""
+        name, eq, raw = piece.partition("=")
+        if not eq and self._last is not None and _is_id_mapping(piece):
+            self._last[1].extend(_parse_id_mapping(piece, self._last[0]))
+            return True
+        self._last = None
+        if name not in ("uidmapping", "gidmapping"):
+            return False
+        if not eq:
+            raise LayerfsError(f"option {name} needs a value ({name}=...)")
+        ranges = self.uids if name == "uidmapping" else self.gids
+        ranges[:] = _parse_id_mapping(raw, name)
+        self._last = (name, ranges)
+        return True
+
+
+def _is_id_mapping(text: str) -> bool:
+    parts = text.split(":")
+    return len(parts) % 3 == 0 and all(p.isdigit() for p in parts)
+
+
+def _parse_id_mapping(text: str, name: str) -> list[IdMapping]:
+    parts = text.removeprefix(":").split(":")
+    if len(parts) % 3 != 0 or not all(p.isdigit() for p in parts):
+        raise LayerfsError(
+            f"invalid {name}={text}: expected CONTAINER_ID:HOST_ID:COUNT[:...] triples"
+        )
+    nums = [int(p) for p in parts]
+    maps = [IdMapping(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
+    if any(m.count == 0 for m in maps):
+        raise LayerfsError(f"invalid {name}={text}: a range has a count of 0")
+    return maps
+
+
 # fsync= values: the kernel's (6.12+), and fuse-overlayfs' 0/1. Its fsync=0 stops fsync
 # requests, and it never syncs a copy-up: that is volatile.
 FSYNC_MODES = {

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 
-from layerfs.config import FSYNC_MODES, IdMapping, MountConfig
+from layerfs.config import FSYNC_MODES, IdMappingOptions, MountConfig
 from layerfs.errors import LayerfsError
 from mount_helper.argv import Invocation, decode_value, split_options, split_path_list
 
@@ -117,7 +117,7 @@ class _State:
         "flags",
         "fsname",
         "fsync_mode",
-        "gid_mappings",
+        "id_mappings",
         "log_file",
         "lowers",
         "merge_pages",
@@ -126,7 +126,6 @@ class _State:
         "squash_to_gid",
         "squash_to_root",
         "squash_to_uid",
-        "uid_mappings",
         "upper",
         "userxattr",
         "warnings",
@@ -142,8 +141,7 @@ class _State:
         self.userxattr: bool | None = None  # None: chosen by the user namespace we run in
         self.metacopy = False
         self.merge_pages = False
-        self.uid_mappings: list[IdMapping] = []
-        self.gid_mappings: list[IdMapping] = []
+        self.id_mappings = IdMappingOptions()
         self.squash_to_uid: int | None = None
         self.squash_to_gid: int | None = None
         self.squash_to_root = False
@@ -199,8 +197,8 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
         redirect_dir=st.redirect_dir,
         userxattr=st.userxattr,
         metacopy=st.metacopy,
-        uid_mappings=tuple(st.uid_mappings),
-        gid_mappings=tuple(st.gid_mappings),
+        uid_mappings=tuple(st.id_mappings.uids),
+        gid_mappings=tuple(st.id_mappings.gids),
         squash_to_uid=squash_uid,
         squash_to_gid=squash_gid,
         log_file=st.log_file,
@@ -211,20 +209,9 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
 
 
 def _apply_option_string(st: _State, optstr: str, cwd: str) -> None:
-    last_mapping: str | None = None
     for piece in split_options(optstr):
-        name, eq, raw = piece.partition("=")
-        # fuse-overlayfs' man page writes mappings as "0:1000:1,1:100000:65536": a bare
-        # triple list right after uidmapping=/gidmapping= continues it.
-        if not eq and last_mapping is not None and _is_mapping(piece):
-            getattr(st, last_mapping).extend(_parse_mapping(piece, last_mapping))
-            continue
-        last_mapping = None
-        if name in ("uidmapping", "gidmapping"):
-            field_name = "uid_mappings" if name == "uidmapping" else "gid_mappings"
-            setattr(st, field_name, _parse_mapping(_need(name, bool(eq), raw), name))
-            last_mapping = field_name
-        else:
+        if not st.id_mappings.take(piece):
+            name, eq, raw = piece.partition("=")
             _apply_one(st, name, bool(eq), raw, cwd)
 
 
@@ -305,30 +292,6 @@ def _parse_lowerdir(raw: str, cwd: str) -> list[str]:
     if "" in entries:
         raise LayerfsError(f"lowerdir={decode_value(raw)}: empty entry")
     return [_absolute(e, cwd) for e in entries]
-
-
-def _is_mapping(text: str) -> bool:
-    parts = text.split(":")
-    return len(parts) % 3 == 0 and all(p.isdigit() for p in parts)
-
-
-def _parse_mapping(text: str, name: str) -> list[IdMapping]:
-    """Parse fuse-overlayfs' ``C:H:N[:C2:H2:N2...]`` (container id, host id, count).
-
-    containers/storage writes each range as ``:C:H:N`` after the ``=`` (``uidmapping=:0:500000:
-    65536``, podman ``--uidmap``): one leading colon is accepted, as fuse-overlayfs' sscanf
-    loop skips it.
-    """
-    parts = text.removeprefix(":").split(":")
-    if len(parts) % 3 != 0 or not all(p.isdigit() for p in parts):
-        raise LayerfsError(
-            f"invalid {name}={text}: expected CONTAINER_ID:HOST_ID:COUNT[:...] triples"
-        )
-    nums = [int(p) for p in parts]
-    maps = [IdMapping(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
-    if any(m.count == 0 for m in maps):
-        raise LayerfsError(f"invalid {name}={text}: a range has a count of 0")
-    return maps
 
 
 def _parse_id(name: str, value: str) -> int:

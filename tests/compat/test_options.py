@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from layerfs.attrs import Caller
+from layerfs.cli import _mount_config, build_parser
 from layerfs.config import IdMapping, MountConfig
 from layerfs.errors import LayerfsError
 from layerfs.idmap import IdMap
@@ -78,6 +80,39 @@ def test_mapping_in_man_page_comma_form() -> None:
     c = cfg("lowerdir=/a,uidmapping=0:1000:1,1:100000:65536,gidmapping=0:10:5")
     assert c.uid_mappings == (IdMapping(0, 1000, 1), IdMapping(1, 100000, 65536))
     assert c.gid_mappings == (IdMapping(0, 10, 5),)
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        "uidmapping=0:1000:1:1:100000:65536,gidmapping=0:1000:1:1:100000:65536",
+        "uidmapping=:0:500000:65536,gidmapping=:0:1000:1:1:100000:65536",
+        "uidmapping=0:1000:1,1:100000:65536,gidmapping=0:10:5,rw",
+        "gidmapping=7:8:9,uidmapping=1:2:3,uidmapping=4:5:6",
+        "uidmapping=0:1000",
+        "gidmapping=0:1:0",
+        "uidmapping",
+    ],
+)
+def test_layerfs_mount_maps_ids_as_mount_layerfs(tmp_path: Path, mapping: str) -> None:
+    """``layerfs mount -o`` takes uidmapping=/gidmapping= with mount.layerfs' parser: the
+    same ranges, or the same refusal, for every spelling."""
+    for name in ("lower", "upper", "work", "merged"):
+        (tmp_path / name).mkdir()
+    lower, upper, work, merged = (str(tmp_path / n) for n in ("lower", "upper", "work", "merged"))
+    args = build_parser().parse_args(
+        ["mount", lower, upper, merged, "--workdir", work, "-o", mapping]
+    )
+    try:
+        helper = cfg(f"lowerdir=/a,{mapping}")
+    except LayerfsError as e:
+        with pytest.raises(LayerfsError) as got:
+            _mount_config(args)
+        assert str(got.value) == str(e)
+        return
+    c, _ = _mount_config(args)
+    assert (c.uid_mappings, c.gid_mappings) == (helper.uid_mappings, helper.gid_mappings)
+    assert c.uid_mappings or c.gid_mappings
 
 
 @pytest.mark.parametrize(

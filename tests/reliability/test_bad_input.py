@@ -216,6 +216,10 @@ CASES: dict[str, Args] = {
         [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "allow_other=foo"],
         b"allow_other: bad value 'foo'",
     ),
+    "uidmapping=0:1000": lambda e: (
+        [*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "-o", "uidmapping=0:1000"],
+        b"invalid uidmapping=0:1000: expected CONTAINER_ID:HOST_ID:COUNT",
+    ),
     "too many paths": lambda e: ([*_mount(s(e.lower), s(e.upper), s(e.mnt), None), "x"], b""),
 }
 
