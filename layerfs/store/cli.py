@@ -43,7 +43,9 @@ def _progress() -> Progress:
 def lowers_for_image(ref: str, store: str | None) -> list[str]:
     """The layer directories of image ``ref`` in ``store`` (default store if None),
     topmost first: the ``lowerdir`` list for mounting it."""
-    return _store(store).lowers(ref)
+    s = _store(store)
+    s.recover()
+    return s.lowers(ref)
 
 
 def record_upper(ref: str, upper: str, store: str | None, merged: str | None = None) -> None:
@@ -450,6 +452,10 @@ def _size(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed store subcommand, turning store errors into one-line messages."""
+    if crash := os.environ.get("LAYERFS_STORE_CRASH_AT"):  # the crash-point tests' fault injection
+        from layerfs.store.store import crash_at
+
+        crash_at(crash)
     try:
         rc: int = args.func(args)
         sys.stdout.flush()

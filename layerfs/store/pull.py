@@ -11,7 +11,8 @@ Downloads land in ``STORE/downloads/HEX`` (a ``.part`` while in flight), renamed
 once verified, under a per-blob lock (``HEX.lock``, flock): two pulls that share a layer
 fetch it once, the second waiting for the first. An interrupted pull (Ctrl-C, kill, a full
 disk) leaves the store's images, layers and tags as they were; the verified downloads stay,
-and the next pull goes on from them. A completed pull deletes the downloads it used.
+and the next pull goes on from them. A completed pull deletes the downloads it used (the
+import's last step does, so that one killed there is finished by the store's recovery).
 
 Must not import: pyfuse3, trio.
 """
@@ -58,11 +59,6 @@ class Downloads:
         finally:
             os.close(fd)
 
-    def discard(self, digest: str) -> None:
-        for suffix in ("", ".part"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(digest) + suffix)
-
 
 def pull(
     store: Store,
@@ -84,6 +80,7 @@ def pull(
     lines = lines if lines is not None else LayerLines()
     scope = f"repository:{ref.repository}:pull"
     reg = registry or Registry(ref.api_host, insecure=insecure, scopes=(scope,))
+    store.recover()  # an earlier pull's import a crash interrupted: not fetched again
     with reg:
         top_bytes, top_type = reg.get_manifest(ref.repository, ref.reference)
         top_digest = sha256_bytes(top_bytes)
@@ -168,9 +165,9 @@ def pull(
             max_size=max_size,
             repository=ref.name,
             repo_digest=top_digest,
+            consumed=tuple(downloads.path(d.digest) for d in fetch.values()),
         )
     for d in fetch.values():
-        downloads.discard(d.digest)
         lines.status(d.digest, "Pull complete")
     return record
 

@@ -10,13 +10,20 @@ Layout (STORE defaults to $LAYERFS_STORE or /var/lib/layerfs)::
     STORE/images/HEX.json           image record (HEX = manifest digest): layers, platform
     STORE/tags.json                 tag -> manifest digest
     STORE/tmp/                      staging: everything is built here, then renamed in
+    STORE/tmp/NAME/intent.json      an import past its point of no return (see below)
 
 Invariants:
 - A layer or blob is visible under layers/ or blobs/ only once verified: imports build in a
   staging directory inside the store and rename into place; failures remove the staging dir.
 - Reference counts are derived from the image records (a layer's count = records naming it),
-  so a crash can leave at worst an unreferenced layer, which the next ``rm`` collects; never
-  a record that names a missing layer.
+  never a record that names a missing layer.
+- An import's last step is a redo log: once everything is verified and flushed, the staging
+  directory gets an ``intent.json`` (the record and tags to write, the downloads it consumes),
+  and only then are blobs and layers renamed in, the record and tags written. A writer killed
+  anywhere in that step leaves a staging directory with its intent, which the next writer to
+  take the lock (or a reader that finds it free) rolls forward, idempotently; one killed
+  before the intent leaves staging debris, swept. So a crash leaves the image whole or absent
+  and no layer or blob that no record names.
 - Writers hold the lock; readers (ls, inspect, lowers) rely on atomic renames only.
 
 Must not import: pyfuse3, trio.
@@ -34,6 +41,8 @@ import json
 import os
 import posixpath
 import shutil
+import signal
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +56,9 @@ from layerfs.store.progress import Progress
 
 if TYPE_CHECKING:
     import tarfile
+
+
+INTENT = "intent.json"  # in a staging directory: the import is past its point of no return
 
 
 class StoreError(LayerfsError):
@@ -182,29 +194,67 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the store's writer lock; on entry, sweep staging left by crashed writers."""
+        """Hold the store's writer lock; on entry, finish the imports a crash interrupted in
+        their last step and sweep the rest of the staging crashed writers left."""
         for d in (self.blobs_dir, self.layers_dir, self.images_dir, self.tmp_dir):
             os.makedirs(d, exist_ok=True)
-        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._lock_fd()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            # Holding the lock means no other writer is live: all of tmp/ is debris.
-            for name in os.listdir(self.tmp_dir):
-                _remove(os.path.join(self.tmp_dir, name))
+            self._sweep()
             yield
+        finally:
+            os.close(fd)
+
+    def _lock_fd(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        return os.open(os.path.join(self.root, "lock"), flags, 0o600)
+
+    def _sweep(self) -> None:
+        """Holding the lock means no other writer is live: all of tmp/ is a crashed writer's,
+        either an import past its intent (rolled forward) or debris (removed)."""
+        for name in os.listdir(self.tmp_dir):
+            path = os.path.join(self.tmp_dir, name)
+            if os.path.exists(os.path.join(path, INTENT)):
+                sys.audit("layerfs.store.recover", path)  # a crash-point sweep arms here
+                self._publish(path)
+            _remove(path)
+
+    def recover(self) -> None:
+        """For readers: do what a writer does on taking the lock (finish an import a crash
+        interrupted past its intent, sweep staging debris) when ``tmp/`` holds anything and
+        the lock is free (a live writer's staging is its own) and this process may take it.
+        A reader never waits, and never fails for it: without recovery it sees the store as
+        it was before the interrupted import."""
+        try:
+            if not os.listdir(self.tmp_dir):
+                return
+            fd = self._lock_fd()
+        except OSError:
+            return  # no tmp/ yet; or a read-only store, or one this user may not write
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # a writer is live
+            self._sweep()
         finally:
             os.close(fd)
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[str]:
-        """A fresh directory inside the store (same filesystem, so renames are atomic)."""
+        """A fresh directory inside the store (same filesystem, so renames are atomic).
+
+        Removed on the way out, unless it holds an intent that was not carried out (an error
+        or Ctrl-C in the last step): the next writer rolls that forward."""
         path = os.path.join(self.tmp_dir, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
         os.makedirs(os.path.join(path, "blobs"))
         os.makedirs(os.path.join(path, "layers"))
         try:
             yield path
         finally:
-            _remove(path)
+            if not os.path.exists(os.path.join(path, INTENT)):
+                _remove(path)
 
     # -- import ----------------------------------------------------------------------------
 
@@ -282,11 +332,14 @@ class Store:
         max_size: int | None = None,
         repository: str = "",
         repo_digest: str = "",
+        consumed: tuple[str, ...] = (),
     ) -> ImageRecord:
         """Verify and extract ``layers``, then publish blobs, layers, record and tags.
 
         The caller holds the lock. ``manifest`` and ``config`` bytes are already verified
         against their digests by the caller (they were read through a descriptor or built).
+        ``consumed``: files inside the store (a pull's verified downloads) to delete once the
+        record naming their blobs is written.
         """
         known = self.blob_diff_ids()
         manifest_desc, manifest_bytes = manifest
@@ -311,17 +364,9 @@ class Store:
             ):
                 if not self.has_blob(digest):
                     _write_file(os.path.join(st, "blobs", parse_digest(digest)), data)
-            _syncfs(st)
-            # Publish: blobs and layers first, the record that names them last.
-            for name in os.listdir(os.path.join(st, "blobs")):
-                os.replace(os.path.join(st, "blobs", name), os.path.join(self.blobs_dir, name))
-            for name in os.listdir(os.path.join(st, "layers")):
-                dst = os.path.join(self.layers_dir, name)
-                if not os.path.exists(dst):
-                    os.rename(os.path.join(st, "layers", name), dst)
-            # The renames must be durable before a record names what they moved.
-            _fsync_dir(self.blobs_dir)
-            _fsync_dir(self.layers_dir)
+            # The last step: from here on, a crash must leave the image whole or absent.
+            sys.audit("layerfs.store.publish", st)  # a crash-point sweep arms here
+            _syncfs(st)  # everything staged is durable before the intent says "use it"
             record = ImageRecord(
                 manifest_digest=manifest_desc.digest,
                 manifest_size=manifest_desc.size,
@@ -337,25 +382,61 @@ class Store:
                 repository=repository,
                 repo_digest=repo_digest,
             )
-            rec_path = os.path.join(self.images_dir, parse_digest(record.manifest_digest) + ".json")
-            if os.path.exists(rec_path):
-                old = self._load_record(rec_path)  # re-import: keep the first record,
-                if repository and (old.repository, old.repo_digest) != (repository, repo_digest):
-                    old = dataclasses.replace(  # noting where it was pulled from last
-                        old, repository=repository, repo_digest=repo_digest
-                    )
-                    _write_json(rec_path, old.to_json())
-                record = old
-            else:
-                _write_json(rec_path, record.to_json())
             current = self.tags()
             self.moved_tags = [
                 (t, current[t])
                 for t in tags
                 if current.get(t, record.manifest_digest) != record.manifest_digest
             ]
-            current.update(dict.fromkeys(tags, record.manifest_digest))
-            _write_json(self.tags_path, current)
+            discard = [os.path.relpath(p, self.root) for p in consumed]
+            # The point of no return: written (and fsynced) before anything is renamed in.
+            _write_json(
+                os.path.join(st, INTENT),
+                {"record": record.to_json(), "tags": list(tags), "discard": discard},
+            )
+            record = self._publish(st)
+        return record
+
+    def _publish(self, st: str) -> ImageRecord:
+        """Carry out staging directory ``st``'s intent: rename its blobs and layers into
+        place, write the image record, then the tags, delete the downloads it consumed, and
+        drop the intent. Every step is skipped or repeated harmlessly when done already, so
+        a crash anywhere in here is finished by running it again. The caller holds the lock.
+        """
+        with open(os.path.join(st, INTENT), encoding="utf-8") as f:
+            intent = json.load(f)
+        record = ImageRecord.from_json(intent["record"])
+        # Blobs and layers first, the record that names them last.
+        for name in sorted(os.listdir(os.path.join(st, "blobs"))):
+            os.replace(os.path.join(st, "blobs", name), os.path.join(self.blobs_dir, name))
+        for name in sorted(os.listdir(os.path.join(st, "layers"))):
+            dst = os.path.join(self.layers_dir, name)
+            if not os.path.exists(dst):
+                os.rename(os.path.join(st, "layers", name), dst)
+        # The renames must be durable before a record names what they moved.
+        _fsync_dir(self.blobs_dir)
+        _fsync_dir(self.layers_dir)
+        rec_path = os.path.join(self.images_dir, parse_digest(record.manifest_digest) + ".json")
+        if os.path.exists(rec_path):
+            old = self._load_record(rec_path)  # re-import: keep the first record,
+            if record.repository and (old.repository, old.repo_digest) != (
+                record.repository,
+                record.repo_digest,
+            ):
+                old = dataclasses.replace(  # noting where it was pulled from last
+                    old, repository=record.repository, repo_digest=record.repo_digest
+                )
+                _write_json(rec_path, old.to_json())
+            record = old
+        else:
+            _write_json(rec_path, record.to_json())
+        current = self.tags()
+        current.update(dict.fromkeys(intent["tags"], record.manifest_digest))
+        _write_json(self.tags_path, current)
+        for rel in intent["discard"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.root, rel))
+        os.unlink(os.path.join(st, INTENT))  # what is left in st is debris
         return record
 
     def _stage_layer(
@@ -602,9 +683,11 @@ class Store:
         return str(merged) if merged else None
 
     def require(self) -> Store:
-        """This store, for commands that only read it: refuse a directory that is not one."""
+        """This store, for commands that only read it: refuse a directory that is not one;
+        finish an import a crash interrupted in its last step (``recover``)."""
         if not os.path.isdir(self.root):
             raise StoreError(f"no layer store at {self.root}")
+        self.recover()
         return self
 
     def uppers_on(self, digest: str) -> list[str]:
@@ -741,8 +824,10 @@ def _now() -> str:
 def _write_file(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
+        sys.audit("layerfs.store.write", tmp)  # a crash point (crash_at)
         f.write(data)
         f.flush()
+        sys.audit("layerfs.store.fsync", tmp)
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
@@ -751,6 +836,7 @@ def _write_file(path: str, data: bytes) -> None:
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        sys.audit("layerfs.store.fsync", path)  # a crash point (crash_at)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -775,8 +861,50 @@ def _syncfs(path: str) -> None:
     """Flush the store's filesystem once per import, rather than fsync per extracted file."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        sys.audit("layerfs.store.fsync", path)  # a crash point (crash_at)
         if _libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
+
+
+# Python audit events that change a filesystem (the opens that can create, truncate or write,
+# renames, links, unlinks...), and this module's own for the calls Python does not audit.
+_CHANGES = frozenset(
+    {
+        "os.chmod", "os.chown", "os.link", "os.mkdir", "os.remove", "os.rename", "os.rmdir",
+        "os.setxattr", "os.removexattr", "os.symlink", "os.truncate", "os.utime",
+        "layerfs.store.write", "layerfs.store.fsync",
+    }
+)  # fmt: skip
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def crash_at(spec: str) -> None:
+    """Fault injection, tests only (``LAYERFS_STORE_CRASH_AT``, read by the CLI): SIGKILL this
+    process just before its Nth change to a filesystem counted from the start of an import's
+    last step (``N``) or of a recovery (``recover:N``). Counted are the audited calls that
+    change something: renames, unlinks, rmdirs, links, opens that may write, and this
+    module's writes, fsyncs and syncfs. The hook runs before the call, so call N never
+    happens: the disk holds what a kill -9 between calls N-1 and N leaves (the store writes
+    nothing through a userspace buffer it has not flushed by then)."""
+    event, _, n = spec.rpartition(":")
+    arm = f"layerfs.store.{event or 'publish'}"
+    limit = int(n)
+    count = -1  # not armed yet
+
+    def hook(name: str, args: tuple[object, ...]) -> None:
+        nonlocal count
+        if name == arm and count < 0:
+            count = 0
+        if count < 0:
+            return
+        if name in _CHANGES or (
+            name == "open" and isinstance(args[2], int) and args[2] & _WRITE_FLAGS
+        ):
+            count += 1
+            if count >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
