@@ -579,6 +579,22 @@ def _set_origin(setxattr: Callable[[bytes, bytes], None], attr: bytes, origin: b
             raise
 
 
+def fix_origin(
+    upper: Layer, names: xattrs.Names, parent: Node, name: bytes, lower: tuple[Layer, Path]
+) -> bool:
+    """Record LOWER, the directory upper directory NAME of PARENT merges first, as its origin,
+    and mark PARENT impure, as the kernel's lookup does when such a directory records none (an
+    upper another tool wrote: ovl_fix_origin). Returns whether PARENT was not marked before:
+    its listing then looks its upper entries up (Overlay._check_impure_merged)."""
+    pfd = upper.dirfd(parent.path())
+    layer, lpath = lower
+    origin = layer.origin_fh(lpath) if names is not xattrs.USER else b""
+    _set_origin(lambda a, v: _sys.setxattr_at(pfd, name, a, v), names.origin, origin)
+    was = parent.impure
+    set_impure(pfd, names, parent)
+    return not was and parent.impure
+
+
 def set_impure(dirfd: int, names: xattrs.Names, node: Node | None = None) -> None:
     """Mark upper directory DIRFD ``overlay.impure`` (once): it holds, or is about to hold, an
     entry with an origin or a redirect, whose st_ino is not the upper's own, so the kernel

@@ -35,10 +35,13 @@ class Resolution:
     shows this name, so removing it needs a whiteout; origin: the lstat of the first lower
     object (its nlink: hard links break on copy-up); metacopy: the upper file's data is in the
     lowers; in_layer: the layer of a non-directory's lower found under its own name in the
-    parent's lowers (a new Node keeps just that, see Node).
+    parent's lowers (a new Node keeps just that, see Node); fix_origin: an upper directory
+    that merges lowers but records no origin, which the kernel's lookup records, marking the
+    parent impure (ovl_fix_origin: Overlay.fix_origin does it).
     """
 
     __slots__ = (
+        "fix_origin",
         "in_layer",
         "lower_positive",
         "lowers",
@@ -59,6 +62,7 @@ class Resolution:
         in_layer: Layer | None = None,
     ) -> None:
         self.in_layer = in_layer
+        self.fix_origin = False
         self.metacopy = metacopy
         self.st = st
         self.upper = upper
@@ -71,9 +75,11 @@ class Resolution:
         return stat.S_ISDIR(self.st.st_mode)
 
 
-def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
-    """Return (opaque, redirect) of upper directory NAME with one listxattr in the common case."""
+def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None, bool]:
+    """Return (opaque, redirect, has an origin) of upper directory NAME with one listxattr in
+    the common case."""
     names = set(_sys.listxattr_at(fd, name))
+    origin = not names.isdisjoint(xattrs.ORIGIN)
     opaque = False
     for attr in xattrs.OPAQUE:
         if attr in names:
@@ -85,12 +91,12 @@ def upper_dir_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
         try:
             child = _sys.open_dir_at(fd, name)
         except OSError:
-            return opaque, redirect
+            return opaque, redirect, origin
         try:
             opaque = _sys.lstat_at_or_none(child, whiteout.OPQ_MARKER) is not None
         finally:
             os.close(child)
-    return opaque, redirect
+    return opaque, redirect, origin
 
 
 class _Lookup:
@@ -108,11 +114,17 @@ class _Lookup:
         self.stop = stop
 
     def redirect(self, value: bytes, pos: int) -> None:
-        """Apply a redirect found on component POS of the name (ovl_check_redirect)."""
+        """Apply a redirect found on component POS of the name (ovl_check_redirect).
+
+        The value is read as the kernel reads it (ovl_get_redirect_xattr): a C string, so it
+        ends at its first NUL; an absolute one with an empty component (``/``, ``/a//b``) or
+        a relative one with a ``/`` is invalid (EINVAL); a component the lookup refuses
+        (``.``, ``..``, empty) fails it with EACCES (lookup_one_len)."""
+        value = value.split(b"\0", 1)[0]
         if value.startswith(b"/"):
-            parts = tuple(p for p in value.split(b"/") if p)
-            if not parts:
-                raise OSError(errno.EACCES, "invalid overlay.redirect")
+            parts = tuple(value[1:].split(b"/"))
+            if b"" in parts:
+                raise OSError(errno.EINVAL, "invalid overlay.redirect")
             for part in parts:
                 _valid_redirect_part(part)
             self.name = parts + self.name[pos + 1 :]
@@ -120,6 +132,8 @@ class _Lookup:
             # an absolute redirect below an opaque ancestor of the walk goes on below it
             self.stop = False
         else:
+            if b"/" in value:
+                raise OSError(errno.EINVAL, "invalid overlay.redirect")
             _valid_redirect_part(value)
             self.name = (*self.name[:pos], value, *self.name[pos + 1 :])
 
@@ -169,6 +183,7 @@ def resolve(
     upper_st: os.stat_result | None = None
     d = _Lookup(name, False)
     redirected = metacopy = chain = False
+    has_origin = True
     if parent.upper and stack.upper is not None:
         ufd = stack.upper.dirfd(ppath)
         # Every name in a directory this mount made (Node.no_oci_whiteouts) came through the
@@ -185,7 +200,7 @@ def resolve(
                 return None
             upper_st = st
             if stat.S_ISDIR(st.st_mode):
-                opaque, redirect = upper_dir_flags(ufd, name)
+                opaque, redirect, has_origin = upper_dir_flags(ufd, name)
                 if opaque:
                     d.stop = True
                 elif redirect:
@@ -272,7 +287,7 @@ def resolve(
         # ovl_lookup: "metacopy with no lower data found - abort lookup"
         log.warning("metacopy file %s has no lower data", os.fsdecode(name))
         raise OSError(errno.EIO, "metacopy file without lower data")
-    return Resolution(
+    res = Resolution(
         top_st,
         upper_st is not None,
         lowers,
@@ -281,6 +296,8 @@ def resolve(
         metacopy and bool(lowers),
         in_layer,
     )
+    res.fix_origin = not has_origin and bool(lowers) and res.is_dir
+    return res
 
 
 def _root_lowers(stack: LayerStack) -> list[tuple[Layer, Path]]:
@@ -308,7 +325,10 @@ def upper_file_flags(fd: int, name: bytes) -> tuple[bool, bytes | None]:
 
 def _valid_metacopy(value: bytes) -> bool:
     """A non-empty metacopy value is a struct ovl_metacopy (version 0, its own length, 4 to
-    68 bytes with the digest); anything else fails the lookup (EIO), as in the kernel."""
+    68 bytes with the digest); anything else fails the lookup (EIO). The kernel's lookup
+    reads the size alone (4 bytes or more pass, measured on 6.18) and then reads a smaller
+    upper's data up to the data's own end, which FUSE cannot (its page cache stops at the
+    size stat showed): refused here rather than served short (docs/testing.md, seed 1120)."""
     return 4 <= len(value) <= 68 and value[0] == 0 and value[1] == len(value)
 
 
@@ -375,6 +395,13 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
         node.metacopy = res.metacopy
         return table.add(node)
     if node.parent is not parent or node.name != name:
+        if node.is_dir and (node.upper or res.upper):
+            # Two names of one lower directory, one of them (at least) with an upper part: a
+            # redirect to a directory another name shows too. The kernel hashes both by the
+            # lower and refuses the second while the first is cached (ovl_verify_inode:
+            # "lookup of an uncovered redirect origin", or another upper): so does layerfs,
+            # where moving the node would show the first name's upper under the second.
+            raise OSError(errno.ESTALE, "a second name of a redirected directory")
         if node.is_dir and _is_under(parent, node):
             # Two merged directories with one lower origin (redirects can do that), one found
             # inside the other: moving the node would make it its own ancestor, and every

@@ -26,14 +26,14 @@ import trio
 from layerfs import _sys, acl, xattrs
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
-from layerfs.copyup import CopyUp
+from layerfs.copyup import CopyUp, fix_origin
 from layerfs.files import NODE_FH, Files, kill_suid
 from layerfs.idmap import IdMap
 from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
-from layerfs.lookup import node_for, resolve
+from layerfs.lookup import Resolution, node_for, resolve
 from layerfs.namespace import Namespace
-from layerfs.readdir import DirCache, DirHandle, merged_names
+from layerfs.readdir import DOTS, DirCache, DirHandle, kernel_order, merged_listing
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +191,24 @@ class Overlay:
             res = resolve(self.stack, parent, name, unseen=True)
             if res is None:
                 return None
+            self.fix_origin(parent, name, res)
             node = node_for(self.table, parent, name, res)
             node.nlookup += 1
             return self.attr(node, res.st)
         node.nlookup += 1
         return self.attr(node)
+
+    def fix_origin(self, parent: Node, name: bytes, res: Resolution) -> None:
+        """What the kernel's lookup writes on an upper directory that merges lowers but
+        records no origin: the origin, and the parent's impure mark (copyup.fix_origin)."""
+        upper = self.stack.upper
+        if (
+            res.fix_origin
+            and upper is not None
+            and fix_origin(upper, self.names, parent, name, res.lowers[0])
+        ):
+            parent.version += 1  # its listing now looks its upper entries up
+            self.copyup.listing_changed.append(parent.id)
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
@@ -349,8 +362,10 @@ class Overlay:
         plain = self.dircache.get(node) if self.plain_listings else None
         if plain is not None:
             return DirHandle(node, [e[0] for e in plain], plain)
-        names, error = self._snapshot(node)
-        return DirHandle(node, names, None, error)
+        names, error, stale = self._snapshot(node)
+        dh = DirHandle(node, names, None, error)
+        dh.stale = stale
+        return dh
 
     def _node_dir(self, node_id: int, start: int) -> DirHandle | None:
         """The listing of a directory read without OPENDIR (NODE_FH): a fresh one from offset
@@ -364,13 +379,19 @@ class Overlay:
             return None
         return dh
 
-    def _snapshot(self, node: Node) -> tuple[list[bytes], OSError | None]:
-        """The names of a listing of NODE, and the error every listing of it answers."""
-        names = merged_names(self.stack, node)
+    def _snapshot(self, node: Node) -> tuple[list[bytes], OSError | None, set[int]]:
+        """The names of a listing of NODE, the error its listing answers, and the indexes of
+        the entries it leaves out (see _check_impure_merged)."""
+        names, upper = merged_listing(self.stack, node)
         error = None
-        if node.upper and not node.lowers and self._impure(node):
-            error = self._check_impure(node, names)
-        return [b".", b"..", *names], error
+        stale: set[int] = set()
+        if node.upper and self._impure(node):
+            if not node.lowers:
+                error = self._check_impure(node, names)
+            elif upper:
+                error, left_out = self._check_impure_merged(node, names, upper)
+                stale = {i + 2 for i, n in enumerate(names) if n in left_out}
+        return [b".", b"..", *names], error, stale
 
     def _impure(self, node: Node) -> bool:
         """Is NODE's upper directory marked impure (its listing computes d_ino by lookups)?"""
@@ -390,6 +411,8 @@ class Overlay:
         for name in names:
             try:
                 res = resolve(self.stack, node, name)
+                if res is not None:
+                    self.fix_origin(node, name, res)
                 child = node_for(self.table, node, name, res) if res is not None else None
             except OSError as e:
                 if e.errno in _OUT_OF_RESOURCES:
@@ -404,6 +427,41 @@ class Overlay:
             with contextlib.suppress(OSError):  # best effort, as the kernel's
                 os.removexattr(self.stack.upper.dirfd(node.path()), self.names.impure)
         return None
+
+    def _check_impure_merged(
+        self, node: Node, names: list[bytes], upper: dict[bytes, bool]
+    ) -> tuple[OSError | None, set[bytes]]:
+        """Listing a merged directory marked impure looks its upper entries up, in the
+        kernel's order (readdir.kernel_order), as it fills their d_ino (ovl_iterate_merged,
+        ovl_cache_update); its lower entries keep the real d_ino, unlooked. An entry whose
+        lookup fails ends that getdents (the kernel marks it stale: left out after), and fails
+        it when nothing came before it in it: at the start, or right after another such entry
+        (a caller's buffer taken as large enough for the directory, as readdir(3)'s 32 KiB).
+        Returns that error, if any, and the names left out."""
+        left_out: set[bytes] = set()
+        emitted = False  # an entry went out since the last getdents began
+        for name in kernel_order(self.stack, node, names):
+            if name in DOTS or name not in upper:
+                emitted = True
+                continue
+            try:
+                res = resolve(self.stack, node, name)
+                if res is not None:
+                    self.fix_origin(node, name, res)
+                    node_for(self.table, node, name, res)
+            except OSError as e:
+                if e.errno in _OUT_OF_RESOURCES:
+                    return None, left_out  # the listing itself meets it (see readdir)
+                if not emitted:
+                    return e, left_out
+                left_out.add(name)
+                emitted = False
+                continue
+            if res is None:
+                left_out.add(name)  # a negative lookup: stale, skipped without an error
+            else:
+                emitted = True
+        return None, left_out
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Node | None, Attr, int]]:
         """Yield (name, node, attr, next offset) from offset START of the handle's snapshot.
@@ -422,11 +480,13 @@ class Overlay:
                 raise OSError(errno.EBADF, "bad directory handle")
         node = dh.node
         if start == 0 and dh.version != node.version:
-            (dh.names, dh.error), dh.plain, dh.sent = self._snapshot(node), None, {}
-            dh.stale = set()
+            (dh.names, dh.error, dh.stale), dh.plain, dh.sent = self._snapshot(node), None, {}
             dh.version = node.version
         if dh.error is not None:
-            raise OSError(dh.error.errno, dh.error.strerror)
+            error = dh.error
+            if node.lowers:
+                dh.error = None  # merged: once, where the kernel's getdents meets it
+            raise OSError(error.errno, error.strerror)
         if dh.plain is not None:
             for i in range(start, len(dh.plain)):
                 name, ino, mode = dh.plain[i]
@@ -443,21 +503,16 @@ class Overlay:
             else:
                 try:
                     res = resolve(self.stack, node, name)
+                    if res is not None:
+                        self.fix_origin(node, name, res)
                     found = node_for(self.table, node, name, res) if res is not None else None
                 except OSError as e:
                     if e.errno not in _OUT_OF_RESOURCES:
                         # the kernel lists a name whose lookup fails (a planted metacopy with
-                        # no data, a bad redirect) with its real d_ino: a nodeless entry
+                        # no data, a bad redirect, a second name of a redirected directory)
+                        # with its real d_ino, unlooked: a nodeless entry (the impure
+                        # directory's failing upper entries are left out: dh.stale)
                         bare = self._bare_entry(node, name)
-                        if bare is not None and self._impure(node):
-                            # ... except in an impure merged directory, whose listing looks
-                            # its upper entries up (ovl_cache_update): the failed entry ends
-                            # this reply, or fails it if it comes first, and is left out
-                            # after (the kernel marks it stale)
-                            dh.stale.add(i)
-                            if sent_any:
-                                return
-                            raise
                         if bare is not None:
                             dh.sent[i] = (name, bare.ino, bare.mode)
                             sent_any = True
@@ -477,13 +532,20 @@ class Overlay:
             self.dircache.put(node, [dh.sent[i] for i in range(len(dh.names))])
 
     def _bare_entry(self, parent: Node, name: bytes) -> Attr | None:
-        """st_ino and type of upper entry NAME of PARENT, for a listing (None: not there)."""
-        if not parent.upper or self.stack.upper is None:
-            return None
-        st = _sys.lstat_at_or_none(self.stack.upper.dirfd(parent.path()), name)
+        """st_ino and type of entry NAME of PARENT as the kernel lists it without a lookup:
+        the topmost real object's (None: not there)."""
+        st = None
+        if parent.upper and self.stack.upper is not None:
+            st = _sys.lstat_at_or_none(self.stack.upper.dirfd(parent.path()), name)
+        if st is None:
+            for layer, dpath in parent.lowers:
+                if name in layer.listing(dpath).entries:
+                    st = _sys.lstat_at(layer.dirfd(dpath), name)
+                    break
         if st is None:
             return None
-        return Attr(0, st.st_ino, stat.S_IFMT(st.st_mode), 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        ino = self.table.st_ino(self.table.ident(st.st_dev, st.st_ino))
+        return Attr(0, ino, stat.S_IFMT(st.st_mode), 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     async def fsyncdir(self, fh: int) -> None:
         """fsync the directory's upper part (what a rename or create there changed)."""

@@ -13,27 +13,51 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from layerfs import _sys
 from layerfs.inodes import Node
 from layerfs.layers import LayerStack, read_listing
 
 
 def merged_names(stack: LayerStack, node: Node) -> list[bytes]:
     """Return the names visible in merged directory NODE, in layer order."""
+    return merged_listing(stack, node)[0]
+
+
+def merged_listing(stack: LayerStack, node: Node) -> tuple[list[bytes], dict[bytes, bool]]:
+    """The names visible in merged directory NODE, in layer order, and the upper's entries
+    (name -> is a directory; empty without an upper part)."""
     seen: dict[bytes, None] = {}
     hidden: set[bytes] = set()
+    upper: dict[bytes, bool] = {}
     if node.upper and stack.upper is not None:
         listing = read_listing(stack.upper.dirfd(node.path()))
-        seen.update(dict.fromkeys(listing.entries))
+        upper = listing.entries
+        seen.update(dict.fromkeys(upper))
         hidden |= listing.whiteouts
         if listing.opaque and node.parent is not None:  # the root's opaque mark means nothing
-            return list(seen)
+            return list(seen), upper
     for layer, dpath in node.lowers:
         listing = layer.listing(dpath)
         for name in listing.entries:
             if name not in seen and name not in hidden:
                 seen[name] = None
         hidden |= listing.whiteouts
-    return list(seen)
+    return list(seen), upper
+
+
+def kernel_order(stack: LayerStack, node: Node, names: list[bytes]) -> list[bytes]:
+    """NAMES (merged_listing's, visible) with ``.`` and ``..`` in the order the kernel lists
+    merged directory NODE (ovl_dir_read_merged): the bottom layer's entries first, in its
+    readdir order (where ext4 may put ``.`` and ``..`` anywhere), then the others in the order
+    the layers above first showed them."""
+    layer, dpath = node.lowers[-1]
+    visible = dict.fromkeys(names)
+    first = [n for n in _sys.dir_order(layer.dirfd(dpath)) if n in visible or n in DOTS]
+    placed = set(first)
+    return first + [n for n in names if n not in placed]
+
+
+DOTS = (b".", b"..")
 
 
 def is_empty(stack: LayerStack, node: Node) -> bool:

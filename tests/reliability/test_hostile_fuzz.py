@@ -148,10 +148,26 @@ def _ops() -> list[list[object]]:
     return ops
 
 
-# Differences the generator found that are not fixed (docs/reliability.md): seed -> what.
+# Differences the generator found that are not fixed (docs/testing.md): seed -> what.
 KNOWN = {
-    14: "an impure merged directory whose entry with a failing lookup comes before '.' and "
-    "'..' in the upper's hash order: the kernel's listing fails, layerfs's leaves it out",
+    1120: "an upper metacopy file smaller than its lower data: the kernel's read returns the "
+    "data's bytes, FUSE's page cache stops at the size stat showed",
+    1167: "a merged root made impure by a lookup during its own first listing: the kernel's "
+    "FUSE listing cache still serves that listing after layerfs asked it dropped",
+}
+
+# Seeds that differed from the kernel and are fixed (session 13, docs/testing.md): the class
+# each stands for. Run by test_hostile_regressions, a few seconds each.
+REGRESSIONS = {
+    14: "an impure merged listing whose failing upper entry comes first in the kernel's order",
+    1031: "a lookup of a merged upper directory without origin marks its parent impure",
+    1115: "'.' and '..' where ext4's hash order puts them in the bottom layer's listing",
+    1143: "a copy-up's impure parent listed in the kernel's order",
+    1258: "an impure merged listing failing at its first entry",
+    1095: "a redirect read as a C string (ends at its first NUL)",
+    1119: "the impure mark of ovl_fix_origin fails a later listing's entry",
+    1181: "a lower directory another upper directory redirects to: ESTALE, listed bare",
+    1201: "the same, found by an absolute redirect",
 }
 
 
@@ -210,6 +226,14 @@ def _one_example(tmp: Path, seed: int, canary: Path) -> list[str]:
                 problems.append(f"{op}: kernel {ref[i]}, layerfs {out} (first difference)")
             break  # the trees differ from here on: the invariant only
     return problems
+
+
+@pytest.mark.parametrize("seed", sorted(REGRESSIONS))
+def test_hostile_regressions(tmp_path: Path, seed: int) -> None:
+    canary = tmp_path / "canary"
+    _make_canary(canary)
+    problems = _one_example(tmp_path / "ex", seed, canary)
+    assert not problems, f"{REGRESSIONS[seed]}:\n" + "\n".join(problems)
 
 
 def test_hostile_layers_fuzz(tmp_path: Path) -> None:
