@@ -28,12 +28,15 @@ class Caller(NamedTuple):
     groups: frozenset[int] | None = None
     # the mount's id mapping of groups read later (IdMap.caller: stored ids), None: as read
     store_gid: Callable[[int], int] | None = None
+    # CAP_FSETID, decided by the caller's own uid, not the stored one IdMap.caller puts in
+    # UID (an id-mapped mount's root is stored as another id); None: UID is its own
+    privileged: bool | None = None
 
     @property
     def keeps_priv(self) -> bool:
         """Whether the caller keeps setuid/setgid bits on a write, truncate or ACL change
         (CAP_FSETID: we take uid 0); others' are cleared by the daemon (kill_suid)."""
-        return self.uid == 0
+        return self.uid == 0 if self.privileged is None else self.privileged
 
     @property
     def kill_priv(self) -> Caller | None:

@@ -6,6 +6,11 @@ container's processes, whose user namespace maps them onto K..K+N-1, see them as
 outside every range shows as, and is stored as, the overflow id 65534, as the kernel does for
 ids a user namespace does not map. ``squash_to_*`` shows every object owned by one id.
 
+A file capability (``security.capability``) names the root id it is valid for (a v3's
+``rootid``; a v2's is 0): that id is mapped too, as a kernel idmapped mount maps it
+(``cap_inode_getsecurity``, ``cap_convert_nscap``), so that a capability set in a container is
+stored for the container's root, not for the host id that root is.
+
 The engine works in stored ids; the Overlay facade translates at its edge.
 Must not import: pyfuse3, trio.
 """
@@ -13,12 +18,34 @@ Must not import: pyfuse3, trio.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Sequence
 
 from layerfs.attrs import Attr, Caller
 from layerfs.config import IdMapping, MountConfig
 
 OVERFLOW_ID = 65534
+
+# struct vfs_cap_data / vfs_ns_cap_data (linux/capability.h): magic_etc, 2 x (permitted,
+# inheritable), and v3's rootid
+_CAP_REVISION_MASK = 0xFF000000
+_CAP_REVISION_2 = 0x02000000
+_CAP_REVISION_3 = 0x03000000
+_CAP_FLAGS_EFFECTIVE = 0x000001
+_CAP_V2_SIZE, _CAP_V3_SIZE = 20, 24
+
+
+def _cap_parts(value: bytes) -> tuple[int, bytes, int] | None:
+    """(effective flag, the capability sets, root id) of a v2 or v3 VALUE; None otherwise."""
+    if len(value) not in (_CAP_V2_SIZE, _CAP_V3_SIZE):
+        return None
+    (magic,) = struct.unpack_from("<I", value)
+    revision = magic & _CAP_REVISION_MASK
+    if len(value) == _CAP_V2_SIZE and revision == _CAP_REVISION_2:
+        return magic & _CAP_FLAGS_EFFECTIVE, value[4:20], 0
+    if len(value) == _CAP_V3_SIZE and revision == _CAP_REVISION_3:
+        return magic & _CAP_FLAGS_EFFECTIVE, value[4:20], struct.unpack_from("<I", value, 20)[0]
+    return None
 
 
 def _shown(mappings: Sequence[IdMapping], stored: int) -> int:
@@ -68,6 +95,30 @@ class IdMap:
     def store_gid(self, shown: int) -> int:
         return _stored(self.gids, shown) if self.gids else shown
 
+    def cap_shown(self, value: bytes) -> bytes:
+        """A stored ``security.capability`` as the kernel reads it through an idmapped mount
+        (cap_inode_getsecurity, a reader of the initial namespace): its root id shown through
+        the mapping; a v2 if that is 0, else a v3 for that id."""
+        parts = _cap_parts(value) if self.uids else None
+        if parts is None:
+            return value
+        effective, sets, root = parts
+        shown = _shown(self.uids, root)
+        if shown == 0:
+            return struct.pack("<I", _CAP_REVISION_2 | effective) + sets
+        return struct.pack("<I", _CAP_REVISION_3 | effective) + sets + struct.pack("<I", shown)
+
+    def cap_stored(self, value: bytes) -> bytes:
+        """A ``security.capability`` set through the mount as the kernel stores it through an
+        idmapped mount (cap_convert_nscap): always a v3, for the stored id of the root the
+        writer named (a v2's: 0, the writer's own namespace's root)."""
+        parts = _cap_parts(value) if self.uids else None
+        if parts is None:
+            return value
+        effective, sets, root = parts
+        stored = _stored(self.uids, root)
+        return struct.pack("<I", _CAP_REVISION_3 | effective) + sets + struct.pack("<I", stored)
+
     def attr(self, a: Attr) -> Attr:
         """A as the mount shows it."""
         return a._replace(uid=self.show_uid(a.uid), gid=self.show_gid(a.gid))
@@ -82,4 +133,5 @@ class IdMap:
             # groups not read yet stay so: Caller.in_group maps them if it reads them
             groups=None if c.groups is None else frozenset(map(self.store_gid, c.groups)),
             store_gid=self.store_gid,
+            privileged=c.keeps_priv,  # its own uid's, not the stored one's
         )

@@ -397,6 +397,8 @@ class Operations(pyfuse3.Operations):
             uid, gid, pid = self.hooks.writer
             if uid != 0:  # root keeps setuid/setgid; groups read if a setgid check needs them
                 writer = Caller(uid, gid, 0, pid)
+                if self.fs.ids_active:  # its group checks meet stored gids
+                    writer = self.fs.ids.caller(writer)
         return await self.fs.files.write(fh, off, buf, writer)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:

@@ -623,7 +623,7 @@ class Overlay:
                 return None
             value = self._real_xattr(node, CAPS)
             node.no_caps = value is None
-            return value
+            return value if value is None or not self.ids_active else self.ids.cap_shown(value)
         if not xattrs.user_may_name(name, self.names):
             return None
         return self._real_xattr(self.table.get(ino), xattrs.to_real(name, self.names))
@@ -680,6 +680,8 @@ class Overlay:
             st = os.stat(where, follow_symlinks=is_fd)
             if st.st_mode & stat.S_ISGID and not caller.in_group(st.st_gid):
                 os.chmod(where, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID, follow_symlinks=is_fd)
+        if name == CAPS and self.ids_active:
+            value = self.ids.cap_stored(value)  # for the stored id of its root
         os.setxattr(where, xattrs.to_real(name, self.names), value, follow_symlinks=is_fd)
 
     async def removexattr(self, ino: int, name: bytes) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.mounts import mount_layerfs
+from support.mounts import IDMAP_OPTIONS, mount_layerfs
 from support.strace import Strace
 
 from layerfs import _sys
@@ -391,3 +392,61 @@ def test_a_users_writes_read_no_groups(tmp_path: Path) -> None:
             calls = tracer.stop()
         assert f.read_bytes() == b"r" + b"u" * FILES
     assert not [c for c in calls if "/status" in c], calls
+
+
+def _proc_reads(calls: list[str]) -> list[str]:
+    """Opens and readlinks of another process's /proc files (/proc/PID/status, ns/user): a
+    caller's groups or capabilities; not the daemon's own /proc/self/fd/N paths."""
+    return [c for c in calls if re.search(r'"/proc/\d+/', c)]
+
+
+def test_requests_on_an_id_mapped_mount_read_no_proc_files(tmp_path: Path) -> None:
+    """On an id-mapped mount (uidmapping=, gidmapping=: rootless podman's) a request reads
+    no /proc/PID file for its caller unless a setgid check needs the caller's groups: root's
+    creates, mkdirs, symlinks, chmods, chowns, utimes and writes, and a user's writes to a
+    file that is not setgid. Session 12's IdMap.caller read /proc/PID/status for every
+    caller it mapped (found by reading, fixed in 19e87e7): this would have caught it. A
+    user's write to a setgid file outside its group does read them (the control)."""
+    d = _stack(tmp_path)
+    with mount_layerfs(
+        [d["lower"]], d["upper"], d["work"], d["merged"], options=IDMAP_OPTIONS
+    ) as m:
+        assert m.proc is not None
+        os.chmod(m.mnt / "dir", 0o777)  # copies dir up
+        shared = m.mnt / "dir" / "shared"
+        _write(shared, os.O_CREAT | os.O_EXCL, b"r", 1)
+        os.chmod(shared, 0o666)
+        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "openat,readlink,readlinkat")
+        try:
+            dfd = os.open(m.mnt / "dir", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _create_each_kind(dfd, "r")
+            finally:
+                os.close(dfd)
+            for i in range(FILES):
+                f = m.mnt / "dir" / f"rf{i}"
+                _write(f, 0, b"y", 2)
+                os.chmod(f, 0o640)
+                os.chown(f, 1000, 50)
+                os.utime(f, ns=(1000, 1000))
+            _write_as(1000, m.mnt / "dir", "shared", FILES)
+        finally:
+            calls = _proc_reads(tracer.stop())
+        assert calls == [], calls
+        sgid = m.mnt / "dir" / "sgid"
+        _write(sgid, os.O_CREAT | os.O_EXCL, b"s", 1)
+        os.chown(sgid, 0, 50)
+        os.chmod(sgid, 0o2666)
+        tracer = Strace(m.proc.pid, tmp_path / "strace2.out", "openat,readlink,readlinkat")
+        try:
+            _write_as(1000, m.mnt / "dir", "sgid", 1)
+        finally:
+            control = _proc_reads(tracer.stop())
+        assert os.stat(sgid).st_mode & 0o7777 == 0o666  # cleared: 1000 is not in group 50
+    assert any("/status" in c for c in control), control
+    # stored through the mapping (IDMAP_UIDS, IDMAP_GIDS): root's (shown 0:0) as 2000:1000,
+    # the chown's 1000:50 as 0:0
+    st = os.stat(d["upper"] / "dir" / "rd0")
+    assert (st.st_uid, st.st_gid) == (2000, 1000)
+    st = os.stat(d["upper"] / "dir" / "rf0")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o640)

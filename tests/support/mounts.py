@@ -31,6 +31,8 @@ import pytest
 
 from layerfs import mountinfo
 
+from . import idmapped
+
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
 
@@ -403,9 +405,11 @@ def mount_kernel(
     *,
     options: Sequence[str] = (),
     userns: bool = False,
+    idmap: tuple[idmapped.Ranges, idmapped.Ranges] | None = None,
 ) -> Iterator[Mounted]:
     """Kernel overlayfs; with USERNS, mounted by the root of a user namespace (which the kernel
-    allows with ``userxattr`` only), reached through /proc/PID/root."""
+    allows with ``userxattr`` only), reached through /proc/PID/root; with IDMAP (uid and gid
+    ranges, layerfs' ``uidmapping=``), over idmapped mounts of the layers (support.idmapped)."""
     mnt = Path(mnt)
     lower_list = [os.fspath(p) for p in lowers]
     with contextlib.ExitStack() as stack:
@@ -413,9 +417,16 @@ def mount_kernel(
             # The kernel wants 2 lowers for a read-only overlay: add an empty bottom layer.
             empty = stack.enter_context(tempfile.TemporaryDirectory(dir=mnt.parent))
             lower_list.append(empty)
+        upper_path = None if upper is None else os.fspath(upper)
+        work_path = None if work is None else os.fspath(work)
+        fds: list[int] = []
+        if idmap is not None:
+            lower_list, upper_path, work_path, fds = stack.enter_context(
+                idmapped.idmapped_layers(lower_list, upper_path, work_path, *idmap)
+            )
         opts = ["lowerdir=" + ":".join(lower_list)]
-        if upper is not None:
-            opts += [f"upperdir={os.fspath(upper)}", f"workdir={os.fspath(work or '')}"]
+        if upper_path is not None:
+            opts += [f"upperdir={upper_path}", f"workdir={work_path or ''}"]
         # OPTIONS override the defaults of the same name (metacopy=on, say)
         keys = {o.partition("=")[0] for o in options}
         opts += [o for o in KERNEL_OPTIONS if o.partition("=")[0] not in keys] + list(options)
@@ -435,7 +446,7 @@ def mount_kernel(
                 err = holder.stderr.read().decode(errors="replace").strip()
                 raise AssertionError(f"kernel overlay mount in a user namespace failed: {err}")
         else:
-            r = _run(mount)
+            r = subprocess.run(mount, capture_output=True, text=True, check=False, pass_fds=fds)
             if r.returncode != 0:
                 raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} ({opts})")
         m = Mounted(ns_path(holder.pid, mnt) if holder else mnt, "kernel")
@@ -469,15 +480,20 @@ class Subject:
     quirks: frozenset[str] = frozenset()
     kernel_options: tuple[str, ...] = ()  # the kernel reference's options for this subject
     userns: bool = False  # the subject and its kernel reference mount in user namespaces
+    # uid and gid ranges (stored, shown, count) the subject maps: the kernel reference's
+    # layers are idmapped mounts with that mapping
+    idmap: tuple[idmapped.Ranges, idmapped.Ranges] | None = None
 
     @property
     def kernel(self) -> Subject:
         """The kernel overlayfs mount this subject is compared with."""
-        if not self.kernel_options and not self.userns:
+        if not self.kernel_options and not self.userns and self.idmap is None:
             return KERNEL
         return Subject(
             "kernel",
-            functools.partial(mount_kernel, options=self.kernel_options, userns=self.userns),
+            functools.partial(
+                mount_kernel, options=self.kernel_options, userns=self.userns, idmap=self.idmap
+            ),
         )
 
 
@@ -545,6 +561,23 @@ LAYERFS_LIMITS = frozenset(
     }
 )
 
+# layerfs-idmap's mapping, stored -> shown: every id the generated stacks, the scripts and the
+# test's callers use is mapped (0-65535), and none of 0, 1000, 2000 (uids) or 0, 50, 1000
+# (gids) onto itself: a cycle, so that an id mapped the wrong way (shown for stored), or a gid
+# through the uid ranges, shows. Root (shown 0) is mapped, so the test's own operations are
+# those of a mapped caller (the kernel refuses an unmapped one).
+IDMAP_UIDS: idmapped.Ranges = (
+    (0, 1000, 1), (1000, 2000, 1), (2000, 0, 1), (1, 1, 999), (1001, 1001, 999),
+    (2001, 2001, 63535),
+)  # fmt: skip
+IDMAP_GIDS: idmapped.Ranges = (
+    (0, 50, 1), (50, 1000, 1), (1000, 0, 1), (1, 1, 49), (51, 51, 949), (1001, 1001, 64535),
+)  # fmt: skip
+IDMAP_OPTIONS = (
+    f"uidmapping={idmapped.option(IDMAP_UIDS)}",
+    f"gidmapping={idmapped.option(IDMAP_GIDS)}",
+)
+
 SUBJECTS: dict[str, Subject] = {
     "layerfs": Subject("layerfs", mount_layerfs, LAYERFS_LIMITS),
     "fuse-overlayfs": Subject("fuse-overlayfs", mount_fuse_overlayfs, FUSE_OVERLAYFS_QUIRKS),
@@ -569,6 +602,14 @@ SUBJECTS: dict[str, Subject] = {
         ("userxattr", "redirect_dir=nofollow"),
         userns=True,
     ),
+    # id-mapped (rootful podman --uidmap, a mount program's uidmapping=), against the kernel
+    # over idmapped mounts of the layers with the same mapping (support.idmapped)
+    "layerfs-idmap": Subject(
+        "layerfs-idmap",
+        functools.partial(mount_layerfs, options=IDMAP_OPTIONS),
+        LAYERFS_LIMITS,
+        idmap=(IDMAP_UIDS, IDMAP_GIDS),
+    ),
 }
 KERNEL = Subject("kernel", mount_kernel)
 
@@ -577,6 +618,8 @@ def subject_named(name: str) -> Subject:
     """SUBJECTS[NAME], or a skip when it cannot run on this machine."""
     if name.startswith("layerfs") and (why := layerfs_available()):
         pytest.skip(f"layerfs cannot mount yet: {why}")
+    if name == "layerfs-idmap" and (why := idmapped.skip_reason(IDMAP_UIDS, IDMAP_GIDS)):
+        pytest.skip(why)
     if name == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
         pytest.skip("fuse-overlayfs not installed (apt-get install fuse-overlayfs)")
     return SUBJECTS[name]
