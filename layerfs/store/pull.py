@@ -25,6 +25,7 @@ import functools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -32,10 +33,14 @@ from layerfs.store import oci
 from layerfs.store.digest import DigestError, parse_digest, sha256_bytes
 from layerfs.store.progress import LayerLines
 from layerfs.store.reference import Reference
-from layerfs.store.registry import Registry, RegistryError
+from layerfs.store.registry import Cancel, Registry, RegistryError
 from layerfs.store.store import ImageRecord, StagedLayer, Store
 
 JOBS = 4
+# How long the downloads still running when one failed get to end (each is cancelled at once,
+# its socket shut down): one that does not (a read of an answer's headers on a reused
+# connection is not interrupted) is abandoned as Ctrl-C abandons it.
+GRACE = 5.0
 
 
 class Downloads:
@@ -132,14 +137,14 @@ def pull(
                 fetch[d.digest] = d
                 lines.status(d.digest, "Pulling fs layer")
 
-        stop = threading.Event()
+        cancel = Cancel()
         _run_downloads(
             [
-                functools.partial(_fetch_blob, reg, ref.repository, d, downloads, lines, stop)
+                functools.partial(_fetch_blob, reg, ref.repository, d, downloads, lines, cancel)
                 for d in fetch.values()
             ],
             jobs,
-            stop,
+            cancel,
         )
 
     staged = [
@@ -176,21 +181,22 @@ class PullStopped(RegistryError):
     """A download given up because another one failed or the pull was interrupted."""
 
 
-def _run_downloads(tasks: list[Callable[[], None]], jobs: int, stop: threading.Event) -> None:
-    """Run ``tasks`` on ``jobs`` threads; once all have ended, raise the first error (the
-    others stop at their next chunk: ``stop``).
+def _run_downloads(tasks: list[Callable[[], None]], jobs: int, cancel: Cancel) -> None:
+    """Run ``tasks`` on ``jobs`` threads; raise the first error once all have ended.
 
-    Ctrl-C (KeyboardInterrupt in the main thread) raises at once, without waiting for the
-    downloads: one blocked on a registry that sends nothing would hold the pull until the
-    read timeout (60 s, then again for each retry). The threads are daemons, so the process
-    ends without them; they leave what a kill leaves (a ``.part``, a verified download)."""
+    The first error cancels the others at once (``cancel``: their sockets are shut down, so
+    one blocked on a registry that sends nothing ends too, instead of waiting for the read
+    timeout, 60 s, then again for each retry); those that have not ended within ``GRACE``
+    are abandoned. Ctrl-C (KeyboardInterrupt in the main thread) raises at once, without
+    waiting for the downloads. The threads are daemons, so the process ends without them;
+    they leave what a kill leaves (a ``.part``, a verified download)."""
     todo: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
     for task in tasks:
         todo.put(task)
     errors: list[BaseException] = []
 
     def work() -> None:
-        while not stop.is_set():
+        while not cancel.is_set():
             try:
                 task = todo.get_nowait()
             except queue.Empty:
@@ -198,8 +204,8 @@ def _run_downloads(tasks: list[Callable[[], None]], jobs: int, stop: threading.E
             try:
                 task()
             except BaseException as e:  # handed to the main thread
-                errors.append(e)
-                stop.set()
+                errors.append(e)  # before the cancel: the first error is the cause
+                cancel.set()
 
     threads = [
         threading.Thread(target=work, name=f"pull-{i}", daemon=True)
@@ -209,12 +215,18 @@ def _run_downloads(tasks: list[Callable[[], None]], jobs: int, stop: threading.E
         t.start()
     try:
         for t in threads:
-            t.join()
+            while t.is_alive() and not cancel.is_set():
+                t.join(0.2)
+        deadline = time.monotonic() + GRACE
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
     except BaseException:
-        stop.set()
+        cancel.set()
         raise
     if errors:
         raise errors[0]
+    if cancel.is_set():
+        raise PullStopped("the downloads were stopped")
 
 
 def _fetch_blob(
@@ -223,7 +235,7 @@ def _fetch_blob(
     d: oci.Descriptor,
     downloads: Downloads,
     lines: LayerLines,
-    stop: threading.Event,
+    cancel: Cancel,
 ) -> None:
     with downloads.locked(d.digest) as final:
         if os.path.exists(final):
@@ -232,17 +244,17 @@ def _fetch_blob(
             return
 
         def tick(done: int) -> None:
-            if stop.is_set():
+            if cancel.is_set():
                 raise PullStopped(f"layer {d.digest}: download stopped")
             lines.bytes(d.digest, "Downloading", done, d.size)
 
         part = final + ".part"
         try:
-            reg.download_blob(repo, d, part, tick)
+            reg.download_blob(repo, d, part, tick, cancel)
         except OSError as e:
             raise RegistryError(f"layer {d.digest}: writing the download: {e}") from None
         os.rename(part, final)
-        if stop.is_set():
+        if cancel.is_set():
             # The pull is over (and may be exiting: a daemon thread must not be writing then).
             raise PullStopped(f"layer {d.digest}: download stopped")
         lines.status(d.digest, "Download complete")

@@ -7,16 +7,20 @@ manifest upload. HTTPS with the system's CAs; plain HTTP only for a registry on 
 checks), tried after HTTPS fails to connect. Requests are retried with exponential back-off
 on 5xx, 429 and dropped connections; a blob download cut off mid-way resumes with a Range
 request where the registry honours it, and is verified against its digest and size as it
-streams.
+streams. Downloads that share a ``Cancel`` end together, at once: one that fails stops the
+others even when they wait on a registry that sends nothing.
 
 Must not import: pyfuse3, trio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +43,62 @@ CHUNK = 1 << 20
 
 class RegistryError(LayerfsError):
     """A registry that refused or failed a request."""
+
+
+class Cancelled(RegistryError):
+    """A download ended because its ``Cancel`` was set (another one failed, or Ctrl-C)."""
+
+
+class Cancel:
+    """A stop shared by several downloads. ``set()`` ends each of them at once: the sockets
+    they read are shut down, which wakes a read blocked on a registry that sends nothing
+    (where waiting for the next chunk would wait up to the read timeout, and closing the
+    socket from another thread would not wake it), and each then raises ``Cancelled``
+    instead of retrying. Sockets are learnt from httpx: the ``trace`` extension names each
+    new connection's stream as it is made, the ``network_stream`` extension a response's."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._streams: list[object] = []
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            streams, self._streams = self._streams, []
+        for stream in streams:
+            _shutdown(stream)
+
+    def watch(self, stream: object) -> None:
+        """Shut ``stream`` down when the cancel is set (now, if it is already)."""
+        if stream is None:
+            return
+        with self._lock:
+            if not self._event.is_set():
+                self._streams.append(stream)
+                return
+        _shutdown(stream)
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpx's ``trace`` request extension: watch each connection as it is made (a read
+        of the answer's headers can block too)."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            self.watch(info.get("return_value"))
+
+
+def _shutdown(stream: object) -> None:
+    get = getattr(stream, "get_extra_info", None)  # httpcore's network streams
+    sock = get("socket") if get is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            # The plain socket call, also for TLS (SSLSocket.shutdown would unwrap first).
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def plain_http_allowed(host: str, insecure: bool) -> bool:
@@ -136,8 +196,11 @@ class Registry:
             self._sleep(attempt)
             attempt += 1
 
+    def _delay(self, attempt: int) -> float:
+        return float(min(self.backoff * 2.0**attempt, 8.0))
+
     def _sleep(self, attempt: int) -> None:
-        time.sleep(min(self.backoff * (2**attempt), 8.0))
+        time.sleep(self._delay(attempt))
 
     def _error(self, r: httpx.Response, method: str, url: str) -> LayerfsError:
         detail = ""
@@ -188,19 +251,28 @@ class Registry:
         desc: oci.Descriptor,
         path: str,
         progress: Callable[[int], None] | None = None,
+        cancel: Cancel | None = None,
     ) -> None:
         """Stream blob ``desc`` into a new file ``path``, verified against its digest and size
         as it arrives (a longer stream is cut off at once). A connection lost mid-way is
-        resumed with ``Range`` (or restarted, if the registry ignores it), ``retries`` times."""
+        resumed with ``Range`` (or restarted, if the registry ignores it), ``retries`` times.
+        ``cancel``: once set, the download ends at once with ``Cancelled``."""
         url = self.url(f"/v2/{repo}/blobs/{desc.digest}")
         h = hashlib.sha256()
         done = 0
         attempt = 0
+        extensions = {"trace": cancel.trace} if cancel is not None else {}
         with open(path, "wb") as f:
             while True:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"layer {desc.digest}: download stopped")
                 headers = {"Range": f"bytes={done}-"} if done else {}
                 try:
-                    with self.client.stream("GET", url, headers=headers) as r:
+                    with self.client.stream(
+                        "GET", url, headers=headers, extensions=extensions
+                    ) as r:
+                        if cancel is not None:
+                            cancel.watch(r.extensions.get("network_stream"))
                         if r.status_code == 200 and done:
                             h, done = hashlib.sha256(), 0  # Range ignored: from the start
                             f.seek(0)
@@ -226,9 +298,14 @@ class Registry:
                     if attempt >= self.retries:
                         raise RegistryError(f"GET {url}: stream ended at {done}/{desc.size}")
                 except (httpx.TransportError, _Retry) as e:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"layer {desc.digest}: download stopped") from None
                     if attempt >= self.retries:
                         raise RegistryError(f"GET {url}: {_why(e)}") from None
-                self._sleep(attempt)
+                if cancel is not None:
+                    cancel.wait(self._delay(attempt))  # the back-off ends with the pull
+                else:
+                    self._sleep(attempt)
                 attempt += 1
             f.flush()
             os.fsync(f.fileno())

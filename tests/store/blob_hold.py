@@ -2,7 +2,9 @@
 except the answer to the first ``GET`` of one blob: its headers and the first ``head`` bytes
 of its body go through, then the rest waits until the test calls ``release()`` (or
 ``timeout`` passes, so a broken pull cannot hang the suite). A test that signals a pull while
-it is ``holding`` knows the download is in flight, however loaded the machine is.
+it is ``holding`` knows the download is in flight, however loaded the machine is. With
+``then``, the requests for a second blob wait until the first is held: whatever happens to
+that one (a failure) happens while the first download is in flight.
 
 HTTP/1.1 without pipelining (httpx's): on a connection, the bytes the registry sends after a
 request went through are that request's answer, so the proxy needs no HTTP parsing beyond
@@ -39,22 +41,30 @@ def _shut(*socks: socket.socket) -> None:
 
 class _Connection:
     def __init__(
-        self, client: socket.socket, upstream: str, request: re.Pattern[bytes], hold: BlobHold
+        self,
+        client: socket.socket,
+        upstream: str,
+        request: re.Pattern[bytes],
+        hold: BlobHold,
+        then: re.Pattern[bytes] | None,
     ) -> None:
         self.client = client
+        self.then = then
         host, port = upstream.rsplit(":", 1)
         self.server = socket.create_connection((host, int(port)), timeout=None)
         self.request = request
         self.hold = hold
         self.armed = threading.Event()  # the blob's GET went through on this connection
 
-    def to_server(self, claim: Callable[[], bool]) -> None:
+    def to_server(self, claim: Callable[[], bool], timeout: float) -> None:
         tail = b""
         try:
             while data := self.client.recv(BUF):
                 seen = tail + data
                 if not self.armed.is_set() and self.request.search(seen) and claim():
                     self.armed.set()  # before the request goes out: its answer comes after
+                if self.then is not None and self.then.search(seen):
+                    self.hold.holding.wait(timeout)
                 tail = seen[-512:]
                 self.server.sendall(data)
         except OSError:
@@ -91,14 +101,25 @@ class _Connection:
 
 @contextlib.contextmanager
 def blob_hold(
-    upstream: str, digest: str, *, head: int = 64 << 10, timeout: float = 60.0
+    upstream: str,
+    digest: str,
+    *,
+    head: int = 64 << 10,
+    timeout: float = 60.0,
+    then: str | None = None,
 ) -> Iterator[BlobHold]:
     """Proxy ``upstream`` (HOST:PORT) until the context ends, holding the first ``GET`` of
-    blob ``digest`` after ``head`` bytes of its body. The blob must be larger than ``head``."""
+    blob ``digest`` after ``head`` bytes of its body. The blob must be larger than ``head``.
+    ``then``: a blob whose ``GET``s go to the registry only once ``digest`` is held."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     hold = BlobHold(f"127.0.0.1:{listener.getsockname()[1]}")
-    request = re.compile(rb"(?:^|\n)GET /v2/\S+/blobs/" + re.escape(digest.encode()) + rb" ")
+
+    def get(d: str) -> re.Pattern[bytes]:
+        return re.compile(rb"(?:^|\n)GET /v2/\S+/blobs/" + re.escape(d.encode()) + rb" ")
+
+    request = get(digest)
+    gate = get(then) if then is not None else None
     lock = threading.Lock()
     claimed = False
 
@@ -121,12 +142,12 @@ def blob_hold(
                 continue
             client.settimeout(None)
             try:
-                c = _Connection(client, upstream, request, hold)
+                c = _Connection(client, upstream, request, hold, gate)
             except OSError:
                 client.close()
                 continue
             conns.append(c)
-            for target, args in ((c.to_server, (claim,)), (c.to_client, (head, timeout))):
+            for target, args in ((c.to_server, (claim, timeout)), (c.to_client, (head, timeout))):
                 t = threading.Thread(target=target, args=args, daemon=True)
                 t.start()
                 threads.append(t)

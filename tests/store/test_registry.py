@@ -419,6 +419,61 @@ def test_ctrl_c_stops_a_pull_cleanly(reg: LocalRegistry, tmp_path: Path) -> None
     assert store.verify(ref) == {d: [] for d in store.resolve(ref).diff_ids}
 
 
+FAILURE_BOUND = 20.0  # well under the client's read timeout (60 s) and HOLD_TIMEOUT
+
+
+def test_failed_layer_stops_a_download_the_registry_holds(
+    reg: LocalRegistry, tmp_path: Path
+) -> None:
+    """One layer fails (its blob in the registry tampered: a digest mismatch) while another
+    one's download waits on a registry that sends nothing (the proxy holds it mid-body, and
+    lets the failing blob's request through only then): the pull ends with the failure's
+    error at once, not when the held download's read times out, and the store is as it was.
+    """
+    layout = _big_image(tmp_path, "fail", os.urandom(2 << 20), os.urandom(300_000))
+    reg.skopeo_copy(f"oci:{layout}:fail", "fail/img:1")
+    held, bad = _layer_digests(layout)
+    data = next((reg.root / "storage").rglob(f"blobs/sha256/{bad[7:9]}/{bad[7:]}/data"))
+    data.write_bytes(os.urandom(data.stat().st_size))  # same size, wrong digest
+    store = Store(str(tmp_path / "store"))
+    with blob_hold(reg.host, held, timeout=HOLD_TIMEOUT, then=bad) as hold:
+        p = subprocess.Popen(
+            [
+                *CLI,
+                "image",
+                "pull",
+                "--jobs",
+                "2",
+                "--store",
+                store.root,
+                f"{hold.host}/fail/img:1",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            if not hold.holding.wait(HOLD_TIMEOUT):
+                p.kill()
+                raise AssertionError(f"the pull never reached the held blob: {p.communicate()[1]}")
+            held_at = time.monotonic()
+            try:
+                # The failing blob is a few hundred KiB away once the hold is on.
+                err = p.communicate(timeout=FAILURE_BOUND)[1]
+                print(f"the pull ended {time.monotonic() - held_at:.2f} s into the hold")
+            except subprocess.TimeoutExpired:
+                p.kill()
+                raise AssertionError(
+                    f"the pull waited on the held download after a layer failed: "
+                    f"{p.communicate()[1]}"
+                ) from None
+            assert not hold.released.is_set()  # the registry still held it when the pull ended
+        finally:
+            hold.release()
+    assert p.returncode == 1, err
+    assert err.splitlines()[-1] == f"layerfs: blob {bad} from {hold.host}: digest mismatch", err
+    assert store_is_empty(store)
+
+
 def test_pull_waits_for_a_registry_that_comes_back(tmp_path: Path) -> None:
     """Refused connections are retried with back-off: a pull started while the registry is
     down succeeds once it is back (same port and storage) a moment later."""
