@@ -22,8 +22,8 @@ Invariants:
   and only then are blobs and layers renamed in, the record and tags written. A writer killed
   anywhere in that step leaves a staging directory with its intent, which the next writer to
   take the lock (or a reader that finds it free) rolls forward, idempotently; one killed
-  before the intent leaves staging debris, swept. So a crash leaves the image whole or absent
-  and no layer or blob that no record names.
+  before the intent leaves staging debris, swept (with any half-written record or tags
+  file). So a crash leaves the image whole or absent and no layer or blob no record names.
 - Writers hold the lock; readers (ls, inspect, lowers) rely on atomic renames only.
 
 Must not import: pyfuse3, trio.
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 
 INTENT = "intent.json"  # in a staging directory: the import is past its point of no return
+_TMP_MARK = ".tmp-"  # _write_file's temporaries: NAME.tmp-RANDOM, renamed onto NAME
 
 
 class StoreError(LayerfsError):
@@ -219,6 +220,11 @@ class Store:
                 sys.audit("layerfs.store.recover", path)  # a crash-point sweep arms here
                 self._publish(path)
             _remove(path)
+        # A writer killed inside _write_file leaves its temporary beside the record or tags.
+        for d in (self.images_dir, self.root):
+            for name in os.listdir(d):
+                if _TMP_MARK in name:
+                    _remove(os.path.join(d, name))
 
     def recover(self) -> None:
         """For readers: do what a writer does on taking the lock (finish an import a crash
@@ -822,7 +828,7 @@ def _now() -> str:
 
 
 def _write_file(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         sys.audit("layerfs.store.write", tmp)  # a crash point (crash_at)
         f.write(data)

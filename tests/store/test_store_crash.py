@@ -131,6 +131,9 @@ def _check(w: World, root: Path, listed: list[dict[str, object]], mnt: Path) -> 
     assert store.tags() == (w.after_tags if state == "after" else w.before_tags)
     assert sorted(str(r["digest"]) for r in listed) == sorted(records)  # image ls shows it
     assert list((root / "tmp").iterdir()) == []
+    # No half-written record or tags file either (a crash between its open and its rename).
+    assert {p.name for p in (root / "images").iterdir()} == {d[7:] + ".json" for d in records}
+    assert not [p.name for p in root.iterdir() if ".tmp-" in p.name]
     used_layers, used_blobs = set(), set()
     for rec in records.values():
         _check_image(store, rec)
