@@ -116,6 +116,36 @@ def _reply_err() -> Any:
     return reply_err
 
 
+# pyfuse3's module variables the hooks read: its session, its operation table, its loop's state
+_SESSION = b"__pyx_v_7pyfuse3_session"
+_FUSE_OPS = b"__pyx_v_7pyfuse3_fuse_ops"
+_WORKER_DATA = b"__pyx_v_7pyfuse3_worker_data"
+# extension path -> its symbols' addresses in this process (None: not all found), see prepare
+_found: dict[str, dict[bytes, int] | None] = {}
+
+
+def prepare(extension: str) -> None:
+    """Find the addresses of the pyfuse3 EXTENSION's variables that ``install`` and
+    ``serve_loop`` read, now. Walking its symbol table takes ~2 ms of Python; the fork server
+    calls this before it forks, and every daemon forked from it (same mappings, same
+    addresses) finds them without a walk of its own, on the way to its first answer."""
+    _addresses(extension)
+
+
+def _addresses(extension: str) -> dict[bytes, int] | None:
+    """The addresses of _SESSION, _FUSE_OPS and _WORKER_DATA in the loaded EXTENSION, looked
+    up once per process (and inherited by forked children); None when one is missing."""
+    if extension not in _found:
+        wanted = {_SESSION, _FUSE_OPS, _WORKER_DATA}
+        syms = _symbols(extension, wanted)
+        base = _load_base(extension)
+        if base is None or set(syms) != wanted:
+            _found[extension] = None
+        else:
+            _found[extension] = {name: base + value for name, value in syms.items()}
+    return _found[extension]
+
+
 def _symbols(path: str, wanted: set[bytes]) -> dict[bytes, int]:
     """Values of the symbols WANTED in the .symtab of the ELF64 file PATH.
 
@@ -172,13 +202,12 @@ def install(extension: str) -> Hooks | None:
 
 
 def _install(extension: str) -> Hooks | None:
-    syms = _symbols(extension, {b"__pyx_v_7pyfuse3_session", b"__pyx_v_7pyfuse3_fuse_ops"})
-    base = _load_base(extension)
-    if len(syms) != 2 or base is None:
+    found = _addresses(extension)
+    if found is None:
         log.info("no-open hooks: pyfuse3 symbols not found")
         return None
-    session = _words(base + syms[b"__pyx_v_7pyfuse3_session"], 1)[0]
-    ops = _words(base + syms[b"__pyx_v_7pyfuse3_fuse_ops"], _N_OPS)
+    session = _words(found[_SESSION], 1)[0]
+    ops = _words(found[_FUSE_OPS], _N_OPS)
     needed = (_INIT, _READ, _FSYNC, _FSYNCDIR, _WRITE_BUF, _READDIRPLUS)
     if not session or not all(ops[i] for i in needed):
         log.info("no-open hooks: pyfuse3 session or handlers missing")
@@ -332,11 +361,10 @@ def serve_loop(hooks: Hooks, extension: str, module: Any, counts: dict[str, int]
     scheduler between every two requests. COUNTS gets ``loop_poll`` (requests found by the
     poll) and ``loop_trio`` (waits through trio). False, changing nothing, where pyfuse3's
     layout is not the one known (the pyfuse3 loop then serves as before)."""
-    syms = _symbols(extension, {b"__pyx_v_7pyfuse3_worker_data"})
-    base = _load_base(extension)
-    if len(syms) != 1 or base is None:
+    found = _addresses(extension)
+    if found is None:
         return False
-    wd = _words(base + syms[b"__pyx_v_7pyfuse3_worker_data"], 1)[0]
+    wd = _words(found[_WORKER_DATA], 1)[0]
     if not wd or type(ctypes.cast(wd, ctypes.py_object).value).__name__ != "_WorkerData":
         return False
     if _words(wd + _WD_COUNTS, 1)[0] != 0 or _words(wd + _WD_LOCK, 1)[0] != id(None):

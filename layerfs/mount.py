@@ -107,8 +107,10 @@ def _preload() -> None:
 
     import layerfs.ops
     import layerfs.overlay
+    from layerfs import fusehooks
 
-    del logging, resource, signal, pyfuse3, layerfs, importstub
+    fusehooks.prepare(pyfuse3.__file__)  # the symbol table's walk, once for every child
+    del logging, resource, signal, pyfuse3, layerfs, importstub, fusehooks
 
     async def warm() -> None:  # trio's first run fills caches: once here, not in every child
         async with trio.open_nursery() as nursery:
