@@ -398,6 +398,41 @@ def chown_at(dirfd: int, name: bytes, uid: int, gid: int) -> None:
     os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
 
 
+# cachestat(2) (Linux 6.5; one number on every architecture but alpha): how much of a range of
+# a file is in the page cache, without reading it. Where the kernel or a filter refuses it, every
+# range counts as not cached (a big READ then goes to a worker thread, as before).
+_SYS_CACHESTAT = 451
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _CacheRange(ctypes.Structure):  # struct cachestat_range
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):  # struct cachestat
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+_cachestat = _c.CFUNCTYPE(
+    _c.c_long, _c.c_long, _c.c_uint, _c.c_void_p, _c.c_void_p, _c.c_uint, use_errno=True
+)(("syscall", _libc))
+
+
+def cached(fd: int, off: int, size: int) -> bool:
+    """Whether the SIZE bytes at OFF of the regular file FD (up to its end) are all in the
+    page cache, so that a read of them does not wait for the disk."""
+    end = min(off + size, os.fstat(fd).st_size)
+    if end <= off:
+        return True  # at or past the end: the read returns at once
+    span, got = _CacheRange(off, end - off), _CacheStat()
+    if _cachestat(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(got), 0) != 0:
+        return False  # ENOSYS before 6.5, EPERM under a filter: as if not cached
+    return int(got.cache) >= (end - 1) // _PAGE - off // _PAGE + 1
+
+
 # fchmodat2(2) (Linux 6.6; one number on every architecture but alpha): a chmod that does not
 # follow a symlink in one call, where chmod_at otherwise lstats first (a SETATTR of a mode 3 ->
 # 2 syscalls). Where the kernel or a seccomp filter refuses it, the lstat and chmod as before.

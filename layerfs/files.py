@@ -40,7 +40,7 @@ from layerfs.copyup import CopyUp, set_impure
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 
-BIG_IO = 256 << 10  # reads/writes from this size on go to a worker thread
+BIG_IO = 256 << 10  # writes, and reads not in the page cache, from this size on: a worker thread
 TRIM_AFTER = 0.1  # seconds without big I/O after which its buffers' memory goes back (_big_io_done)
 NODE_FH = 1 << 62  # a handle naming a node: no OPEN was sent for it (layerfs.fusehooks)
 # seconds without a write or a create after which the node descriptors open for writing are
@@ -150,6 +150,7 @@ class Files:
         self.max_node_fds = 48
         self.no_open = False  # the adapter sets it when the kernel will send no OPEN
         self.trims = 0  # memory trims after big I/O (_big_io_done)
+        self.reads_on_thread = 0  # big READs of data not all in the page cache (read)
         self._trim_wait: trio.CancelScope | None = None  # until the trim (_big_io_done)
         self._written = 0.0  # time.monotonic() of the last write or create through a node handle
         self._closing_writers = False  # a task waits to close them (_close_writers)
@@ -160,6 +161,7 @@ class Files:
             "node_fds": len(self.by_node),
             "node_write_fds": sum(h.writable and not h.pinned for h in self.by_node.values()),
             "memory_trims": self.trims,
+            "reads_on_thread": self.reads_on_thread,
         }
 
     def _big_io_done(self) -> None:
@@ -414,9 +416,20 @@ class Files:
             h.fd, h.on_upper = fd, True
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """SIZE bytes at OFF. A big read of data the page cache holds is served here (a
+        binary a container starts, a file read twice); one that may wait for the disk goes to
+        a worker thread, so other requests are served meanwhile. The hop to a thread and
+        back costs ~0.4 ms of a 1 MiB READ from the cache (~0.1 ms), and the first one of a
+        daemon starts the thread: 2.6 ms of the first READ of a container start."""
         h = self._node_handle(self.table.get(fh & ~NODE_FH)) if fh & NODE_FH else self.get(fh)
         self._follow_copy_up(h)
+        if size >= BIG_IO and _sys.cached(h.fd, off, size):
+            try:
+                return os.pread(h.fd, size, off)
+            finally:
+                self._big_io_done()  # its buffer is the main arena's: trimmed as a write's
         if size >= BIG_IO:
+            self.reads_on_thread += 1
             h.busy += 1
             try:
                 return await trio.to_thread.run_sync(os.pread, h.fd, size, off)

@@ -1,10 +1,10 @@
 """The daemon gives back the memory of big I/O once it stops (layerfs.files: Files._big_io_done).
 
-A READ or WRITE of files.BIG_IO bytes or more is served on a worker thread, and glibc keeps
-the buffer's memory for later allocations (1 MiB a READ, in the worker thread's malloc
-arena) unless told to trim. The daemon trims once big I/O has stopped for files.TRIM_AFTER
-and counts it (``memory_trims`` in its statistics); small I/O never does. What a trim gives
-back is measured in the benchmarks (the ``pss`` row), not here.
+A READ or WRITE of files.BIG_IO bytes or more (on a worker thread, or for a READ of cached
+data on the trio thread) leaves glibc holding the buffer's memory for later allocations (1 MiB
+a READ, in that thread's malloc arena) unless told to trim. The daemon trims once big I/O
+has stopped for files.TRIM_AFTER and counts it (``memory_trims`` in its statistics); small I/O
+never does. What a trim gives back is measured in the benchmarks (the ``pss`` row), not here.
 """
 
 from __future__ import annotations
