@@ -215,6 +215,23 @@ class Files:
             return layer.locate(lpath)
         return self.real_location(node)
 
+    def _open_data(self, node: Node, flags: int) -> int:
+        """Open NODE's data with FLAGS. A metacopy upper file smaller than its data is refused
+        (EIO): the kernel shows the upper's size and reads the data to its own end, and FUSE's
+        page cache stops reads at the size shown; a copy-up never makes one (a malformed stack,
+        docs/design.md, "Metacopy")."""
+        dirfd, name = self.data_location(node)
+        fd = _sys.open_data(dirfd, name, flags)
+        if node.metacopy:
+            try:
+                shown = _sys.lstat_at(*self.real_location(node)).st_size
+                if shown < os.fstat(fd).st_size:
+                    raise OSError(errno.EIO, "metacopy file smaller than its data")
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
     @staticmethod
     def data_elsewhere(node: Node) -> bool:
         """Is NODE's data in another real file than its metadata (ovl_is_metacopy_dentry)?"""
@@ -228,11 +245,10 @@ class Files:
             if self.stack.upper is None:
                 raise OSError(errno.EROFS, "read-only stack")
             await self.copyup.copy_up(node, data_len=0 if flags & os.O_TRUNC else None)
-        dirfd, name = self.data_location(node)
         real_flags = os.O_RDWR if writable else os.O_RDONLY
         if flags & os.O_TRUNC:
             real_flags |= os.O_TRUNC
-        fd = _sys.open_data(dirfd, name, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
+        fd = self._open_data(node, real_flags | (flags & (os.O_SYNC | os.O_DSYNC)))
         return self.add(fd, node, self._on_upper(node), writable, caller.kill_priv)
 
     def get(self, fh: int) -> Handle:
@@ -251,8 +267,7 @@ class Files:
             return h
         if h is not None:  # a stale entry of a reused id
             self._drop(node.id)
-        dirfd, name = self.data_location(node)
-        h = Handle(_sys.open_data(dirfd, name, os.O_RDONLY), node, self._on_upper(node), False)
+        h = Handle(self._open_data(node, os.O_RDONLY), node, self._on_upper(node), False)
         self.by_node[node.id] = h
         if len(self.by_node) > self.max_node_fds:
             self._evict()

@@ -73,7 +73,10 @@ def _errors(fn: F) -> F:
             copyup = args[0].fs.copyup
             if copyup.changed:
                 _invalidate_attrs(copyup.changed)
-            if copyup.listing_changed:
+            if copyup.listing_changed and name != "readdir":
+                # not at the end of a READDIR: the kernel caches its reply after we answer,
+                # so dropping the listing it changed (Overlay.fix_origin) waits for the next
+                # request, which comes once that reply is cached
                 await _invalidate_listings(copyup.listing_changed)
 
     return cast(F, wrapper)

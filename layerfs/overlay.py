@@ -33,7 +33,7 @@ from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
 from layerfs.lookup import Resolution, node_for, resolve
 from layerfs.namespace import Namespace
-from layerfs.readdir import DOTS, DirCache, DirHandle, kernel_order, merged_listing
+from layerfs.readdir import DirCache, DirHandle, kernel_order, merged_listing
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class Overlay:
             res = resolve(self.stack, parent, name, unseen=True)
             if res is None:
                 return None
-            self.fix_origin(parent, name, res)
+            if res.fix_origin:
+                self.fix_origin(parent, name, res)
             node = node_for(self.table, parent, name, res)
             node.nlookup += 1
             return self.attr(node, res.st)
@@ -362,9 +363,8 @@ class Overlay:
         plain = self.dircache.get(node) if self.plain_listings else None
         if plain is not None:
             return DirHandle(node, [e[0] for e in plain], plain)
-        names, error, stale = self._snapshot(node)
-        dh = DirHandle(node, names, None, error)
-        dh.stale = stale
+        dh = DirHandle(node, [], None)
+        self._snapshot(dh)
         return dh
 
     def _node_dir(self, node_id: int, start: int) -> DirHandle | None:
@@ -379,19 +379,20 @@ class Overlay:
             return None
         return dh
 
-    def _snapshot(self, node: Node) -> tuple[list[bytes], OSError | None, set[int]]:
-        """The names of a listing of NODE, the error its listing answers, and the indexes of
-        the entries it leaves out (see _check_impure_merged)."""
+    def _snapshot(self, dh: DirHandle) -> None:
+        """Take the names of a listing of DH's directory, the error its listing answers, the
+        indexes of the entries it leaves out and the lookups made (_check_impure_merged)."""
+        node = dh.node
         names, upper = merged_listing(self.stack, node)
-        error = None
-        stale: set[int] = set()
+        dh.error, dh.stale, dh.resolved = None, set(), {}
         if node.upper and self._impure(node):
             if not node.lowers:
-                error = self._check_impure(node, names)
+                dh.error = self._check_impure(node, names)
             elif upper:
-                error, left_out = self._check_impure_merged(node, names, upper)
-                stale = {i + 2 for i, n in enumerate(names) if n in left_out}
-        return [b".", b"..", *names], error, stale
+                dh.error, left_out = self._check_impure_merged(node, names, upper, dh.resolved)
+                dh.stale = {i + 2 for i, n in enumerate(names) if n in left_out}
+        dh.names = [b".", b"..", *names]
+        dh.version = node.version
 
     def _impure(self, node: Node) -> bool:
         """Is NODE's upper directory marked impure (its listing computes d_ino by lookups)?"""
@@ -429,7 +430,11 @@ class Overlay:
         return None
 
     def _check_impure_merged(
-        self, node: Node, names: list[bytes], upper: dict[bytes, bool]
+        self,
+        node: Node,
+        names: list[bytes],
+        upper: dict[bytes, bool],
+        resolved: dict[bytes, object],
     ) -> tuple[OSError | None, set[bytes]]:
         """Listing a merged directory marked impure looks its upper entries up, in the
         kernel's order (readdir.kernel_order), as it fills their d_ino (ovl_iterate_merged,
@@ -437,30 +442,39 @@ class Overlay:
         lookup fails ends that getdents (the kernel marks it stale: left out after), and fails
         it when nothing came before it in it: at the start, or right after another such entry
         (a caller's buffer taken as large enough for the directory, as readdir(3)'s 32 KiB).
-        Returns that error, if any, and the names left out."""
-        left_out: set[bytes] = set()
-        emitted = False  # an entry went out since the last getdents began
-        for name in kernel_order(self.stack, node, names):
-            if name in DOTS or name not in upper:
-                emitted = True
+        Returns that error, if any, and the names left out; RESOLVED gets the lookups made."""
+        failed: dict[bytes, OSError | None] = {}  # None: a negative lookup (stale, no error)
+        for name in kernel_order(self.stack, node, names, dots=False):
+            if name not in upper:
                 continue
             try:
                 res = resolve(self.stack, node, name)
-                if res is not None:
+                if res is None:
+                    failed[name] = None
+                    continue
+                if res.fix_origin:
                     self.fix_origin(node, name, res)
-                    node_for(self.table, node, name, res)
+                node_for(self.table, node, name, res)
+                resolved[name] = res
             except OSError as e:
                 if e.errno in _OUT_OF_RESOURCES:
-                    return None, left_out  # the listing itself meets it (see readdir)
-                if not emitted:
-                    return e, left_out
-                left_out.add(name)
-                emitted = False
-                continue
-            if res is None:
-                left_out.add(name)  # a negative lookup: stale, skipped without an error
-            else:
+                    return None, set()  # the listing itself meets it (see readdir)
+                failed[name] = e
+        if not failed:
+            return None, set()
+        # where ``.`` and ``..`` fall decides whether a failing entry starts a getdents
+        left_out: set[bytes] = set()
+        emitted = False  # an entry went out since the last getdents began
+        for name in kernel_order(self.stack, node, names, dots=True):
+            if name not in failed:
                 emitted = True
+                continue
+            error = failed[name]
+            if error is not None:
+                if not emitted:
+                    return error, left_out
+                emitted = False
+            left_out.add(name)
         return None, left_out
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Node | None, Attr, int]]:
@@ -480,8 +494,8 @@ class Overlay:
                 raise OSError(errno.EBADF, "bad directory handle")
         node = dh.node
         if start == 0 and dh.version != node.version:
-            (dh.names, dh.error, dh.stale), dh.plain, dh.sent = self._snapshot(node), None, {}
-            dh.version = node.version
+            self._snapshot(dh)
+            dh.plain, dh.sent = None, {}
         if dh.error is not None:
             error = dh.error
             if node.lowers:
@@ -502,8 +516,13 @@ class Overlay:
                 attr = self.attr(child)
             else:
                 try:
-                    res = resolve(self.stack, node, name)
-                    if res is not None:
+                    kept = dh.resolved.pop(name, None) if dh.version == node.version else None
+                    res: Resolution | None = (
+                        kept  # the snapshot's lookup (_check_impure_merged)
+                        if isinstance(kept, Resolution)
+                        else resolve(self.stack, node, name)
+                    )
+                    if res is not None and res.fix_origin:
                         self.fix_origin(node, name, res)
                     found = node_for(self.table, node, name, res) if res is not None else None
                 except OSError as e:

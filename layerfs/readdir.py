@@ -45,14 +45,18 @@ def merged_listing(stack: LayerStack, node: Node) -> tuple[list[bytes], dict[byt
     return list(seen), upper
 
 
-def kernel_order(stack: LayerStack, node: Node, names: list[bytes]) -> list[bytes]:
-    """NAMES (merged_listing's, visible) with ``.`` and ``..`` in the order the kernel lists
-    merged directory NODE (ovl_dir_read_merged): the bottom layer's entries first, in its
-    readdir order (where ext4 may put ``.`` and ``..`` anywhere), then the others in the order
-    the layers above first showed them."""
+def kernel_order(stack: LayerStack, node: Node, names: list[bytes], *, dots: bool) -> list[bytes]:
+    """NAMES (merged_listing's, visible) in the order the kernel lists merged directory NODE
+    (ovl_dir_read_merged): the bottom layer's entries first, in its readdir order, then the
+    others in the order the layers above first showed them. DOTS: with ``.`` and ``..`` where
+    the bottom layer's readdir puts them (ext4 may put them anywhere in a one-block directory:
+    one more read of it, not cached)."""
     layer, dpath = node.lowers[-1]
     visible = dict.fromkeys(names)
-    first = [n for n in _sys.dir_order(layer.dirfd(dpath)) if n in visible or n in DOTS]
+    if dots:
+        first = [n for n in _sys.dir_order(layer.dirfd(dpath)) if n in visible or n in DOTS]
+    else:
+        first = [n for n in layer.listing(dpath).entries if n in visible]
     placed = set(first)
     return first + [n for n in names if n not in placed]
 
@@ -72,7 +76,7 @@ class DirHandle:
     DirCache); ``sent`` collects what a first listing sends, for the cache.
     """
 
-    __slots__ = ("error", "names", "node", "plain", "sent", "stale", "version")
+    __slots__ = ("error", "names", "node", "plain", "resolved", "sent", "stale", "version")
 
     def __init__(
         self,
@@ -90,6 +94,9 @@ class DirHandle:
         # listing of the directory answers, and the entries left out after a failed lookup
         self.error = error
         self.stale: set[int] = set()
+        # lookups the snapshot made (lookup.Resolution by name), for the listing to reuse
+        # while the directory is unchanged
+        self.resolved: dict[bytes, object] = {}
 
 
 Entry = tuple[bytes, int, int]  # name, st_ino, st_mode
