@@ -10,6 +10,9 @@ import hashlib
 import io
 import json
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from layerfs.store.auth import AuthError, parse_challenge
 from layerfs.store.digest import DigestError
 from layerfs.store.progress import LayerLines
 from layerfs.store.pull import pull
-from layerfs.store.registry import Registry
+from layerfs.store.registry import Cancel, Cancelled, Registry
 from layerfs.store.store import Store
 from store.conftest import store_is_empty
 from store.ocitools import E, write_image
@@ -187,6 +190,31 @@ def test_pull_raises_the_refused_layers_error(
     ):
         pull(store, "reg.example/a/b:1", registry=reg, jobs=3, lines=LayerLines(out))
     assert store_is_empty(store)
+
+
+def test_cancel_wakes_a_download_waiting_for_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry that accepts the connection and sends nothing, not even the answer's
+    headers: setting the download's Cancel ends it at once (the socket, learnt from httpx's
+    trace as the connection was made, is shut down), not at the read timeout."""
+    _auth_env(tmp_path, monkeypatch, None)
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    host = f"127.0.0.1:{silent.getsockname()[1]}"
+    cancel = Cancel()
+    try:
+        with Registry(host, timeout=60.0) as reg:
+            reg._base = f"http://{host}"  # no HTTPS probe: straight to the blob
+            threading.Timer(0.5, cancel.set).start()
+            start = time.monotonic()
+            with pytest.raises(Cancelled):
+                reg.download_blob("a/b", DESC, str(tmp_path / "blob"), cancel=cancel)
+            assert time.monotonic() - start < 30  # not the read timeout's 60 s
+    finally:
+        for s in [silent, *held]:
+            s.close()
 
 
 def test_https_only_unless_local() -> None:

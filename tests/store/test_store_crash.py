@@ -17,7 +17,9 @@ one whose recovery does the most: recovery is swept the same way there
 followed by another ``image ls``, which must finish what the killed one left.
 
 The pull is a real one against a local registry, so the sweep covers what a pull adds to an
-import's last step (deleting the downloads it consumed)."""
+import's last step (deleting the downloads it consumed). That the hook's crash points are
+every change the step makes is checked against strace: the pull makes exactly as many
+mutating syscalls from its ``syncfs`` on as the sweep found crash points."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -237,8 +240,48 @@ def test_crash_at_every_point_of_the_last_step(world: World, tmp_path: Path) -> 
         assert seen == sorted(seen, key=["before", "after"].index)
         assert "before" in seen and "after" in seen
         assert all(sweep.states[n] == "after" for n in points if sweep.pending[n])
+        assert _strace_changes(sweep) == len(points)
         # Recovery from the first state past the intent (nothing renamed yet): the most to do.
         first = next(n for n in points if sweep.pending[n])
         end = _until_survived(pool, functools.partial(sweep.recovery_point, first))
     print(f"recovery from crash point {first}: {end - 1} crash points")
     assert end > 1
+
+
+_CHANGE_CALLS = (
+    "syncfs,fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,rmdir,mkdir,mkdirat,"
+    "link,linkat,symlink,symlinkat,chmod,fchmod,fchmodat,chown,fchown,fchownat,lchown,"
+    "truncate,ftruncate,setxattr,fsetxattr,lsetxattr,removexattr,fremovexattr,lremovexattr,"
+    "utimensat,fallocate,mknod,mknodat"
+)
+_WRITES = "write,pwrite64,writev,pwritev,pwritev2,copy_file_range,sendfile"
+_OPENS = "open,openat,openat2,creat"
+
+
+def _strace_changes(sweep: Sweep) -> int:
+    """The pull's mutating syscalls (writes to files, not to its pipes; opens that may
+    write) from its syncfs, the last step's first change, to its exit, by strace."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    root, _ = sweep.fresh("strace")
+    out = root.parent / "strace.out"
+    calls = f"{_CHANGE_CALLS},{_WRITES},{_OPENS}"
+    r = _run(["strace", "-f", "-qq", "-y", "-e", f"trace={calls}", "-o", str(out),
+              *_pull_cmd(sweep.w, root)])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in out.read_text().splitlines() if "resumed>" not in ln]
+    start = next(i for i, ln in enumerate(lines) if " syncfs(" in ln)
+
+    def any_of(names: str) -> str:
+        return "(?:" + names.replace(",", "|") + ")"
+
+    write = re.compile(rf" {any_of(_WRITES)}\(\d+<([^>]*)>")
+    opened = re.compile(rf" {any_of(_OPENS)}\(.*O_(?:WRONLY|RDWR|CREAT|TRUNC|APPEND)")
+    changes = re.compile(rf" {any_of(_CHANGE_CALLS)}\(")
+    n = 0
+    for ln in lines[start:]:
+        if (m := write.search(ln)) is not None:
+            n += m.group(1).startswith("/") and not m.group(1).startswith("/dev/")
+        elif opened.search(ln) or changes.search(ln):
+            n += 1
+    return n
