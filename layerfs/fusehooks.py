@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -70,14 +71,30 @@ _size = ctypes.c_size_t
 _IOCTL_ARGS = (_vp, _c_ino, ctypes.c_uint, _vp, _vp, ctypes.c_uint, _vp, _size, _size)
 
 
+# The ctypes types and library handles the hooks use, made once (prepare: in the fork server,
+# whose children then only use them); making them is a class each, ~0.6 ms in every daemon.
+_SIGNATURES = (_INIT_ARGS, _READ_ARGS, _FSYNC_ARGS, _WRITE_BUF_ARGS, _FALLOCATE_ARGS, _IOCTL_ARGS)
+
+
+@functools.cache
 def _shim_type(args: tuple[type, ...]) -> type:
     return ctypes.CFUNCTYPE(None, *args)  # called by libfuse
 
 
-def _handler(args: tuple[type, ...], address: int) -> Any:
+@functools.cache
+def _handler_type(args: tuple[type, ...]) -> Any:
     # pyfuse3's handlers run with the GIL held, as libfuse calls them from pyfuse3's loop:
-    # call them the same way (PYFUNCTYPE keeps the GIL)
-    return ctypes.PYFUNCTYPE(None, *args)(address)
+    # call them the same way (PYFUNCTYPE keeps the GIL; it makes a new class at each call)
+    return ctypes.PYFUNCTYPE(None, *args)
+
+
+def _handler(args: tuple[type, ...], address: int) -> Any:
+    return _handler_type(args)(address)
+
+
+@functools.cache
+def _libfuse() -> ctypes.CDLL:
+    return ctypes.CDLL("libfuse3.so.3")  # the one handle
 
 
 class _Ctx(ctypes.Structure):
@@ -111,7 +128,7 @@ def _set_handler(table: int, index: int, args: tuple[type, ...], fn: Callable[..
 
 def _reply_err() -> Any:
     """libfuse's fuse_reply_err(req, errno)."""
-    reply_err = ctypes.CDLL("libfuse3.so.3").fuse_reply_err
+    reply_err = _libfuse().fuse_reply_err
     reply_err.argtypes = [_vp, ctypes.c_int]
     return reply_err
 
@@ -128,8 +145,13 @@ def prepare(extension: str) -> None:
     """Find the addresses of the pyfuse3 EXTENSION's variables that ``install`` and
     ``serve_loop`` read, now. Walking its symbol table takes ~2 ms of Python; the fork server
     calls this before it forks, and every daemon forked from it (same mappings, same
-    addresses) finds them without a walk of its own, on the way to its first answer."""
+    addresses) finds them without a walk of its own, on the way to its first answer; with
+    them the ctypes types and library handle the hooks are made of."""
     _addresses(extension)
+    _libfuse()
+    for args in _SIGNATURES:
+        _shim_type(args)
+        _handler_type(args)
 
 
 def _addresses(extension: str) -> dict[bytes, int] | None:
@@ -221,7 +243,7 @@ def _install(extension: str) -> Hooks | None:
         return None
 
     hooks = Hooks(session, table)
-    libfuse = ctypes.CDLL("libfuse3.so.3")
+    libfuse = _libfuse()
     req_ctx = libfuse.fuse_req_ctx
     req_ctx.restype = ctypes.POINTER(_Ctx)
     req_ctx.argtypes = [_vp]
@@ -318,7 +340,7 @@ def serve_ioctl(
     restricted ioctls (fixed-size data, copied in and out by the kernel): for the inode flag
     ioctls, from fuse_fileattr_get/set."""
     reply_err = _reply_err()
-    reply_ioctl = ctypes.CDLL("libfuse3.so.3").fuse_reply_ioctl
+    reply_ioctl = _libfuse().fuse_reply_ioctl
     reply_ioctl.argtypes = [_vp, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
 
     async def run(req: int, ino: int, cmd: int, data: bytes, out_size: int) -> None:
@@ -395,7 +417,7 @@ class _PollLoop(trio.abc.Instrument):
     back without a pass through trio."""
 
     def __init__(self, session: int, active: ctypes.c_int, module: Any, counts: Any) -> None:
-        libfuse = ctypes.CDLL("libfuse3.so.3")
+        libfuse = _libfuse()
         libfuse.fuse_session_fd.argtypes = [_vp]
         libfuse.fuse_session_exited.argtypes = [_vp]
         self.exited = libfuse.fuse_session_exited
@@ -526,7 +548,7 @@ def answer_init(hooks: Hooks) -> int:
     given the flag, and sent on. Call inside trio, before pyfuse3.main (the init handler
     starts a task); the INIT is queued from the moment of the mount.
     """
-    libfuse = ctypes.CDLL("libfuse3.so.3")
+    libfuse = _libfuse()
     libc = ctypes.CDLL(None)
     se = _vp(hooks.session)
     fd = libfuse.fuse_session_fd(se)
