@@ -99,7 +99,8 @@ def can_drop_caches() -> bool:
 
 
 def find_daemon(mountpoint: Path) -> int | None:
-    """The pid of the process whose argv names ``mountpoint`` (the FUSE daemon), if any.
+    """The pid of the process whose argv names ``mountpoint`` (the FUSE daemon), if any; for
+    a layerfs mount served with others (``-o share=K``), the pid its statistics name.
 
     Mountpoints are unique per mount in this harness, so only the daemon carries one in its
     argv while nothing else runs."""
@@ -115,7 +116,15 @@ def find_daemon(mountpoint: Path) -> int | None:
             continue
         if want in argv:
             found.append(int(entry.name))
-    return min(found) if found else None
+    if not found:  # a process serving several mounts (-o share=K) is named after its first
+        import json
+
+        try:
+            stats = json.loads(os.getxattr(mountpoint, "trusted.layerfs.statistics"))
+            return int(stats["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return min(found)
 
 
 def rss_mib(pid: int) -> float:

@@ -89,6 +89,9 @@ class Native(Target):
 class _Overlay(Target):
     """Shared mount plumbing of the overlay targets."""
 
+    def __init__(self) -> None:
+        self._served: dict[int, int] = {}  # a daemon's pid -> its mounts live
+
     def mount_cmd(self, lowers: str, upper: Path, workdir: Path, mnt: Path) -> list[str]:
         raise NotImplementedError
 
@@ -108,6 +111,8 @@ class _Overlay(Target):
         if not is_mountpoint(mnt):
             raise CommandError(f"{cmd[0]} returned but {mnt} is not a mountpoint")
         pid = find_daemon(mnt) if self.fuse else None
+        if pid is not None:
+            self._served[pid] = self._served.get(pid, 0) + 1
         return Mounted(
             self.name,
             mnt,
@@ -135,8 +140,12 @@ class _Overlay(Target):
         if not done or is_mountpoint(mnt.path):
             force_unmount(mnt.path, mnt.fuse_conn)
         # The daemon must exit by itself once unmounted; don't let a straggler run on into
-        # the next measurement.
-        if mnt.pid is not None and not wait_pid_gone(mnt.pid, 30):
+        # the next measurement. A process serving several mounts (layerfs -o share=K) exits
+        # with the last of them.
+        left = self._served.pop(mnt.pid, 1) - 1 if mnt.pid is not None else 0
+        if left > 0 and mnt.pid is not None:
+            self._served[mnt.pid] = left
+        elif mnt.pid is not None and not wait_pid_gone(mnt.pid, 30):
             errors.append(f"daemon {mnt.pid} still running 30 s after unmount: killed")
             done = False
             os.kill(mnt.pid, signal.SIGKILL)
@@ -261,6 +270,7 @@ class Layerfs(_Overlay):
         rev: str | None = None,
         name: str = "layerfs",
     ) -> None:
+        super().__init__()
         self.name = name
         self.command = command or layerfs_command()
         self.options = options
@@ -344,10 +354,12 @@ def _git(*args: str) -> str:
     return out.stdout.decode().strip()
 
 
+SHARE = 5  # the pss row's layerfs-share: 20 mounts in 4 processes
+
 ALL_TARGETS = ["native", "kernel", "fuse-overlayfs", "layerfs"]
 # Opt-in (--targets), for the copy-up scenarios: metadata-only copy-up on both sides, and
 # each fsync= mode on both sides (the default, auto, is "kernel" and "layerfs"); for the pss
-# row, layerfs -o ksm.
+# row, layerfs -o ksm and -o share=SHARE.
 EXTRA_TARGETS = [
     "kernel-metacopy",
     "layerfs-metacopy",
@@ -356,6 +368,7 @@ EXTRA_TARGETS = [
     "kernel-strict",
     "layerfs-strict",
     "layerfs-ksm",
+    "layerfs-share",
 ]
 
 
@@ -378,6 +391,7 @@ def make_targets(
         "kernel-strict": KernelStrict(),
         "layerfs-strict": layerfs("strict", "fsync=strict"),
         "layerfs-ksm": layerfs("ksm", "ksm"),  # the pss row then runs the host's ksmd
+        "layerfs-share": layerfs("share", f"share={SHARE}"),  # SHARE mounts a process
     }
 
     unknown = [n for n in names if n not in table]

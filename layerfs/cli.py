@@ -25,6 +25,13 @@ _VALUES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _share(value: str) -> int:
+    """share=K: K, a number of mounts (layerfs.config.MountConfig.validate checks its range)."""
+    if not value.isdigit():
+        raise LayerfsError(f"option share: bad value {value!r} (expected a number of mounts)")
+    return int(value)
+
+
 def default_workdir(upper: str) -> str:
     """The workdir used when none is given: a hidden sibling of UPPER (same filesystem)."""
     upper = os.path.abspath(upper.rstrip("/"))
@@ -93,6 +100,8 @@ def _mount_config(args: argparse.Namespace) -> tuple[MountConfig, bool]:
             kw["merge_pages"] = value != "off"
         elif key == "fsync":
             kw["fsync_mode"] = FSYNC_MODES[value]
+        elif key == "share":
+            kw["share"] = _share(value)
         elif key in ("rw", "dev", "suid", "exec"):
             pass
         elif key in ("nodev", "nosuid", "noexec", "ro"):
@@ -183,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="OPTS",
         help="comma-separated options (allow_other, volatile, fsync=auto|strict|volatile, ksm, "
-        "uidmapping=C:H:N[:...], gidmapping=...)",
+        "share=K, uidmapping=C:H:N[:...], gidmapping=...)",
     )
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     m.add_argument("--debug", action="store_true", help="trace requests (implies logging)")

@@ -88,6 +88,8 @@ def _parse_id_mapping(text: str, name: str) -> list[IdMapping]:
     return maps
 
 
+MAX_SHARE = 64  # share=K: the most mounts one process may serve
+
 # fsync= values: the kernel's (6.12+), and fuse-overlayfs' 0/1. Its fsync=0 stops fsync
 # requests, and it never syncs a copy-up: that is volatile.
 FSYNC_MODES = {
@@ -110,7 +112,7 @@ class MountConfig(Record):
         "lowers", "mountpoint", "upper", "workdir", "foreground", "debug", "allow_other",
         "fsname", "fsync_mode", "redirect_dir", "metacopy", "userxattr", "uid_mappings",
         "gid_mappings", "squash_to_uid", "squash_to_gid", "log_file", "extra_fuse_options",
-        "warnings", "merge_pages",
+        "warnings", "merge_pages", "share",
     )  # fmt: skip
     lowers: tuple[str, ...]
     mountpoint: str
@@ -141,6 +143,9 @@ class MountConfig(Record):
     # "ksm": the daemon's memory offered to the kernel's same-page merging (PR_SET_MEMORY_MERGE);
     # merged only where the host runs ksmd. Off by default: see docs/usage.md for the trade.
     merge_pages: bool
+    # "share=K": served by a process that serves up to K mounts (layerfs.share); 1: a daemon of
+    # its own. Off by default: see docs/usage.md and docs/reliability.md for the trade.
+    share: int
 
     def __init__(
         self,
@@ -164,6 +169,7 @@ class MountConfig(Record):
         extra_fuse_options: tuple[str, ...] = (),
         warnings: tuple[str, ...] = (),
         merge_pages: bool = False,
+        share: int = 1,
     ) -> None:
         self._fill(locals())
 
@@ -192,6 +198,8 @@ class MountConfig(Record):
         its parent is checked in its place."""
         if not self.lowers:
             raise LayerfsError("no lower layer given (lowerdir is empty)")
+        if not 1 <= self.share <= MAX_SHARE:
+            raise LayerfsError(f"share={self.share}: expected 1 to {MAX_SHARE} mounts a process")
         lowers = tuple(_existing_dir(p, "lower layer") for p in self.lowers)
         upper = _existing_dir(self.upper, "upper directory") if self.upper else None
         workdir = self.workdir

@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     Preload = Callable[[], None]
-    Serve = Callable[[MountConfig, int], int]  # (config, fuse fd) -> exit status, in the child
+    # (config, fuse fd, workdir lock fd or -1) -> exit status, in the child
+    Serve = Callable[[MountConfig, int, int], int]
     MountArgv = Callable[[list[str], "Reply"], int]  # (argv, reply) -> exit status, in the child
 
 READY_TIMEOUT = 10.0  # seconds a caller waits for a child's "ready" (a new server imports first)
@@ -416,7 +417,7 @@ def _child(
                     return 0
             except OSError:
                 return 0
-    return serve(config, fds[0])
+    return serve(config, fds[0], fds[1] if len(fds) > 1 else -1)
 
 
 def _take_environment(env: dict[bytes, bytes]) -> None:

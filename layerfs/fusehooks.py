@@ -200,11 +200,17 @@ def _symtab(data: mmap.mmap, wanted: set[bytes]) -> dict[bytes, int]:
 
 
 def _load_base(path: str) -> int | None:
-    real = os.path.realpath(path)
+    """Where the extension file PATH is mapped from its start: found by the file's identity
+    (device, inode), not its name, so that a copy loaded from a memfd (layerfs.share), whose
+    name in the maps is ``/memfd:... (deleted)``, is found too."""
+    st = os.stat(path)
     with open("/proc/self/maps") as maps:
         for line in maps:
             parts = line.split()
-            if len(parts) >= 6 and parts[5] == real and int(parts[2], 16) == 0:
+            if len(parts) < 6 or int(parts[2], 16) != 0 or int(parts[4]) != st.st_ino:
+                continue
+            major, minor = (int(x, 16) for x in parts[3].split(":"))
+            if os.makedev(major, minor) == st.st_dev:
                 return int(parts[0].split("-")[0], 16)
     return None
 

@@ -28,7 +28,10 @@ from layerfs.errors import LayerfsError
 TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
 if TYPE_CHECKING:  # imported when serving: the CLI starts without them
     from collections.abc import Callable
+    from types import ModuleType
+    from typing import Any
 
+    from layerfs import share
     from layerfs.forkserver import MountArgv
     from layerfs.ops import Operations
     from layerfs.overlay import Overlay
@@ -52,7 +55,7 @@ def serve(config: MountConfig, *, mount_argv: MountArgv | None = None) -> None:
             config, fuse_fd, lock_fd, preload=_preload, serve=_daemon, mount_argv=mount_argv
         ):
             return
-        forkserver.detach(lambda: _daemon(config, fuse_fd))
+        forkserver.detach(lambda: _daemon(config, fuse_fd, lock_fd))
     except OSError as e:
         premount.unmount_lazy(config.mountpoint)
         raise LayerfsError(f"cannot start the daemon: {e.strerror}") from None
@@ -65,9 +68,9 @@ def serve_here(config: MountConfig, ready: Callable[[], None]) -> int:
     """In a fork server's child (a thin request): check and mount the validated CONFIG as
     serve() does, call READY, then serve the mount in this process until it goes; return the
     exit status. Raise LayerfsError, with nothing mounted, when it cannot be mounted."""
-    fuse_fd, _lock_fd = _mount(config)  # the lock is held for the daemon's life
+    fuse_fd, lock_fd = _mount(config)  # the lock is held for the daemon's life
     ready()
-    return _daemon(config, fuse_fd)
+    return _daemon(config, fuse_fd, lock_fd)
 
 
 def _mount(config: MountConfig) -> tuple[int, int]:
@@ -119,15 +122,64 @@ def _preload() -> None:
     trio.run(warm)
 
 
-def _daemon(config: MountConfig, fuse_fd: int) -> int:
-    """The detached daemon: stdio already on /dev/null; leave the caller's cwd, log, serve."""
+def _daemon(config: MountConfig, fuse_fd: int, lock_fd: int) -> int:
+    """The detached daemon: stdio already on /dev/null; leave the caller's cwd, log, serve
+    (a share=K mount: through a process serving several, layerfs.share). It holds LOCK_FD,
+    the workdir's lock (-1: none), for as long as it serves the mount."""
     os.chdir("/")
     try:
         _setup_logging(config, detached=True)
     except BaseException:
         premount.unmount_lazy(config.mountpoint)
         return 1
+    if config.share > 1:
+        from layerfs import share
+
+        return share.serve(
+            config,
+            fuse_fd,
+            lock_fd,
+            serve_alone=lambda: _serve_fd(config, fuse_fd),
+            serve_one=_serve_shared,
+        )
     return _serve_fd(config, fuse_fd)
+
+
+def _serve_shared(config: MountConfig, fuse_fd: int, m: share.Mount) -> None:
+    """Serve one mount of a sharing process on this thread, with its own pyfuse3 and ops
+    (M); return once the mount has gone. A failure before serving detaches the mount."""
+    import logging
+
+    import trio
+
+    try:
+        overlay = _open(config)
+        ops = _session(overlay, fuse_fd, m.fuse, m.ops)
+    except BaseException:
+        logging.getLogger("layerfs").exception("cannot serve %s", config.mountpoint)
+        premount.unmount_lazy(config.mountpoint)
+        return
+
+    async def main() -> None:
+        m.token = trio.lowlevel.current_trio_token()
+        ops.answer_init()
+        m.live.set()
+        await m.fuse.main()
+
+    try:
+        trio.run(main)
+    except BaseException:
+        logging.getLogger("layerfs").exception("serving %s failed", config.mountpoint)
+        m.unmount = True
+    finally:
+        m.token = None
+        try:
+            m.fuse.close(unmount=m.unmount)
+        except Exception:
+            logging.getLogger("layerfs").exception("close failed")
+        overlay.close()
+    if m.unmount:
+        premount.unmount_lazy(config.mountpoint)
 
 
 def _serve_fd(config: MountConfig, fuse_fd: int) -> int:
@@ -172,14 +224,20 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _session(overlay: Overlay, fuse_fd: int) -> Operations:
-    """A libfuse session on the mounted fd (pyfuse3.init with the mount point /dev/fd/N)."""
-    import pyfuse3
+def _session(
+    overlay: Overlay, fuse_fd: int, fuse: ModuleType | None = None, ops_module: Any = None
+) -> Operations:
+    """A libfuse session on the mounted fd (pyfuse3.init with the mount point /dev/fd/N),
+    through FUSE and OPS_MODULE (a sharing process's copies, layerfs.share; else pyfuse3's
+    and layerfs.ops)."""
+    if fuse is None or ops_module is None:
+        import pyfuse3
 
-    from layerfs.ops import Operations
+        import layerfs.ops
 
-    ops = Operations(overlay)
-    pyfuse3.init(ops, f"/dev/fd/{fuse_fd}", premount.options(overlay.config))
+        fuse, ops_module = pyfuse3, layerfs.ops
+    ops: Operations = ops_module.Operations(overlay)
+    fuse.init(ops, f"/dev/fd/{fuse_fd}", premount.options(overlay.config))
     overlay.copyup.requests_waiting = _readable(fuse_fd)
     if os.environ.get("LAYERFS_OPEN_REQUESTS") != "1":  # kept for measuring the difference
         ops.skip_open_requests()

@@ -474,6 +474,7 @@ class Operations(pyfuse3.Operations):
                 **self.fs.statistics(),
                 **{f"req_{k}": v for k, v in REQUESTS.items()},
                 **LOOP,
+                "pid": os.getpid(),  # the serving process (layerfs.share: of several mounts)
             }
             return json.dumps(stats, sort_keys=True).encode()
         value = self.fs.find_xattr(inode, name)

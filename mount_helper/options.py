@@ -4,7 +4,7 @@ Every option lands in exactly one row of the table (docs/containers.md prints it
 
 * mapped onto MountConfig: lowerdir, lowerdir+, upperdir, workdir, volatile, fsync, userxattr,
   uidmapping, gidmapping, squash_to_uid, squash_to_gid, squash_to_root, allow_other, debug,
-  fsname, log, ro/rw, ksm;
+  fsname, log, ro/rw, ksm, share;
 * passed to the kernel as FUSE mount flags (libfuse accepts exactly these): rw, ro, suid, nosuid,
   dev, nodev, exec, noexec, sync, async, dirsync, atime, noatime;
 * accepted and ignored silently: the generic mount(8)/fstab options (defaults, nofail, _netdev,
@@ -123,6 +123,7 @@ class _State:
         "merge_pages",
         "metacopy",
         "redirect_dir",
+        "share",
         "squash_to_gid",
         "squash_to_root",
         "squash_to_uid",
@@ -141,6 +142,7 @@ class _State:
         self.userxattr: bool | None = None  # None: chosen by the user namespace we run in
         self.metacopy = False
         self.merge_pages = False
+        self.share = 1
         self.id_mappings = IdMappingOptions()
         self.squash_to_uid: int | None = None
         self.squash_to_gid: int | None = None
@@ -205,6 +207,7 @@ def build_config(inv: Invocation, cwd: str, euid: int | None = None) -> MountCon
         extra_fuse_options=_fuse_flags(st.flags, os.geteuid() if euid is None else euid),
         warnings=tuple(st.warnings),
         merge_pages=st.merge_pages,
+        share=st.share,
     )
 
 
@@ -246,6 +249,11 @@ def _apply_one(st: _State, name: str, has_value: bool, raw: str, cwd: str) -> No
         if has_value and value not in ("on", "off"):
             raise LayerfsError(f"ksm={value}: expected on or off")
         st.merge_pages = not has_value or value == "on"
+    elif name == "share":  # share=K: served by a process serving up to K mounts
+        k = _need(name, has_value, value)
+        if not k.isdigit():
+            raise LayerfsError(f"share={k}: expected a number of mounts")
+        st.share = int(k)
     elif name == "metacopy":
         mode = _need(name, has_value, value)
         if mode not in ("on", "off"):

@@ -23,6 +23,7 @@ TARGETS = [
     "kernel-volatile",
     "layerfs-volatile",
     "layerfs-ksm",
+    "layerfs-share",
 ]
 
 
@@ -101,6 +102,14 @@ def test_pss_with_ksm_is_shown_beside_the_default_and_does_not_judge(tmp_path: P
     met, detail = verdict([load(run)], "issue 17: PSS")
     assert met is False
     assert detail == "6.90 MiB a mount; with -o ksm and the host's ksmd on: 2.10 MiB"
+
+
+def test_pss_with_share_is_shown_beside_the_default_and_does_not_judge(tmp_path: Path) -> None:
+    pss = "PSS per mount, 20 mounts"
+    run = write_run(tmp_path / "share.json", {pss: {"layerfs": 7.9, "layerfs-share": 4.2}})
+    met, detail = verdict([load(run)], "issue 17: PSS")
+    assert met is False
+    assert detail == "7.90 MiB a mount; with -o share=5 (4 processes): 4.20 MiB"
 
 
 def per_request(layerfs: float) -> dict[str, dict[str, float]]:
