@@ -2,8 +2,8 @@
 
 Mounts layerfs in the foreground (``layerfs mount -f``, optionally under a wrapper such as
 ``valgrind --tool=callgrind``), runs one of ``benchmarks.requests``' workloads (failed
-lookups, creates, unlinks) on it and measures only that workload, with the requests counted
-by the kernel (``benchmarks.requests.counting``) to divide by:
+lookups, creates, unlinks, an untar of N files) on it and measures only that workload, with
+the requests counted by the kernel (``benchmarks.requests.counting``) to divide by:
 
 - ``--tool cpu``: the daemon's user+sys CPU per request (/proc/PID/stat);
 - ``--tool strace``: ``strace -c -f`` of the daemon, syscalls per request;
@@ -66,7 +66,7 @@ def run_ns(pid: int) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--op", default="failed", choices=("failed", "create", "unlink"))
+    p.add_argument("--op", default="failed", choices=("failed", "create", "unlink", "untar"))
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--tool", default="cpu")
     p.add_argument("--out", default=".")
@@ -84,7 +84,7 @@ def main() -> int:
         wrap = ["-m", "cProfile", "-o", f"{out}/cprofile.{args.op}"]
     root = Path(tempfile.mkdtemp(prefix="layerfs-loopprof-", dir=args.dir))
     try:
-        lower = requests.make_tree(root, 1)
+        lower = requests.make_tree(root, args.n if args.op == "untar" else 1)  # N files
         setup, run, _units = requests.workloads(args.n, 1, root / "files.tar")[args.op]
         mnt, proc = _mount(lower, root, args.layerfs, wrap, env)
         tool: subprocess.Popen[bytes] | None = None

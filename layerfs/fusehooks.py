@@ -39,10 +39,11 @@ import select
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import trio
 
+from layerfs.attrs import Attr
 from layerfs.files import NODE_FH
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ _CONN_CAPABLE, _CONN_WANT = 20, 24  # offsetof(struct fuse_conn_info, capable / 
 NOBODY = 0xFFFF_FFFF
 CAP_ATOMIC_O_TRUNC = 1 << 3
 CAP_DONT_MASK = 1 << 6
+CAP_SPLICE_READ = 1 << 9
 CAP_POSIX_ACL = 1 << 19
 CAP_CACHE_SYMLINKS = 1 << 23
 
@@ -113,6 +115,7 @@ class Hooks:
     session: int  # struct fuse_session *
     table: int = 0  # its struct fuse_lowlevel_ops
     writer: tuple[int, int, int] = (0, 0, 0)
+    raw: bool = False  # requests are read by the raw path (serve_loop): no splice read
 
 
 _keep: list[object] = []  # the ctypes callbacks must live as long as the session
@@ -270,6 +273,8 @@ def _install(extension: str) -> Hooks | None:
         want.value &= ~CAP_ATOMIC_O_TRUNC
         if capable & CAP_CACHE_SYMLINKS:
             want.value |= CAP_CACHE_SYMLINKS
+        if hooks.raw:  # libfuse must read through the session's io (RawPath.read)
+            want.value &= ~CAP_SPLICE_READ
         if capable & CAP_POSIX_ACL and capable & CAP_DONT_MASK:
             # the kernel enforces ACLs; new objects get their modes unmasked, with the umask
             # beside: inheriting a default ACL (or applying the umask) is ours (layerfs.acl)
@@ -382,13 +387,17 @@ _WD_COUNTS, _WD_LOCK, _WD_ACTIVE = 24, 32, 40  # _WorkerData: task_count, read_l
 _MAX_POLL_MS = 86_400_000  # trio's own longest sleep, a day
 
 
-def serve_loop(hooks: Hooks, extension: str, module: Any, counts: dict[str, int]) -> bool:
+def serve_loop(
+    hooks: Hooks, extension: str, module: Any, counts: dict[str, int], raw: RawOps | None = None
+) -> bool:
     """Replace pyfuse3's ``_wait_fuse_readable`` (its loop looks it up in MODULE's dictionary
     at each request) with ``_PollLoop.wait``, which blocks in ``poll()`` on /dev/fuse and
     trio's epoll fd when trio has nothing else to do, instead of a pass through trio's
     scheduler between every two requests. COUNTS gets ``loop_poll`` (requests found by the
-    poll) and ``loop_trio`` (waits through trio). False, changing nothing, where pyfuse3's
-    layout is not the one known (the pyfuse3 loop then serves as before)."""
+    poll) and ``loop_trio`` (waits through trio). With RAW, the wait reads each request
+    itself and answers the hottest ones through RAW (``_RawPath``; COUNTS' ``loop_raw``);
+    call before INIT is answered. False, changing nothing, where pyfuse3's layout is not
+    the one known (the pyfuse3 loop then serves as before)."""
     found = _addresses(extension)
     if found is None:
         return False
@@ -401,6 +410,8 @@ def serve_loop(hooks: Hooks, extension: str, module: Any, counts: dict[str, int]
     if active.value != 0 or not callable(getattr(module, "_wait_fuse_readable", None)):
         return False
     loop = _PollLoop(hooks.session, active, module, counts)
+    if raw is not None and _RAW_LAYOUT:  # the structs as the kernel lays them out
+        loop.raw = _RawPath.install(hooks, loop.fd, raw, counts)
     module._wait_fuse_readable = loop.wait
     return True
 
@@ -439,6 +450,7 @@ class _PollLoop(trio.abc.Instrument):
         self.runnable = 0  # tasks trio would run before its next I/O wait
         self.counting = False  # runnable is exact (from the first I/O wait on)
         self.poller = select.poll()
+        self.raw: _RawPath | None = None
 
     def _attach(self) -> bool:
         """Find trio's runner and hook in; False if its internals are not the ones known."""
@@ -476,17 +488,30 @@ class _PollLoop(trio.abc.Instrument):
             self.spares.unpark()  # the duty is free and its last holder parked: pass it on
 
     async def wait(self) -> bool:
-        """True when /dev/fuse has a request to read, False when the loop should end."""
+        """True when /dev/fuse has a request to read, False when the loop should end. With
+        the raw path, the request has been read: the hottest are answered here, one after
+        the other, and the wait returns with the first one that is not, for pyfuse3's loop
+        to read from the raw path's buffer and hand to libfuse as usual."""
         if self.runner is None and not self._attach():
             self.module._wait_fuse_readable = self.original
             return bool(await self.original())
-        # Found by the poll with nothing awaited: no other task ran meanwhile, so the read
-        # duty and pyfuse3's active_readers (which pyfuse3 reads between awaits only) need not
-        # be taken for it, and the session's exit flag is the one pyfuse3's loop just checked
-        polled = not self.owner
-        if polled and self._poll():
-            self.counts["loop_poll"] += 1
-            return True
+        raw = self.raw
+        while True:
+            # Found by the poll with nothing awaited: no other task ran meanwhile, so the read
+            # duty and pyfuse3's active_readers (which pyfuse3 reads between awaits only) need
+            # not be taken for it, and the session's exit flag is the one pyfuse3's loop just
+            # checked (or that nothing since could set: a raw answer awaits nothing)
+            polled = not self.owner
+            if polled and self._poll():
+                self.counts["loop_poll"] += 1
+            elif not await self._wait_trio(polled):
+                return False
+            if raw is None or not raw.take():
+                return True
+
+    async def _wait_trio(self, polled: bool) -> bool:
+        """Wait for /dev/fuse through trio, holding the read duty; POLLED: polled since the
+        last task ran. False when the loop should end."""
         self.active.value += 1
         try:
             while self.owner:
@@ -524,6 +549,227 @@ class _PollLoop(trio.abc.Instrument):
                 ms = min(_MAX_POLL_MS, int(sleep * 1000) + 1)
         ready = self.poller.poll(ms)
         return len(ready) == 1 and ready[0][0] == self.fd
+
+
+@dataclass
+class RawOps:
+    """What the raw path answers with: the adapter's synchronous cores (layerfs.ops), each
+    counted and its errors mapped by the adapter. ``lookup(parent, name)``: the attributes
+    (one lookup counted on the node), None for a negative entry, or an errno;
+    ``getattr(node)``: the attributes or an errno; ``getxattr(node, name)``: the value or an
+    errno; ``forget([(node, n), ...])``. TIMEOUT:
+    seconds the kernel may keep entries and attributes."""
+
+    lookup: Callable[[int, bytes], Attr | int | None]
+    getattr: Callable[[int], Attr | int]
+    getxattr: Callable[[int, bytes], bytes | int]
+    forget: Callable[[list[tuple[int, int]]], None]
+    timeout: float
+
+
+# The protocol (include/uapi/linux/fuse.h, 7.9 and later: the kernel's minor here is 38)
+_OP_LOOKUP, _OP_FORGET, _OP_GETATTR, _OP_GETXATTR, _OP_BATCH_FORGET = 1, 2, 3, 22, 42
+# Native order and alignment ("@"), the kernel's: its fields are naturally aligned, and
+# native packing converts each int in a call where "<" goes through _PyLong_AsByteArray
+_IN = struct.Struct("@4xIQQ")  # fuse_in_header: opcode, unique, nodeid
+_U64 = struct.Struct("@Q")
+_U32 = struct.Struct("@I")
+_FORGET_ONE = struct.Struct("@QQ")  # fuse_forget_one: nodeid, nlookup
+_ATTR = "QQQqqqIIIIIIIIII"  # fuse_attr: ino size blocks a/m/ctime, their nsec, mode ... flags
+_REPLY_ERR = struct.Struct("@IiQ")  # fuse_out_header: len, error, unique
+_REPLY_XATTR_SIZE = struct.Struct("@IiQI4x")  # + fuse_getxattr_out: the value's size
+_REPLY_ENTRY = struct.Struct("@IiQ" + "QQQQII" + _ATTR)  # + fuse_entry_out
+_REPLY_ATTR = struct.Struct("@IiQ" + "QII" + _ATTR)  # + fuse_attr_out
+_RAW_LAYOUT = (_IN.size, _REPLY_ERR.size, _REPLY_ENTRY.size, _REPLY_ATTR.size) == (24, 16, 144, 120)
+_RAW_LAYOUT &= _REPLY_XATTR_SIZE.size == 24
+_BUFSIZE = 256 * mmap.PAGESIZE + 4096  # libfuse 3's se->bufsize: FUSE_MAX_MAX_PAGES pages
+
+
+class _CustomIo(ctypes.Structure):  # struct fuse_custom_io (libfuse 3.14)
+    _fields_ = [("writev", _vp), ("read", _vp), ("splice_receive", _vp), ("splice_send", _vp)]
+
+
+_READ_CB = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_int, _vp, ctypes.c_size_t, _vp)
+
+
+class _RawPath:
+    """The wait reads each request from /dev/fuse itself and answers LOOKUP, GETATTR,
+    GETXATTR, FORGET and BATCH_FORGET at once, in Python (RawOps); everything else is left in the
+    buffer for pyfuse3's loop, whose ``fuse_session_receive_buf`` reads it from there
+    through the session's custom io (``read``), so that libfuse and pyfuse3 serve it as
+    before: interrupts, notify replies, DESTROY, every handler that awaits, and pyfuse3's
+    rule for starting readers. libfuse writes its replies with plain ``writev`` (the io's
+    other entry). A raw answer awaits nothing, so the read duty never waits on one."""
+
+    def __init__(self, session: int, fd: int, ops: RawOps, counts: dict[str, int]) -> None:
+        self.fd = fd
+        self.ops = ops
+        self.counts = counts
+        # the request buffer: an anonymous mapping, whose pages cost only once written
+        self.buf = mmap.mmap(-1, _BUFSIZE)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        self.vec = [self.buf]
+        self.mem = memoryview(self.buf)
+        self.views: dict[int, memoryview] = {}  # libfuse's buffers, by address
+        self.pending: int | None = None  # length of the request left for libfuse
+        self.failed = False  # the device could not be read: the session ends
+        self.session = session
+        self.session_exit = _libfuse().fuse_session_exit
+        self.session_exit.argtypes = [_vp]
+        libc = ctypes.CDLL(None)
+        self.libc_read = libc.read
+        self.libc_read.argtypes = [ctypes.c_int, _vp, ctypes.c_size_t]
+        self.libc_read.restype = ctypes.c_ssize_t
+        self.writev = ctypes.cast(libc.writev, _vp).value
+        whole = ops.timeout
+        self.secs, self.nsecs = int(whole), int((whole - int(whole)) * 1e9)
+        # a negative entry's reply: the same bytes but the request's id (at 8)
+        self.negative = bytearray(
+            _REPLY_ENTRY.pack(_REPLY_ENTRY.size, 0, 0, 0, 0, self.secs, 0, self.nsecs, 0, *_NO_ATTR)
+        )
+        self.hot: dict[int, Callable[[int, int, int], None]] = {
+            _OP_LOOKUP: self._lookup,
+            _OP_GETATTR: self._getattr,
+            _OP_GETXATTR: self._getxattr,
+            _OP_FORGET: self._forget,
+            _OP_BATCH_FORGET: self._batch_forget,
+        }
+
+    @classmethod
+    def install(cls, hooks: Hooks, fd: int, ops: RawOps, counts: dict[str, int]) -> _RawPath | None:
+        """Point the session's io at a new raw path; None (nothing changed) if libfuse
+        refuses."""
+        raw = cls(hooks.session, fd, ops, counts)
+        read = _READ_CB(raw.read)
+        _keep.append(read)
+        io = _CustomIo(raw.writev, ctypes.cast(read, _vp).value, None, None)
+        custom_io = _libfuse().fuse_session_custom_io
+        custom_io.argtypes = [_vp, ctypes.POINTER(_CustomIo), ctypes.c_int]
+        if custom_io(hooks.session, ctypes.byref(io), fd) != 0:  # libfuse copies IO
+            log.info("raw path not used: fuse_session_custom_io refused")
+            return None
+        hooks.raw = True
+        return raw
+
+    def read(self, fd: int, buf: int, size: int, _userdata: int | None) -> int:
+        """The session io's read (libfuse's ``fuse_session_receive_buf``): the request the
+        wait left, copied into libfuse's buffer BUF through a view of it kept by address
+        (pyfuse3's readers keep theirs for their life: a ctypes call a request was a third
+        of this callback's cost); a read of the device where the wait read nothing (INIT,
+        answered before the loop starts)."""
+        n = self.pending
+        if n is not None and n > size:  # not met: libfuse's buffer is as large as ours
+            log.error("raw path: a request of %d bytes for a buffer of %d", n, size)
+            self.failed, n = True, None
+        if n is not None:
+            self.pending = None
+            view = self.views.get(buf)
+            if view is None or len(view) != size:
+                if len(self.views) > 64:  # readers come and go: forget the old buffers
+                    self.views.clear()
+                view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B")
+                self.views[buf] = view
+            view[:n] = self.mem[:n]
+            return n
+        if self.failed:  # the device is gone: end the session (libfuse checks after a read)
+            self.session_exit(self.session)
+            return -1
+        return int(self.libc_read(fd, buf, size))
+
+    def take(self) -> bool:
+        """Read the request /dev/fuse has (the fd is blocking: call only when it is
+        readable). True if it was answered here; False if it is left for libfuse."""
+        try:
+            n = os.readv(self.fd, self.vec)
+        except OSError as e:  # ENODEV once unmounted; anything else would end pyfuse3's loop
+            if e.errno != errno.ENODEV:
+                log.error("raw path: reading the device failed: %s", e)
+            self.failed = True
+            return False
+        opcode, unique, nodeid = _IN.unpack_from(self.buf)
+        serve = self.hot.get(opcode)
+        if serve is None or n < _IN_HEADER:
+            self.pending = n
+            return False
+        self.counts["loop_raw"] += 1
+        serve(unique, nodeid, n)
+        return True
+
+    def _reply(self, data: bytes | bytearray) -> bool:
+        try:
+            os.write(self.fd, data)
+        except OSError as e:  # ENOENT: the request was aborted meanwhile
+            if e.errno != errno.ENOENT:
+                log.error("raw path: reply failed: %s", e)
+            return False
+        return True
+
+    def _error(self, unique: int, err: int) -> None:
+        self._reply(_REPLY_ERR.pack(_OUT_HEADER, -err, unique))
+
+    def _lookup(self, unique: int, parent: int, n: int) -> None:
+        a = self.ops.lookup(parent, self.buf[_IN_HEADER : n - 1])  # the name, without its NUL
+        if a is None:  # a negative entry, cached by the kernel for the entry timeout
+            _U64.pack_into(self.negative, 8, unique)
+            self._reply(self.negative)
+        elif a.__class__ is int:
+            self._error(unique, a)
+        else:
+            a = cast(Attr, a)
+            at, atn = divmod(a.atime_ns, 1_000_000_000)
+            mt, mtn = divmod(a.mtime_ns, 1_000_000_000)
+            ct, ctn = divmod(a.ctime_ns, 1_000_000_000)
+            secs, nsecs = self.secs, self.nsecs
+            reply = _REPLY_ENTRY.pack(
+                _REPLY_ENTRY.size, 0, unique, a.id, 0, secs, secs, nsecs, nsecs,
+                a.ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn,
+                a.mode, a.nlink, a.uid, a.gid, a.rdev & 0xFFFF_FFFF, a.blksize, 0,
+            )  # fmt: skip
+            if not self._reply(reply):  # the kernel took no reference: give back ours
+                self.ops.forget([(a.id, 1)])
+
+    def _getattr(self, unique: int, node: int, _n: int) -> None:
+        a = self.ops.getattr(node)
+        if a.__class__ is int:
+            self._error(unique, a)
+            return
+        a = cast(Attr, a)
+        at, atn = divmod(a.atime_ns, 1_000_000_000)
+        mt, mtn = divmod(a.mtime_ns, 1_000_000_000)
+        ct, ctn = divmod(a.ctime_ns, 1_000_000_000)
+        self._reply(
+            _REPLY_ATTR.pack(
+                _REPLY_ATTR.size, 0, unique, self.secs, self.nsecs, 0,
+                a.ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn,
+                a.mode, a.nlink, a.uid, a.gid, a.rdev & 0xFFFF_FFFF, a.blksize, 0,
+            )
+        )  # fmt: skip
+
+    def _getxattr(self, unique: int, node: int, n: int) -> None:
+        (size,) = _U32.unpack_from(self.buf, _IN_HEADER)  # fuse_getxattr_in, then the name
+        value = self.ops.getxattr(node, self.buf[_IN_HEADER + 8 : n - 1])
+        if value.__class__ is int:
+            self._error(unique, value)
+            return
+        value = cast(bytes, value)
+        if size == 0:  # the size is asked
+            self._reply(_REPLY_XATTR_SIZE.pack(_REPLY_XATTR_SIZE.size, 0, unique, len(value)))
+        elif len(value) > size:
+            self._error(unique, errno.ERANGE)
+        else:
+            self._reply(_REPLY_ERR.pack(_OUT_HEADER + len(value), 0, unique) + value)
+
+    def _forget(self, _unique: int, node: int, _n: int) -> None:  # no reply
+        self.ops.forget([(node, _U64.unpack_from(self.buf, _IN_HEADER)[0])])
+
+    def _batch_forget(self, _unique: int, _node: int, n: int) -> None:  # no reply
+        (count,) = _U32.unpack_from(self.buf, _IN_HEADER)
+        start = _IN_HEADER + 8  # after fuse_batch_forget_in
+        end = min(n, start + count * _FORGET_ONE.size)
+        self.ops.forget(list(_FORGET_ONE.iter_unpack(self.buf[start:end])))
+
+
+_NO_ATTR = (0,) * 16
 
 
 # The INIT exchange (include/uapi/linux/fuse.h)

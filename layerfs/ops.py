@@ -50,6 +50,20 @@ REQUESTS: collections.defaultdict[str, int] = collections.defaultdict(int)
 LOOP: collections.defaultdict[str, int] = collections.defaultdict(int)
 
 
+def _errno_of(name: str, args: tuple[Any, ...], e: Exception) -> int:
+    """The errno the request NAME(ARGS) is answered with for E: an OSError's (a FUSEError's)
+    errno; anything else is a bug, logged with its traceback, and EIO. Shared by the
+    handlers (``_errors``) and the raw path (``_raw``)."""
+    if isinstance(e, pyfuse3.FUSEError):
+        return e.errno
+    if isinstance(e, OSError):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r -> %s", name, args, errno.errorcode.get(e.errno or 0, e))
+        return e.errno or errno.EIO
+    log.error("unexpected error in %s", name, exc_info=e)
+    return errno.EIO
+
+
 def _errors(fn: F) -> F:
     name = fn.__name__
 
@@ -62,13 +76,8 @@ def _errors(fn: F) -> F:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except OSError as e:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s%r -> %s", name, args[1:], errno.errorcode.get(e.errno or 0, e))
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(_errno_of(name, args[1:], e)) from None
         finally:
             copyup = args[0].fs.copyup
             if copyup.changed:
@@ -80,6 +89,34 @@ def _errors(fn: F) -> F:
                 await _invalidate_listings(copyup.listing_changed)
 
     return cast(F, wrapper)
+
+
+R = TypeVar("R")
+
+
+def _raw(name: str, fn: Callable[..., R], copyup: Any) -> Callable[..., R | int]:
+    """FN, the synchronous core of the handler NAME, for the raw path (fusehooks.RawOps):
+    counted in REQUESTS as the handler is, its exceptions mapped as the handler's are
+    (``_errno_of``), returned as an errno (an int) instead of raised. The cores served
+    there (lookups, getattr, getxattr) copy nothing up: no listing to invalidate, in practice."""
+    debug = log.isEnabledFor(logging.DEBUG)  # the daemon's level is set once, at its start
+    changed, listings = copyup.changed, copyup.listing_changed  # changed in place only
+
+    def wrapper(*args: Any) -> R | int:
+        REQUESTS[name] += 1
+        if debug:
+            log.debug("%s%r", name, args)
+        try:
+            return fn(*args)
+        except Exception as e:
+            return _errno_of(name, args, e)
+        finally:
+            if changed:
+                _invalidate_attrs(changed)
+            if listings:  # kept right should a core ever copy up: after the answer
+                trio.lowlevel.spawn_system_task(_invalidate_listings, listings)
+
+    return wrapper
 
 
 def _probe_st_ino_offset() -> int | None:
@@ -231,8 +268,23 @@ class Operations(pyfuse3.Operations):
             spawn = trio.lowlevel.spawn_system_task
             fusehooks.serve_fallocate(self.hooks, self.fallocate, spawn)
             fusehooks.serve_ioctl(self.hooks, self.ioctl, spawn)
-            if os.environ.get("LAYERFS_LOOP") != "trio":  # trio: pyfuse3's own wait
-                fusehooks.serve_loop(self.hooks, pyfuse3.__file__, pyfuse3, LOOP)
+            loop = os.environ.get("LAYERFS_LOOP")
+            if loop != "trio":  # trio: pyfuse3's own wait
+                # raw: the hottest requests answered by the wait itself (fusehooks.RawOps);
+                # it writes stat's st_ino apart from the node id, as _entry needs the probe for
+                raw = self._raw_ops() if loop == "raw" and _ST_INO_OFFSET is not None else None
+                fusehooks.serve_loop(self.hooks, pyfuse3.__file__, pyfuse3, LOOP, raw)
+
+    def _raw_ops(self) -> fusehooks.RawOps:
+        """The handlers' synchronous cores, for the raw path."""
+        copyup = self.fs.copyup
+        return fusehooks.RawOps(
+            lookup=_raw("lookup", self._find, copyup),
+            getattr=_raw("getattr", self.fs.getattr, copyup),
+            getxattr=_raw("getxattr", self._getxattr, copyup),
+            forget=self._forget,
+            timeout=TIMEOUT,
+        )
 
     def answer_init(self) -> None:
         """Answer INIT before pyfuse3's loop starts, with the flags libfuse cannot ask for
@@ -245,20 +297,29 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        try:
-            attr = self.fs.find(parent_inode, name)
-        except FileNotFoundError:  # met on the way (a layer's file gone): negative too
-            attr = None
+        attr = self._find(parent_inode, name)
         if attr is None:
             neg = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the negative entry
             neg.entry_timeout = TIMEOUT
             return neg
         return _entry(attr)
 
+    def _find(self, parent_inode: int, name: bytes) -> Attr | None:
+        """LOOKUP's core (the handler's and the raw path's): NAME's attributes, its lookup
+        counted, or None: a negative entry."""
+        try:
+            return self.fs.find(parent_inode, name)
+        except FileNotFoundError:  # met on the way (a layer's file gone): negative too
+            return None
+
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        self._forget([(int(i), n) for i, n in inode_list])
+
+    def _forget(self, items: list[tuple[int, int]]) -> None:
+        """FORGET's and BATCH_FORGET's core (the handler's and the raw path's)."""
         try:
             before = len(self.fs.table.nodes)
-            self.fs.forget([(int(i), n) for i, n in inode_list])
+            self.fs.forget(items)
             self._forgotten += before - len(self.fs.table.nodes)
             if self._forgotten > TRIM_AFTER:
                 # The kernel let go of many nodes (memory pressure, drop_caches): hand the
@@ -469,6 +530,10 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        return self._getxattr(inode, name)
+
+    def _getxattr(self, inode: int, name: bytes) -> bytes:
+        """GETXATTR's core (the handler's and the raw path's)."""
         if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE:
             stats = {
                 **self.fs.statistics(),

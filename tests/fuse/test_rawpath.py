@@ -1,0 +1,145 @@
+"""The raw path (LAYERFS_LOOP=raw, off by default): the poll loop reads each request itself
+and answers LOOKUP, GETATTR, GETXATTR, FORGET and BATCH_FORGET without pyfuse3; the rest
+goes to libfuse through the session's custom io (layerfs.fusehooks._RawPath).
+
+What it must keep: the lookup count (every positive LOOKUP reply is a reference the kernel
+gives back in a FORGET: the daemon's node table returns to its size once the kernel forgot),
+the adapter's answers (negative entries, errnos, xattr sizes: the same as pyfuse3's path,
+request for request), and the read duty while other handlers await on worker threads
+(tests/fuse/test_poll_loop.py runs its parallel clients with the raw path too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from support.mounts import Layout, subject_named
+
+from layerfs import fusehooks
+
+pytestmark = pytest.mark.fuse
+
+STATS = "trusted.layerfs.statistics"
+FILES = 600
+
+
+def _stats(mnt: Path) -> dict[str, int]:
+    return dict(json.loads(os.getxattr(mnt, STATS)))
+
+
+def test_forget_storm_leaves_no_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files created, hard-linked (a second reference on the node), looked up and removed:
+    the kernel forgets them, in FORGETs and BATCH_FORGETs the raw path serves, and the node
+    table comes back to its size. A node forgotten too early would fail the stats, the
+    links or the unlinks meanwhile (ENOENT, ESTALE); one never forgotten stays counted."""
+    monkeypatch.setenv("LAYERFS_LOOP", "raw")
+    layout = Layout.create(tmp_path / "fs", 1)
+    with layout.mount(subject_named("layerfs")) as m:
+        work = m.mnt / "work"
+        work.mkdir()
+        base = _stats(m.mnt)["nodes"]
+        for i in range(FILES):
+            (work / f"f{i}").write_bytes(b"x")
+            os.link(work / f"f{i}", work / f"g{i}")
+            assert os.stat(work / f"g{i}").st_nlink == 2
+        grown = _stats(m.mnt)
+        assert grown["nodes"] >= base + FILES, (base, grown)
+        assert grown["loop_raw"] > FILES, grown  # the lookups and getattrs went the raw way
+        for i in range(FILES):
+            os.unlink(work / f"f{i}")
+            os.unlink(work / f"g{i}")
+        deadline = time.monotonic() + 60
+        while (now := _stats(m.mnt))["nodes"] > base:  # forgets come between requests
+            assert time.monotonic() < deadline, (base, now)
+            time.sleep(0.1)
+        assert os.listdir(work) == []
+        os.rmdir(work)
+
+
+def _getxattr_size(path: Path, name: bytes, size: int) -> int:
+    """libc's getxattr with a buffer of SIZE bytes (0: the value's size is asked): the
+    length, or -errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = libc.getxattr(os.fsencode(path), name, buf if size else None, ctypes.c_size_t(size))
+    return int(n) if n >= 0 else -ctypes.get_errno()
+
+
+def _answers(mnt: Path) -> list[object]:
+    """What a client sees of lookups, getattrs and getxattrs that go the raw way."""
+    out: list[object] = []
+
+    def probe(fn: object, *args: object) -> None:
+        try:
+            out.append(fn(*args))  # type: ignore[operator]
+        except OSError as e:
+            out.append(errno.errorcode[e.errno or 0])
+
+    d = mnt / "d"
+    probe(os.lstat, d / "missing")  # a negative entry
+    (d / "missing").write_bytes(b"now here")  # ... that a create replaces
+    probe(lambda p: os.lstat(p).st_size, d / "missing")
+    probe(os.lstat, d / ("n" * 256))  # ENAMETOOLONG from the engine
+    probe(os.lstat, d / "file" / "below")  # ENOTDIR
+    st = os.lstat(d / "file")
+    out.append((st.st_mode, st.st_nlink, st.st_size, st.st_uid, st.st_gid))
+    out.append((st.st_atime_ns, st.st_mtime_ns))
+    root = os.stat(mnt)  # a GETATTR: the root is never looked up
+    out.append((root.st_mode, root.st_nlink, root.st_uid, root.st_gid))
+    dev = os.lstat(d / "null")
+    out.append((dev.st_mode, os.major(dev.st_rdev), os.minor(dev.st_rdev)))
+    out.append(os.lstat(d / "link").st_ino == os.lstat(d / "file").st_ino)  # one st_ino
+    probe(os.getxattr, d / "file", "user.small")
+    probe(os.getxattr, d / "file", "user.none")  # ENODATA
+    out.append(_getxattr_size(d / "file", b"user.big", 0))  # the size asked
+    out.append(_getxattr_size(d / "file", b"user.big", 10))  # ERANGE
+    out.append(_getxattr_size(d / "file", b"user.big", 5000))
+    return out
+
+
+def _tree(lower: Path) -> None:
+    d = lower / "d"
+    d.mkdir()
+    (d / "file").write_bytes(b"12345")
+    os.setxattr(d / "file", "user.small", b"v")
+    os.setxattr(d / "file", "user.big", b"b" * 3000)
+    os.link(d / "file", d / "link")
+    os.mknod(d / "null", 0o20644, os.makedev(1, 3))
+    os.utime(d / "file", ns=(1_000_000_123, -2_000_000_456))  # before the epoch too
+
+
+def test_answers_as_pyfuse3_gives_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raw replies against the same requests served by pyfuse3 (the poll loop): the
+    same entries, attributes, errnos and xattr answers."""
+    seen = {}
+    for loop in ("poll", "raw"):
+        monkeypatch.setenv("LAYERFS_LOOP", loop)
+        layout = Layout.create(tmp_path / loop, 1)
+        _tree(layout.lowers[0])
+        with layout.mount(subject_named("layerfs")) as m:
+            seen[loop] = _answers(m.mnt)
+            raw = _stats(m.mnt).get("loop_raw", 0)
+        assert (raw > 10) == (loop == "raw"), (loop, raw)
+    assert seen["raw"] == seen["poll"]
+    assert seen["raw"][0] == "ENOENT" and seen["raw"][1] == 8
+    assert seen["raw"][2:4] == ["ENAMETOOLONG", "ENOTDIR"]
+    assert seen["raw"][5] == (1_000_000_123, -2_000_000_456)
+    assert seen["raw"][-5:] == [b"v", "ENODATA", 3000, -errno.ERANGE, 3000]
+
+
+def test_install_refused_leaves_the_session_alone() -> None:
+    """Where libfuse refuses the custom io (here: no descriptor), the raw path is not used
+    and the session keeps libfuse's own reads (and splice, if asked)."""
+    hooks = fusehooks.Hooks(session=0)
+    ops = fusehooks.RawOps(
+        lookup=lambda p, n: None, getattr=lambda n: 0, getxattr=lambda n, x: 0,
+        forget=lambda items: None, timeout=1.0,
+    )  # fmt: skip
+    assert fusehooks._RawPath.install(hooks, -1, ops, {}) is None
+    assert not hooks.raw
