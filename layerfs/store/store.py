@@ -17,7 +17,8 @@ Invariants:
   staging directory inside the store and rename into place; failures remove the staging dir.
 - Reference counts are derived from the image records (a layer's count = records naming it),
   never a record that names a missing layer.
-- An import's last step is a redo log: once everything is verified and flushed, the staging
+- An import's last step is a redo log (and so is ``rm``: tags, record, then the layers and
+  blobs no record names): once everything is verified and flushed, the staging
   directory gets an ``intent.json`` (the record and tags to write, the downloads it consumes),
   and only then are blobs and layers renamed in, the record and tags written. A writer killed
   anywhere in that step leaves a staging directory with its intent, which the next writer to
@@ -218,7 +219,7 @@ class Store:
             path = os.path.join(self.tmp_dir, name)
             if os.path.exists(os.path.join(path, INTENT)):
                 sys.audit("layerfs.store.recover", path)  # a crash-point sweep arms here
-                self._publish(path)
+                self._carry_out(path)
             _remove(path)
         # A writer killed inside _write_file leaves its temporary beside the record or tags.
         for d in (self.images_dir, self.root):
@@ -402,6 +403,15 @@ class Store:
             )
             record = self._publish(st)
         return record
+
+    def _carry_out(self, st: str) -> None:
+        """Finish what staging directory ``st``'s intent says: an import or a removal."""
+        with open(os.path.join(st, INTENT), encoding="utf-8") as f:
+            op = json.load(f).get("op", "import")
+        if op == "remove":
+            self._finish_remove(st)
+        else:
+            self._publish(st)
 
     def _publish(self, st: str) -> ImageRecord:
         """Carry out staging directory ``st``'s intent: rename its blobs and layers into
@@ -738,11 +748,29 @@ class Store:
                     f"image {ref!r} is in use by {len(users)} upper(s) ({users[0]}...); "
                     "remove them or use --force"
                 )
-            for t in mine:
-                del tags[t]
-            _write_json(self.tags_path, tags)
-            os.unlink(os.path.join(self.images_dir, parse_digest(rec.manifest_digest) + ".json"))
-            return self._collect()
+            # A redo log as an import's: the tags, the record and the layers and blobs only it
+            # named go together, or (a crash before the intent) not at all.
+            sys.audit("layerfs.store.remove", rec.manifest_digest)  # a crash-point sweep arms here
+            with self.staging() as st:
+                _write_json(
+                    os.path.join(st, INTENT), {"op": "remove", "digest": rec.manifest_digest}
+                )
+                return self._finish_remove(st)
+
+    def _finish_remove(self, st: str) -> list[str]:
+        """Carry out a removal's intent: drop the image's tags, then its record, then every
+        layer and blob no record names. Repeatable, as ``_publish``. The caller holds the
+        lock; returns the diffIDs of the layers freed (by this run)."""
+        with open(os.path.join(st, INTENT), encoding="utf-8") as f:
+            digest = str(json.load(f)["digest"])
+        tags = self.tags()
+        if digest in tags.values():
+            _write_json(self.tags_path, {t: d for t, d in tags.items() if d != digest})
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.images_dir, parse_digest(digest) + ".json"))
+        freed = self._collect()
+        os.unlink(os.path.join(st, INTENT))
+        return freed
 
     def _collect(self) -> list[str]:
         """Delete layers and blobs no image record names. The caller holds the lock."""
@@ -890,11 +918,11 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 def crash_at(spec: str) -> None:
     """Fault injection, tests only (``LAYERFS_STORE_CRASH_AT``, read by the CLI): SIGKILL this
     process just before its Nth change to a filesystem counted from the start of an import's
-    last step (``N``) or of a recovery (``recover:N``). Counted are the audited calls that
-    change something: renames, unlinks, rmdirs, links, opens that may write, and this
-    module's writes, fsyncs and syncfs. The hook runs before the call, so call N never
-    happens: the disk holds what a kill -9 between calls N-1 and N leaves (the store writes
-    nothing through a userspace buffer it has not flushed by then)."""
+    last step (``N``), of a recovery (``recover:N``) or of an image's removal (``remove:N``).
+    Counted are the audited calls that change something: renames, unlinks, rmdirs, links,
+    opens that may write, and this module's writes, fsyncs and syncfs. The hook runs before
+    the call, so call N never happens: the disk holds what a kill -9 between calls N-1 and N
+    leaves (the store writes nothing through a userspace buffer it has not flushed by then)."""
     event, _, n = spec.rpartition(":")
     arm = f"layerfs.store.{event or 'publish'}"
     limit = int(n)

@@ -59,6 +59,7 @@ BASE = [E("etc", "d"), E("etc/os-release", data=b"ID=crash\n"), E("usr/big", dat
 class World:
     reg: LocalRegistry
     template: Path  # a store holding A, tagged A's name and "moving"
+    template_ab: Path  # the same after B's pull: B tagged B's name and "moving"
     ref_a: str
     ref_b: str
     digest_a: str
@@ -90,10 +91,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         mnt.mkdir()
         with mount_kernel(clean.lowers(ref_b), None, None, mnt):
             tree_b = snapshot(mnt)
+        template_ab = tmp / "template-ab"
+        subprocess.run(["cp", "-a", str(template), str(template_ab)], check=True)
+        pull(Store(str(template_ab)), ref_b, tags=(ref_b, "moving"))
         before = {ref_a: rec_a.manifest_digest, "moving": rec_a.manifest_digest}
         after = {**before, ref_b: rec_b.manifest_digest, "moving": rec_b.manifest_digest}
         yield World(
-            reg, template, ref_a, ref_b, rec_a.manifest_digest, rec_b.manifest_digest,
+            reg, template, template_ab, ref_a, ref_b, rec_a.manifest_digest, rec_b.manifest_digest,
             tree_b, before, after,
         )  # fmt: skip
 
@@ -124,14 +128,22 @@ def _pending(root: Path) -> bool:
     return tmp.is_dir() and any((d / INTENT).exists() for d in tmp.iterdir())
 
 
-def _check(w: World, root: Path, listed: list[dict[str, object]], mnt: Path) -> str:
+def _check(
+    w: World,
+    root: Path,
+    listed: list[dict[str, object]],
+    mnt: Path,
+    tags_without_b: dict[str, str] | None = None,
+) -> str:
     """The store after a crash and the next operation: A intact, B whole or absent, nothing
-    unreferenced, nothing in tmp/. Returns "after" (B there) or "before"."""
+    unreferenced, nothing in tmp/. Returns "after" (B there) or "before". The tags are the
+    pull's with B, and as before the pull without it (``tags_without_b``: those)."""
     store = Store(str(root))
     records = {r.manifest_digest: r for r in store.images()}
     state = "after" if w.digest_b in records else "before"
     assert set(records) == {w.digest_a} | ({w.digest_b} if state == "after" else set())
-    assert store.tags() == (w.after_tags if state == "after" else w.before_tags)
+    without_b = w.before_tags if tags_without_b is None else tags_without_b
+    assert store.tags() == (w.after_tags if state == "after" else without_b)
     assert sorted(str(r["digest"]) for r in listed) == sorted(records)  # image ls shows it
     assert list((root / "tmp").iterdir()) == []
     # No half-written record or tags file either (a crash between its open and its rename).
@@ -285,3 +297,38 @@ def _strace_changes(sweep: Sweep) -> int:
         elif opened.search(ln) or changes.search(ln):
             n += 1
     return n
+
+
+def test_crash_at_every_point_of_an_image_rm(world: World, tmp_path: Path) -> None:
+    """``image rm`` of B (by digest: all its tags go) killed at each of its changes: after the
+    next ``image ls``, B is whole with its tags, or gone with its tags and the layer and blobs
+    only it named, A untouched; a second ``rm`` of a B still there completes."""
+    w = world
+    only_a = {w.ref_a: w.digest_a}
+    states: dict[int, str] = {}
+
+    def point(k: int) -> bool:
+        root = tmp_path / f"rm{k}" / "store"
+        root.parent.mkdir()
+        subprocess.run(["cp", "-a", str(w.template_ab), str(root)], check=True)
+        mnt = root.parent / "mnt"
+        mnt.mkdir()
+        rm = [*CLI, "image", "rm", "--store", str(root), w.digest_b]
+        r = _run(rm, crash=f"remove:{k}")
+        assert r.returncode in (0, -signal.SIGKILL), (k, r.returncode, r.stderr)
+        ls = _ls(root)
+        assert ls.returncode == 0, ls.stderr
+        states[k] = _check(w, root, json.loads(ls.stdout), mnt, only_a)
+        if states[k] == "after":
+            Store(str(root)).remove(w.digest_b)
+            listed = [{"digest": r.manifest_digest} for r in Store(str(root)).images()]
+            assert _check(w, root, listed, mnt, only_a) == "before"
+        return r.returncode == 0
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        end = _until_survived(pool, point)
+    seen = [states[n] for n in range(1, end)]
+    print(f"image rm: {len(seen)} crash points: {seen}")
+    assert states[end] == "before"  # the rm that survived removed B
+    assert seen == sorted(seen, key=["after", "before"].index)
+    assert "after" in seen and "before" in seen
