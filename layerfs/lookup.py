@@ -296,7 +296,8 @@ def resolve(
         metacopy and bool(lowers),
         in_layer,
     )
-    res.fix_origin = not has_origin and bool(lowers) and res.is_dir
+    if not has_origin and lowers:  # has_origin: read for an upper directory only
+        res.fix_origin = True
     return res
 
 

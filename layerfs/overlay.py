@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
+from typing import cast
 
 import trio
 
@@ -516,12 +517,12 @@ class Overlay:
                 attr = self.attr(child)
             else:
                 try:
-                    kept = dh.resolved.pop(name, None) if dh.version == node.version else None
-                    res: Resolution | None = (
-                        kept  # the snapshot's lookup (_check_impure_merged)
-                        if isinstance(kept, Resolution)
-                        else resolve(self.stack, node, name)
-                    )
+                    kept = dh.resolved.pop(name, None) if dh.resolved else None
+                    res: Resolution | None
+                    if kept is None or dh.version != node.version:
+                        res = resolve(self.stack, node, name)
+                    else:
+                        res = cast(Resolution, kept)  # the snapshot's (_check_impure_merged)
                     if res is not None and res.fix_origin:
                         self.fix_origin(node, name, res)
                     found = node_for(self.table, node, name, res) if res is not None else None
