@@ -10,7 +10,7 @@ Layout (STORE defaults to $LAYERFS_STORE or /var/lib/layerfs)::
     STORE/images/HEX.json           image record (HEX = manifest digest): layers, platform
     STORE/tags.json                 tag -> manifest digest
     STORE/tmp/                      staging: everything is built here, then renamed in
-    STORE/tmp/NAME/intent.json      an import past its point of no return (see below)
+    STORE/tmp/NAME/intent.json      an import or rm past its point of no return (see below)
 
 Invariants:
 - A layer or blob is visible under layers/ or blobs/ only once verified: imports build in a
@@ -214,7 +214,7 @@ class Store:
 
     def _sweep(self) -> None:
         """Holding the lock means no other writer is live: all of tmp/ is a crashed writer's,
-        either an import past its intent (rolled forward) or debris (removed)."""
+        either an import or removal past its intent (rolled forward) or debris (removed)."""
         for name in os.listdir(self.tmp_dir):
             path = os.path.join(self.tmp_dir, name)
             if os.path.exists(os.path.join(path, INTENT)):
@@ -240,11 +240,10 @@ class Store:
         except OSError:
             return  # no tmp/ yet; or a read-only store, or one this user may not write
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return  # a writer is live
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a writer is live
             self._sweep()
+        except OSError:
+            pass  # a full disk, say: the next writer (which does fail then) finishes it
         finally:
             os.close(fd)
 
