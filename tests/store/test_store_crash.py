@@ -187,11 +187,11 @@ class Sweep:
     pending: dict[int, bool] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def fresh(self, name: str) -> tuple[Path, Path]:
+    def fresh(self, name: str, template: Path | None = None) -> tuple[Path, Path]:
         root = self.tmp / name / "store"
         root.parent.mkdir()
         # cp -a: the template's layers hold what shutil.copytree would not copy faithfully.
-        subprocess.run(["cp", "-a", str(self.w.template), str(root)], check=True)
+        subprocess.run(["cp", "-a", str(template or self.w.template), str(root)], check=True)
         mnt = self.tmp / name / "mnt"
         mnt.mkdir()
         return root, mnt
@@ -213,12 +213,17 @@ class Sweep:
             self.states[k], self.pending[k] = state, pending
         return survived
 
-    def recovery_point(self, k: int, m: int) -> bool:
-        """Crash the pull at k (its intent written), then the recovery (a reader's) at m:
-        the next reader must finish it. True when the recovery survived."""
-        root, mnt = self.fresh(f"k{k}-r{m}")
+    def crashed(self, k: int) -> Path:
+        """A store as the pull crashed at k leaves it (copied for each recovery point)."""
+        root, _ = self.fresh(f"crashed{k}")
         r = _run(_pull_cmd(self.w, root), crash=str(k))
         assert r.returncode == -signal.SIGKILL and _pending(root), r.stderr
+        return root
+
+    def recovery_point(self, crashed: Path, m: int) -> bool:
+        """The recovery (a reader's) of a crashed pull's store killed at m: the next reader
+        must finish it. True when the recovery survived."""
+        root, mnt = self.fresh(f"{crashed.parent.name}-r{m}", crashed)
         ls = _ls(root, crash=f"recover:{m}")
         survived = ls.returncode == 0
         if not survived:
@@ -255,7 +260,7 @@ def test_crash_at_every_point_of_the_last_step(world: World, tmp_path: Path) -> 
         assert _strace_changes(sweep) == len(points)
         # Recovery from the first state past the intent (nothing renamed yet): the most to do.
         first = next(n for n in points if sweep.pending[n])
-        end = _until_survived(pool, functools.partial(sweep.recovery_point, first))
+        end = _until_survived(pool, functools.partial(sweep.recovery_point, sweep.crashed(first)))
     print(f"recovery from crash point {first}: {end - 1} crash points")
     assert end > 1
 
