@@ -1806,7 +1806,8 @@ class WriteMachine(_Machine):
     def chmod_nofollow(self, p: bytes, mode: int) -> None:
         self._do(("chmod_nofollow", p, mode))
 
-    @rule(p=_paths, owner=st.sampled_from([(0, 0), (1000, 1000), (5, 6)]))
+    # 2000:50: ids layerfs-idmap stores as others (1000:1000)
+    @rule(p=_paths, owner=st.sampled_from([(0, 0), (1000, 1000), (5, 6), (2000, 50)]))
     def chown(self, p: bytes, owner: tuple[int, int]) -> None:
         self._do(("chown", p, *owner))
 
@@ -1889,7 +1890,7 @@ class WriteMachine(_Machine):
     # modes (sticky, setgid, 0700) vary. Not through /proc/PID/root (user namespaces): root
     # only may walk it
     @precondition(lambda self: not self.subject.userns)
-    @rule(data=st.data(), p=_paths, q=_paths, who=st.sampled_from([1000, 65534]))
+    @rule(data=st.data(), p=_paths, q=_paths, who=st.sampled_from([1000, 65534, 2000]))
     def as_user(self, data: st.DataObject, p: bytes, q: bytes, who: int) -> None:
         op = data.draw(
             st.sampled_from(
