@@ -171,7 +171,13 @@ class CopyUp:
             # the parent may now hold an entry whose st_ino is its origin's: the kernel then
             # computes the d_ino of its listing. Marked first, as ovl_do_copy_up does, so a
             # copy-up the upper refuses (a device in a user namespace) leaves the mark too.
+            was_impure = node.parent.impure
             set_impure(dirs.upper, self.names, node.parent)
+            if not was_impure and node.parent.impure:
+                # its listing now looks its upper entries up: one the kernel cached before
+                # must go (a copy-up restores the parent's mtime, which would keep it)
+                node.parent.version += 1
+                self.listing_changed.append(node.parent.id)
             origin = None
             if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
                 origin = (

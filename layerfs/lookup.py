@@ -119,14 +119,16 @@ class _Lookup:
         The value is read as the kernel reads it (ovl_get_redirect_xattr): a C string, so it
         ends at its first NUL; an absolute one with an empty component (``/``, ``/a//b``) or
         a relative one with a ``/`` is invalid (EINVAL); a component the lookup refuses
-        (``.``, ``..``, empty) fails it with EACCES (lookup_one_len)."""
+        (``.``, ``..``) fails it with EACCES (lookup_one_len) when the walk meets it: an
+        absolute redirect's walk stops at a non-directory or a missing name first."""
         value = value.split(b"\0", 1)[0]
         if value.startswith(b"/"):
             parts = tuple(value[1:].split(b"/"))
             if b"" in parts:
                 raise OSError(errno.EINVAL, "invalid overlay.redirect")
             for part in parts:
-                _valid_redirect_part(part)
+                if part not in _DOTS:  # those at the walk (_lookup_layer)
+                    _valid_redirect_part(part)
             self.name = parts + self.name[pos + 1 :]
             self.absolute = True
             # an absolute redirect below an opaque ancestor of the walk goes on below it
@@ -151,6 +153,8 @@ def _lookup_layer(layer: Layer, base: Path, d: _Lookup, bottom: bool) -> tuple[P
     while True:  # redirect may rewrite the components before them
         pos = len(d.name) - 1 - rem
         comp = d.name[pos]
+        if comp in _DOTS:  # an absolute redirect's, met by the walk (lookup_one_len)
+            raise OSError(errno.EACCES, "invalid overlay.redirect")
         listing = layer.listing(path)
         is_dir = listing.entries.get(comp)
         if is_dir is None:
@@ -231,6 +235,7 @@ def resolve(
             i = len(search)
     bottom = stack.lowers[-1] if stack.lowers else None
     need_data = metacopy  # a metacopy found whose data is still to find below it
+    data_st: os.stat_result | None = None
     while not d.stop and i < len(search):
         layer, dpath = search[i]
         i += 1
@@ -247,6 +252,7 @@ def resolve(
                 lst = _sys.lstat_at(*layer.locate(child))
                 if need_data and not stat.S_ISREG(lst.st_mode):
                     break  # a metacopy's data is a regular file, never a device or FIFO
+                data_st = lst
                 top_st = top_st or lst
                 origin = origin or lst
                 lowers.append((layer, child))
@@ -287,6 +293,13 @@ def resolve(
         # ovl_lookup: "metacopy with no lower data found - abort lookup"
         log.warning("metacopy file %s has no lower data", os.fsdecode(name))
         raise OSError(errno.EIO, "metacopy file without lower data")
+    if (
+        metacopy
+        and upper_st is not None
+        and data_st is not None
+        and data_st.st_size != upper_st.st_size
+    ):
+        raise MetacopySizeError(errno.EIO, "metacopy file and its data differ in size")
     res = Resolution(
         top_st,
         upper_st is not None,
@@ -299,6 +312,14 @@ def resolve(
     if not has_origin and lowers:  # has_origin: read for an upper directory only
         res.fix_origin = True
     return res
+
+
+class MetacopySizeError(OSError):
+    """An upper metacopy file whose size is not its data's: no copy-up makes one. The kernel
+    serves it (the upper's size in stat, the data's bytes to its own end in a read, and a
+    copy-up of the data over the upper's own bytes), which FUSE's page cache cannot (reads
+    stop at the size stat showed): layerfs refuses its lookup (EIO), and a listing, which
+    the kernel's lookup would pass, shows it as a bare entry (Overlay._check_impure_merged)."""
 
 
 def _root_lowers(stack: LayerStack) -> list[tuple[Layer, Path]]:
@@ -341,6 +362,9 @@ def _listed_redirect(fd: int, name: bytes, names: set[bytes]) -> bytes | None:
                 raise OSError(errno.EINVAL, "empty overlay.redirect in the upper")
             return value
     return None
+
+
+_DOTS = (b".", b"..")
 
 
 def _valid_redirect_part(part: bytes) -> None:

@@ -32,7 +32,7 @@ from layerfs.files import NODE_FH, Files, kill_suid
 from layerfs.idmap import IdMap
 from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
-from layerfs.lookup import Resolution, node_for, resolve
+from layerfs.lookup import MetacopySizeError, Resolution, node_for, resolve
 from layerfs.namespace import Namespace
 from layerfs.readdir import DirCache, DirHandle, kernel_order, merged_listing
 
@@ -457,6 +457,8 @@ class Overlay:
                     self.fix_origin(node, name, res)
                 node_for(self.table, node, name, res)
                 resolved[name] = res
+            except MetacopySizeError:
+                continue  # the kernel's lookup passes it: listed, bare (see MetacopySizeError)
             except OSError as e:
                 if e.errno in _OUT_OF_RESOURCES:
                     return None, set()  # the listing itself meets it (see readdir)
