@@ -471,6 +471,19 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
     ),
     # A truncate by root keeps setuid/setgid (CAP_FSETID); a rootless daemon's own ftruncate
     # would drop them (it has no CAP_FSETID in the initial namespace), the kernel's does not.
+    # Ids no range of an id-mapped mount maps (layerfs-idmap maps 0-65535): the kernel's
+    # idmapped layers refuse them (EOVERFLOW), layerfs stores the overflow id 65534 as
+    # fuse-overlayfs does. Elsewhere (no mapping) a plain chown and create.
+    "unmapped-ids": (
+        LayerSpec([d({b"f": f(b"f"), b"tmp": d({b"x": f(b"x")}, mode=0o1777)})]),
+        [
+            ("chown", b"f", 70000, 70000),
+            ("stat", b"f"),
+            ("as_user", 70000, 70000, ("create", b"tmp/new", b"n")),
+            ("stat", b"tmp/new"),
+        ],
+        {"idmap-unmapped-overflow"},
+    ),
     "truncate-setid-as-root": (
         LayerSpec(
             [
