@@ -648,6 +648,11 @@ class Namespace:
                     _sys.renameat2(d1, n1, d2, n2, _sys.RENAME_WHITEOUT)
                     need_whiteout = False
                 except OSError as e:
+                    # refused (a pure upper target not empty), it may still have changed P1's
+                    # upper: ext4 puts N1's entry back, which sets its mtime. The kernel drops
+                    # cached attributes after a rename that succeeded only, and kernel
+                    # overlayfs shows the upper's (ovl_getattr): drop P1's
+                    self.copyup.changed.append(p1.id)
                     if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
                         raise
                     # an upper without RENAME_WHITEOUT: two steps, the lowers' N1 shows between

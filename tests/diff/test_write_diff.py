@@ -677,6 +677,24 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"rename-dir"},
     ),
+    # A refused rename of a directory the lowers hold too: the upper's RENAME_WHITEOUT fails
+    # on the non-empty pure upper target (ENOTEMPTY, after the copy-ups, as ovl_rename leaves
+    # it), and ext4 still sets the source parent's mtime (it puts N1's entry back). Kernel
+    # overlayfs shows the upper's; the kernel's cached attributes of a FUSE mount's root
+    # (which no READDIRPLUS of a parent refreshes; the stats keep them cached) went stale.
+    "rename-refused-parent-mtime": (
+        LayerSpec([d({b"low": d({b"f": f(b"x")})})]),
+        [
+            ("mkdir", b"new"),
+            ("mkdir", b"new/sub"),
+            ("utime", b"", T1),
+            ("listdir", b""),
+            ("stat", b""),
+            ("rename", b"low", b"new"),
+            ("stat", b""),
+        ],
+        {"rename-dir"},
+    ),
     "copyup-misc": (
         BASE,
         [
