@@ -412,14 +412,7 @@ class Operations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        try:
-            await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
-        except OSError:
-            # a refused rename may have changed the parents on disk first (copy-ups, the
-            # upper's own refusal after them), and FUSE drops their cached attributes only
-            # after a success: the kernel's overlay reads them afresh
-            self.fs.copyup.changed += [parent_inode_old, parent_inode_new]
-            raise
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_errors
     async def link(

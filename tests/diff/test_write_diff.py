@@ -610,7 +610,7 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
     # A refused rename of an upper directory that needs a whiteout onto a full pure upper
     # one: the upper's rename (RENAME_WHITEOUT, ENOTEMPTY) changes the parent's mtime on
     # ext4, and the kernel's too; FUSE drops a parent's cached attributes only after a
-    # success, so layerfs must (found by DirMachine, session 13)
+    # success, so layerfs must (found by DirMachine, session 13; 7451f1c)
     "rename-redirected-onto-full-pure-upper-dir": (
         LayerSpec([d({b"q": d({b"b": d({b"f": f(b"x")})})})]),
         [
