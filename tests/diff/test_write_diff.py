@@ -1283,8 +1283,31 @@ OPQ = b"overlay.opaque"
 NO_ORIGIN = (b"overlay.origin", b"overlay.impure")
 
 
+IMPURE, NON_PURE = b"overlay.impure", (b"overlay.origin", b"overlay.redirect")
+
+
+def _unneeded_impure_dropped(snap: Snapshot) -> None:
+    """Leave out the impure mark of a directory none of whose entries has an origin or a
+    redirect: the kernel removes such a mark when a listing rebuilds its impure cache
+    (ovl_cache_get_impure, "best effort"), which depends on when its inode and cache were
+    last dropped, not on the operations; layerfs removes it at its own listings. A mark
+    that is needed (an entry with an origin) is compared as before."""
+    needed = {
+        os.path.dirname(p) or b"."
+        for p, e in snap.entries.items()
+        if any(x[0] in NON_PURE for x in e.xattrs)
+    }
+    snap.entries = {
+        p: e
+        if p in needed or not any(x[0] == IMPURE for x in e.xattrs)
+        else dataclasses.replace(e, xattrs=tuple(x for x in e.xattrs if x[0] != IMPURE))
+        for p, e in snap.entries.items()
+    }
+
+
 def _upper_of(upper: Path, quirks: frozenset[str]) -> Snapshot:
     snap = upper_snapshot(upper)
+    _unneeded_impure_dropped(snap)
     if "no-origin" in quirks:
         snap.entries = {
             p: dataclasses.replace(e, xattrs=tuple(x for x in e.xattrs if x[0] not in NO_ORIGIN))

@@ -544,11 +544,16 @@ def test_planted_metacopy_never_opens_a_special_file(tmp_path: Path, metacopy: s
                 with mount_kernel([lower], upper, work, mnt, options=options):
                     seen[subject] = _run_ops(mnt, ops, timeout=30)
     assert SECRET[:64].hex() not in json.dumps(seen["layerfs"]), "layerfs read the disk"
-    diffs = [
-        f"{op}: kernel {k} layerfs {s}"
-        for op, k, s in zip(ops, seen["kernel"], seen["layerfs"], strict=True)
-        if k != s
-    ]
+    diffs = []
+    for op, k, s in zip(ops, seen["kernel"], seen["layerfs"], strict=True):
+        if k != s and metacopy == "on" and op[3] == "reg" and op[2] in ("stat", "head"):
+            # the 64-byte metacopy over 11 bytes of data: the kernel serves the upper's size and
+            # the data's bytes; layerfs refuses a metacopy file whose size is not its data's
+            # (docs/design.md, Metacopy: no copy-up makes one, and FUSE reads stop at the size
+            # stat showed), as layerfs refuses the planted special files: EIO
+            assert k[0] == "ok" and s == ["err", "EIO"], f"{op}: kernel {k} layerfs {s}"
+        elif k != s:
+            diffs.append(f"{op}: kernel {k} layerfs {s}")
     assert not diffs, "\n".join(diffs)
 
 
