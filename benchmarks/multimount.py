@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import shutil
@@ -53,37 +52,10 @@ LAYERS = DEFAULT_DATA_DIR / "full" / "layers"
 
 def load_pyfuse3_copy(path: str) -> tuple[types.ModuleType, types.ModuleType]:
     """A private pyfuse3 (extension at PATH, a copy of the real one) and a layerfs.ops bound
-    to it; sys.modules left as it was."""
-    import pyfuse3
+    to it: the option's own loader (layerfs.share.load_copy)."""
+    from layerfs.share import load_copy
 
-    from layerfs import importstub
-
-    names = ("pyfuse3", "pyfuse3._pyfuse3", "layerfs.ops", "importlib.metadata")
-    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    import layerfs
-
-    saved_attr = layerfs.__dict__.get("ops")
-    try:
-        stub = types.ModuleType("importlib.metadata")
-        stub.PackageNotFoundError = importstub._PackageNotFoundError  # type: ignore[attr-defined]
-        stub.version = importstub._version  # type: ignore[attr-defined]
-        sys.modules["importlib.metadata"] = stub
-        spec = importlib.util.spec_from_file_location(
-            "pyfuse3", path, submodule_search_locations=[os.path.dirname(pyfuse3.__file__)]
-        )
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["pyfuse3"] = mod
-        spec.loader.exec_module(mod)
-        import layerfs.ops as ops_copy
-
-        return mod, ops_copy
-    finally:
-        for n in names:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
-        if saved_attr is not None:
-            layerfs.ops = saved_attr
+    return load_copy(path)
 
 
 def serve_one(

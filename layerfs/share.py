@@ -300,17 +300,23 @@ class Sharer:
 
 
 def _load_copy(n: int) -> tuple[types.ModuleType, types.ModuleType]:
-    """A private pyfuse3 (its extension copied into a memfd) and a layerfs.ops bound to it;
-    sys.modules left as it was."""
+    """A private pyfuse3 (its extension copied into a memfd) and a layerfs.ops bound to it."""
+    import pyfuse3
+
+    fd = os.memfd_create(f"layerfs-pyfuse3-{n}", 0)  # kept open: fusehooks reads its symbols
+    with open(pyfuse3.__file__, "rb") as src:
+        os.sendfile(fd, src.fileno(), 0, os.fstat(src.fileno()).st_size)
+    return load_copy(f"/proc/self/fd/{fd}")
+
+
+def load_copy(path: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """pyfuse3 loaded from PATH (a copy of its extension: fresh C globals) and a layerfs.ops
+    imported against it; sys.modules left as it was."""
     import pyfuse3
 
     import layerfs
     from layerfs import importstub
 
-    fd = os.memfd_create(f"layerfs-pyfuse3-{n}", 0)  # kept open: fusehooks reads its symbols
-    with open(pyfuse3.__file__, "rb") as src:
-        os.sendfile(fd, src.fileno(), 0, os.fstat(src.fileno()).st_size)
-    path = f"/proc/self/fd/{fd}"
     names = ("pyfuse3", "pyfuse3._pyfuse3", "layerfs.ops", "importlib.metadata")
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     saved_ops = layerfs.__dict__.get("ops")
