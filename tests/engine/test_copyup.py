@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,10 @@ async def test_copy_up_fsync_inline_only_when_alone(
         async def chmod(ino: int) -> None:
             await ov.setattr(ino, SetAttr(mode=0o600), None, ROOT)
 
+        # The big copy's thread waits until the small ones are done, however long they take:
+        # a fixed pause (0.5 s) let a loaded host finish it first, and the last small ones
+        # then synced alone (inline), which is right, but not the case this one is about.
+        small_done = threading.Event()
         async with trio.open_nursery() as nursery:
             if concurrent == "not begun":
                 for ino in inos:
@@ -143,15 +147,18 @@ async def test_copy_up_fsync_inline_only_when_alone(
 
                     def slow_copy(*args: Any) -> str:
                         if args[2] > THREAD_THRESHOLD:  # on its thread: the small ones meanwhile
-                            time.sleep(0.5)
+                            assert small_done.wait(timeout=120), "the small copy-ups hang"
                         return copy(*args)
 
                     ov.copyup._copy = slow_copy  # type: ignore[method-assign]
                     nursery.start_soon(chmod, big_ino)
                     await trio.testing.wait_all_tasks_blocked()  # the big copy on its thread
                     assert ov.copyup.active == 1
-                for ino in inos:
-                    await chmod(ino)
+                try:
+                    for ino in inos:
+                        await chmod(ino)
+                finally:
+                    small_done.set()
         stats = ov.copyup.statistics()
         syncs = 4 if concurrent == "in progress" else 3
         assert (stats["fsyncs"], stats["fsyncs_inline"]) == (syncs, inline)
