@@ -648,7 +648,10 @@ class Overlay:
             return value if value is None or not self.ids_active else self.ids.cap_shown(value)
         if not xattrs.user_may_name(name, self.names):
             return None
-        return self._real_xattr(self.table.get(ino), xattrs.to_real(name, self.names))
+        value = self._real_xattr(self.table.get(ino), xattrs.to_real(name, self.names))
+        if value is not None and self.ids_active and name in (acl.ACCESS, acl.DEFAULT):
+            return self.ids.acl_shown(value)  # the entries' ids, as the owner's
+        return value
 
     def _real_xattr(self, node: Node, real_name: bytes) -> bytes | None:
         """The value of the real xattr REAL_NAME of NODE's top real object, None if absent."""
@@ -704,6 +707,8 @@ class Overlay:
                 os.chmod(where, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID, follow_symlinks=is_fd)
         if name == CAPS and self.ids_active:
             value = self.ids.cap_stored(value)  # for the stored id of its root
+        elif name in (acl.ACCESS, acl.DEFAULT) and self.ids_active:
+            value = self.ids.acl_stored(value)  # the entries' ids, as a chown's
         os.setxattr(where, xattrs.to_real(name, self.names), value, follow_symlinks=is_fd)
 
     async def removexattr(self, ino: int, name: bytes) -> None:

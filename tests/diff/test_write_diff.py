@@ -28,6 +28,9 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support.acls import ACCESS as ACL_ACCESS
+from support.acls import DEFAULT as ACL_DEFAULT
+from support.acls import acl
 from support.diff import (
     Pair,
     expect_quirks,
@@ -172,6 +175,67 @@ PERM = LayerSpec(
             }
         ),
     ]
+)
+
+# POSIX ACLs in the lowers (stored ids): named entries that grant one user or group what the
+# mode refuses others, ids at the edges of layerfs-idmap's ranges (support.mounts.IDMAP_UIDS:
+# 999 and 1001 stay, 1000 shows as 2000, 2000 as 0, 0 as 1000; gids 50 as 1000, 1000 as 0),
+# and default ACLs on directories whose new entries inherit them.
+ACL_F = acl("u::rw,u:1000:r,u:2000:rw,g::r,g:50:r,m::rw,o::")
+ACL_D_DEFAULT = acl("u::rwx,u:1000:rwx,u:2001:rx,g::rx,g:50:rwx,m::rwx,o::rx")
+ACL_D_ACCESS = acl("u::rwx,u:1001:rwx,g::rx,m::rwx,o::rx")
+# ids outside every range of layerfs-idmap, and of layerfs-userns' namespace (0-65535)
+ACL_UNMAPPED = acl("u::rw,u:70000:r,g::r,g:70001:r,m::r,o::")
+ACLS = LayerSpec(
+    [
+        d(
+            {
+                b"acl": d(
+                    {
+                        b"f": f(b"acl", mode=0o640, xattrs={ACL_ACCESS: ACL_F}),
+                        b"plain": f(b"p", mode=0o600),
+                        b"d": d(
+                            {b"old": f(b"o", mode=0o640)},
+                            xattrs={ACL_DEFAULT: ACL_D_DEFAULT, ACL_ACCESS: ACL_D_ACCESS},
+                        ),
+                    }
+                ),
+            }
+        ),
+        d(
+            {
+                b"acl": d(
+                    {
+                        b"low": f(b"l", mode=0o640, uid=1000, gid=1000, xattrs={ACL_ACCESS: ACL_F}),
+                        b"ldir": d(
+                            {b"x": f(b"x")}, xattrs={ACL_DEFAULT: ACL_D_DEFAULT}, mode=0o775
+                        ),
+                    },
+                    mode=0o777,
+                ),
+            }
+        ),
+    ]
+)
+ACLS_UNMAPPED = LayerSpec(
+    [
+        d(
+            {
+                b"acl": d(
+                    {
+                        b"f": f(b"acl", mode=0o640, xattrs={ACL_ACCESS: ACL_F}),
+                        b"plain": f(b"p", mode=0o600),
+                        b"unmapped": f(b"u", mode=0o640, xattrs={ACL_ACCESS: ACL_UNMAPPED}),
+                    }
+                )
+            }
+        )
+    ]
+)
+# every edge of layerfs-idmap's ranges, stored order = shown order for none of them
+ACL_EDGES = (
+    "u::rw,u:1:r,u:999:r,u:1000:rw,u:1001:r,u:1999:r,u:2000:r,u:2001:r,u:65535:r,"
+    "g::r,g:1:r,g:49:r,g:50:r,g:51:r,g:999:r,g:1000:rw,g:1001:r,g:65535:r,m::rw,o::"
 )
 
 LONG, LONG_OK, LONG_OVER = b"a" * 200, b"b" * 54, b"c" * 55  # "/" + 200 + "/" + 54 = 256
@@ -1264,6 +1328,144 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"setgid-inherit"},
     ),
+    # getfacl and the raw values of ACLs the lowers hold, read, then copied up by a change
+    "acl-read": (
+        ACLS,
+        [
+            ("getfacl", b"acl/f"),
+            ("getxattr", b"acl/f", ACL_ACCESS),
+            ("getfacl", b"acl/d"),
+            ("getxattr", b"acl/d", ACL_DEFAULT),
+            ("getfacl", b"acl/low"),
+            ("getfacl", b"acl/ldir"),
+            ("listxattr", b"acl/f"),
+            ("write", b"acl/f", 0, b"A"),
+            ("getfacl", b"acl/f"),
+            ("chown", b"acl/low", 1001, 1001),
+            ("getfacl", b"acl/low"),
+            ("chmod", b"acl/d", 0o750),
+            ("getfacl", b"acl/d"),
+            ("setxattr", b"acl/ldir", b"user.x", b"x"),
+            ("getfacl", b"acl/ldir"),
+            RESTACK,
+            ("getfacl", b"acl/f"),
+            ("getfacl", b"acl/d"),
+            ("getfacl", b"acl/low"),
+        ],
+        set(),
+    ),
+    # set access and default ACLs (every edge of the idmap's ranges), chmod after (the mask),
+    # inheritance on create, mkdir, mknod and the umask's absence; removal
+    "acl-set": (
+        ACLS,
+        [
+            ("setfacl", b"acl/plain", "access", ACL_EDGES),
+            ("getxattr", b"acl/plain", ACL_ACCESS),
+            ("stat", b"acl/plain"),
+            ("chmod", b"acl/plain", 0o604),
+            ("getfacl", b"acl/plain"),
+            ("chmod", b"acl/plain", 0o660),
+            ("getfacl", b"acl/plain"),
+            (
+                "setfacl",
+                b"acl",
+                "default",
+                "u::rwx,u:1000:rwx,u:2000:rx,g::rx,g:50:rwx,m::rwx,o::x",
+            ),
+            ("getxattr", b"acl", ACL_DEFAULT),
+            ("create", b"acl/new", b"n"),
+            ("getfacl", b"acl/new"),
+            ("mkdir", b"acl/newdir"),
+            ("getfacl", b"acl/newdir"),
+            ("makedirs", b"acl/newdir/y/z"),
+            ("getfacl", b"acl/newdir/y/z"),
+            ("mkfifo", b"acl/fifo"),
+            ("getfacl", b"acl/fifo"),
+            ("symlink", b"new", b"acl/sym"),
+            ("create", b"acl/d/new", b"n"),
+            ("getfacl", b"acl/d/new"),
+            ("mkdir", b"acl/d/sub"),
+            ("getfacl", b"acl/d/sub"),
+            ("create", b"acl/d/sub/x", b"x"),
+            ("getfacl", b"acl/d/sub/x"),
+            ("create", b"acl/ldir/n", b"n"),
+            ("getfacl", b"acl/ldir/n"),
+            ("setfacl", b"acl/newdir", "access", "u::rwx,u:2000:rwx,g::rx,g:1000:rx,m::rwx,o::"),
+            ("getfacl", b"acl/newdir"),
+            ("removexattr", b"acl/plain", ACL_ACCESS),
+            ("getfacl", b"acl/plain"),
+            ("removexattr", b"acl", ACL_DEFAULT),
+            ("create", b"acl/after", b"a"),
+            ("getfacl", b"acl/after"),
+            RESTACK,
+            ("getfacl", b"acl/new"),
+            ("create", b"acl/newdir/again", b"a"),
+            ("getfacl", b"acl/newdir/again"),
+        ],
+        {"acl-inherit"},
+    ),
+    # the kernel checks a user's access through the ACL the daemon shows: a named entry that
+    # grants (read, a write that copies up) or whose absence refuses, for users and groups
+    "acl-permissions": (
+        ACLS,
+        [
+            ("as_user", 1000, 1000, ("read", b"acl/f")),
+            ("as_user", 2000, 2000, ("read", b"acl/f")),
+            ("as_user", 1001, 1001, ("read", b"acl/f")),
+            ("as_user", 1001, 50, ("read", b"acl/f")),
+            ("as_user", 1001, 1000, ("read", b"acl/f")),
+            ("as_user", 0, 0, ("read", b"acl/f")),
+            ("as_user", 2000, 2000, ("write", b"acl/f", 0, b"W")),
+            ("as_user", 1000, 1000, ("write", b"acl/f", 0, b"V")),
+            ("getfacl", b"acl/f"),
+            ("as_user", 1000, 1000, ("read", b"acl/low")),
+            ("as_user", 2000, 2000, ("write", b"acl/low", 0, b"W")),
+            ("as_user", 1000, 1000, ("create", b"acl/d/u1000", b"u")),
+            ("as_user", 2001, 2001, ("create", b"acl/d/u2001", b"u")),
+            ("as_user", 1001, 1001, ("create", b"acl/d/u1001", b"u")),
+            ("as_user", 1002, 50, ("create", b"acl/d/g50", b"u")),
+            ("getfacl", b"acl/d/u1000"),
+            ("setfacl", b"acl/plain", "access", "u::rw,u:1000:r,u:2000:rw,g::-,g:50:r,m::rw,o::"),
+            ("as_user", 1000, 1000, ("read", b"acl/plain")),
+            ("as_user", 2000, 2000, ("read", b"acl/plain")),
+            ("as_user", 1001, 50, ("read", b"acl/plain")),
+            ("as_user", 1001, 1000, ("read", b"acl/plain")),
+            ("as_user", 2000, 2000, ("write", b"acl/plain", 0, b"P")),
+            ("chmod", b"acl/plain", 0o600),
+            ("as_user", 2000, 2000, ("read", b"acl/plain")),
+        ],
+        {"acl-inherit"},
+    ),
+    # ACL entries for ids no range of layerfs-idmap maps (nor layerfs-userns' namespace):
+    # set through the mount, the kernel refuses them (EINVAL) after the copy-up, in both
+    "acl-set-unmapped-ids": (
+        ACLS,
+        [
+            ("setfacl", b"acl/plain", "access", "u::rw,u:70000:r,g::r,g:70001:r,m::r,o::"),
+            ("getfacl", b"acl/plain"),
+            ("setfacl", b"acl/f", "access", "u::rw,u:1000:r,u:70000:r,g::r,m::r,o::"),
+            ("getfacl", b"acl/f"),
+            ("setfacl", b"acl/d", "default", "u::rwx,g::rx,g:70001:rx,m::rx,o::"),
+            ("getfacl", b"acl/d"),
+        ],
+        set(),
+    ),
+    # ... and stored in a lower: the kernel's idmapped layers show them as (uid_t)-1, which a
+    # FUSE daemon cannot answer (the kernel's FUSE refuses an invalid id: EINVAL), so
+    # layerfs-idmap shows the overflow id, and copies them up where the kernel refuses
+    # (EINVAL); in a user namespace the kernel's FUSE cannot pass them either way (its
+    # posix_acl_from_xattr maps through the daemon's namespace): EINVAL where the kernel
+    # overlay mounted there shows them (design.md, "Permissions and ids")
+    "acl-unmapped-ids": (
+        ACLS_UNMAPPED,
+        [
+            ("getfacl", b"acl/unmapped"),
+            ("getxattr", b"acl/unmapped", ACL_ACCESS),
+            ("write", b"acl/unmapped", 0, b"U"),
+            ("getfacl", b"acl/unmapped"),
+        ],
+        {"idmap-unmapped-overflow", "userns-acl-unmapped"},
+    ),
     "deep-create": (
         BASE,
         [
@@ -1512,7 +1714,7 @@ def _ids_matter(name: str, script: list[Op]) -> bool:
     names = {str(op[0]) for op in script}
     caps = any(b"security.capability" in op for op in script)
     return (
-        bool(names & {"as_user", "chown"})
+        bool(names & {"as_user", "chown", "setfacl", "getfacl"})
         or caps
         or any(word in name for word in ("setid", "setgid", "suid", "capab", "copyup", "copy-up"))
     )

@@ -532,6 +532,9 @@ FUSE_OVERLAYFS_QUIRKS = frozenset(
         "wh-names",  # refuses user names starting with .wh. (EINVAL), hides them
         "xattr-escape",  # no trusted.overlay.* escaping (kernel >= 6.7 stores them escaped)
         "user-overlay-names",  # setxattr of user.overlay.* fails (ENODATA); kernel stores it
+        # a default ACL set through the mount is not handed down to new entries (a mkfifo
+        # under one fails with ENOENT); a lower's is, with other entries than the kernel's
+        "acl-inherit",
     }
 )
 
@@ -598,7 +601,11 @@ SUBJECTS: dict[str, Subject] = {
         # The kernel with userxattr writes an empty overlay.origin (no file handle), so after
         # link() the new name of a copied-up file shows the upper's st_ino and the old one the
         # lower's; layerfs shows one inode for both names, as it does with trusted xattrs.
-        (LAYERFS_LIMITS - {"user-overlay-names"}) | {"userxattr-link-ino"},
+        # An ACL entry for an id outside the namespace's map (0-65535 here) cannot pass
+        # between the kernel's FUSE and a daemon there (both sides map ACL ids through the
+        # daemon's namespace, and refuse the id: EINVAL); the kernel overlay mounted there
+        # shows it and copies it up (script acl-unmapped-ids).
+        (LAYERFS_LIMITS - {"user-overlay-names"}) | {"userxattr-link-ino", "userns-acl-unmapped"},
         ("userxattr", "redirect_dir=nofollow"),
         userns=True,
     ),

@@ -16,6 +16,7 @@ import pickle
 import stat
 from collections.abc import Callable, Sequence
 
+from . import acls
 from .snapshot import MAX_FILE_BYTES, digest, kind, list_dir
 
 Op = tuple[object, ...]
@@ -223,6 +224,31 @@ def _setxattr(p: bytes, name: bytes, value: bytes) -> object:
 def _removexattr(p: bytes, name: bytes) -> object:
     os.removexattr(p, name, follow_symlinks=False)
     return sorted(os.listxattr(p, follow_symlinks=False))
+
+
+def _acl_of(p: bytes, name: bytes) -> str:
+    try:
+        return acls.decode(os.getxattr(p, name, follow_symlinks=False))
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+def _getfacl(p: bytes) -> object:
+    """getfacl -n: the mode, and the access and default ACLs' entries (or the errno of each
+    read), decoded: an id in an entry is what a mapping has to get right."""
+    return (
+        oct(stat.S_IMODE(os.lstat(p).st_mode)),
+        _acl_of(p, acls.ACCESS),
+        _acl_of(p, acls.DEFAULT),
+    )
+
+
+def _setfacl(p: bytes, which: str, text: str) -> object:
+    """setfacl -m/-d: set P's access (WHICH ``access``) or default ACL to TEXT (acls.entries'
+    spelling), as an xattr value; then getfacl."""
+    name = acls.ACCESS if which == "access" else acls.DEFAULT
+    os.setxattr(p, name, acls.acl(text), follow_symlinks=False)
+    return _getfacl(p)
 
 
 def _chmod(p: bytes, mode: int) -> object:
@@ -492,6 +518,8 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "utime": (_utime, (0,)),
     "utime_one": (_utime_one, (0,)),
     "setxattr": (_setxattr, (0,)),
+    "setfacl": (_setfacl, (0,)),
+    "getfacl": (_getfacl, (0,)),
     "removexattr": (_removexattr, (0,)),
     "create": (_create, (0,)),
     "unlink": (lambda p: os.unlink(p), (0,)),
