@@ -30,17 +30,18 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import trio
 
 from layerfs import _sys
 from layerfs.attrs import Caller
 from layerfs.copyup import CopyUp, set_impure
+from layerfs.dirty import DirtyGauge
 from layerfs.inodes import InodeTable, Node
 from layerfs.layers import LayerStack
 
-BIG_IO = 256 << 10  # writes, and reads not in the page cache, from this size on: a worker thread
+BIG_IO = 256 << 10  # reads not in the page cache from this size on: a worker thread
 TRIM_AFTER = 0.1  # seconds without big I/O after which its buffers' memory goes back (_big_io_done)
 NODE_FH = 1 << 62  # a handle naming a node: no OPEN was sent for it (layerfs.fusehooks)
 # seconds without a write or a create after which the node descriptors open for writing are
@@ -116,17 +117,20 @@ def kill_suid(fd: int, writer: Caller) -> None:
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
 
-async def _write(
-    fd: int, off: int, data: bytes, kill_priv: Caller | None, big_done: Callable[[], None]
-) -> int:
+async def _write(files: Files, fd: int, off: int, data: bytes, kill_priv: Caller | None) -> int:
+    """pwrite DATA at OFF on FD: here, unless the page cache may make it wait (dirty-page
+    throttling: FILES.dirty), then on a worker thread, so that other requests are served
+    meanwhile."""
     if kill_priv is not None:
         kill_suid(fd, kill_priv)
-    if len(data) >= BIG_IO:
-        try:
-            return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
-        finally:
-            big_done()
-    return os.pwrite(fd, data, off)
+    try:
+        if files.dirty is None or files.dirty.room(len(data)):
+            return os.pwrite(fd, data, off)
+        files.writes_on_thread += 1
+        return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
+    finally:
+        if len(data) >= BIG_IO:
+            files._big_io_done()  # its buffer is the main arena's (_big_io_done)
 
 
 def _idle_writer(h: Handle) -> bool:
@@ -151,6 +155,9 @@ class Files:
         self.no_open = False  # the adapter sets it when the kernel will send no OPEN
         self.trims = 0  # memory trims after big I/O (_big_io_done)
         self.reads_on_thread = 0  # big READs of data not all in the page cache (read)
+        self.writes_on_thread = 0  # WRITEs the page cache might have throttled (_write)
+        # whether a write to the upper may run free of dirty-page throttling (_write)
+        self.dirty = None if stack.upper is None else DirtyGauge(stack.upper.dev)
         self._trim_wait: trio.CancelScope | None = None  # until the trim (_big_io_done)
         self._written = 0.0  # time.monotonic() of the last write or create through a node handle
         self._closing_writers = False  # a task waits to close them (_close_writers)
@@ -162,6 +169,7 @@ class Files:
             "node_write_fds": sum(h.writable and not h.pinned for h in self.by_node.values()),
             "memory_trims": self.trims,
             "reads_on_thread": self.reads_on_thread,
+            "writes_on_thread": self.writes_on_thread,
         }
 
     def _big_io_done(self) -> None:
@@ -461,7 +469,7 @@ class Files:
             if not h.writable:
                 raise OSError(errno.EBADF, "not open for writing")
             kill_priv, h.kill_priv = h.kill_priv, None  # cleared once: a later chmod +s stays
-            return await _write(h.fd, off, data, kill_priv, self._big_io_done)
+            return await _write(self, h.fd, off, data, kill_priv)
         node = self.table.get(fh & ~NODE_FH)
         kill_priv = None if writer is None else writer.kill_priv
         try:
@@ -475,7 +483,7 @@ class Files:
         h = await self._node_write_handle(node)
         h.busy += 1
         try:
-            return await _write(h.fd, off, data, kill_priv, self._big_io_done)
+            return await _write(self, h.fd, off, data, kill_priv)
         finally:
             h.unbusy()
 
