@@ -525,9 +525,15 @@ class Overlay:
                         res = resolve(self.stack, node, name)
                     else:
                         res = cast(Resolution, kept)  # the snapshot's (_check_impure_merged)
-                    if res is not None and res.fix_origin:
-                        self.fix_origin(node, name, res)
-                    found = node_for(self.table, node, name, res) if res is not None else None
+                    if res is not None and res.fix_origin and kept is None:
+                        # a merged upper directory without an origin, which the kernel's
+                        # listing does not look up (this directory is not impure): a node
+                        # needs fix_origin first, which the kernel writes at the name's
+                        # first lookup. Bare, the entry makes the kernel send that LOOKUP
+                        found, bare = None, self._bare_entry(node, name)
+                    else:
+                        found = node_for(self.table, node, name, res) if res is not None else None
+                        bare = None
                 except OSError as e:
                     if e.errno not in _OUT_OF_RESOURCES:
                         # the kernel lists a name whose lookup fails (a planted metacopy with
@@ -543,6 +549,11 @@ class Overlay:
                     if sent_any:
                         return  # end this reply here: the next one starts at NAME again
                     raise  # never a listing that silently lacks an entry
+                if bare is not None:
+                    dh.sent[i] = (name, bare.ino, bare.mode)
+                    sent_any = True
+                    yield name, None, bare, i + 1
+                    continue
                 if res is None or found is None:
                     continue  # removed since the snapshot
                 child = found

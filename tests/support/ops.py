@@ -147,6 +147,14 @@ def _listdir(p: bytes) -> object:
     return sorted(e.name for e in list_dir(p) if os.path.lexists(p + b"/" + e.name))
 
 
+def _listnames(p: bytes) -> object:
+    """A plain listing (``ls`` without ``-l``): getdents only, no entry looked up. Its names
+    are not the result (a kernel "ghost" is listed); what it writes in the upper is compared
+    (the machines' ``list_plain``)."""
+    os.listdir(p)
+    return None
+
+
 def _mkdir(p: bytes, mode: int = 0o755) -> object:
     os.mkdir(p, mode)
     return _stat_value(os.lstat(p))
@@ -507,6 +515,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "read": (_read, (0,)),
     "readlink": (os.readlink, (0,)),
     "listdir": (_listdir, (0,)),
+    "listnames": (_listnames, (0,)),
     "listxattr": (lambda p: sorted(os.listxattr(p, follow_symlinks=False)), (0,)),
     "getxattr": (lambda p, n: os.getxattr(p, n, follow_symlinks=False), (0,)),
     "write": (_write, (0,)),
@@ -556,6 +565,7 @@ FOLLOWS_LAST = {
     "truncate",
     "chmod",
     "listdir",
+    "listnames",
     "unlink_open",
     "unlink_fstat",
     "hardlink_probe",
