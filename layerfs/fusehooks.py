@@ -32,12 +32,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import importlib
 import logging
 import mmap
 import os
 import select
 import struct
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -388,16 +390,21 @@ _MAX_POLL_MS = 86_400_000  # trio's own longest sleep, a day
 
 
 def serve_loop(
-    hooks: Hooks, extension: str, module: Any, counts: dict[str, int], raw: RawOps | None = None
+    hooks: Hooks,
+    extension: str,
+    module: Any,
+    counts: dict[str, int],
+    raw: RawOps | CRawOps | None = None,
 ) -> bool:
     """Replace pyfuse3's ``_wait_fuse_readable`` (its loop looks it up in MODULE's dictionary
     at each request) with ``_PollLoop.wait``, which blocks in ``poll()`` on /dev/fuse and
     trio's epoll fd when trio has nothing else to do, instead of a pass through trio's
     scheduler between every two requests. COUNTS gets ``loop_poll`` (requests found by the
     poll) and ``loop_trio`` (waits through trio). With RAW, the wait reads each request
-    itself and answers the hottest ones through RAW (``_RawPath``; COUNTS' ``loop_raw``);
-    call before INIT is answered. False, changing nothing, where pyfuse3's layout is not
-    the one known (the pyfuse3 loop then serves as before)."""
+    itself and answers the hottest ones through RAW (``_RawPath``; COUNTS' ``loop_raw``),
+    compiled (``layerfs._craw``) when RAW is a CRawOps; call before INIT is answered.
+    False, changing nothing, where pyfuse3's layout is not the one known (the pyfuse3 loop
+    then serves as before)."""
     found = _addresses(extension)
     if found is None:
         return False
@@ -410,7 +417,10 @@ def serve_loop(
     if active.value != 0 or not callable(getattr(module, "_wait_fuse_readable", None)):
         return False
     loop = _PollLoop(hooks.session, active, module, counts)
-    if raw is not None and _RAW_LAYOUT:  # the structs as the kernel lays them out
+    if isinstance(raw, CRawOps):
+        loop.raw = _install_craw(hooks, loop.fd, raw, counts)
+        loop.compiled = loop.raw is not None
+    elif raw is not None and _RAW_LAYOUT:  # the structs as the kernel lays them out
         loop.raw = _RawPath.install(hooks, loop.fd, raw, counts)
     module._wait_fuse_readable = loop.wait
     return True
@@ -450,7 +460,9 @@ class _PollLoop(trio.abc.Instrument):
         self.runnable = 0  # tasks trio would run before its next I/O wait
         self.counting = False  # runnable is exact (from the first I/O wait on)
         self.poller = select.poll()
-        self.raw: _RawPath | None = None
+        self.raw: _RawPath | Any = None  # Any: a layerfs._craw.RawPath
+        self.compiled = False  # raw is layerfs._craw's
+        self.epoll = -1  # trio's epoll fd
 
     def _attach(self) -> bool:
         """Find trio's runner and hook in; False if its internals are not the ones known."""
@@ -467,6 +479,7 @@ class _PollLoop(trio.abc.Instrument):
             log.info("poll loop not used: trio's runner is not the one known (%s)", e)
             return False
         self.runner = runner
+        self.epoll = epoll_fd
         self.poller.register(self.fd, select.POLLIN)
         self.poller.register(epoll_fd, select.POLLIN)
         trio.lowlevel.add_instrument(self)
@@ -496,6 +509,8 @@ class _PollLoop(trio.abc.Instrument):
             self.module._wait_fuse_readable = self.original
             return bool(await self.original())
         raw = self.raw
+        if self.compiled:
+            return await self._wait_compiled(raw)
         while True:
             # Found by the poll with nothing awaited: no other task ran meanwhile, so the read
             # duty and pyfuse3's active_readers (which pyfuse3 reads between awaits only) need
@@ -507,6 +522,37 @@ class _PollLoop(trio.abc.Instrument):
             elif not await self._wait_trio(polled):
                 return False
             if raw is None or not raw.take():
+                return True
+
+    async def _wait_compiled(self, craw: Any) -> bool:
+        """``wait`` with the compiled raw path (layerfs._craw): the same steps, the poll
+        and the answers in C (``serve``) while trio has nothing to do and no timer is set.
+        A SETATTR or MKNOD whose core awaits (not met: the cores are asked only where no
+        copy-up is due) is awaited here, in this task, where its first step ran."""
+        while True:
+            polled = not self.owner  # as in wait
+            got = craw.serve(self, self.runner, self.epoll) if polled else _C_NOPOLL
+            if got == _C_NOPOLL:
+                if polled and self._poll():
+                    self.counts["loop_poll"] += 1
+                elif not await self._wait_trio(polled):
+                    return False
+                got = craw.take()
+            elif got == _C_TRIO:  # polled: trio has something ready
+                if not await self._wait_trio(True):
+                    return False
+                got = craw.take()
+            if got == _C_PARKED:
+                coro, yielded = craw.parked
+                try:
+                    result = await _resume(coro, yielded)
+                except BaseException as e:
+                    craw.finish(None, e if isinstance(e, Exception) else OSError(errno.EIO))
+                    if not isinstance(e, Exception):
+                        raise
+                else:
+                    craw.finish(result, None)
+            elif got == _C_PENDING:
                 return True
 
     async def _wait_trio(self, polled: bool) -> bool:
@@ -549,6 +595,29 @@ class _PollLoop(trio.abc.Instrument):
                 ms = min(_MAX_POLL_MS, int(sleep * 1000) + 1)
         ready = self.poller.poll(ms)
         return len(ready) == 1 and ready[0][0] == self.fd
+
+
+# layerfs._craw's answers to the wait (its NOPOLL, PENDING, TRIO, PARKED)
+_C_CODES = _C_NOPOLL, _C_PENDING, _C_TRIO, _C_PARKED = 0, 1, 2, 3
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Attr], yielded: Any) -> Generator[Any, Any, Attr]:
+    """The rest of CORO, whose first step (run from C in this task) yielded YIELDED to trio:
+    what ``await`` does after a first step, done by hand."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as e:
+            try:
+                yielded = coro.throw(e)
+            except StopIteration as stop:
+                return cast(Attr, stop.value)
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return cast(Attr, stop.value)
 
 
 @dataclass
@@ -770,6 +839,76 @@ class _RawPath:
 
 
 _NO_ATTR = (0,) * 16
+
+
+@dataclass
+class CRawOps:
+    """What the compiled raw path (``layerfs._craw``, LAYERFS_LOOP=craw) answers with: the
+    adapter's synchronous cores, called from C with the arguments unpacked, each of which
+    may raise. ``find(parent, name)``: the attributes (one lookup counted) or None, a
+    negative entry; ``getattr(node)``; ``find_xattr(node, name)``: the value or None
+    (ENODATA); ``stats_xattr(node, name)``: the adapter's getxattr core, asked for
+    ``stats_name`` on the root only; ``forget([(node, n), ...])``; ``errno_of(handler,
+    args, exception)``: the errno answered for what a core raised. ``requests`` counts each
+    request by handler name, as the handlers do; ``changed`` and ``listings`` are the
+    copy-up's nodes to invalidate, ``after()`` invalidates them (called when either is not
+    empty). TIMEOUT: seconds the kernel may keep entries and attributes."""
+
+    find: Callable[[int, bytes], Attr | None]
+    getattr: Callable[[int], Attr]
+    find_xattr: Callable[[int, bytes], bytes | None]
+    stats_xattr: Callable[[int, bytes], bytes]
+    stats_name: bytes
+    forget: Callable[[list[tuple[int, int]]], None]
+    errno_of: Callable[[str, tuple[Any, ...], Exception], int]
+    requests: dict[str, int]
+    changed: list[int]
+    listings: list[int]
+    after: Callable[[], None]
+    timeout: float
+    # SETATTR's and MKNOD's cores: the engine's coroutine (stepped from C; awaited by the
+    # wait should it park), or None: the request goes to pyfuse3
+    setattr: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
+    mknod: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
+
+
+@functools.cache
+def craw_module() -> Any:
+    """The compiled raw path's extension (built by scripts/setup.sh), or None where it is not
+    built or not the one the kernel's structs need."""
+    try:
+        module = importlib.import_module("layerfs._craw")  # by name: no source to lint
+    except ImportError as e:
+        log.warning("LAYERFS_LOOP=craw: layerfs._craw is not built (%s): raw path in Python", e)
+        return None
+    codes = (module.NOPOLL, module.PENDING, module.TRIO, module.PARKED)
+    if tuple(module.LAYOUT) != (_IN_HEADER, _OUT_HEADER, 144, 120, 24) or codes != _C_CODES:
+        log.warning("LAYERFS_LOOP=craw: layerfs._craw's structs are not the kernel's")
+        return None
+    return module
+
+
+# the compiled raw path releases the GIL around its read and write (measured: see
+# docs/benchmarks.md, session 14 cloop)
+CRAW_RELEASE_GIL = os.environ.get("LAYERFS_CRAW_RELEASE") == "1"
+
+
+def _install_craw(hooks: Hooks, fd: int, ops: CRawOps, counts: dict[str, int]) -> Any:
+    """Point the session's io at a new compiled raw path (``layerfs._craw.RawPath``); None
+    (nothing changed) where it is not built or libfuse refuses."""
+    module = craw_module()
+    if module is None:
+        return None
+    raw = module.RawPath(
+        fd, ops.find, ops.getattr, ops.find_xattr, ops.stats_xattr, ops.stats_name,
+        ops.forget, ops.errno_of, ops.requests, counts, ops.changed, ops.listings,
+        ops.after, ops.timeout, CRAW_RELEASE_GIL, ops.setattr, ops.mknod,
+    )  # fmt: skip
+    if not raw.install(hooks.session):
+        log.info("compiled raw path not used: fuse_session_custom_io refused")
+        return None
+    hooks.raw = True
+    return raw
 
 
 # The INIT exchange (include/uapi/linux/fuse.h)

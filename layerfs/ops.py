@@ -20,7 +20,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
@@ -272,7 +272,12 @@ class Operations(pyfuse3.Operations):
             if loop != "trio":  # trio: pyfuse3's own wait
                 # raw: the hottest requests answered by the wait itself (fusehooks.RawOps);
                 # it writes stat's st_ino apart from the node id, as _entry needs the probe for
-                raw = self._raw_ops() if loop == "raw" and _ST_INO_OFFSET is not None else None
+                # craw: the same, compiled (layerfs._craw, where scripts/setup.sh built it)
+                raw: fusehooks.RawOps | fusehooks.CRawOps | None = None
+                if loop == "craw" and fusehooks.craw_module() is not None:
+                    raw = self._craw_ops()
+                elif loop in ("raw", "craw") and _ST_INO_OFFSET is not None:
+                    raw = self._raw_ops()
                 fusehooks.serve_loop(self.hooks, pyfuse3.__file__, pyfuse3, LOOP, raw)
 
     def _raw_ops(self) -> fusehooks.RawOps:
@@ -285,6 +290,77 @@ class Operations(pyfuse3.Operations):
             forget=self._forget,
             timeout=TIMEOUT,
         )
+
+    def _craw_ops(self) -> fusehooks.CRawOps:
+        """The handlers' synchronous cores, for the compiled raw path: called from C, which
+        counts them and maps what they raise as ``_raw`` does."""
+        copyup = self.fs.copyup
+
+        def after() -> None:  # as _raw's finally
+            if copyup.changed:
+                _invalidate_attrs(copyup.changed)
+            if copyup.listing_changed:
+                trio.lowlevel.spawn_system_task(_invalidate_listings, copyup.listing_changed)
+
+        return fusehooks.CRawOps(
+            find=self.fs.find,  # _find's core: C maps FileNotFoundError as _find does
+            getattr=self.fs.getattr,
+            find_xattr=self.fs.find_xattr,
+            stats_xattr=self._getxattr,
+            stats_name=STATS_XATTR,
+            forget=self._forget,
+            errno_of=_errno_of,
+            requests=REQUESTS,
+            changed=copyup.changed,
+            listings=copyup.listing_changed,
+            after=after,
+            timeout=TIMEOUT,
+            setattr=self._setattr_now,
+            mknod=self._mknod_now,
+        )
+
+    def _setattr_now(
+        self,
+        inode: int,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        size: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+        fh: int | None,
+        caller_uid: int,
+        caller_gid: int,
+        caller_pid: int,
+    ) -> Coroutine[Any, Any, Attr] | None:
+        """SETATTR's core for the compiled raw path: the engine's coroutine, with the
+        arguments ``setattr`` builds (the fields libfuse and pyfuse3 would set, no umask:
+        a SETATTR carries none); None where it would copy the node up (overlay.setattr's
+        test): such a request goes to pyfuse3, whose loop starts another reader while it
+        waits."""
+        node = self.fs.table.get(inode)
+        if not node.upper or (size is not None and node.metacopy):
+            return None
+        ch = SetAttr(mode, uid, gid, size, atime_ns, mtime_ns)
+        return self.fs.setattr(inode, ch, fh, Caller(caller_uid, caller_gid, 0, caller_pid))
+
+    def _mknod_now(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        caller_uid: int,
+        caller_gid: int,
+        umask: int,
+        caller_pid: int,
+    ) -> Coroutine[Any, Any, Attr] | None:
+        """MKNOD's core for the compiled raw path, as ``_setattr_now``: None where the
+        parent directory needs a copy-up first."""
+        if not self.fs.table.get(parent).upper:
+            return None
+        caller = Caller(caller_uid, caller_gid, umask, caller_pid)
+        return self.fs.mknod(parent, name, mode, rdev, caller)
 
     def answer_init(self) -> None:
         """Answer INIT before pyfuse3's loop starts, with the flags libfuse cannot ask for
@@ -306,7 +382,8 @@ class Operations(pyfuse3.Operations):
 
     def _find(self, parent_inode: int, name: bytes) -> Attr | None:
         """LOOKUP's core (the handler's and the raw path's): NAME's attributes, its lookup
-        counted, or None: a negative entry."""
+        counted, or None: a negative entry. (The compiled raw path, layerfs._craw, calls
+        ``fs.find`` and does the same in C.)"""
         try:
             return self.fs.find(parent_inode, name)
         except FileNotFoundError:  # met on the way (a layer's file gone): negative too

@@ -184,6 +184,32 @@ fi
 "$venv/bin/python" -m compileall -q layerfs mount_helper layerfs_snapshotter >/dev/null \
     || die "cannot byte-compile the sources"
 
+# --- 3b. the compiled raw path (LAYERFS_LOOP=craw) -----------------------------------------
+# layerfs/_craw.pyx -> layerfs/_craw.<EXT_SUFFIX> (Cython from the dev extras, then gcc against
+# Python's and libfuse3's headers), rebuilt when the source, Cython or the interpreter change;
+# never committed (.gitignore). A failed build is not fatal: LAYERFS_LOOP=craw then serves
+# with the Python raw path, and its tests skip (docs/concurrency.md, the compiled raw path).
+build_craw() {
+    local py=$venv/bin/python src=layerfs/_craw.pyx ext want tmp
+    ext=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') || return 1
+    want=$( { cat "$src"; "$venv/bin/cython" --version 2>&1; python_identity "$py"; } | sha256sum)
+    if [ -f "layerfs/_craw$ext" ] && [ "$(cat "layerfs/.craw-stamp" 2>/dev/null)" = "$want" ]; then
+        say "compiled raw path: up to date"
+        return 0
+    fi
+    tmp=$(mktemp -d)
+    "$venv/bin/cython" -3 -o "$tmp/_craw.c" "$src" \
+        && gcc -O2 -shared -fPIC -DFUSE_USE_VERSION=314 \
+            -I"$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+            $(pkg-config --cflags fuse3) "$tmp/_craw.c" -o "$tmp/_craw$ext" $(pkg-config --libs fuse3) \
+        && mv "$tmp/_craw$ext" "layerfs/_craw$ext" && printf '%s\n' "$want" >layerfs/.craw-stamp
+    local rc=$?
+    rm -rf "$tmp"
+    [ $rc -eq 0 ] && say "compiled raw path: built"
+    return $rc
+}
+build_craw || say "compiled raw path: NOT built (LAYERFS_LOOP=craw serves with the Python raw path)"
+
 # mount.layerfs as a launcher that starts Python without site and without pip's wrapper (which
 # imports re): a third of a mount's instructions when a fork server is up (mount_helper/launcher.py).
 # Rewritten on every run: pip writes its own wrapper whenever it reinstalls.
