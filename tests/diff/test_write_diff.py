@@ -2279,6 +2279,29 @@ class WriteMachine(_Machine):
     def removexattr(self, p: bytes, name: bytes) -> None:
         self._do(("removexattr", p, name))
 
+    # POSIX ACLs: an access or default ACL naming users and groups that layerfs-idmap maps
+    # to others (1000, 2000; gids 50, 1000), at a range's edge (999, 1001, 2001) or to
+    # themselves (65534); getfacl reads both back decoded, and the snapshots compare the
+    # raw values; the as_user rule then meets them in the kernel's checks
+    @rule(
+        p=_paths,
+        which=st.sampled_from(["access", "access", "default"]),
+        users=st.lists(st.sampled_from([999, 1000, 1001, 2000, 2001, 65534]), max_size=2),
+        groups=st.lists(st.sampled_from([50, 1000, 1001]), max_size=2),
+        perms=st.sampled_from(["rw", "r", "-", "rwx"]),
+    )
+    def setfacl(
+        self, p: bytes, which: str, users: list[int], groups: list[int], perms: str
+    ) -> None:
+        named_u = "".join(f"u:{u}:{perms}," for u in sorted(set(users)))
+        named_g = "".join(f"g:{g}:r," for g in sorted(set(groups)))
+        text = f"u::rwx,{named_u}g::rx,{named_g}m::{perms},o::r"
+        self._do(("setfacl", p, which, text))
+
+    @rule(p=_paths)
+    def getfacl(self, p: bytes) -> None:
+        self._do(("getfacl", p))
+
     @rule(p=_paths)
     def rmdir(self, p: bytes) -> None:
         self._do(("rmdir", p))
@@ -2358,6 +2381,8 @@ class WriteMachine(_Machine):
                     ("utime", p, T1),
                     ("setxattr", p, b"user.u", b"u"),
                     ("race", p, "wc"),
+                    ("read", p),
+                    ("getfacl", p),
                 ]
             )
         )

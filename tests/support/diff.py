@@ -96,6 +96,7 @@ def stack_options_for(subject: Subject, **kw: object) -> StackOptions:
         specials=base.specials and "device-copyup" not in subject.quirks,
         odd_names=base.odd_names,
         xattrs=base.xattrs,
+        acls=base.acls and "acl-inherit" not in subject.quirks,
         setgid_dirs=base.setgid_dirs and "setgid-inherit" not in subject.quirks,
         setid_files=base.setid_files and "copyup-suid" not in subject.quirks,
         min_layers=base.min_layers,

@@ -26,6 +26,8 @@ from typing import Literal
 
 from hypothesis import strategies as st
 
+from . import acls
+
 WhiteoutStyle = Literal["char", "oci", "xattr", "user_xattr"]
 OpaqueStyle = Literal["trusted", "user", "oci"]
 
@@ -332,8 +334,23 @@ _MTIMES = st.sampled_from([DEFAULT_MTIME_NS, 1_000_000_000_000_000_001, 1_234_56
 _OWNERS = st.sampled_from([(0, 0), (1000, 1000), (0, 1000), (65534, 65534)])
 
 
+# POSIX ACLs a generated file or directory may carry (support.acls' spelling): named entries
+# for ids that layerfs-idmap maps to others (1000, 2000; gids 50, 1000) and to themselves
+_ACCESS_ACLS = [
+    acls.acl("u::rw,u:1000:r,g::r,m::r,o::"),
+    acls.acl("u::rwx,u:2000:rw,u:65534:r,g::rx,g:50:rwx,m::rwx,o::r"),
+    acls.acl("u::rw,u:999:-,g::-,g:1000:r,m::r,o::r"),
+]
+_DEFAULT_ACLS = [
+    acls.acl("u::rwx,u:1000:rwx,g::rx,g:50:rx,m::rwx,o::x"),
+    acls.acl("u::rwx,u:2000:rx,g::-,m::rx,o::-"),
+]
+
+
 @st.composite
-def _meta(draw: st.DrawFn, modes: Sequence[int], *, xattrs: bool) -> Meta:
+def _meta(
+    draw: st.DrawFn, modes: Sequence[int], *, xattrs: bool, acl: bool = False, is_dir: bool = False
+) -> Meta:
     uid, gid = draw(_OWNERS)
     xs: dict[bytes, bytes] = {}
     if xattrs:
@@ -346,6 +363,10 @@ def _meta(draw: st.DrawFn, modes: Sequence[int], *, xattrs: bool) -> Meta:
         )
         if draw(st.integers(0, 9)) == 0:
             xs[b"security.capability"] = CAP_NET_BIND_SERVICE
+    if acl and draw(st.integers(0, 5)) == 0:
+        xs[acls.ACCESS] = draw(st.sampled_from(_ACCESS_ACLS))
+    if acl and is_dir and draw(st.integers(0, 4)) == 0:
+        xs[acls.DEFAULT] = draw(st.sampled_from(_DEFAULT_ACLS))
     return Meta(draw(st.sampled_from(list(modes))), uid, gid, draw(_MTIMES), xs)
 
 
@@ -359,6 +380,7 @@ class StackOptions:
     specials: bool = True  # fifos and device nodes
     odd_names: bool = True
     xattrs: bool = True
+    acls: bool = True  # POSIX ACLs (access; default ones on directories)
     setgid_dirs: bool = True
     setid_files: bool = True  # setuid/setgid regular files
     min_layers: int = 2
@@ -391,7 +413,7 @@ def _node(draw: st.DrawFn, opts: StackOptions, depth: int, lowest: bool) -> Node
             st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"lower", b"x" * 70000]))
         )
         modes = [0o644, 0o600, 0o755, 0o444] + ([0o4755, 0o2755] if opts.setid_files else [])
-        return File(content, draw(_meta(modes, xattrs=opts.xattrs)))
+        return File(content, draw(_meta(modes, xattrs=opts.xattrs, acl=opts.acls)))
     if kind == "dir":
         return draw(_dir(opts, depth + 1, lowest))
     if kind == "symlink":
@@ -426,7 +448,7 @@ def _dir(draw: st.DrawFn, opts: StackOptions, depth: int, lowest: bool) -> Dir:
             # .wh..wh..opq beside opaque=x (the xattr whiteouts' marker) has no kernel meaning.
             opaque = "trusted" if "trusted" in opts.opaques else None
     modes = [0o755, 0o700, 0o1777] + ([0o2775] if opts.setgid_dirs else [])
-    meta = draw(_meta(modes, xattrs=opts.xattrs))
+    meta = draw(_meta(modes, xattrs=opts.xattrs, acl=opts.acls, is_dir=True))
     return Dir(entries, meta, opaque)
 
 
