@@ -152,16 +152,25 @@ def _serve_shared(config: MountConfig, fuse_fd: int, m: share.Mount) -> None:
 
     import trio
 
+    overlay = None
     try:
         overlay = _open(config)
         ops = _session(overlay, fuse_fd, m.fuse, m.ops)
     except BaseException:
         logging.getLogger("layerfs").exception("cannot serve %s", config.mountpoint)
         premount.unmount_lazy(config.mountpoint)
+        # the process lives on: what this mount holds goes now (a session not made yet
+        # holds no fd: the fd is ours)
+        if overlay is None:
+            os.close(fuse_fd)
+        else:
+            overlay.close()
         return
 
     async def main() -> None:
         m.token = trio.lowlevel.current_trio_token()
+        if m.unmount:  # a SIGTERM while this mount was opening: Mount.terminate had no token
+            return
         ops.answer_init()
         m.live.set()
         await m.fuse.main()

@@ -109,6 +109,9 @@ def serve(
             return Sharer(config.share, listener, serve_one).run(config, fuse_fd, lock_fd)
         if _offer(addr, payload, fds):  # bound meanwhile by another daemon, with room
             return 0
+    log.warning(
+        "share: no process of this key took %s and no slot is free: served alone", config.mountpoint
+    )
     return serve_alone()
 
 
@@ -117,12 +120,16 @@ def _offer(addr: bytes, payload: bytes, fds: list[int]) -> bool | None:
     when one is there and did not take it (full, refused, not ours); None when nobody is."""
     s = socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
+        # the timeout before the connect: a blocking one waits for room in the listener's
+        # backlog, and anyone of the network namespace may bind our name with a full one
+        # (BlockingIOError then: somebody is there, it did not take the mount)
+        s.settimeout(OFFER_TIMEOUT)
         try:
             s.connect(addr)
         except (ConnectionRefusedError, FileNotFoundError):
             return None
-        s.settimeout(OFFER_TIMEOUT)
         if forkserver._peer(s) is None:  # another user's or namespace's socket at our name
+            log.warning("share: %r is held by a process not ours", addr[1:].decode())
             return False
         s.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fds_bytes(fds))])
         if not s.recv(64).startswith(b"ready"):
@@ -211,6 +218,7 @@ class Sharer:
         poller = select.poll()
         poller.register(self.listener.fileno(), select.POLLIN)
         poller.register(self.wake_r, select.POLLIN)
+        accepting = True
         try:
             while True:
                 with self.lock:
@@ -218,6 +226,9 @@ class Sharer:
                         break
                     live = list(self.mounts.values())
                 if stop:
+                    if accepting:  # offers wait in the backlog: no poll may spin on them
+                        poller.unregister(self.listener.fileno())
+                        accepting = False
                     for m in live:
                         m.terminate()
                 for fd, _ in poller.poll():

@@ -13,14 +13,22 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from compat.helpers import USERNS, helper_command, helper_env, reap, run_helper_script
+from compat.helpers import (
+    USERNS,
+    helper_command,
+    helper_env,
+    reap,
+    run_helper_script,
+)
 from support.mounts import layerfs_command, mount_kernel
 from support.ops import Op, apply_all, compare_results
 from support.snapshot import assert_same, fs_clock_ns, snapshot
@@ -60,17 +68,20 @@ def _opts(d: dict[str, Path], share: int) -> str:
     )
 
 
-def _mount(d: dict[str, Path], share: int) -> None:
+def _mount(
+    d: dict[str, Path], share: int, env: dict[str, str] | None = None, *, check: bool = True
+) -> None:
     r = subprocess.run(
         [*helper_command(), "overlay", str(d["merged"]), "-o", _opts(d, share)],
         capture_output=True,
         text=True,
-        env=helper_env(),
+        env=env or helper_env(),
         timeout=TIMEOUT,
         check=False,
     )
     assert r.returncode == 0, r.stderr
-    assert (d["merged"] / "f").read_text() == "x"
+    if check:
+        assert (d["merged"] / "f").read_text() == "x"
 
 
 def _pid(d: dict[str, Path]) -> int:
@@ -254,4 +265,223 @@ def test_layerfs_mount_takes_share_too(stacks: list[dict[str, Path]]) -> None:
     pid = _pid(a)
     _unmount(a)
     _unmount(b)
+    assert _gone(pid)
+
+
+SQUAT = """
+import os, socket, sys, time
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+name = b"\\0" + sys.argv[1].encode()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.bind(name)
+s.listen(0)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+c.connect(name)  # its own connection fills the backlog: a blocking connect waits for a slot
+print("squatting", flush=True)
+time.sleep(TIMEOUT)
+"""
+
+
+def _share_names(pid: int) -> list[str]:
+    """The abstract names (without the NUL) of the sockets process PID holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    names = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith("@"):
+            names.append(fields[7][1:])
+    return names
+
+
+def _read_within(path: Path, timeout: float) -> str | None:
+    """PATH's text read by a child (a hung FUSE request cannot be interrupted here), or None
+    when it did not answer within TIMEOUT seconds."""
+    try:
+        r = subprocess.run(["cat", str(path)], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    return r.stdout
+
+
+def test_a_squatted_slot_of_another_user_does_not_hang_a_mount(
+    stacks: list[dict[str, Path]],
+) -> None:
+    """Anyone of the network namespace may bind a sharing process's abstract name (they are
+    listed in /proc/net/unix, and a key is guessable). An unprivileged user's socket at slot
+    0 whose backlog is full must not keep root's next share=2 mount of that key unserved:
+    the daemon's connect waited for room in that backlog, forever, with the mount made and
+    every request to it hanging (found by review14)."""
+    a, b = stacks[:2]
+    env = {**helper_env(), "LAYERFS_REVIEW_TAG": f"squat-{os.getpid()}-{time.monotonic_ns()}"}
+    _mount(a, share=2, env=env)
+    pid = _pid(a)
+    names = [n for n in _share_names(pid) if n.startswith("layerfs-share-")]
+    assert names and names[0].endswith("-0"), names
+    _unmount(a)
+    assert _gone(pid)
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", SQUAT.replace("TIMEOUT", str(TIMEOUT)), names[0]],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "squatting\n"
+        _mount(b, share=2, env=env, check=False)
+        assert _read_within(b["merged"] / "f", 15.0) == "x", "b left unserved"
+        assert _pid(b) != pid
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def _tasks(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_sigterm_while_a_mount_opens_its_layers_unmounts_it_too(
+    stacks: list[dict[str, Path]], tmp_path: Path
+) -> None:
+    """SIGTERM reaches a mount's thread through its trio token, which the thread sets once
+    its layers are open; a mount still opening them when the signal came was left serving,
+    and the process with it (found by review14). strace holds the second mount's thread in
+    the open of its own lower directory (delay_enter) while the signal comes."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    a, b = stacks[:2]
+    own = tmp_path / "own-lower"
+    own.mkdir()
+    (own / "f").write_text("x")
+    b["lower"] = own  # the second mount's alone: its open is the one delayed
+    env = {**helper_env(), "LAYERFS_REVIEW_TAG": f"term-{os.getpid()}-{time.monotonic_ns()}"}
+    _mount(a, share=2, env=env)
+    pid = _pid(a)
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-f",
+            "-p",
+            str(pid),
+            "-P",
+            str(own),
+            "-e",
+            "trace=openat",
+            "-e",
+            "inject=openat:delay_enter=4000000",
+            "-o",
+            "/dev/null",
+        ],
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not _traced(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        before = _tasks(pid)
+        _mount(b, share=2, env=env, check=False)
+        while _tasks(pid) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _tasks(pid) > before, "the process did not take the second mount"
+        time.sleep(0.5)  # its thread is in the delayed open of its lower directory
+        os.kill(pid, signal.SIGTERM)
+        assert _gone(pid, timeout=20.0), "the process outlived SIGTERM"
+    finally:
+        tracer.kill()
+        tracer.wait()
+    mounted = Path("/proc/self/mountinfo").read_text()
+    assert f" {a['merged']} " not in mounted and f" {b['merged']} " not in mounted
+
+
+def _traced(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in f)
+
+
+def _fuse_fds(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"
+        except OSError:
+            pass
+    return n
+
+
+def _listed(mnt: Path) -> bool:
+    """Whether MNT is in our mountinfo (a path of it is never resolved: it may hang)."""
+    return f" {mnt} " in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_mount_that_cannot_open_its_layers_leaves_nothing_in_the_process(
+    stacks: list[dict[str, Path]], tmp_path: Path
+) -> None:
+    """A mount taken by a sharing process which then cannot open its layers (strace fails the
+    open of its own lower directory with EACCES) is detached and its /dev/fuse fd closed, so
+    a request sent to it meanwhile fails (ENOTCONN): the process serves on, and the fd it
+    kept held that FUSE connection, its requests waiting unanswered, for as long as the
+    process lived (found by review14: a read of the mount hung; the process held one more
+    /dev/fuse fd for each such mount)."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    a, b = stacks[:2]
+    own = tmp_path / "own-lower"
+    own.mkdir()
+    (own / "f").write_text("x")
+    b["lower"] = own
+    env = {**helper_env(), "LAYERFS_REVIEW_TAG": f"leak-{os.getpid()}-{time.monotonic_ns()}"}
+    _mount(a, share=2, env=env)
+    pid = _pid(a)
+    before = _fuse_fds(pid)
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-f",
+            "-p",
+            str(pid),
+            "-P",
+            str(own),
+            "-e",
+            "trace=openat",
+            "-e",
+            "inject=openat:delay_enter=1000000:error=EACCES",
+            "-o",
+            "/dev/null",
+        ],
+    )
+    readers = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not _traced(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(2):
+            _mount(b, share=2, env=env, check=False)
+            # sent before the process gives up on the mount (its open is delayed by 1 s)
+            readers.append(
+                subprocess.Popen(["cat", str(b["merged"] / "f")], stderr=subprocess.PIPE, text=True)
+            )
+            while _listed(b["merged"]) and time.monotonic() < deadline:
+                time.sleep(0.05)  # detached by the process once its open failed
+            assert not _listed(b["merged"])
+        for r in readers:
+            try:
+                _, err = r.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("a request to the mount given up was never answered")
+            assert r.returncode != 0 and "not connected" in err, err
+    finally:
+        tracer.kill()
+        tracer.wait()
+        for r in readers:
+            r.kill()
+            r.wait()
+    assert _fuse_fds(pid) == before
+    assert _answer(a) == errno.ENOENT
+    _unmount(a)
     assert _gone(pid)
