@@ -4,7 +4,9 @@ A range ``S:K:N`` shows an object stored in the layers with id S+i as owned by i
 stores a caller's (or a chown's) id K+i as S+i: images keep their own ids on disk while the
 container's processes, whose user namespace maps them onto K..K+N-1, see them as theirs. An id
 outside every range shows as, and is stored as, the overflow id 65534, as the kernel does for
-ids a user namespace does not map. ``squash_to_*`` shows every object owned by one id.
+ids a user namespace does not map; an owner's or group's is answered as ``(uid_t)-1`` (NO_ID),
+which the kernel's FUSE shows as 65534 owned by nobody (IdMap.attr). ``squash_to_*`` shows
+every object owned by one id.
 
 A file capability (``security.capability``) names the root id it is valid for (a v3's
 ``rootid``; a v2's is 0): that id is mapped too, as a kernel idmapped mount maps it
@@ -35,6 +37,7 @@ from layerfs.attrs import Attr, Caller
 from layerfs.config import IdMapping, MountConfig
 
 OVERFLOW_ID = 65534
+NO_ID = 0xFFFF_FFFF  # (uid_t)-1: the kernel's FUSE makes it INVALID_UID, owned by nobody
 
 # struct vfs_cap_data / vfs_ns_cap_data (linux/capability.h): magic_etc, 2 x (permitted,
 # inheritable), and v3's rootid
@@ -56,6 +59,11 @@ def _cap_parts(value: bytes) -> tuple[int, bytes, int] | None:
     if len(value) == _CAP_V3_SIZE and revision == _CAP_REVISION_3:
         return magic & _CAP_FLAGS_EFFECTIVE, value[4:20], struct.unpack_from("<I", value, 20)[0]
     return None
+
+
+def _unmapped(mappings: Sequence[IdMapping], stored: int) -> bool:
+    """Whether MAPPINGS (not empty) map no range over STORED."""
+    return bool(mappings) and not any(m.inner <= stored < m.inner + m.count for m in mappings)
 
 
 def _shown(mappings: Sequence[IdMapping], stored: int) -> int:
@@ -172,8 +180,18 @@ class IdMap:
         return acl.serialise(out)
 
     def attr(self, a: Attr) -> Attr:
-        """A as the mount shows it."""
-        return a._replace(uid=self.show_uid(a.uid), gid=self.show_gid(a.gid))
+        """A as the mount shows it; an owner or group outside every range as ``(uid_t)-1``,
+        which the kernel's FUSE takes as INVALID_UID (INVALID_GID), as a kernel idmapped
+        mount shows such an id: stat shows the overflow id 65534, and nobody owns the file
+        (the user whose id 65534 is gets the other bits; root no DAC override). Shown as a
+        plain 65534, that user owned every such file (read, wrote, chmodded it)."""
+        uid = self.show_uid(a.uid)
+        if uid == OVERFLOW_ID and self.squash_uid is None and _unmapped(self.uids, a.uid):
+            uid = NO_ID
+        gid = self.show_gid(a.gid)
+        if gid == OVERFLOW_ID and self.squash_gid is None and _unmapped(self.gids, a.gid):
+            gid = NO_ID
+        return a._replace(uid=uid, gid=gid)
 
     def caller(self, c: Caller) -> Caller:
         """C in stored ids: the owner its new objects get, the groups its checks use."""

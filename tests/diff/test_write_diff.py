@@ -548,6 +548,33 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"idmap-unmapped-overflow"},
     ),
+    # A lower file whose owner (or group) no range maps (stored 70000): the kernel's idmapped
+    # layer shows the overflow id 65534 but owned by nobody (INVALID_UID): user 65534 gets the
+    # other bits only (and root no DAC override, privileged_wrt_inode_uidgid: 0604, so that
+    # the snapshot's root may read). layerfs-idmap showed plain 65534, so user 65534 owned
+    # every such file (found by review14: it read a 0600 one, wrote it, made it setuid).
+    # Elsewhere (no mapping) 70000 owns it, as stored.
+    "unmapped-owner-is-nobodys": (
+        LayerSpec(
+            [
+                d(
+                    {
+                        b"f": f(b"owner's", mode=0o604, uid=70000, gid=70000),
+                        b"g": f(b"group's", mode=0o064, uid=1000, gid=70000),
+                    }
+                )
+            ]
+        ),
+        [
+            ("as_user", 65534, 65534, ("write", b"f", 0, b"pwned")),
+            ("as_user", 65534, 65534, ("chmod", b"f", 0o4777)),
+            ("as_user", 65534, 65534, ("write", b"g", 0, b"pwned")),
+            ("as_user", 65534, 65534, ("read", b"g")),
+            ("stat", b"f"),
+            ("stat", b"g"),
+        ],
+        set(),
+    ),
     "truncate-setid-as-root": (
         LayerSpec(
             [
