@@ -2042,6 +2042,17 @@ class _Machine(RuleBasedStateMachine):
             else:
                 self._move(b, a, RENAME_EXCHANGE)
 
+    @rule(data=st.data(), users=st.sampled_from([(1000,), (2000, 2001), ()]))
+    def default_acl(self, data: st.DataObject, users: tuple[int, ...]) -> None:
+        """A default ACL on a directory that exists (merged, moved or new: uniform paths
+        rarely name one), for the creations after it, in it or in what is moved under it, to
+        inherit (acl.inherit reads the upper parent's)."""
+        merged, new, _ = self._dirs()
+        if merged or new:
+            p = data.draw(st.sampled_from(sorted(merged + new)))
+            named = "".join(f"u:{u}:rwx," for u in users)
+            self._do(("setfacl", p, "default", f"u::rwx,{named}g::rx,m::rwx,o::x"))
+
     # --- moves of any entry: files across directories, exchanged with anything
     # The uniform paths draw from a..e only: the generated hard links (hl-*) were never
     # renamed or linked, and an exchange rarely met a directory. A lower hard link's copy
