@@ -20,6 +20,7 @@ import stat
 import struct
 import sys
 import threading
+from _ctypes import Structure  # ctypes.Structure's home, which mypyc names (layerfs.compiled)
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 _XATTR_SIZE_MAX = 65536
 
 
-class _XattrArgs(ctypes.Structure):
+class _XattrArgs(Structure):
     _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
@@ -413,11 +414,11 @@ _SYS_CACHESTAT = 451
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-class _CacheRange(ctypes.Structure):  # struct cachestat_range
+class _CacheRange(Structure):  # struct cachestat_range
     _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
 
 
-class _CacheStat(ctypes.Structure):  # struct cachestat
+class _CacheStat(Structure):  # struct cachestat
     _fields_ = [
         (name, ctypes.c_uint64)
         for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from layerfs import __version__, _sys
+from layerfs import __version__
 from layerfs.config import FSYNC_MODES, IdMappingOptions, MountConfig
 from layerfs.errors import LayerfsError
 
@@ -153,6 +153,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         serve(config)
     except BaseException:
         if new_workdir and config.workdir is not None:  # a failed mount leaves nothing behind
+            from layerfs import _sys  # not at the top: the daemon of -f may load it compiled
+
             parent, name = os.path.split(config.workdir)
             fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
             try:

@@ -65,7 +65,8 @@ def address() -> bytes:
 def _code_identity() -> int:
     """A checksum of the interpreter (its path and version: a venv remade with another Python
     keeps its path), the paths of layerfs and of mount_helper beside it (the thin request runs
-    its option parser in the server), and their modules' mtimes and sizes."""
+    its option parser in the server), their modules' mtimes and sizes, and which engine the
+    server preloads: LAYERFS_COMPILED and the compiled build's time (layerfs.compiled)."""
     here = __file__
     if not here.startswith("/") or any(p in here for p in ("//", "/./", "/../")):
         import os  # rare: a relative or unnormalised entry of sys.path
@@ -73,6 +74,11 @@ def _code_identity() -> int:
         here = os.path.abspath(here)
     pkg = here.rpartition("/")[0]  # os.path.dirname, for a normalised absolute path
     parts = [sys.executable, sys.version, pkg]
+    parts.append("compiled=" + fsdecode(_environ().get(b"LAYERFS_COMPILED", b"")))
+    try:  # layerfs.compiled.DIR's MANIFEST
+        parts.append(str(posix.stat(pkg.rpartition("/")[0] + "/build/mypyc/MANIFEST").st_mtime_ns))
+    except OSError:
+        pass
     for where in (pkg, pkg.rpartition("/")[0] + "/mount_helper"):
         try:
             entries = posix.scandir(where)

@@ -20,6 +20,7 @@ import os
 import stat
 
 from layerfs import _sys, whiteout, xattrs
+from layerfs.errors import MetacopySizeError
 from layerfs.inodes import InodeTable, Key, Node
 from layerfs.layers import INDEX_MIN_LAYERS, Layer, LayerStack, Path
 
@@ -312,14 +313,6 @@ def resolve(
     if not has_origin and lowers:  # has_origin: read for an upper directory only
         res.fix_origin = True
     return res
-
-
-class MetacopySizeError(OSError):
-    """An upper metacopy file whose size is not its data's: no copy-up makes one. The kernel
-    serves it (the upper's size in stat, the data's bytes to its own end in a read, and a
-    copy-up of the data over the upper's own bytes), which FUSE's page cache cannot (reads
-    stop at the size stat showed): layerfs refuses its lookup (EIO), and a listing, which
-    the kernel's lookup would pass, shows it as a bare entry (Overlay._check_impure_merged)."""
 
 
 def _root_lowers(stack: LayerStack) -> list[tuple[Layer, Path]]:

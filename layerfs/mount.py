@@ -102,7 +102,9 @@ def _preload() -> None:
     import resource
     import signal
 
-    from layerfs import importstub
+    from layerfs import compiled, importstub
+
+    compiled.use()  # before the engine's first import (LAYERFS_COMPILED)
 
     importstub.import_pyfuse3()  # without importlib.metadata, which pyfuse3 wants for its version
     import pyfuse3
@@ -113,7 +115,7 @@ def _preload() -> None:
     from layerfs import fusehooks
 
     fusehooks.prepare(pyfuse3.__file__)  # the symbol table's walk, once for every child
-    del logging, resource, signal, pyfuse3, layerfs, importstub, fusehooks
+    del logging, resource, signal, pyfuse3, layerfs, compiled, importstub, fusehooks
 
     async def warm() -> None:  # trio's first run fills caches: once here, not in every child
         async with trio.open_nursery() as nursery:
@@ -207,6 +209,14 @@ def _serve_fd(config: MountConfig, fuse_fd: int) -> int:
 
 
 def _open(config: MountConfig) -> Overlay:
+    import logging
+
+    from layerfs import compiled
+
+    engine = compiled.use()  # before the engine's first import (the fork server's: its preload)
+    asked = os.environ.get("LAYERFS_COMPILED", "0") != "0"
+    level = logging.WARNING if asked and engine != "compiled" else logging.INFO
+    logging.getLogger("layerfs").log(level, "engine: %s", engine)
     from layerfs.overlay import Overlay
 
     if config.merge_pages:

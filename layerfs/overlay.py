@@ -28,11 +28,12 @@ from layerfs import _sys, acl, xattrs
 from layerfs.attrs import Attr, Caller, SetAttr
 from layerfs.config import MountConfig
 from layerfs.copyup import CopyUp, fix_origin
+from layerfs.errors import MetacopySizeError
 from layerfs.files import NODE_FH, Files, kill_suid
 from layerfs.idmap import IdMap
 from layerfs.inodes import ROOT_ID, InodeTable, Node
 from layerfs.layers import Layer, LayerStack, Path
-from layerfs.lookup import MetacopySizeError, Resolution, node_for, resolve
+from layerfs.lookup import Resolution, node_for, resolve
 from layerfs.namespace import Namespace
 from layerfs.readdir import DirCache, DirHandle, kernel_order, merged_listing
 

@@ -8,6 +8,7 @@
 #      usable Python >= 3.11 (venv and headers: python3-venv, python3-dev), else by python3 on
 #      PATH (PYTHON=... overrides both); remade when the interpreter changes, reinstalled when
 #      pyproject.toml or this script's pip step changes
+#   3c. the engine compiled by mypyc into build/mypyc (scripts/build_compiled.py)
 #   4. the unprivileged user the rootless podman test runs as (layerfs-rootless, with
 #      subordinate uid/gid ranges): made here because the test session may not change
 #      /etc/passwd (tests/conftest.py checks it)
@@ -209,6 +210,12 @@ build_craw() {
     return $rc
 }
 build_craw || say "compiled raw path: NOT built (LAYERFS_LOOP=craw serves with the Python raw path)"
+
+# --- 3c. the engine compiled by mypyc ------------------------------------------------------
+# layerfs/compiled.py (off unless LAYERFS_COMPILED=1): built
+# into build/mypyc when the engine's sources changed, ~2 min of CPU; a failed build (no gcc,
+# no Python headers) leaves the engine interpreted, said in one line.
+"$venv/bin/python" scripts/build_compiled.py | sed 's/^/setup: /' || true
 
 # mount.layerfs as a launcher that starts Python without site and without pip's wrapper (which
 # imports re): a third of a mount's instructions when a fork server is up (mount_helper/launcher.py).
