@@ -36,6 +36,7 @@ MODULES = (
     "lookup",
     "readdir",
     "copyup",
+    "dirty",
     "files",
     "namespace",
     "attrs",

@@ -53,7 +53,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="layerfs-mypyc-") as tmp:
         work = Path(tmp)
         shutil.copytree(
-            REPO / "layerfs", work / "layerfs", ignore=shutil.ignore_patterns("__pycache__")
+            REPO / "layerfs",
+            work / "layerfs",
+            ignore=shutil.ignore_patterns("__pycache__", "*.so"),  # the sources only
         )
         shutil.copy(REPO / "pyproject.toml", work)  # mypy's settings
         sources = [f"layerfs/{name}.py" for name in compiled.MODULES]
