@@ -2,7 +2,8 @@
 
 Mounts each target afresh on the same small lower (kernel overlayfs, fuse-overlayfs, layerfs,
 and layerfs again with other daemon environments: ``--variant NAME:VAR=VALUE,...``), writes
-``--mib`` MiB into a new file as ``dd bs=1M`` does (a child process writing 1 MiB at a time),
+``--mib`` MiB into a new file as ``dd bs=1M`` does (a child process writing ``--bs`` KiB, 1 MiB
+by default, at a time),
 quiet and with ``--busy`` (a CPU hog on every core but one, the benchmarks' busy host), the
 targets alternating, ``--rounds`` times. Each run reports:
 
@@ -11,7 +12,7 @@ targets alternating, ``--rounds`` times. Each run reports:
 - the daemon's CPU (every thread's schedstat run time: not rounded to clock ticks) and its
   threads' run delay, per MiB; its voluntary and involuntary context switches per MiB;
 - the requests the kernel sent per MiB (``benchmarks.requests.counting``);
-- the daemon's peak RSS (VmHWM).
+- the daemon's minor page faults per MiB and its peak RSS (VmHWM).
 
 Root only (mounts, tracefs). docs/benchmarks.md, session 14 (seqwrite).
 """
@@ -27,10 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks import requests
+from benchmarks.hostmem import describe, warm_host_memory
 from benchmarks.system import busy_host
 
 MiB = 1 << 20
@@ -52,13 +54,21 @@ def _tasks(pid: int) -> dict[int, tuple[int, int, int, int]]:
     return out
 
 
-def _delta(a: dict[int, tuple[int, ...]], b: dict[int, tuple[int, ...]]) -> tuple[int, ...]:
+Tasks = dict[int, tuple[int, int, int, int]]
+
+
+def _delta(a: Tasks, b: Tasks) -> tuple[int, int, int, int, int]:
     tot = [0, 0, 0, 0]
     for tid, now in b.items():
         was = a.get(tid, (0, 0, 0, 0))
         for i in range(4):
             tot[i] += now[i] - was[i]
-    return (*tot, sum(1 for tid in b if tid not in a))
+    return tot[0], tot[1], tot[2], tot[3], sum(1 for tid in b if tid not in a)
+
+
+def _minflt(pid: int) -> int:
+    """PID's minor page faults so far (all its threads)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
 def _hwm(pid: int) -> int:
@@ -68,17 +78,18 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _writer(path: Path, mib: int) -> tuple[float, int, int]:
-    """Write MIB MiB to PATH in a child process: (seconds, its run ns, its run delay ns)."""
+def _writer(path: Path, mib: int, bs: int = MiB) -> tuple[float, int, int]:
+    """Write MIB MiB to PATH in BS-byte writes from a child process: (seconds, its run ns,
+    its run delay ns)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: as dd bs=1M
         try:
             os.close(r)
-            buf = b"\xa5" * MiB  # touched, as dd's buffer (an untouched one splits WRITEs)
+            buf = b"\xa5" * bs  # touched, as dd's buffer (an untouched one splits WRITEs)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             t0 = time.perf_counter()
-            for _ in range(mib):
+            for _ in range(mib * MiB // bs):
                 os.write(fd, buf)
             os.close(fd)
             t = time.perf_counter() - t0
@@ -90,8 +101,8 @@ def _writer(path: Path, mib: int) -> tuple[float, int, int]:
     with os.fdopen(r) as f:
         text = f.read()
     os.waitpid(pid, 0)
-    t, run, delay = text.split()
-    return float(t), int(run), int(delay)
+    secs, run, delay = text.split()
+    return float(secs), int(run), int(delay)
 
 
 @contextlib.contextmanager
@@ -124,14 +135,16 @@ def _mounted(
 
 
 def _one(
-    kind: str, lower: Path, root: Path, layerfs: str, env: dict[str, str], mib: int
+    kind: str, lower: Path, root: Path, layerfs: str, env: dict[str, str], mib: int, bs: int
 ) -> dict[str, float]:
     with _mounted(kind, lower, root, layerfs, env) as (mnt, pid):
         out = mnt / "tmp" / "seqwrite"
         before = _tasks(pid) if pid else {}
+        flt0 = _minflt(pid) if pid else 0
         with requests.counting(os.stat(mnt).st_dev) as counts:
-            secs, wrun, wdelay = _writer(out, mib)
+            secs, wrun, wdelay = _writer(out, mib, bs)
         after = _tasks(pid) if pid else {}
+        faults = _minflt(pid) - flt0 if pid else 0
         run, delay, vol, invol, new = _delta(before, after) if pid else (0, 0, 0, 0, 0)
         hwm = _hwm(pid) if pid else 0
         os.unlink(out)
@@ -146,6 +159,7 @@ def _one(
         "vol/MiB": vol / mib,
         "invol/MiB": invol / mib,
         "new threads": new,
+        "faults/MiB": faults / mib,
         "req/MiB": sum(counts.values()) / mib,
         "hwm MiB": hwm / MiB,
         **{f"{op}/MiB": c / mib for op, c in counts.items()},
@@ -156,6 +170,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bs", type=int, default=1024, help="KiB a write (dd's bs)")
     p.add_argument("--targets", default="kernel,fuse-overlayfs,layerfs")
     p.add_argument("--variant", action="append", default=[], help="NAME:VAR=VALUE,...")
     p.add_argument("--busy", default="quiet,busy", help="quiet,busy or either")
@@ -174,25 +189,48 @@ def main() -> int:
     (lower / "tmp").mkdir(parents=True)
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
-        for rnd in range(args.rounds):
-            for mode in args.busy.split(","):
-                hogs = max(0, (os.cpu_count() or 1) - 1) if mode == "busy" else 0
-                with busy_host(hogs):
-                    for name, kind, env in targets if rnd % 2 == 0 else targets[::-1]:
-                        r = _one(kind, lower, root, args.layerfs, env, args.mib)
-                        results.setdefault((mode, name), []).append(r)
-                        print(mode, name, {k: round(v, 2) for k, v in r.items()}, flush=True)
+        with warm_host_memory() as hm:  # the written pages not faulted back from the host
+            print(describe(hm.to_json()), flush=True)
+            _rounds(args, targets, lower, root, results, hm.refresh)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    _report(args, results)
+    return 0
+
+
+def _rounds(
+    args: argparse.Namespace,
+    targets: list[tuple[str, str, dict[str, str]]],
+    lower: Path,
+    root: Path,
+    results: dict[tuple[str, str], list[dict[str, float]]],
+    refresh: Callable[[], float | None],
+) -> None:
+    for rnd in range(args.rounds):
+        for mode in args.busy.split(","):
+            hogs = max(0, (os.cpu_count() or 1) - 1) if mode == "busy" else 0
+            with busy_host(hogs):
+                for name, kind, env in targets if rnd % 2 == 0 else targets[::-1]:
+                    refresh()  # touched again once half of min_free_ms has passed
+                    r = _one(kind, lower, root, args.layerfs, env, args.mib, args.bs << 10)
+                    results.setdefault((mode, name), []).append(r)
+                    print(mode, name, {k: round(v, 2) for k, v in r.items()}, flush=True)
+
+
+def _report(
+    args: argparse.Namespace, results: dict[tuple[str, str], list[dict[str, float]]]
+) -> None:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n# {args.mib} MiB a run, {args.rounds} rounds, medians; load average now {load}")
+    print(
+        f"\n# {args.mib} MiB a run in {args.bs} KiB writes, {args.rounds} rounds, medians;", end=""
+    )
+    print(f" load average now {load}")
     keys = list(dict.fromkeys(k for rs in results.values() for r in rs for k in r))
     print("| mode | target | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 2) + "|")
     for (mode, name), rs in results.items():
         med = [statistics.median(r.get(k, 0.0) for r in rs) for k in keys]
         print(f"| {mode} | {name} | " + " | ".join(f"{m:.2f}" for m in med) + " |")
-    return 0
 
 
 if __name__ == "__main__":
