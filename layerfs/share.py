@@ -35,6 +35,7 @@ connected meanwhile reads EOF and takes the next slot, or becomes one).
 from __future__ import annotations
 
 import _socket
+import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -314,9 +315,16 @@ def _load_copy(n: int) -> tuple[types.ModuleType, types.ModuleType]:
     """A private pyfuse3 (its extension copied into a memfd) and a layerfs.ops bound to it."""
     import pyfuse3
 
-    fd = os.memfd_create(f"layerfs-pyfuse3-{n}", 0)  # kept open: fusehooks reads its symbols
+    # kept open (fusehooks reads its symbols), not inherited by what we exec (fusermount3),
+    # and sealed once written: the code this process runs is not a writable file
+    fd = os.memfd_create(f"layerfs-pyfuse3-{n}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     with open(pyfuse3.__file__, "rb") as src:
-        os.sendfile(fd, src.fileno(), 0, os.fstat(src.fileno()).st_size)
+        size = os.fstat(src.fileno()).st_size
+        done = 0
+        while done < size:  # sendfile may copy less than asked
+            done += os.sendfile(fd, src.fileno(), done, size - done)
+    seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     return load_copy(f"/proc/self/fd/{fd}")
 
 

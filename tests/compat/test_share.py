@@ -11,6 +11,7 @@ share a process of that namespace.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -483,5 +484,45 @@ def test_a_mount_that_cannot_open_its_layers_leaves_nothing_in_the_process(
             r.wait()
     assert _fuse_fds(pid) == before
     assert _answer(a) == errno.ENOENT
+    _unmount(a)
+    assert _gone(pid)
+
+
+def test_the_extension_copies_are_sealed_and_not_inherited(
+    stacks: list[dict[str, Path]],
+) -> None:
+    """The private copy of pyfuse3's extension a further mount of the process runs (a memfd)
+    is sealed once written (no writer of the file changes the code the process runs: its
+    text is a private mapping of that file) and close-on-exec (what the process execs, as
+    fusermount3, gets no fd of it). It was neither (found by review14)."""
+    a, b = stacks[:2]
+    env = {**helper_env(), "LAYERFS_REVIEW_TAG": f"memfd-{os.getpid()}-{time.monotonic_ns()}"}
+    _mount(a, share=2, env=env)
+    _mount(b, share=2, env=env)
+    pid = _pid(a)
+    assert _pid(b) == pid
+    copies = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:layerfs-pyfuse3-"):
+                copies.append(fd)
+        except OSError:
+            pass
+    assert copies, "the second mount runs no copy"
+    want = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+    for fd in copies:
+        flags = next(
+            int(line.split()[1], 8)
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+            if line.startswith("flags:")
+        )
+        assert flags & os.O_CLOEXEC, f"fd {fd} is inherited by what the process execs"
+        same = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)  # the same inode: its seals
+        try:
+            assert fcntl.fcntl(same, fcntl.F_GET_SEALS) & want == want, f"fd {fd} not sealed"
+        finally:
+            os.close(same)
+    assert _answer(b) == errno.ENOENT
+    _unmount(b)
     _unmount(a)
     assert _gone(pid)
