@@ -17,9 +17,11 @@ The named user and group entries of a POSIX ACL (``system.posix_acl_access``/``_
 mapped both ways as a kernel idmapped mount maps them (``ovl_idmap_posix_acl`` on a read,
 ``vfs_set_acl`` through the layer's idmap on a set), in place (the kernel keeps the order).
 Where the kernel and layerfs part: a stored entry outside every range reads as ``(uid_t)-1``
-through the kernel, which FUSE cannot pass back (its ``posix_acl_from_xattr`` refuses an
-invalid id: the read would fail with EINVAL), so it shows as the overflow id, as an owner
-does; a set entry outside every range is refused with EINVAL, as the kernel refuses it.
+through the kernel, an entry that matches nobody, which FUSE cannot pass back (its
+``posix_acl_from_xattr`` refuses an invalid id: the read would fail with EINVAL); it is left
+out of the value shown, which then grants and refuses every caller what the kernel's does
+(shown as the overflow id, it granted user 65534 the entry's permissions). A set entry
+outside every range is refused with EINVAL, as the kernel refuses it.
 
 The engine works in stored ids; the Overlay facade translates at its edge.
 Must not import: pyfuse3, trio.
@@ -143,8 +145,10 @@ class IdMap:
         return struct.pack("<I", _CAP_REVISION_3 | effective) + sets + struct.pack("<I", stored)
 
     def acl_shown(self, value: bytes) -> bytes:
-        """A stored ACL xattr VALUE as the mount shows it: named entries' ids mapped (an id
-        outside every range as the overflow id); a value that is no ACL as it is."""
+        """A stored ACL xattr VALUE as the mount shows it: named entries' ids mapped, an
+        entry for an id outside every range left out (it matches nobody, as the kernel's
+        INVALID_UID entry; the mask stays, so the group class is cut as before); a value
+        that is no ACL as it is."""
         if not (self.uids or self.gids):
             return value
         try:
@@ -154,7 +158,10 @@ class IdMap:
         out = []
         for tag, perm, ident in entries:
             ranges = self.uids if tag == acl.USER else self.gids if tag == acl.GROUP else ()
-            out.append((tag, perm, _shown(ranges, ident) if ranges else ident))
+            if not ranges:
+                out.append((tag, perm, ident))
+            elif not _unmapped(ranges, ident):
+                out.append((tag, perm, _shown(ranges, ident)))
         return acl.serialise(out)
 
     def acl_stored(self, value: bytes) -> bytes:

@@ -263,7 +263,7 @@ def test_containers_storage_id_mapping_acls(program: Program, storage: Storage) 
     m = storage.merged
     try:
         shown = acls.decode(os.getxattr(m / "etc" / "hostname", acls.ACCESS))
-        assert shown == "u::rw-,u:500001:r--,u:65534:r--,g::r--,g:500002:r--,m::r--,o::---"
+        assert shown == "u::rw-,u:500001:r--,g::r--,g:500002:r--,m::r--,o::---"
         sh_acl = acls.acl("u::rwx,u:500010:rx,g::rx,g:500011:r,m::rx,o::")
         os.setxattr(m / "bin" / "sh", acls.ACCESS, sh_acl)
         with pytest.raises(OSError) as e:

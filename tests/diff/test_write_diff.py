@@ -1737,6 +1737,38 @@ def test_plain_listing_of_merged_dir_without_origin(tmp_path: Path, subject: Sub
         assert not diffs, "\n".join(diffs)
 
 
+def test_unmapped_acl_entries_grant_nobody(tmp_path: Path, subject: Subject) -> None:
+    """An ACL entry a layer stores for an id outside every range of layerfs-idmap matches
+    nobody through the kernel's idmapped layers (INVALID_UID); layerfs showed it as the
+    overflow id 65534, so user (or group) 65534 got the entry's permissions: it read and
+    wrote a 0600 file. Only the users' results are compared: the values shown differ by
+    design (script acl-unmapped-ids)."""
+    if subject.userns:
+        pytest.skip("a mount in a user namespace is reached through /proc/PID/root: root only")
+    named = acl("u::rw,u:70000:rw,g::-,g:70001:rw,m::rw,o::")
+    spec = LayerSpec([d({b"f": f(b"secret", mode=0o600, xattrs={ACL_ACCESS: named})})])
+    pair = Pair.create(tmp_path, subject, spec)
+    script: list[Op] = [
+        ("as_user", 65534, 65534, ("read", b"f")),
+        ("as_user", 65534, 65534, ("write", b"f", 0, b"W")),
+        ("as_user", 1001, 65534, ("read", b"f")),
+        (
+            "as_user",
+            1001,
+            1001,
+            (
+                "read",
+                b"f",
+            ),
+            (65534,),
+        ),
+        ("as_user", 1001, 1001, ("read", b"f")),
+    ]
+    with pair.mounted() as (s, k):
+        rk, rs = apply_all(k.mnt, script), apply_all(s.mnt, script)
+    assert not compare_results(script, rk, rs), compare_results(script, rk, rs)
+
+
 def test_paths_leaving_the_mount_are_not_run(tmp_path: Path, subject: Subject) -> None:
     """An operation through a layer's symlink out of the mount (``../..``) is skipped on both
     mounts and touches nothing outside, also through a user namespace's ``/proc/PID/root``
