@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 from layerfs.store import oci
@@ -128,25 +128,85 @@ def pull(
             )
 
         downloads = Downloads(store)
-        known = store.blob_diff_ids()
+        if tags is None:
+            tags = (f"{ref.name}:{ref.tag}",) if ref.tag else ()
         fetch: dict[str, oci.Descriptor] = {}
-        for d, diff_id in zip(layers, diff_ids, strict=True):
-            if known.get(d.digest) == diff_id and store.has_layer(diff_id):
-                lines.status(d.digest, "Already exists")
-            elif d.digest not in fetch:
-                fetch[d.digest] = d
-                lines.status(d.digest, "Pulling fs layer")
+        while True:
+            # What the store has is decided without the lock (downloads take long), so it is
+            # decided again under it: an image rm meanwhile may have freed a layer not fetched
+            # (or one a concurrent pull ingested from our download), fetched on the next pass
+            todo: dict[str, oci.Descriptor] = {}
+            for d, _ in _missing(store, layers, diff_ids, fetch, downloads):
+                if d.digest not in todo:
+                    todo[d.digest] = d
+                    lines.status(d.digest, "Pulling fs layer")
+            if not fetch:
+                for d in layers:
+                    if d.digest not in todo:
+                        lines.status(d.digest, "Already exists")
+            fetch.update(todo)
+            cancel = Cancel()
+            _run_downloads(
+                [
+                    functools.partial(_fetch_blob, reg, ref.repository, d, downloads, lines, cancel)
+                    for d in todo.values()
+                ],
+                jobs,
+                cancel,
+            )
+            with store.locked():
+                gone = _missing(store, layers, diff_ids, fetch, downloads)
+                if not gone:
+                    record = _ingest(
+                        store, layers, diff_ids, fetch, downloads, lines, manifest_desc,
+                        mbytes, config_desc, cbytes, config, ref, tags, max_size, top_digest,
+                    )  # fmt: skip
+                    break
+    for d in fetch.values():
+        lines.status(d.digest, "Pull complete")
+    return record
 
-        cancel = Cancel()
-        _run_downloads(
-            [
-                functools.partial(_fetch_blob, reg, ref.repository, d, downloads, lines, cancel)
-                for d in fetch.values()
-            ],
-            jobs,
-            cancel,
-        )
 
+def _missing(
+    store: Store,
+    layers: Sequence[oci.Descriptor],
+    diff_ids: Sequence[str],
+    fetch: dict[str, oci.Descriptor],
+    downloads: Downloads,
+) -> list[tuple[oci.Descriptor, str]]:
+    """The layers an ingest could not take now: neither in the store, nor (fetched) in its
+    blobs or downloaded."""
+    known = store.blob_diff_ids()
+    out = []
+    for d, diff_id in zip(layers, diff_ids, strict=True):
+        if known.get(d.digest) == diff_id and store.has_layer(diff_id):
+            continue
+        if d.digest in fetch and (
+            store.has_blob(d.digest) or os.path.exists(downloads.path(d.digest))
+        ):
+            continue
+        out.append((d, diff_id))
+    return out
+
+
+def _ingest(
+    store: Store,
+    layers: Sequence[oci.Descriptor],
+    diff_ids: Sequence[str],
+    fetch: dict[str, oci.Descriptor],
+    downloads: Downloads,
+    lines: LayerLines,
+    manifest_desc: oci.Descriptor,
+    mbytes: bytes,
+    config_desc: oci.Descriptor,
+    cbytes: bytes,
+    config: dict[str, object],
+    ref: Reference,
+    tags: tuple[str, ...],
+    max_size: int | None,
+    top_digest: str,
+) -> ImageRecord:
+    """The pull's last step, the store's lock held: every layer fetched or in the store."""
     staged = [
         StagedLayer(
             d,
@@ -156,25 +216,19 @@ def pull(
         )
         for d, diff_id in zip(layers, diff_ids, strict=True)
     ]
-    if tags is None:
-        tags = (f"{ref.name}:{ref.tag}",) if ref.tag else ()
-    with store.locked():
-        for d in fetch.values():
-            lines.status(d.digest, "Extracting")
-        record = store.ingest(
-            staged,
-            manifest=(manifest_desc, mbytes),
-            config=(config_desc.digest, cbytes, config),
-            source=str(ref),
-            tags=tags,
-            max_size=max_size,
-            repository=ref.name,
-            repo_digest=top_digest,
-            consumed=tuple(downloads.path(d.digest) for d in fetch.values()),
-        )
     for d in fetch.values():
-        lines.status(d.digest, "Pull complete")
-    return record
+        lines.status(d.digest, "Extracting")
+    return store.ingest(
+        staged,
+        manifest=(manifest_desc, mbytes),
+        config=(config_desc.digest, cbytes, config),
+        source=str(ref),
+        tags=tags,
+        max_size=max_size,
+        repository=ref.name,
+        repo_digest=top_digest,
+        consumed=tuple(downloads.path(d.digest) for d in fetch.values()),
+    )
 
 
 class PullStopped(RegistryError):

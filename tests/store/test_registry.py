@@ -474,6 +474,44 @@ def test_failed_layer_stops_a_download_the_registry_holds(
     assert store_is_empty(store)
 
 
+def test_image_rm_during_a_pull_of_a_layer_it_frees(reg: LocalRegistry, tmp_path: Path) -> None:
+    """A pull decides which layers it need not fetch ("Already exists") before it takes the
+    store's lock; an ``image rm`` meanwhile (while the proxy holds the pull's own layer) that
+    frees one of them (the only other image naming it) must not fail the pull: it fetches
+    the layer under the lock's second look. Before (found by review14): the ingest opened a
+    download that was never made, and the pull failed."""
+    shared = os.urandom(1 << 20)
+    for name in ("r1", "r2"):
+        layout = _big_image(tmp_path, name, shared, name.encode() * 100_000)
+        reg.skopeo_copy(f"oci:{layout}:{name}", f"rmrace/{name}:1")
+    store = Store(str(tmp_path / "store"))
+    r1 = f"{reg.host}/rmrace/r1:1"
+    r = _cli("image", "pull", "--store", store.root, r1)
+    assert r.returncode == 0, r.stderr
+    shared_digest, own = _layer_digests(tmp_path / "r2")
+    with blob_hold(reg.host, own, timeout=HOLD_TIMEOUT) as hold:
+        ref = f"{hold.host}/rmrace/r2:1"
+        p = subprocess.Popen(
+            [*CLI, "image", "pull", "--jobs", "1", "--store", store.root, ref],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            if not hold.holding.wait(HOLD_TIMEOUT):
+                p.kill()
+                raise AssertionError(f"the pull never reached the held blob: {p.communicate()[1]}")
+            rm = _cli("image", "rm", "--store", store.root, r1)
+            assert rm.returncode == 0, rm.stderr
+            assert store.layer_users() == {}, "r1's layers were not freed"
+        finally:
+            hold.release()
+        err = p.communicate(timeout=HOLD_TIMEOUT)[1]
+    assert p.returncode == 0, err
+    assert f"{shared_digest[7:19]}: Already exists" in err
+    assert store.verify(ref) == {d: [] for d in store.resolve(ref).diff_ids}
+    assert reg.blob_gets(shared_digest) == 2  # r1's pull, then this one's second look
+
+
 def test_pull_waits_for_a_registry_that_comes_back(tmp_path: Path) -> None:
     """Refused connections are retried with back-off: a pull started while the registry is
     down succeeds once it is back (same port and storage) a moment later."""
