@@ -155,24 +155,41 @@ cdef size_t BUFSIZE = 256 * 4096 + 4096
 cdef int64_t NS = 1000000000
 
 # The state the io callback reads: plain C, no interpreter (libfuse may call it with or
-# without the GIL held). One session per process (pyfuse3's rule): one state.
+# without the GIL held: pyfuse3's loop holds it, answer_init's ctypes call does not). A
+# process serving several mounts (layerfs.share: one pyfuse3 copy and one thread a mount)
+# has one state a mount, found by the session's fd in a table of SLOTS; a state whose
+# session ended is dead (its buffer freed), and its slot taken by the next mount. The
+# states live in their RawPath objects, which are never freed (_installed): a slot never
+# points at freed memory, whichever thread reads it.
 cdef struct State:
     int fd
     char *buf
     ssize_t pending  # length of the request left for libfuse, or -1
     int failed  # the device could not be read: the session ends
+    int dead  # the session ended: nothing here is used again
     fuse_session *session
 
-cdef State *_state = NULL
+DEF SLOTS = 64
+cdef State *_states[SLOTS]
+
+
+cdef State *_find(int fd) noexcept nogil:
+    cdef int i
+    cdef State *st
+    for i in range(SLOTS):
+        st = _states[i]
+        if st != NULL and st.fd == fd and not st.dead:
+            return st
+    return NULL
 
 
 cdef ssize_t _io_read(int fd, void *buf, size_t size, void *userdata) noexcept nogil:
     """The session io's read (libfuse's fuse_session_receive_buf): the request the wait
     left, copied into libfuse's buffer; a read of the device where the wait read nothing
     (INIT, answered before the loop starts); ENODEV once the wait found the device gone."""
-    cdef State *st = _state
+    cdef State *st = _find(fd)
     cdef ssize_t n
-    if st == NULL or fd != st.fd:
+    if st == NULL:
         return read(fd, buf, size)
     n = st.pending
     if n >= 0:
@@ -182,8 +199,11 @@ cdef ssize_t _io_read(int fd, void *buf, size_t size, void *userdata) noexcept n
         else:
             memcpy(buf, st.buf, n)
             return n
-    if st.failed:  # libfuse ends the session on ENODEV
+    if st.failed:  # libfuse ends the session on ENODEV; the state is not used again
         fuse_session_exit(st.session)
+        st.dead = 1
+        free(st.buf)
+        st.buf = NULL
         errno = ENODEV
         return -1
     return read(fd, buf, size)
@@ -246,7 +266,9 @@ cdef class RawPath:
     request answered by handler name, COUNTS ``loop_raw``; CHANGED and LISTINGS are the
     copy-up's lists of nodes to invalidate, AFTER() invalidates them (called when either
     is not empty). The counts are kept in C and added to REQUESTS and COUNTS by ``flush``,
-before the statistics are read. RELEASE: the read and the write release the GIL."""
+before the statistics are read. RELEASE: the read and the write release the GIL (for
+    measuring: holding it, as pyfuse3's own read and write do, was 0.8k instructions a
+    failed lookup cheaper; docs/benchmarks.md, session 14 cloop)."""
 
     cdef State st
     cdef object find, getattr_, find_xattr, stats_xattr, stats_name, forget, errno_of
@@ -298,28 +320,33 @@ before the statistics are read. RELEASE: the read and the write release the GIL.
         self.negative.e.attr.ino = 0
         _zero_attr(&self.negative.e.attr)
 
-    def __dealloc__(self):
-        global _state
-        if _state == &self.st:
-            _state = NULL  # not met: the module keeps the installed path alive
+    def __dealloc__(self):  # only a RawPath never installed
         free(self.st.buf)
 
     def install(self, uint64_t session):
         """Point the session's io at this raw path; False (nothing changed) if libfuse
         refuses. Call before INIT is answered."""
-        global _state
         cdef fuse_custom_io io
+        cdef int i
+        cdef int slot = -1
         io.writev = _io_writev
         io.read = _io_read
         io.splice_receive = NULL
         io.splice_send = NULL
-        if session == 0 or self.st.fd < 0:
+        if session == 0 or self.st.fd < 0 or self.st.session != NULL:
+            return False
+        for i in range(SLOTS):
+            if _states[i] == NULL or _states[i].dead:
+                slot = i
+                break
+        if slot < 0:
+            log.warning("raw path: more than %d sessions in one process", SLOTS)
             return False
         if fuse_session_custom_io(<fuse_session *>session, &io, self.st.fd) != 0:
             return False  # libfuse copies IO
         self.st.session = <fuse_session *>session
-        _state = &self.st
-        _installed.append(self)
+        _installed.append(self)  # never freed: its slot may be read by another thread
+        _states[slot] = &self.st
         return True
 
     def flush(self):
@@ -380,6 +407,8 @@ before the statistics are read. RELEASE: the read and the write release the GIL.
         cdef int got = C_ANSWERED
         cdef int err
         cdef fuse_in_header *h
+        if self.st.buf == NULL:  # the session ended
+            return C_PENDING
         if self.release:
             with nogil:
                 n = read(self.st.fd, self.st.buf, BUFSIZE)

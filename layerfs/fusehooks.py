@@ -888,11 +888,6 @@ def craw_module() -> Any:
     return module
 
 
-# the compiled raw path releases the GIL around its read and write (measured: see
-# docs/benchmarks.md, session 14 cloop)
-CRAW_RELEASE_GIL = os.environ.get("LAYERFS_CRAW_RELEASE") == "1"
-
-
 def _install_craw(hooks: Hooks, fd: int, ops: CRawOps, counts: dict[str, int]) -> Any:
     """Point the session's io at a new compiled raw path (``layerfs._craw.RawPath``); None
     (nothing changed) where it is not built or libfuse refuses."""
@@ -902,7 +897,7 @@ def _install_craw(hooks: Hooks, fd: int, ops: CRawOps, counts: dict[str, int]) -
     raw = module.RawPath(
         fd, ops.find, ops.getattr, ops.find_xattr, ops.stats_xattr, ops.stats_name,
         ops.forget, ops.errno_of, ops.requests, counts, ops.changed, ops.listings,
-        ops.after, ops.timeout, CRAW_RELEASE_GIL, ops.setattr, ops.mknod,
+        ops.after, ops.timeout, False, ops.setattr, ops.mknod,
     )  # fmt: skip
     if not raw.install(hooks.session):
         log.info("compiled raw path not used: fuse_session_custom_io refused")
