@@ -110,8 +110,10 @@ def serve(
             return Sharer(config.share, listener, serve_one).run(config, fuse_fd, lock_fd)
         if _offer(addr, payload, fds):  # bound meanwhile by another daemon, with room
             return 0
-    log.warning(
-        "share: no process of this key took %s and no slot is free: served alone", config.mountpoint
+    log.warning(  # one line: what it costs is memory, and who holds the slots is in ss -xlp
+        "share: none of the %d slots of this key took %s or was free: served alone",
+        SLOTS,
+        config.mountpoint,
     )
     return serve_alone()
 
@@ -130,7 +132,6 @@ def _offer(addr: bytes, payload: bytes, fds: list[int]) -> bool | None:
         except (ConnectionRefusedError, FileNotFoundError):
             return None
         if forkserver._peer(s) is None:  # another user's or namespace's socket at our name
-            log.warning("share: %r is held by a process not ours", addr[1:].decode())
             return False
         s.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fds_bytes(fds))])
         if not s.recv(64).startswith(b"ready"):

@@ -72,10 +72,15 @@ def _opts(d: dict[str, Path], share: int) -> str:
 
 
 def _mount(
-    d: dict[str, Path], share: int, env: dict[str, str] | None = None, *, check: bool = True
+    d: dict[str, Path],
+    share: int,
+    env: dict[str, str] | None = None,
+    *,
+    check: bool = True,
+    extra: str = "",
 ) -> None:
     r = subprocess.run(
-        [*helper_command(), "overlay", str(d["merged"]), "-o", _opts(d, share)],
+        [*helper_command(), "overlay", str(d["merged"]), "-o", _opts(d, share) + extra],
         capture_output=True,
         text=True,
         env=env or helper_env(),
@@ -282,12 +287,15 @@ def test_layerfs_mount_takes_share_too(stacks: list[dict[str, Path]]) -> None:
 SQUAT = """
 import os, socket, sys, time
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
-name = b"\\0" + sys.argv[1].encode()
-s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-s.bind(name)
-s.listen(0)
-c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-c.connect(name)  # its own connection fills the backlog: a blocking connect waits for a slot
+held = []
+for arg in sys.argv[1:]:
+    name = b"\\0" + arg.encode()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(name)
+    s.listen(0)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c.connect(name)  # its own connection fills the backlog: a blocking connect waits for room
+    held += [s, c]
 print("squatting", flush=True)
 time.sleep(TIMEOUT)
 """
@@ -536,3 +544,37 @@ def test_the_extension_copies_are_sealed_and_not_inherited(
     _unmount(b)
     _unmount(a)
     assert _gone(pid)
+
+
+def test_every_slot_squatted_serves_the_mount_alone_with_one_line(
+    stacks: list[dict[str, Path]], tmp_path: Path
+) -> None:
+    """With all 16 slots of its key bound by another user's sockets, a share=2 mount is
+    served by a daemon of its own, and its log says so in one line (it said nothing)."""
+    a, b = stacks[:2]
+    log = tmp_path / "share.log"
+    env = {**helper_env(), "LAYERFS_REVIEW_TAG": f"all-{os.getpid()}-{time.monotonic_ns()}"}
+    _mount(a, share=2, env=env, extra=f",log={log}")
+    pid = _pid(a)
+    names = [n for n in _share_names(pid) if n.startswith("layerfs-share-")]
+    assert names and names[0].endswith("-0"), names
+    _unmount(a)
+    assert _gone(pid)
+    stem = names[0][: -len("0")]
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", SQUAT.replace("TIMEOUT", str(TIMEOUT))]
+        + [f"{stem}{slot}" for slot in range(16)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "squatting\n"
+        log.write_text("")
+        _mount(b, share=2, env=env, check=False, extra=f",log={log}")
+        assert _read_within(b["merged"] / "f", 15.0) == "x", "b left unserved"
+        lines = log.read_text().splitlines()
+        assert len(lines) == 1 and "served alone" in lines[0], lines
+        assert not any(n.startswith("layerfs-share-") for n in _share_names(_pid(b)))
+    finally:
+        squatter.kill()
+        squatter.wait()
