@@ -66,6 +66,9 @@ class CopyUp:
         # whether requests are waiting to be read (the adapter sets it: a poll of /dev/fuse);
         # None: unknown, so every fsync goes to a thread (the engine without FUSE)
         self.requests_waiting: Callable[[], bool] | None = None
+        # whether N more bytes can be written to the upper without dirty-page throttling
+        # (layerfs.dirty, set by Files); None: not known, small copies inline as before
+        self.room: Callable[[int], bool] | None = None
         self.active = 0  # copy-ups in progress (each may be waiting for a thread)
         self._names = itertools.count()
         self._pid = os.getpid()  # in temporary names; read once (a getpid a create otherwise)
@@ -397,8 +400,9 @@ class CopyUp:
         """Copy LENGTH bytes of data (big copies on a worker thread); SYNC: then fsync. SIZE:
         the source's size, where DST is a new empty file (_sys.copy_data). LAYER: the one
         holding SRC, whose refusal to reflink across mounts is remembered. BEFORE_WAIT: called
-        before the first wait that lets other requests run."""
-        if length > THREAD_THRESHOLD:
+        before the first wait that lets other requests run. A small copy is made inline
+        unless the page cache may throttle it (``room``): then it too goes to a thread."""
+        if length > THREAD_THRESHOLD or (self.room is not None and not self.room(length)):
             if before_wait is not None:
                 before_wait()
             method = await trio.to_thread.run_sync(

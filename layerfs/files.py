@@ -158,6 +158,7 @@ class Files:
         self.writes_on_thread = 0  # WRITEs the page cache might have throttled (_write)
         # whether a write to the upper may run free of dirty-page throttling (_write)
         self.dirty = None if stack.upper is None else DirtyGauge(stack.upper.dev)
+        copyup.room = None if self.dirty is None else self.dirty.room  # its small copies
         self._trim_wait: trio.CancelScope | None = None  # until the trim (_big_io_done)
         self._written = 0.0  # time.monotonic() of the last write or create through a node handle
         self._closing_writers = False  # a task waits to close them (_close_writers)

@@ -206,3 +206,33 @@ async def test_files_write_inline_only_with_room(
         ov.release(fh)
     finally:
         ov.close()
+
+
+@pytest.mark.parametrize("room", [True, False])
+async def test_small_copy_up_on_a_thread_without_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: bool
+) -> None:
+    """A copy-up's data copy of up to copyup.THREAD_THRESHOLD is made inline while the page
+    cache cannot throttle it, and on a worker thread when it might (before: always inline)."""
+    low, up, work, mnt = make_stack(tmp_path)
+    data = os.urandom(300 << 10)
+    (low / "f").write_bytes(data)
+    monkeypatch.setattr(dirty.DirtyGauge, "room", lambda self, n: room)
+    ov = overlay(low, up, work, mnt)  # its copy-ups ask the gauge's room
+    ov.copyup.fsync = False  # only the copy's own hand-off is counted
+    threads: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(*a: object, **kw: object) -> object:
+        threads.append(a[0])
+        return await run_sync(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    try:
+        ino = ov.lookup(ROOT_ID, b"f").id
+        fh = await ov.open(ino, os.O_WRONLY, ROOT)
+        ov.release(fh)
+        assert (up / "f").read_bytes() == data
+        assert threads == ([] if room else [ov.copyup._copy])
+    finally:
+        ov.close()
