@@ -58,6 +58,7 @@ class IdMappingOptions:
         name, eq, raw = piece.partition("=")
         if not eq and self._last is not None and _is_id_mapping(piece):
             self._last[1].extend(_parse_id_mapping(piece, self._last[0]))
+            _check_id_ranges(self._last[1], self._last[0])
             return True
         self._last = None
         if name not in ("uidmapping", "gidmapping"):
@@ -85,7 +86,27 @@ def _parse_id_mapping(text: str, name: str) -> list[IdMapping]:
     maps = [IdMapping(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
     if any(m.count == 0 for m in maps):
         raise LayerfsError(f"invalid {name}={text}: a range has a count of 0")
+    _check_id_ranges(maps, name)
     return maps
+
+
+_MAX_ID = 0xFFFF_FFFE  # (uid_t)-1 is no id: chown(-1) changes nothing
+
+
+def _check_id_ranges(maps: list[IdMapping], name: str) -> None:
+    """Refuse what the kernel's uid_map refuses: ids past 32 bits (or -1), and two ranges
+    that overlap on either side. Overlapping, an id would be stored as one id and shown as
+    another (``0:1000:10:5:2000:10``: a file user 2000 creates is stored as 5, shown as
+    owned by 1005)."""
+    for m in maps:
+        if m.inner + m.count - 1 > _MAX_ID or m.outer + m.count - 1 > _MAX_ID:
+            raise LayerfsError(f"invalid {name}: {m.inner}:{m.outer}:{m.count} passes id {_MAX_ID}")
+    for side in ("inner", "outer"):
+        spans = sorted((getattr(m, side), getattr(m, side) + m.count) for m in maps)
+        for i in range(1, len(spans)):  # each against the one before (no itertools import)
+            start, end = spans[i][0], spans[i - 1][1]
+            if start < end:
+                raise LayerfsError(f"invalid {name}: two ranges overlap (id {start})")
 
 
 MAX_SHARE = 64  # share=K: the most mounts one process may serve

@@ -92,6 +92,8 @@ def test_mapping_in_man_page_comma_form() -> None:
         "uidmapping=0:1000",
         "gidmapping=0:1:0",
         "uidmapping",
+        "uidmapping=0:1000:10:5:2000:10",
+        "uidmapping=0:1000:1,1:1000:5",
     ],
 )
 def test_layerfs_mount_maps_ids_as_mount_layerfs(tmp_path: Path, mapping: str) -> None:
@@ -122,6 +124,12 @@ def test_layerfs_mount_maps_ids_as_mount_layerfs(tmp_path: Path, mapping: str) -
         "uidmapping=a:b:c",
         "gidmapping=0:1:0",
         "uidmapping",
+        # overlapping ranges, as the kernel's uid_map refuses them: stored 5 shown as 1005,
+        # and 2000 stored as 5 (review14: user 2000's files owned by 1005)
+        "uidmapping=0:1000:10:5:2000:10",
+        "gidmapping=0:1000:10,20:1005:3",  # 1005 stored two ways
+        "uidmapping=4294967290:0:10",  # past 32 bits
+        "gidmapping=0:4294967295:1",  # (gid_t)-1: no id
         "squash_to_uid=-1",
         "squash_to_gid=root",
         "fsync=2",
