@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,22 @@ def kernel_overlay_skip_reason() -> str | None:
         if "overlay" not in fh.read():
             return "kernel has no overlay filesystem (modprobe overlay)"
     return None
+
+
+def _dropped(signum: int, frame: object) -> None:
+    """Caught and dropped: the run goes on as if the signal were ignored."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Children start with the default dispositions, as a terminal's foreground job has them.
+    A run started in the background (a script's ``cmd &``, nohup) has SIGINT, SIGQUIT or
+    SIGHUP ignored, and every child inherits an ignored signal: a Python child then installs
+    no KeyboardInterrupt handler, so the Ctrl-C test_ctrl_c_stops_a_pull_cleanly sends its
+    pull did nothing, and a daemon that forgot to ignore SIGHUP passed test_hup_is_ignored.
+    A caught signal is reset to the default at exec; the run itself still ignores it."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, _dropped)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
