@@ -8,6 +8,7 @@
 #      usable Python >= 3.11 (venv and headers: python3-venv, python3-dev), else by python3 on
 #      PATH (PYTHON=... overrides both); remade when the interpreter changes, reinstalled when
 #      pyproject.toml or this script's pip step changes
+#   3b. the compiled raw path (LAYERFS_LOOP=craw) into layerfs/_craw.*.so (Cython, gcc)
 #   3c. the engine compiled by mypyc into build/mypyc (scripts/build_compiled.py)
 #   4. the unprivileged user the rootless podman test runs as (layerfs-rootless, with
 #      subordinate uid/gid ranges): made here because the test session may not change

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -114,6 +115,17 @@ def _answers(mnt: Path) -> list[object]:
     out.append(_getxattr_size(d / "file", b"user.big", 0))  # the size asked
     out.append(_getxattr_size(d / "file", b"user.big", 10))  # ERANGE
     out.append(_getxattr_size(d / "file", b"user.big", 5000))
+    # SETATTRs and a MKNOD in the upper (the compiled path serves them: no copy-up due)
+    new = d / "missing"
+    os.truncate(new, 3)
+    os.chmod(new, 0o640)
+    os.utime(new, ns=(5_000_000_007, -3_000_000_001))  # last: a truncate sets the mtime
+    st = os.lstat(new)
+    out.append((st.st_mode, st.st_size, st.st_atime_ns, st.st_mtime_ns))
+    probe(os.chmod, d / "gone" / "x", 0o600)  # ENOENT on the way
+    os.mknod(d / "fifo", 0o600 | stat.S_IFIFO)
+    out.append(os.lstat(d / "fifo").st_mode)
+    probe(os.mknod, d / "fifo", 0o600 | stat.S_IFIFO)  # EEXIST
     return out
 
 
@@ -147,7 +159,9 @@ def test_answers_as_pyfuse3_gives_them(
     assert seen[loop][0] == "ENOENT" and seen[loop][1] == 8
     assert seen[loop][2:4] == ["ENAMETOOLONG", "ENOTDIR"]
     assert seen[loop][5] == (1_000_000_123, -2_000_000_456)
-    assert seen[loop][-5:] == [b"v", "ENODATA", 3000, -errno.ERANGE, 3000]
+    assert seen[loop][-9:-4] == [b"v", "ENODATA", 3000, -errno.ERANGE, 3000]
+    assert seen[loop][-4] == (0o100640, 3, 5_000_000_007, -3_000_000_001)
+    assert seen[loop][-3:] == ["ENOENT", 0o10600, "EEXIST"]
 
 
 def test_install_refused_leaves_the_session_alone() -> None:
