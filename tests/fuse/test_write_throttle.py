@@ -53,9 +53,12 @@ def _throttled_ext4(tmp: Path) -> Iterator[Path]:
     mm = f"{os.major(rdev)}:{os.minor(rdev)}"
     bdi = Path("/sys/class/bdi") / mm
     try:
-        if not (bdi / "max_bytes").exists():
-            pytest.skip("no per-device max_bytes (Linux 6.2+)")
+        if not (bdi / "max_ratio_fine").exists():
+            pytest.skip("no per-device max_bytes and max_ratio_fine (Linux 6.2+)")
         subprocess.run(["mount", dev, str(point)], check=True)
+        # the device's settings outlive this use of it (the next user of the loop device
+        # number finds them): put back what was there
+        strict, ratio = (bdi / "strict_limit").read_text(), (bdi / "max_ratio_fine").read_text()
         try:
             _write(bdi / "strict_limit", "1")
             _write(bdi / "max_bytes", str(1 << 20))
@@ -64,7 +67,8 @@ def _throttled_ext4(tmp: Path) -> Iterator[Path]:
                 yield point
             finally:
                 _write(THROTTLE, f"{mm} 0")  # the writes drain at full speed again
-                _write(bdi / "strict_limit", "0")
+                _write(bdi / "max_ratio_fine", ratio.strip())
+                _write(bdi / "strict_limit", strict.strip())
         finally:
             subprocess.run(["umount", str(point)], check=False)
     finally:
