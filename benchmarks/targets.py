@@ -306,6 +306,13 @@ class Layerfs(_Overlay):
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
             tmp.rename(snap)
+        # the engine compiled by mypyc (layerfs.compiled): the work tree's build, loaded by
+        # the snapshot's daemons only where it was built from the snapshot's sources (its
+        # MANIFEST), else the engine runs interpreted as before
+        built = REPO / "build" / "mypyc"
+        if (built / "MANIFEST").is_file():
+            shutil.rmtree(snap / "build" / "mypyc", ignore_errors=True)
+            shutil.copytree(built, snap / "build" / "mypyc")
         # The interpreter of the venv the command belongs to has pyfuse3 and trio.
         python = Path(self.command).parent / "python"
         interp = str(python) if python.exists() else sys.executable

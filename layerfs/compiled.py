@@ -11,8 +11,14 @@ there and every module not compiled is still found beside this file. The sources
 one truth: a build of other sources (an edit, a checkout, another Python) is not loaded.
 
 The switch: ``LAYERFS_COMPILED=0`` runs the engine interpreted, ``1`` compiled (where
-built); unset, DEFAULT. Not compiled: the adapter (``ops``: pyfuse3's Operations subclass,
-imported afresh for each mount of a sharing process; ``fusehooks``: ctypes callbacks), and
+built); unset, DEFAULT: interpreted. Compiled, a failed lookup takes 37% and an untar 20%
+fewer user instructions a request, but a walk of 1M entries leaves the daemon 346 MiB RSS
+against 265 (docs/benchmarks.md, session 14, mypyc): off until that is understood.
+Processes that do not call ``use()`` (the in-process engine tests,
+``benchmarks.handlercost``) run the sources.
+
+Not compiled: the adapter (``ops``: pyfuse3's Operations subclass, imported afresh for each
+mount of a sharing process; ``fusehooks``: ctypes callbacks), and
 what a mount's caller runs before a daemon exists (``config``, ``records``, ``errors``,
 ``premount``, ``forkserver``...), which a daemon runs once.
 

@@ -213,9 +213,9 @@ build_craw() {
 build_craw || say "compiled raw path: NOT built (LAYERFS_LOOP=craw serves with the Python raw path)"
 
 # --- 3c. the engine compiled by mypyc ------------------------------------------------------
-# layerfs/compiled.py (off unless LAYERFS_COMPILED=1): built
-# into build/mypyc when the engine's sources changed, ~2 min of CPU; a failed build (no gcc,
-# no Python headers) leaves the engine interpreted, said in one line.
+# layerfs/compiled.py (daemons run it with LAYERFS_COMPILED=1; tests/fuse/test_compiled.py
+# needs it): built into build/mypyc when the engine's sources changed, ~2 min of CPU; a failed
+# build (no gcc, no Python headers) leaves the engine interpreted, said in one line.
 "$venv/bin/python" scripts/build_compiled.py | sed 's/^/setup: /' || true
 
 # mount.layerfs as a launcher that starts Python without site and without pip's wrapper (which

@@ -453,3 +453,24 @@ def test_another_python_at_the_same_path_gets_another_server(
     assert forkclient.address() != before
     monkeypatch.undo()
     assert forkclient.address() == before
+
+
+def test_each_engine_has_its_own_server(stacks: list[dict[str, Path]]) -> None:
+    """LAYERFS_COMPILED picks the server (layerfs.compiled): a caller asking for the
+    interpreted engine is never served by a server that preloaded the compiled one, nor the
+    other way round. Needs the build (scripts/build_compiled.py, run by setup.sh)."""
+    from layerfs import compiled
+
+    built = Path(compiled.DIR) / "MANIFEST"
+    assert built.is_file() and built.read_text() == compiled.manifest(), "build_compiled.py"
+    a, b, c = stacks
+    _mount(a, LAYERFS_COMPILED="1")
+    _mount(b, LAYERFS_COMPILED="0")
+    _mount(c, LAYERFS_COMPILED="1")
+    assert _server_of(a) == _server_of(c) != _server_of(b)
+
+    def lib_mapped(d: dict[str, Path]) -> bool:
+        with open(f"/proc/{_daemon(d)}/maps") as f:
+            return f"{compiled.DIR}/layerfs/engine__mypyc" in f.read()
+
+    assert [lib_mapped(d) for d in stacks] == [True, False, True]
