@@ -1534,9 +1534,14 @@ def _unneeded_impure_dropped(snap: Snapshot) -> None:
     }
 
 
+# Exploration aid: LAYERFS_DIFF_ALL_IMPURE=1 compares the unneeded impure marks too
+_ALL_IMPURE = os.environ.get("LAYERFS_DIFF_ALL_IMPURE") == "1"
+
+
 def _upper_of(upper: Path, quirks: frozenset[str]) -> Snapshot:
     snap = upper_snapshot(upper)
-    _unneeded_impure_dropped(snap)
+    if not _ALL_IMPURE:
+        _unneeded_impure_dropped(snap)
     if "no-origin" in quirks:
         snap.entries = {
             p: dataclasses.replace(e, xattrs=tuple(x for x in e.xattrs if x[0] not in NO_ORIGIN))
