@@ -65,8 +65,9 @@ def address() -> bytes:
 def _code_identity() -> int:
     """A checksum of the interpreter (its path and version: a venv remade with another Python
     keeps its path), the paths of layerfs and of mount_helper beside it (the thin request runs
-    its option parser in the server), their modules' mtimes and sizes, and which engine the
-    server preloads: LAYERFS_COMPILED and the compiled build's time (layerfs.compiled)."""
+    its option parser in the server), their modules' and extensions' mtimes and sizes, and
+    which engine the server preloads: LAYERFS_COMPILED and the compiled build's time
+    (layerfs.compiled)."""
     here = __file__
     if not here.startswith("/") or any(p in here for p in ("//", "/./", "/../")):
         import os  # rare: a relative or unnormalised entry of sys.path
@@ -86,7 +87,7 @@ def _code_identity() -> int:
             continue
         with entries:
             for entry in entries:
-                if entry.name.endswith(".py"):
+                if entry.name.endswith((".py", ".so")):  # .so: the compiled raw path
                     st = entry.stat()
                     parts.append(f"{where}/{entry.name}:{st.st_mtime_ns}:{st.st_size}")
     return zlib.crc32("\0".join(sorted(parts)).encode())

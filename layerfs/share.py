@@ -51,7 +51,7 @@ from collections.abc import Callable
 
 import trio
 
-from layerfs import forkserver
+from layerfs import forkclient, forkserver
 from layerfs.config import MountConfig
 
 log = logging.getLogger("layerfs")
@@ -75,6 +75,9 @@ def key(config: MountConfig) -> str:
             h.update(name + b"=" + value + b"\0")
     fields = (config.share, config.log_file, config.debug, config.merge_pages)
     h.update(repr(fields).encode())
+    # the code it would run, as the fork server's address: after an upgrade, or from another
+    # install, a mount must not be served by a process of the old code
+    h.update(b"%08x\0" % forkclient._code_identity())
     return h.hexdigest()[:32]
 
 

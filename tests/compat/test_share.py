@@ -578,3 +578,26 @@ def test_every_slot_squatted_serves_the_mount_alone_with_one_line(
     finally:
         squatter.kill()
         squatter.wait()
+
+
+def test_another_install_does_not_join_a_process(
+    stacks: list[dict[str, Path]], tmp_path: Path
+) -> None:
+    """A mount made by another copy of the code (another install, or this one upgraded) is not
+    served by a sharing process of this one, as it gets no fork server of this one: the key
+    holds the code's identity (it did not: an upgrade's new mounts joined the old process)."""
+    a, b = stacks[:2]
+    other = tmp_path / "other"
+    repo = Path(__file__).resolve().parents[2]
+    for pkg in ("layerfs", "mount_helper"):
+        shutil.copytree(repo / pkg, other / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for d, prefix in ((a, layerfs_command()), (b, [sys.executable, "-P", "-m", "layerfs.cli"])):
+        lowers = f"{d['lower']}:{d['lower2']}"
+        cmd = [*prefix, "mount", lowers, str(d["upper"]), str(d["merged"])]
+        cmd += ["--workdir", str(d["work"]), "-o", "share=2"]
+        env = helper_env()
+        if d is b:
+            env["PYTHONPATH"] = str(other)
+        subprocess.run(cmd, check=True, timeout=TIMEOUT, env=env)
+    assert (b["merged"] / "f").read_text() == "x"
+    assert _pid(a) != _pid(b)
