@@ -144,16 +144,23 @@ class IdMap:
         stored = _stored(self.uids, root)
         return struct.pack("<I", _CAP_REVISION_3 | effective) + sets + struct.pack("<I", stored)
 
+    def _acl_entries(self, value: bytes) -> list[tuple[int, int, int]] | None:
+        """VALUE's ACL entries when this mount maps ids and VALUE is an ACL; else None (the
+        value passes as it is)."""
+        if not (self.uids or self.gids):
+            return None
+        try:
+            return acl.parse(value)
+        except ValueError:
+            return None
+
     def acl_shown(self, value: bytes) -> bytes:
         """A stored ACL xattr VALUE as the mount shows it: named entries' ids mapped, an
         entry for an id outside every range left out (it matches nobody, as the kernel's
         INVALID_UID entry; the mask stays, so the group class is cut as before); a value
         that is no ACL as it is."""
-        if not (self.uids or self.gids):
-            return value
-        try:
-            entries = acl.parse(value)
-        except ValueError:
+        entries = self._acl_entries(value)
+        if entries is None:
             return value
         out = []
         for tag, perm, ident in entries:
@@ -169,11 +176,8 @@ class IdMap:
         mapped back. OSError EINVAL for an id outside every range, as a kernel idmapped
         mount refuses it (measured on 6.18: setxattr of such an ACL through kernel
         overlayfs over idmapped layers); a value that is no ACL is left to the upper."""
-        if not (self.uids or self.gids):
-            return value
-        try:
-            entries = acl.parse(value)
-        except ValueError:
+        entries = self._acl_entries(value)
+        if entries is None:
             return value
         out = []
         for tag, perm, ident in entries:
