@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, Phase, settings
 # tests/support is imported as ``support`` in every pytest import mode.
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.hung_fuse import pytest_runtest_protocol  # noqa: F401  (a hook: its name is enough)
 from support.mounts import Subject, subject_named
 
 settings.register_profile(
