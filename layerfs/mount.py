@@ -161,8 +161,8 @@ def _serve_shared(config: MountConfig, fuse_fd: int, m: share.Mount) -> None:
     except BaseException:
         logging.getLogger("layerfs").exception("cannot serve %s", config.mountpoint)
         premount.unmount_lazy(config.mountpoint)
-        # the process lives on: what this mount holds goes now (a session not made yet
-        # holds no fd: the fd is ours)
+        # the process lives on: what this mount holds goes now (the fd: by _session once
+        # it was called, here before)
         if overlay is None:
             os.close(fuse_fd)
         else:
@@ -248,18 +248,28 @@ def _session(
 ) -> Operations:
     """A libfuse session on the mounted fd (pyfuse3.init with the mount point /dev/fd/N),
     through FUSE and OPS_MODULE (a sharing process's copies, layerfs.share; else pyfuse3's
-    and layerfs.ops)."""
+    and layerfs.ops). On a failure the fd is closed, and FUSE's session too once made."""
     if fuse is None or ops_module is None:
         import pyfuse3
 
         import layerfs.ops
 
         fuse, ops_module = pyfuse3, layerfs.ops
-    ops: Operations = ops_module.Operations(overlay)
-    fuse.init(ops, f"/dev/fd/{fuse_fd}", premount.options(overlay.config))
-    overlay.copyup.requests_waiting = _readable(fuse_fd)
-    if os.environ.get("LAYERFS_OPEN_REQUESTS") != "1":  # kept for measuring the difference
-        ops.skip_open_requests()
+    try:
+        ops: Operations = ops_module.Operations(overlay)
+        fuse.init(ops, f"/dev/fd/{fuse_fd}", premount.options(overlay.config))
+    except BaseException:
+        os.close(fuse_fd)  # no session took it
+        raise
+    try:
+        overlay.copyup.requests_waiting = _readable(fuse_fd)
+        if os.environ.get("LAYERFS_OPEN_REQUESTS") != "1":  # kept for measuring the difference
+            ops.skip_open_requests()
+    except BaseException:
+        # the session holds the fd now: closing it closes the fd, and a sharing process's
+        # pyfuse3 copy can take its next mount (init again)
+        fuse.close(unmount=False)
+        raise
     return ops
 
 

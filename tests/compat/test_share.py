@@ -601,3 +601,78 @@ def test_another_install_does_not_join_a_process(
         subprocess.run(cmd, check=True, timeout=TIMEOUT, env=env)
     assert (b["merged"] / "f").read_text() == "x"
     assert _pid(a) != _pid(b)
+
+
+# A stale build of the compiled raw path (LAYERFS_LOOP=craw): its RawPath takes other
+# arguments, so the mount's session setup fails after pyfuse3.init. The first mount's is
+# refused quietly (served by pyfuse3's loop), the second's raises after a second (time for
+# a request to reach the mount), later ones are refused quietly again.
+_STALE_CRAW = """
+import time
+NOPOLL, PENDING, TRIO, PARKED, ANSWERED = 0, 1, 2, 3, 4
+LAYOUT = (40, 16, 144, 120, 24)
+made = 0
+
+class RawPath:
+    def __init__(self, *args):
+        global made
+        made += 1
+        if made == 2:
+            time.sleep(1)
+            raise TypeError("a stale build: other arguments")
+
+    def install(self, session):
+        return False
+"""
+
+
+def test_a_mount_whose_session_setup_fails_leaves_nothing_in_the_process(
+    stacks: list[dict[str, Path]], tmp_path: Path
+) -> None:
+    """A mount taken by a sharing process whose session setup fails after pyfuse3.init (here
+    a stale compiled raw path: its constructor raises) is detached and its session's
+    /dev/fuse fd closed, so a request sent to it meanwhile fails (ENOTCONN) instead of
+    waiting as long as the process lives, and the mount's pyfuse3 copy serves the next mount
+    (review14's leftover: only a failure to open the layers was handled)."""
+    a, b, c = stacks[:3]
+    other = tmp_path / "other"
+    repo = Path(__file__).resolve().parents[2]
+    for pkg in ("layerfs", "mount_helper"):
+        shutil.copytree(
+            repo / pkg, other / pkg, ignore=shutil.ignore_patterns("__pycache__", "_craw*")
+        )
+    (other / "layerfs" / "_craw.py").write_text(_STALE_CRAW)
+    env = {**helper_env(), "PYTHONPATH": str(other), "LAYERFS_LOOP": "craw"}
+
+    def mount(d: dict[str, Path]) -> None:
+        lowers = f"{d['lower']}:{d['lower2']}"
+        cmd = [sys.executable, "-P", "-m", "layerfs.cli", "mount", lowers, str(d["upper"])]
+        cmd += [str(d["merged"]), "--workdir", str(d["work"]), "-o", "share=2"]
+        subprocess.run(cmd, check=True, timeout=TIMEOUT, env=env)
+
+    mount(a)
+    pid = _pid(a)
+    before = _fuse_fds(pid)
+    mount(b)
+    reader = subprocess.Popen(["cat", str(b["merged"] / "f")], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while _listed(b["merged"]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # detached by the process once its setup failed
+        assert not _listed(b["merged"])
+        try:
+            _, err = reader.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a request to the mount given up was never answered")
+        assert reader.returncode != 0 and "not connected" in err, err
+    finally:
+        reader.kill()
+        reader.wait()
+    assert _fuse_fds(pid) == before
+    assert _answer(a) == errno.ENOENT
+    mount(c)  # the room b left, with b's pyfuse3 copy
+    assert _pid(c) == pid
+    assert (c["merged"] / "d" / "b").read_text() == "top b"
+    _unmount(a)
+    _unmount(c)
+    assert _gone(pid)
