@@ -7,11 +7,12 @@ runs free. The domains: the whole machine (/proc/vmstat's ``nr_dirty + nr_writeb
 ``nr_dirty_threshold`` and ``nr_dirty_background_threshold``); with the memory controller on the
 cgroup v2 hierarchy, also the writer's memory cgroup (its ``file_dirty + file_writeback``
 against the same ratios of ``file`` pages plus the headroom under ``memory.max`` and
-``memory.high`` of it and every ancestor). On cgroup v1 the kernel has no memcg domain, but a
-cgroup at its ``memory.limit_in_bytes`` reclaims by waiting for writeback: the same rule is
-applied to its counters, a bound on the safe side. A backing device with ``strict_limit``
-(every FUSE filesystem's, or one an administrator set) throttles on its own share, which no
-file shows: writes to it never count as free.
+``memory.high`` of it and every ancestor it can see: a cgroup namespace hides those above its
+root, whose own limits it shows at the hierarchy's root). On cgroup v1 the kernel has no
+memcg domain, but a cgroup at its ``memory.limit_in_bytes`` reclaims by waiting for
+writeback: the same rule is applied to its counters, a bound on the safe side. A backing
+device with ``strict_limit`` (every FUSE filesystem's, or one an administrator set) throttles
+on its own share, which no file shows: writes to it never count as free.
 
 ``DirtyGauge.room(n)`` says whether N more bytes can be written without being throttled. It
 reads the counters at most every ``INTERVAL`` seconds, and in between counts this daemon's own
@@ -127,7 +128,9 @@ class _Memcg:
                         return None
                 except OSError:
                     pass  # cannot tell: look for the files
-                chain = _chain(root, path)[:-1]  # not the root: no limits of its own
+                # the real root has no memory.max; a cgroup namespace's root (a container's
+                # own cgroup, seen from inside) has its own
+                chain = _chain(root, path)
                 with_memory = [cg for cg in chain if os.path.exists(f"{cg}/memory.max")]
                 limits = [
                     ([f"{cg}/memory.max", f"{cg}/memory.high"], f"{cg}/memory.current")

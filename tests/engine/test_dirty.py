@@ -150,6 +150,19 @@ def test_memory_controller_elsewhere_or_unknown(tmp_path: Path) -> None:
     assert not _gauge(tmp_path / "missing", cgroup="0::/gone\n").room(4096)
 
 
+def test_limit_of_a_cgroup_namespace_root(tmp_path: Path) -> None:
+    """A daemon at the root of its cgroup namespace (a container's own cgroup seen from inside
+    it, /proc/self/cgroup ``0::/``) is limited by that cgroup's memory.max, which the
+    namespace shows at the hierarchy's root: the gauge took the root for the real one (which
+    has no memory.max) and left the limit out, so writes ran inline while the container's
+    dirty pages throttled them."""
+    cg = {"": _v2(str(512 * MiB))}
+    assert not _gauge(tmp_path, cgroup="0::/\n", cg=cg).room(4096)
+    # the real root: no memory.max of its own, the global domain only
+    real = {"": {"memory.stat": _v2("max")["memory.stat"]}}
+    assert _gauge(tmp_path / "real", cgroup="0::/\n", cg=real).room(4096)
+
+
 def test_cgroup_v1_limit(tmp_path: Path) -> None:
     proc, sys = _tree(tmp_path, cgroup="4:memory:/a\n0::/\n")
     mem = Path(sys) / "fs" / "cgroup" / "memory"
