@@ -318,9 +318,12 @@ class Layerfs(_Overlay):
         interp = str(python) if python.exists() else sys.executable
         self.prefix = [interp, "-c", _SNAPSHOT_BOOT, str(snap)]
         # mount.layerfs as scripts/setup.sh installs it (podman's mount_program must be a
-        # file): the launcher, with the snapshot first on its path
+        # file): the launcher, with the snapshot first on its path, behind the snapshot's C
+        # front end where it has one (mount_helper/front.c) and it builds
         helper = snap / "mount.layerfs"
-        launcher.write(str(helper), interp, [str(snap), *launcher.site_paths(interp)])
+        front = snap / "mount_helper" / "front.c"
+        paths = [str(snap), *launcher.site_paths(interp)]
+        launcher.install(str(helper), interp, paths, str(front) if front.exists() else None)
         self.helper = helper
         self.described = f"git {sha[:12]} (pinned from {self.rev})"
 

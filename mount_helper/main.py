@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # mount(8) looks for /sbin/mount.<type> (util-linux FS_SEARCH_PATH is /sbin:/sbin/fs.d:/sbin/fs)
 # and runs it as "mount.<type> SOURCE MERGED -o OPTS"; both FUSE type prefixes are covered.
 HELPER_NAMES = ("mount.fuse.layerfs", "mount.fuse3.layerfs")
+FRONT_ARGV0 = b"LAYERFS_FRONT_ARGV0"  # set by the C front end (_from_the_c_front)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -87,7 +88,7 @@ def run() -> None:
     """The ``mount.layerfs`` program: main(), then exit without tearing the interpreter down
     (there is nothing to clean up, and the teardown costs a few ms on every container start;
     the daemon, if any, is a process of its own by then)."""
-    code = _served_elsewhere()
+    code = None if _from_the_c_front() else _served_elsewhere()
     if code is None:
         code = main()
     for stream in (sys.stdout, sys.stderr):
@@ -96,6 +97,22 @@ def run() -> None:
         except (OSError, ValueError):  # closed by the caller: nothing more to say
             pass
     posix._exit(code)
+
+
+def _from_the_c_front() -> bool:
+    """Whether the C front end (mount_helper/front.c) ran us, having tried the thin request
+    itself: it says so with ``LAYERFS_FRONT_ARGV0``, its argv[0] (the "#!" exec replaced it
+    with this file's path: mount(8)'s helper names must still be seen), which is taken out of
+    the environment before anything can pass it on."""
+    argv0 = posix.environ.pop(FRONT_ARGV0, None)
+    if argv0 is None:
+        return False
+    posix.unsetenv(FRONT_ARGV0)
+    if "os" in sys.modules:  # its copy of the environment, made at import
+        sys.modules["os"].environb.pop(FRONT_ARGV0, None)
+    if sys.argv:
+        sys.argv[0] = forkclient.fsdecode(argv0)
+    return True
 
 
 def _served_elsewhere() -> int | None:
@@ -145,6 +162,8 @@ def _program_path() -> str | None:
     import os
 
     me = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(me) == f"{PROG}-py":  # the Python front end run directly: the C one
+        me = me.removesuffix("-py")  # beside it is the program (scripts/setup.sh)
     if os.path.basename(me) == PROG and os.access(me, os.X_OK):
         return me
     import shutil

@@ -52,8 +52,9 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
     "$venv/bin/python" -m pip install -q "$repo" </dev/null
 "$venv/bin/python" -c 'import layerfs.mount, mount_helper.main, pyfuse3, trio, xxhash'
-# mount.layerfs as the launcher scripts/setup.sh writes (mount_helper/launcher.py): no site,
-# no pip wrapper: a third of a mount's instructions when a fork server is up
+# mount.layerfs as scripts/setup.sh writes it (mount_helper/launcher.py): the C front end
+# (built with gcc when there is one), in front of the launcher mount.layerfs-py (no site, no
+# pip wrapper); the launcher alone as mount.layerfs where gcc is missing
 (cd / && "$venv/bin/python" -m mount_helper.launcher "$venv/bin/mount.layerfs")
 chmod -R a+rX "$prefix"
 

@@ -218,9 +218,12 @@ build_craw || say "compiled raw path: NOT built (LAYERFS_LOOP=craw serves with t
 # build (no gcc, no Python headers) leaves the engine interpreted, said in one line.
 "$venv/bin/python" scripts/build_compiled.py | sed 's/^/setup: /' || true
 
-# mount.layerfs as a launcher that starts Python without site and without pip's wrapper (which
-# imports re): a third of a mount's instructions when a fork server is up (mount_helper/launcher.py).
-# Rewritten on every run: pip writes its own wrapper whenever it reinstalls.
+# mount.layerfs: the C front end (mount_helper/front.c, built here with gcc, never committed),
+# which makes the thin request to a fork server without starting Python, in front of
+# mount.layerfs-py, a launcher that starts Python without site and without pip's wrapper (which
+# imports re), for everything else; the launcher alone where the C one does not build
+# (mount_helper/launcher.py). Rewritten on every run: pip writes its own wrapper whenever it
+# reinstalls.
 "$venv/bin/python" -m mount_helper.launcher "$venv/bin/mount.layerfs" \
     || die "cannot write $venv/bin/mount.layerfs"
 

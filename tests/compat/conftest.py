@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from compat.helpers import reap
+from compat import helpers
+from compat.helpers import c_front_built, reap
 
 
 @pytest.fixture
@@ -42,3 +43,13 @@ def stacks(tmp_path: Path) -> Iterator[list[dict[str, Path]]]:
     finally:
         for d in out:
             reap(d["merged"])
+
+
+@pytest.fixture(params=["c", "python"])
+def front(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each front end of mount.layerfs (the C one skipped where it was not
+    built: scripts/setup.sh without gcc)."""
+    if request.param == "c" and not c_front_built():
+        pytest.skip("the C front end of mount.layerfs is not built (scripts/setup.sh)")
+    monkeypatch.setattr(helpers, "FRONT", request.param)
+    return str(request.param)

@@ -24,15 +24,33 @@ from layerfs import mountinfo
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Which front end of the installed mount.layerfs helper_command() runs: "c" (the program
+# scripts/setup.sh installs, the C front end when it was built) or "python" (the Python front
+# end beside it, mount.layerfs-py). Tests of both set it with the ``front`` fixture below.
+FRONT = "c"
+
+
 def helper_command() -> list[str]:
-    """The installed ``mount.layerfs`` console script, else the module run by this Python."""
+    """The installed ``mount.layerfs`` (its Python front end when FRONT is "python"), else the
+    module run by this Python."""
     exe = Path(sys.executable).with_name("mount.layerfs")
+    if FRONT == "python" and exe.with_name("mount.layerfs-py").exists():
+        exe = exe.with_name("mount.layerfs-py")
     if exe.exists():
         return [os.fspath(exe)]
     found = shutil.which("mount.layerfs")
     if found:
         return [found]
     return [sys.executable, "-m", "mount_helper.main"]
+
+
+def c_front_built() -> bool:
+    """Whether the installed ``mount.layerfs`` is the C front end (an ELF file, not a script)."""
+    try:
+        with open(Path(sys.executable).with_name("mount.layerfs"), "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 def helper_env() -> dict[str, str]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from compat import helpers
 from compat.helpers import (
     daemon_pids,
     engine_missing,
@@ -55,8 +56,8 @@ class Program:
     exe: str
 
 
-@pytest.fixture(params=["layerfs", "fuse-overlayfs"])
-def program(request: pytest.FixtureRequest) -> Program:
+@pytest.fixture(params=["layerfs", "layerfs-py", "fuse-overlayfs"])
+def program(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Program:
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         pytest.skip("needs /dev/fuse and fusermount3 (apt-get install fuse3)")
     if request.param == "fuse-overlayfs":
@@ -66,6 +67,8 @@ def program(request: pytest.FixtureRequest) -> Program:
         return Program("fuse-overlayfs", exe)
     if why := engine_missing():
         pytest.skip(f"layerfs cannot mount yet: {why}")
+    if request.param == "layerfs-py":  # the Python front end, run directly
+        monkeypatch.setattr(helpers, "FRONT", "python")
     cmd = helper_command()
     if len(cmd) != 1:
         pytest.skip("mount.layerfs console script not installed (pip install -e .)")
