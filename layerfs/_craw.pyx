@@ -744,6 +744,19 @@ cdef void _zero_attr(fuse_attr *a) noexcept:
 
 _installed = []  # the installed raw path lives as long as its session (the process)
 
+cdef extern from *:
+    """
+    #ifndef LAYERFS_CRAW_SOURCE
+    #define LAYERFS_CRAW_SOURCE ""
+    #endif
+    static const char layerfs_craw_source[] = LAYERFS_CRAW_SOURCE;
+    """
+    const char *layerfs_craw_source
+
+# The CRC-32 of the _craw.pyx this was built from (scripts/setup.sh gives it to gcc):
+# fusehooks.craw_module loads no build of another source
+SOURCE = (<bytes>layerfs_craw_source).decode()
+
 LAYOUT = (
     sizeof(fuse_in_header), sizeof(fuse_out_header), sizeof(Reply_entry), sizeof(Reply_attr),
     sizeof(Reply_xattr_size),

@@ -39,6 +39,7 @@ import os
 import select
 import struct
 import types
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -884,6 +885,20 @@ def craw_module() -> Any:
     codes = (module.NOPOLL, module.PENDING, module.TRIO, module.PARKED)
     if tuple(module.LAYOUT) != (_IN_HEADER, _OUT_HEADER, 144, 120, 24) or codes != _C_CODES:
         log.warning("LAYERFS_LOOP=craw: layerfs._craw's structs are not the kernel's")
+        return None
+    # built from the source beside it (its CRC-32, given by scripts/setup.sh): old C with new
+    # Python left a request unanswered (session 14)
+    source = os.path.join(os.path.dirname(module.__file__ or __file__), "_craw.pyx")
+    try:
+        with open(source, "rb") as f:
+            crc = f"{zlib.crc32(f.read()):08x}"
+    except OSError:
+        crc = "no source"
+    if getattr(module, "SOURCE", None) != crc:
+        log.warning(
+            "LAYERFS_LOOP=craw: layerfs._craw was built from another _craw.pyx (rerun "
+            "scripts/setup.sh): raw path in Python"
+        )
         return None
     return module
 

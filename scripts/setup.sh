@@ -192,7 +192,7 @@ fi
 # never committed (.gitignore). A failed build is not fatal: LAYERFS_LOOP=craw then serves
 # with the Python raw path, and its tests skip (docs/concurrency.md, the compiled raw path).
 build_craw() {
-    local py=$venv/bin/python src=layerfs/_craw.pyx ext want tmp
+    local py=$venv/bin/python src=layerfs/_craw.pyx ext want tmp crc
     ext=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') || return 1
     want=$( { cat "$src"; "$venv/bin/cython" --version 2>&1; python_identity "$py"; } | sha256sum)
     if [ -f "layerfs/_craw$ext" ] && [ "$(cat "layerfs/.craw-stamp" 2>/dev/null)" = "$want" ]; then
@@ -200,8 +200,11 @@ build_craw() {
         return 0
     fi
     tmp=$(mktemp -d)
-    "$venv/bin/cython" -3 -o "$tmp/_craw.c" "$src" \
-        && gcc -O2 -shared -fPIC -DFUSE_USE_VERSION=314 \
+    # the source's CRC-32, which layerfs.fusehooks.craw_module checks against the _craw.pyx
+    # beside the build: a build of another source (setup.sh not run again) is not loaded
+    crc=$("$py" -c 'import sys, zlib; print("%08x" % zlib.crc32(open(sys.argv[1], "rb").read()))' "$src") \
+        && "$venv/bin/cython" -3 -o "$tmp/_craw.c" "$src" \
+        && gcc -O2 -shared -fPIC -DFUSE_USE_VERSION=314 -DLAYERFS_CRAW_SOURCE="\"$crc\"" \
             -I"$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
             $(pkg-config --cflags fuse3) "$tmp/_craw.c" -o "$tmp/_craw$ext" $(pkg-config --libs fuse3) \
         && mv "$tmp/_craw$ext" "layerfs/_craw$ext" && printf '%s\n' "$want" >layerfs/.craw-stamp
