@@ -123,11 +123,15 @@ class IdMap:
     def cap_shown(self, value: bytes) -> bytes:
         """A stored ``security.capability`` as the kernel reads it through an idmapped mount
         (cap_inode_getsecurity, a reader of the initial namespace): its root id shown through
-        the mapping; a v2 if that is 0, else a v3 for that id."""
+        the mapping; a v2 if that is 0, else a v3 for that id. A root id no range maps is
+        refused with EOVERFLOW, as the kernel refuses it (no id of the reader's namespace
+        owns it); shown as the overflow id, it was valid in a namespace whose root is 65534."""
         parts = _cap_parts(value) if self.uids else None
         if parts is None:
             return value
         effective, sets, root = parts
+        if _unmapped(self.uids, root):
+            raise OSError(errno.EOVERFLOW, "capability of an unmapped root id")
         shown = _shown(self.uids, root)
         if shown == 0:
             return struct.pack("<I", _CAP_REVISION_2 | effective) + sets
@@ -136,12 +140,15 @@ class IdMap:
     def cap_stored(self, value: bytes) -> bytes:
         """A ``security.capability`` set through the mount as the kernel stores it through an
         idmapped mount (cap_convert_nscap): always a v3, for the stored id of the root the
-        writer named (a v2's: 0, the writer's own namespace's root)."""
+        writer named (a v2's: 0, the writer's own namespace's root); one for a root id no
+        range maps is refused with EINVAL, as the kernel refuses it."""
         parts = _cap_parts(value) if self.uids else None
         if parts is None:
             return value
         effective, sets, root = parts
-        stored = _stored(self.uids, root)
+        stored = _stored_or_none(self.uids, root)
+        if stored is None:
+            raise OSError(errno.EINVAL, "capability for an unmapped root id")
         return struct.pack("<I", _CAP_REVISION_3 | effective) + sets + struct.pack("<I", stored)
 
     def _acl_entries(self, value: bytes) -> list[tuple[int, int, int]] | None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,13 +50,24 @@ from support.layerspec import (
     File,
     HardLink,
     LayerSpec,
+    cap_v3,
     d,
     f,
     layer_stacks,
     sym,
     wh,
 )
-from support.mounts import Layout, Mounted, Subject, subject_named
+from support.mounts import (
+    EXIT_TIMEOUT,
+    Layout,
+    Mounted,
+    Subject,
+    kernel_mount_cmd,
+    layerfs_mount_cmd,
+    ns_mounted,
+    subject_named,
+    userns_popen,
+)
 from support.ops import (
     COLLAPSE_RANGE,
     INSERT_RANGE,
@@ -80,6 +95,8 @@ from support.snapshot import (
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel_overlay]
 
+CAPS = b"security.capability"
+
 
 @pytest.fixture(
     params=["layerfs", "layerfs-metacopy", "layerfs-userns", "layerfs-idmap", "fuse-overlayfs"]
@@ -94,6 +111,19 @@ def subject(request: pytest.FixtureRequest) -> Subject:
 # In a script: check both uppers (remount, cross-mounts) and stack each as the topmost lower
 # under a fresh upper, as the random machine's restack rule does.
 RESTACK: Op = ("restack",)
+
+# lower files with a v3 capability: for a root id no range of layerfs-idmap maps, for one it maps
+CAP_LAYERS = LayerSpec(
+    [
+        d(
+            {
+                b"capf": f(b"#!x", mode=0o755, xattrs={CAPS: cap_v3(70000)}),
+                b"mapped": f(b"#!y", mode=0o755, xattrs={CAPS: cap_v3(1000)}),
+                b"g": f(b"g"),
+            }
+        )
+    ]
+)
 
 BASE = LayerSpec(
     [
@@ -548,12 +578,41 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"idmap-unmapped-overflow"},
     ),
+    # A file capability whose v3 root id no range maps (stored 70000): the kernel's idmapped
+    # layer answers a read with EOVERFLOW (cap_inode_getsecurity: the root id is no id of the
+    # reader's namespace), and refuses a set for a root id no range maps (EINVAL,
+    # cap_convert_nscap). layerfs-idmap showed a v3 for 65534, which a namespace whose root
+    # is 65534 would honour (review14). Elsewhere a v3 for 70000, as stored.
+    "capability-unmapped-root": (
+        CAP_LAYERS,
+        [
+            ("getxattr", b"capf", CAPS),
+            ("listxattr", b"capf"),
+            ("getxattr", b"mapped", CAPS),
+            ("setxattr", b"g", CAPS, cap_v3(70000)),
+            ("getxattr", b"g", CAPS),
+            ("setxattr", b"g", CAPS, cap_v3(1000)),
+            ("getxattr", b"g", CAPS),
+            ("chmod", b"mapped", 0o700),
+            ("getxattr", b"mapped", CAPS),
+        ],
+        set(),
+    ),
+    # ... and its copy-up: the kernel's reads it too (ovl_copy_xattr) and fails (EOVERFLOW);
+    # layerfs copies the stored value, as it copies an unmapped owner (idmap-unmapped-overflow)
+    "capability-unmapped-root-copy-up": (
+        CAP_LAYERS,
+        [("chmod", b"capf", 0o700), ("getxattr", b"capf", CAPS), ("stat", b"capf")],
+        {"idmap-unmapped-overflow"},
+    ),
     # A lower file whose owner (or group) no range maps (stored 70000): the kernel's idmapped
     # layer shows the overflow id 65534 but owned by nobody (INVALID_UID): user 65534 gets the
     # other bits only (and root no DAC override, privileged_wrt_inode_uidgid: 0604, so that
     # the snapshot's root may read). layerfs-idmap showed plain 65534, so user 65534 owned
     # every such file (found by review14: it read a 0600 one, wrote it, made it setuid).
-    # Elsewhere (no mapping) 70000 owns it, as stored.
+    # Elsewhere (no mapping) 70000 owns it, as stored. layerfs-userns (run inside its
+    # namespace): its daemon's stat shows such an owner as the overflow id, the same as a
+    # real 65534, which the namespace maps (quirk userns-unmapped-owner).
     "unmapped-owner-is-nobodys": (
         LayerSpec(
             [
@@ -573,7 +632,7 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("stat", b"f"),
             ("stat", b"g"),
         ],
-        set(),
+        {"userns-unmapped-owner"},
     ),
     "truncate-setid-as-root": (
         LayerSpec(
@@ -1217,6 +1276,38 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"hardlink-copyup"},
     ),
+    # processes of several users let go at once (race_users): a lower file copied up by
+    # one user's write while another's write, setxattr or read waits on it, a lower
+    # directory copied up by creations of several callers (owners, a user's mknod refused),
+    # a 0755 root-owned lower directory where only root may create, odd-sized big writes
+    "race-users": (
+        LayerSpec(
+            [
+                d(
+                    {
+                        b"big": f(b"B" * (4 << 20), mode=0o666),
+                        b"own": f(b"O" * 70_000, mode=0o644, uid=1000, gid=1000),
+                        b"pub": d({b"x": f(b"x")}, mode=0o1777),
+                        b"priv": d({b"y": f(b"y")}, mode=0o755),
+                        b"deep": d({b"er": d({b"f": f(b"f" * 300_000, mode=0o666)})}, mode=0o777),
+                    }
+                )
+            ]
+        ),
+        [
+            ("race_users", (1000, 2000), b"big", b"pub", "ww"),
+            ("race_users", (1000, 0, 65534), b"own", b"pub", "wxr"),
+            ("race_users", (0, 1000, 2000), b"big", b"pub", "cmk"),
+            ("race_users", (1000, 0), b"own", b"priv", "cf"),
+            ("race_users", (2000, 1000), b"deep/er/f", b"deep/er", "wc"),
+            ("race_users", (0, 1000, 2000, 65534), b"deep/er/f", b"deep", "mlfc"),
+            ("race_users", (1000, 0), b"own", b"pub", "ux"),
+            ("write_pattern", b"big", 4095, (1 << 20) + 3),
+            ("write_pattern", b"own", 65537, 131073),
+            ("read", b"big"),
+        ],
+        set(),
+    ),
     # ... by a user: the held descriptor writes after a chmod 0 (permission is the open's),
     # the name does not
     # chmod without following a symlink: the symlink's own mode is refused, a file's and a
@@ -1774,6 +1865,89 @@ def test_unmapped_acl_entries_grant_nobody(tmp_path: Path, subject: Subject) -> 
     assert not compare_results(script, rk, rs), compare_results(script, rk, rs)
 
 
+def _acts_as_users(script: list[Op]) -> bool:
+    return any(op[0] in ("as_user", "race_users") for op in script)
+
+
+# run inside the namespace (support.ops from the tests directory): the script on the
+# kernel's mount, then on the subject's; the results pickled to stdout
+_NS_APPLY = """
+import pickle, sys
+from support.ops import apply_all
+kmnt, smnt, script = pickle.load(sys.stdin.buffer)
+sys.stdout.buffer.write(pickle.dumps((apply_all(kmnt, script), apply_all(smnt, script))))
+"""
+
+
+def _apply_in_one_user_namespace(pair: Pair, script: list[Op]) -> tuple[list[Result], ...]:
+    """Run SCRIPT inside one user namespace (ids 0-65535, as layerfs-userns') holding both
+    mounts: the kernel's (userxattr) and layerfs with allow_other, which serves every
+    process of that namespace and none outside it (fuse_allow_current_process), so that
+    users other than the mounter reach it. The results on the kernel's, on the subject's."""
+    s, k = pair.subj, pair.ref
+    assert s.upper and s.work and k.upper and k.work
+    holder = userns_popen(["sleep", "1000000"], stdout=subprocess.DEVNULL)
+    enter = ["nsenter", "-t", str(holder.pid), "-U", "-m"]
+    daemon = None
+    try:
+        kmount = kernel_mount_cmd(
+            [os.fspath(p) for p in k.lowers], os.fspath(k.upper), os.fspath(k.work), k.mnt,
+            pair.subject.kernel_options,
+        )  # fmt: skip
+        subprocess.run([*enter, *kmount], check=True, capture_output=True)
+        cmd = layerfs_mount_cmd(s.lowers, s.upper, s.work, s.mnt, options=("allow_other",))
+        with open(s.root / "layerfs-ns.log", "ab") as log:
+            daemon = subprocess.Popen([*enter, *cmd], stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while not ns_mounted(holder.pid, s.mnt):
+            assert daemon.poll() is None and time.monotonic() < deadline, "layerfs did not mount"
+            time.sleep(0.02)
+        env = dict(os.environ, PYTHONPATH=os.fspath(Path(__file__).parents[1]))
+        r = subprocess.run(
+            [*enter, sys.executable, "-c", _NS_APPLY],
+            input=pickle.dumps((os.fspath(k.mnt), os.fspath(s.mnt), script)),
+            capture_output=True,
+            env=env,
+            check=True,
+        )
+        rk, rs = pickle.loads(r.stdout)
+        return rk, rs
+    finally:
+        for mnt in (s.mnt, k.mnt):
+            if ns_mounted(holder.pid, mnt):
+                subprocess.run([*enter, "umount", "-l", os.fspath(mnt)], check=False)
+        if daemon is not None:
+            daemon.wait(EXIT_TIMEOUT)
+        holder.kill()
+        holder.wait()
+        log_text = (s.root / "layerfs-ns.log").read_text(errors="replace")
+        assert "Traceback" not in log_text, log_text
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, (_, script, _) in SCRIPTS.items() if _acts_as_users(script))
+)
+def test_users_inside_a_user_namespace(
+    tmp_path: Path, subject: Subject, request: pytest.FixtureRequest, name: str
+) -> None:
+    """The scripts where users other than root act (named ACL entries granting and refusing,
+    owners, sticky and setgid directories, users racing), for layerfs-userns: inside one
+    user namespace that holds both mounts, layerfs served with allow_other (test_script
+    skips them: a rootless mount serves no process outside its namespace, and the test's
+    root is outside). The results, then the uppers, are compared with the kernel's."""
+    if not subject.userns:
+        pytest.skip("test_script runs these for the subjects outside user namespaces")
+    spec, script, needs = SCRIPTS[name]
+    if RESTACK in script:
+        pytest.skip("one mount of each")
+    expect_quirks(request, subject, needs)
+    pair = Pair.create(tmp_path, subject, spec)
+    t0 = fs_clock_ns()
+    rk, rs = _apply_in_one_user_namespace(pair, script)
+    diffs = compare_results(script, rk, rs) + _diff_uppers(pair, t0)
+    assert not diffs, f"{name}: {len(diffs)} differences from the kernel:\n" + "\n".join(diffs)
+
+
 def test_paths_leaving_the_mount_are_not_run(tmp_path: Path, subject: Subject) -> None:
     """An operation through a layer's symlink out of the mount (``../..``) is skipped on both
     mounts and touches nothing outside, also through a user namespace's ``/proc/PID/root``
@@ -1803,8 +1977,10 @@ def test_script(
     tmp_path: Path, subject: Subject, request: pytest.FixtureRequest, name: str
 ) -> None:
     spec, script, needs = SCRIPTS[name]
-    if subject.userns and any(op[0] == "as_user" for op in script):
-        pytest.skip("a mount in a user namespace is reached through /proc/PID/root: root only")
+    if subject.userns and _acts_as_users(script):
+        pytest.skip(
+            "a mount in a user namespace serves it only: test_users_inside_a_user_namespace"
+        )
     if subject.idmap and not _ids_matter(name, script) and not os.environ.get(IDMAP_ALL):
         pytest.skip(f"{subject.name} runs the scripts where ids matter ({IDMAP_ALL}=1: all)")
     expect_quirks(request, subject, needs)
@@ -1841,7 +2017,7 @@ def _ids_matter(name: str, script: list[Op]) -> bool:
     names = {str(op[0]) for op in script}
     caps = any(b"security.capability" in op for op in script)
     return (
-        bool(names & {"as_user", "chown", "setfacl", "getfacl"})
+        bool(names & {"as_user", "race_users", "chown", "setfacl", "getfacl"})
         or caps
         or any(word in name for word in ("setid", "setgid", "suid", "capab", "copyup", "copy-up"))
     )
@@ -1871,6 +2047,9 @@ _write_data = st.sampled_from([b"x", b"hello\n", b"y" * 5000])
 
 # support.ops._race: letters that commute (appenders never beside writers)
 _RACE_MIXES = ["ww", "wc", "hc", "ho", "wx", "co", "cx", "aa", "ac", "ax", "hwcx", "wwco", "aar"]
+# race_users' mixes (support.ops._user_race_act), a letter a process
+_USER_RACE_MIXES = ["ww", "wx", "wr", "wc", "wk", "cm", "cf", "ck", "cl", "xc", "ux", "ur"]
+_USER_RACE_MIXES += ["us", "wwc", "cmf", "xkl", "fwx", "mm", "kk", "wwww"]
 
 # Exploration aid: LAYERFS_DIFF_SKIP_OPS=fallocate,mknod leaves out operations with a known,
 # already reported difference, so that a run can find the next one.
@@ -2341,9 +2520,11 @@ class WriteMachine(_Machine):
     def utime_one(self, p: bytes, which: str) -> None:
         self._do(("utime_one", p, which, T1))
 
-    @rule(p=_paths)
-    def setcap(self, p: bytes) -> None:
-        self._do(("setxattr", p, b"security.capability", CAP_NET_BIND_SERVICE))
+    # a v2 (root 0), a v3 for root ids layerfs-idmap moves, and one for an id none of its
+    # ranges map (the kernel refuses that set there: EINVAL)
+    @rule(p=_paths, cap=st.sampled_from([CAP_NET_BIND_SERVICE, cap_v3(1000), cap_v3(70000)]))
+    def setcap(self, p: bytes, cap: bytes) -> None:
+        self._do(("setxattr", p, b"security.capability", cap))
         self._do(("getxattr", p, b"security.capability"))
 
     @rule(p=_paths, name=st.sampled_from([b"user.a", b"user.z", b"trusted.t"]), value=_data)
@@ -2444,6 +2625,8 @@ class WriteMachine(_Machine):
                     ("write", p, 0, b"u"),
                     ("mkdir", p),
                     ("mkfifo", p),
+                    ("mknod", p, "sock"),
+                    ("mknod", p, "chr"),
                     ("symlink", b"t", p),
                     ("unlink", p),
                     ("rmdir", p),
@@ -2454,6 +2637,8 @@ class WriteMachine(_Machine):
                     ("chown", p, who, who),
                     ("truncate", p, 2),
                     ("utime", p, T1),
+                    ("utime_one", p, "mtime", T1),
+                    ("write_pattern", p, 4095, 131073),
                     ("setxattr", p, b"user.u", b"u"),
                     ("race", p, "wc"),
                     ("read", p),
@@ -2462,6 +2647,33 @@ class WriteMachine(_Machine):
             )
         )
         self._do(("as_user", who, who, op))
+
+    # processes of several users let go at once (support.ops.race_users): two callers'
+    # requests in the daemon together, a copy-up of the file or the directory one starts
+    # while the other's waits, each answered as its own caller (owner, permission checks);
+    # the raw paths answer SETATTR, MKNOD and WRITE in C. Mixes whose outcome is one in any
+    # order: no utime beside a write (the write's "now" or the fixed time would win)
+    @rule(
+        data=st.data(),
+        p=_paths,
+        mix=st.sampled_from(_USER_RACE_MIXES),
+        users=st.sampled_from([(0, 1000), (1000, 2000), (1000, 65534, 0), (2000, 0), (0, 0)]),
+    )
+    def race_users(self, data: st.DataObject, p: bytes, mix: str, users: tuple[int, ...]) -> None:
+        merged, new, _ = self._dirs()
+        d = data.draw(st.sampled_from([b"", *merged, *new]))
+        who = [0 if self.subject.userns else users[i % len(users)] for i in range(len(mix))]
+        self._do(("race_users", tuple(who), p, d, mix))
+
+    # writes of sizes around pages and FUSE's request sizes, at odd offsets: split into
+    # several WRITE requests, a partial page at either end (the raw paths answer WRITE in C)
+    @rule(
+        p=_paths,
+        off=st.sampled_from([0, 1, 4095, 65537, 1 << 20]),
+        size=st.sampled_from([4095, 4097, 131071, 131073, (1 << 20) + 3]),
+    )
+    def write_big(self, p: bytes, off: int, size: int) -> None:
+        self._do(("write_pattern", p, off, size))
 
     @rule(p=_paths)
     def copyup_ino(self, p: bytes) -> None:

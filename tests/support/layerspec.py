@@ -39,6 +39,12 @@ DEFAULT_MTIME_NS = 1_500_000_000_123_456_789
 # cap_net_bind_service (bit 10) permitted; the kernel validates this format on setxattr.
 CAP_NET_BIND_SERVICE = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
 
+
+def cap_v3(rootid: int) -> bytes:
+    """CAP_NET_BIND_SERVICE as a struct vfs_ns_cap_data (v3): valid for ROOTID's namespace."""
+    return struct.pack("<IIIIII", 0x03000001, 1 << 10, 0, 0, 0, rootid)
+
+
 # Absolute symlink target for generated stacks: shaped like /etc/passwd but absent on the host,
 # so that no operation through a mount could ever reach a real system file.
 SAFE_ABS_TARGET = b"/nonexistent-layerfs-test/etc/passwd"
@@ -361,8 +367,10 @@ def _meta(
                 max_size=2,
             )
         )
-        if draw(st.integers(0, 9)) == 0:
-            xs[b"security.capability"] = CAP_NET_BIND_SERVICE
+        if draw(st.integers(0, 9)) == 0:  # a v2, or a v3 for root ids an id map moves
+            xs[b"security.capability"] = draw(
+                st.sampled_from([CAP_NET_BIND_SERVICE, cap_v3(1000), cap_v3(2000)])
+            )
     if acl and draw(st.integers(0, 5)) == 0:
         xs[acls.ACCESS] = draw(st.sampled_from(_ACCESS_ACLS))
     if acl and is_dir and draw(st.integers(0, 4)) == 0:

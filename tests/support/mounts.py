@@ -396,6 +396,23 @@ def mount_fuse_overlayfs(
 KERNEL_OPTIONS = ("redirect_dir=on", "index=off", "metacopy=off")
 
 
+def kernel_mount_cmd(
+    lowers: Sequence[str],
+    upper: str | None,
+    work: str | None,
+    mnt: PathLike,
+    options: Sequence[str],
+) -> list[str]:
+    """The ``mount -t overlay`` command line for this stack: KERNEL_OPTIONS, and OPTIONS,
+    which override the defaults of the same name (metacopy=on, say)."""
+    opts = ["lowerdir=" + ":".join(lowers)]
+    if upper is not None:
+        opts += [f"upperdir={upper}", f"workdir={work or ''}"]
+    keys = {o.partition("=")[0] for o in options}
+    opts += [o for o in KERNEL_OPTIONS if o.partition("=")[0] not in keys] + list(options)
+    return ["mount", "-t", "overlay", "overlay", "-o", ",".join(opts), os.fspath(mnt)]
+
+
 @contextlib.contextmanager
 def mount_kernel(
     lowers: Sequence[PathLike],
@@ -424,13 +441,7 @@ def mount_kernel(
             lower_list, upper_path, work_path, fds = stack.enter_context(
                 idmapped.idmapped_layers(lower_list, upper_path, work_path, *idmap)
             )
-        opts = ["lowerdir=" + ":".join(lower_list)]
-        if upper_path is not None:
-            opts += [f"upperdir={upper_path}", f"workdir={work_path or ''}"]
-        # OPTIONS override the defaults of the same name (metacopy=on, say)
-        keys = {o.partition("=")[0] for o in options}
-        opts += [o for o in KERNEL_OPTIONS if o.partition("=")[0] not in keys] + list(options)
-        mount = ["mount", "-t", "overlay", "overlay", "-o", ",".join(opts), os.fspath(mnt)]
+        mount = kernel_mount_cmd(lower_list, upper_path, work_path, mnt, options)
         holder = None
         if userns:
             # the namespace lives as long as its holder: mount, say so, then wait to be killed
@@ -448,7 +459,7 @@ def mount_kernel(
         else:
             r = subprocess.run(mount, capture_output=True, text=True, check=False, pass_fds=fds)
             if r.returncode != 0:
-                raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} ({opts})")
+                raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} ({mount})")
         m = Mounted(ns_path(holder.pid, mnt) if holder else mnt, "kernel")
         failed = False
         try:
@@ -604,8 +615,13 @@ SUBJECTS: dict[str, Subject] = {
         # An ACL entry for an id outside the namespace's map (0-65535 here) cannot pass
         # between the kernel's FUSE and a daemon there (both sides map ACL ids through the
         # daemon's namespace, and refuse the id: EINVAL); the kernel overlay mounted there
-        # shows it and copies it up (script acl-unmapped-ids).
-        (LAYERFS_LIMITS - {"user-overlay-names"}) | {"userxattr-link-ino", "userns-acl-unmapped"},
+        # shows it and copies it up (script acl-unmapped-ids). A layer's owner outside the map
+        # (70000) reaches the daemon as the overflow id, as stat shows it there: the same as
+        # a real 65534, which the namespace maps, so that user owns such a file; the kernel
+        # overlay's checks see the real owner (script unmapped-owner-is-nobodys, run by
+        # test_users_inside_a_user_namespace).
+        (LAYERFS_LIMITS - {"user-overlay-names"})
+        | {"userxattr-link-ino", "userns-acl-unmapped", "userns-unmapped-owner"},
         ("userxattr", "redirect_dir=nofollow"),
         userns=True,
     ),

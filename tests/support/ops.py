@@ -76,6 +76,12 @@ def _write(p: bytes, offset: int, data: bytes) -> object:
         os.close(fd)
 
 
+def _write_pattern(p: bytes, offset: int, size: int) -> object:
+    """A write of SIZE bytes of a pattern (every byte value, then ``z``s) at OFFSET: a big
+    one in a log is its size."""
+    return _write(p, offset, bytes(range(256)) * (size // 256) + b"z" * (size % 256))
+
+
 def _create(p: bytes, data: bytes, mode: int = 0o644) -> object:
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -509,6 +515,121 @@ def _race_on(targets: list[bytes], mix: str) -> object:
     return tuple(out)
 
 
+# what each process of a race_users does (letter -> action on file P or its own name in D)
+_USER_RACE_ACTIONS = "wuxrcmfkls"
+
+
+def _user_race_act(i: int, c: str, p: bytes, d: bytes) -> None:
+    """Process I's action C (support of race_users): ``w`` pwrite of _RACE_WRITE + I bytes
+    (odd sizes) at its own offset in P, ``u`` utime of P to a fixed time, ``x`` setxattr of
+    its own ``user.`` name on P, ``r`` read P, ``s`` stat P; and in directory D under its own
+    name: ``c`` create, ``m`` mkdir, ``f`` mkfifo, ``k`` mknod of a char device, ``l``
+    symlink."""
+    own = d + b"/%c%d" % (c, i) if d else b"%c%d" % (c, i)
+    if c == "w":
+        fd = os.open(p, os.O_WRONLY | _NB)
+        try:
+            os.pwrite(fd, bytes([0x30 + i]) * (_RACE_WRITE + i), (1 << 20) * i)
+        finally:
+            os.close(fd)
+    elif c == "u":
+        os.utime(p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    elif c == "x":
+        os.setxattr(p, b"user.urace%d" % i, b"v")
+    elif c == "r":
+        _read(p)
+    elif c == "s":
+        os.stat(p)
+    elif c == "c":
+        _create(own, b"c%d" % i)
+    elif c == "m":
+        os.mkdir(own, 0o755)
+    elif c == "f":
+        os.mkfifo(own, 0o644)
+    elif c == "k":
+        os.mknod(own, stat.S_IFCHR | 0o640, os.makedev(1, 7))
+    elif c == "l":
+        os.symlink(b"t%d" % i, own)
+
+
+def race_users(
+    root: str | os.PathLike[str], who: Sequence[int], p: bytes, d: bytes, mix: str
+) -> Result:
+    """Processes let go at once, process I as user WHO[I] (its own gid, no groups) doing
+    MIX[I] (_user_race_act) on file P or under its own name in directory D, paths relative to
+    ROOT. Two callers' requests in the daemon at once: a copy-up of P or D that one starts
+    while another's request waits on it, each answered with its own caller's identity (owner,
+    permission checks). The actions commute (no one changes what another may do), so the end
+    state is one whatever the order. The errors (sorted), then P as _race describes it and
+    D's entries (name, kind, owner)."""
+    base = os.fsencode(root)
+    if escapes(base, p, follow_last=True) or escapes(base, d + b"/x", follow_last=False):
+        return ("skip", None)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pids = []
+    for i, (uid, c) in enumerate(zip(who, mix, strict=True)):
+        pid = os.fork()
+        if pid == 0:  # child: never return into the test runner
+            code = 1
+            try:
+                for fd in (ready_r, go_w, out_r):
+                    os.close(fd)
+                os.chdir(root)
+                if uid:
+                    os.setgroups([])
+                    os.setgid(uid)
+                    os.setuid(uid)
+                os.write(ready_w, b"r")
+                os.read(go_r, 1)
+                try:
+                    _user_race_act(i, c, p, d)
+                    msg = b""
+                except OSError as e:
+                    msg = f"{i}{c}:{errno.errorcode.get(e.errno or 0, e.errno)}\n".encode()
+                os.write(out_w, msg or b"-\n")
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for fd in (ready_w, go_r, out_w):
+        os.close(fd)
+    for _ in pids:  # every child set up before any acts
+        os.read(ready_r, 1)
+    os.write(go_w, b"g" * len(pids))
+    with os.fdopen(out_r, "rb") as fh:
+        lines = fh.read().split()
+    statuses = [os.waitpid(pid, 0)[1] for pid in pids]
+    for fd in (ready_r, go_w):
+        os.close(fd)
+    if any(statuses) or len(lines) != len(pids):
+        return ("child-failed", statuses)
+    errors = sorted(x.decode() for x in lines if x != b"-")
+    full_p, full_d = base + b"/" + p, base + b"/" + d if d else base
+    state: list[object] = [errors]
+    try:
+        st = os.stat(full_p)
+        reg = stat.S_ISREG(st.st_mode)
+        xs = sorted(x for x in os.listxattr(full_p) if x.startswith("user."))
+        state.append((digest(_read_all(full_p)) if reg else None, st.st_size if reg else None))
+        state.append((oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid, xs))
+    except OSError as e:
+        state.append(errno.errorcode.get(e.errno or 0, e.errno))
+    try:
+        names = sorted(
+            n for n in os.listdir(full_d) if n[:1] in _USER_RACE_ACTIONS and n[1:].isdigit()
+        )
+        for n in names:
+            st = os.lstat(full_d + b"/" + n)
+            state.append(
+                (n, stat.S_IFMT(st.st_mode), oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid)
+            )
+    except OSError as e:
+        state.append(errno.errorcode.get(e.errno or 0, e.errno))
+    return ("ok", tuple(state))
+
+
 # name -> (function, which positional args are paths)
 OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "stat": (lambda p: _stat_value(os.lstat(p)), (0,)),
@@ -553,6 +674,7 @@ OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "mmap_write": (_mmap_write, (0,)),
     "held_write": (_held_write, (0, 1)),
     "race": (_race, (0,)),
+    "write_pattern": (_write_pattern, (0,)),
     "race2": (_race2, (0, 1)),
 }
 
@@ -671,6 +793,8 @@ def apply(root: str | os.PathLike[str], op: Op) -> Result:
     if op[0] == "as_user":
         groups = tuple(op[4]) if len(op) > 4 else ()  # type: ignore[arg-type]
         return as_user(root, int(op[1]), int(op[2]), op[3], groups)  # type: ignore[call-overload, arg-type]
+    if op[0] == "race_users":
+        return race_users(root, op[1], op[2], op[3], op[4])  # type: ignore[arg-type, misc]
     name, *args = op
     fn, path_args = OPS[str(name)]
     base = os.fsencode(root)
