@@ -11,8 +11,9 @@ against the same ratios of ``file`` pages plus the headroom under ``memory.max``
 root, whose own limits it shows at the hierarchy's root). On cgroup v1 the kernel has no
 memcg domain, but a cgroup at its ``memory.limit_in_bytes`` reclaims by waiting for
 writeback: the same rule is applied to its counters, a bound on the safe side. A backing
-device with ``strict_limit`` (every FUSE filesystem's, or one an administrator set) throttles
-on its own share, which no file shows: writes to it never count as free.
+device with ``strict_limit`` (every FUSE filesystem's, or one an administrator set; a
+partition's is its disk's) throttles on its own share, which no file shows: writes to it
+never count as free.
 
 ``DirtyGauge.room(n)`` says whether N more bytes can be written without being throttled. It
 reads the counters at most every ``INTERVAL`` seconds, and in between counts this daemon's own
@@ -49,7 +50,7 @@ class DirtyGauge:
 
     def __init__(self, dev: int, *, proc: str = "/proc", sys: str = "/sys") -> None:
         self.proc, self.sys = proc, sys
-        self.strict = f"{sys}/class/bdi/{os.major(dev)}:{os.minor(dev)}/strict_limit"
+        self.strict = f"{_bdi(sys, dev)}/strict_limit"
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.readings = 0
         self._budget = 0  # bytes this daemon may still write before the next reading
@@ -169,6 +170,23 @@ class _Memcg:
         dirty, writeback, active, inactive = _fields(_read(self.stat), names)
         avail = active + inactive + min(headroom, dirtyable)
         return int(avail * share) - dirty - writeback
+
+
+def _bdi(sys: str, dev: int) -> str:
+    """The sysfs directory of the backing device that throttles writes to the filesystem on
+    DEV: a partition's is its disk's (the block layer's bdi is the disk's), a FUSE block
+    filesystem's is named ``DEV-fuseblk``; else the one named DEV (a disk, a device mapper's,
+    FUSE's anonymous devices), or a name that does not exist (no strict limit known)."""
+    mm = f"{os.major(dev)}:{os.minor(dev)}"
+    if os.path.exists(f"{sys}/class/bdi/{mm}-fuseblk"):
+        return f"{sys}/class/bdi/{mm}-fuseblk"
+    block = f"{sys}/dev/block/{mm}"
+    if os.path.exists(f"{block}/partition"):
+        try:
+            mm = os.fsdecode(_read(f"{block}/../dev").strip())
+        except OSError:
+            pass
+    return f"{sys}/class/bdi/{mm}"
 
 
 def _read(path: str) -> bytes:
