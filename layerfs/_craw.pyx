@@ -11,10 +11,11 @@ request handed on ~4.5k instructions in session 13's Python raw path).
 
 What the Python raw path keeps is kept here (docs/concurrency.md, the raw path): the lookup
 count (a refused reply gives the reference back), pyfuse3's reply fields, the adapter's
-errnos (``errno_of`` for anything raised), the request counters, the attribute and listing
-invalidations after a core that copied something up, the session's end when the device is
-gone. Built by scripts/setup.sh (Cython, then gcc); never committed. Without it the Python
-paths serve.
+errnos (``errno_of`` for anything raised), the request counters, the attribute
+invalidations after a core, a reply held until the listings a core (or a READDIR before it)
+queued are dropped, the ``--debug`` trace, the session's end when the device is gone.
+Built by scripts/setup.sh (Cython, then gcc); never committed. Without it the Python paths
+serve.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -263,9 +264,11 @@ cdef class RawPath:
     STATS_XATTR(node, name) -> bytes: the adapter's getxattr core, asked for STATS_NAME on
     the root only; FORGET([(node, n), ...]). Each may raise: ERRNO_OF(handler name, args,
     exception) gives the errno answered (the handlers' mapping). REQUESTS counts each
-    request answered by handler name, COUNTS ``loop_raw``; CHANGED and LISTINGS are the
-    copy-up's lists of nodes to invalidate, AFTER() invalidates them (called when either
-    is not empty). The counts are kept in C and added to REQUESTS and COUNTS by ``flush``,
+    request answered by handler name, COUNTS ``loop_raw``; CHANGED is the copy-up's list of
+    nodes whose attributes to invalidate, AFTER() invalidates them (called when it is not
+    empty); while its LISTINGS is not empty a reply goes to DEFER(reply, node) instead, to
+    be written once they are dropped (fusehooks._Replies). TRACE(handler name, args), where
+    not None (``--debug``), logs each request answered here. The counts are kept in C and added to REQUESTS and COUNTS by ``flush``,
 before the statistics are read. RELEASE: the read and the write release the GIL (for
     measuring: holding it, as pyfuse3's own read and write do, was 0.8k instructions a
     failed lookup cheaper; docs/benchmarks.md, session 14 cloop)."""
@@ -273,6 +276,7 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
     cdef State st
     cdef object find, getattr_, find_xattr, stats_xattr, stats_name, forget, errno_of
     cdef object setattr_, mknod
+    cdef object defer, trace
     cdef object requests, counts, after
     cdef list changed, listings
     cdef uint64_t secs
@@ -296,9 +300,10 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
     def __init__(
         self, int fd, find, getattr, find_xattr, stats_xattr, bytes stats_name, forget,
         errno_of, requests, counts, list changed, list listings, after, double timeout,
-        bint release=False, setattr=None, mknod=None,
+        bint release=False, setattr=None, mknod=None, defer=None, trace=None,
     ):
         self.setattr_, self.mknod = setattr, mknod
+        self.defer, self.trace = defer, trace
         self.st.fd = fd
         self.find, self.getattr_, self.find_xattr = find, getattr, find_xattr
         self.stats_xattr, self.stats_name = stats_xattr, stats_name
@@ -448,10 +453,16 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
             self.n_raw += 1
         return got
 
-    cdef int _send(self, const void *data, size_t size) except -1:
-        """Write one reply; 0 if the kernel refused it (ENOENT: the request was aborted)."""
+    cdef int _send(self, const void *data, size_t size, uint64_t node=0) except -1:
+        """Write one reply. One the kernel refuses (ENOENT: the request was aborted) gives
+        the reference counted for NODE back (0: none). While the copy-up has listings to
+        invalidate, a copy of it goes to DEFER(reply, node) instead, which writes it once
+        they are dropped (fusehooks._Replies, the Python raw path's too)."""
         cdef ssize_t r
         cdef int err
+        if PyList_GET_SIZE(self.listings):
+            self.defer(PyBytes_FromStringAndSize(<const char *>data, size), node)
+            return 0
         if self.release:
             with nogil:
                 r = write(self.st.fd, data, size)
@@ -461,8 +472,9 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
             err = errno
             if err != ENOENT:
                 log.error("raw path: reply failed: errno %d", err)
-            return 0
-        return 1
+            if node:  # the kernel took no reference: give back ours
+                self.forget([(node, 1)])
+        return 0
 
     cdef int _error(self, uint64_t unique, int err) except -1:
         cdef fuse_out_header h
@@ -472,8 +484,9 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         return self._send(&h, sizeof(h))
 
     cdef int _done(self) except -1:
-        """After a core: the invalidations it left (a copy-up; none in practice)."""
-        if PyList_GET_SIZE(self.changed) or PyList_GET_SIZE(self.listings):
+        """After a core: the attribute invalidations it left (a copy-up); the listings it
+        left (``Overlay.fix_origin``) delay its reply (``_send``)."""
+        if PyList_GET_SIZE(self.changed):
             self.after()
         return 0
 
@@ -488,6 +501,8 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         cdef object a
         cdef object node
         self.n_lookup += 1
+        if self.trace is not None:
+            self.trace("lookup", (parent, name))
         try:
             a = self.find(parent, name)
         except FileNotFoundError:  # met on the way (a layer's file gone): negative too
@@ -512,14 +527,14 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         except Exception as e:  # not met: an Attr the protocol cannot carry
             self.forget([(a[0], 1)])
             return self._error(unique, self._failed("lookup", (parent, name), e))
-        if not self._send(&r, sizeof(r)):  # the kernel took no reference: give back ours
-            self.forget([(node, 1)])
-        return 0
+        return self._send(&r, sizeof(r), r.e.nodeid)
 
     cdef int _getattr(self, uint64_t unique, uint64_t node) except -1:
         cdef Reply_attr r
         cdef object a
         self.n_getattr += 1
+        if self.trace is not None:
+            self.trace("getattr", (node,))
         try:
             a = self.getattr_(node)
             r.h.len = sizeof(Reply_attr)
@@ -546,6 +561,8 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         cdef ssize_t length
         cdef ssize_t r
         self.n_getxattr += 1
+        if self.trace is not None:
+            self.trace("getxattr", (node, name))
         try:
             if node == 1 and name == self.stats_name:  # the daemon's counters
                 self.flush()
@@ -571,6 +588,9 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         h.len = <uint32_t>(sizeof(h) + length)
         h.error = 0
         h.unique = unique
+        if PyList_GET_SIZE(self.listings):  # as _send
+            self.defer(PyBytes_FromStringAndSize(<const char *>&h, sizeof(h)) + value, 0)
+            return 0
         iov[0].iov_base = &h
         iov[0].iov_len = sizeof(h)
         iov[1].iov_base = PyBytes_AS_STRING(<bytes>value)
@@ -645,9 +665,7 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
             return self._error(unique, self._failed(name, args, e))
         if kind == K_ATTR:
             return self._send(&ra, sizeof(ra))
-        if not self._send(&re, sizeof(re)):  # the kernel took no reference: give back ours
-            self.forget([(node, 1)])
-        return 0
+        return self._send(&re, sizeof(re), re.e.nodeid)
 
     cdef int _setattr(self, fuse_in_header *h, ssize_t n) except -1:
         """SETATTR as libfuse (do_setattr) and pyfuse3 (fuse_setattr_async) hand it to the
@@ -680,12 +698,16 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         try:
             coro = self.setattr_(*args)
         except Exception as e:
+            if self.trace is not None:
+                self.trace("setattr", args)
             self._done()
             self._error(h.unique, self._failed("setattr", args, e))
             return C_ANSWERED
-        if coro is None:  # the core would wait (a copy-up): pyfuse3 serves it
+        if coro is None:  # the core would wait (a copy-up): pyfuse3 serves it (and traces it)
             self.n_setattr -= 1
             return C_PENDING
+        if self.trace is not None:
+            self.trace("setattr", args)
         return self._run(coro, h.unique, K_ATTR, "setattr", args)
 
     cdef int _mknod(self, fuse_in_header *h, ssize_t n) except -1:
@@ -701,12 +723,16 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         try:
             coro = self.mknod(*args)
         except Exception as e:
+            if self.trace is not None:
+                self.trace("mknod", args)
             self._done()
             self._error(h.unique, self._failed("mknod", args, e))
             return C_ANSWERED
         if coro is None:
             self.n_mknod -= 1
             return C_PENDING
+        if self.trace is not None:
+            self.trace("mknod", args)
         return self._run(coro, h.unique, K_ENTRY, "mknod", args)
 
     cdef int _forget(self, uint64_t node, ssize_t n) except -1:  # no reply

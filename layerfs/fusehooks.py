@@ -627,14 +627,69 @@ class RawOps:
     counted and its errors mapped by the adapter. ``lookup(parent, name)``: the attributes
     (one lookup counted on the node), None for a negative entry, or an errno;
     ``getattr(node)``: the attributes or an errno; ``getxattr(node, name)``: the value or an
-    errno; ``forget([(node, n), ...])``. TIMEOUT:
-    seconds the kernel may keep entries and attributes."""
+    errno; ``forget([(node, n), ...])``. LISTINGS: the copy-up's directories whose cached
+    listings the kernel must drop before the next reply (a core's ``Overlay.fix_origin``,
+    or a READDIR before), INVALIDATE(ids) drops them (see ``_Replies``). TIMEOUT: seconds
+    the kernel may keep entries and attributes."""
 
     lookup: Callable[[int, bytes], Attr | int | None]
     getattr: Callable[[int], Attr | int]
     getxattr: Callable[[int, bytes], bytes | int]
     forget: Callable[[list[tuple[int, int]]], None]
+    listings: list[int]
+    invalidate: Callable[[list[int]], Awaitable[None]]
     timeout: float
+
+
+class _Replies:
+    """How both raw paths write a reply (the compiled one calls ``defer`` only).
+
+    A reply the kernel refuses (ENOENT: the request was aborted) carries no reference: the
+    lookup counted for its node (NODE, 0 for a reply without one) is given back. A reply
+    written while the copy-up has listings to invalidate (LISTINGS not empty) waits for
+    them: a handler awaits ``ops._invalidate_listings`` before it answers (its thread may
+    wait for page locks a READDIR in flight holds), so that the listing read after the
+    answer is the new one (``Overlay.fix_origin`` in a LOOKUP changes a d_ino). So the
+    reply is copied, with the listings taken now (a later request's are its own), into a
+    task that awaits their invalidation and then writes it; the read duty is free
+    meanwhile, as with any handler that awaits. The lookup it counted holds its node
+    meanwhile: the kernel cannot forget a reference it has not been sent, and another
+    LOOKUP of the name answered meanwhile is one reference more, counted by its own
+    find (docs/concurrency.md, the raw path)."""
+
+    def __init__(self, fd: int, ops: RawOps | CRawOps, counts: dict[str, int]) -> None:
+        self.fd = fd
+        self.listings = ops.listings
+        self.invalidate = ops.invalidate
+        self.forget = ops.forget
+        self.counts = counts
+
+    def write(self, reply: bytes | bytearray, node: int = 0, now: bool = False) -> None:
+        """Write REPLY now (NOW: whatever is queued), or once the listings are dropped."""
+        if self.listings and not now:
+            self.defer(bytes(reply), node)
+            return
+        try:
+            os.write(self.fd, reply)
+        except OSError as e:  # ENOENT: the request was aborted meanwhile
+            if e.errno != errno.ENOENT:
+                log.error("raw path: reply failed: %s", e)
+            if node:  # the kernel took no reference: give back ours
+                self.forget([(node, 1)])
+
+    def defer(self, reply: bytes, node: int) -> None:
+        """Write REPLY once the listings queued now are dropped, from a task of its own."""
+        ids = self.listings[:]
+        self.listings.clear()
+        self.counts["loop_deferred"] += 1
+        trio.lowlevel.spawn_system_task(self._after, ids, reply, node)
+
+    async def _after(self, ids: list[int], reply: bytes, node: int) -> None:
+        try:
+            await self.invalidate(ids)
+        except Exception:  # not met (each invalidation's errors are ignored): answer anyway
+            log.exception("raw path: listing invalidation failed")
+        self.write(reply, node, now=True)  # listings queued meanwhile: a later request's
 
 
 # The protocol (include/uapi/linux/fuse.h, 7.9 and later: the kernel's minor here is 38)
@@ -691,6 +746,7 @@ class _RawPath:
         self.libc_read.argtypes = [ctypes.c_int, _vp, ctypes.c_size_t]
         self.libc_read.restype = ctypes.c_ssize_t
         self.writev = ctypes.cast(libc.writev, _vp).value
+        self.reply = _Replies(fd, ops, counts).write
         whole = ops.timeout
         self.secs, self.nsecs = int(whole), int((whole - int(whole)) * 1e9)
         # a negative entry's reply: the same bytes but the request's id (at 8)
@@ -765,23 +821,14 @@ class _RawPath:
         serve(unique, nodeid, n)
         return True
 
-    def _reply(self, data: bytes | bytearray) -> bool:
-        try:
-            os.write(self.fd, data)
-        except OSError as e:  # ENOENT: the request was aborted meanwhile
-            if e.errno != errno.ENOENT:
-                log.error("raw path: reply failed: %s", e)
-            return False
-        return True
-
     def _error(self, unique: int, err: int) -> None:
-        self._reply(_REPLY_ERR.pack(_OUT_HEADER, -err, unique))
+        self.reply(_REPLY_ERR.pack(_OUT_HEADER, -err, unique))
 
     def _lookup(self, unique: int, parent: int, n: int) -> None:
         a = self.ops.lookup(parent, self.buf[_IN_HEADER : n - 1])  # the name, without its NUL
         if a is None:  # a negative entry, cached by the kernel for the entry timeout
             _U64.pack_into(self.negative, 8, unique)
-            self._reply(self.negative)
+            self.reply(self.negative)
         elif a.__class__ is int:
             self._error(unique, a)
         else:
@@ -795,8 +842,7 @@ class _RawPath:
                 a.ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn,
                 a.mode, a.nlink, a.uid, a.gid, a.rdev & 0xFFFF_FFFF, a.blksize, 0,
             )  # fmt: skip
-            if not self._reply(reply):  # the kernel took no reference: give back ours
-                self.ops.forget([(a.id, 1)])
+            self.reply(reply, a.id)  # a refused reply gives its reference back
 
     def _getattr(self, unique: int, node: int, _n: int) -> None:
         a = self.ops.getattr(node)
@@ -807,7 +853,7 @@ class _RawPath:
         at, atn = divmod(a.atime_ns, 1_000_000_000)
         mt, mtn = divmod(a.mtime_ns, 1_000_000_000)
         ct, ctn = divmod(a.ctime_ns, 1_000_000_000)
-        self._reply(
+        self.reply(
             _REPLY_ATTR.pack(
                 _REPLY_ATTR.size, 0, unique, self.secs, self.nsecs, 0,
                 a.ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn,
@@ -823,11 +869,11 @@ class _RawPath:
             return
         value = cast(bytes, value)
         if size == 0:  # the size is asked
-            self._reply(_REPLY_XATTR_SIZE.pack(_REPLY_XATTR_SIZE.size, 0, unique, len(value)))
+            self.reply(_REPLY_XATTR_SIZE.pack(_REPLY_XATTR_SIZE.size, 0, unique, len(value)))
         elif len(value) > size:
             self._error(unique, errno.ERANGE)
         else:
-            self._reply(_REPLY_ERR.pack(_OUT_HEADER + len(value), 0, unique) + value)
+            self.reply(_REPLY_ERR.pack(_OUT_HEADER + len(value), 0, unique) + value)
 
     def _forget(self, _unique: int, node: int, _n: int) -> None:  # no reply
         self.ops.forget([(node, _U64.unpack_from(self.buf, _IN_HEADER)[0])])
@@ -851,9 +897,11 @@ class CRawOps:
     (ENODATA); ``stats_xattr(node, name)``: the adapter's getxattr core, asked for
     ``stats_name`` on the root only; ``forget([(node, n), ...])``; ``errno_of(handler,
     args, exception)``: the errno answered for what a core raised. ``requests`` counts each
-    request by handler name, as the handlers do; ``changed`` and ``listings`` are the
-    copy-up's nodes to invalidate, ``after()`` invalidates them (called when either is not
-    empty). TIMEOUT: seconds the kernel may keep entries and attributes."""
+    request by handler name, as the handlers do; ``changed`` are the copy-up's nodes whose
+    attributes to invalidate, ``after()`` invalidates them (called when it is not empty);
+    ``listings`` and ``invalidate`` as RawOps': a reply waits for them (``_Replies.defer``).
+    ``trace(handler, args)``, where set (``--debug``), logs each request as it comes.
+    TIMEOUT: seconds the kernel may keep entries and attributes."""
 
     find: Callable[[int, bytes], Attr | None]
     getattr: Callable[[int], Attr]
@@ -866,11 +914,13 @@ class CRawOps:
     changed: list[int]
     listings: list[int]
     after: Callable[[], None]
+    invalidate: Callable[[list[int]], Awaitable[None]]
     timeout: float
     # SETATTR's and MKNOD's cores: the engine's coroutine (stepped from C; awaited by the
     # wait should it park), or None: the request goes to pyfuse3
     setattr: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
     mknod: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
+    trace: Callable[[str, tuple[Any, ...]], None] | None = None
 
 
 @functools.cache
@@ -913,6 +963,7 @@ def _install_craw(hooks: Hooks, fd: int, ops: CRawOps, counts: dict[str, int]) -
         fd, ops.find, ops.getattr, ops.find_xattr, ops.stats_xattr, ops.stats_name,
         ops.forget, ops.errno_of, ops.requests, counts, ops.changed, ops.listings,
         ops.after, ops.timeout, False, ops.setattr, ops.mknod,
+        defer=_Replies(fd, ops, counts).defer, trace=ops.trace,
     )  # fmt: skip
     if not raw.install(hooks.session):
         log.info("compiled raw path not used: fuse_session_custom_io refused")

@@ -94,18 +94,24 @@ def _errors(fn: F) -> F:
 R = TypeVar("R")
 
 
+def _trace(name: str, args: tuple[Any, ...]) -> None:
+    """A request, as ``--debug`` logs it on the raw paths (the handlers: ``_errors``)."""
+    log.debug("%s%r", name, args)
+
+
 def _raw(name: str, fn: Callable[..., R], copyup: Any) -> Callable[..., R | int]:
     """FN, the synchronous core of the handler NAME, for the raw path (fusehooks.RawOps):
     counted in REQUESTS as the handler is, its exceptions mapped as the handler's are
-    (``_errno_of``), returned as an errno (an int) instead of raised. The cores served
-    there (lookups, getattr, getxattr) copy nothing up: no listing to invalidate, in practice."""
+    (``_errno_of``), returned as an errno (an int) instead of raised. The attributes it
+    changed are invalidated at once; the listings it queued (``Overlay.fix_origin``) before
+    its reply is written (fusehooks._Replies)."""
     debug = log.isEnabledFor(logging.DEBUG)  # the daemon's level is set once, at its start
-    changed, listings = copyup.changed, copyup.listing_changed  # changed in place only
+    changed = copyup.changed  # changed in place only
 
     def wrapper(*args: Any) -> R | int:
         REQUESTS[name] += 1
         if debug:
-            log.debug("%s%r", name, args)
+            _trace(name, args)
         try:
             return fn(*args)
         except Exception as e:
@@ -113,8 +119,6 @@ def _raw(name: str, fn: Callable[..., R], copyup: Any) -> Callable[..., R | int]
         finally:
             if changed:
                 _invalidate_attrs(changed)
-            if listings:  # kept right should a core ever copy up: after the answer
-                trio.lowlevel.spawn_system_task(_invalidate_listings, listings)
 
     return wrapper
 
@@ -288,6 +292,8 @@ class Operations(pyfuse3.Operations):
             getattr=_raw("getattr", self.fs.getattr, copyup),
             getxattr=_raw("getxattr", self._getxattr, copyup),
             forget=self._forget,
+            listings=copyup.listing_changed,
+            invalidate=_invalidate_listings,
             timeout=TIMEOUT,
         )
 
@@ -295,13 +301,6 @@ class Operations(pyfuse3.Operations):
         """The handlers' synchronous cores, for the compiled raw path: called from C, which
         counts them and maps what they raise as ``_raw`` does."""
         copyup = self.fs.copyup
-
-        def after() -> None:  # as _raw's finally
-            if copyup.changed:
-                _invalidate_attrs(copyup.changed)
-            if copyup.listing_changed:
-                trio.lowlevel.spawn_system_task(_invalidate_listings, copyup.listing_changed)
-
         return fusehooks.CRawOps(
             find=self.fs.find,  # _find's core: C maps FileNotFoundError as _find does
             getattr=self.fs.getattr,
@@ -313,10 +312,12 @@ class Operations(pyfuse3.Operations):
             requests=REQUESTS,
             changed=copyup.changed,
             listings=copyup.listing_changed,
-            after=after,
+            after=functools.partial(_invalidate_attrs, copyup.changed),  # as _raw's finally
+            invalidate=_invalidate_listings,
             timeout=TIMEOUT,
             setattr=self._setattr_now,
             mknod=self._mknod_now,
+            trace=_trace if log.isEnabledFor(logging.DEBUG) else None,  # set once, at start
         )
 
     def _setattr_now(

@@ -72,13 +72,21 @@ def test_copy_up_syncs(tmp_path: Path, options: list[str], expected: list[int]) 
 
 def test_serial_copy_ups_sync_inline(tmp_path: Path) -> None:
     """chmod of lower files one after another, as `chmod -R` does: each copy-up's fsync is
-    made on the serving thread (no hand-off to a worker and back), and each is made."""
+    made on the serving thread (no hand-off to a worker and back), and each is made.
+
+    Counted from the second chmod: the first request pyfuse3 serves starts its second
+    reader task, which is ready to run while that request's copy-up syncs (so that fsync
+    goes to a thread). On the poll loop that request came before the first chmod (the
+    mount's first LOOKUP or GETATTR); on the raw paths (LAYERFS_LOOP=raw, craw), which
+    answer every request before it themselves, it is the first chmod's SETATTR (a copy-up:
+    pyfuse3's)."""
     lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
     for d in (lower, upper, work, mnt):
         d.mkdir()
-    for i in range(20):
+    for i in range(21):
         (lower / f"f{i}").write_bytes(b"x" * (100 + i))
     with mount_layerfs([lower], upper, work, mnt):
+        os.chmod(mnt / "f20", 0o600)
         before = json.loads(os.getxattr(mnt, "trusted.layerfs.statistics"))
         for i in range(20):
             os.chmod(mnt / f"f{i}", 0o600)

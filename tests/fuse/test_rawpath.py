@@ -164,13 +164,59 @@ def test_answers_as_pyfuse3_gives_them(
     assert seen[loop][-3:] == ["ENOENT", 0o10600, "EEXIST"]
 
 
+ORIGINLESS = 30
+
+
+@pytest.mark.parametrize("loop", ["poll", "raw", "craw"])
+def test_reply_waits_for_the_listing_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """Upper directories another tool wrote (no origin) over lower ones: a plain listing of
+    their parent shows each one's own inode, and the first LOOKUP of one writes its origin
+    (``Overlay.fix_origin``), after which the listing shows the lower's (st_ino). The
+    handler drops the kernel's cached listing of the parent before it answers (the
+    invalidation waits on a worker thread); the raw paths answered first and dropped it
+    after, so a listing read right after the stat was the cached one (write-diff's
+    test_plain_listing_of_merged_dir_without_origin). Each LOOKUP's reply is held for it
+    (``loop_deferred``), its reference kept: once all is removed the kernel's forgets bring
+    the node table back to its size."""
+    monkeypatch.setenv("LAYERFS_LOOP", _built(loop) if loop != "poll" else loop)
+    layout = Layout.create(tmp_path / "fs", 1)
+    assert layout.upper is not None
+    for i in range(ORIGINLESS):  # a parent each: its first impure mark is written too
+        (layout.lowers[0] / f"p{i}" / "s").mkdir(parents=True)
+        (layout.upper / f"p{i}" / "s").mkdir(parents=True)
+    with layout.mount(subject_named("layerfs")) as m:
+        base = _stats(m.mnt)
+        for i in range(ORIGINLESS):
+            parent = m.mnt / f"p{i}"
+            assert os.listdir(parent) == ["s"]  # cached by the kernel
+            st_ino = os.lstat(parent / "s").st_ino  # the first LOOKUP: the origin written
+            assert st_ino == os.lstat(layout.lowers[0] / f"p{i}" / "s").st_ino
+            shown = {e.name: e.inode() for e in os.scandir(parent)}["s"]
+            assert shown == st_ino, (i, shown, st_ino)
+        deferred = _stats(m.mnt).get("loop_deferred", 0) - base.get("loop_deferred", 0)
+        assert (deferred >= ORIGINLESS) == (loop != "poll"), deferred
+        for i in range(ORIGINLESS):
+            os.rmdir(m.mnt / f"p{i}" / "s")
+            os.rmdir(m.mnt / f"p{i}")
+        deadline = time.monotonic() + 60
+        while (now := _stats(m.mnt))["nodes"] > base["nodes"]:  # forgets come meanwhile
+            assert time.monotonic() < deadline, (base, now)
+            time.sleep(0.1)
+
+
 def test_install_refused_leaves_the_session_alone() -> None:
     """Where libfuse refuses the custom io (here: no descriptor), the raw path is not used
     and the session keeps libfuse's own reads (and splice, if asked)."""
     hooks = fusehooks.Hooks(session=0)
+
+    async def invalidate(ids: list[int]) -> None:
+        pass
+
     ops = fusehooks.RawOps(
         lookup=lambda p, n: None, getattr=lambda n: 0, getxattr=lambda n, x: 0,
-        forget=lambda items: None, timeout=1.0,
+        forget=lambda items: None, listings=[], invalidate=invalidate, timeout=1.0,
     )  # fmt: skip
     assert fusehooks._RawPath.install(hooks, -1, ops, {}) is None
     assert not hooks.raw
