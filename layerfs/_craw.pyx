@@ -21,6 +21,7 @@ serve.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
 from cpython.list cimport PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
@@ -226,6 +227,21 @@ cdef inline void _split(int64_t ns, uint64_t *secs, uint32_t *nsecs) noexcept:
     nsecs[0] = <uint32_t>r
 
 
+cdef int _time(object ns, uint64_t *secs, uint32_t *nsecs) except -1:
+    """_split of NS, a Python int: past a signed 64-bit count of nanoseconds (before 1677,
+    after 2262; ext4 keeps times up to 2446) split by Python's divmod. Converted to int64
+    first, such a time raised OverflowError: its LOOKUP answered EIO."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(ns, &overflow)
+    if overflow:
+        s, r = divmod(ns, NS)
+        secs[0] = <uint64_t><int64_t>s
+        nsecs[0] = <uint32_t>r
+    else:
+        _split(v, secs, nsecs)
+    return 0
+
+
 cdef int _fill(fuse_attr *out, object a) except -1:
     """OUT from the Attr A (id, ino, mode, nlink, uid, gid, rdev, size, blksize, blocks,
     atime_ns, mtime_ns, ctime_ns), as libfuse fills it from pyfuse3's EntryAttributes."""
@@ -241,9 +257,9 @@ cdef int _fill(fuse_attr *out, object a) except -1:
     out.size = <uint64_t>t[7]
     out.blksize = <uint32_t>t[8]
     out.blocks = <uint64_t>t[9]
-    _split(<int64_t>t[10], &out.atime, &out.atimensec)
-    _split(<int64_t>t[11], &out.mtime, &out.mtimensec)
-    _split(<int64_t>t[12], &out.ctime, &out.ctimensec)
+    _time(t[10], &out.atime, &out.atimensec)
+    _time(t[11], &out.mtime, &out.mtimensec)
+    _time(t[12], &out.ctime, &out.ctimensec)
     out.flags = 0
     return 0
 
@@ -685,10 +701,11 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
             a.uid if valid & FATTR_UID else None,
             a.gid if valid & FATTR_GID else None,
             a.size if valid & FATTR_SIZE else None,
-            (<int64_t>a.atime * NS + a.atimensec) if valid & FATTR_ATIME else (
+            # in Python ints: a time past 2262 wrapped in int64 (a wrong time stored)
+            (<object>(<int64_t>a.atime) * NS + a.atimensec) if valid & FATTR_ATIME else (
                 (<int64_t>now.tv_sec * NS + now.tv_nsec) if valid & FATTR_ATIME_NOW else None
             ),
-            (<int64_t>a.mtime * NS + a.mtimensec) if valid & FATTR_MTIME else (
+            (<object>(<int64_t>a.mtime) * NS + a.mtimensec) if valid & FATTR_MTIME else (
                 (<int64_t>now.tv_sec * NS + now.tv_nsec) if valid & FATTR_MTIME_NOW else None
             ),
             a.fh if valid & FATTR_FH else None,

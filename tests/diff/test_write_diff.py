@@ -174,6 +174,7 @@ BASE = LayerSpec(
 )
 
 T1 = 1_111_111_111_222_333_444
+FAR = 10_413_792_000 * 1_000_000_000 + 5  # 2300-01-01: past int64 nanoseconds (2262)
 
 # Ownership and modes for permission checks as an unprivileged user (uid 1000).
 PERM = LayerSpec(
@@ -1336,6 +1337,24 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
             ("as_user", 1000, 1000, ("held_write", b"home/u/own", b"-", "chmod0")),
             ("as_user", 1000, 1000, ("held_write", b"home/u/n1", b"home/u/own", "rename-over")),
             ("stat", b"tmp/mine"),
+        ],
+        set(),
+    ),
+    # Times past 2262, beyond a signed 64-bit count of nanoseconds (ext4 keeps them up to
+    # 2446): a lower file's (its LOOKUP and GETATTR), one set on an upper file (a SETATTR
+    # without copy-up) and on a lower one (with its copy-up). The compiled raw path
+    # (LAYERFS_LOOP=craw) answered EIO to the lookup and stored a wrapped time (1901)
+    "far-times": (
+        LayerSpec([d({b"far": f(b"far", mtime_ns=FAR), b"old": f(b"old")}, mtime_ns=FAR)]),
+        [
+            ("stat", b"far"),
+            ("read", b"far"),
+            ("utime", b"far", FAR + 7),
+            ("create", b"new", b"n"),
+            ("utime", b"new", FAR + 11),
+            ("utime_one", b"new", "mtime", FAR + 13),
+            ("stat", b"new"),
+            ("utime", b"old", FAR + 17),
         ],
         set(),
     ),
