@@ -9,6 +9,10 @@ than the start itself. Whatever the child does not take (another action, the for
 error to report) the caller does all over again the ordinary way, so messages and exit codes
 are the ordinary ones.
 
+mount_helper/front.c, the C front end, makes the same request and computes ``address()`` the
+same way: a change to either must be made there too (tests/compat/test_front.py fails when
+the two addresses differ).
+
 Must not import: anything of layerfs or mount_helper, ``socket`` (``_socket`` is enough),
 ``typing``, ``dataclasses``, ``os`` (``posix`` is enough: ``os`` with ``posixpath`` and
 ``_collections_abc`` is a fifth of a thin request's instructions): it runs before everything
