@@ -2531,13 +2531,15 @@ class WriteMachine(_Machine):
     def chown(self, p: bytes, owner: tuple[int, int]) -> None:
         self._do(("chown", p, *owner))
 
-    @rule(p=_paths)
-    def utime(self, p: bytes) -> None:
-        self._do(("utime", p, T1))
+    # a past time, one before the epoch, one past int64 nanoseconds (2262: the compiled raw
+    # path answered EIO and stored a wrapped time, review15)
+    @rule(p=_paths, t=st.sampled_from([T1, -T1, FAR]))
+    def utime(self, p: bytes, t: int) -> None:
+        self._do(("utime", p, t))
 
-    @rule(p=_paths, which=st.sampled_from(["atime", "mtime"]))
-    def utime_one(self, p: bytes, which: str) -> None:
-        self._do(("utime_one", p, which, T1))
+    @rule(p=_paths, which=st.sampled_from(["atime", "mtime"]), t=st.sampled_from([T1, FAR]))
+    def utime_one(self, p: bytes, which: str, t: int) -> None:
+        self._do(("utime_one", p, which, t))
 
     # a v2 (root 0), a v3 for root ids layerfs-idmap moves, and one for an id none of its
     # ranges map (the kernel refuses that set there: EINVAL)
