@@ -2552,6 +2552,15 @@ class WriteMachine(_Machine):
     def setxattr(self, p: bytes, name: bytes, value: bytes) -> None:
         self._do(("setxattr", p, name, value[:100]))
 
+    # values past the 128 bytes a first getxattr offers (the reply is ERANGE, then the size
+    # is asked): the raw paths answer GETXATTR in C
+    @rule(
+        p=_paths, name=st.sampled_from([b"user.a", b"trusted.t"]), size=st.sampled_from([129, 3000])
+    )
+    def setxattr_big(self, p: bytes, name: bytes, size: int) -> None:
+        self._do(("setxattr", p, name, bytes(range(256)) * (size // 256) + b"v" * (size % 256)))
+        self._do(("getxattr", p, name))
+
     @rule(p=_paths, name=st.sampled_from([b"user.a", b"trusted.t", b"security.capability"]))
     def removexattr(self, p: bytes, name: bytes) -> None:
         self._do(("removexattr", p, name))
