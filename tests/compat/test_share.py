@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -614,7 +615,7 @@ LAYOUT = (40, 16, 144, 120, 24)
 made = 0
 
 class RawPath:
-    def __init__(self, *args):
+    def __init__(self, *args, **kwargs):
         global made
         made += 1
         if made == 2:
@@ -641,7 +642,11 @@ def test_a_mount_whose_session_setup_fails_leaves_nothing_in_the_process(
         shutil.copytree(
             repo / pkg, other / pkg, ignore=shutil.ignore_patterns("__pycache__", "_craw*")
         )
-    (other / "layerfs" / "_craw.py").write_text(_STALE_CRAW)
+    # a build of the _craw.pyx beside it (fusehooks.craw_module checks its SOURCE) whose
+    # constructor raises
+    pyx = (repo / "layerfs" / "_craw.pyx").read_bytes()
+    (other / "layerfs" / "_craw.pyx").write_bytes(pyx)
+    (other / "layerfs" / "_craw.py").write_text(_STALE_CRAW + f"SOURCE = '{zlib.crc32(pyx):08x}'\n")
     env = {**helper_env(), "PYTHONPATH": str(other), "LAYERFS_LOOP": "craw"}
 
     def mount(d: dict[str, Path]) -> None:
