@@ -39,8 +39,9 @@ OPENS = "openat"  # the calls os.open makes
 
 # What the dirty-page gauge (layerfs.dirty) reads, at most every INTERVAL while writes come:
 # counters in /proc and /sys, whose reads depend on how long the writes take, not on them.
-# A file's reopen through /proc/self/fd is a write's own open: counted.
-_GAUGE = re.compile(r'openat\(AT_FDCWD, "/(?:sys|proc)/(?!self/fd/)')
+# Its files only: any other open of /proc (a write's reopen through /proc/self/fd, a
+# caller's /proc/PID/status) is the requests' own, counted.
+_GAUGE = re.compile(r'openat\(AT_FDCWD, "/(?:sys/|proc/(?:vmstat|self/cgroup|self/mountinfo)")')
 
 
 def _opens(calls: list[str]) -> list[str]:
