@@ -175,8 +175,10 @@ static int address(struct sockaddr_un *addr, socklen_t *len)
 /* posix.environ's entries: NAME=VALUE with a NAME, the first of each NAME. */
 static int first_of_its_name(char **e)
 {
+    if (**e == '\0')
+        return 0;
     const char *eq = strchr(*e + 1, '=');
-    if (**e == '\0' || eq == NULL)
+    if (eq == NULL)
         return 0;
     size_t n = (size_t)(eq - *e) + 1;
     for (char **o = environ; o < e; o++)
