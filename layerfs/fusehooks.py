@@ -923,19 +923,29 @@ class CRawOps:
     trace: Callable[[str, tuple[Any, ...]], None] | None = None
 
 
-@functools.cache
-def craw_module() -> Any:
+def craw_module(asked: bool = True) -> Any:
     """The compiled raw path's extension (built by scripts/setup.sh), or None where it is not
-    built or not the one the kernel's structs need."""
+    built, not built from the _craw.pyx beside it, or not the one the kernel's structs need:
+    why, in a warning where ASKED for (LAYERFS_LOOP=craw: the Python raw path serves), else
+    in an info line (the default: the poll loop serves, ops.DEFAULT_LOOP)."""
+    module, why = _craw_found()
+    if module is None:
+        if asked:
+            log.warning("LAYERFS_LOOP=craw: %s: raw path in Python", why)
+        else:
+            log.info("compiled raw path not used: %s", why)
+    return module
+
+
+@functools.cache
+def _craw_found() -> tuple[Any, str]:
     try:
         module = importlib.import_module("layerfs._craw")  # by name: no source to lint
     except ImportError as e:
-        log.warning("LAYERFS_LOOP=craw: layerfs._craw is not built (%s): raw path in Python", e)
-        return None
+        return None, f"layerfs._craw is not built ({e})"
     codes = (module.NOPOLL, module.PENDING, module.TRIO, module.PARKED)
     if tuple(module.LAYOUT) != (_IN_HEADER, _OUT_HEADER, 144, 120, 24) or codes != _C_CODES:
-        log.warning("LAYERFS_LOOP=craw: layerfs._craw's structs are not the kernel's")
-        return None
+        return None, "layerfs._craw's structs are not the kernel's"
     # built from the source beside it (its CRC-32, given by scripts/setup.sh): old C with new
     # Python left a request unanswered (session 14)
     source = os.path.join(os.path.dirname(module.__file__ or __file__), "_craw.pyx")
@@ -945,12 +955,8 @@ def craw_module() -> Any:
     except OSError:
         crc = "no source"
     if getattr(module, "SOURCE", None) != crc:
-        log.warning(
-            "LAYERFS_LOOP=craw: layerfs._craw was built from another _craw.pyx (rerun "
-            "scripts/setup.sh): raw path in Python"
-        )
-        return None
-    return module
+        return None, "layerfs._craw was built from another _craw.pyx (rerun scripts/setup.sh)"
+    return module, ""
 
 
 def _install_craw(hooks: Hooks, fd: int, ops: CRawOps, counts: dict[str, int]) -> Any:

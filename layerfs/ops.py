@@ -37,6 +37,10 @@ TIMEOUT = 3600.0  # seconds the kernel may trust an entry or an attribute
 # The mount's readahead window, in KiB: the largest READ the kernel sends (max_pages 256), so
 # a sequential read costs a round trip per MiB, not per 128 KiB, the kernel's default.
 READAHEAD_KB = 1024
+# How the daemon waits for and serves requests where LAYERFS_LOOP is unset (docs/concurrency.md):
+# "poll" (fusehooks._PollLoop), or "craw" (the compiled raw path, the poll loop where
+# scripts/setup.sh could not build it); "raw" and "trio" are for measuring
+DEFAULT_LOOP = "poll"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -272,15 +276,17 @@ class Operations(pyfuse3.Operations):
             spawn = trio.lowlevel.spawn_system_task
             fusehooks.serve_fallocate(self.hooks, self.fallocate, spawn)
             fusehooks.serve_ioctl(self.hooks, self.ioctl, spawn)
-            loop = os.environ.get("LAYERFS_LOOP")
+            asked = os.environ.get("LAYERFS_LOOP")
+            loop = asked or DEFAULT_LOOP
             if loop != "trio":  # trio: pyfuse3's own wait
                 # raw: the hottest requests answered by the wait itself (fusehooks.RawOps);
                 # it writes stat's st_ino apart from the node id, as _entry needs the probe for
-                # craw: the same, compiled (layerfs._craw, where scripts/setup.sh built it)
+                # craw: the same, compiled (layerfs._craw, where scripts/setup.sh built it);
+                # not built: the Python raw path where asked for, else the poll loop
                 raw: fusehooks.RawOps | fusehooks.CRawOps | None = None
-                if loop == "craw" and fusehooks.craw_module() is not None:
+                if loop == "craw" and fusehooks.craw_module(asked == "craw") is not None:
                     raw = self._craw_ops()
-                elif loop in ("raw", "craw") and _ST_INO_OFFSET is not None:
+                elif (loop == "raw" or asked == "craw") and _ST_INO_OFFSET is not None:
                     raw = self._raw_ops()
                 fusehooks.serve_loop(self.hooks, pyfuse3.__file__, pyfuse3, LOOP, raw)
 

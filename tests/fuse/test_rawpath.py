@@ -16,12 +16,15 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from support.mounts import Layout, subject_named
+from support.mounts import Layout, is_mounted, subject_named
 
 from layerfs import fusehooks
 
@@ -220,3 +223,41 @@ def test_install_refused_leaves_the_session_alone() -> None:
     )  # fmt: skip
     assert fusehooks._RawPath.install(hooks, -1, ops, {}) is None
     assert not hooks.raw
+
+
+@pytest.mark.parametrize(("asked", "serves"), [(None, "poll"), ("craw", "raw")])
+def test_craw_without_its_build(tmp_path: Path, asked: str | None, serves: str) -> None:
+    """A copy of the package without the compiled raw path's build, whose default loop
+    (ops.DEFAULT_LOOP) is craw: with LAYERFS_LOOP unset the poll loop serves (the Python raw
+    path costs more than it saves: docs/benchmarks.md, session 13 rawpath); asked for by
+    LAYERFS_LOOP=craw, the Python raw path does."""
+    pkg = Path(fusehooks.__file__).parent
+    copy = tmp_path / "code"
+    shutil.copytree(pkg, copy / "layerfs", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    ops = copy / "layerfs" / "ops.py"
+    text = ops.read_text()
+    assert 'DEFAULT_LOOP = "' in text
+    ops.write_text(text.replace('DEFAULT_LOOP = "poll"', 'DEFAULT_LOOP = "craw"'))
+    layout = Layout.create(tmp_path / "fs", 1)
+    assert layout.upper is not None and layout.work is not None
+    env = {k: v for k, v in os.environ.items() if k not in ("LAYERFS_LOOP", "LAYERFS_COMPILED")}
+    env["PYTHONPATH"] = str(copy)
+    if asked:
+        env["LAYERFS_LOOP"] = asked
+    cmd = [sys.executable, "-P", "-m", "layerfs.cli", "mount", "-f", str(layout.lowers[0])]
+    cmd += [str(layout.upper), str(layout.mnt), "--workdir", str(layout.work)]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not is_mounted(layout.mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.05)
+        for i in range(20):
+            assert not (layout.mnt / f"missing{i}").exists()
+        stats = _stats(layout.mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(layout.mnt)], check=False)
+        _, err = proc.communicate(timeout=60)
+    assert stats.get("loop_poll", 0) > 0, stats
+    assert (stats.get("loop_raw", 0) >= 20) == (serves == "raw"), stats
+    assert ("raw path in Python" in err) == (serves == "raw"), err
