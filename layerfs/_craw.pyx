@@ -22,6 +22,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
 from cpython.list cimport PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
@@ -90,6 +92,13 @@ cdef extern from "<linux/fuse.h>" nogil:
         uint32_t atimensec, mtimensec, mode, uid, gid
     struct fuse_mknod_in:
         uint32_t mode, rdev, umask
+    struct fuse_write_in:
+        uint64_t fh, offset
+        uint32_t size, write_flags
+        uint64_t lock_owner
+        uint32_t flags, padding
+    struct fuse_write_out:
+        uint32_t size, padding
     struct fuse_forget_in:
         uint64_t nlookup
     struct fuse_batch_forget_in:
@@ -100,7 +109,7 @@ cdef extern from "<linux/fuse.h>" nogil:
         uint64_t nlookup
     enum:
         FUSE_LOOKUP, FUSE_FORGET, FUSE_GETATTR, FUSE_SETATTR, FUSE_MKNOD, FUSE_GETXATTR
-        FUSE_BATCH_FORGET
+        FUSE_BATCH_FORGET, FUSE_WRITE
         FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME, FATTR_FH
         FATTR_ATIME_NOW, FATTR_MTIME_NOW
 
@@ -136,6 +145,10 @@ cdef struct Reply_xattr_size:
     fuse_out_header h
     fuse_getxattr_out x
 
+cdef struct Reply_write:
+    fuse_out_header h
+    fuse_write_out w
+
 
 # What take and serve tell the wait (fusehooks._PollLoop._wait_compiled)
 cdef enum Code:
@@ -154,6 +167,7 @@ cdef enum Kind:
 
 # libfuse 3's se->bufsize: FUSE_MAX_MAX_PAGES (256) pages and a header page
 cdef size_t BUFSIZE = 256 * 4096 + 4096
+cdef uint64_t NODE_FH = (<uint64_t>1) << 62  # files.NODE_FH: a handle naming a node (no OPEN)
 cdef int64_t NS = 1000000000
 
 # The state the io callback reads: plain C, no interpreter (libfuse may call it with or
@@ -293,6 +307,8 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
     cdef object find, getattr_, find_xattr, stats_xattr, stats_name, forget, errno_of
     cdef object setattr_, mknod
     cdef object defer, trace
+    cdef object write_  # serve_write
+    cdef uint64_t n_write
     cdef object requests, counts, after
     cdef list changed, listings
     cdef uint64_t secs
@@ -377,10 +393,11 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         _add(self.requests, "getxattr", self.n_getxattr)
         _add(self.requests, "setattr", self.n_setattr)
         _add(self.requests, "mknod", self.n_mknod)
+        _add(self.requests, "write", self.n_write)
         _add(self.counts, "loop_raw", self.n_raw)
         _add(self.counts, "loop_poll", self.n_poll)
         self.n_lookup = self.n_getattr = self.n_getxattr = self.n_raw = self.n_poll = 0
-        self.n_setattr = self.n_mknod = 0
+        self.n_setattr = self.n_mknod = self.n_write = 0
 
     def serve(self, loop, runner, int epoll_fd):
         """The poll loop's wait (fusehooks._PollLoop) in C while it only answers: poll
@@ -461,6 +478,8 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
             got = self._setattr(h, n)
         elif h.opcode == FUSE_MKNOD and self.mknod is not None:
             got = self._mknod(h, n)
+        elif h.opcode == FUSE_WRITE and self.write_ is not None:
+            got = self._write(h, n)
         else:
             got = C_PENDING
         if got == C_PENDING:
@@ -751,6 +770,50 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         if self.trace is not None:
             self.trace("mknod", args)
         return self._run(coro, h.unique, K_ENTRY, "mknod", args)
+
+    def serve_write(self, write):
+        """Answer WRITE with WRITE(fh, offset, data, uid, gid, pid): the bytes written, or
+        None (nothing done: the request goes to pyfuse3); DATA is a view of the request in
+        this object's buffer, released once WRITE returns. None: every WRITE to pyfuse3."""
+        self.write_ = write
+
+    cdef int _write(self, fuse_in_header *h, ssize_t n) except -1:
+        """WRITE as libfuse (do_write_buf: the data after fuse_write_in, fh 0 marked by the
+        write shim as ``NODE_FH | node``) and pyfuse3 (write with the caller recorded) hand
+        it to the adapter, without copying the data: a 1 MiB WRITE read into libfuse's
+        buffer too cost a second copy (docs/benchmarks.md, session 15 crawwrite)."""
+        cdef fuse_write_in *a = <fuse_write_in *>(self.st.buf + sizeof(fuse_in_header))
+        cdef ssize_t start = sizeof(fuse_in_header) + sizeof(fuse_write_in)
+        cdef Reply_write r
+        cdef object got
+        cdef object data
+        if n < start or n - start < <ssize_t>a.size:  # libfuse answers EIO
+            return C_PENDING
+        fh = a.fh if a.fh else NODE_FH | h.nodeid
+        args = (fh, <int64_t>a.offset, a.size)
+        data = PyMemoryView_FromMemory(self.st.buf + start, a.size, PyBUF_READ)
+        self.n_write += 1
+        if self.trace is not None:
+            self.trace("write", args)
+        try:
+            got = self.write_(fh, <int64_t>a.offset, data, h.uid, h.gid, h.pid)
+        except Exception as e:
+            data.release()
+            self._done()
+            self._error(h.unique, self._failed("write", args, e))
+            return C_ANSWERED
+        data.release()  # the buffer is the next request's: nothing may keep a view of it
+        if got is None:
+            self.n_write -= 1
+            return C_PENDING
+        self._done()
+        r.h.len = sizeof(Reply_write)
+        r.h.error = 0
+        r.h.unique = h.unique
+        r.w.size = <uint32_t>got
+        r.w.padding = 0
+        self._send(&r, sizeof(r))
+        return C_ANSWERED
 
     cdef int _forget(self, uint64_t node, ssize_t n) except -1:  # no reply
         cdef fuse_forget_in *f = <fuse_forget_in *>(self.st.buf + sizeof(fuse_in_header))

@@ -124,7 +124,7 @@ async def _write(files: Files, fd: int, off: int, data: bytes, kill_priv: Caller
     if kill_priv is not None:
         kill_suid(fd, kill_priv)
     try:
-        if files.dirty is None or files.dirty.room(len(data)):
+        if files.free(len(data)):
             return os.pwrite(fd, data, off)
         files.writes_on_thread += 1
         return await trio.to_thread.run_sync(os.pwrite, fd, data, off)
@@ -172,6 +172,11 @@ class Files:
             "reads_on_thread": self.reads_on_thread,
             "writes_on_thread": self.writes_on_thread,
         }
+
+    def free(self, n: int) -> bool:
+        """May N bytes be written here, the page cache unable to throttle them (and count
+        them)? Else a worker thread writes them (_write)."""
+        return self.dirty is None or self.dirty.room(n)
 
     def _big_io_done(self) -> None:
         """A read or write of BIG_IO bytes or more has ended. glibc keeps the memory its
@@ -411,14 +416,32 @@ class Files:
         pure upper node's upper file never changes inode under it: a copy-up makes a new
         one only for a node not yet on the upper, and a name replaced by a rename or an
         unlink leaves the node with its own inode), the pinned one of a nameless node."""
+        h = self._node_write_handle_now(node)
+        if h is not None:
+            return h
+        h = self.by_node.get(node.id)
+        if h is not None and h.node is node and h.pinned:  # a nameless lower file
+            await self._detach(h)
+            self._written = time.monotonic()
+            return h
+        await self.copyup.copy_up(node)  # the first write copies the file up
+        return self._open_writable(node)
+
+    def _node_write_handle_now(self, node: Node) -> Handle | None:
+        """``_node_write_handle`` where it awaits nothing, else None: a copy-up or a
+        nameless lower file's detach is due first."""
         h = self.by_node.get(node.id)
         if h is not None and h.node is node and (h.pinned or h.writable):
             if not h.writable:
-                await self._detach(h)
+                return None
             self._written = time.monotonic()
             return h
         if not self._on_upper(node):
-            await self.copyup.copy_up(node)  # the first write copies the file up
+            return None
+        return self._open_writable(node)
+
+    def _open_writable(self, node: Node) -> Handle:
+        """NODE's upper file opened for writing, kept as its descriptor."""
         dirfd, name = self.real_location(node)
         new = Handle(_sys.open_data(dirfd, name, os.O_RDWR), node, True, True)
         self._drop(node.id)  # a read-only one (a read on a thread closes it when done)
@@ -479,6 +502,37 @@ class Files:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not await self._pins_released():
                 raise
             return await self._node_write(node, off, data, kill_priv)
+
+    def write_now(
+        self, fh: int, off: int, data: bytes | memoryview, writer: Caller | None
+    ) -> int | None:
+        """``write`` where it awaits nothing (the compiled raw path's WRITE, DATA a view of
+        its request buffer), else None, nothing written: a copy-up or a detach is due, the
+        page cache might throttle the write (a worker thread writes it), or the disk is full
+        while deleted files' data is pinned (``write`` waits for their FORGETs)."""
+        if not fh & NODE_FH:
+            opened = self.get(fh)
+            if not opened.writable:
+                raise OSError(errno.EBADF, "not open for writing")
+            if not self.free(len(data)):
+                return None
+            kill_priv, opened.kill_priv = opened.kill_priv, None  # as write
+            if kill_priv is not None:
+                kill_suid(opened.fd, kill_priv)
+            return os.pwrite(opened.fd, data, off)
+        h = self._node_write_handle_now(self.table.get(fh & ~NODE_FH))
+        if h is None or not self.free(len(data)):
+            return None
+        if writer is not None and writer.kill_priv is not None:
+            kill_suid(h.fd, writer.kill_priv)
+        try:
+            return os.pwrite(h.fd, data, off)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and any(
+                p.pinned for p in self.by_node.values()
+            ):
+                return None  # write: the same again once pins are let go
+            raise
 
     async def _node_write(self, node: Node, off: int, data: bytes, kill_priv: Caller | None) -> int:
         h = await self._node_write_handle(node)

@@ -921,6 +921,9 @@ class CRawOps:
     setattr: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
     mknod: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
     trace: Callable[[str, tuple[Any, ...]], None] | None = None
+    # WRITE's: write(fh, offset, data, uid, gid, pid), DATA a view of the request in C's
+    # buffer (released after the call): the bytes written, or None: pyfuse3 serves it
+    write: Callable[[int, int, memoryview, int, int, int], int | None] | None = None
 
 
 def craw_module(asked: bool = True) -> Any:
@@ -971,6 +974,7 @@ def _install_craw(hooks: Hooks, fd: int, ops: CRawOps, counts: dict[str, int]) -
         ops.after, ops.timeout, False, ops.setattr, ops.mknod,
         defer=_Replies(fd, ops, counts).defer, trace=ops.trace,
     )  # fmt: skip
+    raw.serve_write(ops.write)
     if not raw.install(hooks.session):
         log.info("compiled raw path not used: fuse_session_custom_io refused")
         return None

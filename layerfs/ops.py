@@ -324,6 +324,7 @@ class Operations(pyfuse3.Operations):
             setattr=self._setattr_now,
             mknod=self._mknod_now,
             trace=_trace if log.isEnabledFor(logging.DEBUG) else None,  # set once, at start
+            write=self._write_now,
         )
 
     def _setattr_now(
@@ -368,6 +369,23 @@ class Operations(pyfuse3.Operations):
             return None
         caller = Caller(caller_uid, caller_gid, umask, caller_pid)
         return self.fs.mknod(parent, name, mode, rdev, caller)
+
+    def _write_now(
+        self, fh: int, off: int, data: memoryview, uid: int, gid: int, pid: int
+    ) -> int | None:
+        """WRITE's core for the compiled raw path (DATA: a view of its request buffer):
+        ``write`` without an await (``Files.write_now``), or None where it would await (a
+        copy-up, a write the page cache might throttle: a worker thread's): such a request
+        goes to pyfuse3."""
+        return self.fs.files.write_now(fh, off, data, self._writer(fh, uid, gid, pid))
+
+    def _writer(self, fh: int, uid: int, gid: int, pid: int) -> Caller | None:
+        """Who writes through FH, for clearing setuid/setgid: the request's caller for a node
+        handle (no OPEN recorded one), None for root, who keeps them."""
+        if not fh & NODE_FH or uid == 0:  # groups read if a setgid check needs them
+            return None
+        writer = Caller(uid, gid, 0, pid)
+        return self.fs.ids.caller(writer) if self.fs.ids_active else writer  # stored gids
 
     def answer_init(self) -> None:
         """Answer INIT before pyfuse3's loop starts, with the flags libfuse cannot ask for
@@ -541,12 +559,8 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         writer = None
-        if fh & NODE_FH and self.hooks is not None:  # no OPEN recorded who writes
-            uid, gid, pid = self.hooks.writer
-            if uid != 0:  # root keeps setuid/setgid; groups read if a setgid check needs them
-                writer = Caller(uid, gid, 0, pid)
-                if self.fs.ids_active:  # its group checks meet stored gids
-                    writer = self.fs.ids.caller(writer)
+        if self.hooks is not None:  # the write shim recorded who writes
+            writer = self._writer(fh, *self.hooks.writer)
         return await self.fs.files.write(fh, off, buf, writer)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
