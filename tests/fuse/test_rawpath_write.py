@@ -176,7 +176,9 @@ def test_writes_as_pyfuse3_serves_them(
     assert modes == [
         (name, who, "ok", kept if who == 0 else cleared)
         for name, kept, cleared in (
-            ("suid", 0o4777, 0o777), ("sgid", 0o2777, 0o777), ("sgid-nx", 0o2767, 0o767)
+            ("suid", 0o4777, 0o777),
+            ("sgid", 0o2777, 0o777),
+            ("sgid-nx", 0o2767, 0o767),
         )
         for who in (WRITER, WRITER, 0)
     ], modes
