@@ -228,7 +228,7 @@ def _server(
         # shared page copied (20 mounts: 7.6 MiB a mount with gc.collect() here, 7.1 without).
         gc.freeze()
         try:
-            pid = os.fork()
+            pid = fork()
         except OSError:
             pid = -1  # the caller reads EOF and starts a daemon of its own
         if pid == 0:
@@ -250,6 +250,7 @@ def _server(
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
 
+    fork = _forker() if os.environ.get("LAYERFS_LEAN_FORK") != "0" else os.fork
     spawn(None, first, [fuse_fd] + ([lock_fd] if lock_fd >= 0 else []))
     while children:
         events = poller.poll()
@@ -263,6 +264,41 @@ def _server(
                 os.waitpid(children.pop(fd), 0)
     listener.close()  # callers still queued read EOF (ECONNRESET) and try again
     return 0
+
+
+def _forker() -> Callable[[], int]:
+    """The server's fork: fork(2) itself while this process has one thread, else os.fork.
+
+    os.fork also runs the interpreter's after-fork work in the child, which only matters when
+    other threads were left behind: it re-creates the GIL, the import lock and the runtime's
+    locks, drops the other threads' states, clears pending signal flags, and calls the hooks
+    given to os.register_at_fork (threading's forgets the other threads, logging's re-creates
+    its handlers' locks, trio's forgets its cached worker threads, random's reseeds the module's
+    generator). With one thread there is nothing to redo, and that work writes ~0.7 MiB of the
+    shared pages into each child's own (0.1-0.15 MiB of it still its own once it serves:
+    docs/benchmarks.md, session 15 pss4). What a child then keeps from us: `random`'s module
+    generator in our state (layerfs draws nothing from it; trio and tempfile keep their own),
+    and a signal flag set in the instant before the fork (a SIGINT: the child exits before it
+    says ready, and its caller serves the mount another way)."""
+    import ctypes
+
+    raw = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: the GIL held through the call
+    raw.restype, raw.argtypes = ctypes.c_int, ()
+
+    def fork() -> int:
+        try:
+            alone = len(os.listdir("/proc/self/task")) == 1
+        except OSError:
+            alone = False
+        if not alone:
+            return os.fork()
+        pid: int = raw()
+        if pid < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return pid
+
+    return fork
 
 
 def _close_fds_but(*keep: int) -> None:
