@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from layerfs.layers import Layer, Path
@@ -48,6 +48,8 @@ RealId = int
 Key = RealId | tuple[int, int, bytes]
 
 _DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH, _NO_CAPS, _NO_DACL = 1, 2, 4, 8, 16, 32, 64
+_OPENS = 8  # the open handles' count: the bits of Node._flags from this one up
+_FLAGS = (1 << _OPENS) - 1
 
 
 class Node:
@@ -67,9 +69,12 @@ class Node:
     from, are always written down and never change.
 
     Memory: a million of these stay while the kernel holds a walked tree, and the allocator
-    hands out 16-byte steps, so the flags share one int and a directory's listing
-    ``version`` and a file's ``aliases`` (a directory has one name) share one slot: 10 slots,
-    112 bytes.
+    hands out 16-byte steps, so the flags and the count of open handles share one int and a
+    directory's listing ``version`` and a file's ``aliases`` (a directory has one name) share
+    one slot: 9 slots, 112 bytes interpreted and compiled by mypyc (whose vtable pointer
+    takes 8 more). Compiled, an ``int`` attribute (``id``, ``nlookup``) is stored unboxed and
+    each read boxes a new int: what a table keeps must be the boxed ``key``/``origin``
+    themselves (see InodeTable.add, lookup.node_for), or each node keeps extra ints.
     """
 
     __slots__ = (
@@ -80,7 +85,6 @@ class Node:
         "key",
         "name",
         "nlookup",
-        "opens",
         "origin",
         "parent",
     )
@@ -105,7 +109,6 @@ class Node:
         self._lowers = lowers or None
         self.origin = origin
         self.nlookup = 0
-        self.opens = 0
         self._extra: int | list[tuple[Node, bytes]] | None = 0 if is_dir else None
 
     @property
@@ -173,6 +176,15 @@ class Node:
     @no_default_acl.setter
     def no_default_acl(self, value: bool) -> None:
         self._set(_NO_DACL, value)
+
+    @property
+    def opens(self) -> int:
+        """Open handles (files and directories) of the node: it stays in the table while any."""
+        return self._flags >> _OPENS
+
+    @opens.setter
+    def opens(self, value: int) -> None:
+        self._flags = self._flags & _FLAGS | value << _OPENS
 
     def _set(self, flag: int, value: bool) -> None:
         self._flags = self._flags | flag if value else self._flags & ~flag
@@ -247,8 +259,9 @@ class InodeTable:
         self._devs = devs
         self._fsid = {dev: i for i, dev in enumerate(devs) if i < 128}
         self.writable = writable  # a stack with an upper: lower hard links are per name
-        # node id -> node; a node whose id is its key is found by identity here too
-        self.nodes: dict[int, Node] = {}
+        # node id -> node; a node whose id is its key is found by identity here too, entered
+        # under the key's own object (typed Key, not int: mypyc would box a second int)
+        self.nodes: dict[Key, Node] = {}
         # key -> node, for the named nodes whose id is not their key (few)
         self._others: dict[Key, Node] = {}
         self._peak = 0  # most nodes the maps held since they were last rebuilt
@@ -288,7 +301,7 @@ class InodeTable:
 
     def find(self, key: Key) -> Node | None:
         """The named node of identity KEY."""
-        node = self.nodes.get(key) if isinstance(key, int) else None
+        node = self.nodes.get(key)  # a tuple key is never a node id
         if node is not None and node.key == key and node.name:
             return node
         return self._others.get(key)
@@ -296,15 +309,17 @@ class InodeTable:
     def add(self, node: Node, node_id: int | None = None) -> Node:
         """Give NODE an id (its key if free, NODE_ID for the root) and enter it."""
         key = node.key
-        if node_id is None:
-            if isinstance(key, int) and ROOT_ID < key < SPARE_IDS and key not in self.nodes:
-                node_id = key  # the same int object: no second one per node
-            else:
-                node_id = next(self._spare)
-        node.id = node_id
-        self.nodes[node_id] = node
-        if node_id != key:
-            self._others[key] = node
+        # not narrowed to int by an if: compiled, key would be unboxed there and boxed anew
+        own = node_id is None and isinstance(key, int) and ROOT_ID < key < SPARE_IDS
+        if own and key not in self.nodes:
+            node.id = cast(int, key)
+            self.nodes[key] = node  # the same int object: no second one per node
+        else:
+            node_id = next(self._spare) if node_id is None else node_id
+            node.id = node_id
+            self.nodes[node_id] = node
+            if node_id != key:
+                self._others[key] = node
         self._peak = max(self._peak, len(self.nodes))
         return node
 

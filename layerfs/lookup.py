@@ -386,6 +386,12 @@ def _is_under(node: Node | None, ancestor: Node) -> bool:
     return False
 
 
+def _either(origin: Key | None, real: Key) -> Key:
+    """ORIGIN or REAL: the object itself, which the node keeps as its key and its origin.
+    ``origin or real`` in node_for, compiled by mypyc, would unbox the int and box another."""
+    return origin or real
+
+
 def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> Node:
     """Return the Node for the object RES found as NAME in PARENT, creating it on first sight.
 
@@ -397,7 +403,7 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     origin = None if res.origin is None else table.ident(res.origin.st_dev, res.origin.st_ino)
     one_link = res.origin is None or res.origin.st_nlink == 1
     if res.is_dir:
-        key = origin or real
+        key = _either(origin, real)
     elif res.upper:
         # a metacopy found after a remount shows its lower's st_ino, as a fresh copy-up does
         fallback = origin if res.metacopy and one_link else None
@@ -405,7 +411,7 @@ def node_for(table: InodeTable, parent: Node, name: bytes, res: Resolution) -> N
     elif not one_link and table.writable:
         key = (real, parent.id, name)  # one node per name (index=off)
     else:
-        key = origin or real  # one int object for both: most nodes are lower files
+        key = _either(origin, real)  # one int object for both: most nodes are lower files
     node = table.find(key)
     if node is None:
         node = Node(key, res.is_dir, parent, name, res.upper, res.in_layer or res.lowers, origin)
