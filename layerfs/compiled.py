@@ -12,8 +12,9 @@ one truth: a build of other sources (an edit, a checkout, another Python) is not
 
 The switch: ``LAYERFS_COMPILED=0`` runs the engine interpreted, ``1`` compiled (where
 built); unset, DEFAULT: interpreted. Compiled, a failed lookup takes 37% and an untar 20%
-fewer user instructions a request, but a walk of 1M entries leaves the daemon 346 MiB RSS
-against 265 (docs/benchmarks.md, session 14, mypyc): off until that is understood.
+fewer user instructions a request (docs/benchmarks.md, session 14, mypyc), and since session
+15 a walk keeps as much per node in both (docs/architecture.md, "The engine compiled by
+mypyc": mypyc boxes a new int wherever an int-typed value is stored).
 Processes that do not call ``use()`` (the in-process engine tests,
 ``benchmarks.handlercost``) run the sources.
 
