@@ -779,7 +779,7 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
 
     cdef int _write(self, fuse_in_header *h, ssize_t n) except -1:
         """WRITE as libfuse (do_write_buf: the data after fuse_write_in, fh 0 marked by the
-        write shim as ``NODE_FH | node``) and pyfuse3 (write with the caller recorded) hand
+        write shim as ``NODE_FH | node``; any other handle: pyfuse3 serves it) and pyfuse3 (write with the caller recorded) hand
         it to the adapter, without copying the data: a 1 MiB WRITE read into libfuse's
         buffer too cost a second copy (docs/benchmarks.md, session 15 crawwrite)."""
         cdef fuse_write_in *a = <fuse_write_in *>(self.st.buf + sizeof(fuse_in_header))
@@ -789,7 +789,9 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         cdef object data
         if n < start or n - start < <ssize_t>a.size:  # libfuse answers EIO
             return C_PENDING
-        fh = a.fh if a.fh else NODE_FH | h.nodeid
+        if a.fh:  # a handle from an OPEN: none while OPEN is answered ENOSYS (not met)
+            return C_PENDING
+        fh = NODE_FH | h.nodeid
         args = (fh, <int64_t>a.offset, a.size)
         data = PyMemoryView_FromMemory(self.st.buf + start, a.size, PyBUF_READ)
         self.n_write += 1

@@ -506,20 +506,11 @@ class Files:
     def write_now(
         self, fh: int, off: int, data: bytes | memoryview, writer: Caller | None
     ) -> int | None:
-        """``write`` where it awaits nothing (the compiled raw path's WRITE, DATA a view of
-        its request buffer), else None, nothing written: a copy-up or a detach is due, the
-        page cache might throttle the write (a worker thread writes it), or the disk is full
-        while deleted files' data is pinned (``write`` waits for their FORGETs)."""
-        if not fh & NODE_FH:
-            opened = self.get(fh)
-            if not opened.writable:
-                raise OSError(errno.EBADF, "not open for writing")
-            if not self.free(len(data)):
-                return None
-            kill_priv, opened.kill_priv = opened.kill_priv, None  # as write
-            if kill_priv is not None:
-                kill_suid(opened.fd, kill_priv)
-            return os.pwrite(opened.fd, data, off)
+        """``write`` to the node handle FH where it awaits nothing (the compiled raw path's
+        WRITE, DATA a view of its request buffer), else None, nothing written: a copy-up or
+        a detach is due, the page cache might throttle the write (a worker thread writes
+        it), or the disk is full while deleted files' data is pinned (``write`` waits for
+        their FORGETs)."""
         h = self._node_write_handle_now(self.table.get(fh & ~NODE_FH))
         if h is None or not self.free(len(data)):
             return None

@@ -373,7 +373,8 @@ class Operations(pyfuse3.Operations):
     def _write_now(
         self, fh: int, off: int, data: memoryview, uid: int, gid: int, pid: int
     ) -> int | None:
-        """WRITE's core for the compiled raw path (DATA: a view of its request buffer):
+        """WRITE's core for the compiled raw path (FH a node handle, DATA a view of its
+        request buffer):
         ``write`` without an await (``Files.write_now``), or None where it would await (a
         copy-up, a write the page cache might throttle: a worker thread's): such a request
         goes to pyfuse3."""
