@@ -127,6 +127,10 @@ def _preload() -> None:
             nursery.start_soon(trio.sleep, 0)
 
     trio.run(warm)
+    if os.environ.get("LAYERFS_WARM", "0") != "0":
+        from layerfs import warmup
+
+        warmup.warm()
 
 
 def _daemon(config: MountConfig, fuse_fd: int, lock_fd: int) -> int:
