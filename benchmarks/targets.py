@@ -313,6 +313,10 @@ class Layerfs(_Overlay):
         if (built / "MANIFEST").is_file():
             shutil.rmtree(snap / "build" / "mypyc", ignore_errors=True)
             shutil.copytree(built, snap / "build" / "mypyc")
+        # the compiled raw path (layerfs._craw, the default loop): the work tree's build, which
+        # fusehooks.craw_module loads only where it was built from the snapshot's _craw.pyx
+        for ext in (REPO / "layerfs").glob("_craw*.so"):
+            shutil.copy2(ext, snap / "layerfs" / ext.name)
         # The interpreter of the venv the command belongs to has pyfuse3 and trio.
         python = Path(self.command).parent / "python"
         interp = str(python) if python.exists() else sys.executable

@@ -11,12 +11,12 @@ there and every module not compiled is still found beside this file. The sources
 one truth: a build of other sources (an edit, a checkout, another Python) is not loaded.
 
 The switch: ``LAYERFS_COMPILED=0`` runs the engine interpreted, ``1`` compiled (where
-built); unset, DEFAULT: interpreted. Compiled, a failed lookup takes 37% and an untar 20%
-fewer user instructions a request (docs/benchmarks.md, session 14, mypyc), and since session
-15 a walk keeps as much per node in both (docs/architecture.md, "The engine compiled by
-mypyc": mypyc boxes a new int wherever an int-typed value is stored).
-Processes that do not call ``use()`` (the in-process engine tests,
-``benchmarks.handlercost``) run the sources.
+built); unset, DEFAULT: compiled where built (since session 15), else interpreted.
+Compiled, a failed lookup takes 37% and an untar 20% fewer user instructions a request
+(docs/benchmarks.md, session 14, mypyc), and since session 15 a walk keeps as much per
+node in both (docs/architecture.md, "The engine compiled by mypyc": mypyc boxes a new int
+wherever an int-typed value is stored). Processes that do not call ``use()`` (the
+in-process engine tests, ``benchmarks.handlercost``) run the sources.
 
 Not compiled: the adapter (``ops``: pyfuse3's Operations subclass, imported afresh for each
 mount of a sharing process; ``fusehooks``: ctypes callbacks), and
@@ -52,7 +52,7 @@ MODULES = (
     "overlay",
 )
 GROUP = "layerfs.engine"  # the shared library: DIR/layerfs/engine__mypyc.*.so
-DEFAULT = False
+DEFAULT = True
 
 _PKG = os.path.dirname(os.path.abspath(__file__))
 # build/ of the checkout (not in git); layerfs.forkclient reads DIR/MANIFEST's mtime too

@@ -223,7 +223,7 @@ def _open(config: MountConfig) -> Overlay:
     from layerfs import compiled
 
     engine = compiled.use()  # before the engine's first import (the fork server's: its preload)
-    asked = os.environ.get("LAYERFS_COMPILED", "0") != "0"
+    asked = os.environ.get("LAYERFS_COMPILED", "") not in ("", "0")  # the default says why at info
     level = logging.WARNING if asked and engine != "compiled" else logging.INFO
     logging.getLogger("layerfs").log(level, "engine: %s", engine)
     from layerfs.overlay import Overlay

@@ -40,7 +40,7 @@ READAHEAD_KB = 1024
 # How the daemon waits for and serves requests where LAYERFS_LOOP is unset (docs/concurrency.md):
 # "poll" (fusehooks._PollLoop), or "craw" (the compiled raw path, the poll loop where
 # scripts/setup.sh could not build it); "raw" and "trio" are for measuring
-DEFAULT_LOOP = "poll"
+DEFAULT_LOOP = "craw"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

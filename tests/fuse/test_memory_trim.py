@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from support.mounts import Layout, subject_named
 
-from layerfs import files, fusehooks
+from layerfs import files, fusehooks, ops
 
 pytestmark = pytest.mark.fuse
 
@@ -37,7 +37,8 @@ def _trims(mnt: Path) -> int:
 
 def _in_c() -> bool:
     """Whether a WRITE pyfuse3 would not wait on is answered in C (LAYERFS_LOOP=craw, built)."""
-    return os.environ.get("LAYERFS_LOOP") == "craw" and fusehooks.craw_module() is not None
+    loop = os.environ.get("LAYERFS_LOOP") or ops.DEFAULT_LOOP
+    return loop == "craw" and fusehooks.craw_module() is not None
 
 
 def _wait_for_trims(mnt: Path, n: int) -> int:

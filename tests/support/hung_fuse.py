@@ -4,11 +4,11 @@ pytest-timeout's signal method raises in the test when SIGALRM arrives, but a th
 a FUSE reply sleeps in the kernel (``request_wait_answer``) where only a fatal signal wakes it:
 the alarm stays pending and the run hangs until CI's limit, naming nothing. So a watchdog started
 with each test waits for the test's timeout plus a grace (``LAYERFS_TEST_ABORT_GRACE``, 20 s),
-and if a thread of this process is still waiting there, aborts (fusectl's ``abort``) the FUSE
-connections made since the test began: the request fails, the pending alarm is delivered, and
-pytest-timeout reports the test by name while the run goes on. Connections older than the test
-are left alone (another test's or another run's mounts), and so is everything while no thread
-of this process waits on FUSE.
+then checks every second: while a thread of this process waits there, it aborts (fusectl's
+``abort``) the FUSE connections made since the test began: the request fails, the pending
+alarm is delivered, and pytest-timeout reports the test by name while the run goes on.
+Connections older than the test are left alone (another test's or another run's mounts), and
+so is everything while no thread of this process waits on FUSE.
 """
 
 from __future__ import annotations
@@ -69,14 +69,26 @@ def _limit(item: pytest.Item) -> float:
     return float(item.config.getini("timeout") or 0)
 
 
-def _fire(item: pytest.Item, before: set[int], pid: int) -> None:
-    aborted = abort_new(before, pid)
-    if aborted:
-        print(
-            f"\nhung_fuse: {item.nodeid} waited on FUSE past its timeout: aborted connections "
-            f"{aborted}",
-            file=sys.stderr,
-        )
+class _Watchdog(threading.Thread):
+    """Past DEADLINE, checks every second until stopped: a test may enter its wait late."""
+
+    def __init__(self, item: pytest.Item, deadline: float) -> None:
+        super().__init__(daemon=True)
+        self.item, self.deadline = item, deadline
+        self.before, self.pid = connections(), os.getpid()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        wait = self.deadline
+        while not self.done.wait(wait):
+            aborted = abort_new(self.before, self.pid)
+            if aborted:
+                print(
+                    f"\nhung_fuse: {self.item.nodeid} waited on FUSE past its timeout: aborted "
+                    f"connections {aborted}",
+                    file=sys.stderr,
+                )
+            wait = 1.0
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -86,10 +98,9 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
         yield
         return
     grace = float(os.environ.get("LAYERFS_TEST_ABORT_GRACE", "20"))
-    timer = threading.Timer(limit + grace, _fire, (item, connections(), os.getpid()))
-    timer.daemon = True
-    timer.start()
+    watchdog = _Watchdog(item, limit + grace)
+    watchdog.start()
     try:
         yield
     finally:
-        timer.cancel()
+        watchdog.done.set()
