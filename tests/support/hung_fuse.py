@@ -14,6 +14,7 @@ so is everything while no thread of this process waits on FUSE.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -26,12 +27,19 @@ import pytest
 CONNECTIONS = Path("/sys/fs/fuse/connections")
 
 
-def connections() -> set[int]:
-    """The ids of the live FUSE connections (a FUSE mount's st_dev minor), after mounting fusectl
-    where it is not (CI's fresh machine has no systemd to do it); empty when it cannot be read."""
+@functools.cache
+def _mount_fusectl() -> None:
+    """Mount fusectl where it is not (CI's fresh machine has no systemd to do it): tried once a
+    run, not at every test's start."""
     if not os.path.ismount(CONNECTIONS):
         with contextlib.suppress(OSError):
             subprocess.run(["mount", "-t", "fusectl", "fusectl", CONNECTIONS], capture_output=True)
+
+
+def connections() -> set[int]:
+    """The ids of the live FUSE connections (a FUSE mount's st_dev minor); empty when they
+    cannot be read."""
+    _mount_fusectl()
     try:
         return {int(n) for n in os.listdir(CONNECTIONS) if n.isdigit()}
     except OSError:
