@@ -2075,7 +2075,7 @@ _write_data = st.sampled_from([b"x", b"hello\n", b"y" * 5000])
 
 # support.ops._race: letters that commute (appenders never beside writers)
 _RACE_MIXES = ["ww", "wc", "hc", "ho", "wx", "co", "cx", "aa", "ac", "ax", "hwcx", "wwco", "aar"]
-# race_users' mixes (support.ops._user_race_act), a letter a process: on the file, or
+# race_users' mixes (support.ops._ON_FILE, _IN_DIR), a letter a process: on the file, or
 # creations in the directory, never both. The kernel's copy-up of an entry restores its
 # parent's mtime from a stat taken before it locks that parent, so a creation in the parent
 # meanwhile loses its mtime change there (seen: a write copying up D/f beside a create in

@@ -435,10 +435,9 @@ _RACE_WRITE = 300_000
 
 
 def _race(p: bytes, mix: str) -> object:
-    """Threads let go at once on file P, one per letter of MIX: ``w`` pwrite of _RACE_WRITE
-    bytes at its own offset, ``h`` the same through a descriptor opened before the others
-    start, ``a`` append (all appenders the same bytes), ``c`` chmod 0640, ``o`` chown
-    1000:1000, ``x`` setxattr of its own ``user.`` name, ``r`` read, ``s`` stat. The actions
+    """Threads let go at once on file P, one per letter of MIX: an action of _ON_FILE (``w``
+    write, ``a`` append, ``c`` chmod, ``o`` chown, ``x`` setxattr, ``r`` read, ``s`` stat),
+    or ``h``, the write through a descriptor opened before the others start. The actions
     commute, so the end state is one whatever the order: on a lower file, a daemon must copy
     it up once while the others wait or act on the copy, and keep every one's effect. The
     errors (sorted), then the file's content digest, size, mode, owner and ``user.`` xattrs."""
@@ -471,26 +470,13 @@ def _race_on(targets: list[bytes], mix: str) -> object:
         p = target(i)
         go.wait()
         try:
-            if c in "wh":
-                fd = held.pop(i, -1) if c == "h" else os.open(p, os.O_WRONLY | _NB)
+            if c == "h":
+                fd = held.pop(i, -1)
                 if fd < 0:
                     raise OSError(errno.EBADF, "no held descriptor")
-                try:
-                    os.pwrite(fd, bytes([0x30 + i]) * _RACE_WRITE, (1 << 20) * i)
-                finally:
-                    os.close(fd)
-            elif c == "a":
-                _append(p, b"appended\n")
-            elif c == "c":
-                os.chmod(p, 0o640)
-            elif c == "o":
-                os.chown(p, 1000, 1000)
-            elif c == "x":
-                os.setxattr(p, b"user.race%d" % i, b"v")
-            elif c == "r":
-                _read(p)
-            elif c == "s":
-                os.stat(p)
+                _pwrite_own(fd, i)
+            else:
+                _ON_FILE[c](i, p)
         except OSError as e:
             errors.append(f"{i}{c}:{errno.errorcode.get(e.errno or 0, e.errno)}")
 
@@ -516,48 +502,42 @@ def _race_on(targets: list[bytes], mix: str) -> object:
     return tuple(out)
 
 
-# what each process of a race_users does (letter -> action on file P or its own name in D)
-_USER_RACE_ACTIONS = "wuxrcmfkls"
+def _pwrite_own(fd: int, i: int) -> None:
+    """Racer I's write, which closes FD: _RACE_WRITE + I bytes (odd sizes) at its own offset."""
+    try:
+        os.pwrite(fd, bytes([0x30 + i]) * (_RACE_WRITE + i), (1 << 20) * i)
+    finally:
+        os.close(fd)
 
 
-def _user_race_act(i: int, c: str, p: bytes, d: bytes) -> None:
-    """Process I's action C (support of race_users): ``w`` pwrite of _RACE_WRITE + I bytes
-    (odd sizes) at its own offset in P, ``u`` utime of P to a fixed time, ``x`` setxattr of
-    its own ``user.`` name on P, ``r`` read P, ``s`` stat P; and in directory D under its own
-    name: ``c`` create, ``m`` mkdir, ``f`` mkfifo, ``k`` mknod of a char device, ``l``
-    symlink."""
-    own = (d + b"/" if d else b"") + f"{c}{i}".encode()
-    if c == "w":
-        fd = os.open(p, os.O_WRONLY | _NB)
-        try:
-            os.pwrite(fd, bytes([0x30 + i]) * (_RACE_WRITE + i), (1 << 20) * i)
-        finally:
-            os.close(fd)
-    elif c == "u":
-        os.utime(p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
-    elif c == "x":
-        os.setxattr(p, b"user.urace%d" % i, b"v")
-    elif c == "r":
-        _read(p)
-    elif c == "s":
-        os.stat(p)
-    elif c == "c":
-        _create(own, b"c%d" % i)
-    elif c == "m":
-        os.mkdir(own, 0o755)
-    elif c == "f":
-        os.mkfifo(own, 0o644)
-    elif c == "k":
-        os.mknod(own, stat.S_IFCHR | 0o640, os.makedev(1, 7))
-    elif c == "l":
-        os.symlink(b"t%d" % i, own)
+_FIXED_NS = 1_600_000_000_000_000_000
+# what racer I (a thread of _race, a process of race_users) does to file P, by letter
+_ON_FILE: dict[str, Callable[[int, bytes], object]] = {
+    "w": lambda i, p: _pwrite_own(os.open(p, os.O_WRONLY | _NB), i),
+    "a": lambda i, p: _append(p, b"appended\n"),  # all appenders the same bytes
+    "c": lambda i, p: os.chmod(p, 0o640),
+    "o": lambda i, p: os.chown(p, 1000, 1000),
+    "u": lambda i, p: os.utime(p, ns=(_FIXED_NS, _FIXED_NS)),
+    "x": lambda i, p: os.setxattr(p, b"user.race%d" % i, b"v"),
+    "r": lambda i, p: _read(p),
+    "s": lambda i, p: os.stat(p),
+}
+# what process I of race_users does under its own name OWN (letter + I) in its directory
+_IN_DIR: dict[str, Callable[[int, bytes], object]] = {
+    "c": lambda i, own: _create(own, b"c%d" % i),
+    "m": lambda i, own: os.mkdir(own, 0o755),
+    "f": lambda i, own: os.mkfifo(own, 0o644),
+    "k": lambda i, own: os.mknod(own, stat.S_IFCHR | 0o640, os.makedev(1, 7)),
+    "l": lambda i, own: os.symlink(b"t%d" % i, own),
+}
 
 
 def race_users(
     root: str | os.PathLike[str], who: Sequence[int], p: bytes, d: bytes, mix: str
 ) -> Result:
     """Processes let go at once, process I as user WHO[I] (its own gid, no groups) doing
-    MIX[I] (_user_race_act) on file P or under its own name in directory D, paths relative to
+    MIX[I] on file P (_ON_FILE: ``w``, ``u`` utime, ``x``, ``r``, ``s``) or under its own name
+    in directory D (_IN_DIR: ``c`` create, ``m``, ``f``, ``k``, ``l``), paths relative to
     ROOT. Two callers' requests in the daemon at once: a copy-up of P or D that one starts
     while another's request waits on it, each answered with its own caller's identity (owner,
     permission checks). The actions commute (no one changes what another may do), so the end
@@ -589,7 +569,10 @@ def race_users(
                 os.write(ready_w, b"r")
                 os.read(go_r, 1)
                 try:
-                    _user_race_act(i, c, p, d)
+                    if c in _IN_DIR:
+                        _IN_DIR[c](i, (d + b"/" if d else b"") + f"{c}{i}".encode())
+                    else:
+                        _ON_FILE[c](i, p)
                     msg = b""
                 except OSError as e:
                     msg = f"{i}{c}:{errno.errorcode.get(e.errno or 0, e.errno)}\n".encode()
@@ -625,9 +608,7 @@ def race_users(
         state.append(errno.errorcode.get(e.errno or 0, e.errno))
     try:
         names = sorted(
-            n
-            for n in os.listdir(full_d)
-            if n[:1] in _USER_RACE_ACTIONS.encode() and n[1:].isdigit()
+            n for n in os.listdir(full_d) if n[:1] in "".join(_IN_DIR).encode() and n[1:].isdigit()
         )
         for n in names:
             st = os.lstat(full_d + b"/" + n)
