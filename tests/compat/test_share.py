@@ -10,6 +10,7 @@ share a process of that namespace.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -382,27 +383,8 @@ def test_sigterm_while_a_mount_opens_its_layers_unmounts_it_too(
     env = {**helper_env(), "LAYERFS_REVIEW_TAG": f"term-{os.getpid()}-{time.monotonic_ns()}"}
     _mount(a, share=2, env=env)
     pid = _pid(a)
-    tracer = subprocess.Popen(
-        [
-            "strace",
-            "-qq",
-            "-f",
-            "-p",
-            str(pid),
-            "-P",
-            str(own),
-            "-e",
-            "trace=openat",
-            "-e",
-            "inject=openat:delay_enter=4000000",
-            "-o",
-            "/dev/null",
-        ],
-    )
-    try:
+    with _opens_held(pid, own, "delay_enter=4000000"):
         deadline = time.monotonic() + TIMEOUT
-        while not _traced(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
         before = _tasks(pid)
         _mount(b, share=2, env=env, check=False)
         while _tasks(pid) == before and time.monotonic() < deadline:
@@ -411,11 +393,24 @@ def test_sigterm_while_a_mount_opens_its_layers_unmounts_it_too(
         time.sleep(0.5)  # its thread is in the delayed open of its lower directory
         os.kill(pid, signal.SIGTERM)
         assert _gone(pid, timeout=20.0), "the process outlived SIGTERM"
+    mounted = Path("/proc/self/mountinfo").read_text()
+    assert f" {a['merged']} " not in mounted and f" {b['merged']} " not in mounted
+
+
+@contextlib.contextmanager
+def _opens_held(pid: int, path: Path, inject: str) -> Iterator[None]:
+    """Within: strace holds the process PID's opens of PATH as INJECT says (strace's
+    ``inject=openat:`` spelling)."""
+    trace = ["-e", "trace=openat", "-e", f"inject=openat:{inject}", "-o", "/dev/null"]
+    tracer = subprocess.Popen(["strace", "-qq", "-f", "-p", str(pid), "-P", str(path), *trace])
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not _traced(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield
     finally:
         tracer.kill()
         tracer.wait()
-    mounted = Path("/proc/self/mountinfo").read_text()
-    assert f" {a['merged']} " not in mounted and f" {b['merged']} " not in mounted
 
 
 def _traced(pid: int) -> bool:
@@ -438,6 +433,26 @@ def _listed(mnt: Path) -> bool:
     return f" {mnt} " in Path("/proc/self/mountinfo").read_text()
 
 
+def _assert_given_up(merged: Path) -> None:
+    """A read of MERGED/f sent now, before the process serving MERGED gives that mount up,
+    fails as a request to a closed connection does (ENOTCONN) once the process detached the
+    mount: not left waiting while the process lives."""
+    reader = subprocess.Popen(["cat", str(merged / "f")], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while _listed(merged) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _listed(merged), "the mount given up was not detached"
+        try:
+            _, err = reader.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a request to the mount given up was never answered")
+        assert reader.returncode != 0 and "not connected" in err, err
+    finally:
+        reader.kill()
+        reader.wait()
+
+
 def test_a_mount_that_cannot_open_its_layers_leaves_nothing_in_the_process(
     stacks: list[dict[str, Path]], tmp_path: Path
 ) -> None:
@@ -458,49 +473,10 @@ def test_a_mount_that_cannot_open_its_layers_leaves_nothing_in_the_process(
     _mount(a, share=2, env=env)
     pid = _pid(a)
     before = _fuse_fds(pid)
-    tracer = subprocess.Popen(
-        [
-            "strace",
-            "-qq",
-            "-f",
-            "-p",
-            str(pid),
-            "-P",
-            str(own),
-            "-e",
-            "trace=openat",
-            "-e",
-            "inject=openat:delay_enter=1000000:error=EACCES",
-            "-o",
-            "/dev/null",
-        ],
-    )
-    readers = []
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not _traced(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with _opens_held(pid, own, "delay_enter=1000000:error=EACCES"):
         for _ in range(2):
             _mount(b, share=2, env=env, check=False)
-            # sent before the process gives up on the mount (its open is delayed by 1 s)
-            readers.append(
-                subprocess.Popen(["cat", str(b["merged"] / "f")], stderr=subprocess.PIPE, text=True)
-            )
-            while _listed(b["merged"]) and time.monotonic() < deadline:
-                time.sleep(0.05)  # detached by the process once its open failed
-            assert not _listed(b["merged"])
-        for r in readers:
-            try:
-                _, err = r.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                pytest.fail("a request to the mount given up was never answered")
-            assert r.returncode != 0 and "not connected" in err, err
-    finally:
-        tracer.kill()
-        tracer.wait()
-        for r in readers:
-            r.kill()
-            r.wait()
+            _assert_given_up(b["merged"])  # its open is delayed by 1 s, then fails
     assert _fuse_fds(pid) == before
     assert _answer(a) == errno.ENOENT
     _unmount(a)
@@ -662,20 +638,7 @@ def test_a_mount_whose_session_setup_fails_leaves_nothing_in_the_process(
     pid = _pid(a)
     before = _fuse_fds(pid)
     mount(b)
-    reader = subprocess.Popen(["cat", str(b["merged"] / "f")], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while _listed(b["merged"]) and time.monotonic() < deadline:
-            time.sleep(0.05)  # detached by the process once its setup failed
-        assert not _listed(b["merged"])
-        try:
-            _, err = reader.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            pytest.fail("a request to the mount given up was never answered")
-        assert reader.returncode != 0 and "not connected" in err, err
-    finally:
-        reader.kill()
-        reader.wait()
+    _assert_given_up(b["merged"])  # its setup fails after a second
     assert _fuse_fds(pid) == before
     assert _answer(a) == errno.ENOENT
     mount(c)  # the room b left, with b's pyfuse3 copy
