@@ -529,12 +529,10 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         return <int>self.errno_of(name, args, e)
 
     cdef int _lookup(self, uint64_t unique, uint64_t parent, ssize_t n) except -1:
-        cdef Reply_entry r
         cdef bytes name = PyBytes_FromStringAndSize(
             self.st.buf + sizeof(fuse_in_header), n - <ssize_t>sizeof(fuse_in_header) - 1
         )  # without its NUL
         cdef object a
-        cdef object node
         self.n_lookup += 1
         if self.trace is not None:
             self.trace("lookup", (parent, name))
@@ -549,20 +547,7 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         if a is None:  # a negative entry, cached by the kernel for the entry timeout
             self.negative.h.unique = unique
             return self._send(&self.negative, sizeof(Reply_entry))
-        try:
-            node = (<tuple>a)[0]
-            r.h.len = sizeof(Reply_entry)
-            r.h.error = 0
-            r.h.unique = unique
-            r.e.nodeid = <uint64_t>node
-            r.e.generation = 0
-            r.e.entry_valid = r.e.attr_valid = self.secs
-            r.e.entry_valid_nsec = r.e.attr_valid_nsec = self.nsecs
-            _fill(&r.e.attr, a)
-        except Exception as e:  # not met: an Attr the protocol cannot carry
-            self.forget([(a[0], 1)])
-            return self._error(unique, self._failed("lookup", (parent, name), e))
-        return self._send(&r, sizeof(r), r.e.nodeid)
+        return self._entry(unique, a, "lookup", (parent, name))
 
     cdef int _getattr(self, uint64_t unique, uint64_t node) except -1:
         cdef Reply_attr r
@@ -673,34 +658,37 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
     cdef int _answer(self, uint64_t unique, int kind, object a, str name, tuple args) except -1:
         """Answer a SETATTR (fuse_attr_out) or a MKNOD (fuse_entry_out) with the Attr A."""
         cdef Reply_attr ra
-        cdef Reply_entry re
-        cdef object node
+        if kind == K_ENTRY:
+            return self._entry(unique, a, name, args)
         try:
-            if kind == K_ATTR:
-                ra.h.len = sizeof(Reply_attr)
-                ra.h.error = 0
-                ra.h.unique = unique
-                ra.a.attr_valid = self.secs
-                ra.a.attr_valid_nsec = self.nsecs
-                ra.a.dummy = 0
-                _fill(&ra.a.attr, a)
-            else:
-                node = (<tuple>a)[0]
-                re.h.len = sizeof(Reply_entry)
-                re.h.error = 0
-                re.h.unique = unique
-                re.e.nodeid = <uint64_t>node
-                re.e.generation = 0
-                re.e.entry_valid = re.e.attr_valid = self.secs
-                re.e.entry_valid_nsec = re.e.attr_valid_nsec = self.nsecs
-                _fill(&re.e.attr, a)
+            ra.h.len = sizeof(Reply_attr)
+            ra.h.error = 0
+            ra.h.unique = unique
+            ra.a.attr_valid = self.secs
+            ra.a.attr_valid_nsec = self.nsecs
+            ra.a.dummy = 0
+            _fill(&ra.a.attr, a)
         except Exception as e:  # not met: an Attr the protocol cannot carry
-            if kind == K_ENTRY:
-                self.forget([(a[0], 1)])
             return self._error(unique, self._failed(name, args, e))
-        if kind == K_ATTR:
-            return self._send(&ra, sizeof(ra))
-        return self._send(&re, sizeof(re), re.e.nodeid)
+        return self._send(&ra, sizeof(ra))
+
+    cdef int _entry(self, uint64_t unique, object a, str name, tuple args) except -1:
+        """Answer a LOOKUP or a MKNOD (fuse_entry_out) with the Attr A, whose node the core
+        counted a lookup of: given back where the reply cannot be made or is refused."""
+        cdef Reply_entry r
+        try:
+            r.h.len = sizeof(Reply_entry)
+            r.h.error = 0
+            r.h.unique = unique
+            r.e.nodeid = <uint64_t>(<tuple>a)[0]
+            r.e.generation = 0
+            r.e.entry_valid = r.e.attr_valid = self.secs
+            r.e.entry_valid_nsec = r.e.attr_valid_nsec = self.nsecs
+            _fill(&r.e.attr, a)
+        except Exception as e:  # not met: an Attr the protocol cannot carry
+            self.forget([(a[0], 1)])
+            return self._error(unique, self._failed(name, args, e))
+        return self._send(&r, sizeof(r), r.e.nodeid)
 
     cdef int _setattr(self, fuse_in_header *h, ssize_t n) except -1:
         """SETATTR as libfuse (do_setattr) and pyfuse3 (fuse_setattr_async) hand it to the
