@@ -20,7 +20,7 @@ serve.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
-from cpython.list cimport PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.buffer cimport PyBUF_READ
@@ -119,7 +119,7 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     int clock_gettime(int clk, timespec *ts)
     enum:
-        CLOCK_REALTIME
+        CLOCK_REALTIME, CLOCK_MONOTONIC
 
 cdef extern from "<fuse_lowlevel.h>" nogil:
     struct fuse_session:
@@ -316,11 +316,17 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
     cdef public bint release
     cdef Reply_entry negative
     cdef uint64_t n_lookup, n_getattr, n_getxattr, n_raw, n_poll, n_setattr, n_mknod
+    cdef uint64_t n_cpoll  # of n_poll, those serve made (the rest: the Python poll's)
     cdef public object parked  # (coroutine, what it yielded) of a core that awaits
     cdef uint64_t parked_unique
     cdef int parked_kind
     cdef str parked_name
     cdef tuple parked_args
+    # trio's next deadline as _sleep found it: the heap it read (list, length, first
+    # entry) and the deadline in CLOCK_MONOTONIC seconds
+    cdef object heap_seen, first_seen
+    cdef Py_ssize_t size_seen
+    cdef double until
 
     def __cinit__(self):
         self.st.buf = <char *>malloc(BUFSIZE)
@@ -396,40 +402,84 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         _add(self.requests, "write", self.n_write)
         _add(self.counts, "loop_raw", self.n_raw)
         _add(self.counts, "loop_poll", self.n_poll)
+        _add(self.counts, "loop_cpoll", self.n_cpoll)
         self.n_lookup = self.n_getattr = self.n_getxattr = self.n_raw = self.n_poll = 0
+        self.n_cpoll = 0
         self.n_setattr = self.n_mknod = self.n_write = 0
 
     def serve(self, loop, runner, int epoll_fd):
         """The poll loop's wait (fusehooks._PollLoop) in C while it only answers: poll
         /dev/fuse and trio's epoll fd EPOLL_FD, and answer what /dev/fuse alone has, as long
         as trio could run nothing meanwhile (LOOP's ``counting`` and ``runnable``, RUNNER's
-        ``waiting_for_idle``) and no timer is set (RUNNER's deadlines: the Python poll
-        bounds the sleep by them). Return NOPOLL where it did not poll (the Python poll then
-        decides), PENDING when a request is left for libfuse (or the device could not be
-        read), TRIO when it polled and trio has something ready (or a signal came): wait
-        through trio; PARKED as take. The poll releases the GIL, as select.poll does
-        (worker threads may need it)."""
+        ``waiting_for_idle``) and no timer of trio's is due: the poll ends by the next one
+        (``_sleep``; LOOP's ``timers`` false: NOPOLL while one is set). Return NOPOLL where
+        it did not poll (the Python poll then decides), PENDING when a request is left for
+        libfuse (or the device could not be read), TRIO when it polled and trio has
+        something ready, a timer came due or a signal came: wait through trio; PARKED as
+        take. The poll releases the GIL, as select.poll does (worker threads may need it)."""
         cdef pollfd fds[2]
         cdef int r
         cdef int got
+        cdef int ms
         fds[0].fd = self.st.fd
         fds[0].events = POLLIN
         fds[1].fd = epoll_fd
         fds[1].events = POLLIN
         deadlines = runner.deadlines
+        timers = loop.timers
         while True:
             if not loop.counting or loop.runnable or runner.waiting_for_idle:
                 return C_NOPOLL
-            if deadlines._heap:
+            ms = self._sleep(deadlines, runner.clock) if timers else (
+                0 if deadlines._heap else -1
+            )
+            if ms == 0:
                 return C_NOPOLL
             with nogil:
-                r = poll(fds, 2, -1)
-            if r < 0 or fds[1].revents or not fds[0].revents:
+                r = poll(fds, 2, ms)
+            if r <= 0 or fds[1].revents or not fds[0].revents:
                 return C_TRIO  # EINTR: the signal reaches trio through its wake-up fd
             self.n_poll += 1
+            self.n_cpoll += 1
             got = self._take()
             if got != C_ANSWERED:
                 return got
+
+    cdef int _sleep(self, object deadlines, object clock) except -2:
+        """How long the poll may sleep before trio's next timer (DEADLINES, of trio's
+        runner: a heap of (deadline, id, cancel scope), CLOCK trio's system clock, which
+        runs as CLOCK_MONOTONIC): -1 (none set), 0 (due: let trio run it), or ms, as
+        fusehooks._PollLoop._poll bounds its poll. Trio's deadline is read again only when
+        its heap changed (a push or a pop, a new list when pruned): an entry gone stale
+        meanwhile (its scope left) only wakes the poll early, which trio then sorts out."""
+        cdef timespec now
+        cdef double left
+        heap = deadlines._heap
+        if not PyList_GET_SIZE(heap):
+            return -1
+        if (
+            heap is not self.heap_seen
+            or PyList_GET_SIZE(heap) != self.size_seen
+            or <object>PyList_GET_ITEM(heap, 0) is not self.first_seen
+        ):
+            deadline = deadlines.next_deadline()  # pops stale entries
+            if deadline == float("inf"):
+                return -1
+            trio_now = clock.current_time()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            self.until = <double>now.tv_sec + <double>now.tv_nsec * 1e-9 + (
+                <double>deadline - <double>trio_now
+            )
+            heap = deadlines._heap  # as next_deadline left it
+            self.heap_seen, self.size_seen = heap, PyList_GET_SIZE(heap)
+            self.first_seen = <object>PyList_GET_ITEM(heap, 0)
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        left = self.until - (<double>now.tv_sec + <double>now.tv_nsec * 1e-9)
+        if left <= 0:
+            return 0
+        if left > 86400.0:
+            return 86400000  # trio's own longest sleep, a day (_MAX_POLL_MS)
+        return <int>(left * 1000) + 1
 
     @property
     def failed(self):

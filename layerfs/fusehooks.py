@@ -464,6 +464,10 @@ class _PollLoop(trio.abc.Instrument):
         self.raw: _RawPath | Any = None  # Any: a layerfs._craw.RawPath
         self.compiled = False  # raw is layerfs._craw's
         self.epoll = -1  # trio's epoll fd
+        # the C wait (layerfs._craw's serve) bounds its poll by trio's timers itself: its
+        # clock is trio's system clock (CLOCK_MONOTONIC); with another, it leaves a wait
+        # with a timer set to _poll
+        self.timers = False
 
     def _attach(self) -> bool:
         """Find trio's runner and hook in; False if its internals are not the ones known."""
@@ -481,6 +485,7 @@ class _PollLoop(trio.abc.Instrument):
             return False
         self.runner = runner
         self.epoll = epoll_fd
+        self.timers = type(runner.clock) is trio._core._run.SystemClock
         self.poller.register(self.fd, select.POLLIN)
         self.poller.register(epoll_fd, select.POLLIN)
         trio.lowlevel.add_instrument(self)
@@ -527,7 +532,8 @@ class _PollLoop(trio.abc.Instrument):
 
     async def _wait_compiled(self, craw: Any) -> bool:
         """``wait`` with the compiled raw path (layerfs._craw): the same steps, the poll
-        and the answers in C (``serve``) while trio has nothing to do and no timer is set.
+        and the answers in C (``serve``) while trio has nothing to do before its next
+        timer.
         A SETATTR or MKNOD whose core awaits (not met: the cores are asked only where no
         copy-up is due) is awaited here, in this task, where its first step ran."""
         while True:

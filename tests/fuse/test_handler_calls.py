@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.mounts import IDMAP_OPTIONS, mount_layerfs
+from support.mounts import IDMAP_OPTIONS, mount_layerfs, write_fds_in
 from support.strace import Strace
 
 from layerfs import _sys
@@ -71,20 +71,6 @@ def _write(path: Path, flags: int, data: bytes, times: int) -> None:
 def _requests(mnt: Path, op: str) -> int:
     """How many OP requests the daemon at MNT has served (its statistics xattr)."""
     return int(json.loads(os.getxattr(mnt, "trusted.layerfs.statistics")).get(f"req_{op}", 0))
-
-
-def _write_fds_in(pid: int, top: Path) -> list[str]:
-    """The daemon's descriptors open for writing on files below TOP."""
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split()[3], 8)
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # closed meanwhile
-        if target.startswith(f"{top}/") and flags & os.O_ACCMODE != os.O_RDONLY:
-            found.append(target)
-    return found
 
 
 def test_writes_after_a_create_open_nothing(tmp_path: Path) -> None:
@@ -142,13 +128,13 @@ def test_no_upper_file_stays_open_for_writing(tmp_path: Path) -> None:
             _write(m.mnt / "dir" / f"f{i}", os.O_CREAT | os.O_EXCL, b"z", 1)
         _write(m.mnt / "dir" / "old", os.O_APPEND, b"z", 1)
         deadline = time.monotonic() + 20 * WRITERS_IDLE
-        while (left := _write_fds_in(m.proc.pid, d["upper"])) and time.monotonic() < deadline:
+        while (left := write_fds_in(m.proc.pid, d["upper"])) and time.monotonic() < deadline:
             time.sleep(WRITERS_IDLE / 4)
         assert left == []
         stats = json.loads(os.getxattr(m.mnt, "trusted.layerfs.statistics"))
         assert stats["node_write_fds"] == 0
         assert (m.mnt / "dir" / "f0").read_bytes() == b"z"  # reads reopen read-only
-        assert _write_fds_in(m.proc.pid, d["upper"]) == []
+        assert write_fds_in(m.proc.pid, d["upper"]) == []
 
 
 @pytest.mark.skipif(not _sys.FCHMODAT2, reason="no fchmodat2 on this kernel")

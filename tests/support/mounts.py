@@ -53,6 +53,21 @@ class Mounted:
     held_by: list[str] = field(default_factory=list)
 
 
+def write_fds_in(pid: int, top: Path) -> list[str]:
+    """The descriptors process PID holds open for writing on files below TOP (read from
+    /proc: no request to a daemon's mount)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split()[3], 8)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # closed meanwhile
+        if target.startswith(f"{top}/") and flags & os.O_ACCMODE != os.O_RDONLY:
+            found.append(target)
+    return found
+
+
 # --- mount table ---------------------------------------------------------------------------
 
 
