@@ -9,10 +9,14 @@ outer limit, and a failure).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,32 +36,34 @@ import json, os, signal, subprocess
 from pathlib import Path
 
 
-def test_stuck():
+def test_stuck(tmp_path):  # under the inner run's temporary directory: its mount to abort
     d = Path({root!r})
-    subprocess.run({mount!r}, check=True, timeout=60)
-    pid = json.loads(os.getxattr(d / "merged", "trusted.layerfs.statistics"))["pid"]
+    for name in ("lower", "upper", "work", "merged"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "lower" / "f").write_text("f")
+    (d / "merged-path").write_text(str(tmp_path / "merged"))
+    stack = [str(tmp_path / name) for name in ("lower", "upper", "merged")]
+    mount = [*{command!r}, "mount", *stack, "--workdir", str(tmp_path / "work")]
+    subprocess.run(mount, check=True, timeout=60)
+    pid = json.loads(os.getxattr(tmp_path / "merged", "trusted.layerfs.statistics"))["pid"]
     (d / "pid").write_text(str(pid))
     os.kill(pid, signal.SIGSTOP)
     (d / "stat-begun").touch()
-    os.stat(d / "merged" / "f")
+    os.stat(tmp_path / "merged" / "f")
 """
 
 
 def test_a_test_stuck_on_fuse_fails_by_its_timeout(tmp_path: Path) -> None:
-    for name in ("lower", "upper", "work", "merged", "inner"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "lower" / "f").write_text("f")
-    d = {name: str(tmp_path / name) for name in ("lower", "upper", "work", "merged")}
-    mount = [*layerfs_command(), "mount", d["lower"], d["upper"], d["merged"]]
-    mount += ["--workdir", d["work"]]
+    (tmp_path / "inner").mkdir()
     support = str(Path(__file__).parent / "support")
     (tmp_path / "inner" / "conftest.py").write_text(CONFTEST.format(support=support))
     (tmp_path / "inner" / "test_inner.py").write_text(
-        textwrap.dedent(INNER.format(root=str(tmp_path), mount=mount))
+        textwrap.dedent(INNER.format(root=str(tmp_path), command=layerfs_command()))
     )
     env = dict(os.environ, LAYERFS_TEST_ABORT_GRACE="2")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
     cmd += ["-o", "timeout=20", "--rootdir", str(tmp_path / "inner"), str(tmp_path / "inner")]
+    cmd += ["--basetemp", str(tmp_path / "inner-tmp")]
     log = tmp_path / "inner.log"
     try:
         with open(log, "wb") as out_fh:
@@ -84,8 +90,9 @@ def test_a_test_stuck_on_fuse_fails_by_its_timeout(tmp_path: Path) -> None:
         pid_file = tmp_path / "pid"
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), signal.SIGCONT)
-        if is_mounted(d["merged"]):
-            subprocess.run(["fusermount3", "-u", "-z", d["merged"]], check=False)
+        merged = tmp_path / "merged-path"
+        if merged.exists() and is_mounted(merged.read_text()):
+            subprocess.run(["fusermount3", "-u", "-z", merged.read_text()], check=False)
 
 
 def _wchan(pid: int, tid: str) -> str:
@@ -93,3 +100,54 @@ def _wchan(pid: int, tid: str) -> str:
         return Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
     except OSError:
         return "?"
+
+
+def test_the_abort_spares_the_connections_of_another_run(tmp_path: Path) -> None:
+    """A run's stuck test aborts only its own run's connections: not a mount made meanwhile
+    by another test run on the host (another checkout's gate, a benchmark), which a plain
+    "new since the test began" took too. Here "another run's" is a mount outside this run's
+    temporary directory, made after the watchdog's snapshot, while a thread of this process
+    waits on a stopped daemon of this run."""
+    from support import hung_fuse
+    from support.mounts import mount_layerfs
+
+    before = hung_fuse.connections()
+    other = Path(tempfile.mkdtemp(prefix="hung-other-run-", dir="/tmp"))
+    stacks = {}
+    for root in (tmp_path, other):
+        for name in ("lower", "upper", "work", "merged"):
+            (root / name).mkdir()
+        (root / "lower" / "f").write_text("f")
+        stacks[root] = [root / "lower"], root / "upper", root / "work", root / "merged"
+    stuck: list[BaseException | None] = []
+    try:
+        with (
+            mount_layerfs(*stacks[tmp_path]) as ours,
+            mount_layerfs(*stacks[other]) as theirs,
+        ):
+            mine = os.minor(os.stat(ours.mnt).st_dev)
+            os.kill(ours.proc.pid, signal.SIGSTOP)
+            try:
+
+                def stat() -> None:
+                    try:
+                        os.stat(ours.mnt / "f")
+                        stuck.append(None)
+                    except OSError as e:
+                        stuck.append(e)
+
+                waiter = threading.Thread(target=stat, daemon=True)
+                waiter.start()
+                deadline = time.monotonic() + 30
+                while not hung_fuse.waiting_on_fuse(os.getpid()):
+                    assert time.monotonic() < deadline, "the stat never waited on FUSE"
+                    time.sleep(0.05)
+                aborted = hung_fuse.abort_new(before, os.getpid())
+                waiter.join(30)
+                assert (theirs.mnt / "f").read_text() == "f"  # still served
+                assert aborted == [mine]
+                assert isinstance(stuck[0], OSError)  # ECONNABORTED
+            finally:
+                os.kill(ours.proc.pid, signal.SIGCONT)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

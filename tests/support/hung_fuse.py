@@ -5,10 +5,14 @@ a FUSE reply sleeps in the kernel (``request_wait_answer``) where only a fatal s
 the alarm stays pending and the run hangs until CI's limit, naming nothing. So a watchdog started
 with each test waits for the test's timeout plus a grace (``LAYERFS_TEST_ABORT_GRACE``, 20 s),
 then checks every second: while a thread of this process waits there, it aborts (fusectl's
-``abort``) the FUSE connections made since the test began: the request fails, the pending
-alarm is delivered, and pytest-timeout reports the test by name while the run goes on.
-Connections older than the test are left alone (another test's or another run's mounts), and
-so is everything while no thread of this process waits on FUSE.
+``abort``) the FUSE connections this run made since the test began: the request fails, the
+pending alarm is delivered, and pytest-timeout reports the test by name while the run goes on.
+A connection is this run's when its mount point (in this process's mount table, or in that of
+a process it started: a rootless mount's namespace) is under the run's temporary directory
+(pytest's basetemp, where ``tmp_path`` is): another run on the host (another checkout's gate, a
+benchmark) mounts in its own, and a mount it made meanwhile is new too (before: aborted with
+ours). Connections older than the test are left alone, and so is everything while no thread of
+this process waits on FUSE. A test stuck on a mount outside ``tmp_path`` is not helped.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from pathlib import Path
 
 import pytest
 
+from layerfs import mountinfo
+
 CONNECTIONS = Path("/sys/fs/fuse/connections")
+_roots: list[bytes] = []  # this run's temporary directory (pytest_runtest_protocol)
 
 
 @functools.cache
@@ -55,12 +62,47 @@ def waiting_on_fuse(pid: int) -> bool:
     return False
 
 
-def abort_new(before: set[int], pid: int) -> list[int]:
-    """Abort the connections not in BEFORE, if PID waits on FUSE; the ids aborted."""
+def _descendants(pid: int) -> list[int]:
+    """PID and the processes it started, and theirs (/proc/PID/task/TID/children)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    todo += map(int, Path(f"/proc/{p}/task/{tid}/children").read_text().split())
+    return found
+
+
+def owned(pid: int, roots: list[bytes]) -> set[int]:
+    """The FUSE connections mounted under ROOTS, in the mount tables of PID and of the
+    processes it started (a user namespace's mounts are in its own table)."""
+    seen, conns = set(), set()
+    for p in _descendants(pid):
+        try:
+            ns = os.stat(f"/proc/{p}/ns/mnt").st_ino
+            if ns in seen:
+                continue
+            seen.add(ns)
+            table = list(mountinfo.mounts(f"/proc/{p}/mountinfo"))
+        except OSError:
+            continue
+        for m in table:
+            major, _, minor = m.dev.partition(b":")
+            under = any(m.point == r or m.point.startswith(r + b"/") for r in roots)
+            if m.fstype.startswith(b"fuse") and major == b"0" and minor.isdigit() and under:
+                conns.add(int(minor))
+    return conns
+
+
+def abort_new(before: set[int], pid: int, roots: list[bytes] | None = None) -> list[int]:
+    """Abort the connections not in BEFORE mounted under ROOTS (default: this run's
+    temporary directory), if PID waits on FUSE; the ids aborted."""
     if not waiting_on_fuse(pid):
         return []
     aborted = []
-    for conn in sorted(connections() - before):
+    for conn in sorted((connections() - before) & owned(pid, _roots if roots is None else roots)):
         with contextlib.suppress(OSError):
             (CONNECTIONS / str(conn) / "abort").write_text("1")
             aborted.append(conn)
@@ -106,6 +148,9 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
         yield
         return
     grace = float(os.environ.get("LAYERFS_TEST_ABORT_GRACE", "20"))
+    if not _roots:
+        base = item.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        _roots.append(os.fsencode(os.path.realpath(base)))
     watchdog = _Watchdog(item, limit + grace)
     watchdog.start()
     try:
