@@ -833,19 +833,21 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         args = (fh, <int64_t>a.offset, a.size)
         data = PyMemoryView_FromMemory(self.st.buf + start, a.size, PyBUF_READ)
         self.n_write += 1
-        if self.trace is not None:
-            self.trace("write", args)
         try:
             got = self.write_(fh, <int64_t>a.offset, data, h.uid, h.gid, h.pid)
         except Exception as e:
             data.release()
+            if self.trace is not None:
+                self.trace("write", args)
             self._done()
             self._error(h.unique, self._failed("write", args, e))
             return C_ANSWERED
         data.release()  # the buffer is the next request's: nothing may keep a view of it
-        if got is None:
+        if got is None:  # pyfuse3 serves it (and traces it)
             self.n_write -= 1
             return C_PENDING
+        if self.trace is not None:
+            self.trace("write", args)
         self._done()
         r.h.len = sizeof(Reply_write)
         r.h.error = 0

@@ -86,17 +86,18 @@ def layerfs_daemon(
     options: Sequence[str] = (),
     log: Path | None = None,
     env: dict[str, str] | None = None,
+    flags: Sequence[str] = (),
 ) -> Iterator[Daemon]:
     """Run ``layerfs mount -f`` and wait for the mount; always unmount and reap it afterwards.
 
     The caller may kill the daemon, or unmount it, inside the block. ENV: added to the
-    daemon's environment.
+    daemon's environment; FLAGS: to its command line (``--debug``).
     """
     mnt = Path(mnt)
     log = log or mnt.parent / f"{mnt.name}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            mount_cmd(lowers, upper, work, mnt, options=options),
+            [*mount_cmd(lowers, upper, work, mnt, options=options), *flags],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,

@@ -4,7 +4,9 @@ EACCES) are answers, not log lines."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -63,3 +65,22 @@ def test_debug_traces_requests(tmp_path: Path) -> None:
     text = log.read_text(errors="replace").lower()
     missing = [w for w in ("lookup", "open", "write", "unlink", "missing-name") if w not in text]
     assert not missing, f"--debug log does not trace {missing}:\n{text[-2000:]}"
+
+
+@pytest.mark.parametrize("loop", ["craw", "poll"])
+def test_debug_traces_each_write_once(tmp_path: Path, loop: str) -> None:
+    """One line a WRITE, whichever path serves it: the compiled raw path traced a WRITE it
+    then left to pyfuse3 (a first write, which copies the file up), and pyfuse3's handler
+    traced it again (review16). The daemon's request counts say how many there were."""
+    lower, upper, work, mnt = _layout(tmp_path)
+    log = tmp_path / "debug.log"
+    with layerfs_daemon(
+        [lower], upper, work, mnt, log=log, env={"LAYERFS_LOOP": loop}, flags=["--debug"]
+    ) as d:
+        with open(mnt / "f", "r+b", buffering=0) as fh:
+            for i in range(4):  # the first copies up (pyfuse3), the others are plain writes
+                fh.write(b"%d" % i)
+        stats = json.loads(os.getxattr(mnt, "trusted.layerfs.statistics"))
+    lines = [ln for ln in d.log_text().splitlines() if re.search(r"\bwrite\(", ln)]
+    assert stats["req_write"] == 4
+    assert len(lines) == 4, "\n".join(lines)
