@@ -94,7 +94,9 @@ def _code_identity() -> int:
                 if entry.name.endswith((".py", ".so")):  # .so: the compiled raw path
                     st = entry.stat()
                     parts.append(f"{where}/{entry.name}:{st.st_mtime_ns}:{st.st_size}")
-    return zlib.crc32("\0".join(sorted(parts)).encode())
+    # their file-system bytes, sorted as bytes (front.c's strcmp): a name or a variable that
+    # is not UTF-8 is its bytes, as in C (str.encode() raised on its surrogate escapes)
+    return zlib.crc32(b"\0".join(sorted(map(fsencode, parts))))
 
 
 def ask(argv: list[str]) -> list[str] | None:

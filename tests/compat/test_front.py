@@ -91,6 +91,25 @@ def test_the_c_front_reaches_the_python_fronts_server(
     assert daemon_pids(c["merged"]) == []
 
 
+def test_the_fronts_reach_one_server_whatever_the_bytes_of_the_environment(
+    stacks: list[dict[str, Path]], marked_front: tuple[Path, Path]
+) -> None:
+    """LAYERFS_COMPILED is part of the address as its bytes: a value that is not UTF-8 gives
+    both front ends the same server. The Python one encoded the address's text strictly: a
+    traceback after the mount was made, which was left dead (ENOTCONN; review16)."""
+    prog, mark = marked_front
+    a, b, _ = stacks
+    odd = {"LAYERFS_COMPILED": "1\udcff"}  # b"1\xff" in the environment
+    py = [os.fspath(Path(sys.executable).with_name("mount.layerfs-py"))]
+    r = _run(py if os.path.exists(py[0]) else helper_command(), a, **odd)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert (a["merged"] / "f").read_text() == "x"
+    r = _run([str(prog)], b, **odd)
+    assert r.returncode == 0, (r.stderr, mark.read_text() if mark.exists() else "")
+    assert not mark.exists()
+    assert _ppid(daemon_pids(b["merged"])[0]) == _ppid(daemon_pids(a["merged"])[0])
+
+
 FIRST_MOUNTS_SCRIPT = """
 set -e
 "$@" overlay "$MNT" -o "lowerdir=$LOWER,upperdir=$UPPER,workdir=$WORK"
