@@ -57,6 +57,7 @@ TYPE_CHECKING = False  # not typing's: importing typing costs the caller ~5 ms
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable, Sequence
+    from typing import Any
 
     Preload = Callable[[], None]
     # (config, fuse fd, workdir lock fd or -1) -> exit status, in the child
@@ -217,6 +218,8 @@ def _server(
     _set_title([SERVER_TITLE], comm=b"layerfs-forkser")
     gc.disable()  # no collection while importing: fewer freed holes in the shared pages
     preload()
+    if os.environ.get("LAYERFS_IMMORTAL", "1") != "0":
+        immortalize()
     listener.setblocking(False)
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
@@ -264,6 +267,59 @@ def _server(
                 os.waitpid(children.pop(fd), 0)
     listener.close()  # callers still queued read EOF (ECONNRESET) and try again
     return 0
+
+
+def immortalize() -> int:
+    """Make every object this process holds now immortal (PEP 683, CPython 3.12+): the
+    interpreter then never writes its reference count, so a child that uses it leaves its page
+    shared. Return how many objects were marked; 0 where the interpreter has no immortal
+    objects (3.11: every count moves, so nothing is done) or keeps counts elsewhere (a
+    free-threaded or a Py_TRACE_REFS build).
+
+    The objects: those the collector tracks (modules, classes, functions, dicts, lists...) and
+    every object they reach (strings, bytes, numbers, untracked tuples, code objects and their
+    constants). Objects whose count is not where a PyObject's is (free-threaded) are left.
+    The price: none of them is ever freed, in this process or a child. Called once, after the
+    preload and before the first fork, it keeps what the server holds then (what a child
+    shares anyway); what the server makes later (a request, its config) stays mortal."""
+    import ctypes
+
+    mark = sys.getrefcount(None)
+    probe = [None] * 16  # 16 references more: the count moves unless None is immortal
+    if sys.getrefcount(None) != mark or hasattr(sys, "getobjects") or _gil_disabled():
+        return 0
+    del probe
+    if sys.byteorder != "little" or sys.maxsize < 1 << 32 or mark >= 1 << 32:
+        return 0  # a layout not measured: the count's low 32 bits are where they are here
+    # ob_refcnt: a PyObject's first word, of which the interpreter checks the low 32 bits
+    # (the high ones are flags from 3.14 on: left as they are)
+    word = ctypes.c_uint32.from_address
+    count, referents, code = sys.getrefcount, gc.get_referents, type(_immortal_code.__code__)
+    objects = gc.get_objects()  # not itself in the list
+    marked = 0
+    while objects:
+        o = objects.pop()
+        if count(o) == mark:  # marked already (or immortal from the start)
+            continue
+        word(id(o)).value = mark
+        marked += 1
+        objects.extend(referents(o))
+        if type(o) is code:  # no tp_traverse: its parts by name
+            objects.extend(_immortal_code(o))
+    return marked
+
+
+def _immortal_code(c: Any) -> list[object]:
+    """What a code object holds (code objects have no tp_traverse)."""
+    names = ("co_consts", "co_names", "co_varnames", "co_freevars", "co_cellvars", "co_filename")
+    more = ("co_name", "co_qualname", "co_linetable", "co_exceptiontable")  # not co_code: a copy
+    return [getattr(c, n) for n in names + more if hasattr(c, n)]
+
+
+def _gil_disabled() -> bool:
+    import sysconfig
+
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 
 def _forker() -> Callable[[], int]:
