@@ -11,6 +11,8 @@ upper is an ext4 on a loop device of its own whose backing device has ``strict_l
 writes the block layer lets out at 64 KiB/s (``blkio.throttle.write_bps_device``, cgroup v1's
 root). A writer then waits in ``balance_dirty_pages`` for minutes; while it does, another
 client's lookups must be answered. A watchdog, not a timing: a stalled loop answers none.
+Each case runs on both loops: the poll loop (pyfuse3's WRITE handler) and the compiled raw
+path (WRITE answered in C by ``Files.write_now`` unless the write might be throttled).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import pytest
 from support.mounts import Layout, _threads, subject_named
+
+from layerfs import fusehooks
 
 pytestmark = pytest.mark.fuse
 
@@ -96,17 +100,23 @@ def _wait_throttled(pid: int, writer: subprocess.Popen[bytes]) -> None:
     pytest.fail(f"no write throttled after {WATCHDOG}s: {_threads(pid)}")
 
 
+@pytest.mark.parametrize("loop", ["poll", "craw"])
 @pytest.mark.parametrize(
     ("size", "partition"),
     [(64 << 10, False), (1 << 20, False), (64 << 10, True)],  # below files.BIG_IO, above it
 )
 def test_lookups_answered_while_a_write_is_throttled(
-    tmp_path: Path, size: int, partition: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, partition: bool, loop: str
 ) -> None:
     """... and on a partition, whose disk's strict_limit the gauge looked for under the
-    partition's device number (no such bdi: not strict) and so wrote inline."""
+    partition's device number (no such bdi: not strict) and so wrote inline. On both loops:
+    the compiled raw path answers a WRITE in C where ``Files.write_now`` finds the gauge's
+    room, and hands the others to pyfuse3 (the poll loop: always pyfuse3's handler)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (loop devices, sysfs)")
+    if loop == "craw" and fusehooks.craw_module() is None:
+        pytest.skip("layerfs._craw is not built (scripts/setup.sh builds it: Cython and gcc)")
+    monkeypatch.setenv("LAYERFS_LOOP", loop)
     lower = tmp_path / "lower"
     (lower / "d").mkdir(parents=True)
     (lower / "d" / "old").write_bytes(b"lower\n")
