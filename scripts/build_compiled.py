@@ -1,13 +1,15 @@
 """Compile the engine with mypyc into build/mypyc (layerfs.compiled loads it in daemons).
 
-    .venv/bin/python scripts/build_compiled.py [--force]
+    .venv/bin/python scripts/build_compiled.py [--force] [--out DIR]
 
-Does nothing when build/mypyc already holds a build of the current sources for this
-interpreter. Otherwise compiles ``layerfs.compiled.MODULES`` as one group in a copy of the
-package (the checkout gets no build products) and moves the extension modules and the
-MANIFEST into build/mypyc; the old build is removed first, so a failed build leaves none
-and daemons run the engine interpreted. Prints one line; the compiler's output goes to
-build/mypyc.log. Exit status 1 when the build failed.
+Does nothing when DIR (default build/mypyc, ``layerfs.compiled.DIR``) already holds a build
+of the current sources for this interpreter. Otherwise, for another DIR (an installed
+package's, scripts/install-system.sh) where build/mypyc holds such a build, copies it;
+else compiles ``layerfs.compiled.MODULES`` as one group in a copy of the package (the
+checkout gets no build products) and moves the extension modules and the MANIFEST into
+DIR; the old build is removed first, so a failed build leaves none and daemons run the
+engine interpreted. Prints one line; the compiler's output goes to DIR.log. Exit status 1
+when the build failed.
 """
 
 from __future__ import annotations
@@ -40,15 +42,26 @@ setup(
 """
 
 
-def main() -> int:
-    out = Path(compiled.DIR)
+def _current(built: Path) -> bool:
+    """Whether BUILT holds a build of the checkout's sources for this interpreter."""
+    manifest = built / "MANIFEST"
+    return manifest.is_file() and manifest.read_text() == compiled.manifest()
+
+
+def main(args: list[str]) -> int:
+    force = "--force" in args
+    out = Path(args[args.index("--out") + 1]).resolve() if "--out" in args else Path(compiled.DIR)
     log = out.with_suffix(".log")
-    fresh = (out / "MANIFEST").is_file() and (out / "MANIFEST").read_text() == compiled.manifest()
-    if fresh and "--force" not in sys.argv[1:]:
+    if _current(out) and not force:
         print(f"compiled engine: up to date ({out})")
         return 0
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    ours = Path(compiled.DIR)
+    if out != ours and _current(ours) and not force:  # the same sources and interpreter
+        shutil.copytree(ours, out)
+        print(f"compiled engine: copied from {ours} ({out})")
+        return 0
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="layerfs-mypyc-") as tmp:
         work = Path(tmp)
@@ -86,4 +99,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.umask(0o022)  # readable by the users a rootless mount runs as
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -8,7 +8,7 @@
 #      usable Python >= 3.11 (venv and headers: python3-venv, python3-dev), else by python3 on
 #      PATH (PYTHON=... overrides both); remade when the interpreter changes, reinstalled when
 #      pyproject.toml or this script's pip step changes
-#   3b. the compiled raw path (LAYERFS_LOOP=craw) into layerfs/_craw.*.so (Cython, gcc)
+#   3b. the compiled raw path (LAYERFS_LOOP=craw) into layerfs/_craw.*.so (scripts/build_craw.sh)
 #   3c. the engine compiled by mypyc into build/mypyc (scripts/build_compiled.py)
 #   4. the unprivileged user the rootless podman test runs as (layerfs-rootless, with
 #      subordinate uid/gid ranges): made here because the test session may not change
@@ -187,33 +187,11 @@ fi
     || die "cannot byte-compile the sources"
 
 # --- 3b. the compiled raw path (LAYERFS_LOOP=craw) -----------------------------------------
-# layerfs/_craw.pyx -> layerfs/_craw.<EXT_SUFFIX> (Cython from the dev extras, then gcc against
-# Python's and libfuse3's headers), rebuilt when the source, Cython or the interpreter change;
-# never committed (.gitignore). A failed build is not fatal: LAYERFS_LOOP=craw then serves
-# with the Python raw path, and its tests skip (docs/concurrency.md, the compiled raw path).
-build_craw() {
-    local py=$venv/bin/python src=layerfs/_craw.pyx ext want tmp crc
-    ext=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') || return 1
-    want=$( { cat "$src"; "$venv/bin/cython" --version 2>&1; python_identity "$py"; } | sha256sum)
-    if [ -f "layerfs/_craw$ext" ] && [ "$(cat "layerfs/.craw-stamp" 2>/dev/null)" = "$want" ]; then
-        say "compiled raw path: up to date"
-        return 0
-    fi
-    tmp=$(mktemp -d)
-    # the source's CRC-32, which layerfs.fusehooks.craw_module checks against the _craw.pyx
-    # beside the build: a build of another source (setup.sh not run again) is not loaded
-    crc=$("$py" -c 'import sys, zlib; print("%08x" % zlib.crc32(open(sys.argv[1], "rb").read()))' "$src") \
-        && "$venv/bin/cython" -3 -o "$tmp/_craw.c" "$src" \
-        && gcc -O2 -shared -fPIC -DFUSE_USE_VERSION=314 -DLAYERFS_CRAW_SOURCE="\"$crc\"" \
-            -I"$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-            $(pkg-config --cflags fuse3) "$tmp/_craw.c" -o "$tmp/_craw$ext" $(pkg-config --libs fuse3) \
-        && mv "$tmp/_craw$ext" "layerfs/_craw$ext" && printf '%s\n' "$want" >layerfs/.craw-stamp
-    local rc=$?
-    rm -rf "$tmp"
-    [ $rc -eq 0 ] && say "compiled raw path: built"
-    return $rc
-}
-build_craw || say "compiled raw path: NOT built (LAYERFS_LOOP=craw serves with the Python raw path)"
+# layerfs/_craw.pyx -> layerfs/_craw.<EXT_SUFFIX> (scripts/build_craw.sh: Cython from the dev
+# extras, then gcc), rebuilt when the source, Cython or the interpreter change; never committed
+# (.gitignore). A failed build is not fatal: LAYERFS_LOOP=craw then serves with the Python raw
+# path, and its tests skip (docs/concurrency.md, the compiled raw path).
+scripts/build_craw.sh "$venv/bin/python" layerfs | sed 's/^/setup: /' || true
 
 # --- 3c. the engine compiled by mypyc ------------------------------------------------------
 # layerfs/compiled.py (daemons run it with LAYERFS_COMPILED=1; tests/fuse/test_compiled.py
