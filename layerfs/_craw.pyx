@@ -308,6 +308,8 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
     cdef object setattr_, mknod
     cdef object defer, trace
     cdef object write_  # serve_write
+    cdef object setattr_fd  # serve_setattr_fd
+    cdef uint64_t n_setattr_fd
     cdef uint64_t n_write
     cdef object requests, counts, after
     cdef list changed, listings
@@ -403,8 +405,9 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         _add(self.counts, "loop_raw", self.n_raw)
         _add(self.counts, "loop_poll", self.n_poll)
         _add(self.counts, "loop_cpoll", self.n_cpoll)
+        _add(self.counts, "loop_setattr_fd", self.n_setattr_fd)
         self.n_lookup = self.n_getattr = self.n_getxattr = self.n_raw = self.n_poll = 0
-        self.n_cpoll = 0
+        self.n_cpoll = self.n_setattr_fd = 0
         self.n_setattr = self.n_mknod = self.n_write = 0
 
     def serve(self, loop, runner, int epoll_fd):
@@ -747,6 +750,7 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         cdef uint32_t valid
         cdef timespec now
         cdef object coro
+        cdef int got
         if n < <ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_setattr_in)):
             return C_PENDING
         valid = a.valid
@@ -769,6 +773,10 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
             h.uid, h.gid, h.pid,
         )
         self.n_setattr += 1
+        if self.setattr_fd is not None and not valid & FATTR_SIZE:
+            got = self._setattr_fd(h.unique, args)
+            if got != C_PENDING:
+                return got
         try:
             coro = self.setattr_(*args)
         except Exception as e:
@@ -783,6 +791,34 @@ before the statistics are read. RELEASE: the read and the write release the GIL 
         if self.trace is not None:
             self.trace("setattr", args)
         return self._run(coro, h.unique, K_ATTR, "setattr", args)
+
+    def serve_setattr_fd(self, setattr_fd):
+        """Try a SETATTR without a size first with SETATTR_FD(node, mode, uid, gid,
+        atime_ns, mtime_ns): the Attr, the changes made through the descriptor the engine
+        keeps on the node's upper file, no coroutine stepped (``Overlay.setattr_fd``); None:
+        the SETATTR core serves it. None: that core alone."""
+        self.setattr_fd = setattr_fd
+
+    cdef int _setattr_fd(self, uint64_t unique, tuple args) except -1:
+        """SETATTR (ARGS as ``_setattr`` makes them) through ``setattr_fd``: ANSWERED, or
+        PENDING where it declined (nothing done)."""
+        cdef object a
+        try:
+            a = self.setattr_fd(args[0], args[1], args[2], args[3], args[5], args[6])
+        except Exception as e:
+            if self.trace is not None:
+                self.trace("setattr", args)
+            self._done()
+            self._error(unique, self._failed("setattr", args, e))
+            return C_ANSWERED
+        if a is None:
+            return C_PENDING
+        if self.trace is not None:
+            self.trace("setattr", args)
+        self.n_setattr_fd += 1
+        self._done()
+        self._answer(unique, K_ATTR, a, "setattr", args)
+        return C_ANSWERED
 
     cdef int _mknod(self, fuse_in_header *h, ssize_t n) except -1:
         """MKNOD as libfuse (do_mknod: the umask into the context) and pyfuse3 hand it on."""

@@ -930,6 +930,9 @@ class CRawOps:
     # WRITE's: write(fh, offset, data, uid, gid, pid), DATA a view of the request in C's
     # buffer (released after the call): the bytes written, or None: pyfuse3 serves it
     write: Callable[[int, int, memoryview, int, int, int], int | None] | None = None
+    # SETATTR's first try, without a coroutine: setattr_fd(node, mode, uid, gid, atime_ns,
+    # mtime_ns) for a SETATTR without a size, the Attr or None: ``setattr`` serves it
+    setattr_fd: Callable[..., Attr | None] | None = None
 
 
 def craw_module(asked: bool = True) -> Any:
@@ -981,6 +984,7 @@ def _install_craw(hooks: Hooks, fd: int, ops: CRawOps, counts: dict[str, int]) -
         defer=_Replies(fd, ops, counts).defer, trace=ops.trace,
     )  # fmt: skip
     raw.serve_write(ops.write)
+    raw.serve_setattr_fd(ops.setattr_fd)
     if not raw.install(hooks.session):
         log.info("compiled raw path not used: fuse_session_custom_io refused")
         return None

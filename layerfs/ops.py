@@ -325,6 +325,7 @@ class Operations(pyfuse3.Operations):
             mknod=self._mknod_now,
             trace=_trace if log.isEnabledFor(logging.DEBUG) else None,  # set once, at start
             write=self._write_now,
+            setattr_fd=self.fs.setattr_fd,
         )
 
     def _setattr_now(

@@ -61,12 +61,25 @@ def _setattr_fd(fd: int, ch: SetAttr, caller: Caller) -> os.stat_result:
         _truncate(fd, ch.size, caller)
         if not caller.keeps_priv and ch.mode is None:
             kill_suid(fd, caller)
-    if ch.uid is not None or ch.gid is not None:
-        os.fchown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
-    if ch.mode is not None:
-        os.fchmod(fd, stat.S_IMODE(ch.mode))
-    if ch.atime_ns is not None or ch.mtime_ns is not None:
-        _sys.futimens(fd, ch.atime_ns, ch.mtime_ns)
+    return _change_fd(fd, ch.mode, ch.uid, ch.gid, ch.atime_ns, ch.mtime_ns)
+
+
+def _change_fd(
+    fd: int,
+    mode: int | None,
+    uid: int | None,
+    gid: int | None,
+    atime_ns: int | None,
+    mtime_ns: int | None,
+) -> os.stat_result:
+    """The owner, mode and times of FD's file changed where not None (in that order, as
+    tar's fchown, fchmod, utimensat); its fstat after."""
+    if uid is not None or gid is not None:
+        os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+    if mode is not None:
+        os.fchmod(fd, stat.S_IMODE(mode))
+    if atime_ns is not None or mtime_ns is not None:
+        _sys.futimens(fd, atime_ns, mtime_ns)
     return os.fstat(fd)
 
 
@@ -283,6 +296,29 @@ class Overlay:
         if ch.atime_ns is not None or ch.mtime_ns is not None:
             _sys.utimens_at(dirfd, name, ch.atime_ns, ch.mtime_ns)
         return self.attr(node, _sys.lstat_at(dirfd, name) if name else os.fstat(dirfd))
+
+    def setattr_fd(
+        self,
+        ino: int,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+    ) -> Attr | None:
+        """``setattr``'s commonest case, synchronous and without a SetAttr or a Caller (the
+        compiled raw path's first try at a SETATTR, an untar's three a file): no size, ids
+        not mapped, a node in the upper with a descriptor kept on its upper file (one MKNOD
+        made, or a write opened): the changes through it. None where setattr must serve."""
+        if self.ids_active:
+            return None
+        node = self.table.get(ino)
+        if not node.upper:
+            return None
+        h = self.files.upper_handle(node)
+        if h is None:
+            return None
+        return self.attr(node, _change_fd(h.fd, mode, uid, gid, atime_ns, mtime_ns))
 
     def readlink(self, ino: int) -> bytes:
         node = self.table.get(ino)

@@ -32,7 +32,7 @@ def _stats(mnt: Path) -> dict[str, int]:
 
 
 def _untar_like(root: Path) -> None:
-    """What tar does for each member: create, write, chmod, set the mtime alone."""
+    """What tar does for each member: create, write, chown, chmod, set the mtime alone."""
     for i in range(FILES):
         p = root / f"f{i:03d}"
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -40,14 +40,16 @@ def _untar_like(root: Path) -> None:
             os.write(fd, b"%d" % i * 100)
         finally:
             os.close(fd)
+        os.chown(p, 1000 + i, 2000 + i % 3)
         os.chmod(p, 0o640 | (i % 8))
         os.utime(p, ns=(os.stat(p).st_atime_ns, 10**18 + i))
 
 
-def _read_back(root: Path) -> list[tuple[str, int, int, int]]:
+def _read_back(root: Path) -> list[tuple[str, int, int, int, int, bytes]]:
     return [
-        (p.name, os.stat(p).st_mode, os.stat(p).st_mtime_ns, len(p.read_bytes()))
+        (p.name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, p.read_bytes())
         for p in sorted(root.iterdir())
+        if (st := os.stat(p))
     ]
 
 
@@ -57,7 +59,8 @@ def test_requests_under_a_timer_are_answered_in_the_c_wait(
 ) -> None:
     """An untar's requests (the writers' timer set throughout) on both loops: the files
     read back as on kernel overlayfs over the same layers; with craw, most requests were
-    found by the C wait's own poll (``loop_cpoll``), none with the poll loop; and once
+    found by the C wait's own poll (``loop_cpoll``) and the SETATTRs of the new files
+    answered without a coroutine (``loop_setattr_fd``), neither with the poll loop; and once
     writes stop the timer fires with no request to wake the daemon (no descriptor left
     open for writing: a C poll that slept past trio's deadline keeps them open)."""
     if loop == "craw" and fusehooks.craw_module() is None:
@@ -72,13 +75,17 @@ def test_requests_under_a_timer_are_answered_in_the_c_wait(
         after = _stats(m.mnt)
         cpoll = after.get("loop_cpoll", 0) - before.get("loop_cpoll", 0)
         answered = after.get("loop_raw", 0) - before.get("loop_raw", 0)
+        fd_setattrs = after.get("loop_setattr_fd", 0) - before.get("loop_setattr_fd", 0)
         if loop == "craw":
             # each file's LOOKUP, MKNOD, WRITE, SETATTRs and GETATTRs answered in C; a few
             # polls go to trio when a task runs (the timer's, the gauge's)
             assert answered >= 4 * FILES, after
             assert cpoll >= answered * 3 // 4, (before, after)
+            # the chown, chmod and utime of each file made here: through the descriptor
+            # MKNOD left, without a coroutine (Overlay.setattr_fd)
+            assert fd_setattrs >= 3 * FILES, after
         else:
-            assert cpoll == 0, after
+            assert cpoll == fd_setattrs == 0, after
         os.chmod(work / "f000", 0o640)  # the last request: a SETATTR answered in C
         # with no request coming: only the poll's bound wakes the loop for the timer
         assert m.proc is not None and layout.upper is not None
