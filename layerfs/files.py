@@ -99,9 +99,9 @@ class Handle:
             self.close()
 
 
-def kill_suid(fd: int, writer: Caller) -> None:
+def kill_suid(fd: int, writer: Caller) -> bool:
     """Clear setuid/setgid as a write by a process without CAP_FSETID does (the FUSE kernel
-    module leaves this to us: libfuse asks for handle_killpriv).
+    module leaves this to us: libfuse asks for handle_killpriv); True if it did.
 
     As setattr_should_drop_suidgid: setuid always; setgid on a group-executable file, or on
     any file whose group WRITER is not in (its supplementary groups read only then).
@@ -109,20 +109,22 @@ def kill_suid(fd: int, writer: Caller) -> None:
     st = os.fstat(fd)
     mode = st.st_mode
     if not stat.S_ISREG(mode):
-        return
+        return False
     kill = stat.S_ISUID if mode & stat.S_ISUID else 0
     if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not writer.in_group(st.st_gid)):
         kill |= stat.S_ISGID
     if kill:
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+    return bool(kill)
 
 
-async def _write(files: Files, fd: int, off: int, data: bytes, kill_priv: Caller | None) -> int:
-    """pwrite DATA at OFF on FD: here, unless the page cache may make it wait (dirty-page
+async def _write(files: Files, h: Handle, off: int, data: bytes, kill_priv: Caller | None) -> int:
+    """pwrite DATA at OFF through H: here, unless the page cache may make it wait (dirty-page
     throttling: FILES.dirty), then on a worker thread, so that other requests are served
     meanwhile."""
     if kill_priv is not None:
-        kill_suid(fd, kill_priv)
+        files.killed_priv(h, kill_priv)
+    fd = h.fd
     try:
         if files.free(len(data)):
             return os.pwrite(fd, data, off)
@@ -172,6 +174,15 @@ class Files:
             "reads_on_thread": self.reads_on_thread,
             "writes_on_thread": self.writes_on_thread,
         }
+
+    def killed_priv(self, h: Handle, writer: Caller) -> None:
+        """Clear setuid/setgid before WRITER's write through H (kill_suid). The kernel keeps
+        the mode it had (a write invalidates the cached times and size only, and with
+        FUSE_HANDLE_KILLPRIV_V2 it leaves the clearing to us): its attributes are dropped, as
+        a copy-up's (the adapter sends what CopyUp.changed lists), or a statx of the mode
+        alone kept showing the bits for the attribute timeout."""
+        if kill_suid(h.fd, writer):
+            self.copyup.changed.append(h.node.id)
 
     def free(self, n: int) -> bool:
         """May N bytes be written here, the page cache unable to throttle them (and count
@@ -493,7 +504,7 @@ class Files:
             if not h.writable:
                 raise OSError(errno.EBADF, "not open for writing")
             kill_priv, h.kill_priv = h.kill_priv, None  # cleared once: a later chmod +s stays
-            return await _write(self, h.fd, off, data, kill_priv)
+            return await _write(self, h, off, data, kill_priv)
         node = self.table.get(fh & ~NODE_FH)
         kill_priv = None if writer is None else writer.kill_priv
         try:
@@ -515,7 +526,7 @@ class Files:
         if h is None or not self.free(len(data)):
             return None
         if writer is not None and writer.kill_priv is not None:
-            kill_suid(h.fd, writer.kill_priv)
+            self.killed_priv(h, writer.kill_priv)
         try:
             return os.pwrite(h.fd, data, off)
         except OSError as e:
@@ -529,7 +540,7 @@ class Files:
         h = await self._node_write_handle(node)
         h.busy += 1
         try:
-            return await _write(self, h.fd, off, data, kill_priv)
+            return await _write(self, h, off, data, kill_priv)
         finally:
             h.unbusy()
 

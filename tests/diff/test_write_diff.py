@@ -636,6 +636,22 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         {"userns-unmapped-owner"},
     ),
+    # A write by a user clears setuid/setgid (the daemon's kill_suid, asked by
+    # FUSE_HANDLE_KILLPRIV_V2): the kernel's cached mode must follow. A statx for the mode
+    # alone (stat -c %a, ls) kept showing 6777 until the attribute timeout (review16); an
+    # lstat asks the daemon again (the write made the cached times stale) and saw 0777.
+    "write-kills-setid-seen-by-mode-alone": (
+        LayerSpec([d({b"su": f(b"data", mode=0o6777), b"sg": f(b"data", mode=0o2777)})]),
+        [
+            ("chmod", b"su", 0o6777),  # copied up by root first: the write copies nothing
+            ("as_user", 1000, 1000, ("write", b"su", 0, b"x")),
+            ("mode", b"su"),
+            ("as_user", 1000, 1000, ("append", b"sg", b"y")),
+            ("mode", b"sg"),
+            ("stat", b"su"),
+        ],
+        set(),
+    ),
     "truncate-setid-as-root": (
         LayerSpec(
             [

@@ -77,6 +77,21 @@ def _write(p: bytes, offset: int, data: bytes) -> object:
         os.close(fd)
 
 
+_STATX_MODE, _AT_SYMLINK_NOFOLLOW = 0x2, 0x100
+_statx = ctypes.CDLL(None, use_errno=True).statx
+
+
+def _mode(p: bytes) -> object:
+    """The mode statx(2) gives when asked for STATX_MODE alone (coreutils' ``stat -c %a``,
+    ``ls``): what the kernel has cached, where lstat's wider mask would make a FUSE mount
+    whose cached times are stale ask the daemon again."""
+    buf = ctypes.create_string_buffer(256)  # struct statx; stx_mode is the u16 at 28
+    if _statx(-100, p, _AT_SYMLINK_NOFOLLOW, _STATX_MODE, buf) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return oct(stat.S_IMODE(int.from_bytes(buf.raw[28:30], "little")))
+
+
 def _write_pattern(p: bytes, offset: int, size: int) -> object:
     """A write of SIZE bytes of a pattern (every byte value, then ``z``s) at OFFSET: a big
     one in a log is its size."""
@@ -623,6 +638,7 @@ def race_users(
 # name -> (function, which positional args are paths)
 OPS: dict[str, tuple[Callable[..., object], tuple[int, ...]]] = {
     "stat": (lambda p: _stat_value(os.lstat(p)), (0,)),
+    "mode": (_mode, (0,)),
     "read": (_read, (0,)),
     "readlink": (os.readlink, (0,)),
     "listdir": (_listdir, (0,)),
