@@ -1030,7 +1030,9 @@ def answer_init(hooks: Hooks) -> int:
         return 0  # nothing read: pyfuse3's loop answers INIT as usual
     buf = _Buf()
     n = libfuse.fuse_session_receive_buf(se, ctypes.byref(buf))
-    if n <= 0:
+    if n == 0:  # ENODEV (libfuse marks the session exited): unmounted before its INIT was
+        return 0  # read. The loop ends at once, as after any unmount: nothing to detach
+    if n < 0:
         raise OSError(-n, "cannot read the INIT request")
     try:
         request = ctypes.string_at(buf.mem, n)
