@@ -14,6 +14,12 @@ then its data; an ``O_TRUNC`` open a truncation, then its data), never anything 
 sweep ends at the first k the daemon survives: that run must show the kernel's tree after the
 whole sequence.
 
+Also drawn: the daemon's ``fsync=`` (auto, strict, volatile: a daemon's crash loses nothing
+in any), writes of one file after its first (the compiled raw path's WRITE, Files.write_now;
+a user's, clearing a setuid bit there), listings, and upper directories another tool wrote
+(no origin), whose first lookup under a cached listing has the raw path defer its reply
+(its fix_origin's changes are crash points then).
+
 LAYERFS_CRASH_SEQ_EXAMPLES (default 2) and LAYERFS_CRASH_SEQ_OPS (default 4, the longest
 sequence) set its budget for a longer hunt.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import subprocess
@@ -66,17 +73,46 @@ def _layer_paths(spec: LayerSpec) -> list[bytes]:
     return sorted(p for p in out if not p.rpartition(b"/")[2].startswith(b".wh."))
 
 
-def _ops(spec: LayerSpec) -> st.SearchStrategy[Op]:
+def _paths(spec: LayerSpec) -> st.SearchStrategy[bytes]:
     uniform = st.lists(st.sampled_from(_NAMES), min_size=1, max_size=2).map(b"/".join)
     existing = _layer_paths(spec)
-    p = st.one_of(uniform, st.sampled_from(existing)) if existing else uniform
+    return st.one_of(uniform, st.sampled_from(existing)) if existing else uniform
+
+
+_offsets = st.sampled_from([0, 3, 9000])
+
+
+def _write_op(p: st.SearchStrategy[bytes]) -> st.SearchStrategy[Op]:
+    return st.tuples(st.just("write"), p, _offsets, _data)
+
+
+def _sequence(spec: LayerSpec) -> st.SearchStrategy[list[Op]]:
+    """One operation, or writes of one file: the WRITEs after the first, on a file already
+    up, are the compiled raw path's (``Files.write_now``)."""
+    writes = st.lists(st.tuples(_offsets, _data), min_size=2, max_size=3)
     return st.one_of(
+        _ops(spec).map(lambda op: [op]),
+        st.builds(lambda p, ws: [("write", p, *w) for w in ws], _paths(spec), writes),
+    )
+
+
+def _ops(spec: LayerSpec) -> st.SearchStrategy[Op]:
+    p = _paths(spec)
+    existing = _layer_paths(spec)
+    dirs = st.sampled_from(sorted({b"", *(x.rpartition(b"/")[0] for x in existing)}))
+    return st.one_of(
+        # a listing the kernel then caches: a later change in that directory (a copy-up
+        # marking it impure, an origin fixed) has the raw path defer its reply until the
+        # listing is dropped (fusehooks._Replies.defer)
+        st.tuples(st.just("listdir"), dirs),
+        # a user's write (to a setuid file: chmod 0o4777 below) clears the bit in the write
+        st.tuples(st.just("as_user"), st.just(1000), st.just(1000), _write_op(p)),
         st.tuples(st.just("create"), p, st.sampled_from([b"", b"new\n", b"z" * 70_000])),
-        st.tuples(st.just("write"), p, st.sampled_from([0, 3, 9000]), _data),
+        _write_op(p),
         st.tuples(st.just("append"), p, _data),
         st.tuples(st.just("open_trunc"), p, st.sampled_from([b"", b"t"])),
         st.tuples(st.just("truncate"), p, st.sampled_from([0, 2, 70_000])),
-        st.tuples(st.just("chmod"), p, st.sampled_from([0o600, 0o4755])),
+        st.tuples(st.just("chmod"), p, st.sampled_from([0o600, 0o4755, 0o4777])),
         st.tuples(st.just("chown"), p, st.just(1000), st.just(1000)),
         st.tuples(st.just("setxattr"), p, st.just(b"user.crash"), st.just(b"v")),
         st.tuples(st.just("removexattr"), p, st.sampled_from([b"user.a", b"trusted.t"])),
@@ -101,6 +137,11 @@ _COPY_FIRST = {"write", "append", "open_trunc", "truncate", "chmod", "chown", "s
 _COPY_FIRST |= {"removexattr", "rename", "link"}
 
 
+def _inner(op: Op) -> Op:
+    """The operation itself, run by whoever runs it."""
+    return op[3] if op[0] == "as_user" else op  # type: ignore[return-value]
+
+
 def _steps(op: Op) -> list[Op]:
     """OP as the steps whose trees a crash may leave: a create of data is the empty file
     first (its WRITE comes after the MKNOD), an O_TRUNC open with data the truncation first."""
@@ -116,6 +157,7 @@ def _copied_up(tree: Snapshot, op: Op, upper: Path) -> list[Snapshot]:
     the copy of a lower hard link's name (one not in UPPER yet) parts it from the other
     names, visible or hidden (index=off: its own inode, nlink 1; the others keep the
     lower's)."""
+    op = _inner(op)
     if op[0] not in _COPY_FIRST:
         return []
     copied = [op[1], op[2]] if op[0] == "rename" and op[3] == RENAME_EXCHANGE else [op[1]]
@@ -163,21 +205,48 @@ class Reference:
     end: Snapshot | None = None
 
     def allowed(self, i: int) -> list[Snapshot]:
-        """The trees a crash within operation I may leave."""
+        """The trees a crash within operation I may leave (I past the last: in the walk of
+        the end's tree, whose lookups may record origins: ovl_fix_origin)."""
+        if i == len(self.start):
+            return [self.end] if self.end else []
         return [self.start[i], *self.steps[i]]
 
 
-def _reference(pair: Pair, ops: Sequence[Op], options: Sequence[str]) -> Reference:
+def _lower_dirs(spec: LayerSpec) -> list[bytes]:
+    """The directories of SPEC's layers down to depth 2."""
+    out: set[bytes] = set()
+    for layer in spec.layers:
+        for name, node in layer.entries.items():
+            if isinstance(node, Dir):
+                out.add(name)
+                out.update(name + b"/" + s for s, n in node.entries.items() if isinstance(n, Dir))
+    return sorted(p for p in out if b".wh." not in p)
+
+
+def _make_dirs(upper: Path, dirs: Sequence[bytes]) -> None:
+    """Upper directories with no xattrs over lower ones (an upper another tool wrote): the
+    first lookup of each records its origin and marks its parent impure (ovl_fix_origin),
+    and a listing of that parent the kernel cached must go first: the compiled raw path's
+    LOOKUP defers its reply until it has (fusehooks._Replies.defer)."""
+    for d in dirs:
+        os.makedirs(os.fsencode(upper) + b"/" + d, exist_ok=True)
+
+
+def _reference(
+    pair: Pair, ops: Sequence[Op], options: Sequence[str], upper_dirs: Sequence[bytes] = ()
+) -> Reference:
     ref = Reference()
     k = pair.ref
     assert k.upper and k.work
+    _make_dirs(k.upper, upper_dirs)
     with mount_kernel(k.lowers, k.upper, k.work, k.mnt, options=options):
         for op in ops:
             start = snapshot(k.mnt)
             ref.start.append(start)
             copies = _copied_up(start, op, k.upper)  # before the step copies up
-            if "metacopy=on" in options and op[0] in _FILLS:
-                copies += [t for t in (_cap_dropped(t, op[1]) for t in [start, *copies]) if t]
+            if "metacopy=on" in options and _inner(op)[0] in _FILLS:
+                fill = _inner(op)[1]
+                copies += [t for t in (_cap_dropped(t, fill) for t in [start, *copies]) if t]
             trees = []
             for n, step in enumerate(_steps(op)):
                 if apply(k.mnt, step)[0] != "ok":
@@ -198,6 +267,8 @@ class Sweep:
     options: tuple[str, ...]
     since_ns: int
     tmp: Path
+    fsync: str = "auto"  # the daemon's fsync= (the kernel's trees are the same in each)
+    upper_dirs: Sequence[bytes] = ()  # in the upper at the start (_make_dirs)
     verdicts: Verdicts = field(default_factory=Verdicts)
     log: list[str] = field(default_factory=list)
 
@@ -223,10 +294,12 @@ class Sweep:
         upper, work, mnt = run / "upper", run / "work", run / "mnt"
         for p in (upper, work, mnt):
             p.mkdir()
+        _make_dirs(upper, self.upper_dirs)
         lowers = self.pair.subj.lowers
         env = {"LAYERFS_CRASH_AT": str(k)}
         cut = -1
-        with layerfs_daemon(lowers, upper, work, mnt, options=self.options, env=env) as d:
+        daemon_options = (*self.options, f"fsync={self.fsync}")
+        with layerfs_daemon(lowers, upper, work, mnt, options=daemon_options, env=env) as d:
             for i, op in enumerate(self.ops):
                 r = apply(mnt, op)
                 if r[0] == "err" and r[1] in CRASH_ERRORS:
@@ -237,19 +310,29 @@ class Sweep:
                     cut = i
                     break
             if cut < 0:
-                n, diffs = self.match(snapshot(mnt), [self.ref.end] if self.ref.end else [])
-                assert n == 0, "the complete run:\n" + "\n".join(diffs)
-            else:
+                try:
+                    n, diffs = self.match(snapshot(mnt), self.ref.allowed(len(self.ops)))
+                    assert n == 0, "the complete run:\n" + "\n".join(diffs)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+                        raise
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        d.proc.wait(timeout=20)
+                    if d.alive():
+                        raise
+                    cut = len(self.ops)
+            if cut >= 0:
                 assert d.proc.returncode == -9, f"daemon exit {d.proc.returncode}:\n{d.log_text()}"
         if cut < 0:
             shutil.rmtree(run)
             return None
         allowed = self.ref.allowed(cut)
-        fill = "metacopy=on" in self.options and self.ops[cut][0] in _FILLS
-        what = f"crash before change {k}, in operation {cut} {self.ops[cut]!r}"
+        last = self.ops[cut] if cut < len(self.ops) else ("walk of the end",)
+        fill = "metacopy=on" in self.options and _inner(last)[0] in _FILLS
+        what = f"crash before change {k}, in operation {cut} {last!r}"
 
         def verify() -> str:
-            with layerfs_daemon(lowers, upper, work, mnt, options=self.options):
+            with layerfs_daemon(lowers, upper, work, mnt, options=daemon_options):
                 assert os.listdir(work / "work") == [], "the remount must clean the workdir"
                 n, diffs = self.match(snapshot(mnt), allowed, fill=fill)
             assert n >= 0, f"{what}, layerfs remount:\n" + "\n".join(diffs)
@@ -274,13 +357,24 @@ def test_crash_at_every_point_of_a_sequence(tmp_path: Path, subject_name: str) -
     @settings(max_examples=EXAMPLES)
     @given(spec=layer_stacks(opts), data=st.data())
     def run(spec: LayerSpec, data: st.DataObject) -> None:
-        ops = data.draw(st.lists(_ops(spec), min_size=2, max_size=MAX_OPS), label="ops")
+        seqs = data.draw(st.lists(_sequence(spec), min_size=2, max_size=MAX_OPS), label="ops")
+        ops = [op for seq in seqs for op in seq]
+        fsync = data.draw(st.sampled_from(["auto", "strict", "volatile"]), label="fsync")
+        dirs = _lower_dirs(spec)
+        upper_dirs = data.draw(
+            st.one_of(
+                st.just([]), st.lists(st.sampled_from(dirs), min_size=1, max_size=3, unique=True)
+            )
+            if dirs
+            else st.just([]),
+            label="upper_dirs",
+        )
         work = Path(tempfile.mkdtemp(dir=tmp_path))
         try:
             pair = Pair.create(work, subject, spec)
             since_ns = fs_clock_ns()
-            ref = _reference(pair, ops, subject.kernel_options)
-            sweep = Sweep(pair, ops, ref, subject.kernel_options, since_ns, work)
+            ref = _reference(pair, ops, subject.kernel_options, upper_dirs)
+            sweep = Sweep(pair, ops, ref, subject.kernel_options, since_ns, work, fsync, upper_dirs)
             seen: list[str] = []
             with ThreadPoolExecutor(PARALLEL) as pool:
                 for k in range(1, MAX_POINTS * len(ops) + 1, PARALLEL):
@@ -292,7 +386,10 @@ def test_crash_at_every_point_of_a_sequence(tmp_path: Path, subject_name: str) -
                     raise AssertionError(f"still crashing after {MAX_POINTS * len(ops)} changes")
             shown = [tuple(a[:12] if isinstance(a, bytes) else a for a in op) for op in ops]
             states = len(sweep.verdicts.verified)
-            print(f"{shown!r}: {len(seen)} crash points, {states} states: {seen}")
+            print(
+                f"fsync={fsync} upper {upper_dirs!r} {shown!r}: {len(seen)} crash points, "
+                f"{states} states: {seen}"
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
