@@ -1055,7 +1055,12 @@ def answer_init(hooks: Hooks) -> int:
         (flags,) = struct.unpack_from("<I", patched, pos)
         struct.pack_into("<I", patched, pos, flags | offered)
         reply, added = bytes(patched), offered
-    os.write(fd, reply)
+    try:
+        os.write(fd, reply)
+    except OSError as e:  # unmounted meanwhile: INIT aborted (ENOENT), the session gone
+        if e.errno not in (errno.ENOENT, errno.ENODEV):
+            raise
+        return 0  # the loop's first read ends it, as after any unmount
     return added
 
 
