@@ -47,7 +47,7 @@ _INO_MASK = (1 << 64) - 1
 RealId = int
 Key = RealId | tuple[int, int, bytes]
 
-_DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH, _NO_CAPS, _NO_DACL = 1, 2, 4, 8, 16, 32, 64
+_DIR, _UPPER, _METACOPY, _IMPURE, _NO_WH, _NO_CAPS, _NO_DACL, _MISSED = 1, 2, 4, 8, 16, 32, 64, 128
 _OPENS = 8  # the open handles' count: the bits of Node._flags from this one up
 _FLAGS = (1 << _OPENS) - 1
 
@@ -176,6 +176,17 @@ class Node:
     @no_default_acl.setter
     def no_default_acl(self, value: bool) -> None:
         self._set(_NO_DACL, value)
+
+    @property
+    def missed(self) -> bool:
+        """A directory in which a LOOKUP found nothing: where one name is missing, more are
+        looked for (a PATH search, an import scan), so its lookups go through the lowers'
+        index (lookup.resolve) whatever the layer count."""
+        return bool(self._flags & _MISSED)
+
+    @missed.setter
+    def missed(self, value: bool) -> None:
+        self._set(_MISSED, value)
 
     @property
     def opens(self) -> int:

@@ -209,7 +209,7 @@ def _fgetxattr(fd: int, attr: bytes) -> bytes | None:
         raise
 
 
-INDEX_MIN_LAYERS = 8  # below this, a lookup simply asks each layer's listing
+INDEX_MIN_LAYERS = 8  # below this, a lookup asks each layer's listing (but see Node.missed)
 INDEX_CACHE_ENTRIES = 200_000
 
 
@@ -227,11 +227,18 @@ class LowerIndexes:
         self._max = max_entries
         self._held = 0
         self._cache: OrderedDict[int, tuple[object, dict[bytes, int]]] = OrderedDict()
+        # the last index asked for, the most recent in the LRU order already: the lookups of
+        # one directory in a row (a PATH search, an import scan) skip the hash and the move
+        self._last: object = None
+        self._last_first: dict[bytes, int] = {}
 
     def first(self, lowers: list[tuple[Layer, Path]]) -> dict[bytes, int]:
+        if lowers is self._last:
+            return self._last_first
         hit = self._cache.get(id(lowers))
         if hit is not None and hit[0] is lowers:
             self._cache.move_to_end(id(lowers))
+            self._last, self._last_first = lowers, hit[1]
             return hit[1]
         first: dict[bytes, int] = {}
         for i, (layer, dpath) in enumerate(lowers):
@@ -248,11 +255,16 @@ class LowerIndexes:
         while self._held > self._max and len(self._cache) > 1:
             _, (_, dropped) = self._cache.popitem(last=False)
             self._held -= len(dropped)
+        self._last, self._last_first = lowers, first
         return first
+
+    def statistics(self) -> dict[str, int]:
+        return {"lower_indexes": len(self._cache), "lower_index_names": self._held}
 
     def clear(self) -> None:
         self._cache.clear()
         self._held = 0
+        self._last, self._last_first = None, {}
 
 
 def fd_cache_size(n_layers: int) -> int:

@@ -184,13 +184,12 @@ def resolve(
     UNSEEN: a LOOKUP, a name the kernel holds no dentry of (see below)."""
     if name.startswith(whiteout.WH_PREFIX):
         return None  # format markers are never entries of the merged view
-    ppath = parent.path()
     upper_st: os.stat_result | None = None
     d = _Lookup(name, False)
     redirected = metacopy = chain = False
     has_origin = True
     if parent.upper and stack.upper is not None:
-        ufd = stack.upper.dirfd(ppath)
+        ufd = stack.upper.dirfd(parent.path())
         # Every name in a directory this mount made (Node.no_oci_whiteouts) came through the
         # kernel, which keeps its dentry: a LOOKUP there is mostly of a new name (a create's
         # first look). An access(F_OK) answers that in a third of a failing lstat's
@@ -230,7 +229,15 @@ def resolve(
     top_st = upper_st
     search: list[tuple[Layer, Path]] = _root_lowers(stack) if d.absolute else parent.lowers
     i = 0
-    if not d.stop and not d.absolute and len(search) >= INDEX_MIN_LAYERS:
+    # The index answers a name no lower shows with one dict lookup. Worth building for many
+    # lowers, or where names were missing already (Node.missed): one lower's listing is
+    # already that dict.
+    if (
+        not d.stop
+        and not d.absolute
+        and len(search) > 1
+        and (parent.missed or len(search) >= INDEX_MIN_LAYERS)
+    ):
         i = stack.indexes.first(search).get(d.name[0], -1)  # before it: no entry, no whiteout
         if i < 0:
             i = len(search)
@@ -285,6 +292,8 @@ def resolve(
             search = _root_lowers(stack)
             i = stack.lowers.index(layer) + 1
     if top_st is None:
+        if unseen:
+            parent.missed = True
         return None
     if upper_st is not None and (redirected or d.stop):
         # whether removing NAME needs a whiteout depends on NAME in the parent's lowers, not

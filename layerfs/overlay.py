@@ -154,6 +154,7 @@ class Overlay:
             **self.files.statistics(),
             "open_dirs": len(self.dirs),
             **self.dircache.statistics(),
+            **self.stack.indexes.statistics(),
         }
 
     # -- attributes --------------------------------------------------------------------------

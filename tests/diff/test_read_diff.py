@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.diff import Pair, check_merged, expect_quirks, explore_only_layerfs, stack_options_for
+from support.diff import (
+    Pair,
+    check_lookups,
+    check_merged,
+    expect_quirks,
+    explore_only_layerfs,
+    stack_options_for,
+)
 from support.layerspec import (
     CAP_NET_BIND_SERVICE,
     Device,
@@ -251,6 +258,7 @@ def test_scenario(
     expect_quirks(request, subject, needs)
     pair = Pair.create(tmp_path, subject, spec, upper=upper)
     with pair.mounted() as (s, k):
+        check_lookups(pair, s, k, what=name)
         check_merged(s, k, what=name)
 
 
@@ -259,6 +267,7 @@ def _check_stack(tmp_path: Path, subject: Subject, spec: LayerSpec, upper: bool,
     try:
         pair = Pair.create(work, subject, spec, upper=upper)
         with pair.mounted() as (s, k):
+            check_lookups(pair, s, k, what=what)
             check_merged(s, k, what=what)
     finally:
         shutil.rmtree(work)

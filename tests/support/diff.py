@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,68 @@ def check_merged(s: Mounted, k: Mounted, *, since_ns: int | None = None, what: s
     problems = inode_problems(s.mnt) + private_xattr_leaks(got)
     assert not problems, f"{what}: " + "\n".join(problems)
     assert_same(ref, got, since_ns=since_ns, ignore=ignored_fields(s), what=what or s.name)
+
+
+MISSING = b"missing\x01name"  # in no layer: a directory's first lookup fails
+
+
+def _probe(path: bytes, ignore: frozenset[str]) -> tuple[int, int, int | None] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    is_dir = stat.S_ISDIR(st.st_mode)
+    nlink = -1 if ("dir_nlink" if is_dir else "file_nlink") in ignore else st.st_nlink
+    return st.st_mode, nlink, None if is_dir else st.st_size
+
+
+def _real_listing(layer: Path, rel: bytes) -> list[bytes]:
+    """The names in directory REL of LAYER, walked without following a symlink; none where
+    REL is not a directory there."""
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in rel.split(b"/") if rel else []:
+            try:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                return []
+            os.close(fd)
+            fd = sub
+        return [os.fsencode(n) for n in os.listdir(fd)]
+    finally:
+        os.close(fd)
+
+
+def check_lookups(pair: Pair, s: Mounted, k: Mounted, *, what: str = "") -> None:
+    """Look up, in every directory and before anything else looks there, first a name that
+    exists nowhere, then every name any lower layer holds there (whited-out, hidden below an
+    opaque directory or a file, ``.wh.`` markers and the names they hide) and every merged
+    entry: each the first LOOKUP of its name, compared with the kernel's (kind, mode, links,
+    size). A directory where a name was missing is answered through the lowers' index
+    (lookup.resolve, Node.missed), the others by asking each layer: the names met here go
+    through the index, with the readdir-driven walks of check_merged the other way."""
+    problems: list[str] = []
+    ignore = ignored_fields(s)
+    todo: list[bytes] = [b""]
+    while todo:
+        rel = todo.pop()
+        names = {MISSING}
+        for lower in pair.subj.lowers:
+            for name in _real_listing(lower, rel):
+                names.add(name)
+                if name.startswith(b".wh.") and name != b".wh..wh..opq":
+                    names.add(name[4:])
+        kdir = os.path.join(os.fsencode(k.mnt), rel)
+        names.update(os.listdir(kdir))
+        # the miss first: it decides how the directory's next lookups are answered
+        for name in sorted(names, key=lambda n: n != MISSING):
+            got = _probe(os.path.join(os.fsencode(s.mnt), rel, name), ignore)
+            want = _probe(os.path.join(kdir, name), ignore)
+            if got != want:
+                problems.append(f"{os.path.join(rel, name)!r}: lookup {got} != kernel {want}")
+            elif want is not None and stat.S_ISDIR(want[0]):
+                todo.append(os.path.join(rel, name))
+    assert not problems, f"{what}: " + "\n".join(problems)
 
 
 def ignored_fields(s: Mounted | Subject) -> frozenset[str]:
