@@ -64,7 +64,7 @@ def check_name(name: bytes) -> None:
     """Refuse a name that is not a single path component (defence in depth)."""
     # bytes' "in" with an int operand is a memchr; with a bytes one it first tries it as an
     # int, raising and clearing a TypeError: 10x the time (docs/benchmarks.md, session 11)
-    if not name or _SLASH in name or name in (b".", b"..") or 0 in name:
+    if not name or _SLASH in name or name == b"." or name == b".." or 0 in name:
         raise OSError(errno.EINVAL, "invalid name")
     if len(name) > 255:
         raise OSError(errno.ENAMETOOLONG, "name too long")

@@ -184,6 +184,12 @@ def resolve(
     UNSEEN: a LOOKUP, a name the kernel holds no dentry of (see below)."""
     if name.startswith(whiteout.WH_PREFIX):
         return None  # format markers are never entries of the merged view
+    if parent.missed and not (parent.upper and stack.upper is not None):
+        # the lowers alone (below): a name the index holds as no layer's entry first (none
+        # has it, or a whiteout hides it) is missing, said without building the walk
+        below = parent.lowers
+        if len(below) > 1 and stack.indexes.first(below).get(name, -1) < 0:
+            return None
     upper_st: os.stat_result | None = None
     d = _Lookup(name, False)
     redirected = metacopy = chain = False
