@@ -87,6 +87,13 @@ class NewAcls:
     default: bytes | None = None
 
 
+def plain_mode(mode: int, umask: int) -> int:
+    """``inherit(None, MODE, UMASK).mode``, without the NewAcls (a frozen dataclass: ~4k
+    instructions a create compiled): a new object's mode where its directory has no default
+    ACL. Symlinks take no umask."""
+    return mode if stat.S_ISLNK(mode) else mode & ~umask
+
+
 def inherit(parent_default: bytes | None, mode: int, umask: int) -> NewAcls:
     """The mode and ACLs of a new object of MODE (type bits included) created with UMASK in a
     directory whose default ACL is PARENT_DEFAULT (posix_acl_create). Symlinks take neither."""
@@ -95,7 +102,7 @@ def inherit(parent_default: bytes | None, mode: int, umask: int) -> NewAcls:
     try:
         entries = parse(parent_default) if parent_default is not None else []
         if not entries:  # none (an empty one reads as none too)
-            return NewAcls(mode & ~umask)
+            return NewAcls(plain_mode(mode, umask))
         access, new_mode, not_equiv = create_masq(entries, mode)
     except ValueError:  # as the kernel's posix_acl_from_xattr: a bad ACL is an error
         raise OSError(errno.EIO, "malformed default ACL") from None

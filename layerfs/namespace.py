@@ -342,7 +342,7 @@ class Namespace:
         # off/nofollow/follow, nor userxattr's default)
         merge_opaque = bool(parent.lowers) and self.redirect_dir
         if state is None and default is None:
-            made = stat.S_IMODE(acl.inherit(None, mode, caller.umask).mode)
+            made = stat.S_IMODE(acl.plain_mode(mode, caller.umask))
             if self._as_made(caller, made):
                 state = self._make_in_place(
                     parent, udir, name, lambda d, n: _sys.mkdir_at(d, n, made)
@@ -387,7 +387,7 @@ class Namespace:
         udir, state = await self._prepare_parent(parent, name)
         default = self._default_acl(parent, udir)  # as in mkdir
         fds: list[int] = []
-        made = acl.inherit(None, mode, caller.umask).mode
+        made = acl.plain_mode(mode, caller.umask)
         if state is None and default is None and self._as_made(caller, made):
 
             def make(dirfd: int, n: bytes) -> None:
