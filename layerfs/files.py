@@ -544,18 +544,25 @@ class Files:
         finally:
             h.unbusy()
 
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+    async def fallocate(
+        self, fh: int, mode: int, offset: int, length: int, writer: Caller | None = None
+    ) -> None:
         """fallocate(2) MODE on the upper file, copied up first as for a write (kernel
-        overlayfs copied it up at the open for write). On a worker thread: allocating or
-        zeroing a large range takes the upper filesystem a while."""
+        overlayfs copied it up at the open for write), setuid/setgid cleared as a write by
+        WRITER clears them (the kernel's file_modified; for a node handle). On a worker
+        thread: allocating or zeroing a large range takes the upper filesystem a while."""
         if not fh & NODE_FH:
             h = self.get(fh)
             if not h.writable:
                 raise OSError(errno.EBADF, "not open for writing")
+            kill_priv, h.kill_priv = h.kill_priv, None  # as write
             fd, close = os.dup(h.fd), True  # a thread may outlive the handle
         else:
             h = await self._node_write_handle(self.table.get(fh & ~NODE_FH))
+            kill_priv = None if writer is None else writer.kill_priv
             fd, close = os.dup(h.fd), True
+        if kill_priv is not None:
+            self.killed_priv(h, kill_priv)
         try:
             await trio.to_thread.run_sync(_sys.fallocate, fd, mode, offset, length)
         finally:

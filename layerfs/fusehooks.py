@@ -313,29 +313,35 @@ def _install(extension: str) -> Hooks | None:
 
 def serve_fallocate(
     hooks: Hooks,
-    fallocate: Callable[[int, int, int, int], Awaitable[None]],
+    fallocate: Callable[[int, int, int, int, int, int, int], Awaitable[None]],
     spawn: Callable[..., object],
 ) -> None:
     """Serve FALLOCATE, which pyfuse3 leaves out of its operation table (libfuse then answers
-    ENOSYS, and the kernel EOPNOTSUPP for good): await FALLOCATE(fh, mode, offset, length) in
-    a task started by SPAWN(async_fn, *args) (trio.lowlevel.spawn_system_task: the handler
-    runs inside pyfuse3's loop, on the trio thread) and answer with the errno it raised
-    (an ``errno`` attribute: OSError, pyfuse3.FUSEError), 0 when it returned. FH is the
-    request's handle, or ``NODE_FH | inode`` without one."""
+    ENOSYS, and the kernel EOPNOTSUPP for good): await FALLOCATE(fh, mode, offset, length,
+    uid, gid, pid) (the caller, for clearing setuid/setgid as a write does) in a task started
+    by SPAWN(async_fn, *args) (trio.lowlevel.spawn_system_task: the handler runs inside
+    pyfuse3's loop, on the trio thread) and answer with the errno it raised (an ``errno``
+    attribute: OSError, pyfuse3.FUSEError), 0 when it returned. FH is the request's handle,
+    or ``NODE_FH | inode`` without one."""
     reply_err = _reply_err()
+    req_ctx = _libfuse().fuse_req_ctx
+    req_ctx.restype = ctypes.POINTER(_Ctx)
+    req_ctx.argtypes = [_vp]
 
-    async def run(req: int, fh: int, mode: int, offset: int, length: int) -> None:
+    async def run(req: int, fh: int, mode: int, offset: int, length: int, who: Any) -> None:
         err = 0
         try:
-            await fallocate(fh, mode, offset, length)
+            await fallocate(fh, mode, offset, length, *who)
         except Exception as e:  # every request gets its answer, whatever happened
             err = getattr(e, "errno", None) or errno.EIO
         reply_err(req, err)
 
     def shim(req: int, ino: int, mode: int, offset: int, length: int, fi: int | None) -> None:
         fh = ctypes.c_uint64.from_address(fi + _FI_FH).value if fi else 0
+        ctx = req_ctx(req)  # as write_buf's: never NULL for a live request
+        who = (ctx[0].uid, ctx[0].gid, ctx[0].pid) if ctx else (NOBODY, NOBODY, 0)
         try:
-            spawn(run, req, fh or NODE_FH | ino, mode, offset, length)
+            spawn(run, req, fh or NODE_FH | ino, mode, offset, length, who)
         except Exception:
             log.exception("cannot serve FALLOCATE")
             reply_err(req, errno.EIO)

@@ -599,9 +599,13 @@ class Operations(pyfuse3.Operations):
                 node.nlookup += 1  # readdirplus: the kernel now holds a reference
 
     @_errors
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        """FALLOCATE, served through layerfs.fusehooks (pyfuse3 does not forward it)."""
-        await self.fs.files.fallocate(fh, mode, offset, length)
+    async def fallocate(
+        self, fh: int, mode: int, offset: int, length: int, uid: int, gid: int, pid: int
+    ) -> None:
+        """FALLOCATE, served through layerfs.fusehooks (pyfuse3 does not forward it), by the
+        caller UID, GID, PID (setuid/setgid cleared for a user, as by a write)."""
+        writer = self._writer(fh, uid, gid, pid)
+        await self.fs.files.fallocate(fh, mode, offset, length, writer)
 
     @_errors
     async def ioctl(self, inode: int, cmd: int, data: bytes, out_size: int) -> bytes:

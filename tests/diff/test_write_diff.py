@@ -652,6 +652,22 @@ SCRIPTS: dict[str, tuple[LayerSpec, list[Op], set[str]]] = {
         ],
         set(),
     ),
+    # ... and so does a user's fallocate (the kernel's file_modified on overlayfs; with
+    # FUSE_HANDLE_KILLPRIV_V2 the FUSE module leaves it to the daemon): layerfs kept 6777
+    # in the upper (review16)
+    "fallocate-kills-setid": (
+        LayerSpec([d({b"su": f(b"data", mode=0o6777), b"sg": f(b"data", mode=0o2777)})]),
+        [
+            ("chmod", b"su", 0o6777),
+            ("as_user", 1000, 1000, ("fallocate", b"su", 0, 8192)),
+            ("mode", b"su"),
+            ("stat", b"su"),
+            ("as_user", 1000, 1000, ("fallocate", b"sg", 0, 4096, KEEP_SIZE)),
+            ("mode", b"sg"),
+            ("stat", b"sg"),
+        ],
+        set(),
+    ),
     "truncate-setid-as-root": (
         LayerSpec(
             [
@@ -2558,6 +2574,7 @@ def _user_ops(p: bytes, q: bytes, who: int) -> list[Op]:
         ("utime", p, T1),
         ("utime_one", p, "mtime", T1),
         ("write_pattern", p, 4095, 131073),
+        ("fallocate", p, 0, 8192),
         ("setxattr", p, b"user.u", b"u"),
         ("race", p, "wc"),
         ("read", p),
