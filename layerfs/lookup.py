@@ -376,10 +376,14 @@ _DOTS = (b".", b"..")
 
 
 def _valid_redirect_part(part: bytes) -> None:
+    """EACCES for a component lookup_one_len refuses; a name longer than NAME_MAX passes:
+    the layer's lookup answers ENAMETOOLONG, which ovl_lookup_single takes for "not here"
+    (a 2000-byte relative redirect: the upper directory alone, not EACCES; seed 4097)."""
     try:
         _sys.check_name(part)
-    except OSError:
-        raise OSError(errno.EACCES, "invalid overlay.redirect in the upper") from None
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise OSError(errno.EACCES, "invalid overlay.redirect in the upper") from None
 
 
 def lower_positive(stack: LayerStack, parent: Node, name: bytes) -> bool:
