@@ -204,17 +204,44 @@ REGRESSIONS_CLASSES = {
 }
 
 
+def _replace_under(d: Path, seed: int, canary: Path) -> None:
+    """Between two batches of operations, replace objects of the layers under the live mount
+    (a directory replaced under us): a directory renamed away and a symlink out of the layers
+    (to the canary), a FIFO, a device or a new directory put at its name; a file replaced by
+    a directory. What the kernel then shows is undefined (its caches): only the invariant is
+    checked, the daemon having kept nodes and descriptors of the old objects."""
+    rng = random.Random(f"replace-{seed}")
+    for layer in ("u", "l1", "l2"):
+        for name in NAMES:
+            p = d / layer / name
+            if not os.path.lexists(p) or rng.random() < 0.5:
+                continue
+            os.rename(p, d / layer / f".old-{name}")
+            kind = rng.choice(["symlink", "fifo", "chr", "dir", "absent"])
+            if kind == "symlink":
+                os.symlink(canary / "c", p)
+            elif kind == "fifo":
+                os.mkfifo(p, 0o666)
+            elif kind == "chr":
+                os.mknod(p, stat.S_IFCHR | 0o666, os.makedev(1, 5))
+            elif kind == "dir":
+                p.mkdir()
+                os.symlink(canary, p / "x")
+
+
 def _clean(outcome: object) -> bool:
     return isinstance(outcome, list) and outcome[0] in ("ok", "err")
 
 
 def _one_example(tmp: Path, seed: int, canary: Path, classes: bool = True) -> list[str]:
-    """Problems found with the layers of SEED (empty: none); CLASSES: see generate."""
+    """Problems found with the layers of SEED (empty: none); CLASSES: see generate (and the
+    objects replaced under the mount between two batches, _replace_under)."""
     problems: list[str] = []
     gen = tmp / "gen"
     gen.mkdir(parents=True)
     generate(gen, seed, canary, classes)
     ops = _ops(classes)
+    again = _ops(classes) if classes else []  # after _replace_under: the invariant only
     seen: dict[str, list[object]] = {}
     before = tree_state(canary)
     for subject in ("layerfs", "kernel"):
@@ -232,7 +259,24 @@ def _one_example(tmp: Path, seed: int, canary: Path, classes: bool = True) -> li
             log = d / "daemon.log"
             with layerfs_daemon(lowers, upper, work, mnt, options=("metacopy=on",), log=log) as dm:
                 seen[subject] = _run_ops(mnt, ops, chroot=True, timeout=40, daemon=dm)
-                opened = specials & set(fd_targets(dm.pid))
+                if again:
+                    _replace_under(d, seed, canary)
+                    specials |= {
+                        str(p)
+                        for layer in ("l1", "l2", "u")
+                        for p in (d / layer).rglob("*")
+                        if p.is_block_device() or p.is_char_device() or p.is_fifo()
+                    }
+                    after = _run_ops(mnt, again, chroot=True, timeout=40, daemon=dm)
+                    problems += [
+                        f"after the replacement, {op}: not a clean answer: {out}"
+                        for op, out in zip(again, after, strict=True)
+                        if not _clean(out)
+                    ]
+                held = set(fd_targets(dm.pid))
+                opened = specials & held
+                if outside := [t for t in held if t.startswith(str(canary))]:
+                    problems.append(f"the daemon holds files of the canary: {outside}")
                 if opened:
                     problems.append(f"the daemon holds special files open: {opened}")
                 if not dm.alive():
