@@ -9,7 +9,8 @@ nothing mounted, no daemon left). Drawn: mount(8)'s and fuse's shapes (source, m
 relative, missing and non-UTF-8 values, the program's name (``mount.fuse.layerfs``), the
 environment (``LAYERFS_FORKSERVER=0``, another variable) and whether a fork server is up in
 the namespace (another mount of this code live there) or not. Each program runs in a private
-mount namespace of the test (``nsenter``), so no other test's server or mount is met.
+mount namespace of the test (``nsenter``), so no other test's server or mount is met; the
+rootless case in a user namespace of its own too (``unshare -U -r``).
 
 LAYERFS_FRONT_FUZZ_EXAMPLES (default 12) sets the budget.
 """
@@ -39,11 +40,13 @@ BAD = b"bad\xff"  # a name that is not UTF-8
 
 
 class Namespace:
-    """A private mount namespace held by a sleeping process; commands run in it by nsenter."""
+    """A private mount namespace held by a sleeping process; commands run in it by nsenter.
+    ROOTLESS: in a user namespace of its own too (``unshare -U -r``, rootless podman's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rootless: bool = False) -> None:
+        user = ["-U", "-r"] if rootless else []
         self.holder = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sleep", "100000"],
+            ["unshare", *user, "-m", "--propagation", "private", "sleep", "100000"],
             start_new_session=True,
         )
         ns = f"/proc/{self.holder.pid}/ns/mnt"
@@ -51,7 +54,8 @@ class Namespace:
         while os.stat(ns).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
             assert time.monotonic() < deadline, "unshare made no namespace"
             time.sleep(0.01)
-        self.enter = ["nsenter", f"--mount={ns}", "--"]
+        userns = [f"--user=/proc/{self.holder.pid}/ns/user"] if rootless else []
+        self.enter = ["nsenter", *userns, f"--mount={ns}", "--"]
 
     def run(
         self, argv: list[bytes], cwd: Path, env: dict[str, str]
@@ -100,10 +104,11 @@ def _clean(ns: Namespace, root: Path) -> list[bytes]:
     return points
 
 
-@pytest.fixture
-def namespaces(tmp_path: Path) -> Iterator[dict[str, Namespace]]:
+@pytest.fixture(params=[False, True], ids=["root", "rootless"])
+def namespaces(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Namespace]]:
     """Two namespaces: "none" with no server (nothing of ours mounted there between runs) and
-    "up", where a mount of this code stays live (its server serves the thin requests)."""
+    "up", where a mount of this code stays live (its server serves the thin requests); in a
+    user namespace of their own too for the rootless case."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None:
         pytest.skip("needs root, unshare and nsenter")
     if not c_front_built():
@@ -111,8 +116,8 @@ def namespaces(tmp_path: Path) -> Iterator[dict[str, Namespace]]:
     made: dict[str, Namespace] = {}
     keep = tmp_path / "keep"
     try:
-        made["none"] = Namespace()
-        made["up"] = up = Namespace()
+        made["none"] = Namespace(request.param)
+        made["up"] = up = Namespace(request.param)
         for name in ("lower", "upper", "work", "merged"):
             (keep / name).mkdir(parents=True)
         opts = f"lowerdir={keep}/lower,upperdir={keep}/upper,workdir={keep}/work"
