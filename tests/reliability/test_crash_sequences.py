@@ -128,7 +128,7 @@ def _ops(spec: LayerSpec) -> st.SearchStrategy[Op]:
     )
 
 
-# operations that fill a metacopy file's data (metacopy=on)
+# operations that change a file's size or data (and fill a metacopy file's, metacopy=on)
 _FILLS = {"write", "append", "open_trunc", "truncate"}
 
 # operations that copy their first path up before they change it (rename and link: the
@@ -183,8 +183,11 @@ def _copied_up(tree: Snapshot, op: Op, upper: Path) -> list[Snapshot]:
 
 
 def _cap_dropped(tree: Snapshot, p: object) -> Snapshot | None:
-    """TREE with P's security.capability gone, if it has one: a metacopy file's data filled
-    in place drops it (a write), and it is set again after (ovl_copy_up_meta_inode_data)."""
+    """TREE with P's security.capability gone, if it has one: a change of size or data
+    removes it first, a change of its own (security_inode_killpriv before the setattr,
+    file_remove_privs before the write: the kernel's calls on its upper too); a metacopy
+    file's data filled in place drops it, and it is set again after
+    (ovl_copy_up_meta_inode_data)."""
     if not isinstance(p, bytes):
         return None
     e = tree.entries.get(p)
@@ -244,7 +247,7 @@ def _reference(
             start = snapshot(k.mnt)
             ref.start.append(start)
             copies = _copied_up(start, op, k.upper)  # before the step copies up
-            if "metacopy=on" in options and _inner(op)[0] in _FILLS:
+            if _inner(op)[0] in _FILLS:
                 fill = _inner(op)[1]
                 copies += [t for t in (_cap_dropped(t, fill) for t in [start, *copies]) if t]
             trees = []
