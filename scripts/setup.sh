@@ -15,6 +15,10 @@
 #      /etc/passwd (tests/conftest.py checks it)
 #
 # Environment: LAYERFS_SKIP_APT=1 skips step 1 (for machines set up by other means).
+#   LAYERFS_PYTHON=static3.13 makes the venv from a CPython 3.13 linked statically from pyenv's
+#   build (into .python/static3.13; static3.12 likewise): less memory a mount, more CPU a
+#   request than the default 3.11 (docs/usage.md); the default interpreter when pyenv's files
+#   are absent. PYTHON=/path/to/python picks any other interpreter.
 set -euo pipefail
 
 # Every Debian package the project needs: build (pyfuse3 compiles against libfuse3), run, test,
@@ -134,6 +138,84 @@ sys.exit(sys.version_info[:2] < (${MIN_PYTHON[0]}, ${MIN_PYTHON[1]})
          or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
 EOF
 }
+# LAYERFS_PYTHON=static3.13 (or static3.12): a CPython linked statically from pyenv's build of
+# that version, in a prefix inside the checkout (.python/static3.13), the venv made from it.
+# Why (docs/benchmarks.md, session 16 py313s): from 3.12 on the fork server's objects are made
+# immortal (PEP 683, forkserver.immortalize) and a mount's PSS drops from 7.4 to 5.0 MiB; a
+# shared libpython, as pyenv builds it, pays a call to __tls_get_addr for each access to the
+# thread state, which the static link relaxes away. The prefix is a copy, not links to pyenv's:
+# /root is 0700, and the tests' other users (nobody, layerfs-rootless) run the venv's python.
+# Without pyenv's files for that version: one line, and the default interpreter below.
+static_python() {
+    local version=$1 root=${PYENV_ROOT:-$HOME/.pyenv}
+    local src="" d
+    # The newest pyenv build of that version that left its static library (sort -V: 3.13.10 >
+    # 3.13.9).
+    for d in $(ls -d "$root/versions/$version".* 2>/dev/null | sort -V -r); do
+        if compgen -G "$d/lib/python$version/config-$version-*/libpython$version.a" >/dev/null; then
+            src=$d
+            break
+        fi
+    done
+    if [ -z "$src" ]; then
+        say "LAYERFS_PYTHON=static$version: no pyenv build of $version with libpython$version.a under $root/versions: using the default interpreter" >&2
+        return 3
+    fi
+    local config
+    config=$(compgen -G "$src/lib/python$version/config-$version-*" | head -n1)
+    local prefix=$repo/.python/static$version
+    local exe=$prefix/bin/python$version
+    # Remade when the source build or this step change (the library's size and time name it).
+    local want
+    want=$(printf '%s\n' "$src" "static-python-v1" \
+        "$(stat -c '%s %Y' "$config/libpython$version.a" "$config/python.o")" | sha256sum | cut -d' ' -f1)
+    if [ -x "$exe" ] && [ "$(cat "$prefix/.layerfs-static-stamp" 2>/dev/null)" = "$want" ] \
+        && "$exe" -c 'import sys' 2>/dev/null; then
+        say "static python: $exe up to date (from $src)" >&2
+        printf '%s\n' "$exe"
+        return 0
+    fi
+    say "static python: linking $exe from $src's libpython$version.a, copying its stdlib" >&2
+    rm -rf "$prefix"
+    (
+        umask 022
+        mkdir -p "$prefix/bin" "$prefix/lib" "$prefix/include"
+        # The executable: python.o with every object of the library (the extension modules
+        # need all of its symbols: -export-dynamic); the library's objects are -fPIC, and
+        # linked into an executable their thread-local accesses become direct.
+        gcc -o "$exe" "$config/python.o" -Wl,--whole-archive "$config/libpython$version.a" \
+            -Wl,--no-whole-archive -Xlinker -export-dynamic -ldl -lm -lpthread -lutil
+        ln -s "python$version" "$prefix/bin/python3"
+        ln -s "python$version" "$prefix/bin/python"
+        # The stdlib (with lib-dynload, ensurepip's wheels and sysconfig's data), its tests,
+        # the GUI and the build's own site-packages left out; the config directory without
+        # the 65 MB library. The headers, for pyfuse3, _craw and mypyc.
+        tar -C "$src/lib" --exclude="python$version/test" --exclude="python$version/idlelib" \
+            --exclude="python$version/tkinter" --exclude="python$version/turtledemo" \
+            --exclude="python$version/site-packages/*" --exclude="libpython$version.a" \
+            -cf - "python$version" | tar -C "$prefix/lib" -xf -
+        cp -a "$src/include/python$version" "$prefix/include/"
+        chmod -R a+rX "$prefix"
+    ) || die "static python: building $prefix failed"
+    "$exe" -c 'import sys, sysconfig, ensurepip, venv, ctypes, ssl, sqlite3' \
+        || die "static python: $exe does not run"
+    printf '%s\n' "$want" >"$prefix/.layerfs-static-stamp"
+    printf '%s\n' "$exe"
+}
+
+case "${LAYERFS_PYTHON:-}" in
+"" | python3) ;;
+static3.1[2-9])
+    [ -z "${PYTHON:-}" ] || die "set PYTHON or LAYERFS_PYTHON, not both"
+    PYTHON=$(static_python "${LAYERFS_PYTHON#static}") || {
+        rc=$?
+        [ "$rc" -eq 3 ] || exit "$rc"
+        PYTHON=""
+    }
+    ;;
+*) die "LAYERFS_PYTHON=$LAYERFS_PYTHON: known values are python3 (the default) and static3.13" ;;
+esac
+
 if [ -n "${PYTHON:-}" ]; then
     python=$PYTHON
 elif [ -x /usr/bin/python3 ] && usable_python /usr/bin/python3; then
