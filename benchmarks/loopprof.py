@@ -2,8 +2,9 @@
 
 Mounts layerfs in the foreground (``layerfs mount -f``, optionally under a wrapper such as
 ``valgrind --tool=callgrind``), runs one of ``benchmarks.requests``' workloads (failed
-lookups, creates, unlinks, an untar of N files) on it and measures only that workload, with
-the requests counted by the kernel (``benchmarks.requests.counting``) to divide by:
+lookups, creates, unlinks, an untar of N files, a ``dd bs=1M`` of N MiB: ``--op seq-write``)
+on it and measures only that workload, with the requests counted by the kernel
+(``benchmarks.requests.counting``) to divide by:
 
 - ``--tool cpu``: the daemon's user+sys CPU per request (/proc/PID/stat);
 - ``--tool strace``: ``strace -c -f`` of the daemon, syscalls per request;
@@ -74,8 +75,9 @@ def run_ns(pid: int) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--op", default="failed", choices=("failed", "create", "unlink", "untar"))
-    p.add_argument("--n", type=int, default=3000)
+    ops = ("failed", "create", "unlink", "untar", "seq-write")
+    p.add_argument("--op", default="failed", choices=ops)
+    p.add_argument("--n", type=int, default=3000, help="files, lookups; MiB for seq-write")
     p.add_argument("--tool", default="cpu")
     p.add_argument("--out", default=".")
     p.add_argument("--env", action="append", default=[])
@@ -93,7 +95,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="layerfs-loopprof-", dir=args.dir))
     try:
         lower = requests.make_tree(root, args.n if args.op == "untar" else 1)  # N files
-        setup, run, _units = requests.workloads(args.n, 1, root / "files.tar")[args.op]
+        setup, run, _units = requests.workloads(args.n, args.n, root / "files.tar")[args.op]
         mnt, proc = _mount(lower, root, args.layerfs, wrap, env)
         tool: subprocess.Popen[bytes] | None = None
         try:

@@ -213,7 +213,7 @@ static3.1[2-9])
         PYTHON=""
     }
     ;;
-*) die "LAYERFS_PYTHON=$LAYERFS_PYTHON: known values are python3 (the default) and static3.13" ;;
+*) die "LAYERFS_PYTHON=$LAYERFS_PYTHON: known values are python3 (the default), static3.13, static3.12" ;;
 esac
 
 if [ -n "${PYTHON:-}" ]; then
