@@ -2,9 +2,9 @@
 
 Mounts layerfs in the foreground (``layerfs mount -f``, optionally under a wrapper such as
 ``valgrind --tool=callgrind``), runs one of ``benchmarks.requests``' workloads (failed
-lookups, creates, unlinks, an untar of N files, a ``dd bs=1M`` of N MiB: ``--op seq-write``)
-on it and measures only that workload, with the requests counted by the kernel
-(``benchmarks.requests.counting``) to divide by:
+lookups, creates, unlinks, an untar of N files, a ``dd bs=1M`` of N MiB: ``--op seq-write``,
+``chmod -R`` of N lower files: a copy-up each) on it and measures only that workload, with the
+requests counted by the kernel (``benchmarks.requests.counting``) to divide by:
 
 - ``--tool cpu``: the daemon's user+sys CPU per request (/proc/PID/stat);
 - ``--tool strace``: ``strace -c -f`` of the daemon, syscalls per request;
@@ -40,7 +40,7 @@ from benchmarks import requests
 
 
 def _mount(
-    lower: Path, root: Path, layerfs: str, wrap: list[str], env: dict[str, str]
+    lower: Path, root: Path, layerfs: str, wrap: list[str], env: dict[str, str], opts: str
 ) -> tuple[Path, subprocess.Popen[bytes]]:
     tag = f"m{len(list(root.iterdir()))}"
     pre, post = ([], wrap) if wrap[:1] == ["-m"] else (wrap, [])
@@ -48,7 +48,7 @@ def _mount(
     for d in (upper, work, mnt):
         d.mkdir()
     cmd = [*pre, sys.executable, *post, layerfs, "mount", "-f", str(lower), str(upper), str(mnt)]
-    cmd += ["--workdir", str(work)]
+    cmd += ["--workdir", str(work)] + (["-o", opts] if opts else [])
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env}
     )
@@ -75,12 +75,13 @@ def run_ns(pid: int) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ops = ("failed", "create", "unlink", "untar", "seq-write")
+    ops = ("failed", "create", "unlink", "untar", "seq-write", "chmod")
     p.add_argument("--op", default="failed", choices=ops)
     p.add_argument("--n", type=int, default=3000, help="files, lookups; MiB for seq-write")
     p.add_argument("--tool", default="cpu")
     p.add_argument("--out", default=".")
     p.add_argument("--env", action="append", default=[])
+    p.add_argument("-o", dest="opts", default="", help="mount options (fsync=volatile, ...)")
     p.add_argument("--dir", default="/var/tmp")
     p.add_argument("--layerfs", default=str(Path(sys.executable).with_name("layerfs")))
     args = p.parse_args()
@@ -95,8 +96,10 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="layerfs-loopprof-", dir=args.dir))
     try:
         lower = requests.make_tree(root, args.n if args.op == "untar" else 1)  # N files
-        setup, run, _units = requests.workloads(args.n, args.n, root / "files.tar")[args.op]
-        mnt, proc = _mount(lower, root, args.layerfs, wrap, env)
+        setup, run, _units = requests.workloads(
+            args.n, args.n, root / "files.tar", lower if args.op == "chmod" else None
+        )[args.op]
+        mnt, proc = _mount(lower, root, args.layerfs, wrap, env, args.opts)
         tool: subprocess.Popen[bytes] | None = None
         try:
             setup(mnt)
@@ -157,7 +160,8 @@ def main() -> int:
                 tool.wait()
         total = sum(counts.values())
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"# {args.op} x {args.n}, tool {args.tool}, env {env}; load average {load}")
+        what = f"{args.op} x {args.n}, tool {args.tool}, env {env}, -o {args.opts!r}"
+        print(f"# {what}; load average {load}")
         print(f"requests {total} ({dict(counts.most_common())}); the daemon's waits {waits}")
         per = f"{cpu / max(total, 1) * 1e6:.1f} us per request"
         print(f"daemon CPU {cpu * 1e3:.0f} ms, {per}; schedstat {ns / max(total, 1) / 1e3:.1f} us")

@@ -163,9 +163,10 @@ def umount(mnt: Path, proc: subprocess.Popen[bytes]) -> None:
 
 
 def workloads(
-    n: int, mib: int, tarball: Path
+    n: int, mib: int, tarball: Path, lower: Path | None = None
 ) -> dict[str, tuple[Callable[[Path], None], Callable[[Path], None], int]]:
-    """name -> (setup, run, units): requests are divided by UNITS (files, or MiB)."""
+    """name -> (setup, run, units): requests are divided by UNITS (files, or MiB). LOWER:
+    where "chmod" makes its N lower files (in chmoddir/, before the mount)."""
     names = [f"f{i:05d}" for i in range(n)]
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 
@@ -211,12 +212,21 @@ def workloads(
     def nothing(m: Path) -> None:
         pass
 
+    if lower is not None:  # chmod's files, made in the lower before the mount
+        (lower / "chmoddir").mkdir(exist_ok=True)
+        for name in names:
+            (lower / "chmoddir" / name).write_bytes(BLOCK)
+
+    def chmod(m: Path) -> None:  # a copy-up per file, as the chmod-10k row
+        subprocess.run(["chmod", "-R", "g+w", str(m / "chmoddir")], check=True)
+
     return {
         "create": (mkchurn, create, n),
         "unlink": (both, unlink, n),
         "failed": (nothing, failed, n),
         "untar": (nothing, untar, n),
         "seq-write": (nothing, seq_write, mib),
+        "chmod": (nothing, chmod, n),
     }
 
 
