@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 THREAD_THRESHOLD = 1 << 20  # below this a copy is faster inline than a thread round trip
 
 
+class WouldWait(Exception):
+    """A copy-up made at once (CopyUp.at_once) came to a wait before its copy was linked in:
+    it left its parents' complete copies and impure mark, nothing of its own, and is to be
+    made again where it may wait."""
+
+
 class CopyUp:
     """The copy-up engine of one mount."""
 
@@ -70,6 +76,8 @@ class CopyUp:
         # (layerfs.dirty, set by Files); None: not known, small copies inline as before
         self.room: Callable[[int], bool] | None = None
         self.active = 0  # copy-ups in progress (each may be waiting for a thread)
+        # set by begin_at_once, for one copy-up that must complete without a wait
+        self.at_once = False
         self._names = itertools.count()
         self._pid = os.getpid()  # in temporary names; read once (a getpid a create otherwise)
         self.tmpfile = True  # build regular files as O_TMPFILEs until the upper refuses one
@@ -100,6 +108,25 @@ class CopyUp:
 
     def statistics(self) -> dict[str, int]:
         return dict(self.stats)
+
+    def begin_at_once(self) -> bool:
+        """Whether a copy-up may be made now without a wait, and if so, make the next one so
+        (``at_once``, which the caller clears): its fsyncs inline, its first wait raising
+        WouldWait (a copy too big to make inline, a node another copy-up holds). For the
+        compiled raw path, which steps a core once and answers from C: a lone small chmod's
+        copy-up then costs no pass through pyfuse3's handler (session 16, chmod4).
+
+        False where an fsync would go to a thread (_sync's rule, asked here for the copy-up
+        about to start: no other copy-up in progress, no request waiting, trio idle), so that
+        the copy is not built twice: here, then in the handler."""
+        if self.fsync:
+            waiting = self.requests_waiting
+            if self.active or waiting is None or waiting() or not _loop_idle():
+                return False
+        elif self.active:
+            return False
+        self.at_once = True
+        return True
 
     def tmp_name(self) -> bytes:
         return b"#lfs.%d.%d" % (self._pid, next(self._names))
@@ -144,6 +171,8 @@ class CopyUp:
         self, node: Node, data_len: int | None, *, meta: bool, change: SetAttr | None = None
     ) -> os.stat_result | None:
         """Copy NODE up, its parent being in the upper already."""
+        if self.at_once and self.locks.busy(node.key):
+            raise WouldWait
         async with self.locks.hold(node.key):
             # re-read: another request may have copied it meanwhile (ovl_already_copied_up)
             if not node.upper:
@@ -403,6 +432,8 @@ class CopyUp:
         before the first wait that lets other requests run. A small copy is made inline
         unless the page cache may throttle it (``room``): then it too goes to a thread."""
         if length > THREAD_THRESHOLD or (self.room is not None and not self.room(length)):
+            if self.at_once:
+                raise WouldWait
             if before_wait is not None:
                 before_wait()
             method = await trio.to_thread.run_sync(
@@ -458,7 +489,10 @@ class CopyUp:
         (callgrind, session 11)."""
         self.stats["fsyncs"] += 1
         waiting = self.requests_waiting
-        if self.active == 1 and waiting is not None and not waiting() and _loop_idle():
+        # at_once: begin_at_once asked the same, just before this copy-up, with no wait since
+        if self.at_once or (
+            self.active == 1 and waiting is not None and not waiting() and _loop_idle()
+        ):
             self.stats["fsyncs_inline"] += 1
             fn(*args)
             return

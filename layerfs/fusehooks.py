@@ -930,7 +930,9 @@ class CRawOps:
     timeout: float
     # SETATTR's and MKNOD's cores: the engine's coroutine (stepped from C; awaited by the
     # wait should it park), or None: the request goes to pyfuse3
-    setattr: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
+    setattr: Callable[..., Coroutine[Any, Any, Attr] | Generator[Any, Any, Attr] | None] | None = (
+        None
+    )
     mknod: Callable[..., Coroutine[Any, Any, Attr] | None] | None = None
     trace: Callable[[str, tuple[Any, ...]], None] | None = None
     # WRITE's: write(fh, offset, data, uid, gid, pid), DATA a view of the request in C's

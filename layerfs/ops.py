@@ -20,7 +20,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
@@ -28,6 +28,7 @@ import trio
 
 from layerfs import _sys, fusehooks, mountinfo
 from layerfs.attrs import Attr, Caller, SetAttr
+from layerfs.copyup import WouldWait
 from layerfs.files import NODE_FH
 from layerfs.overlay import Overlay
 
@@ -195,6 +196,12 @@ async def _invalidate_listings(node_ids: list[int]) -> None:
     await trio.to_thread.run_sync(drop)
 
 
+def _returning(value: Attr) -> Generator[Any, Any, Attr]:
+    """A core that returns VALUE at its first step (a result made in ``_setattr_now``)."""
+    yield from ()  # a generator that never yields
+    return value
+
+
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     """The reply's attributes (generation 0: pyfuse3's default). Every reply that carries
     attributes builds one, a readdirplus one per entry: one unpacking of the Attr into the
@@ -341,17 +348,31 @@ class Operations(pyfuse3.Operations):
         caller_uid: int,
         caller_gid: int,
         caller_pid: int,
-    ) -> Coroutine[Any, Any, Attr] | None:
+    ) -> Coroutine[Any, Any, Attr] | Generator[Any, Any, Attr] | None:
         """SETATTR's core for the compiled raw path: the engine's coroutine, with the
         arguments ``setattr`` builds (the fields libfuse and pyfuse3 would set, no umask:
         a SETATTR carries none); None where it would copy the node up (overlay.setattr's
-        test): such a request goes to pyfuse3, whose loop starts another reader while it
-        waits."""
+        test) and it may wait (a big file, an fsync a thread must make: CopyUp.begin_at_once):
+        such a request goes to pyfuse3, whose loop starts another reader while it waits. A
+        copy-up that needs no wait (a lone chmod of a small file) is made here, at once."""
         node = self.fs.table.get(inode)
-        if not node.upper or (size is not None and node.metacopy):
-            return None
         ch = SetAttr(mode, uid, gid, size, atime_ns, mtime_ns)
-        return self.fs.setattr(inode, ch, fh, Caller(caller_uid, caller_gid, 0, caller_pid))
+        caller = Caller(caller_uid, caller_gid, 0, caller_pid)
+        if node.upper and (size is None or not node.metacopy):
+            return self.fs.setattr(inode, ch, fh, caller)
+        copyup = self.fs.copyup
+        if not copyup.begin_at_once():
+            return None
+        core = self.fs.setattr(inode, ch, fh, caller)
+        try:
+            yielded = core.send(None)
+        except StopIteration as done:
+            return _returning(cast(Attr, done.value))
+        except WouldWait:
+            return None
+        finally:
+            copyup.at_once = False
+        return fusehooks._resume(core, yielded)  # not met: each wait of at_once raises
 
     def _mknod_now(
         self,
