@@ -346,6 +346,27 @@ def listxattr_at(dirfd: int, name: bytes) -> list[bytes]:
     return [os.fsencode(n) for n in names]
 
 
+def flistxattr(fd: int) -> list[bytes]:
+    """listxattr_at of the file open as FD (not an O_PATH fd): one call, no path to resolve."""
+    try:
+        names = os.listxattr(fd)
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:
+            return []
+        raise
+    return [os.fsencode(n) for n in names]
+
+
+def fgetxattr(fd: int, attr: bytes) -> bytes | None:
+    """getxattr_at of the file open as FD (not an O_PATH fd)."""
+    try:
+        return os.getxattr(fd, attr)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
 def setxattr_at(dirfd: int, name: bytes, attr: bytes, value: bytes, flags: int = 0) -> None:
     _trace("setxattr %s %s", name, attr)
     os.setxattr(proc_path(dirfd, name), attr, value, flags, follow_symlinks=not name)

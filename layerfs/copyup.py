@@ -218,9 +218,10 @@ class CopyUp:
                     else b""
                 )
             changed = change if stat.S_ISREG(st.st_mode) else None
+            ust: os.stat_result | None = None
             if stat.S_ISREG(st.st_mode):
                 metacopy = metacopy and data_len is None
-                await self._copy_file(
+                ust = await self._copy_file(
                     dirs,
                     lname,
                     st,
@@ -237,7 +238,8 @@ class CopyUp:
                 await self._copy_other(dirs, lname, st, upath[-1], origin)
             # Restore the parent's times (best effort), as ovl_copy_up_one does.
             os.utime(dirs.upper, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-            ust = _sys.lstat_at(dirs.upper, upath[-1])
+            if ust is None:
+                ust = _sys.lstat_at(dirs.upper, upath[-1])
         finally:
             if lower >= 0:
                 os.close(lower)
@@ -269,10 +271,11 @@ class CopyUp:
         origin: bytes | None,
         data: tuple[Layer, Path | int],
         change: SetAttr | None,
-    ) -> None:
+    ) -> os.stat_result:
         """Build the copy of regular file LNAME in the workdir, then link it in as UNAME; its
         bytes from DATA (layer, where): LNAME itself (where: its O_PATH fd, whose fstat is
-        ST), or the path of the data below a lower metacopy LNAME.
+        ST), or the path of the data below a lower metacopy LNAME. Returns the copy's stat
+        once in place (its fstat: the lstat of UNAME, without a path to resolve).
 
         The copy is an O_TMPFILE, as ovl_copy_up_tmpfile: it has no name until it is whole, so
         a crash leaves nothing in the workdir, and its fsync does not also write the workdir's
@@ -310,6 +313,8 @@ class CopyUp:
                     lname,
                     st,
                     dst,
+                    # LNAME's own data open: its xattrs read through it (not below a metacopy)
+                    src=src if isinstance(where, int) else -1,
                     owner=self.new_owner != (st.st_uid, st.st_gid),
                     # a mode or both times the change sets anyway (after the xattrs, in the
                     # same order as below: chown, then mode, then times)
@@ -336,6 +341,8 @@ class CopyUp:
                 if tmp is not None:
                     _sys.remove_tree_at(work, tmp)
                 raise
+            else:
+                return os.fstat(dst)
             finally:
                 os.close(dst)
         finally:
@@ -583,26 +590,31 @@ def copy_file_metadata(
     owner: bool = True,
     mode: bool = True,
     times: bool = True,
+    src: int = -1,
 ) -> None:
     """copy_metadata for a regular file being built, through its open FD (same order).
 
     OWNER false: the new file has ST's owner already (a chown to the same ids would clear
     only what a new file has not: setuid, setgid, security.capability). MODE, TIMES false:
     the caller sets them next (a setattr made on the copy), after the xattrs, so the end
-    state is the same: chmod sets every mode bit and recomputes an ACL's mask."""
+    state is the same: chmod sets every mode bit and recomputes an ACL's mask. SRC: SNAME
+    open for its data, whose xattrs are read through it (flistxattr: no path, no ctypes)."""
     if owner:
         os.chown(fd, st.st_uid, st.st_gid)
     if mode:
         os.chmod(fd, stat.S_IMODE(st.st_mode))
-    _copy_xattrs(sdir, sname, lambda attr, value: os.setxattr(fd, attr, value))
+    _copy_xattrs(sdir, sname, lambda attr, value: os.setxattr(fd, attr, value), src)
     if times:
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _copy_xattrs(sdir: int, sname: bytes, setxattr: Callable[[bytes, bytes], None]) -> None:
-    """Set, with SETXATTR, each xattr of SNAME that a copy-up keeps."""
-    for attr in xattrs.copy_up_set(_sys.listxattr_at(sdir, sname)):
-        value = _sys.getxattr_at(sdir, sname, attr)
+def _copy_xattrs(
+    sdir: int, sname: bytes, setxattr: Callable[[bytes, bytes], None], src: int = -1
+) -> None:
+    """Set, with SETXATTR, each xattr of SNAME (open as SRC, where >= 0) that a copy-up keeps."""
+    names = _sys.listxattr_at(sdir, sname) if src < 0 else _sys.flistxattr(src)
+    for attr in xattrs.copy_up_set(names):
+        value = _sys.getxattr_at(sdir, sname, attr) if src < 0 else _sys.fgetxattr(src, attr)
         if value is None:
             continue
         try:
