@@ -65,6 +65,23 @@ class Namespace:
             capture_output=True, timeout=TIMEOUT, check=False,
         )  # fmt: skip
 
+    def front(
+        self, argv: list[bytes], root: Path, env: dict[str, str]
+    ) -> tuple[subprocess.CompletedProcess[bytes], list[bytes]]:
+        """Run a front end in ROOT: its outcome and what it mounted under ROOT. One that
+        serves in the foreground (-f, debug) is ended by the unmount of its mount."""
+        proc = subprocess.Popen(
+            [*map(os.fsencode, self.enter), *argv], cwd=root, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            mounted = _clean(self, root)  # a foreground daemon: its unmount ends it
+            out, err = proc.communicate(timeout=TIMEOUT)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), mounted
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), _clean(self, root)
+
     def mounts_under(self, root: Path) -> list[bytes]:
         """The mount points under ROOT in the namespace."""
         with open(f"/proc/{self.holder.pid}/mountinfo", "rb") as f:
@@ -73,7 +90,8 @@ class Namespace:
         return [p for p in points if p.startswith(want)]
 
     def unmount(self, point: bytes) -> None:
-        self.run([b"fusermount3", b"-u", b"-z", point], Path("/"), dict(os.environ))
+        """Detach POINT (umount -l: fusermount3 refuses in a user namespace)."""
+        self.run([b"umount", b"-l", point], Path("/"), dict(os.environ))
 
     def close(self) -> None:
         os.killpg(self.holder.pid, signal.SIGKILL)
@@ -262,8 +280,7 @@ def test_c_front_ends_as_the_python_one(tmp_path: Path, namespaces: dict[str, Na
         for kind in ("c", "python"):
             _stack(root)
             prog = names[kind] if helper_name else fronts[kind]
-            r = ns.run([os.fsencode(prog), *argv], root, {**helper_env(), **env})
-            mounted = _clean(ns, root)
+            r, mounted = ns.front([os.fsencode(prog), *argv], root, {**helper_env(), **env})
             log = root / "daemon.log"
             text = log.read_text(errors="replace") if log.exists() else ""
             assert " ERROR " not in text, f"{kind}: the daemon's log, argv {argv!r}:\n{text}"
