@@ -178,7 +178,7 @@ def read_listing(fd: int) -> Listing:
             entries[name] = False
     # one listxattr: most directories carry no overlay xattr at all
     present = set(_flistxattr(fd))
-    opq = [_fgetxattr(fd, a) for a in xattrs.OPAQUE if a in present]
+    opq = [_sys.fgetxattr(fd, a) for a in xattrs.OPAQUE if a in present]
     if any(v is not None and v.startswith(b"y") for v in opq):
         opaque = True
     if any(v is not None and v.startswith(b"x") for v in opq):
@@ -187,7 +187,7 @@ def read_listing(fd: int) -> Listing:
             if whiteout.is_whiteout_at(fd, name, st.st_mode, st.st_rdev, st.st_size):
                 del entries[name]
                 wh.add(name)
-    redirect = next((_fgetxattr(fd, a) for a in xattrs.REDIRECT if a in present), None)
+    redirect = next((_sys.fgetxattr(fd, a) for a in xattrs.REDIRECT if a in present), None)
     return Listing(entries, frozenset(wh), opaque, redirect or None)
 
 
@@ -197,15 +197,6 @@ def _flistxattr(fd: int) -> list[bytes]:
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return []
-        raise
-
-
-def _fgetxattr(fd: int, attr: bytes) -> bytes | None:
-    try:
-        return os.getxattr(fd, attr)
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-            return None
         raise
 
 

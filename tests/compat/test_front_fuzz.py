@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from compat.helpers import c_front_built, helper_env
+from compat.helpers import c_front_built, daemon_pids, helper_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,26 +98,13 @@ class Namespace:
         self.holder.wait()
 
 
-def _daemons(needle: bytes) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if needle in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 def _clean(ns: Namespace, root: Path) -> list[bytes]:
     """Unmount what the run left under ROOT and wait for its daemons: the mount points."""
     points = ns.mounts_under(root)
     for p in points:
         ns.unmount(p)
     deadline = time.monotonic() + 20
-    while _daemons(os.fsencode(root) + b"/") and time.monotonic() < deadline:
+    while daemon_pids(f"{root}/") and time.monotonic() < deadline:
         time.sleep(0.05)
     return points
 

@@ -145,6 +145,24 @@ def test_chmod_copy_up_sets_owner_and_mode_only_where_needed(tmp_path: Path) -> 
         assert (st.st_uid, st.st_gid, st.st_mode) == (0, 0, 0o100664)
 
 
+def _chmod_each_traced(d: dict[str, Path], calls: str) -> list[str]:
+    """chmod 0664 of every file of dir and dir2 with the daemon's CALLS traced, both
+    directories copied up and listed before the trace (no copy-up of them, no lookup later)."""
+    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
+        assert m.proc is not None
+        for sub in ("dir", "dir2"):
+            os.chmod(m.mnt / sub, 0o775)
+            os.listdir(m.mnt / sub)
+        tracer = Strace(m.proc.pid, d["merged"].parent / "strace.out", calls)
+        try:
+            for sub in ("dir", "dir2"):
+                for i in range(FILES):
+                    os.chmod(m.mnt / sub / f"f{i}", 0o664)
+        finally:
+            lines = tracer.stop()
+    return lines
+
+
 def test_copy_up_stats_the_lower_once(tmp_path: Path) -> None:
     """A regular file's copy-up takes the lower's stat from the O_PATH descriptor it opens
     the data through (the check that it is a regular file), not from an lstat by name
@@ -152,18 +170,7 @@ def test_copy_up_stats_the_lower_once(tmp_path: Path) -> None:
     in: the names of the chmod'ed files are never stat'ed; twice each before session 11,
     once (the upper copy's lstat) before session 16."""
     d = _stack(tmp_path)
-    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
-        assert m.proc is not None
-        for sub in ("dir", "dir2"):  # copied up and listed before the trace: no lookup later
-            os.chmod(m.mnt / sub, 0o775)
-            os.listdir(m.mnt / sub)
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", "stat,lstat,newfstatat,statx")
-        try:
-            for sub in ("dir", "dir2"):
-                for i in range(FILES):
-                    os.chmod(m.mnt / sub / f"f{i}", 0o664)
-        finally:
-            calls = tracer.stop()
+    calls = _chmod_each_traced(d, "stat,lstat,newfstatat,statx")
     named = [ln for ln in calls if any(f'"f{i}"' in ln for i in range(FILES))]
     assert named == [], calls
     for sub in ("dir", "dir2"):
@@ -190,21 +197,9 @@ def test_copy_up_reads_the_lower_xattrs_through_its_data(tmp_path: Path) -> None
     /proc/self/fd path): one call each, no path to resolve. The copies keep them."""
     d = _stack(tmp_path)
     os.setxattr(d["lower"] / "dir" / "f2", "user.kept", b"v2")
-    with mount_layerfs([d["lower"]], d["upper"], d["work"], d["merged"]) as m:
-        assert m.proc is not None
-        for sub in ("dir", "dir2"):  # copied up before the trace
-            os.chmod(m.mnt / sub, 0o775)
-            os.listdir(m.mnt / sub)
-        # (listxattrat, getxattrat, _sys's by name where the kernel has them (6.13+), are
-        # unnamed to strace 6.1: not traced; before, no f*xattr call was made at all)
-        names = "listxattr,llistxattr,flistxattr,getxattr,lgetxattr,fgetxattr"
-        tracer = Strace(m.proc.pid, tmp_path / "strace.out", names)
-        try:
-            for sub in ("dir", "dir2"):
-                for i in range(FILES):
-                    os.chmod(m.mnt / sub / f"f{i}", 0o664)
-        finally:
-            calls = tracer.stop()
+    # (listxattrat, getxattrat, _sys's by name where the kernel has them (6.13+), are
+    # unnamed to strace 6.1: not traced; before, no f*xattr call was made at all)
+    calls = _chmod_each_traced(d, "listxattr,llistxattr,flistxattr,getxattr,lgetxattr,fgetxattr")
     listed = [ln for ln in calls if "listxattr" in ln]
     assert len(listed) == 2 * FILES and all("flistxattr(" in ln for ln in listed), calls
     read = [ln for ln in calls if "user.kept" in ln and "listxattr" not in ln]
